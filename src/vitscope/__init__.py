@@ -1,0 +1,40 @@
+"""vitscope: build, train and dissect Vision Transformers and CNNs.
+
+Models of ViT (Dosovitskiy et al. 2021), Context Broadcasting (Hyeon-Woo et al. 2023), ConViT
+(d'Ascoli et al. 2021) and AlterNet (Park & Kim 2022) registered in timm, one capture API for
+attention maps and residual streams, and the measures of these papers for any timm ViT or CNN.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from vitscope.models import create_model, list_models
+
+__version__ = "0.1.0"
+
+# Public names resolved lazily, so `import vitscope` stays fast and each subsystem loads on use.
+_LAZY = {
+    "capture": "vitscope.capture",
+    "Capture": "vitscope.capture",
+    "tokens_to_map": "vitscope.capture",
+    "explicit_attention": "vitscope.capture",
+    "save_weights": "vitscope.io.weights",
+    "load_weights": "vitscope.io.weights",
+    "load_checkpoint": "vitscope.io.weights",
+    "probe": "vitscope.probing",
+}
+_SUBMODULES = (
+    "models", "layers", "capture", "io", "measures", "interventions", "probing", "curvature",
+    "robustness", "data", "training", "reports", "cli",
+)
+
+__all__ = ["__version__", "create_model", "list_models", *_LAZY, *_SUBMODULES]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    if name in _SUBMODULES:
+        return importlib.import_module(f"vitscope.{name}")
+    raise AttributeError(f"module 'vitscope' has no attribute {name!r}")

@@ -1,0 +1,57 @@
+"""The ``vitscope`` command line: one module per subcommand in this package.
+
+Each subcommand module defines ``add_parser(subparsers)`` which registers its parser and sets
+``func`` (called with the parsed arguments, returning an exit code). A subcommand is listed here
+once its module exists, so the subsystems can land independently.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+COMMANDS = (
+    "models", "probe", "train", "hessian", "landscape", "robustness", "demo", "report", "reproduce",
+)
+
+
+class CLIError(Exception):
+    """A user-facing error: printed as one line, exit code 2, no traceback."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vitscope",
+        description="Build, train and dissect Vision Transformers and CNNs.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"vitscope.cli.{name}")
+        except ModuleNotFoundError as e:
+            if e.name == f"vitscope.cli.{name}":
+                continue  # subcommand not shipped in this version
+            raise
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        return int(args.func(args) or 0)
+    except BrokenPipeError:  # output piped into `head` and closed early
+        return 0
+    except (CLIError, ValueError, FileNotFoundError, KeyError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"vitscope {args.command}: error: {msg}", file=sys.stderr)
+        return 2

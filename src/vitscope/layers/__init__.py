@@ -1,0 +1,2 @@
+"""Reusable layers, one concept per file."""
+from vitscope.layers.context_broadcast import ContextBroadcast  # noqa: F401

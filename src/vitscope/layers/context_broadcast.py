@@ -1,0 +1,41 @@
+"""Context Broadcasting (Hyeon-Woo et al. 2023, "Scratching Visual Transformer's Back with Uniform
+Attention"): add the uniform-attention output (the token mean) to every token.
+
+CB:  ``x <- 0.5 * x + 0.5 * mean_tokens(x)``; no parameters.
+CBS: ``x <- (1 - lambda) * x + lambda * mean_tokens(x)`` with a learned per-channel ``lambda``
+(initialised to 0.5, so CBS starts as CB). The paper's exact CBS equation is not public; this is the
+interpolating form, chosen so that lambda = 0 is the plain ViT and lambda = 0.5 is CB.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+
+class ContextBroadcast(nn.Module):
+    """Mix each token with the mean over tokens.
+
+    Args:
+        dim: Channel dimension (used only by the scaled variant).
+        scaled: Learn a per-channel mixing weight (CBS) instead of the fixed 0.5 (CB).
+        num_prefix_tokens: Number of class/register tokens at the start of the sequence.
+        include_prefix: Whether prefix tokens join the mean (the one-line form of the paper includes them).
+            Every token, prefix tokens included, receives the mean either way.
+    """
+
+    def __init__(self, dim: int, scaled: bool = False, num_prefix_tokens: int = 1, include_prefix: bool = True):
+        super().__init__()
+        self.num_prefix_tokens = num_prefix_tokens
+        self.include_prefix = include_prefix
+        self.scale = nn.Parameter(torch.full((dim,), 0.5)) if scaled else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: (B, N, C)
+        tokens = x if self.include_prefix else x[:, self.num_prefix_tokens:]
+        mean = tokens.mean(dim=1, keepdim=True)  # (B, 1, C)
+        if self.scale is None:
+            return 0.5 * x + 0.5 * mean
+        return (1.0 - self.scale) * x + self.scale * mean
+
+    def extra_repr(self) -> str:
+        return f"scaled={self.scale is not None}, include_prefix={self.include_prefix}"
