@@ -9,27 +9,30 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+# Imported eagerly: the function `capture` must shadow the subpackage of the same name.
+from vitscope.capture import capture, explicit_attention, tokens_to_map  # noqa: E402
 from vitscope.models import create_model, list_models
 
 __version__ = "0.1.0"
 
 # Public names resolved lazily, so `import vitscope` stays fast and each subsystem loads on use.
 _LAZY = {
-    "capture": "vitscope.capture",
     "Capture": "vitscope.capture",
-    "tokens_to_map": "vitscope.capture",
-    "explicit_attention": "vitscope.capture",
+    "LayerInfo": "vitscope.capture",
     "save_weights": "vitscope.io.weights",
     "load_weights": "vitscope.io.weights",
     "load_checkpoint": "vitscope.io.weights",
     "probe": "vitscope.probing",
 }
 _SUBMODULES = (
-    "models", "layers", "capture", "io", "measures", "interventions", "probing", "curvature",
+    "models", "layers", "io", "measures", "interventions", "probing", "curvature",
     "robustness", "data", "training", "reports", "cli",
 )
 
-__all__ = ["__version__", "create_model", "list_models", *_LAZY, *_SUBMODULES]
+__all__ = [
+    "__version__", "create_model", "list_models", "capture", "explicit_attention", "tokens_to_map",
+    *_LAZY, *_SUBMODULES,
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -1,0 +1,348 @@
+"""One capture API for attention maps and residual streams of ViTs, ConViTs, ResNets and AlterNets.
+
+Hooks only observe (they return nothing), so tapping never changes the model's output; they are
+removed on exit, also after an exception. Fused attention (``scaled_dot_product_attention``) never
+materialises the attention map, so it is switched to timm's explicit path while capturing and restored
+afterwards (METHODS.md, "Attention maps"). For ConViT's GPSA the gated, renormalised map is captured.
+"""
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from vitscope.capture._layout import LayerInfo
+from vitscope.capture._sites import BlockSite, attention_kind, final_activation, find_blocks, is_attention_module
+
+
+@contextlib.contextmanager
+def explicit_attention(model: nn.Module) -> Iterator[nn.Module]:
+    """Switch every module with a ``fused_attn`` flag to the explicit attention path; restore on exit.
+
+    Needed to capture attention maps and for double backward (Hessian-vector products).
+    """
+    saved = [(m, m.fused_attn) for m in model.modules() if hasattr(m, "fused_attn")]
+    try:
+        for m, _ in saved:
+            m.fused_attn = False
+        yield model
+    finally:
+        for m, flag in saved:
+            m.fused_attn = flag
+
+
+@dataclass
+class SubLayerRecord:
+    """The residual stream around one sub-layer: ``z_out = shortcut + branch`` (+ activation for ResNets)."""
+
+    info: LayerInfo
+    z_in: torch.Tensor
+    branch: torch.Tensor
+    shortcut: torch.Tensor
+    z_out: torch.Tensor
+
+
+@dataclass
+class Capture:
+    """What one ``vitscope.capture`` context recorded; every forward inside the context appends."""
+
+    attentions: list[torch.Tensor] = field(default_factory=list)
+    attention_layout: list[LayerInfo] = field(default_factory=list)
+    records: list[SubLayerRecord] = field(default_factory=list)
+
+    @property
+    def residuals(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(stream entering, stream leaving) per sub-layer, depth order."""
+        return [(r.z_in, r.z_out) for r in self.records]
+
+    @property
+    def branches(self) -> list[torch.Tensor]:
+        """Each sub-layer's branch output f(z), aligned with ``residuals``."""
+        return [r.branch for r in self.records]
+
+    @property
+    def shortcuts(self) -> list[torch.Tensor]:
+        """Each sub-layer's skip-path output: z itself, or downsample(z) in a ResNet block."""
+        return [r.shortcut for r in self.records]
+
+    @property
+    def layout(self) -> list[LayerInfo]:
+        """LayerInfo per sub-layer, aligned with ``residuals`` and ``branches``."""
+        return [r.info for r in self.records]
+
+    def clear(self) -> None:
+        """Drop everything recorded so far (e.g. between batches)."""
+        self.attentions.clear()
+        self.attention_layout.clear()
+        self.records.clear()
+
+
+def _name_filter(names: str | Sequence[str] | Callable[[str], bool] | None) -> Callable[[str], bool]:
+    if names is None:
+        return lambda _: True
+    if callable(names):
+        return names
+    patterns = [names] if isinstance(names, str) else list(names)
+    return lambda n: any(fnmatch.fnmatchcase(n, p) for p in patterns)
+
+
+def _patch_size(model: nn.Module) -> tuple[int, int] | None:
+    pe = getattr(model, "patch_embed", None)
+    ps = getattr(pe, "patch_size", None)
+    if ps is None:
+        return None
+    return (ps, ps) if isinstance(ps, int) else (int(ps[0]), int(ps[1]))
+
+
+class _Recorder:
+    """Installs the hooks of one capture and turns hook calls into records."""
+
+    def __init__(self, model: nn.Module, cap: Capture, keep: Callable[[str], bool], device, grad: bool,
+                 attention: bool, streams: bool):
+        self.model, self.cap, self.keep, self.device, self.grad = model, cap, keep, device, grad
+        self.attention, self.streams = attention, streams
+        self.handles: list[torch.utils.hooks.RemovableHandle] = []
+        self.image_hw: tuple[int, int] | None = None
+        self.patch = _patch_size(model)
+        self.pending: dict[str, dict[str, torch.Tensor]] = {}
+        self.block_hw: dict[int, tuple[int, int]] = {}
+        self.blocks = find_blocks(model)
+        self.block_index = {b.name: i for i, b in enumerate(self.blocks)}
+
+    # -- helpers --------------------------------------------------------------------------------
+    def out(self, t: torch.Tensor) -> torch.Tensor:
+        if not self.grad:
+            t = t.detach()
+        return t.to(self.device) if self.device is not None else t
+
+    def token_layout(self, n_tokens: int) -> tuple[int, tuple[int, int] | None, int | None]:
+        """(prefix tokens, grid, patch size) of a ViT token sequence from the input image size."""
+        if self.patch is None or self.image_hw is None:
+            return 0, None, None
+        h, w = self.image_hw[0] // self.patch[0], self.image_hw[1] // self.patch[1]
+        if n_tokens < h * w:
+            return 0, None, self.patch[0]
+        return n_tokens - h * w, (h, w), self.patch[0]
+
+    def hook(self, module: nn.Module, fn: Callable, pre: bool = False) -> None:
+        if pre:
+            self.handles.append(module.register_forward_pre_hook(fn))
+        else:
+            self.handles.append(module.register_forward_hook(fn))
+
+    def emit(self, name: str, kind: str, block: int, parts: dict[str, torch.Tensor],
+             num_heads: int | None = None) -> None:
+        z_in, z_out = parts["z_in"], parts["z_out"]
+        if z_out.ndim == 3:
+            prefix, grid, patch = self.token_layout(z_out.shape[1])
+        else:  # a feature map: describe the map the block produces
+            grid = (int(z_out.shape[-2]), int(z_out.shape[-1]))
+            prefix = 0
+            patch = self.image_hw[0] // grid[0] if self.image_hw else None
+        info = LayerInfo(name, kind, block, prefix, grid, patch, num_heads)
+        shortcut = parts.get("shortcut", z_in)
+        branch = parts["branch"] if "branch" in parts else parts["sum"] - shortcut
+        self.cap.records.append(SubLayerRecord(info, self.out(z_in), self.out(branch), self.out(shortcut),
+                                               self.out(z_out)))
+
+    # -- installation ---------------------------------------------------------------------------
+    def install(self) -> None:
+        def on_model_input(_m, args):
+            x = args[0] if args else None
+            if isinstance(x, torch.Tensor) and x.ndim == 4:
+                self.image_hw = (int(x.shape[-2]), int(x.shape[-1]))
+
+        self.hook(self.model, on_model_input, pre=True)
+        for i, site in enumerate(self.blocks):
+            def on_block_input(_m, args, i=i):
+                if isinstance(args[0], torch.Tensor) and args[0].ndim == 4:
+                    self.block_hw[i] = (int(args[0].shape[-2]), int(args[0].shape[-1]))
+
+            self.hook(site.module, on_block_input, pre=True)
+        if self.streams:
+            for i, site in enumerate(self.blocks):
+                getattr(self, f"_install_{site.family}")(i, site)
+        if self.attention:
+            self._install_attention()
+
+    def _install_transformer(self, i: int, site: BlockSite, attn_branch: nn.Module, mlp_branch: nn.Module,
+                             attn_kind: str) -> None:
+        b = site.module
+        attn_name, mlp_name = f"{site.name}.attn", f"{site.name}.mlp"
+        slot = self.pending.setdefault(site.name, {})
+        heads = getattr(b.attn, "num_heads", None)
+
+        def attn_in(_m, args):
+            slot["a_in"] = args[0]
+
+        def attn_out(_m, _args, out):
+            slot["a_branch"] = out
+
+        def mlp_in(_m, args):
+            slot["m_in"] = args[0]
+            if self.keep(attn_name):
+                self.emit(attn_name, attn_kind, i, {"z_in": slot["a_in"], "branch": slot["a_branch"], "z_out": args[0]},
+                          heads)
+
+        def mlp_out(_m, _args, out):
+            slot["m_branch"] = out
+
+        def block_out(_m, _args, out):
+            if self.keep(mlp_name):
+                self.emit(mlp_name, "mlp", i, {"z_in": slot["m_in"], "branch": slot["m_branch"], "z_out": out})
+            slot.clear()
+
+        self.hook(b.norm1, attn_in, pre=True)
+        self.hook(attn_branch, attn_out)
+        self.hook(b.norm2, mlp_in, pre=True)
+        self.hook(mlp_branch, mlp_out)
+        self.hook(b, block_out)
+
+    def _install_vit(self, i: int, site: BlockSite) -> None:
+        b = site.module
+        self._install_transformer(i, site, b.ls1, b.ls2, "msa")
+
+    def _install_convit(self, i: int, site: BlockSite) -> None:
+        b = site.module
+        self._install_transformer(i, site, b.attn, b.mlp, "gpsa" if b.use_gpsa else "msa")
+
+    def _install_resnet(self, i: int, site: BlockSite) -> None:
+        b = site.module
+        slot = self.pending.setdefault(site.name, {})
+        if not self.keep(site.name):
+            return
+
+        def block_in(_m, args):
+            slot["z_in"] = args[0]
+
+        def shortcut_out(_m, _args, out):
+            slot["shortcut"] = out
+
+        def pre_act(_m, args):
+            slot["sum"] = args[0].clone()  # the activation is usually in-place
+
+        def block_out(_m, _args, out):
+            self.emit(site.name, "conv", i, {**slot, "z_out": out})
+            slot.clear()
+
+        self.hook(b, block_in, pre=True)
+        if b.downsample is not None:
+            self.hook(b.downsample, shortcut_out)
+        self.hook(final_activation(b), pre_act, pre=True)
+        self.hook(b, block_out)
+
+    def _install_vitscope(self, i: int, site: BlockSite) -> None:
+        b = site.module
+        slot = self.pending.setdefault(site.name, {})
+        if not self.keep(site.name):
+            return
+
+        def block_in(_m, args):
+            slot["z_in"] = args[0]
+
+        def shortcut_out(_m, _args, out):
+            slot["shortcut"] = out
+
+        def branch_out(_m, _args, out):
+            slot["branch"] = out
+
+        def block_out(_m, _args, out):
+            self.emit(site.name, type(b).vitscope_kind, i, {**slot, "z_out": out})
+            slot.clear()
+
+        self.hook(b, block_in, pre=True)
+        self.hook(b.shortcut, shortcut_out)
+        self.hook(b.drop_path, branch_out)
+        self.hook(b, block_out)
+
+    def _install_attention(self) -> None:
+        for name, m in self.model.named_modules():
+            if not is_attention_module(m) or not self.keep(name):
+                continue
+            block = self._enclosing_block(name)
+            kind = attention_kind(m)
+            window = getattr(m, "window_size", None)
+
+            def on_probs(_d, args, _out, name=name, kind=kind, block=block, m=m, window=window):
+                attn = args[0]  # (B, H, N, N)
+                n = attn.shape[-1]
+                if window is not None:
+                    ws = (window, window) if isinstance(window, int) else tuple(window)
+                    info = LayerInfo(name, kind, block, 0, ws, self._stride_of(block), m.num_heads)
+                else:
+                    prefix, grid, patch = self.token_layout(n)
+                    info = LayerInfo(name, kind, block, prefix, grid, patch, m.num_heads)
+                self.cap.attentions.append(self.out(attn))
+                self.cap.attention_layout.append(info)
+
+            self.hook(m.attn_drop, on_probs)
+
+    def _enclosing_block(self, name: str) -> int:
+        best = -1
+        for b_name, i in self.block_index.items():
+            if name.startswith(b_name + ".") and (best < 0 or len(b_name) > len(self.blocks[best].name)):
+                best = i
+        return best
+
+    def _stride_of(self, block: int) -> int | None:
+        """Pixels per feature-map cell at the input of ``block`` (for windowed attention in CNN stages)."""
+        if block not in self.block_hw or self.image_hw is None:
+            return None
+        return self.image_hw[0] // self.block_hw[block][0]
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+        self.pending.clear()
+
+
+@contextlib.contextmanager
+def capture(
+    model: nn.Module,
+    attention: bool = True,
+    residual: bool = True,
+    branches: bool = True,
+    names: str | Sequence[str] | Callable[[str], bool] | None = None,
+    device: torch.device | str | None = None,
+    grad: bool = False,
+) -> Iterator[Capture]:
+    """Record attention maps and residual streams of every forward pass run inside the context.
+
+    Args:
+        model: Any timm ViT/DeiT, ConViT or ResNet, or a vitscope model.
+        attention: Record post-softmax attention maps (B, H, N, N); fused attention is switched off meanwhile.
+        residual: Record the residual stream entering and leaving every sub-layer.
+        branches: Record each sub-layer's branch output f(z) (recorded together with ``residual``).
+        names: fnmatch pattern(s) or a predicate on sub-layer names (``blocks.3.attn``, ``layer2.1``).
+        device: Where captured tensors go (default: where they were computed).
+        grad: Keep the autograd graph (default: tensors are detached).
+
+    Yields:
+        A :class:`Capture` filled as the model runs.
+
+    Raises:
+        ValueError: residual streams were asked for but the model has no block vitscope knows.
+    """
+    cap = Capture()
+    streams = residual or branches
+    recorder = _Recorder(model, cap, _name_filter(names), device, grad, attention, streams)
+    if streams and not recorder.blocks:
+        raise ValueError(
+            f"vitscope.capture found no residual block it knows in {type(model).__name__}: supported are timm "
+            "ViT/DeiT, ConViT and ResNet blocks and vitscope's models; pass residual=False, branches=False "
+            "to capture attention only"
+        )
+    stack = contextlib.ExitStack()
+    try:
+        if attention:
+            stack.enter_context(explicit_attention(model))
+        recorder.install()
+        yield cap
+    finally:
+        recorder.remove()
+        stack.close()

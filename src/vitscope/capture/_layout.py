@@ -1,0 +1,60 @@
+"""What each captured tensor is: the sub-layer it came from and how its tokens map to space."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """Where a captured tensor comes from.
+
+    Attributes:
+        name: Module path of the sub-layer (``blocks.3.attn``, ``blocks.3.mlp``, ``layer2.1``).
+        kind: ``msa`` (self-attention), ``gpsa`` (ConViT gated positional attention), ``mlp`` or ``conv``.
+        block: Index of the residual block in depth order (0-based).
+        num_prefix_tokens: Class/register tokens before the spatial tokens (0 for maps and windows).
+        grid: Spatial token grid (h, w), or the feature-map size for CNN blocks.
+        patch_size: Pixels per token (or per feature-map cell) along one side, when known.
+        num_heads: Attention heads, for attention layers.
+    """
+
+    name: str
+    kind: str
+    block: int
+    num_prefix_tokens: int = 0
+    grid: tuple[int, int] | None = None
+    patch_size: int | None = None
+    num_heads: int | None = None
+
+    @property
+    def is_attention(self) -> bool:
+        return self.kind in ("msa", "gpsa")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def tokens_to_map(x: torch.Tensor, grid: tuple[int, int] | None = None, num_prefix_tokens: int = 0) -> torch.Tensor:
+    """Turn ViT tokens (B, N, D) into feature maps (B, D, h, w) after dropping prefix tokens.
+
+    A 4-D input (already B, C, H, W) is returned unchanged, so measures treat ViTs and CNNs alike.
+    ``grid`` defaults to a square grid.
+    """
+    if x.ndim == 4:
+        return x
+    if x.ndim != 3:
+        raise ValueError(f"tokens_to_map expects (B, N, D) tokens or (B, C, H, W) maps, got shape {tuple(x.shape)}")
+    B, N, D = x.shape
+    n_spatial = N - num_prefix_tokens
+    if grid is None:
+        side = int(round(n_spatial**0.5))
+        grid = (side, side)
+    h, w = grid
+    if h * w != n_spatial:
+        raise ValueError(
+            f"{N} tokens minus {num_prefix_tokens} prefix tokens = {n_spatial} do not fill a {h}x{w} grid; "
+            "pass the right grid and num_prefix_tokens (see cap.layout)"
+        )
+    return x[:, num_prefix_tokens:].transpose(1, 2).reshape(B, D, h, w)  # (B, D, h, w)

@@ -1,0 +1,182 @@
+"""vitscope.capture against attention maps and streams computed independently in the test."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import vitscope
+
+
+def _vit_attention_by_hand(model, x):
+    """Post-softmax maps of every block, from each module's qkv weights (no hooks)."""
+    maps = []
+    h = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
+    for blk in model.blocks:
+        a = blk.attn
+        z = blk.norm1(h)
+        B, N, C = z.shape
+        qkv = a.qkv(z).reshape(B, N, 3, a.num_heads, a.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, H, N, hd)
+        q, k = a.q_norm(qkv[0]), a.k_norm(qkv[1])
+        maps.append(((q @ k.transpose(-2, -1)) * a.head_dim**-0.5).softmax(-1))  # (B, H, N, N)
+        h = blk(h)
+    return maps
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("name", ["test_vit_cb", "test_vit_cbs", "test_vit_cifar", "vit_tiny_patch16_224"])
+def test_vit_attention_equals_independent_maps(name, fused):
+    kw = dict(img_size=32, depth=2) if name.startswith("vit_") else {}
+    model = vitscope.create_model(name, **kw).eval()
+    for m in model.modules():
+        if hasattr(m, "fused_attn"):
+            m.fused_attn = fused
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        ref_out = model(x)
+        with vitscope.capture(model) as cap:
+            out = model(x)
+        expected = _vit_attention_by_hand(model, x)
+    assert all(m.fused_attn == fused for m in model.modules() if hasattr(m, "fused_attn"))  # restored
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+    assert len(cap.attentions) == len(expected) == len(model.blocks)
+    for got, want in zip(cap.attentions, expected):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got.sum(-1), torch.ones(got.shape[:-1]), atol=1e-5, rtol=0)
+    info = cap.attention_layout[0]
+    grid = 32 // model.patch_embed.patch_size[0]
+    assert (info.kind, info.num_prefix_tokens, info.grid, info.num_heads) == ("msa", 1, (grid, grid), 3)
+    assert [i.name for i in cap.attention_layout] == [f"blocks.{i}.attn" for i in range(len(model.blocks))]
+
+
+def _rel_indices(side):
+    ys, xs = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    pos = torch.stack([xs.flatten(), ys.flatten()], -1).float()  # (N, 2) as (x, y)
+    d = pos[None, :, :] - pos[:, None, :]  # (N, N, 2) key - query
+    return torch.cat([d, (d**2).sum(-1, keepdim=True)], -1)  # (N, N, 3): dx, dy, dx^2 + dy^2
+
+
+def test_convit_gpsa_map_is_gated_and_renormalized():
+    model = vitscope.create_model("test_convit_32").eval()
+    with torch.no_grad():
+        for blk in model.blocks[: model.local_up_to_layer]:
+            blk.attn.gating_param.uniform_(-2, 2)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad(), vitscope.capture(model) as cap:
+        model(x)
+    with torch.no_grad():
+        h = model.patch_embed(x) + model.pos_embed
+        expected = []
+        for u, blk in enumerate(model.blocks):
+            if u == model.local_up_to_layer:
+                h = torch.cat([model.cls_token.expand(2, -1, -1), h], 1)
+            z = blk.norm1(h)
+            a = blk.attn
+            B, N, C = z.shape
+            hd = C // a.num_heads
+            if blk.use_gpsa:
+                qk = a.qk(z).reshape(B, N, 2, a.num_heads, hd).permute(2, 0, 3, 1, 4)
+                content = (qk[0] @ qk[1].transpose(-2, -1) * hd**-0.5).softmax(-1)
+                pos = a.pos_proj(_rel_indices(int(N**0.5))).permute(2, 0, 1).softmax(-1)  # (H, N, N)
+                g = torch.sigmoid(a.gating_param).view(1, -1, 1, 1)
+                m = (1 - g) * content + g * pos
+                expected.append(m / m.sum(-1, keepdim=True))
+            else:
+                qkv = a.qkv(z).reshape(B, N, 3, a.num_heads, hd).permute(2, 0, 3, 1, 4)
+                expected.append((qkv[0] @ qkv[1].transpose(-2, -1) * hd**-0.5).softmax(-1))
+            h = blk(h)
+    kinds = [i.kind for i in cap.attention_layout]
+    assert kinds == ["gpsa", "gpsa", "msa"]
+    assert [i.num_prefix_tokens for i in cap.attention_layout] == [0, 0, 1]
+    for got, want in zip(cap.attentions, expected):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_convit_local_init_heads_peak_at_their_offsets():
+    model = vitscope.create_model("test_convit_32", locality_strength=10.0).eval()
+    with torch.no_grad():
+        for blk in model.blocks[: model.local_up_to_layer]:
+            blk.attn.gating_param.fill_(20.0)  # sigmoid ~ 1: positional attention only
+    with torch.no_grad(), vitscope.capture(model, residual=False, branches=False) as cap:
+        model(torch.randn(1, 3, 32, 32))
+    attn = cap.attentions[0][0]  # (H, N, N), 8x8 grid
+    side, k = 8, 2  # 4 heads -> a 2x2 grid of offsets centred at 0.5
+    query = 3 * side + 3  # an interior patch (x=3, y=3)
+    for h in range(4):
+        h1, h2 = h % k, h // k
+        key = attn[h, query].argmax().item()
+        dx, dy = key % side - 3, key // side - 3
+        # pos weights [2(h2-c), 2(h1-c), -1] on (dx, dy, d^2): the logit peaks at (dx, dy) = (h2-c, h1-c)
+        assert (dx - (h2 - 0.5), dy - (h1 - 0.5)) in {(0.5, 0.5), (0.5, -0.5), (-0.5, 0.5), (-0.5, -0.5)}
+        assert attn[h, query].max() > 0.2
+
+
+def test_residual_streams_add_up_and_align():
+    model = vitscope.create_model("test_vit_cb").eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad(), vitscope.capture(model, attention=False) as cap:
+        model(x)
+    assert [i.name for i in cap.layout] == ["blocks.0.attn", "blocks.0.mlp", "blocks.1.attn", "blocks.1.mlp"]
+    assert [i.kind for i in cap.layout] == ["msa", "mlp", "msa", "mlp"]
+    for (z_in, z_out), f in zip(cap.residuals, cap.branches):
+        torch.testing.assert_close(z_in + f, z_out)
+    # the stream leaving one sub-layer enters the next
+    for (_, z_out), (z_in, _) in zip(cap.residuals[:-1], cap.residuals[1:]):
+        torch.testing.assert_close(z_out, z_in)
+    with torch.no_grad():
+        h = model.norm_pre(model._pos_embed(model.patch_embed(x)))
+        torch.testing.assert_close(cap.residuals[0][0], h)
+        torch.testing.assert_close(cap.branches[0], model.blocks[0].attn(model.blocks[0].norm1(h)))
+        torch.testing.assert_close(cap.residuals[-1][1], model.blocks[1](model.blocks[0](h)))
+
+
+def test_resnet_blocks_skip_and_branch():
+    model = vitscope.create_model("resnet18", num_classes=10).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad(), vitscope.capture(model) as cap:
+        model(x)
+    assert len(cap.records) == 8 and not cap.attentions
+    assert all(i.kind == "conv" for i in cap.layout)
+    for r in cap.records:
+        torch.testing.assert_close(F.relu(r.shortcut + r.branch), r.z_out)
+    blk = model.layer2[0]  # a downsampling block: shortcut = downsample(z)
+    r = cap.records[2]
+    with torch.no_grad():
+        torch.testing.assert_close(r.shortcut, blk.downsample(r.z_in))
+        torch.testing.assert_close(r.branch, blk.bn2(blk.conv2(blk.act1(blk.bn1(blk.conv1(r.z_in))))))
+    assert r.info.grid == (8, 8) and r.info.patch_size == 8
+
+
+def test_name_filter_device_grad_and_hooks_removed_after_error():
+    model = vitscope.create_model("test_vit_cb").eval()
+    x = torch.randn(2, 3, 32, 32)
+    with vitscope.capture(model, names="blocks.1.*", device="cpu") as cap:
+        model(x)
+    assert [i.name for i in cap.layout] == ["blocks.1.attn", "blocks.1.mlp"]
+    assert [i.name for i in cap.attention_layout] == ["blocks.1.attn"]
+    assert all(not t.requires_grad and t.grad_fn is None for t in cap.attentions + cap.branches)
+    with vitscope.capture(model, grad=True) as cap:
+        model(x)
+    assert cap.attentions[0].requires_grad
+
+    fused = [m.fused_attn for m in model.modules() if hasattr(m, "fused_attn")]
+    with pytest.raises(RuntimeError, match="boom"):
+        with vitscope.capture(model):
+            raise RuntimeError("boom")
+    assert [m.fused_attn for m in model.modules() if hasattr(m, "fused_attn")] == fused
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+def test_unknown_model_family_gets_clear_error():
+    with pytest.raises(ValueError, match="no residual block"):
+        with vitscope.capture(torch.nn.Sequential(torch.nn.Linear(2, 2))):
+            pass
+
+
+def test_tokens_to_map():
+    x = torch.randn(2, 1 + 6, 5)  # class token + 2x3 grid
+    m = vitscope.tokens_to_map(x, (2, 3), num_prefix_tokens=1)
+    assert m.shape == (2, 5, 2, 3)
+    torch.testing.assert_close(m[:, :, 1, 2], x[:, 1 + 1 * 3 + 2])
+    fmap = torch.randn(2, 4, 3, 3)
+    assert vitscope.tokens_to_map(fmap) is fmap
+    with pytest.raises(ValueError, match="do not fill"):
+        vitscope.tokens_to_map(x, (3, 3), num_prefix_tokens=1)
