@@ -1,0 +1,577 @@
+"""Model weights in and out: vitscope's safetensors files with a JSON sidecar, and timm checkpoints.
+
+- ``save_weights`` / ``load_weights``: ``model.safetensors`` plus ``model.json`` (model name, kwargs,
+  versions), written atomically, so ``load_weights(path)`` rebuilds the model on its own.
+- ``load_checkpoint`` / ``load_model``: a local checkpoint in a format the Hugging Face hub serves for
+  timm (``.safetensors``, ``.bin``, ``.pth``/``.pt``, possibly nested under ``state_dict``/``model``
+  and wrapped in DDP's ``module.``), passed through the architecture's timm ``checkpoint_filter_fn``.
+
+Loading never runs code from the file: safetensors, or ``torch.load(weights_only=True)``.
+Every failure (missing, truncated or foreign file, shapes that do not fit) is one ``CheckpointError``
+naming the file and the fix.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import os
+import pickle
+import sys
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import safetensors
+import safetensors.torch
+import timm
+import torch
+import torch.nn as nn
+from timm.models import clean_state_dict
+
+import vitscope
+from vitscope.models import create_model
+
+_logger = logging.getLogger(__name__)
+
+__all__ = [
+    "CheckpointError", "save_weights", "load_weights", "load_checkpoint", "load_model", "read_state_dict",
+    "read_sidecar", "sidecar_path",
+]
+
+SIDECAR_FORMAT = "vitscope-weights/1"
+_METADATA_KEY = "vitscope"  # the sidecar's JSON is also stored in the safetensors header under this key
+_MAX_LISTED = 10
+_PathLike = str | os.PathLike
+
+
+class CheckpointError(ValueError):
+    """A weights file that cannot be read or does not fit the model; the message names file and fix."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Saving
+
+
+def _model_name(model: nn.Module) -> str | None:
+    for attr in ("pretrained_cfg", "default_cfg"):
+        cfg = getattr(model, attr, None)
+        if isinstance(cfg, Mapping) and cfg.get("architecture"):
+            return str(cfg["architecture"])
+    return None
+
+
+def _tensors_for_safetensors(state_dict: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """Contiguous CPU tensors with no two sharing storage (safetensors refuses shared or strided ones).
+
+    Tied weights (two names, one storage) are stored twice, so any loader finds every key.
+    """
+    out: dict[str, torch.Tensor] = {}
+    seen: set[tuple[int, int]] = set()
+    for key, value in state_dict.items():
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(
+                f"state_dict entry {key!r} is a {type(value).__name__}, not a tensor; safetensors stores "
+                "tensors only. Remove the module's extra state before saving."
+            )
+        t = value.detach().cpu()
+        storage = t.untyped_storage()
+        ident = (storage.data_ptr(), storage.nbytes())
+        shared = ident[0] != 0 and ident in seen
+        if shared or not t.is_contiguous() or storage.nbytes() != t.nbytes:
+            t = t.clone(memory_format=torch.contiguous_format)
+        else:
+            seen.add(ident)
+        out[key] = t
+    return out
+
+
+def _atomic_write(path: Path, write: Callable[[str], None]) -> str:
+    """Write via ``write(tmp)`` into a temp file next to ``path``; return the temp path (not moved yet)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
+    return tmp
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
+def sidecar_path(path: _PathLike) -> Path:
+    """The JSON sidecar of a weights file: ``model.safetensors`` -> ``model.json``."""
+    return Path(path).with_suffix(".json")
+
+
+def save_weights(
+    model: nn.Module,
+    path: _PathLike,
+    model_name: str | None = None,
+    model_kwargs: Mapping[str, Any] | None = None,
+) -> Path:
+    """Save ``model``'s state dict to ``path`` (``.safetensors``) and a JSON sidecar next to it.
+
+    The sidecar holds what ``load_weights`` needs to rebuild the model: the registered model name
+    (default: ``model.pretrained_cfg['architecture']``), the ``create_model`` kwargs, the number of
+    parameters and the vitscope / timm / torch versions. Both files are written to temp files in the
+    destination directory and moved into place with ``os.replace``, so a failure never leaves a
+    half-written file. Tied (shared) tensors are stored once per name.
+
+    Args:
+        model: The model to save.
+        path: Destination, ending in ``.safetensors``; parent directories are created.
+        model_name: Name for ``vitscope.create_model``; inferred from the model's pretrained_cfg if None.
+        model_kwargs: JSON-serializable kwargs the model was built with (e.g. ``{"num_classes": 7}``).
+
+    Returns:
+        The path of the weights file.
+    """
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"save_weights writes safetensors: name the file '*.safetensors', got {str(path)!r}")
+    name = model_name or _model_name(model)
+    if name is None:
+        _logger.warning("No model name for %s: load_weights(%s) needs model=...", type(model).__name__, path)
+    kwargs = dict(model_kwargs or {})
+    try:
+        json.dumps(kwargs)
+    except (TypeError, ValueError) as err:
+        bad = [k for k, v in kwargs.items() if not _is_jsonable(v)]
+        raise ValueError(
+            f"model_kwargs must be JSON-serializable to go in the sidecar; not: {bad} ({err}). "
+            "Pass only plain values (numbers, strings, lists)."
+        ) from None
+    info = {
+        "format": SIDECAR_FORMAT,
+        "model_name": name,
+        "model_kwargs": kwargs,
+        "num_params": sum(p.numel() for p in model.parameters()),  # tied parameters counted once
+        "vitscope_version": vitscope.__version__,
+        "timm_version": timm.__version__,
+        "torch_version": torch.__version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    text = json.dumps(info, indent=2, sort_keys=True) + "\n"
+    tensors = _tensors_for_safetensors(model.state_dict())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    side = sidecar_path(path)
+
+    def write_weights(tmp: str) -> None:
+        safetensors.torch.save_file(tensors, tmp, metadata={"format": "pt", _METADATA_KEY: json.dumps(info)})
+
+    def write_sidecar(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    tmp_weights = _atomic_write(path, write_weights)
+    try:
+        tmp_side = _atomic_write(side, write_sidecar)
+    except BaseException:
+        _remove_quietly(tmp_weights)
+        raise
+    try:
+        os.replace(tmp_weights, path)
+        os.replace(tmp_side, side)
+    finally:
+        _remove_quietly(tmp_weights)
+        _remove_quietly(tmp_side)
+    _logger.info("Saved %s (%d tensors) and %s", path, len(tensors), side.name)
+    return path
+
+
+def _is_jsonable(value: Any) -> bool:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading files
+
+
+def _short(err: BaseException) -> str:
+    """First line of an exception message, trimmed (torch's pickle errors run to pages)."""
+    lines = str(err).strip().splitlines()
+    text = lines[0] if lines else ""
+    return f"{type(err).__name__}: {text[:200]}" if text else type(err).__name__
+
+
+def _check_file(path: Path) -> None:
+    if not path.exists():
+        raise CheckpointError(
+            f"Checkpoint file not found: {str(path)!r}. Check the path (cwd is {os.getcwd()!r})."
+        )
+    if path.is_dir():
+        found = sorted(p.name for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".pth", ".pt"))
+        raise CheckpointError(
+            f"{str(path)!r} is a directory; pass the weights file inside it"
+            + (f" (found: {found})" if found else "")
+        )
+    if path.stat().st_size == 0:
+        raise CheckpointError(
+            f"Checkpoint file {str(path)!r} is empty (0 bytes); it was not fully written. Save it again."
+        )
+
+
+def _is_safetensors(path: Path) -> bool:
+    """safetensors files start with an 8-byte little-endian header length, then the JSON header ``{``."""
+    if path.suffix == ".safetensors":
+        return True
+    with open(path, "rb") as f:
+        head = f.read(9)
+    header_len = int.from_bytes(head[:8], "little")
+    return len(head) == 9 and head[8:9] == b"{" and 0 < header_len < path.stat().st_size
+
+
+def _read_file(path: Path, map_location: str | torch.device) -> Any:
+    """The raw object in a weights file, loaded without running any code from it."""
+    _check_file(path)
+    if _is_safetensors(path):
+        try:
+            return safetensors.torch.load_file(path, device=str(map_location))
+        except Exception as err:  # SafetensorError for truncated/corrupt headers, others for bad data
+            raise CheckpointError(
+                f"Cannot read {str(path)!r} as safetensors: the file is truncated or corrupt "
+                f"({_short(err)}). Download or save it again."
+            ) from None
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):  # timm train checkpoints store `args`
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        unsafe = _unsafe_globals(path)
+        if unsafe:
+            raise CheckpointError(
+                f"Refused to load {str(path)!r}: it holds Python objects that would run code when unpickled "
+                f"({', '.join(unsafe[:_MAX_LISTED])}). vitscope loads plain tensors only "
+                "(torch.load(weights_only=True)). Re-save just the weights, e.g. "
+                "torch.save(model.state_dict(), path) or vitscope.save_weights(model, 'model.safetensors')."
+            ) from None
+        raise CheckpointError(_not_a_checkpoint(path, err)) from None
+    except Exception as err:  # RuntimeError/OSError/EOFError/KeyError for truncated or foreign files
+        raise CheckpointError(_not_a_checkpoint(path, err)) from None
+
+
+def _not_a_checkpoint(path: Path, err: BaseException) -> str:
+    return (
+        f"Cannot read {str(path)!r} as a PyTorch checkpoint: the file is truncated, corrupt or not a "
+        f"checkpoint ({_short(err)}). Expected .safetensors, or a .bin/.pth/.pt written by torch.save; "
+        "download or save it again."
+    )
+
+
+def _unsafe_globals(path: Path) -> list[str]:
+    try:
+        return list(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
+    except Exception:  # legacy (non-zip) files cannot be scanned
+        return []
+
+
+def _extract_state_dict(obj: Any, path: Path, use_ema: bool = True) -> dict[str, torch.Tensor]:
+    """The state dict inside a checkpoint object: timm's nesting keys, DDP/compile prefixes removed."""
+    keys = (("state_dict_ema", "model_ema") if use_ema else ()) + ("state_dict", "model")
+    for _ in range(3):  # e.g. {'model': {'state_dict': ...}}
+        if not isinstance(obj, Mapping):
+            break
+        inner = next((k for k in keys if isinstance(obj.get(k), Mapping) and obj.get(k)), None)
+        if inner is None:
+            break
+        _logger.debug("Using %r from %s", inner, path)
+        obj = obj[inner]
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(
+            f"{str(path)!r} holds a {type(obj).__name__}, not a state dict (a dict of tensors). "
+            "Save the weights with torch.save(model.state_dict(), path)."
+        )
+    tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        listed = list(obj)[:_MAX_LISTED]
+        raise CheckpointError(
+            f"{str(path)!r} holds no tensors (top-level keys: {listed}); it is not a model checkpoint. "
+            "Expected a state dict, possibly under 'state_dict', 'model', 'state_dict_ema' or 'model_ema'."
+        )
+    skipped = [k for k in obj if k not in tensors]
+    if skipped:
+        _logger.debug("Ignoring %d non-tensor entries of %s: %s", len(skipped), path, skipped[:_MAX_LISTED])
+    return clean_state_dict(tensors)
+
+
+def read_state_dict(
+    path: _PathLike, map_location: str | torch.device = "cpu", use_ema: bool = True
+) -> dict[str, torch.Tensor]:
+    """The state dict of a local checkpoint (.safetensors, .bin, .pth, .pt), without running code from it.
+
+    Nested checkpoints use timm's order: ``state_dict_ema``, ``model_ema`` (if ``use_ema``), then
+    ``state_dict``, ``model``; ``module.`` and ``_orig_mod.`` prefixes are stripped.
+    """
+    path = Path(path)
+    return _extract_state_dict(_read_file(path, map_location), path, use_ema=use_ema)
+
+
+# ----------------------------------------------------------------------------------------------
+# Fitting a state dict to a model
+
+
+def _checkpoint_filter(model: nn.Module) -> Callable[[dict, nn.Module], dict] | None:
+    """timm's ``checkpoint_filter_fn`` of the model's architecture module, if it has one."""
+    module = sys.modules.get(type(model).__module__)
+    fn = getattr(module, "checkpoint_filter_fn", None)
+    return fn if callable(fn) else None
+
+
+def _apply_filter(state_dict: dict[str, torch.Tensor], model: nn.Module, path: Path) -> dict:
+    fn = _checkpoint_filter(model)
+    if fn is None:
+        return state_dict
+    try:
+        out = fn(state_dict, model)
+    except Exception as err:
+        raise CheckpointError(
+            f"timm's checkpoint filter for {type(model).__name__} ({type(model).__module__}) failed on "
+            f"{str(path)!r} ({_short(err)}): the checkpoint is probably from another architecture. "
+            "Pass the model name it was trained with."
+        ) from None
+    return {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
+
+
+def _arch(model: nn.Module) -> str:
+    name = _model_name(model)
+    return f"{name} ({type(model).__name__})" if name else type(model).__name__
+
+
+def _classifier_keys(model: nn.Module) -> list[str]:
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    clf = cfg.get("classifier") if isinstance(cfg, Mapping) else None
+    names = [clf] if isinstance(clf, str) else list(clf or [])
+    return [f"{n}.{p}" for n in names for p in ("weight", "bias")]
+
+
+def _listing(items: list[str]) -> str:
+    shown = items[:_MAX_LISTED]
+    more = f" ... and {len(items) - len(shown)} more" if len(items) > len(shown) else ""
+    return ", ".join(shown) + more
+
+
+def _fit_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], path: Path, strict: bool) -> dict:
+    """Check keys and shapes against the model: one CheckpointError (strict) or drop misfits (not strict)."""
+    own = model.state_dict()
+    mismatched = [k for k, v in state_dict.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    if strict and (mismatched or missing or unexpected):
+        lines = [f"Checkpoint {str(path)!r} does not fit model {_arch(model)}:"]
+        if mismatched:
+            lines.append(f"  {len(mismatched)} tensor(s) with different shapes (checkpoint vs model):")
+            lines += [f"    {k}: {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}"
+                      for k in mismatched[:_MAX_LISTED]]
+            if len(mismatched) > _MAX_LISTED:
+                lines.append(f"    ... and {len(mismatched) - _MAX_LISTED} more")
+        if missing:
+            lines.append(f"  {len(missing)} key(s) missing from the checkpoint: {_listing(missing)}")
+        if unexpected:
+            lines.append(f"  {len(unexpected)} unexpected key(s) in the checkpoint: {_listing(unexpected)}")
+        saved = _saved_from(path)
+        if saved:
+            lines.append(f"  The file was saved from {saved}; vitscope.load_weights(path) rebuilds that model.")
+        lines.append("Fix: " + _fix_hint(model, state_dict, mismatched, missing, unexpected))
+        raise CheckpointError("\n".join(lines))
+    if mismatched:
+        _logger.warning("Not loading %d tensor(s) of %s whose shapes differ: %s",
+                        len(mismatched), path, _listing(mismatched))
+        state_dict = {k: v for k, v in state_dict.items() if k not in mismatched}
+    if missing or unexpected:
+        _logger.warning("Loading %s non-strictly: %d missing key(s) (%s), %d unexpected (%s)",
+                        path, len(missing), _listing(missing), len(unexpected), _listing(unexpected))
+    return state_dict
+
+
+def _saved_from(path: Path) -> str:
+    """'name with kwargs' from the file's sidecar, or '' when it has none."""
+    try:
+        info = read_sidecar(path) or {}
+    except CheckpointError:
+        return ""
+    name = info.get("model_name")
+    return f"{name!r} with {info.get('model_kwargs') or {}}" if name else ""
+
+
+def _fix_hint(model: nn.Module, state_dict: dict, mismatched: list, missing: list, unexpected: list) -> str:
+    hints = []
+    clf = _classifier_keys(model)
+    head = next((k for k in clf if k.endswith(".weight") and k in mismatched), None)
+    if head is not None:
+        hints.append(f"the checkpoint's classifier has {state_dict[head].shape[0]} classes: pass num_classes="
+                     f"{state_dict[head].shape[0]} (load_model infers it when num_classes is not given)")
+    if any("pos_embed" in k for k in mismatched) or any("patch_embed" in k for k in mismatched):
+        hints.append("the token grid or patch size differs: pass the img_size / patch_size the checkpoint "
+                     "was trained with")
+    own_count = len(model.state_dict())
+    if len(missing) + len(unexpected) > max(2, own_count // 4) or len(mismatched) > max(2, own_count // 4):
+        hints.append("many keys differ: the checkpoint is probably from another architecture, pass the "
+                     "model name it was trained with")
+    if not hints:
+        hints.append("pass the model name and kwargs (num_classes, img_size, ...) the checkpoint was "
+                     "trained with, or strict=False to load only the tensors that fit")
+    return "; ".join(hints) + "."
+
+
+def _load_into(model: nn.Module, state_dict: dict[str, torch.Tensor], path: Path, strict: bool) -> nn.Module:
+    state_dict = _fit_state_dict(model, state_dict, path, strict)
+    try:
+        model.load_state_dict(state_dict, strict=strict)
+    except Exception as err:  # e.g. dtypes that cannot be copied
+        raise CheckpointError(f"Loading {str(path)!r} into {_arch(model)} failed: {_short(err)}") from None
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
+# Public loaders
+
+
+def load_checkpoint(
+    model: nn.Module, path: _PathLike, strict: bool = True, use_ema: bool = True
+) -> nn.Module:
+    """Load a local timm checkpoint (.safetensors, .bin, .pth/.pt) into ``model`` and return it.
+
+    The state dict goes through the architecture's timm ``checkpoint_filter_fn`` (e.g. ViT's, which
+    resamples ``pos_embed`` to the model's grid and converts foreign key layouts) before loading.
+
+    Args:
+        model: Model to load into (in place).
+        path: Checkpoint file; ``.pth``/``.pt``/``.bin`` are read with ``torch.load(weights_only=True)``.
+        strict: Require every key and shape to match. With ``strict=False``, tensors whose shapes
+            differ are skipped (logged as a warning) instead of raising, as are missing/unexpected keys.
+        use_ema: Prefer EMA weights (``state_dict_ema``, ``model_ema``) when present (timm's rule).
+
+    Raises:
+        CheckpointError: missing, truncated or foreign file, or keys/shapes that do not fit.
+    """
+    path = Path(path)
+    state_dict = read_state_dict(path, use_ema=use_ema)
+    return _load_into(model, _apply_filter(state_dict, model, path), path, strict)
+
+
+def _checkpoint_num_classes(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> int | None:
+    """The checkpoint's number of classes when it differs from the model's head; None when it fits."""
+    own = model.state_dict()
+    for key in _classifier_keys(model):
+        if not key.endswith(".weight") or key not in own:
+            continue
+        if key not in state_dict:  # a headless (num_classes=0) checkpoint
+            others_fit = all(k in state_dict for k in own if not k.startswith(key.rsplit(".", 1)[0] + "."))
+            return 0 if others_fit else None
+        n = int(state_dict[key].shape[0])
+        return n if n != own[key].shape[0] else None
+    return None
+
+
+def load_model(
+    name: str, checkpoint: _PathLike | None = None, *, strict: bool = True, **kwargs: Any
+) -> nn.Module:
+    """Build ``name`` with ``vitscope.create_model(name, **kwargs)`` and load a local checkpoint if given.
+
+    When ``num_classes`` is not given and the checkpoint's classifier (``pretrained_cfg['classifier']``)
+    has another number of classes, the model is rebuilt with the checkpoint's, so a CIFAR-10 or ELPV
+    checkpoint loads without spelling it out.
+
+    Raises:
+        ValueError: unknown model name.
+        CheckpointError: the checkpoint cannot be read or does not fit.
+    """
+    model = create_model(name, **kwargs)
+    if checkpoint is None:
+        return model
+    path = Path(checkpoint)
+    raw = read_state_dict(path)
+    state_dict = _apply_filter(raw, model, path)
+    if kwargs.get("num_classes") is None:
+        n = _checkpoint_num_classes(model, state_dict)
+        if n is not None:
+            _logger.info("%s has %d classes: building %s with num_classes=%d", path, n, name, n)
+            model = create_model(name, **dict(kwargs, num_classes=n))
+            state_dict = _apply_filter(raw, model, path)
+    return _load_into(model, state_dict, path, strict)
+
+
+def read_sidecar(path: _PathLike) -> dict[str, Any] | None:
+    """A weights file's sidecar (the ``.json`` next to it, else the safetensors header's copy), or None."""
+    path = Path(path)
+    side = sidecar_path(path)
+    if side.is_file() and side != path:
+        try:
+            info = json.loads(side.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise CheckpointError(f"Cannot read the sidecar {str(side)!r} of {str(path)!r} ({_short(err)}); "
+                                  "fix or delete it, or pass model=...") from None
+        if not isinstance(info, dict):
+            raise CheckpointError(
+                f"Sidecar {str(side)!r} is not a JSON object; fix or delete it, or pass model=..."
+            )
+        return info
+    if path.is_file() and _is_safetensors(path):
+        try:
+            with safetensors.safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+            return json.loads(meta[_METADATA_KEY]) if _METADATA_KEY in meta else None
+        except Exception:  # a corrupt file is reported by the loader itself
+            return None
+    return None
+
+
+def load_weights(
+    path: _PathLike,
+    model: nn.Module | None = None,
+    strict: bool = True,
+    map_location: str | torch.device = "cpu",
+) -> nn.Module:
+    """Load weights written by ``save_weights``; without ``model``, rebuild it from the sidecar.
+
+    Args:
+        path: The ``.safetensors`` file (any checkpoint format works when ``model`` is given).
+        model: Model to load into; if None, ``vitscope.create_model(name, **kwargs)`` from the sidecar,
+            moved to ``map_location``.
+        strict: Require every key and shape to match (see ``load_checkpoint``).
+        map_location: Device the tensors are read to.
+
+    Raises:
+        CheckpointError: no sidecar to rebuild from, unreadable file, or weights that do not fit.
+    """
+    path = Path(path)
+    if model is None:
+        _check_file(path)
+        info = read_sidecar(path)
+        if not info or not info.get("model_name"):
+            raise CheckpointError(
+                f"No model name for {str(path)!r}: its sidecar {str(sidecar_path(path))!r} is missing or "
+                "has none. Pass model=vitscope.create_model(NAME, ...), or use "
+                "vitscope.io.load_model(NAME, checkpoint=path)."
+            )
+        name, kwargs = info["model_name"], dict(info.get("model_kwargs") or {})
+        try:
+            model = create_model(name, **kwargs)
+        except Exception as err:
+            raise CheckpointError(
+                f"Cannot rebuild {name!r} with {kwargs} from the sidecar of {str(path)!r} ({_short(err)}); "
+                f"written by vitscope {info.get('vitscope_version')}, timm {info.get('timm_version')}. "
+                "Pass model=... built yourself."
+            ) from None
+        state_dict = read_state_dict(path, map_location=map_location)
+        if "num_classes" not in kwargs:  # a model saved without its kwargs: take the head from the weights
+            n = _checkpoint_num_classes(model, state_dict)
+            if n is not None:
+                model = create_model(name, **dict(kwargs, num_classes=n))
+        model = _load_into(model, state_dict, path, strict)
+        return model.to(map_location)
+    return _load_into(model, read_state_dict(path, map_location=map_location), path, strict)
