@@ -1,0 +1,20 @@
+"""Representation measures of ViT, HDVW, RAGHU, ConViT and CB: pure functions over tensors and
+streaming classes (``update`` / ``compute`` / ``reset`` / ``merge`` / ``sync``) with additive states.
+"""
+from vitscope.measures._streaming import StreamingMeasure
+from vitscope.measures.attention import (
+    AttentionDistance,
+    AttentionEntropy,
+    Nonlocality,
+    RelativeDistance,
+    attention_distance,
+    attention_entropy,
+    nonlocality,
+    relative_distance,
+)
+
+__all__ = [
+    "StreamingMeasure",
+    "attention_entropy", "attention_distance", "nonlocality", "relative_distance",
+    "AttentionEntropy", "AttentionDistance", "Nonlocality", "RelativeDistance",
+]

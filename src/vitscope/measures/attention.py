@@ -1,0 +1,282 @@
+"""Attention-map measures: entropy (CB), mean attention distance (ViT, RAGHU), nonlocality (ConViT)
+and relative distance of interaction (CB).
+
+Every function takes post-softmax attention ``attn`` (B, H, N, N) of one layer (rows sum to 1, e.g. one
+entry of ``cap.attentions``) and returns one value per head, (H,), in float64. The streaming classes
+take one such tensor or the list ``cap.attentions`` (with ``layout=cap.attention_layout`` for the grid,
+patch size and prefix tokens of each layer) and accumulate sums and counts, so unequal batches give
+exactly the result over the whole set.
+
+Token positions: spatial tokens are the last ``h * w`` tokens in row-major order (token ``p + r * w + c``
+sits at row r, column c, after ``p`` prefix tokens), as timm ViTs lay them out.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from vitscope.measures._streaming import StreamingMeasure, check_layout, layer_option
+from vitscope.measures._validate import as_list, check_attention, check_grid, pairwise_distance
+
+Tensor = torch.Tensor
+
+__all__ = [
+    "attention_entropy", "attention_distance", "nonlocality", "relative_distance",
+    "AttentionEntropy", "AttentionDistance", "Nonlocality", "RelativeDistance",
+]
+
+
+def _count(x: Tensor, n: int) -> Tensor:
+    return torch.tensor(float(n), dtype=torch.float64, device=x.device)
+
+
+# ------------------------------------------------------------------------------------- per-batch sums
+def _entropy_sums(attn: Tensor, name: str = "attn") -> dict[str, Tensor]:
+    a = check_attention(attn, name).clamp_min(0)  # (B, H, N, N)
+    B, H, N, _ = a.shape
+    ent = -torch.xlogy(a, a).sum(-1)  # (B, H, N), 0 * log 0 = 0
+    return {"sum": ent.double().sum((0, 2)), "count": _count(a, B * N)}
+
+
+def _patch_size(patch_size: Any) -> float:
+    if patch_size is None or isinstance(patch_size, bool) or not isinstance(patch_size, (int, float)) \
+            or patch_size <= 0:
+        raise ValueError(
+            f"patch_size must be a positive number of pixels per token side, got {patch_size!r}; "
+            "pass the model's patch size (or layout=cap.attention_layout)"
+        )
+    return float(patch_size)
+
+
+def _distance_sums(
+    attn: Tensor, grid: Any, patch_size: Any, num_prefix_tokens: int, renormalize: bool, name: str = "attn"
+) -> dict[str, Tensor]:
+    a = check_attention(attn, name)  # (B, H, N, N)
+    B, H, N, _ = a.shape
+    h, w = check_grid(grid, N, num_prefix_tokens)
+    ps = _patch_size(patch_size)
+    a = a[..., num_prefix_tokens:, num_prefix_tokens:].double()  # (B, H, S, S)
+    if renormalize:
+        a = a / a.sum(-1, keepdim=True).clamp_min(1e-300)  # rows with no spatial mass stay 0
+    dist = pairwise_distance(h, w, a.device) * ps  # (S, S) pixels
+    per_query = (a * dist).sum(-1)  # (B, H, S)
+    return {"sum": per_query.sum((0, 2)), "count": _count(a, B * h * w)}
+
+
+def _nonlocality_sums(attn: Tensor, grid: Any, num_prefix_tokens: int, name: str = "attn") -> dict[str, Tensor]:
+    a = check_attention(attn, name)  # (B, H, N, N)
+    B, H, N, _ = a.shape
+    h, w = check_grid(grid, N, num_prefix_tokens)
+    a = a[..., num_prefix_tokens:, num_prefix_tokens:].double()  # (B, H, S, S)
+    a_sum = a.sum(0)  # (H, S, S): sum of A over examples
+    dist = pairwise_distance(h, w, a.device)  # (S, S) patch units
+    # (1/S) sum_ij (sum_b A_b)_ij d_ij; divided by the example count in compute = nonlocality of mean_b A.
+    return {"sum": (a_sum * dist).sum((-1, -2)) / (h * w), "count": _count(a, B)}
+
+
+def _relative_sums(
+    attn: Tensor, grid: Any, num_prefix_tokens: int, renormalize: bool, name: str = "attn"
+) -> dict[str, Tensor]:
+    a = check_attention(attn, name)  # (B, H, N, N)
+    B, H, N, _ = a.shape
+    h, w = check_grid(grid, N, num_prefix_tokens)
+    S = h * w
+    a = a[..., num_prefix_tokens:, num_prefix_tokens:].double()  # (B, H, S, S)
+    a = a * (1 - torch.eye(S, dtype=a.dtype, device=a.device))  # drop self-attention
+    if renormalize:
+        a = a / a.sum(-1, keepdim=True).clamp_min(1e-300)  # rows with no mass left stay 0
+    dist = pairwise_distance(h, w, a.device, normalize=True)  # (S, S), positions in [0, 1]^2
+    per_query = (a * dist).sum(-1)  # (B, H, S)
+    return {"sum": per_query.sum((0, 2)), "count": _count(a, B * S)}
+
+
+def _mean(state: dict[str, Tensor]) -> Tensor:
+    return state["sum"] / state["count"]
+
+
+# ------------------------------------------------------------------------------------------ functions
+def attention_entropy(attn: Tensor) -> Tensor:
+    """Attention entropy per head (CB: Hyeon-Woo et al. 2023), in nats.
+
+    ``H_i = -sum_j A_ij ln A_ij`` (0 ln 0 = 0) over all N keys (prefix tokens included), averaged over
+    the batch and all N queries. Uniform attention gives ln N, one-hot attention 0.
+
+    Args:
+        attn: Post-softmax attention (B, H, N, N).
+
+    Returns:
+        (H,) float64.
+    """
+    return _mean(_entropy_sums(attn))
+
+
+def attention_distance(
+    attn: Tensor, grid: Any, patch_size: float, num_prefix_tokens: int = 1, renormalize: bool = False
+) -> Tensor:
+    """Mean attention distance per head in pixels (ViT paper Fig. 7; RAGHU).
+
+    For each spatial query i: ``sum_j A_ij d_ij``, d the Euclidean distance between patch centres in patch
+    units times ``patch_size``; averaged over spatial queries and the batch. Prefix-token rows and columns
+    are dropped; with ``renormalize`` each row is rescaled to sum to 1 over the spatial keys (a row with no
+    spatial mass then contributes 0), otherwise the remaining weights are used as they are (common
+    practice).
+
+    Args:
+        attn: Post-softmax attention (B, H, N, N).
+        grid: Spatial token grid (h, w) (or an int for a square grid), h * w = N - num_prefix_tokens.
+        patch_size: Pixels per token side.
+        num_prefix_tokens: Class/register tokens before the spatial tokens.
+        renormalize: Rescale the spatial part of each row to sum to 1.
+
+    Returns:
+        (H,) float64, pixels.
+    """
+    return _mean(_distance_sums(attn, grid, patch_size, num_prefix_tokens, renormalize))
+
+
+def nonlocality(attn: Tensor, grid: Any, num_prefix_tokens: int = 0) -> Tensor:
+    """ConViT nonlocality per head (d'Ascoli et al. 2021), in patch units.
+
+    ``(1/S) sum_ij Abar_ij ||delta_ij||`` with ``Abar`` the attention averaged over the batch, S = h * w
+    spatial tokens and delta the offset between patch positions. Prefix-token rows and columns are dropped
+    without renormalizing (ConViT's GPSA layers have no prefix token). Matches timm's
+    ``GPSA.get_attention_map``.
+
+    Args:
+        attn: Post-softmax attention (B, H, N, N).
+        grid: Spatial token grid (h, w) (or an int), h * w = N - num_prefix_tokens.
+        num_prefix_tokens: Class tokens before the spatial tokens.
+
+    Returns:
+        (H,) float64, patch units.
+    """
+    return _mean(_nonlocality_sums(attn, grid, num_prefix_tokens))
+
+
+def relative_distance(attn: Tensor, grid: Any, num_prefix_tokens: int = 1, renormalize: bool = True) -> Tensor:
+    """Relative distance of interaction per head (CB: Hyeon-Woo et al. 2023), in [0, sqrt(2)].
+
+    Positions are normalized to [0, 1]: token (r, c) of an h x w grid sits at (r / (h - 1), c / (w - 1))
+    (an axis of size 1 has coordinate 0), so the largest distance (corner to corner) is sqrt(2).
+    Prefix-token rows and columns are dropped and each token's attention to itself is removed. With
+    ``renormalize`` (default) the remaining weights of each row are rescaled to sum to 1, so the value is
+    the mean distance of the attention a token pays to *other* spatial tokens (a row with nothing left
+    contributes 0); without it the raw weights are used. Averaged over spatial queries and the batch.
+    No official code exists; this is vitscope's reading of the paper.
+
+    Args:
+        attn: Post-softmax attention (B, H, N, N).
+        grid: Spatial token grid (h, w) (or an int), h * w = N - num_prefix_tokens.
+        num_prefix_tokens: Class/register tokens before the spatial tokens.
+        renormalize: Rescale each row to sum to 1 after removing self and prefix tokens.
+
+    Returns:
+        (H,) float64.
+    """
+    return _mean(_relative_sums(attn, grid, num_prefix_tokens, renormalize))
+
+
+# ---------------------------------------------------------------------------------- streaming classes
+class _AttentionMeasure(StreamingMeasure):
+    """Shared ``update(attn, layout=None)``: one tensor or a list (``cap.attentions``)."""
+
+    default_prefix = 1
+
+    def __init__(self, grid: Any = None, num_prefix_tokens: int | None = None) -> None:
+        self.grid = grid
+        self.num_prefix_tokens = num_prefix_tokens
+        super().__init__()
+
+    def _options(self) -> dict[str, Any]:
+        return {"grid": self.grid, "num_prefix_tokens": self.num_prefix_tokens}
+
+    def _layer_args(self, layout: Any, i: int) -> tuple[Any, int]:
+        grid = layer_option(self.grid, layout, i, "grid")
+        if grid is None:
+            raise ValueError(
+                f"{type(self).__name__} needs the token grid: pass grid=(h, w) to the constructor or "
+                "layout=cap.attention_layout to update()"
+            )
+        prefix = layer_option(self.num_prefix_tokens, layout, i, "num_prefix_tokens")
+        return grid, self.default_prefix if prefix is None else prefix
+
+    def _sums(self, attn: Tensor, layout: Any, i: int, name: str) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def update(self, attn: Tensor | list[Tensor], layout: Any = None) -> None:
+        """Add a batch: ``attn`` (B, H, N, N) or a list of them (one per layer, e.g. ``cap.attentions``).
+
+        ``layout``: a LayerInfo or the aligned list (``cap.attention_layout``) giving each layer's grid,
+        patch size and prefix tokens; constructor arguments take precedence.
+        """
+        attns, single = as_list(attn, "attn")
+        check_layout(layout, len(attns))
+        names = ["attn"] if single else [f"attn[{i}]" for i in range(len(attns))]
+        self._accumulate([self._sums(a, layout, i, n) for i, (a, n) in enumerate(zip(attns, names))], single)
+
+    def _compute_layer(self, state: dict[str, Tensor]) -> Tensor:
+        return _mean(state)
+
+
+class AttentionEntropy(_AttentionMeasure):
+    """Streaming ``attention_entropy``: ``compute()`` -> (H,) (or a list, one per layer), nats."""
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    def _options(self) -> dict[str, Any]:
+        return {}
+
+    def _sums(self, attn: Tensor, layout: Any, i: int, name: str) -> dict[str, Tensor]:
+        return _entropy_sums(attn, name)
+
+
+class AttentionDistance(_AttentionMeasure):
+    """Streaming ``attention_distance`` (pixels): sums of per-query distances and query counts."""
+
+    def __init__(
+        self, grid: Any = None, patch_size: float | None = None, num_prefix_tokens: int | None = None,
+        renormalize: bool = False,
+    ) -> None:
+        self.patch_size = patch_size
+        self.renormalize = renormalize
+        super().__init__(grid, num_prefix_tokens)
+
+    def _options(self) -> dict[str, Any]:
+        return {**super()._options(), "patch_size": self.patch_size, "renormalize": self.renormalize}
+
+    def _sums(self, attn: Tensor, layout: Any, i: int, name: str) -> dict[str, Tensor]:
+        grid, prefix = self._layer_args(layout, i)
+        patch_size = layer_option(self.patch_size, layout, i, "patch_size")
+        return _distance_sums(attn, grid, patch_size, prefix, self.renormalize, name)
+
+
+class Nonlocality(_AttentionMeasure):
+    """Streaming ConViT ``nonlocality`` (patch units).
+
+    The state is the sum over examples of ``(1/S) sum_ij A_ij d_ij`` (the distance-weighted sum of A) and
+    the example count; the measure is linear in A, so this equals the nonlocality of A averaged over all
+    examples exactly.
+    """
+
+    default_prefix = 0
+
+    def _sums(self, attn: Tensor, layout: Any, i: int, name: str) -> dict[str, Tensor]:
+        grid, prefix = self._layer_args(layout, i)
+        return _nonlocality_sums(attn, grid, prefix, name)
+
+
+class RelativeDistance(_AttentionMeasure):
+    """Streaming CB ``relative_distance`` (positions in [0, 1]^2, self excluded)."""
+
+    def __init__(self, grid: Any = None, num_prefix_tokens: int | None = None, renormalize: bool = True) -> None:
+        self.renormalize = renormalize
+        super().__init__(grid, num_prefix_tokens)
+
+    def _options(self) -> dict[str, Any]:
+        return {**super()._options(), "renormalize": self.renormalize}
+
+    def _sums(self, attn: Tensor, layout: Any, i: int, name: str) -> dict[str, Tensor]:
+        grid, prefix = self._layer_args(layout, i)
+        return _relative_sums(attn, grid, prefix, self.renormalize, name)

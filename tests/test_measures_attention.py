@@ -1,0 +1,242 @@
+"""Attention measures against plain-numpy loop references, closed forms and timm's ConViT code."""
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from vitscope.measures import (
+    AttentionDistance,
+    AttentionEntropy,
+    Nonlocality,
+    RelativeDistance,
+    attention_distance,
+    attention_entropy,
+    nonlocality,
+    relative_distance,
+)
+
+
+def random_attention(B, H, N, seed=0, sharp=3.0):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(B, H, N, N, generator=g) * sharp
+    logits[0, 0, 0] = -1e4  # one row with (numerically) exact zeros
+    logits[0, 0, 0, 0] = 0.0
+    return logits.softmax(-1).double()
+
+
+# ----------------------------------------------------------------------------- numpy loop references
+def ref_entropy(a):
+    a = np.asarray(a)
+    B, H, N, _ = a.shape
+    out = np.zeros(H)
+    for h in range(H):
+        tot = 0.0
+        for b in range(B):
+            for i in range(N):
+                tot -= sum(p * math.log(p) for p in a[b, h, i] if p > 0)
+        out[h] = tot / (B * N)
+    return out
+
+
+def pos(k, w):
+    return divmod(k, w)  # (row, col)
+
+
+def ref_distance(a, hw, ps, p, renorm):
+    a = np.asarray(a)
+    h, w = hw
+    B, H, N, _ = a.shape
+    S = h * w
+    out = np.zeros(H)
+    for hd in range(H):
+        tot = 0.0
+        for b in range(B):
+            for i in range(S):
+                row = a[b, hd, p + i, p:].copy()
+                if renorm:
+                    row = row / row.sum()
+                ri, ci = pos(i, w)
+                for j in range(S):
+                    rj, cj = pos(j, w)
+                    tot += row[j] * math.hypot(ri - rj, ci - cj) * ps
+        out[hd] = tot / (B * S)
+    return out
+
+
+def ref_nonlocality(a, hw, p):
+    a = np.asarray(a)
+    h, w = hw
+    abar = a.mean(0)[:, p:, p:]
+    H, S, _ = abar.shape
+    out = np.zeros(H)
+    for hd in range(H):
+        for i in range(S):
+            for j in range(S):
+                ri, ci = pos(i, w)
+                rj, cj = pos(j, w)
+                out[hd] += abar[hd, i, j] * math.hypot(ri - rj, ci - cj)
+        out[hd] /= S
+    return out
+
+
+def ref_relative(a, hw, p, renorm):
+    a = np.asarray(a)
+    h, w = hw
+    B, H, N, _ = a.shape
+    S = h * w
+    out = np.zeros(H)
+    for hd in range(H):
+        tot = 0.0
+        for b in range(B):
+            for i in range(S):
+                row = a[b, hd, p + i, p:].copy()
+                row[i] = 0.0
+                if renorm and row.sum() > 0:  # a row with nothing left contributes 0 (documented)
+                    row = row / row.sum()
+                ri, ci = pos(i, w)
+                for j in range(S):
+                    rj, cj = pos(j, w)
+                    tot += row[j] * math.hypot((ri - rj) / (h - 1), (ci - cj) / (w - 1))
+        out[hd] = tot / (B * S)
+    return out
+
+
+# ------------------------------------------------------------------------------------------- tests
+@pytest.mark.parametrize("hw,p", [((4, 4), 1), ((3, 5), 0), ((2, 3), 2)])
+def test_functions_match_numpy(hw, p):
+    N = hw[0] * hw[1] + p
+    a = random_attention(4, 3, N, seed=N)
+    np.testing.assert_allclose(attention_entropy(a).numpy(), ref_entropy(a), rtol=1e-10)
+    for renorm in (False, True):
+        np.testing.assert_allclose(
+            attention_distance(a, hw, 8, p, renormalize=renorm).numpy(), ref_distance(a, hw, 8, p, renorm),
+            rtol=1e-10)
+        np.testing.assert_allclose(
+            relative_distance(a, hw, p, renormalize=renorm).numpy(), ref_relative(a, hw, p, renorm), rtol=1e-10)
+    np.testing.assert_allclose(nonlocality(a, hw, p).numpy(), ref_nonlocality(a, hw, p), rtol=1e-10)
+
+
+def test_float32_input_close_to_float64():
+    a = random_attention(2, 3, 17)
+    assert torch.allclose(attention_entropy(a.float()), attention_entropy(a), atol=1e-5)
+    assert torch.allclose(attention_distance(a.float(), 4, 4), attention_distance(a, 4, 4), atol=1e-4)
+
+
+def test_closed_forms():
+    N = 17
+    uniform = torch.full((2, 3, N, N), 1.0 / N)
+    torch.testing.assert_close(attention_entropy(uniform), torch.full((3,), math.log(N), dtype=torch.float64))
+    eye = torch.eye(N).expand(2, 3, N, N)
+    torch.testing.assert_close(attention_entropy(eye), torch.zeros(3, dtype=torch.float64))
+    torch.testing.assert_close(attention_distance(eye, (4, 4), 16), torch.zeros(3, dtype=torch.float64))
+    torch.testing.assert_close(nonlocality(eye[..., 1:, 1:], 4), torch.zeros(3, dtype=torch.float64))
+    # identity attention: nothing left after removing self -> 0 interaction
+    torch.testing.assert_close(relative_distance(eye, 4), torch.zeros(3, dtype=torch.float64))
+    # a 1 x 2 grid where each token attends only to the other: distance 1 patch = patch_size pixels
+    swap = torch.tensor([[0.0, 1.0], [1.0, 0.0]]).expand(1, 1, 2, 2)
+    assert float(attention_distance(swap, (1, 2), 16, num_prefix_tokens=0)) == 16.0
+    assert float(relative_distance(swap, (1, 2), num_prefix_tokens=0)) == 1.0
+    # corner-to-corner attention on a 3x3 grid reaches the largest normalized distance sqrt(2)
+    a = torch.zeros(1, 1, 9, 9)
+    a[0, 0, 0, 8] = a[0, 0, 8, 0] = 1.0
+    a[0, 0, [1, 2, 3, 4, 5, 6, 7], [1, 2, 3, 4, 5, 6, 7]] = 1.0
+    assert float(relative_distance(a, 3, 0, renormalize=False)) == pytest.approx(2 * math.sqrt(2) / 9)
+
+
+def test_nonlocality_matches_timm_gpsa():
+    import timm.models.convit as tc
+
+    torch.manual_seed(0)
+    gpsa = tc.GPSA(dim=16, num_heads=4, locality_strength=1.0)
+    gpsa.local_init()
+    x = torch.randn(5, 36, 16)
+    gpsa.rel_indices = gpsa.get_rel_indices(36)
+    with torch.no_grad():
+        ref = gpsa.get_attention_map(x)  # timm's (official) ConViT nonlocality, batch-averaged map
+        attn = gpsa.get_attention(x)
+    torch.testing.assert_close(nonlocality(attn, (6, 6)).float(), ref, atol=1e-5, rtol=1e-5)
+
+
+def split(x, sizes):
+    out, start = [], 0
+    for s in sizes:
+        out.append(x[start:start + s])
+        start += s
+    return out
+
+
+def test_streaming_unequal_batches_lists_and_layout():
+    a1 = random_attention(9, 3, 17, seed=1)  # layer 0: 4x4 grid + class token
+    a2 = random_attention(9, 2, 9, seed=2)  # layer 1: 3x3 grid, no prefix, 2 heads
+    layout = [SimpleNamespace(grid=(4, 4), num_prefix_tokens=1, patch_size=8),
+              SimpleNamespace(grid=(3, 3), num_prefix_tokens=0, patch_size=4)]
+    measures = [AttentionEntropy(), AttentionDistance(), Nonlocality(), RelativeDistance(),
+                AttentionDistance(renormalize=True)]
+    for b1, b2 in zip(split(a1, [1, 5, 3]), split(a2, [1, 5, 3])):
+        for m in measures:
+            m.update([b1, b2], layout=layout)
+    ent, dist, nl, rel, dist_r = (m.compute() for m in measures)
+    for layer, (a, hw, p, ps) in enumerate([(a1, (4, 4), 1, 8), (a2, (3, 3), 0, 4)]):
+        np.testing.assert_allclose(ent[layer].numpy(), ref_entropy(a), rtol=1e-10)
+        np.testing.assert_allclose(dist[layer].numpy(), ref_distance(a, hw, ps, p, False), rtol=1e-10)
+        np.testing.assert_allclose(dist_r[layer].numpy(), ref_distance(a, hw, ps, p, True), rtol=1e-10)
+        np.testing.assert_allclose(nl[layer].numpy(), ref_nonlocality(a, hw, p), rtol=1e-10)
+        np.testing.assert_allclose(rel[layer].numpy(), ref_relative(a, hw, p, True), rtol=1e-10)
+
+
+def test_streaming_merge_state_dict_and_sync_single_rank(tmp_path):
+    import torch.distributed as dist
+
+    a = random_attention(7, 3, 17, seed=3)
+    whole = AttentionDistance(grid=4, patch_size=16)
+    whole.update(a)
+    left, right = AttentionDistance(grid=4, patch_size=16), AttentionDistance(grid=4, patch_size=16)
+    left.update(a[:2])
+    right.update(a[2:])
+    merged = AttentionDistance(grid=4, patch_size=16).merge(left).merge(right.state_dict())
+    torch.testing.assert_close(merged.compute(), whole.compute())
+    torch.testing.assert_close(merged.compute(), attention_distance(a, 4, 16))
+    with pytest.raises(ValueError, match="same arguments"):
+        merged.merge(AttentionDistance(grid=4, patch_size=8))
+    merged.reset()
+    with pytest.raises(ValueError, match="before any update"):
+        merged.compute()
+    assert left.sync() is left  # not initialized: no-op
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        left.sync()
+        torch.testing.assert_close(left.compute(), attention_distance(a[:2], 4, 16))
+        with pytest.raises(RuntimeError, match="twice"):
+            left.sync()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_bad_inputs():
+    a = random_attention(2, 3, 17)
+    with pytest.raises(ValueError, match="4-D"):
+        attention_entropy(a[0])
+    with pytest.raises(ValueError, match="sum"):
+        attention_entropy(a * 2)
+    bad = a.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        attention_entropy(bad)
+    with pytest.raises(ValueError, match="grid"):
+        attention_distance(a, (3, 3), 16)
+    with pytest.raises(ValueError, match="num_prefix_tokens"):
+        nonlocality(a, 4)  # 17 tokens, default no prefix
+    with pytest.raises(ValueError, match="patch_size"):
+        attention_distance(a, 4, None)
+    with pytest.raises(ValueError, match="grid"):
+        AttentionDistance(patch_size=16).update(a)
+    m = AttentionEntropy()
+    m.update([a, a])
+    with pytest.raises(ValueError, match="same layers"):
+        m.update(a)
+    with pytest.raises(ValueError, match="layout"):
+        RelativeDistance().update([a, a], layout=[SimpleNamespace(grid=(4, 4), num_prefix_tokens=1)])
