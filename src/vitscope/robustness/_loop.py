@@ -1,0 +1,55 @@
+"""The evaluation loop shared by the robustness sweeps: device placement, checks, progress bar."""
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable, Iterator
+
+import torch
+from tqdm.auto import tqdm
+
+from vitscope.robustness._checks import check_images, check_targets
+
+
+def resolve_device(model: torch.nn.Module, device: str | torch.device | None) -> torch.device:
+    """``device`` if given, else the device of the model's first parameter (CPU for none)."""
+    if device is not None:
+        return torch.device(device)
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def batches(
+    loader: Iterable,
+    device: torch.device,
+    max_batches: int | None = None,
+    desc: str = "robustness",
+    progress: bool | None = None,
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """Yield ``(index, images, targets)`` on ``device``, checked to be pixel-space images with labels.
+
+    ``progress=None`` shows a tqdm bar only when stderr is a terminal.
+    """
+    if max_batches is not None and max_batches < 1:
+        raise ValueError(f"max_batches must be a positive integer or None, got {max_batches}")
+    if progress is None:
+        progress = sys.stderr.isatty()
+    total = None
+    try:
+        total = len(loader)  # type: ignore[arg-type]
+    except TypeError:
+        pass
+    if max_batches is not None:
+        total = max_batches if total is None else min(total, max_batches)
+    bar = tqdm(total=total, desc=desc, disable=not progress, leave=False)
+    try:
+        for i, batch in enumerate(loader):
+            if max_batches is not None and i >= max_batches:
+                break
+            if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+                raise ValueError("the loader must yield (images, labels) pairs")
+            images = check_images(batch[0].to(device, non_blocking=True).float())
+            targets = check_targets(batch[1], images.shape[0]).to(device)
+            yield i, images, targets
+            bar.update(1)
+    finally:
+        bar.close()

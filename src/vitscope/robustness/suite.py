@@ -1,0 +1,172 @@
+"""One pass over an evaluation loader computing every robustness measure of the suite.
+
+Measures: ``calibration`` (HDVW), ``occlusion`` (CB), ``fgsm`` (CB) and ``pgd``, ``frequency`` (HDVW),
+``corruptions`` (ImageNet-C / CIFAR-C style). The loader must yield [0, 1] pixel-space images; the
+model's normalization is applied inside (``mean``/``std``, default from its pretrained_cfg).
+"""
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from vitscope.robustness._loop import batches, resolve_device
+from vitscope.robustness.attacks import _EvalMode, fgsm, pgd, pixel_model
+from vitscope.robustness.calibration import Calibration
+from vitscope.robustness.corruptions import CORRUPTIONS, _canonical, corrupt
+from vitscope.robustness.frequency import frequency_noise
+from vitscope.robustness.occlusion import occlude_center
+
+_logger = logging.getLogger(__name__)
+
+__all__ = ["SUITE", "DEFAULT_EPS", "DEFAULT_FREQS", "evaluate_robustness", "default_freq_eps"]
+
+SUITE: tuple[str, ...] = ("calibration", "occlusion", "fgsm", "pgd", "frequency", "corruptions")
+DEFAULT_EPS: tuple[float, ...] = (1 / 255, 2 / 255, 4 / 255, 8 / 255)
+DEFAULT_FREQS: tuple[float, ...] = tuple(i / 10 for i in range(11))
+
+
+def default_freq_eps(shape: Sequence[int], rms: float = 0.05) -> float:
+    """L2 norm of band noise with per-value RMS ``rms`` on images of ``shape`` (..., C, H, W)."""
+    c, h, w = shape[-3:]
+    return rms * math.sqrt(c * h * w)
+
+
+def check_suite(suite: Iterable[str]) -> list[str]:
+    """The suite as a list of known measure names, in the given order, without duplicates."""
+    names = list(dict.fromkeys(s.strip() for s in suite if s.strip()))
+    bad = [s for s in names if s not in SUITE]
+    if bad or not names:
+        raise ValueError(f"unknown robustness measure(s) {bad or names}; valid: {', '.join(SUITE)}")
+    return names
+
+
+@torch.no_grad()
+def evaluate_robustness(
+    model: nn.Module,
+    loader: Iterable,
+    suite: Sequence[str] = SUITE,
+    *,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    device: str | torch.device | None = None,
+    max_batches: int | None = None,
+    n_bins: int = 10,
+    occlusion_fraction: float = 0.5,
+    eps: Sequence[float] = DEFAULT_EPS,
+    pgd_steps: int = 10,
+    pgd_alpha: float | None = None,
+    pgd_random_start: bool = True,
+    freqs: Sequence[float] = DEFAULT_FREQS,
+    freq_eps: float | None = None,
+    freq_width: float = 0.2,
+    freq_scale: str = "diagonal",
+    corruptions: Sequence[str] = CORRUPTIONS,
+    severities: Sequence[int] = (1, 2, 3, 4, 5),
+    corruption_table: str | None = None,
+    seed: int = 0,
+    progress: bool | None = None,
+) -> dict[str, Any]:
+    """Evaluate ``model`` on ``loader`` under each measure of ``suite``; returns a JSON-ready dict.
+
+    Keys: ``clean`` (accuracy, n) and one entry per measure:
+    ``calibration`` (see ``Calibration.compute``), ``occlusion`` (fraction, accuracy),
+    ``fgsm``/``pgd`` (eps list, accuracy list; pgd also steps, alpha, random_start),
+    ``frequency`` (freqs, accuracy, error_increase, eps, width, scale),
+    ``corruptions`` (accuracy[name] per severity, mean_accuracy, table).
+
+    Random parts (PGD start, band noise, noisy corruptions) use seed ``seed + batch index``.
+    PGD's step defaults to ``2.5 * eps / steps``; ``freq_eps`` (L2 norm per image) to an RMS of 0.05
+    per pixel value, ``0.05 * sqrt(C H W)``.
+    """
+    names = check_suite(suite)
+    eps = [float(e) for e in eps]
+    corr_names = [_canonical(c) for c in corruptions] if "corruptions" in names else []
+    dev = resolve_device(model, device)
+    net = pixel_model(model, mean, std).to(dev)
+    cal = Calibration(n_bins=n_bins) if "calibration" in names else None
+    counts: dict[str, Any] = {
+        "clean": 0,
+        "occlusion": 0,
+        "fgsm": [0] * len(eps),
+        "pgd": [0] * len(eps),
+        "frequency": [0] * len(freqs),
+        "corruptions": {c: [0] * len(severities) for c in corr_names},
+    }
+    n = 0
+    table_used = corruption_table
+
+    def hits(x: torch.Tensor, y: torch.Tensor) -> int:
+        return int((net(x).argmax(dim=1) == y).sum())
+
+    with _EvalMode(net):
+        for i, x, y in batches(loader, dev, max_batches, desc="robustness", progress=progress):
+            logits = net(x)  # (B, num_classes)
+            counts["clean"] += int((logits.argmax(dim=1) == y).sum())
+            if cal is not None:
+                cal.update(logits, y)
+            if "occlusion" in names:
+                counts["occlusion"] += hits(occlude_center(x, occlusion_fraction), y)
+            for j, e in enumerate(eps):
+                if "fgsm" in names:
+                    counts["fgsm"][j] += hits(fgsm(net, x, y, e), y)
+                if "pgd" in names:
+                    adv = pgd(net, x, y, e, pgd_alpha, pgd_steps, random_start=pgd_random_start, seed=seed + i)
+                    counts["pgd"][j] += hits(adv, y)
+            if "frequency" in names:
+                if freq_eps is None:
+                    freq_eps = default_freq_eps(x.shape)
+                for j, f in enumerate(freqs):
+                    xn = frequency_noise(x, f, freq_width, eps=freq_eps, seed=seed + i, scale=freq_scale)
+                    counts["frequency"][j] += hits(xn, y)
+            if corr_names and table_used is None:
+                table_used = "cifar" if max(x.shape[-2:]) <= 64 else "imagenet"
+            for c in corr_names:
+                for j, s in enumerate(severities):
+                    xc = corrupt(x, c, s, seed=seed + i, table=table_used)
+                    counts["corruptions"][c][j] += hits(xc, y)
+            n += x.shape[0]
+    if n == 0:
+        raise ValueError("the loader yielded no examples")
+
+    clean = counts["clean"] / n
+    out: dict[str, Any] = {"n": n, "clean": {"accuracy": clean, "n": n}}
+    for name in names:
+        if name == "calibration":
+            out[name] = cal.compute()
+        elif name == "occlusion":
+            out[name] = {"fraction": occlusion_fraction, "accuracy": counts["occlusion"] / n}
+        elif name in ("fgsm", "pgd"):
+            res: dict[str, Any] = {"eps": eps, "accuracy": [c / n for c in counts[name]]}
+            if name == "pgd":
+                res.update(
+                    steps=pgd_steps,
+                    alpha=[2.5 * e / pgd_steps if pgd_alpha is None else float(pgd_alpha) for e in eps],
+                    random_start=pgd_random_start,
+                )
+            out[name] = res
+        elif name == "frequency":
+            acc = [c / n for c in counts["frequency"]]
+            out[name] = {
+                "freqs": [float(f) for f in freqs],
+                "accuracy": acc,
+                "error_increase": [clean - a for a in acc],
+                "eps": freq_eps,
+                "width": freq_width,
+                "scale": freq_scale,
+            }
+        elif name == "corruptions":
+            acc_c = {c: [v / n for v in counts["corruptions"][c]] for c in corr_names}
+            flat = [a for accs in acc_c.values() for a in accs]
+            out[name] = {
+                "severities": [int(s) for s in severities],
+                "table": table_used,
+                "accuracy": acc_c,
+                "mean_accuracy": sum(flat) / len(flat) if flat else None,
+                "error_increase": {c: [clean - a for a in accs] for c, accs in acc_c.items()},
+            }
+    return out
