@@ -1,0 +1,632 @@
+"""The training loop: ``train(config)`` with DeiT-style ``train_one_epoch()`` and ``evaluate()``.
+
+Built from timm's pieces (``create_optimizer_v2``, ``create_scheduler_v2``, ``Mixup``,
+``SoftTargetCrossEntropy`` / ``LabelSmoothingCrossEntropy``, ``ModelEmaV3``, ``dispatch_clip_grad``)
+with optional SAM (Foret et al. 2021), AMP and channels-last on CUDA, ``torch.compile``, DDP, a
+checkpoint at every epoch end and exact resume.
+
+Exact resume: the shuffling of epoch ``e`` is a function of ``seed + e`` only (a ``DistributedSampler``
+with ``set_epoch``, also with one process, so one process and N processes see the same global
+batches), and every RNG state is saved at the epoch end; a run restarted from the checkpoint of
+epoch ``e - 1`` replays epoch ``e`` exactly (bit for bit on CPU in deterministic mode).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.data import Mixup
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3, dispatch_clip_grad
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from tqdm import tqdm
+
+from vitscope.training import checkpoint as ckpt
+from vitscope.training.config import TrainConfig, config_from_dict, config_to_dict, resolve_config, save_config
+from vitscope.training.distributed import DistInfo, all_reduce_sum, barrier, cleanup_distributed, init_distributed
+from vitscope.training.probes import run_probes
+from vitscope.training.sam import SAM
+
+_logger = logging.getLogger(__name__)
+
+__all__ = [
+    "train", "train_one_epoch", "evaluate", "NonFiniteLossError", "build_model", "build_optimizer",
+    "build_scheduler", "build_criterion", "build_mixup", "augment_options", "ECE_BINS",
+]
+
+ECE_BINS = 10
+_TIME_KEYS = ("time", "images_per_s")  # the only non-reproducible statistics
+
+
+SINGLE_PROCESS = DistInfo()
+
+
+def _autocast(device: torch.device, amp_dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    return torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Building the pieces from a config.
+
+
+def build_model(cfg: TrainConfig) -> nn.Module:
+    """``create_model(cfg.model, num_classes, drop_path_rate, drop_rate, img_size, **model_kwargs)``."""
+    from vitscope.models import create_model
+
+    kwargs: dict[str, Any] = dict(cfg.model_kwargs)
+    kwargs.update(num_classes=cfg.num_classes, drop_path_rate=cfg.drop_path or None, drop_rate=cfg.drop or None)
+    if cfg.img_size is not None:
+        kwargs["img_size"] = cfg.img_size
+    try:
+        return create_model(cfg.model, **kwargs)
+    except TypeError as e:
+        if "img_size" in kwargs and "img_size" in str(e):  # CNNs take any input size
+            kwargs.pop("img_size")
+            return create_model(cfg.model, **kwargs)
+        raise ValueError(f"Model {cfg.model!r} rejected the options {sorted(kwargs)}: {e}") from None
+
+
+def base_lr(cfg: TrainConfig) -> float:
+    """The learning rate, scaled linearly with the global batch when ``lr_scale_batch`` is set (DeiT)."""
+    return cfg.lr * cfg.batch_size / cfg.lr_scale_batch if cfg.lr_scale_batch else cfg.lr
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """timm's optimizer factory; no weight decay on biases, norms and ``no_weight_decay()`` params."""
+    kwargs: dict[str, Any] = {}
+    if cfg.opt_eps is not None:
+        kwargs["eps"] = cfg.opt_eps
+    if cfg.opt_betas is not None:
+        kwargs["betas"] = tuple(cfg.opt_betas)
+    try:
+        return create_optimizer_v2(
+            model, opt=cfg.opt, lr=base_lr(cfg), weight_decay=cfg.weight_decay, momentum=cfg.momentum, **kwargs
+        )
+    except (AssertionError, ValueError) as e:
+        from timm.optim import list_optimizers
+
+        raise ValueError(f"Cannot build optimizer {cfg.opt!r} ({e}); valid choices: {', '.join(list_optimizers())}") \
+            from None
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, updates_per_epoch: int) -> tuple[Any, int]:
+    """timm's scheduler factory; returns ``(scheduler or None, total epochs incl. a warm-up prefix)``."""
+    try:
+        return create_scheduler_v2(
+            optimizer, sched=cfg.sched, num_epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
+            warmup_prefix=cfg.warmup_prefix, warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr,
+            step_on_epochs=not cfg.sched_on_updates, updates_per_epoch=updates_per_epoch,
+        )
+    except (AssertionError, ValueError) as e:
+        raise ValueError(
+            f"Cannot build schedule {cfg.sched!r} ({e}); valid choices: cosine, tanh, step, multistep, poly, "
+            "wsd, rsqrt, constant, none"
+        ) from None
+
+
+def build_mixup(cfg: TrainConfig) -> Mixup | None:
+    if cfg.mixup <= 0 and cfg.cutmix <= 0:
+        return None
+    return Mixup(
+        mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob, switch_prob=cfg.mixup_switch_prob,
+        mode=cfg.mixup_mode, label_smoothing=cfg.smoothing, num_classes=cfg.num_classes,
+    )
+
+
+def build_criterion(cfg: TrainConfig) -> nn.Module:
+    """Soft-target CE with mixup (smoothing folded into the targets), else label-smoothing CE, else CE."""
+    if cfg.mixup > 0 or cfg.cutmix > 0:
+        return SoftTargetCrossEntropy()
+    if cfg.smoothing > 0:
+        return LabelSmoothingCrossEntropy(smoothing=cfg.smoothing)
+    return nn.CrossEntropyLoss()
+
+
+def augment_options(cfg: TrainConfig) -> dict[str, Any] | bool:
+    """The ``augment`` argument of ``vitscope.data.create_loader`` for the training split."""
+    if not cfg.augment:
+        return False
+    opts: dict[str, Any] = {
+        "crop": cfg.train_crop if cfg.train_crop != "resize" else "pad", "hflip": cfg.hflip,
+        "color_jitter": cfg.color_jitter or None, "auto_augment": cfg.auto_augment,
+        "interpolation": cfg.interpolation, "re_prob": cfg.reprob, "re_mode": cfg.remode, "re_count": cfg.recount,
+    }
+    if cfg.train_crop == "pad":
+        opts["padding"] = cfg.crop_padding
+    elif cfg.train_crop == "resize":
+        opts["padding"] = 0
+    else:
+        opts["scale"] = tuple(cfg.scale)
+    return opts
+
+
+# ----------------------------------------------------------------------------------------------
+# One epoch of training, one evaluation.
+
+
+def _nonfinite(what: str, epoch: int, step: int, value: float, run_dir: str | None) -> NonFiniteLossError:
+    where = f" The last good checkpoint is kept in {run_dir}." if run_dir else ""
+    return NonFiniteLossError(
+        f"Non-finite {what} ({value}) at epoch {epoch}, step {step}; training stopped.{where} Lower lr, set "
+        "clip_grad, or use amp=bf16 instead of fp16."
+    )
+
+
+def _forward_backward(model: nn.Module, criterion: nn.Module, images: torch.Tensor, targets: torch.Tensor,
+                      scaler: torch.amp.GradScaler | None, autocast: contextlib.AbstractContextManager
+                      ) -> torch.Tensor:
+    with autocast:
+        loss = criterion(model(images), targets)
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+    return loss.detach()
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    criterion: nn.Module,
+    epoch: int,
+    *,
+    device: torch.device | str = "cpu",
+    scheduler: Any = None,
+    step_offset: int = 0,
+    mixup_fn: Mixup | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    amp_dtype: torch.dtype | None = None,
+    clip_grad: float | None = None,
+    clip_mode: str = "norm",
+    sam: SAM | None = None,
+    ema: ModelEmaV3 | None = None,
+    channels_last: bool = False,
+    dist_info: DistInfo = SINGLE_PROCESS,
+    run_dir: str | None = None,
+    progress: bool = False,
+    step_sleep: float = 0.0,
+) -> dict[str, float]:
+    """Train for one pass over ``loader``; returns ``{loss, lr, steps, images, time, images_per_s}``.
+
+    ``loss`` is the mean training loss over all images of all processes. ``scheduler`` is stepped per
+    update (``step_update``) with the global step ``step_offset + i + 1``; per-epoch schedules are
+    stepped by the caller. Raises :class:`NonFiniteLossError` on a NaN/inf loss.
+    """
+    device = torch.device(device)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    n_images = 0
+    start = time.perf_counter()
+    bar = tqdm(loader, desc=f"train {epoch}", leave=False, disable=not progress, dynamic_ncols=True)
+    for i, (images, targets) in enumerate(bar):
+        step = step_offset + i
+        images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        if mixup_fn is not None:
+            images, targets = mixup_fn(images, targets)
+
+        optimizer.zero_grad(set_to_none=True)
+        loss = _forward_backward(model, criterion, images, targets, scaler, _autocast(device, amp_dtype))
+        summed = all_reduce_sum(loss.double(), dist_info)  # every rank stops together on NaN
+        if not torch.isfinite(summed):
+            raise _nonfinite("training loss", epoch, i, summed.item() / dist_info.world_size, run_dir)
+        if sam is not None:
+            sam.ascend()
+            optimizer.zero_grad(set_to_none=True)
+            _forward_backward(model, criterion, images, targets, scaler, _autocast(device, amp_dtype))
+            sam.restore()
+        if clip_grad is not None:
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            dispatch_clip_grad(params, clip_grad, mode=clip_mode)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        if ema is not None:
+            ema.update(model, step=step + 1)
+        if scheduler is not None:
+            scheduler.step_update(num_updates=step + 1)
+        loss_sum += summed * images.shape[0]  # sum over ranks of each rank's mean loss x per-rank batch
+        n_images += images.shape[0] * dist_info.world_size
+        if progress:
+            bar.set_postfix(loss=f"{summed.item() / dist_info.world_size:.4f}")
+        if step_sleep:
+            time.sleep(step_sleep)
+    elapsed = time.perf_counter() - start
+    steps = len(loader)
+    return {
+        "loss": loss_sum.item() / max(n_images, 1),
+        "lr": optimizer.param_groups[0]["lr"],
+        "steps": steps,
+        "images": n_images,
+        "time": elapsed,
+        "images_per_s": n_images / max(elapsed, 1e-9),
+    }
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: DataLoader,
+    *,
+    device: torch.device | str = "cpu",
+    amp_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
+    dist_info: DistInfo = SINGLE_PROCESS,
+    progress: bool = False,
+) -> dict[str, float]:
+    """Top-1 accuracy (%), NLL and ECE over ``loader`` (summed over processes).
+
+    ECE (Guo et al. 2017; HDVW's calibration): 10 equal-width confidence bins ``[k/10, (k+1)/10)``
+    with the last bin closed (confidence 1.0 falls in it), ``sum_b |correct_b - confidence_b| / N``.
+    """
+    device = torch.device(device)
+    model.eval()
+    # Additive state: [n, correct, nll_sum, count_b x 10, conf_sum_b x 10, correct_b x 10].
+    stats = torch.zeros(3 + 3 * ECE_BINS, dtype=torch.float64, device=device)
+    for images, targets in tqdm(loader, desc="eval", leave=False, disable=not progress, dynamic_ncols=True):
+        images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with _autocast(device, amp_dtype):
+            logits = model(images)
+        logits = logits.double()  # (B, C)
+        conf, pred = logits.softmax(dim=-1).max(dim=-1)  # (B,), (B,)
+        correct = (pred == targets).double()  # (B,)
+        bins = (conf * ECE_BINS).floor().long().clamp_(0, ECE_BINS - 1)  # (B,) last bin closed
+        stats[0] += targets.numel()
+        stats[1] += correct.sum()
+        stats[2] += F.cross_entropy(logits, targets, reduction="sum")
+        stats[3:3 + ECE_BINS] += torch.bincount(bins, minlength=ECE_BINS).double()
+        stats[3 + ECE_BINS:3 + 2 * ECE_BINS] += torch.bincount(bins, weights=conf, minlength=ECE_BINS)
+        stats[3 + 2 * ECE_BINS:] += torch.bincount(bins, weights=correct, minlength=ECE_BINS)
+    stats = all_reduce_sum(stats, dist_info).cpu()
+    n = stats[0].item()
+    if n == 0:
+        raise ValueError("evaluate() got an empty loader; check the data spec and max_val_examples")
+    conf_sum, correct_sum = stats[3 + ECE_BINS:3 + 2 * ECE_BINS], stats[3 + 2 * ECE_BINS:]
+    return {
+        "top1": 100.0 * stats[1].item() / n,
+        "nll": stats[2].item() / n,
+        "ece": (correct_sum - conf_sum).abs().sum().item() / n,
+        "n": int(n),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# The run.
+
+
+@dataclasses.dataclass
+class _Run:
+    cfg: TrainConfig
+    run_dir: Path
+    device: torch.device
+    dist: DistInfo
+    model: nn.Module  # the plain module (saved, evaluated, probed)
+    train_model: nn.Module  # DDP and/or compiled wrapper used for the training steps
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    total_epochs: int
+    scaler: torch.amp.GradScaler | None
+    amp_dtype: torch.dtype | None
+    sam: SAM | None
+    ema: ModelEmaV3 | None
+    criterion: nn.Module
+    mixup: Mixup | None
+    train_loader: DataLoader
+    val_loader: DataLoader
+    probe_images: torch.Tensor | None
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device=cuda but no CUDA device is available; use device=cpu or device=auto")
+    return torch.device(name)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _seed_worker(worker_id: int) -> None:
+    """Seed numpy and python in a loader worker from its torch seed (timm's RandAugment uses both)."""
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def _datasets(cfg: TrainConfig) -> tuple[Dataset, Dataset]:
+    from vitscope.data import create_loader
+
+    common = dict(img_size=cfg.img_size, seed=cfg.seed, **cfg.data_options)
+    train = create_loader(cfg.data, "train", batch_size=1, augment=augment_options(cfg),
+                          max_examples=cfg.max_examples, fraction=cfg.data_fraction, **common)
+    val = create_loader(cfg.data, "val", batch_size=1, augment=False, max_examples=cfg.max_val_examples, **common)
+    return train.dataset, val.dataset
+
+
+def _loaders(cfg: TrainConfig, train_ds: Dataset, val_ds: Dataset, info: DistInfo, device: torch.device
+             ) -> tuple[DataLoader, DataLoader]:
+    """Training batches from a DistributedSampler (also with one process: seed + epoch shuffling);
+    validation split into contiguous-stride shards without padding, so every image counts once."""
+    if cfg.batch_size % info.world_size:
+        raise ValueError(
+            f"batch_size {cfg.batch_size} is the global batch and must divide evenly over "
+            f"{info.world_size} processes; use a multiple of {info.world_size}"
+        )
+    per_rank = cfg.batch_size // info.world_size
+    if cfg.mixup_mode == "batch" and (cfg.mixup > 0 or cfg.cutmix > 0) and per_rank % 2:
+        raise ValueError(f"mixup/cutmix in batch mode need an even per-process batch, got {per_rank}")
+    if len(train_ds) < cfg.batch_size:
+        raise ValueError(
+            f"the training set has {len(train_ds)} examples, fewer than one batch ({cfg.batch_size}); "
+            "lower batch_size or raise max_examples"
+        )
+    sampler = DistributedSampler(train_ds, num_replicas=info.world_size, rank=info.rank, shuffle=True,
+                                 seed=cfg.seed, drop_last=True)
+    pin = device.type == "cuda"
+    workers = dict(num_workers=cfg.num_workers, worker_init_fn=_seed_worker if cfg.num_workers else None,
+                   persistent_workers=False, pin_memory=pin)
+    train = DataLoader(train_ds, batch_size=per_rank, sampler=sampler, drop_last=True,
+                       generator=torch.Generator(), **workers)
+    eval_bs = max((cfg.eval_batch_size or cfg.batch_size) // info.world_size, 1)
+    val_shard = Subset(val_ds, range(info.rank, len(val_ds), info.world_size))
+    val = DataLoader(val_shard, batch_size=eval_bs, shuffle=False, **workers)
+    return train, val
+
+
+def _reseed_epoch(run: _Run, epoch: int) -> None:
+    """Shuffling and loader-worker seeds of ``epoch`` depend only on (seed, epoch, rank)."""
+    run.train_loader.sampler.set_epoch(epoch)  # type: ignore[union-attr]
+    run.train_loader.generator.manual_seed(run.cfg.seed * 100_003 + epoch * 1_009 + run.dist.rank)
+
+
+def _setup(cfg: TrainConfig, device: torch.device, info: DistInfo, resume: bool) -> tuple[_Run, dict | None]:
+    from vitscope.data import data_info
+
+    run_dir = Path(cfg.out)
+    state = None
+    if resume:
+        state = ckpt.load_state(run_dir)
+    elif (run_dir / ckpt.STATE_FILE).exists():
+        raise ValueError(
+            f"{run_dir} already holds a run (it has {ckpt.STATE_FILE}); continue it with --resume {run_dir} "
+            "or choose another --out"
+        )
+    dinfo = data_info(cfg.data, img_size=cfg.img_size, **cfg.data_options)
+    updates: dict[str, Any] = {}
+    if cfg.num_classes is None:
+        updates["num_classes"] = dinfo.num_classes
+    cfg = dataclasses.replace(cfg, **updates)
+
+    _seed_everything(cfg.seed)  # same initial weights on every rank (DDP broadcasts rank 0's anyway)
+    model = build_model(cfg)
+    if cfg.img_size is None:
+        cfg = dataclasses.replace(cfg, img_size=int(model.pretrained_cfg.get("input_size", (3, 224, 224))[-1]))
+    model.to(device)
+    channels_last = cfg.channels_last and device.type == "cuda"
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+
+    train_ds, val_ds = _datasets(cfg)
+    train_loader, val_loader = _loaders(cfg, train_ds, val_ds, info, device)
+    optimizer = build_optimizer(model, cfg)
+    scheduler, total_epochs = build_scheduler(optimizer, cfg, len(train_loader))
+    amp_dtype = None
+    scaler = None
+    if cfg.amp != "none":
+        if device.type != "cuda":
+            _logger.warning("amp=%s is CUDA only; training in float32 on %s", cfg.amp, device)
+        else:
+            amp_dtype = torch.bfloat16 if cfg.amp == "bf16" else torch.float16
+            scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
+    if cfg.channels_last and device.type != "cuda":
+        _logger.warning("channels_last is used on CUDA only; ignored on %s", device)
+    if cfg.sam_rho > 0 and scaler is not None:
+        raise ValueError("sam_rho > 0 does not combine with amp=fp16 (gradient scaling); use amp=bf16 or amp=none")
+    ema = ModelEmaV3(model, decay=cfg.model_ema_decay) if cfg.model_ema else None
+    sam = SAM(model.parameters(), rho=cfg.sam_rho) if cfg.sam_rho > 0 else None
+
+    if state is not None:  # restore before wrapping
+        ckpt.load_model_weights(model, run_dir / ckpt.MODEL_FILE)
+        optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None and state.get("scheduler") is not None:
+            scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and state.get("scaler") is not None:
+            scaler.load_state_dict(state["scaler"])
+        if ema is not None and state.get("ema") is not None:
+            ema.load_state_dict(state["ema"])
+
+    train_model: nn.Module = model
+    if info.distributed:
+        train_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[info.local_rank] if device.type == "cuda" else None
+        )
+    if cfg.compile:
+        train_model = torch.compile(train_model)
+    probe_images = None
+    if cfg.probes and cfg.probes["measures"]:
+        k = min(cfg.probes["num_images"], len(val_ds))
+        probe_images = torch.stack([val_ds[i][0] for i in range(k)]).to(device)  # (k, 3, H, W) fixed batch
+    run = _Run(cfg, run_dir, device, info, model, train_model, optimizer, scheduler, total_epochs, scaler,
+               amp_dtype, sam, ema, build_criterion(cfg), build_mixup(cfg), train_loader, val_loader, probe_images)
+    return run, state
+
+
+def _gather_rng(info: DistInfo) -> list[dict[str, Any]]:
+    state = ckpt.get_rng_state()
+    if not info.distributed:
+        return [state]
+    gathered: list[Any] = [None] * info.world_size
+    torch.distributed.all_gather_object(gathered, state)
+    return gathered
+
+
+def _save(run: _Run, epoch: int, step: int) -> None:
+    rng = _gather_rng(run.dist)  # a collective: every rank takes part
+    if not run.dist.is_main:
+        return
+    state = {
+        "epoch": epoch,
+        "step": step,
+        "config": config_to_dict(run.cfg),
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict() if run.scheduler is not None else None,
+        "scaler": run.scaler.state_dict() if run.scaler is not None else None,
+        "ema": run.ema.state_dict() if run.ema is not None else None,
+        "rng": rng,
+        "sampler": {"seed": run.cfg.seed, "epoch": epoch + 1, "generator": run.train_loader.generator.get_state()},
+        "world_size": run.dist.world_size,
+    }
+    ckpt.save_checkpoint(run.run_dir, run.model, state)
+
+
+def _tensorboard(run: _Run) -> Any:
+    if not (run.cfg.tensorboard and run.dist.is_main):
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        _logger.warning("tensorboard=true but the tensorboard package is not installed; logging to "
+                        "metrics.jsonl only (pip install tensorboard)")
+        return None
+    return SummaryWriter(str(run.run_dir / "tensorboard"))
+
+
+def _fit(run: _Run, state: dict | None) -> dict[str, Any]:
+    cfg, info = run.cfg, run.dist
+    start_epoch, step = 0, 0
+    if state is not None:
+        start_epoch, step = int(state["epoch"]) + 1, int(state["step"])
+        rng = state["rng"]
+        if len(rng) == info.world_size:
+            ckpt.set_rng_state(rng[info.rank])
+        else:
+            _logger.warning("checkpoint saved by %d processes, resumed by %d: RNG streams reseeded",
+                            len(rng), info.world_size)
+            _seed_everything(cfg.seed + info.rank + 7919 * start_epoch)
+        _logger.info("resuming %s at epoch %d (step %d)", run.run_dir, start_epoch, step)
+    else:
+        _seed_everything(cfg.seed + info.rank)  # augmentation / dropout streams differ per rank
+    if info.is_main:
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run.run_dir / ckpt.CONFIG_FILE)
+        for name in (ckpt.METRICS_FILE, ckpt.PROBES_FILE):  # drop lines of epochs that will be replayed
+            ckpt.truncate_jsonl(run.run_dir / name, start_epoch)
+    barrier(info)
+    writer = _tensorboard(run)
+    progress = cfg.progress and info.is_main and sys.stderr.isatty()
+    step_sleep = float(os.environ.get("VITSCOPE_TEST_STEP_SLEEP", 0) or 0)  # test hook: widen the kill window
+    channels_last = cfg.channels_last and run.device.type == "cuda"
+    steps_per_epoch = len(run.train_loader)
+    last: dict[str, Any] = {}
+    best = -math.inf
+    for record in ckpt.read_jsonl(run.run_dir / ckpt.METRICS_FILE) if info.is_main else []:
+        best = max(best, record.get("val_top1", -math.inf))
+    epoch_bar = tqdm(range(start_epoch, run.total_epochs), desc="epochs", disable=not progress,
+                     initial=start_epoch, total=run.total_epochs)
+    for epoch in epoch_bar:
+        _reseed_epoch(run, epoch)
+        if run.scheduler is not None and not cfg.sched_on_updates:
+            run.scheduler.step(epoch)
+        train_stats = train_one_epoch(
+            run.train_model, run.train_loader, run.optimizer, run.criterion, epoch, device=run.device,
+            scheduler=run.scheduler if cfg.sched_on_updates else None, step_offset=step, mixup_fn=run.mixup,
+            scaler=run.scaler, amp_dtype=run.amp_dtype, clip_grad=cfg.clip_grad, clip_mode=cfg.clip_mode,
+            sam=run.sam, ema=run.ema, channels_last=channels_last, dist_info=info, run_dir=str(run.run_dir),
+            progress=progress, step_sleep=step_sleep,
+        )
+        step += steps_per_epoch
+        eval_kw = dict(device=run.device, amp_dtype=run.amp_dtype, channels_last=channels_last,
+                       dist_info=info, progress=progress)
+        val_stats = evaluate(run.model, run.val_loader, **eval_kw)
+        if not math.isfinite(val_stats["nll"]):
+            raise _nonfinite("validation NLL", epoch, steps_per_epoch, val_stats["nll"], str(run.run_dir))
+        record: dict[str, Any] = {"epoch": epoch, "step": step}
+        record.update({f"train_{k}": v for k, v in train_stats.items()})
+        record.update({f"val_{k}": v for k, v in val_stats.items()})
+        if run.ema is not None:
+            record.update({f"val_ema_{k}": v for k, v in evaluate(run.ema.module, run.val_loader, **eval_kw).items()})
+        probes = []
+        if run.probe_images is not None and (epoch + 1) % cfg.probes["every"] == 0 and info.is_main:
+            probes = run_probes(run.model, run.probe_images, cfg.probes["measures"], epoch)
+        _save(run, epoch, step)
+        if info.is_main:
+            ckpt.append_jsonl(run.run_dir / ckpt.METRICS_FILE, record)
+            for p in probes:
+                ckpt.append_jsonl(run.run_dir / ckpt.PROBES_FILE, p)
+            if writer is not None:
+                for k, v in record.items():
+                    if k != "epoch" and isinstance(v, (int, float)):
+                        writer.add_scalar(k, v, epoch)
+            _logger.info("epoch %d: train loss %.4f, val top1 %.2f%%, nll %.4f, ece %.4f", epoch,
+                         record["train_loss"], record["val_top1"], record["val_nll"], record["val_ece"])
+        best = max(best, record["val_top1"])
+        last = record
+        barrier(info)
+    if writer is not None:
+        writer.close()
+    return {**last, "best_val_top1": best if best > -math.inf else None, "run_dir": str(run.run_dir),
+            "epochs": run.total_epochs}
+
+
+def train(config: TrainConfig | dict[str, Any] | None = None, *, resume: bool = False, **overrides: Any
+          ) -> dict[str, Any]:
+    """Train ``config`` (a ``TrainConfig``, a mapping of config keys, or defaults + ``overrides``).
+
+    Writes ``config.yaml``, ``metrics.jsonl``, ``probes.jsonl`` (when probes are scheduled) and a
+    checkpoint (``model.safetensors`` + ``state.pt``) per epoch into ``config.out``; with
+    ``resume=True`` continues from the checkpoint there. Returns the last epoch's statistics plus
+    ``best_val_top1``, ``run_dir`` and ``epochs``.
+    """
+    if config is None:
+        cfg = resolve_config(overrides=overrides)
+    elif isinstance(config, dict):
+        cfg = config_from_dict({**config, **overrides})
+    else:
+        cfg = dataclasses.replace(config, **overrides) if overrides else config
+    device = _resolve_device(cfg.device)
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    if cfg.deterministic:
+        if device.type == "cuda":
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+    info = init_distributed(device.type)
+    try:
+        if device.type == "cuda" and info.distributed:
+            device = torch.device("cuda", info.local_rank)
+        run, state = _setup(cfg, device, info, resume)
+        return _fit(run, state)
+    finally:
+        cleanup_distributed(info)
+        torch.use_deterministic_algorithms(was_deterministic)
+
+
+def strip_timing(record: dict[str, Any]) -> dict[str, Any]:
+    """``record`` without its wall-clock statistics (for comparing runs)."""
+    return {k: v for k, v in record.items() if not any(k.endswith(t) for t in _TIME_KEYS)}
