@@ -12,9 +12,11 @@ from vitscope.measures.attention import (
     nonlocality,
     relative_distance,
 )
+from vitscope.measures.cka import MinibatchCKA, cka, hsic1
 
 __all__ = [
     "StreamingMeasure",
     "attention_entropy", "attention_distance", "nonlocality", "relative_distance",
     "AttentionEntropy", "AttentionDistance", "Nonlocality", "RelativeDistance",
+    "cka", "hsic1", "MinibatchCKA",
 ]

@@ -1,0 +1,212 @@
+"""Centered Kernel Alignment (Kornblith et al. 2019) and minibatch CKA (Nguyen, Raghu & Kornblith 2021),
+as used by RAGHU to compare ViT and CNN layers.
+
+Unbiased HSIC_1 of Gram matrices K, L of n examples (K~ = K with a zeroed diagonal):
+
+    HSIC_1 = [tr(K~ L~) + (1'K~1)(1'L~1) / ((n-1)(n-2)) - 2/(n-2) 1'K~L~1] / (n(n-3))
+
+computed as ``<U(K), U(L)>_F / (n(n-3))`` with U the unbiased centring of Kornblith et al. (the two are
+equal), so all layer pairs of a batch come from one matmul of flattened centred Grams. Minibatch CKA is
+``sum_b HSIC(K_b, L_b) / sqrt(sum_b HSIC(K_b, K_b) * sum_b HSIC(L_b, L_b))``, with the 1/(n(n-3)) factor
+kept per batch (the reference TF code drops it, which is only harmless when every batch has one size).
+Everything is float64. Features are flattened per example: ViT tokens x channels, CNN C x H x W.
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Any
+
+import torch
+
+from vitscope.measures._streaming import StreamingMeasure
+from vitscope.measures._validate import as_list, check_tensor
+
+_logger = logging.getLogger(__name__)
+
+Tensor = torch.Tensor
+
+__all__ = ["cka", "hsic1", "MinibatchCKA"]
+
+
+def _flatten(x: Any, name: str) -> Tensor:
+    x = check_tensor(x, name, what="(n, ...) features, one row per example")
+    if x.ndim < 2:
+        raise ValueError(f"{name} must be (n, ...) features with one row per example, got shape {tuple(x.shape)}")
+    return x.reshape(x.shape[0], -1).to(torch.float64)  # (n, D)
+
+
+def _linear_gram(x: Tensor) -> Tensor:
+    return x @ x.T  # (n, n)
+
+
+def _rbf_gram(x: Tensor, sigma: float) -> Tensor:
+    """RBF Gram with bandwidth ``sigma`` times the median pairwise distance (Kornblith et al. 2019)."""
+    gram = x @ x.T  # (n, n)
+    sq_norms = gram.diagonal()
+    sq_dist = (sq_norms[:, None] + sq_norms[None, :] - 2 * gram).clamp_min(0)  # (n, n)
+    flat = sq_dist.flatten().sort().values
+    m = flat.numel()
+    median = (flat[(m - 1) // 2] + flat[m // 2]) / 2  # numpy's median (mean of the middle two)
+    if median <= 0:
+        raise ValueError("rbf kernel: the median squared distance between examples is 0; use kernel='linear'")
+    return torch.exp(-sq_dist / (2 * sigma**2 * median))
+
+
+def _center_unbiased(gram: Tensor) -> Tensor:
+    """U(K): <U(K), U(L)>_F = n(n-3) HSIC_1(K, L). Works on (..., n, n)."""
+    n = gram.shape[-1]
+    k = gram.clone()
+    k.diagonal(dim1=-2, dim2=-1).zero_()
+    means = k.sum(-1) / (n - 2)  # (..., n); K symmetric
+    means = means - means.sum(-1, keepdim=True) / (2 * (n - 1))
+    u = k - means[..., :, None] - means[..., None, :]
+    u.diagonal(dim1=-2, dim2=-1).zero_()
+    return u
+
+
+def _center_biased(gram: Tensor) -> Tensor:
+    """H K H with H = I - 11'/n: <HKH, HLH>_F = (n-1)^2 HSIC_0(K, L)."""
+    return gram - gram.mean(-1, keepdim=True) - gram.mean(-2, keepdim=True) + gram.mean((-1, -2), keepdim=True)
+
+
+def hsic1(gram_x: Tensor, gram_y: Tensor) -> Tensor:
+    """Unbiased HSIC_1 (Song et al. 2012) of two (n, n) Gram matrices, n > 3 (float64 scalar)."""
+    n = gram_x.shape[-1]
+    if n <= 3:
+        raise ValueError(f"unbiased HSIC needs more than 3 examples, got n={n}")
+    ux, uy = _center_unbiased(gram_x.double()), _center_unbiased(gram_y.double())
+    return (ux * uy).sum((-1, -2)) / (n * (n - 3))
+
+
+def cka(x: Tensor, y: Tensor, kernel: str = "linear", unbiased: bool = True, sigma: float = 1.0) -> Tensor:
+    """CKA between two representations of the same n examples (Kornblith et al. 2019).
+
+    ``HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L))`` with the unbiased HSIC_1 (default) or the biased HSIC_0.
+
+    Args:
+        x: (n, ...) features; flattened per example.
+        y: (n, ...) features of the same examples (any width).
+        kernel: ``"linear"`` or ``"rbf"``.
+        unbiased: Unbiased HSIC_1 (needs n > 3) instead of HSIC_0.
+        sigma: RBF bandwidth as a fraction of the median distance between examples.
+
+    Returns:
+        Scalar float64 tensor (1 for identical representations; invariant to orthogonal transforms and
+        isotropic scaling).
+    """
+    if kernel not in ("linear", "rbf"):
+        raise ValueError(f"kernel must be 'linear' or 'rbf', got {kernel!r}")
+    if kernel == "rbf" and not sigma > 0:
+        raise ValueError(f"sigma must be positive, got {sigma!r}")
+    fx, fy = _flatten(x, "x"), _flatten(y, "y")
+    n = fx.shape[0]
+    if fy.shape[0] != n:
+        raise ValueError(
+            f"x and y must hold the same examples: x has n={n}, y has n={fy.shape[0]} rows; "
+            "pass features of the same inputs"
+        )
+    if n < (4 if unbiased else 2):
+        raise ValueError(f"cka needs n > 3 examples with unbiased=True (n >= 2 otherwise), got n={n}")
+    gram = _linear_gram if kernel == "linear" else (lambda f: _rbf_gram(f, sigma))
+    center = _center_unbiased if unbiased else _center_biased
+    kx, ky = center(gram(fx)), center(gram(fy))  # (n, n)
+    xy, xx, yy = (kx * ky).sum(), (kx * kx).sum(), (ky * ky).sum()
+    for name, v in (("x", xx), ("y", yy)):
+        if v <= 0:
+            raise ValueError(f"{name} has zero HSIC with itself (constant across examples): CKA is undefined")
+    return xy / torch.sqrt(xx * yy)
+
+
+class MinibatchCKA(StreamingMeasure):
+    """Minibatch linear CKA between every layer of one list and every layer of another (RAGHU).
+
+    ``update(feats_x, feats_y=None)`` takes one batch: a list of ``num_layers_x`` feature tensors (n, ...)
+    and optionally ``num_layers_y`` tensors of a second model on the same n examples (None: compare the
+    x layers with themselves). Per batch it keeps only the n x n Gram of each layer, accumulates the
+    unbiased HSIC_1 of every pair with one matmul, and adds it to float64 sums (so batches of any size and
+    ranks merge by summation). Batches with n <= 3 are skipped with a warning (HSIC_1 is undefined).
+    ``compute()`` returns the (Lx, Ly) CKA matrix.
+    """
+
+    def __init__(self, num_layers_x: int, num_layers_y: int | None = None) -> None:
+        if not isinstance(num_layers_x, int) or num_layers_x < 1:
+            raise ValueError(f"num_layers_x must be a positive int, got {num_layers_x!r}")
+        if num_layers_y is not None and (not isinstance(num_layers_y, int) or num_layers_y < 1):
+            raise ValueError(f"num_layers_y must be a positive int or None, got {num_layers_y!r}")
+        self.num_layers_x = num_layers_x
+        self.num_layers_y = num_layers_y
+        super().__init__()
+
+    def _options(self) -> dict[str, Any]:
+        return {"num_layers_x": self.num_layers_x, "num_layers_y": self.num_layers_y}
+
+    def _centred_grams(self, feats: list, name: str, n: int | None) -> tuple[Tensor, int]:
+        us = []
+        for i, f in enumerate(feats):
+            flat = _flatten(f, f"{name}[{i}]")  # (n, D)
+            if n is None:
+                n = flat.shape[0]
+            if flat.shape[0] != n:
+                raise ValueError(
+                    f"{name}[{i}] has n={flat.shape[0]} examples but {name}[0]"
+                    f"{'' if name == 'feats_x' else ' / feats_x'} has n={n}; every layer of a batch must hold "
+                    "the same examples"
+                )
+            if n > 3:
+                us.append(_center_unbiased(_linear_gram(flat)).flatten())  # (n*n,)
+        return (torch.stack(us) if us else torch.empty(0)), n  # (L, n*n)
+
+    def update(self, feats_x: list[Tensor], feats_y: list[Tensor] | None = None) -> None:
+        """Add one batch of features: ``feats_x`` (and ``feats_y``) one (n, ...) tensor per layer."""
+        xs, _ = as_list(feats_x, "feats_x")
+        if len(xs) != self.num_layers_x:
+            raise ValueError(f"feats_x has {len(xs)} layers but num_layers_x={self.num_layers_x}")
+        ly = self.num_layers_y or self.num_layers_x
+        ys = None
+        if feats_y is not None:
+            ys, _ = as_list(feats_y, "feats_y")
+            if len(ys) != ly:
+                raise ValueError(f"feats_y has {len(ys)} layers but num_layers_y={ly}")
+        elif self.num_layers_y is not None and self.num_layers_y != self.num_layers_x:
+            raise ValueError("feats_y is None but num_layers_y differs from num_layers_x; pass feats_y")
+        ux, n = self._centred_grams(xs, "feats_x", None)
+        uy = ux if ys is None else self._centred_grams(ys, "feats_y", n)[0]
+        zero = torch.zeros((), dtype=torch.float64, device=ux.device)
+        if n <= 3:
+            warnings.warn(
+                f"MinibatchCKA: skipped a batch of n={n} examples (unbiased HSIC needs n > 3); use a larger "
+                "batch or drop_last for tiny remainders", RuntimeWarning, stacklevel=2,
+            )
+            self._accumulate([{
+                "hsic_xy": torch.zeros(self.num_layers_x, ly, dtype=torch.float64),
+                "hsic_xx": torch.zeros(self.num_layers_x, dtype=torch.float64),
+                "hsic_yy": torch.zeros(ly, dtype=torch.float64),
+                "batches": zero.cpu(), "examples": zero.cpu(), "skipped": torch.tensor(float(n), dtype=torch.float64),
+            }], True)
+            return
+        scale = 1.0 / (n * (n - 3))
+        self._accumulate([{
+            "hsic_xy": (ux @ uy.T) * scale,  # (Lx, Ly): all pairs at once
+            "hsic_xx": (ux * ux).sum(1) * scale,  # (Lx,)
+            "hsic_yy": (uy * uy).sum(1) * scale,  # (Ly,)
+            "batches": zero + 1, "examples": zero + n, "skipped": zero,
+        }], True)
+
+    def _compute_layer(self, state: dict[str, Tensor]) -> Tensor:
+        if state["batches"] == 0:
+            raise ValueError("MinibatchCKA: no batch with more than 3 examples was seen; use batches of n > 3")
+        xx, yy = state["hsic_xx"], state["hsic_yy"]
+        for name, v in (("x", xx), ("y", yy)):
+            bad = (v <= 0).nonzero().flatten().tolist()
+            if bad:
+                raise ValueError(
+                    f"MinibatchCKA: layers {bad} of feats_{name} have zero HSIC with themselves (constant "
+                    "features across examples): CKA is undefined; drop these layers"
+                )
+        return state["hsic_xy"] / torch.sqrt(xx[:, None] * yy[None, :])  # (Lx, Ly)
+
+    @property
+    def num_examples(self) -> int:
+        """Examples used so far (skipped batches excluded)."""
+        return 0 if self._states is None else int(self._states[0]["examples"])

@@ -1,0 +1,211 @@
+"""CKA and minibatch CKA against a numpy reference of the formula, closed-form properties and the peer
+libraries ckatorch and torch-cka on the same inputs."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from vitscope.measures import MinibatchCKA, cka
+
+
+def feats(n, shape, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, *shape, generator=g, dtype=torch.float64)
+
+
+def ref_hsic1(K, L):
+    """METHODS.md's unbiased HSIC_1, written out term by term."""
+    n = K.shape[0]
+    K, L = K.copy(), L.copy()
+    np.fill_diagonal(K, 0.0)
+    np.fill_diagonal(L, 0.0)
+    one = np.ones(n)
+    term = np.trace(K @ L) + (one @ K @ one) * (one @ L @ one) / ((n - 1) * (n - 2))
+    term -= 2.0 / (n - 2) * (one @ K @ L @ one)
+    return term / (n * (n - 3))
+
+
+def ref_minibatch_cka(batches_x, batches_y):
+    """batches_*: list over batches of list over layers of (n, ...) arrays -> (Lx, Ly)."""
+    Lx, Ly = len(batches_x[0]), len(batches_y[0])
+    xy, xx, yy = np.zeros((Lx, Ly)), np.zeros(Lx), np.zeros(Ly)
+    for bx, by in zip(batches_x, batches_y):
+        Ks = [np.asarray(f).reshape(len(f), -1) @ np.asarray(f).reshape(len(f), -1).T for f in bx]
+        Ls = [np.asarray(f).reshape(len(f), -1) @ np.asarray(f).reshape(len(f), -1).T for f in by]
+        for i in range(Lx):
+            xx[i] += ref_hsic1(Ks[i], Ks[i])
+            for j in range(Ly):
+                xy[i, j] += ref_hsic1(Ks[i], Ls[j])
+        for j in range(Ly):
+            yy[j] += ref_hsic1(Ls[j], Ls[j])
+    return xy / np.sqrt(np.outer(xx, yy))
+
+
+def make_layers(n, seed):
+    """Four related 'layers' of different shapes (tokens, maps, vectors)."""
+    base = feats(n, (6, 5), seed)
+    mix = feats(1, (5, 5), seed + 1)[0]
+    other = feats(n, (7,), seed + 2) + base[:, 0, :2].sum(-1, keepdim=True)
+    return [base, torch.tanh(base @ mix), (base ** 2).reshape(n, 3, 2, 5), other]
+
+
+def test_cka_properties():
+    x = feats(40, (4, 6), 0)
+    y = torch.tanh(x.flatten(1) @ feats(1, (24, 10), 1)[0]) + 0.3 * feats(40, (10,), 2)
+    for unbiased in (True, False):
+        torch.testing.assert_close(cka(x, x, unbiased=unbiased), torch.tensor(1.0, dtype=torch.float64))
+        q, _ = torch.linalg.qr(feats(1, (24, 24), 3)[0])
+        value = cka(x, y, unbiased=unbiased)
+        torch.testing.assert_close(cka(x.flatten(1) @ q, y, unbiased=unbiased), value)  # orthogonal
+        torch.testing.assert_close(cka(3.7 * x, 0.2 * y, unbiased=unbiased), value)  # isotropic scaling
+        torch.testing.assert_close(cka(y, x, unbiased=unbiased), value)  # symmetry
+        assert 0 < float(value) < 1
+    # unbiased value against the reference formula
+    X, Y = x.flatten(1).numpy(), y.numpy()
+    K, L = X @ X.T, Y @ Y.T
+    expected = ref_hsic1(K, L) / np.sqrt(ref_hsic1(K, K) * ref_hsic1(L, L))
+    assert float(cka(x, y)) == pytest.approx(expected, rel=1e-12)
+
+
+def test_cka_agrees_with_ckatorch():
+    from ckatorch.core import cka_base
+
+    x = feats(31, (12,), 4)  # odd n: the median of n^2 distances is unique, so both rbf conventions agree
+    y = torch.relu(x @ feats(1, (12, 9), 5)[0]) + 0.5 * feats(31, (9,), 6)
+    for unbiased in (True, False):
+        torch.testing.assert_close(cka(x, y, unbiased=unbiased), cka_base(x, y, unbiased=unbiased))
+        for sigma in (0.5, 1.0):
+            torch.testing.assert_close(
+                cka(x, y, kernel="rbf", sigma=sigma, unbiased=unbiased),
+                cka_base(x, y, kernel="rbf", threshold=sigma, unbiased=unbiased))
+
+
+def test_minibatch_cka_unequal_batches_matches_reference():
+    n = 37
+    xs, ys = make_layers(n, 10), make_layers(n, 20)[:3]
+    sizes = [16, 4, 12, 5]  # unequal, last one short
+    m_self, m_cross = MinibatchCKA(4), MinibatchCKA(4, 3)
+    bx, by, start = [], [], 0
+    for s in sizes:
+        bx.append([f[start:start + s] for f in xs])
+        by.append([f[start:start + s] for f in ys])
+        m_self.update(bx[-1])
+        m_cross.update(bx[-1], by[-1])
+        start += s
+    np.testing.assert_allclose(m_self.compute().numpy(), ref_minibatch_cka(bx, bx), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(m_cross.compute().numpy(), ref_minibatch_cka(bx, by), rtol=1e-10, atol=1e-12)
+    assert m_self.num_examples == n
+    # dropping the 1/(n(n-3)) factor (the reference TF code) gives a different answer for unequal batches
+    assert not np.allclose(m_self.compute().numpy(), _cka_without_factor(bx), atol=1e-6)
+    # merge of two halves equals the whole
+    a, b = MinibatchCKA(4, 3), MinibatchCKA(4, 3)
+    for k, (fx, fy) in enumerate(zip(bx, by)):
+        (a if k % 2 else b).update(fx, fy)
+    torch.testing.assert_close(a.merge(b).compute(), m_cross.compute())
+
+
+def _cka_without_factor(batches):
+    L = len(batches[0])
+    xy = np.zeros((L, L))
+    for b in batches:
+        Ks = [np.asarray(f).reshape(len(f), -1) @ np.asarray(f).reshape(len(f), -1).T for f in b]
+        n = len(b[0])
+        for i in range(L):
+            for j in range(L):
+                xy[i, j] += ref_hsic1(Ks[i], Ks[j]) * n * (n - 3)
+    d = np.sqrt(np.diag(xy))
+    return xy / np.outer(d, d)
+
+
+def test_minibatch_cka_equal_batches_matches_ckatorch():
+    from ckatorch.core import cka_batch
+
+    xs = make_layers(30, 30)
+    m = MinibatchCKA(len(xs))
+    for k in range(3):
+        m.update([f[10 * k:10 * (k + 1)] for f in xs])
+    out = m.compute()
+    for i, fi in enumerate(xs):
+        for j, fj in enumerate(xs):
+            ref = cka_batch(fi.reshape(3, 10, -1), fj.reshape(3, 10, -1))
+            torch.testing.assert_close(out[i, j], ref)
+
+
+class _Replay(nn.Module):
+    """Replays precomputed features through Identity modules so torch-cka's hooks can see them."""
+
+    def __init__(self, layers):
+        super().__init__()
+        self.feats = [f.float() for f in layers]
+        self.layers = nn.ModuleList(nn.Identity() for _ in layers)
+
+    def forward(self, idx):
+        for f, m in zip(self.feats, self.layers):
+            m(f[idx])
+        return idx
+
+
+def test_minibatch_cka_agrees_with_torch_cka():
+    import warnings
+
+    from torch.utils.data import DataLoader, TensorDataset
+    from torch_cka import CKA
+
+    xs, ys = make_layers(45, 40), make_layers(45, 50)
+    loader = DataLoader(TensorDataset(torch.arange(45)), batch_size=10)  # short last batch of 5
+    names = [f"layers.{i}" for i in range(4)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peer = CKA(_Replay(xs), _Replay(ys), "a", "b", model1_layers=names, model2_layers=names)
+        peer.compare(loader, loader)
+    ours = MinibatchCKA(4, 4)
+    for (idx,) in loader:
+        ours.update([f[idx] for f in xs], [f[idx] for f in ys])
+    torch.testing.assert_close(ours.compute().float(), peer.export()["CKA"], atol=1e-4, rtol=1e-4)
+
+
+def test_small_batch_skipped_with_warning():
+    xs = make_layers(23, 60)
+    m, ref = MinibatchCKA(4), MinibatchCKA(4)
+    m.update([f[:20] for f in xs])
+    ref.update([f[:20] for f in xs])
+    with pytest.warns(RuntimeWarning, match="n=3"):
+        m.update([f[20:] for f in xs])
+    out = m.compute()
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, ref.compute())
+    only_small = MinibatchCKA(4)
+    with pytest.warns(RuntimeWarning):
+        only_small.update([f[:2] for f in xs])
+    with pytest.raises(ValueError, match="no batch"):
+        only_small.compute()
+
+
+def test_bad_inputs():
+    x, y = feats(10, (5,), 0), feats(12, (5,), 1)
+    with pytest.raises(ValueError, match="same examples"):
+        cka(x, y)
+    bad = x.clone()
+    bad[3, 2] = float("nan")
+    with pytest.raises(ValueError, match="x contains NaN"):
+        cka(bad, x)
+    with pytest.raises(ValueError, match="n > 3"):
+        cka(x[:3], x[:3])
+    with pytest.raises(ValueError, match="kernel"):
+        cka(x, x, kernel="cosine")
+    with pytest.raises(ValueError, match="constant"):
+        cka(torch.ones(10, 5), x)
+    m = MinibatchCKA(2)
+    with pytest.raises(ValueError, match="num_layers_x"):
+        m.update([x])
+    with pytest.raises(ValueError, match=r"feats_x\[1\] has n=12"):
+        m.update([x, y])
+    with pytest.raises(ValueError, match=r"feats_x\[0\] contains NaN"):
+        m.update([bad, x])
+    with pytest.raises(ValueError, match=r"feats_y\[0\] has n=12"):
+        MinibatchCKA(2, 1).update([x, x], [y])
+    m.update([torch.ones(10, 5), x])
+    with pytest.raises(ValueError, match=r"layers \[0\]"):
+        m.compute()
