@@ -38,6 +38,7 @@ class _ArrayUnpickler(pickle.Unpickler):
         ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
         ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
         ("numpy", "ndarray"), ("numpy", "dtype"),
+        ("_codecs", "encode"),  # how Python 3 protocol-2 pickles store bytes (str -> bytes, no code)
     }
 
     def find_class(self, module: str, name: str) -> Any:
@@ -126,9 +127,9 @@ def make_mnist(name: str, root: str, split: str, download: bool = False) -> data
     cls = datasets.MNIST if name == "mnist" else datasets.FashionMNIST
     train = split == "train"
     if not download:
-        raw = os.path.join(root, cls.__name__, "raw")
-        prefix = "train" if train else "t10k"
-        files = [os.path.join(raw, f"{prefix}-images-idx3-ubyte"), os.path.join(raw, f"{prefix}-labels-idx1-ubyte")]
+        raw = os.path.join(root, cls.__name__, "raw")  # torchvision wants both splits present
+        files = [os.path.join(raw, f"{p}-{kind}") for p in ("train", "t10k")
+                 for kind in ("images-idx3-ubyte", "labels-idx1-ubyte")]
         _require(files, cls.__name__, f"download the idx files from {cls.mirrors[0]} and gunzip them into {raw}, "
                                       "or pass download=True (--download)")
     return cls(root, train=train, download=download)

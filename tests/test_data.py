@@ -1,0 +1,452 @@
+"""Tests for vitscope.data: spec parsing, the real readers on files written here, elpv, subsampling."""
+from __future__ import annotations
+
+import os
+import pickle
+import struct
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vitscope.data import (
+    create_dataset,
+    create_loader,
+    data_info,
+    dataset_targets,
+    list_datasets,
+    parse_spec,
+    steps_constant_epochs,
+    subsample_per_class,
+)
+from vitscope.data import elpv as elpv_mod
+from vitscope.data.local import CIFAR10_MEAN, CIFAR10_STD
+
+
+def _all_batches(loader):
+    xs, ys = zip(*loader)
+    return torch.cat(xs), torch.cat(ys)
+
+
+# ----------------------------------------------------------------------------- specs
+
+
+def test_parse_spec_options_and_path():
+    s = parse_spec("fake:n=32,classes=3,noise=0.5,name=abc,flag=true")
+    assert s.name == "fake" and s.path is None
+    assert s.options == {"n": 32, "classes": 3, "noise": 0.5, "name": "abc", "flag": True}
+    s = parse_spec("cifar10:/data/c10,val_fraction=0.1", split_seed=3)
+    assert s.path == "/data/c10" and s.options == {"val_fraction": 0.1, "split_seed": 3}
+    assert parse_spec("fake:n=4", n=8).options == {"n": 8}  # keyword overrides the string
+    assert parse_spec("Fashion-MNIST:~/x").name == "fashion_mnist"
+    assert parse_spec("mnist:~/x").path == os.path.expanduser("~/x")
+
+
+def test_unknown_spec_lists_valid_names():
+    with pytest.raises(ValueError) as e:
+        create_loader("imagenet21k:/x")
+    for name in list_datasets():
+        assert name in str(e.value)
+    assert {"fake", "elpv", "cifar10", "cifar100", "mnist", "fashion_mnist", "imagefolder"} <= set(list_datasets())
+
+
+@pytest.mark.parametrize("spec, match", [
+    ("cifar10", "cifar10:PATH"),
+    ("fake:/some/path", "takes no path"),
+    ("cifar10:/a,/b", "two paths"),
+    ("fake:n=4,n=5", "twice"),
+    ("fake:bogus=1", "valid options"),
+    ("", "non-empty"),
+])
+def test_bad_specs(spec, match):
+    with pytest.raises(ValueError, match=match):
+        data_info(spec)
+
+
+# ----------------------------------------------------------------------------- fake
+
+
+def test_fake_is_deterministic_balanced_and_shaped():
+    a = create_dataset("fake:n=40,classes=4,size=16", split="train")
+    b = create_dataset("fake:n=40,classes=4,size=16", split="train")
+    np.testing.assert_array_equal(a.data, b.data)
+    assert a.targets == b.targets and np.bincount(a.targets).tolist() == [10] * 4
+    v = create_dataset("fake:n=40,classes=4,size=16", split="val")
+    assert len(v) == 10 and not np.array_equal(v.data, a.data[:10])  # other noise per split
+    x, y = a[0]
+    assert x.shape == (3, 16, 16) and x.dtype == torch.float32 and isinstance(y, int)
+    info = data_info("fake:n=40,classes=4,size=16")
+    assert (info.num_classes, info.img_size, info.in_chans) == (4, 16, 3)
+    pix = a.data.astype(np.float64) / 255  # independent mean/std of the train pixels
+    np.testing.assert_allclose(info.mean, pix.mean(axis=(0, 1, 2)), rtol=1e-12)
+    np.testing.assert_allclose(info.std, pix.std(axis=(0, 1, 2)), rtol=1e-12)
+    xs, _ = _all_batches(create_loader("fake:n=40,classes=4,size=16", batch_size=64, shuffle=False))
+    flat = xs.permute(1, 0, 2, 3).reshape(3, -1)  # normalised with the train stats: mean 0, std 1
+    torch.testing.assert_close(flat.mean(1), torch.zeros(3), atol=1e-5, rtol=0)
+    torch.testing.assert_close(flat.std(1, unbiased=False), torch.ones(3), atol=1e-4, rtol=0)
+
+
+def test_fake_is_learnable():
+    torch.manual_seed(0)
+    spec = "fake:n=200,classes=10,size=16"
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    for x, y in create_loader(spec, batch_size=50, seed=1):  # 4 steps
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    x, y = _all_batches(create_loader(spec, split="val", batch_size=64))
+    acc = (model(x).argmax(1) == y).float().mean().item()
+    assert acc > 0.5, acc  # chance is 0.1
+
+
+# ----------------------------------------------------------------------------- CIFAR
+
+
+def _write_cifar(root, name="cifar10", per_batch=2, n_test=3):
+    """Tiny copies in the real layout: pickled dicts with 'data' (n, 3072) uint8 and labels."""
+    rng = np.random.default_rng(0)
+    if name == "cifar10":
+        folder = root / "cifar-10-batches-py"
+        files = {f"data_batch_{i}": per_batch for i in range(1, 6)} | {"test_batch": n_test}
+        meta = ("batches.meta", {"label_names": [f"c{i}" for i in range(10)], "num_cases_per_batch": per_batch})
+    else:
+        folder = root / "cifar-100-python"
+        files = {"train": 5 * per_batch, "test": n_test}
+        meta = ("meta", {"fine_label_names": [f"f{i}" for i in range(100)],
+                         "coarse_label_names": [f"k{i}" for i in range(20)]})
+    folder.mkdir(parents=True)
+    written = {}
+    for fname, n in files.items():
+        data = rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
+        entry = {"batch_label": f"{fname} of 5", "data": data, "filenames": [f"img{i}.png" for i in range(n)]}
+        if name == "cifar10":
+            labels = rng.integers(0, 10, size=n).tolist()
+            entry["labels"] = labels
+        else:
+            labels = rng.integers(0, 100, size=n).tolist()
+            entry["fine_labels"] = labels
+            entry["coarse_labels"] = [lab // 5 for lab in labels]
+        with open(folder / fname, "wb") as f:
+            pickle.dump(entry, f, protocol=2)
+        written[fname] = (data, labels)
+    with open(folder / meta[0], "wb") as f:
+        pickle.dump(meta[1], f, protocol=2)
+    return folder, written
+
+
+def test_cifar10_reads_the_real_layout(tmp_path):
+    _, written = _write_cifar(tmp_path)
+    spec = f"cifar10:{tmp_path}"
+    train = create_dataset(spec, split="train", normalize=False)
+    expect = np.concatenate([written[f"data_batch_{i}"][0] for i in range(1, 6)])  # (10, 3072)
+    labels = sum((written[f"data_batch_{i}"][1] for i in range(1, 6)), [])
+    assert len(train) == 10 and train.classes == [f"c{i}" for i in range(10)]
+    x, y = _all_batches(create_loader(spec, batch_size=4, normalize=False, shuffle=False))
+    assert x.shape == (10, 3, 32, 32) and y.dtype == torch.int64 and y.tolist() == labels
+    # CIFAR rows are 1024 R, then 1024 G, then 1024 B values, row-major
+    np.testing.assert_array_equal((x * 255).round().to(torch.uint8).numpy(), expect.reshape(10, 3, 32, 32))
+    xn, _ = _all_batches(create_loader(spec, batch_size=4, shuffle=False))
+    mean, std = torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1), torch.tensor(CIFAR10_STD).view(1, 3, 1, 1)
+    torch.testing.assert_close(xn, (x - mean) / std)
+    for split in ("val", "test"):  # both are the official test set
+        xt, yt = _all_batches(create_loader(spec, split=split, batch_size=2, normalize=False))
+        assert yt.tolist() == written["test_batch"][1]
+        np.testing.assert_array_equal((xt * 255).round().byte().numpy(),
+                                      written["test_batch"][0].reshape(3, 3, 32, 32))
+    info = data_info(spec)
+    assert (info.num_classes, info.img_size, info.mean, info.std) == (10, 32, CIFAR10_MEAN, CIFAR10_STD)
+    up = create_loader(spec, img_size=48, batch_size=3, augment=True)
+    assert next(iter(up))[0].shape == (3, 3, 48, 48)
+
+
+def test_cifar100_fine_and_coarse(tmp_path):
+    _, written = _write_cifar(tmp_path, "cifar100")
+    _, y = _all_batches(create_loader(f"cifar100:{tmp_path}", batch_size=4, shuffle=False))
+    assert y.tolist() == written["train"][1]
+    _, yc = _all_batches(create_loader(f"cifar100:{tmp_path},labels=coarse", split="test", batch_size=4))
+    assert yc.tolist() == [lab // 5 for lab in written["test"][1]]
+    assert data_info(f"cifar100:{tmp_path}").num_classes == 100
+    assert data_info(f"cifar100:{tmp_path},labels=coarse").num_classes == 20
+
+
+def test_missing_cifar_file_is_named(tmp_path):
+    folder, _ = _write_cifar(tmp_path)
+    (folder / "data_batch_3").unlink()
+    with pytest.raises(FileNotFoundError) as e:
+        create_loader(f"cifar10:{tmp_path}")
+    assert os.path.join("cifar-10-batches-py", "data_batch_3") in str(e.value)
+    assert "cifar-10-python.tar.gz" in str(e.value) and "download" in str(e.value)
+    with pytest.raises(FileNotFoundError, match="cifar-100-python"):
+        create_loader(f"cifar100:{tmp_path / 'nothing'}", split="test")
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_cifar_pickle_cannot_run_code(tmp_path):
+    folder, _ = _write_cifar(tmp_path)
+    with open(folder / "test_batch", "wb") as f:
+        pickle.dump({"data": _Evil(), "labels": [0]}, f)
+    with pytest.raises(ValueError, match="refusing to load"):
+        create_dataset(f"cifar10:{tmp_path}", split="test")
+
+
+def test_val_fraction_holds_out_a_stratified_slice(tmp_path):
+    _write_cifar(tmp_path, per_batch=20)  # 100 train images
+    spec = f"cifar10:{tmp_path},val_fraction=0.2"
+    train, val = create_dataset(spec, split="train"), create_dataset(spec, split="val")
+    assert set(train.indices).isdisjoint(val.indices) and len(train) + len(val) == 100
+    labels = np.array(dataset_targets(train.dataset))
+    np.testing.assert_array_equal(np.sort(val.indices), subsample_per_class(labels, 0.2, seed=0))
+    assert len(create_dataset(spec, split="test")) == 3
+
+
+# ----------------------------------------------------------------------------- MNIST, ImageFolder
+
+
+def _write_idx(root, folder, prefix, images, labels):
+    raw = root / folder / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    n, h, w = images.shape
+    (raw / f"{prefix}-images-idx3-ubyte").write_bytes(struct.pack(">IIII", 2051, n, h, w) + images.tobytes())
+    (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 2049, n) + labels.tobytes())
+
+
+@pytest.mark.parametrize("name, folder", [("mnist", "MNIST"), ("fashion_mnist", "FashionMNIST")])
+def test_mnist_raw_layout_to_three_channels(tmp_path, name, folder):
+    rng = np.random.default_rng(1)
+    imgs = rng.integers(0, 256, size=(5, 28, 28), dtype=np.uint8)
+    labels = np.array([3, 1, 4, 1, 5], dtype=np.uint8)
+    _write_idx(tmp_path, folder, "t10k", imgs, labels)
+    with pytest.raises(FileNotFoundError, match=f"{folder}/raw/train-images-idx3-ubyte"):
+        create_dataset(f"{name}:{tmp_path}", split="test")
+    _write_idx(tmp_path, folder, "train", imgs[::-1].copy(), labels[::-1].copy())
+    x, y = _all_batches(create_loader(f"{name}:{tmp_path}", split="test", batch_size=2, normalize=False))
+    assert x.shape == (5, 3, 28, 28) and y.tolist() == labels.tolist()
+    for c in range(3):
+        np.testing.assert_array_equal((x[:, c] * 255).round().byte().numpy(), imgs)
+    assert data_info(f"{name}:{tmp_path}").img_size == 28
+
+
+def _write_imagefolder(root, classes=("cat", "dog"), per_class=3, size=8):
+    rng = np.random.default_rng(2)
+    written = {}
+    for split in ("train", "val"):
+        for c in classes:
+            (root / split / c).mkdir(parents=True)
+            for i in range(per_class):
+                arr = rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8)
+                Image.fromarray(arr).save(root / split / c / f"{i}.png")
+                written[(split, c, i)] = arr
+    return written
+
+
+def test_imagefolder_png(tmp_path):
+    written = _write_imagefolder(tmp_path)
+    spec = f"imagefolder:{tmp_path},crop_pct=1.0"
+    info = data_info(spec)
+    assert info.class_names == ("cat", "dog") and info.num_classes == 2 and info.img_size == 224
+    x, y = _all_batches(create_loader(spec, split="test", img_size=8, batch_size=4, normalize=False))
+    assert x.shape == (6, 3, 8, 8) and y.tolist() == [0, 0, 0, 1, 1, 1]  # test falls back to val/
+    expect = np.stack([written[("val", c, i)] for c in ("cat", "dog") for i in range(3)]).transpose(0, 3, 1, 2)
+    np.testing.assert_array_equal((x * 255).round().byte().numpy(), expect)
+    xa, _ = next(iter(create_loader(spec, img_size=16, batch_size=6, augment=True)))
+    assert xa.shape == (6, 3, 16, 16)
+    (tmp_path / "val" / "cat").rename(tmp_path / "val" / "cow")
+    with pytest.raises(ValueError, match="classes"):
+        create_dataset(spec, split="val")
+    with pytest.raises(FileNotFoundError, match="train"):
+        data_info(f"imagefolder:{tmp_path / 'none'}")
+
+
+# ----------------------------------------------------------------------------- loader options
+
+
+def test_loader_options():
+    spec = "fake:n=60,classes=3,size=8"
+    a = [y for _, y in create_loader(spec, batch_size=16, seed=5)]
+    b = [y for _, y in create_loader(spec, batch_size=16, seed=5)]
+    c = [y for _, y in create_loader(spec, batch_size=16, seed=6)]
+    assert all(torch.equal(u, v) for u, v in zip(a, b)) and not all(torch.equal(u, v) for u, v in zip(a, c))
+    assert [len(y) for y in a] == [16, 16, 16, 12]
+    assert [len(y) for _, y in create_loader(spec, batch_size=16, drop_last=True)] == [16, 16, 16]
+    ev = create_loader(spec, split="test", batch_size=100)
+    assert torch.equal(next(iter(ev))[1], torch.tensor(create_dataset(spec, split="test").targets))
+    assert len(create_loader(spec, batch_size=8, max_examples=10).dataset) == 10
+    sub = create_loader(spec, batch_size=8, fraction=0.5, seed=1).dataset
+    assert np.bincount(dataset_targets(sub)).tolist() == [10, 10, 10]
+    x, _ = next(iter(create_loader(spec, batch_size=8, augment=True, normalize=False)))
+    assert x.min() >= 0 and x.max() <= 1
+    x, _ = next(iter(create_loader(spec, batch_size=8, img_size=12,
+                                   augment={"auto_augment": "rand-m9-mstd0.5-inc1", "re_prob": 0.5})))
+    assert x.shape == (8, 3, 12, 12) and torch.isfinite(x).all()
+    with pytest.raises(ValueError, match="valid"):
+        create_loader(spec, augment={"mixup": 0.8})
+    with pytest.raises(ValueError, match="split"):
+        create_loader(spec, split="training")
+
+
+def test_distributed_sampler(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        loader = create_loader("fake:n=20,classes=2,size=8", batch_size=4, distributed=True, seed=3)
+        assert isinstance(loader.sampler, torch.utils.data.DistributedSampler)
+        assert loader.sampler.seed == 3 and loader.sampler.shuffle
+        assert sum(len(y) for _, y in loader) == 20
+    finally:
+        dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------- subsampling
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.25, 0.5, 1.0])
+def test_subsample_per_class_keeps_fractions(fraction):
+    labels = np.repeat(np.arange(5), [40, 80, 20, 100, 7])
+    rng = np.random.default_rng(0)
+    labels = labels[rng.permutation(len(labels))]
+    idx = subsample_per_class(labels, fraction, seed=3)
+    assert len(np.unique(idx)) == len(idx) and np.all(np.diff(idx) > 0)
+    counts = np.bincount(labels[idx], minlength=5)
+    expect = [max(1, round(fraction * n)) for n in (40, 80, 20, 100, 7)]
+    assert counts.tolist() == expect
+    np.testing.assert_array_equal(idx, subsample_per_class(labels, fraction, seed=3))
+    if fraction < 1:
+        assert not np.array_equal(idx, subsample_per_class(labels, fraction, seed=4))
+    with pytest.raises(ValueError):
+        subsample_per_class(labels, 0.0)
+
+
+def test_steps_constant_epochs():
+    assert steps_constant_epochs(300, 0.1) == 3000
+    assert steps_constant_epochs(300, 1.0) == 300
+    assert steps_constant_epochs(100, 0.3) == 334
+    n, batch = 50000, 100
+    for f in (0.05, 0.1, 0.25, 0.5):  # optimisation steps match the full-data run within one epoch's worth
+        steps = steps_constant_epochs(300, f) * (round(n * f) // batch)
+        assert abs(steps - 300 * n // batch) <= round(n * f) // batch
+    with pytest.raises(ValueError):
+        steps_constant_epochs(300, 1.5)
+
+
+# ----------------------------------------------------------------------------- elpv
+
+
+def _elpv_labels_csv():
+    """Probabilities and types read independently of vitscope from the package's labels.csv."""
+    import elpv_dataset
+
+    path = os.path.join(os.path.dirname(elpv_dataset.__file__), "data", "labels.csv")
+    rows = [line.split() for line in open(path) if line.strip()]
+    return np.array([float(r[1]) for r in rows]), np.array([r[2] for r in rows])
+
+
+def test_elpv_split_is_stratified_disjoint_complete_and_fixed():
+    probs, types = _elpv_labels_csv()
+    assert len(probs) == 2624
+    split = elpv_mod.elpv_split_indices(probs, types)
+    assert [len(split[s]) for s in ("train", "val", "test")] == [1836, 394, 394]
+    allidx = np.concatenate(list(split.values()))
+    assert len(allidx) == 2624 and set(allidx.tolist()) == set(range(2624))  # disjoint and complete
+    again = elpv_mod.elpv_split_indices(probs, types)
+    assert all(np.array_equal(split[s], again[s]) for s in split)
+    other = elpv_mod.elpv_split_indices(probs, types, split_seed=1)
+    assert not np.array_equal(split["val"], other["val"])
+    levels = np.rint(probs * 3).astype(int)
+    for s, frac in (("train", 0.70), ("val", 0.15), ("test", 0.15)):
+        for lev in range(4):
+            for t in ("mono", "poly"):
+                n_stratum = np.sum((levels == lev) & (types == t))
+                n_here = np.sum((levels[split[s]] == lev) & (types[split[s]] == t))
+                assert abs(n_here - frac * n_stratum) <= 1, (s, lev, t)
+
+
+def test_elpv_missing_package_says_how_to_install(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "elpv_dataset.utils", None)
+    with pytest.raises(ImportError, match=r'pip install "vitscope\[elpv\]"'):
+        elpv_mod.cache_path(16)
+
+
+@pytest.fixture(scope="module")
+def elpv_cache(tmp_path_factory):
+    """Decode the real package once into a temporary cache at 16 px (measured: ~13 s on 2 cores)."""
+    mp = pytest.MonkeyPatch()
+    cache = tmp_path_factory.mktemp("vitscope_cache")
+    mp.setenv("VITSCOPE_CACHE", str(cache))
+    elpv_mod._MEMO.clear()
+    t0 = time.perf_counter()
+    arrays = elpv_mod.load_elpv_arrays(16)
+    yield cache, arrays, time.perf_counter() - t0
+    elpv_mod._MEMO.clear()
+    mp.undo()
+
+
+def test_elpv_loads_real_images_and_reuses_the_cache(elpv_cache, monkeypatch):
+    cache, (images, probs, types), _ = elpv_cache
+    path = elpv_mod.cache_path(16)
+    assert path.parent.parent == cache and path.exists()
+    assert not [p for p in path.parent.iterdir() if p.suffix == ".tmp"]  # atomic: no leftovers
+    assert images.shape == (2624, 16, 16) and images.dtype == np.uint8
+    ref_probs, ref_types = _elpv_labels_csv()
+    np.testing.assert_array_equal(probs, ref_probs)
+    np.testing.assert_array_equal(types, ref_types)
+    # first image, resized independently with PIL's antialiased bilinear filter: close to ours
+    import elpv_dataset
+
+    first = os.path.join(os.path.dirname(elpv_dataset.__file__), "data", "images", "cell0001.png")
+    ref = np.asarray(Image.open(first).resize((16, 16), Image.BILINEAR), dtype=np.float64)
+    assert np.abs(images[0] - ref).mean() < 3.0
+
+    # the cache is reused: no decoding at all (the loader would raise) and the file is untouched
+    mtime = path.stat().st_mtime_ns
+    elpv_mod._MEMO.clear()
+
+    def _no_decode(*a, **k):
+        raise AssertionError("decoded again instead of reading the cache")
+
+    monkeypatch.setattr("elpv_dataset.utils.load_dataset", _no_decode)
+    images2, _, _ = elpv_mod.load_elpv_arrays(16)
+    np.testing.assert_array_equal(images2, images)
+    assert path.stat().st_mtime_ns == mtime
+
+    split = elpv_mod.elpv_split_indices(ref_probs, ref_types)
+    for s in ("train", "val", "test"):
+        x, y = _all_batches(create_loader("elpv", split=s, img_size=16, batch_size=1024, normalize=False,
+                                         shuffle=False))
+        assert x.shape == (len(split[s]), 3, 16, 16)
+        assert torch.equal(x[:, 0], x[:, 1]) and torch.equal(x[:, 0], x[:, 2])  # gray repeated
+        np.testing.assert_array_equal((x[:, 0] * 255).round().byte().numpy(), images[split[s]])
+        assert y.tolist() == (ref_probs[split[s]] >= 0.5).astype(int).tolist()
+    _, yl = _all_batches(create_loader("elpv:labels=levels", split="val", img_size=16, batch_size=1024))
+    assert set(yl.tolist()) == {0, 1, 2, 3}
+    assert yl.tolist() == np.rint(ref_probs[split["val"]] * 3).astype(int).tolist()
+    info = data_info("elpv", img_size=16)
+    train_pix = images[split["train"]].astype(np.float64) / 255
+    assert info.num_classes == 2 and info.img_size == 16 and info.class_names == ("functional", "defective")
+    np.testing.assert_allclose(info.mean, (train_pix.mean(),) * 3, rtol=1e-12)
+    np.testing.assert_allclose(info.std, (train_pix.std(),) * 3, rtol=1e-12)
+    assert data_info("elpv:labels=levels", img_size=16).num_classes == 4
+    mono = create_dataset("elpv:types=mono", split="test", img_size=16)
+    assert len(mono) == int(np.sum(ref_types[split["test"]] == "mono"))
+
+
+def test_elpv_corrupt_cache_is_rebuilt(elpv_cache, monkeypatch):
+    _, (images, probs, types), _ = elpv_cache
+    monkeypatch.setattr("elpv_dataset.utils.load_dataset", lambda: (np.repeat(images, 2, 1).repeat(2, 2), probs, types))
+    path = elpv_mod.cache_path(8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"not a zip file")  # e.g. a truncated write by another tool
+    elpv_mod._MEMO.clear()
+    small, _, _ = elpv_mod.load_elpv_arrays(8)
+    assert small.shape == (2624, 8, 8)
+    with np.load(path) as z:
+        np.testing.assert_array_equal(z["images"], small)
