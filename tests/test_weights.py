@@ -372,7 +372,8 @@ def test_shape_mismatch_lists_keys(tmp_path: Path) -> None:
     assert str(path) in message
     assert "blocks.0.attn.qkv.weight: (144, 48) vs (72, 24)" in message
     n_bad = len(message.split("vs (")) - 1
-    assert n_bad == 10 and "... and " in message  # at most 10 listed, then a count
+    assert n_bad == 10 and "... and 21 more" in message  # at most 10 listed, then a count
+    assert "embedding width differs" in message
     _no_chained_traceback(info.value)
 
     path = tmp_path / "partial.pth"
@@ -386,6 +387,16 @@ def test_shape_mismatch_lists_keys(tmp_path: Path) -> None:
     assert "unexpected key(s) in the checkpoint: extra.weight" in message
     model = load_checkpoint(vitscope.create_model("test_vit_cb"), path, strict=False)  # lenient load
     assert torch.equal(model.head.weight, state["head.weight"])
+
+    # strict=False also skips tensors whose shapes differ: fine-tuning a 3-class checkpoint on 10 classes
+    path = tmp_path / "three.pth"
+    state = _sd("test_vit_cb", 7, num_classes=3)
+    torch.save(state, path)
+    model = vitscope.create_model("test_vit_cb")
+    head = model.head.weight.clone()
+    load_checkpoint(model, path, strict=False)
+    assert torch.equal(model.head.weight, head) and model.num_classes == 10
+    assert torch.equal(model.blocks[0].attn.qkv.weight, state["blocks.0.attn.qkv.weight"])
 
 
 def test_wrong_architecture_and_no_sidecar(tmp_path: Path) -> None:

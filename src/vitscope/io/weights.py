@@ -409,16 +409,22 @@ def _saved_from(path: Path) -> str:
 
 def _fix_hint(model: nn.Module, state_dict: dict, mismatched: list, missing: list, unexpected: list) -> str:
     hints = []
-    clf = _classifier_keys(model)
-    head = next((k for k in clf if k.endswith(".weight") and k in mismatched), None)
-    if head is not None:
-        hints.append(f"the checkpoint's classifier has {state_dict[head].shape[0]} classes: pass num_classes="
-                     f"{state_dict[head].shape[0]} (load_model infers it when num_classes is not given)")
-    if any("pos_embed" in k for k in mismatched) or any("patch_embed" in k for k in mismatched):
-        hints.append("the token grid or patch size differs: pass the img_size / patch_size the checkpoint "
-                     "was trained with")
-    own_count = len(model.state_dict())
-    if len(missing) + len(unexpected) > max(2, own_count // 4) or len(mismatched) > max(2, own_count // 4):
+    own = model.state_dict()
+    head = next((k for k in _classifier_keys(model) if k.endswith(".weight") and k in mismatched), None)
+    if head is not None and state_dict[head].shape[0] != own[head].shape[0]:
+        n = state_dict[head].shape[0]
+        hints.append(f"the checkpoint's classifier has {n} classes: pass num_classes={n} "
+                     "(load_model infers it when num_classes is not given)")
+    grid = [k for k in mismatched if k.endswith("pos_embed") and state_dict[k].shape[-1] == own[k].shape[-1]]
+    if grid:
+        hints.append("the token grid differs: pass the img_size / patch_size the checkpoint was trained with")
+    widths = {k for k in mismatched if k.endswith("norm.weight") or k.endswith("norm1.weight")}
+    if widths:
+        hints.append("the embedding width differs: pass the model size the checkpoint was trained with "
+                     "(e.g. tiny vs small)")
+    own_count = len(own)
+    many = max(2, own_count // 4)
+    if not widths and (len(missing) + len(unexpected) > many or len(mismatched) > many):
         hints.append("many keys differ: the checkpoint is probably from another architecture, pass the "
                      "model name it was trained with")
     if not hints:
