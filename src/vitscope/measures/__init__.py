@@ -13,10 +13,20 @@ from vitscope.measures.attention import (
     relative_distance,
 )
 from vitscope.measures.cka import MinibatchCKA, cka, hsic1
+from vitscope.measures.norms import RatioOfNorms, ratio_of_norms
+from vitscope.measures.spectral import (
+    FeatureVariance,
+    FourierLogAmplitude,
+    feature_variance,
+    fourier_frequencies,
+    fourier_log_amplitude,
+)
 
 __all__ = [
     "StreamingMeasure",
     "attention_entropy", "attention_distance", "nonlocality", "relative_distance",
     "AttentionEntropy", "AttentionDistance", "Nonlocality", "RelativeDistance",
     "cka", "hsic1", "MinibatchCKA",
+    "ratio_of_norms", "RatioOfNorms",
+    "fourier_log_amplitude", "fourier_frequencies", "feature_variance", "FourierLogAmplitude", "FeatureVariance",
 ]

@@ -1,0 +1,167 @@
+"""Ratio of norms, Fourier log amplitude and feature-map variance against numpy references (HDVW's own
+recipe for the Fourier measure), closed forms, and streaming over unequal batches."""
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from vitscope.measures import (
+    FeatureVariance,
+    FourierLogAmplitude,
+    RatioOfNorms,
+    feature_variance,
+    fourier_frequencies,
+    fourier_log_amplitude,
+    ratio_of_norms,
+)
+
+
+def rnd(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+# ------------------------------------------------------------------------------------ ratio of norms
+def ref_ratio(z, fz, p):
+    z, fz = np.asarray(z, dtype=np.float64), np.asarray(fz, dtype=np.float64)
+    if z.ndim == 4:
+        return {"spatial": np.mean([np.linalg.norm(z[b]) / np.linalg.norm(fz[b]) for b in range(len(z))])}
+    B, N, _ = z.shape
+    r = [[np.linalg.norm(z[b, t]) / np.linalg.norm(fz[b, t]) for t in range(N)] for b in range(B)]
+    out = {"spatial": np.mean([r[b][t] for b in range(B) for t in range(p, N)])}
+    if p:
+        out["cls"] = np.mean([r[b][0] for b in range(B)])
+    return out
+
+
+@pytest.mark.parametrize("shape,p", [((5, 17, 6), 1), ((5, 16, 6), 0), ((4, 3, 5, 5), 0)])
+def test_ratio_of_norms_matches_numpy(shape, p):
+    z, fz = rnd(*shape, seed=1) * 3, rnd(*shape, seed=2)
+    out, ref = ratio_of_norms(z, fz, p), ref_ratio(z, fz, p)
+    assert set(out) == set(ref)
+    for k in ref:
+        assert float(out[k]) == pytest.approx(ref[k], rel=1e-6)
+
+
+def test_ratio_closed_form_and_streaming():
+    z = rnd(9, 17, 8, seed=3)
+    out = ratio_of_norms(z, 0.25 * z)
+    assert float(out["cls"]) == pytest.approx(4.0) and float(out["spatial"]) == pytest.approx(4.0)
+    fz = rnd(9, 17, 8, seed=4)
+    maps, fmaps = rnd(9, 4, 3, 3, seed=5), rnd(9, 4, 3, 3, seed=6)
+    m = RatioOfNorms()
+    layout = [SimpleNamespace(num_prefix_tokens=1), SimpleNamespace(num_prefix_tokens=0)]
+    start = 0
+    for s in (2, 6, 1):
+        sl = slice(start, start + s)
+        m.update([(z[sl], z[sl] + fz[sl]), maps[sl]], [fz[sl], fmaps[sl]], layout=layout)  # cap.residuals pairs
+        start += s
+    tok, cnn = m.compute()
+    ref_tok, ref_cnn = ref_ratio(z, fz, 1), ref_ratio(maps, fmaps, 0)
+    assert float(tok["cls"]) == pytest.approx(ref_tok["cls"], rel=1e-6)
+    assert float(tok["spatial"]) == pytest.approx(ref_tok["spatial"], rel=1e-6)
+    assert set(cnn) == {"spatial"} and float(cnn["spatial"]) == pytest.approx(ref_cnn["spatial"], rel=1e-6)
+
+
+def test_ratio_bad_inputs():
+    z = rnd(2, 5, 4)
+    with pytest.raises(ValueError, match="same shape"):
+        ratio_of_norms(z, z[:, :4])
+    with pytest.raises(ValueError, match="NaN"):
+        ratio_of_norms(z, z * float("nan"))
+    with pytest.warns(RuntimeWarning, match="zero"):
+        assert math.isinf(float(ratio_of_norms(z, torch.zeros_like(z))["spatial"]))
+    with pytest.raises(ValueError, match="undefined"):
+        ratio_of_norms(torch.zeros_like(z), torch.zeros_like(z))
+
+
+# ---------------------------------------------------------------------------------- Fourier measure
+def ref_fourier_hdvw(x):
+    """HDVW's notebook recipe in numpy (square maps): roll by int(h/2), diag()[int(h/2):], minus [0]."""
+    x = np.asarray(x, dtype=np.float64)
+    b, c, h, w = x.shape
+    f = np.log(np.abs(np.fft.fft2(x)) + 1e-6)
+    f = np.roll(f, shift=(int(h / 2), int(w / 2)), axis=(2, 3)).mean(axis=(0, 1))
+    d = np.diag(f)[int(h / 2):]
+    return d - d[0]
+
+
+def ref_fourier_loops(x):
+    """Any h, w: DFT by explicit sums, entry k = frequency (k, k) from the centre."""
+    x = np.asarray(x, dtype=np.float64)
+    B, C, h, w = x.shape
+    F = min(h - h // 2, w - w // 2)
+    out = np.zeros(F)
+    for k in range(F):
+        tot = 0.0
+        for b in range(B):
+            for c in range(C):
+                coef = sum(x[b, c, i, j] * np.exp(-2j * np.pi * (k * i / h + k * j / w))
+                           for i in range(h) for j in range(w))
+                tot += np.log(abs(coef) + 1e-6)
+        out[k] = tot / (B * C)
+    return out - out[0]
+
+
+@pytest.mark.parametrize("size", [8, 7, 4, 5])
+def test_fourier_matches_hdvw_recipe(size):
+    x = rnd(3, 4, size, size, seed=size)
+    np.testing.assert_allclose(fourier_log_amplitude(x).numpy(), ref_fourier_hdvw(x), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("hw", [(4, 6), (5, 4), (3, 3)])
+def test_fourier_non_square_matches_loops(hw):
+    x = rnd(2, 3, *hw, seed=sum(hw))
+    out = fourier_log_amplitude(x)
+    assert out[0] == 0
+    np.testing.assert_allclose(out.numpy(), ref_fourier_loops(x), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("n,k0", [(8, 2), (8, 3), (9, 4), (7, 1)])
+def test_fourier_sinusoid_peaks_at_its_frequency(n, k0):
+    i = torch.arange(n, dtype=torch.float64)
+    wave = torch.cos(2 * math.pi * k0 * (i[:, None] + i[None, :]) / n)  # frequency (k0, k0)
+    x = wave.expand(2, 3, n, n) * torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64).view(1, 3, 1, 1)
+    out = fourier_log_amplitude(x)
+    assert int(out.argmax()) == k0
+    assert float(fourier_frequencies(n)[k0]) == pytest.approx(2 * math.pi * k0 / n)
+
+
+def test_fourier_and_variance_streaming_with_tokens_and_layout():
+    tokens = rnd(11, 1 + 16, 5, seed=7)  # ViT tokens: class token + 4x4 grid
+    maps = rnd(11, 3, 6, 6, seed=8)
+    layout = [SimpleNamespace(grid=(4, 4), num_prefix_tokens=1), SimpleNamespace(grid=(6, 6), num_prefix_tokens=0)]
+    four, var, var_b = FourierLogAmplitude(), FeatureVariance(), FeatureVariance(unbiased=False)
+    start = 0
+    for s in (5, 2, 4):
+        sl = slice(start, start + s)
+        for m in (four, var, var_b):
+            m.update([tokens[sl], maps[sl]], layout=layout)
+        start += s
+    as_map = tokens[:, 1:].transpose(1, 2).reshape(11, 5, 4, 4)
+    for layer, x in enumerate([as_map, maps]):
+        np.testing.assert_allclose(four.compute()[layer].numpy(), ref_fourier_hdvw(x), rtol=1e-9, atol=1e-9)
+        xs = np.asarray(x, dtype=np.float64).reshape(x.shape[0], x.shape[1], -1)
+        assert float(var.compute()[layer]) == pytest.approx(xs.var(axis=-1, ddof=1).mean(), rel=1e-10)
+        assert float(var_b.compute()[layer]) == pytest.approx(xs.var(axis=-1, ddof=0).mean(), rel=1e-10)
+    torch.testing.assert_close(var.compute()[1], feature_variance(maps).double())
+
+
+def test_variance_closed_form_and_bad_inputs():
+    x = torch.zeros(2, 3, 2, 2)
+    x[..., 0, 0] = 4.0  # values (4, 0, 0, 0): mean 1, unbiased var = (9 + 3) / 3 = 4, biased 3
+    assert float(feature_variance(x)) == pytest.approx(4.0)
+    assert float(feature_variance(x, unbiased=False)) == pytest.approx(3.0)
+    with pytest.raises(ValueError, match="tokens_to_map"):
+        feature_variance(rnd(2, 17, 4))
+    with pytest.raises(ValueError, match="tokens_to_map"):
+        fourier_log_amplitude(rnd(2, 17, 4))
+    with pytest.raises(ValueError, match="NaN"):
+        fourier_log_amplitude(x * float("nan"))
+    with pytest.raises(ValueError, match="grid"):
+        FourierLogAmplitude().update(rnd(2, 17, 4))
+    with pytest.raises(ValueError, match="grid"):
+        FourierLogAmplitude(grid=(3, 3), num_prefix_tokens=1).update(rnd(2, 17, 4))
