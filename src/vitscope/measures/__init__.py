@@ -13,7 +13,9 @@ from vitscope.measures.attention import (
     relative_distance,
 )
 from vitscope.measures.cka import MinibatchCKA, cka, hsic1
+from vitscope.measures.convit import GPSACentres, gpsa_attention_centres, gpsa_gates, gpsa_layers
 from vitscope.measures.norms import RatioOfNorms, ratio_of_norms
+from vitscope.measures.rollout import attention_rollout
 from vitscope.measures.spectral import (
     FeatureVariance,
     FourierLogAmplitude,
@@ -28,5 +30,6 @@ __all__ = [
     "AttentionEntropy", "AttentionDistance", "Nonlocality", "RelativeDistance",
     "cka", "hsic1", "MinibatchCKA",
     "ratio_of_norms", "RatioOfNorms",
+    "gpsa_gates", "gpsa_attention_centres", "gpsa_layers", "GPSACentres", "attention_rollout",
     "fourier_log_amplitude", "fourier_frequencies", "feature_variance", "FourierLogAmplitude", "FeatureVariance",
 ]
