@@ -6,9 +6,12 @@ import torch
 
 import vitscope  # noqa: F401  (registers the models in timm)
 from vitscope.layers.blur import Blur, SpatialSmoothing
+from vitscope.layers.window_attention import WindowAttention2d
+from vitscope.models.alternet import AlterNet, MSABlock, PreActBottleneck
 
-TINY = ["test_resnet_cifar", "test_resnet_smooth"]
-BIG = ["resnet18_cifar", "resnet50_cifar", "resnet18_smooth_cifar", "resnet50_smooth"]
+TINY = ["test_resnet_cifar", "test_resnet_smooth", "test_alternet"]
+BIG = ["resnet18_cifar", "resnet50_cifar", "resnet18_smooth_cifar", "resnet50_smooth", "alternet50",
+       "alternet50_cifar"]
 
 
 def _meta(name, **kw):
@@ -54,16 +57,23 @@ def test_tiny_forward_grad_intermediates(name):
     for t, info in zip(inter, model.feature_info):
         assert t.shape[1] == info["num_chs"]
         assert t.shape[-1] == size // info["reduction"], info
-    torch.testing.assert_close(inter[-1], feats)
+        last = model.forward_intermediates(x, indices=1, norm=True, intermediates_only=True)
+    torch.testing.assert_close(last[0], feats)  # the last stage, with AlterNet's final BN-ReLU applied
     model.reset_classifier(7)
     assert model.get_classifier().out_features == 7 and model(x).shape == (3, 7)
 
 
 @pytest.mark.parametrize("name", BIG)
-def test_big_models_build_on_meta(name):
-    model = _meta(name)
-    assert model.num_classes == model.pretrained_cfg["num_classes"]
-    assert model.pretrained_cfg["input_size"] == (3, 224, 224) if name == "resnet50_smooth" else (3, 32, 32)
+def test_big_models_build_and_run_on_meta(name):
+    model = _meta(name).eval()
+    size = model.pretrained_cfg["input_size"][-1]
+    assert size == (32 if "cifar" in name else 224)
+    assert model.num_classes == model.pretrained_cfg["num_classes"] == (100 if "cifar" in name else 1000)
+    with torch.device("meta"):  # shapes only: checks e.g. that every MSA map is whole windows
+        out = model(torch.empty(2, 3, size, size))
+        final, inter = model.forward_intermediates(torch.empty(2, 3, size, size))
+    assert out.shape == (2, model.num_classes) and final.shape[1] == model.num_features
+    assert [t.shape[-1] for t in inter] == [size // f["reduction"] for f in model.feature_info]
 
 
 def test_cifar_stem_is_3x3_stride1_without_maxpool():
@@ -112,3 +122,132 @@ def test_features_only_through_timm():
     m = timm.create_model("test_resnet_smooth", features_only=True, out_indices=(1, 3))
     feats = m(torch.randn(1, 3, 32, 32))
     assert [f.shape[-1] for f in feats] == [32, 8] and m.feature_info.reduction() == [1, 4]
+
+
+# ---------------------------------------------------------------- AlterNet (HDVW)
+
+def _window_attention_reference(m, x):
+    """Window MSA by explicit loops over windows, with an independently built relative-position index."""
+    ws, nh, hd = m.window_size, m.num_heads, m.head_dim
+    wq, bq = m.qkv.weight[:, :, 0, 0].double(), m.proj.weight[:, :, 0, 0].double()
+    table = m.rel_pos.relative_position_bias_table.double()  # ((2ws-1)^2, heads or 1)
+    pos = [(i, j) for i in range(ws) for j in range(ws)]
+    idx = torch.tensor([[(a[0] - b[0] + ws - 1) * (2 * ws - 1) + (a[1] - b[1] + ws - 1) for b in pos] for a in pos])
+    bias = table[idx].permute(2, 0, 1)  # (heads or 1, N, N)
+    x = x.double()
+    B, _, H, W = x.shape
+    out = torch.zeros(B, nh * hd, H, W, dtype=torch.float64)
+    probs = []
+    for i in range(0, H, ws):
+        for j in range(0, W, ws):
+            t = x[:, :, i:i + ws, j:j + ws].flatten(2).transpose(1, 2)  # (B, N, C)
+            q, k, v = (t @ wq.T).split(nh * hd, dim=-1)
+            q, k, v = (z.reshape(B, -1, nh, hd).transpose(1, 2) for z in (q, k, v))  # (B, nh, N, hd)
+            a = torch.softmax(q @ k.transpose(-2, -1) / hd**0.5 + bias, dim=-1)
+            probs.append(a)
+            o = (a @ v).transpose(1, 2).reshape(B, ws, ws, nh * hd)  # (B, ws, ws, nh*hd)
+            out[:, :, i:i + ws, j:j + ws] = o.permute(0, 3, 1, 2)
+    y = torch.einsum("oc,bchw->bohw", bq, out) + m.proj.bias.double()[None, :, None, None]
+    return y, probs
+
+
+@pytest.mark.parametrize("per_head", [False, True])
+def test_window_attention_matches_loop_reference_fused_and_explicit(per_head):
+    m = WindowAttention2d(12, 20, num_heads=3, head_dim=4, window_size=4, rel_pos_per_head=per_head).eval()
+    with torch.no_grad():
+        m.rel_pos.relative_position_bias_table.normal_()  # a large bias, so a wrong index shows
+    x = torch.randn(2, 12, 8, 12)  # 2 x 3 windows, non-square map
+    ref, ref_probs = _window_attention_reference(m, x)
+    seen = []
+    hook = m.attn_drop.register_forward_hook(lambda _m, args, _o: seen.append(args[0]))
+    with torch.no_grad():
+        m.fused_attn = True
+        fused = m(x)
+        m.fused_attn = False
+        explicit = m(x)
+    hook.remove()
+    torch.testing.assert_close(fused, explicit, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(explicit.double(), ref, atol=1e-5, rtol=1e-5)
+    assert len(seen) == 1  # only the explicit path calls attn_drop
+    probs = seen[0]
+    assert probs.shape == (2 * 6, 3, 16, 16)  # (B * windows, heads, ws*ws, ws*ws)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(12, 3, 16), atol=1e-6, rtol=0)
+    # window order is (batch, window row, window column), as in HDVW's rearrange
+    torch.testing.assert_close(probs.view(2, 6, 3, 16, 16).transpose(0, 1).double(), torch.stack(ref_probs),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_window_attention_rejects_partial_windows():
+    m = WindowAttention2d(8, num_heads=2, head_dim=4, window_size=4)
+    with pytest.raises(ValueError, match="not a whole number of 4x4 windows"):
+        m(torch.randn(1, 8, 6, 8))
+    tiny = timm.create_model("test_alternet")
+    with pytest.raises(ValueError, match="window"):
+        tiny(torch.randn(1, 3, 36, 36))  # stage-3 map 9x9
+
+
+def _alternet50_closed_form(num_classes=1000, stem_k=7, ws=7):
+    """Parameter count of AlterNet-50 written out from the paper's description."""
+    bn = lambda c: 2 * c  # noqa: E731
+    total = 3 * 64 * stem_k * stem_k
+    cin = 64
+    for depth, m, heads, cout in zip((3, 4, 6, 4), (0, 1, 3, 2), (3, 6, 12, 24), (256, 512, 1024, 2048)):
+        kinds = ["conv"] * (depth - 2 * m) + ["conv", "msa"] * m
+        for j, kind in enumerate(kinds):
+            if kind == "conv":
+                mid = cout // 4
+                total += bn(cin) + cin * mid + bn(mid) + 9 * mid * mid + bn(mid) + mid * cout
+                total += cin * cout if (j == 0) else 0  # projection shortcut on the first block of a stage
+            else:
+                width, inner = cin // 4, heads * 64
+                total += bn(cin) + cin * width + bn(width) + width * 3 * inner + (2 * ws - 1) ** 2
+                total += inner * cout + cout
+            cin = cout
+    return total + bn(cin) + cin * num_classes + num_classes
+
+
+def test_alternet50_layout_heads_and_parameter_count():
+    model = _meta("alternet50")
+    assert isinstance(model, AlterNet) and [len(s) for s in model.stages] == [3, 4, 6, 4]
+    kinds = [[type(b).vitscope_kind for b in s] for s in model.stages]
+    assert [k.count("msa") for k in kinds] == [0, 1, 3, 2]
+    assert kinds[2] == ["conv", "msa", "conv", "msa", "conv", "msa"] and kinds[1] == ["conv"] * 3 + ["msa"]
+    heads = [{b.attn.num_heads for b in s if isinstance(b, MSABlock)} for s in model.stages]
+    assert heads == [set(), {6}, {12}, {24}]  # (3, 6, 12, 24); stage 1 has no MSA block
+    for blk in (b for s in model.stages for b in s if isinstance(b, MSABlock)):
+        assert blk.attn.head_dim == 64 and blk.attn.window_size == 7
+        assert blk.conv.out_channels == blk.conv.in_channels // 4  # 1x1 conv to in/4 before the MSA
+    assert model.stem.conv.kernel_size == (7, 7) and isinstance(model.stem.pool, torch.nn.MaxPool2d)
+    assert _nparams(model) == _alternet50_closed_form()
+    cifar = _meta("alternet50_cifar")
+    assert cifar.stem.conv.kernel_size == (3, 3) and cifar.stem.conv.stride == (1, 1) and len(cifar.stem) == 1
+    assert _nparams(cifar) == _alternet50_closed_form(num_classes=100, stem_k=3, ws=4)
+
+
+def test_alternet_blocks_follow_capture_contract():
+    model = timm.create_model("test_alternet", drop_path_rate=0.1).eval()
+    blocks = [b for s in model.stages for b in s]
+    assert {type(b).vitscope_kind for b in blocks} == {"conv", "msa"}
+    assert isinstance(blocks[-1].drop_path, torch.nn.Module) and blocks[-1].drop_path.drop_prob == pytest.approx(0.1)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        h = model.stem(x)
+        for b in blocks:
+            assert isinstance(b.shortcut, torch.nn.Module) and isinstance(b.drop_path, torch.nn.Module)
+            pre = b.norm1(h)
+            if isinstance(b, PreActBottleneck):
+                branch = b.conv3(b.norm3(b.conv2(b.norm2(b.conv1(pre)))))
+            else:
+                attn = b.attn
+                assert isinstance(attn.num_heads, int) and isinstance(attn.window_size, int)
+                assert isinstance(attn.fused_attn, bool) and isinstance(attn.attn_drop, torch.nn.Dropout)
+                branch = attn(b.norm2(b.conv(pre)))
+            skip = h if isinstance(b.shortcut, torch.nn.Identity) else b.shortcut(pre)
+            out = b(h)
+            torch.testing.assert_close(out, skip + branch, atol=1e-5, rtol=1e-5)
+            h = out
+        torch.testing.assert_close(model.forward_features(x), model.norm(h), atol=1e-5, rtol=1e-5)
+    with vitscope.capture(model) as cap:
+        model(x)
+    assert [info.kind for info in cap.layout] == [type(b).vitscope_kind for b in blocks]
+    assert len(cap.attentions) == 2 and all(a.shape[-1] == 16 for a in cap.attentions)
