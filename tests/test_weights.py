@@ -66,6 +66,10 @@ def test_round_trip_rebuilds_from_sidecar(tmp_path: Path, name: str) -> None:
     model = _perturb(vitscope.create_model(name, num_classes=7), seed=1)
     path = save_weights(model, tmp_path / "sub" / "model.safetensors", model_kwargs={"num_classes": 7})
     assert path == tmp_path / "sub" / "model.safetensors" and path.is_file()
+    assert sorted(p.name for p in path.parent.iterdir()) == ["model.json", "model.safetensors"]  # no temp left
+    plain = tmp_path / "plain"
+    plain.touch()
+    assert path.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777  # not mkstemp's 0600
 
     info = json.loads((tmp_path / "sub" / "model.json").read_text())
     assert info["model_name"] == name  # taken from model.pretrained_cfg['architecture']

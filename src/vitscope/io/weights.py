@@ -94,12 +94,19 @@ def _atomic_write(path: Path, write: Callable[[str], None]) -> str:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp (and safetensors) make 0600 files; use open()'s mode
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
     except BaseException:
         _remove_quietly(tmp)
         raise
     return tmp
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _remove_quietly(path: str) -> None:
@@ -254,8 +261,9 @@ def _read_file(path: Path, map_location: str | torch.device) -> Any:
         unsafe = _unsafe_globals(path)
         if unsafe:
             raise CheckpointError(
-                f"Refused to load {str(path)!r}: it holds Python objects that would run code when unpickled "
-                f"({', '.join(unsafe[:_MAX_LISTED])}). vitscope loads plain tensors only "
+                f"Refused to load {str(path)!r}: it holds Python objects outside torch's weights-only allowlist "
+                f"({', '.join(unsafe[:_MAX_LISTED])}), and unpickling them could run arbitrary code. "
+                "vitscope loads plain tensors only "
                 "(torch.load(weights_only=True)). Re-save just the weights, e.g. "
                 "torch.save(model.state_dict(), path) or vitscope.save_weights(model, 'model.safetensors')."
             ) from None
