@@ -105,6 +105,18 @@ def test_fake_is_learnable():
 # ----------------------------------------------------------------------------- CIFAR
 
 
+class _Py2Array:
+    """Pickles an array the way Python 2 numpy did (raw data as a str, read back with latin1)."""
+
+    def __init__(self, a):
+        self.a = a
+
+    def __reduce__(self):
+        a = self.a
+        return (np._core.multiarray._reconstruct, (np.ndarray, (0,), "b"),
+                (1, a.shape, a.dtype, False, a.tobytes().decode("latin1")))
+
+
 def _write_cifar(root, name="cifar10", per_batch=2, n_test=3):
     """Tiny copies in the real layout: pickled dicts with 'data' (n, 3072) uint8 and labels."""
     rng = np.random.default_rng(0)
@@ -129,8 +141,13 @@ def _write_cifar(root, name="cifar10", per_batch=2, n_test=3):
             labels = rng.integers(0, 100, size=n).tolist()
             entry["fine_labels"] = labels
             entry["coarse_labels"] = [lab // 5 for lab in labels]
-        with open(folder / fname, "wb") as f:
-            pickle.dump(entry, f, protocol=2)
+        if fname == "test_batch":  # as the real files, written by Python 2: numpy.core, str data
+            entry["data"] = _Py2Array(data)
+            (folder / fname).write_bytes(
+                pickle.dumps(entry, protocol=2).replace(b"numpy._core.multiarray", b"numpy.core.multiarray"))
+        else:
+            with open(folder / fname, "wb") as f:
+                pickle.dump(entry, f, protocol=2)
         written[fname] = (data, labels)
     with open(folder / meta[0], "wb") as f:
         pickle.dump(meta[1], f, protocol=2)
@@ -285,8 +302,13 @@ def test_loader_options():
     x, _ = next(iter(create_loader(spec, batch_size=8, img_size=12,
                                    augment={"auto_augment": "rand-m9-mstd0.5-inc1", "re_prob": 0.5})))
     assert x.shape == (8, 3, 12, 12) and torch.isfinite(x).all()
+    # RandAugment 'inc1' at magnitude 10 posterizes to 0 bits, which Pillow >= 11 rejects: must not raise
+    x, _ = _all_batches(create_loader(spec, batch_size=30, augment={"auto_augment": "rand-m10-n6-inc1"}))
+    assert x.shape == (60, 3, 8, 8) and torch.isfinite(x).all()
     with pytest.raises(ValueError, match="valid"):
         create_loader(spec, augment={"mixup": 0.8})
+    with pytest.raises(ValueError, match="augment"):
+        create_loader(spec, augment={"auto_augment": "no-such-policy"})
     with pytest.raises(ValueError, match="split"):
         create_loader(spec, split="training")
 

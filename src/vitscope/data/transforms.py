@@ -13,7 +13,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from PIL import Image
+from PIL import Image, ImageOps
+from timm.data import auto_augment as timm_aa
 from timm.data import create_transform
 from timm.data.random_erasing import RandomErasing
 from torchvision import transforms
@@ -35,6 +36,25 @@ class ToRGB:
 
     def __repr__(self) -> str:
         return "ToRGB()"
+
+
+def _posterize(img: Image.Image, bits_to_keep: int, **_: Any) -> Image.Image:
+    """timm's posterize, keeping its meaning at 0 bits (a black image): Pillow >= 11 rejects bits < 1."""
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return img.point(lambda _: 0)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def _patch_posterize(tfs: list[Any]) -> None:
+    """Route timm's (Rand/Auto/AugMix) posterize ops through ``_posterize`` (RandAugment ``inc1`` at
+    magnitude 10 asks for 0 bits, which raises in recent Pillow)."""
+    for t in tfs:
+        ops = list(getattr(t, "ops", []) or []) + [op for sub in getattr(t, "policy", []) or [] for op in sub]
+        for op in ops:
+            if getattr(op, "aug_fn", None) is timm_aa.posterize:
+                op.aug_fn = _posterize
 
 
 def augment_options(augment: bool | dict[str, Any] | None, defaults: dict[str, Any]) -> dict[str, Any] | None:
@@ -85,10 +105,14 @@ def build_transform(
     re = {k: opts.pop(k) for k in ("re_prob", "re_mode", "re_count") if k in opts}
     if crop not in ("pad", "rrc", "rkrc", "rkrr"):
         raise ValueError(f"augment crop must be 'pad', 'rrc', 'rkrc' or 'rkrr', got {crop!r}")
-    primary, secondary, _ = create_transform(
-        img_size, is_training=True, separate=True, train_crop_mode=None if crop == "pad" else crop,
-        mean=mean, std=std, **opts,  # mean sets the RandAugment fill colour
-    )
+    try:
+        primary, secondary, _ = create_transform(
+            img_size, is_training=True, separate=True, train_crop_mode=None if crop == "pad" else crop,
+            mean=mean, std=std, **opts,  # mean sets the RandAugment fill colour
+        )
+    except (AssertionError, KeyError, TypeError) as e:  # timm asserts on unknown policy strings
+        raise ValueError(f"bad augment options {opts}: {e} (see timm.data.create_transform)") from e
+    _patch_posterize(secondary.transforms)
     first: list[Any] = list(primary.transforms)
     if crop == "pad":
         resize = [] if native_size == img_size else [transforms.Resize(img_size), transforms.CenterCrop(img_size)]
