@@ -133,7 +133,7 @@ def save_weights(
     (default: ``model.pretrained_cfg['architecture']``), the ``create_model`` kwargs, the number of
     parameters and the vitscope / timm / torch versions. Both files are written to temp files in the
     destination directory and moved into place with ``os.replace``, so a failure never leaves a
-    half-written file. Tied (shared) tensors are stored once per name.
+    half-written file. Tied (shared) tensors are stored under each of their names.
 
     Args:
         model: The model to save.
