@@ -100,6 +100,9 @@ def _write_atomic(path: Path, **arrays: np.ndarray) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **arrays)
+        umask = os.umask(0o022)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; a shared cache wants open()'s mode
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
