@@ -101,8 +101,14 @@ def test_blur_matches_numpy_and_keeps_shape():
     rep = Blur("replicate")(x)
     np.testing.assert_allclose(rep[..., :-1, :-1].numpy(), out[..., :-1, :-1].numpy(), rtol=1e-6)
     np.testing.assert_allclose(rep[..., -1, -1].numpy(), x[..., -1, -1].numpy(), rtol=1e-6)
+    torch.testing.assert_close(SpatialSmoothing(temp=None, relu=False)(x), out)
     with pytest.raises(ValueError, match="pad_mode"):
         Blur("circular-ish")
+
+
+def test_registered_in_timm_after_import():
+    for name in TINY + BIG:
+        assert name in vitscope.list_models() and timm.is_model(name)
 
 
 def test_smoothing_sits_after_every_stage():
@@ -251,3 +257,6 @@ def test_alternet_blocks_follow_capture_contract():
         model(x)
     assert [info.kind for info in cap.layout] == [type(b).vitscope_kind for b in blocks]
     assert len(cap.attentions) == 2 and all(a.shape[-1] == 16 for a in cap.attentions)
+    gelu = timm.create_model("test_alternet", msa_act_layer="gelu")  # HDVW's code uses GELU in MSA blocks
+    assert type(gelu.stages[3][1].norm1.act).__name__ == "GELU"
+    assert isinstance(gelu.stages[3][0].norm1.act, torch.nn.ReLU)

@@ -122,8 +122,9 @@ class AlterNet(nn.Module):
         drop_rate: Dropout before the classifier.
         drop_path_rate: Stochastic depth rate of the last block (linear in depth from 0).
         attn_drop_rate: Dropout on attention probabilities.
-        act_layer: Activation of the conv blocks, stem-free pre-activations and head.
-        msa_act_layer: Activation after the MSA block's first BN (default: ``act_layer``).
+        act_layer: Activation of the conv blocks' pre-activations and of the final BN before the head.
+        msa_act_layer: Activation after the MSA block's first BN (default: ``act_layer``; HDVW's code
+            uses GELU there).
         rel_pos_per_head: One relative-position table per head instead of one shared table.
     """
 
