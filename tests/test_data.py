@@ -337,11 +337,13 @@ def test_subsample_per_class_keeps_fractions(fraction):
     idx = subsample_per_class(labels, fraction, seed=3)
     assert len(np.unique(idx)) == len(idx) and np.all(np.diff(idx) > 0)
     counts = np.bincount(labels[idx], minlength=5)
-    expect = [max(1, round(fraction * n)) for n in (40, 80, 20, 100, 7)]
-    assert counts.tolist() == expect
+    expect = {0.1: [4, 8, 2, 10, 1], 0.25: [10, 20, 5, 25, 1], 0.5: [20, 40, 10, 50, 3], 1.0: [40, 80, 20, 100, 7]}
+    assert counts.tolist() == expect[fraction]  # floor(fraction * n_c), at least 1
     np.testing.assert_array_equal(idx, subsample_per_class(labels, fraction, seed=3))
     if fraction < 1:
         assert not np.array_equal(idx, subsample_per_class(labels, fraction, seed=4))
+        assert set(idx.tolist()) < set(subsample_per_class(labels, min(1.0, 2 * fraction), seed=3).tolist())
+    assert subsample_per_class(np.repeat([0, 1], 10), 0.3).size == 6  # 0.3 * 10 is not floored to 2
     with pytest.raises(ValueError):
         subsample_per_class(labels, 0.0)
 

@@ -217,7 +217,8 @@ def create_loader(
         fraction: keep a seeded ``fraction`` of every class first (ConViT's sample-efficiency protocol;
             pair it with ``steps_constant_epochs``).
         distributed: shard with a seeded ``DistributedSampler`` when torch.distributed is initialised
-            (call ``loader.sampler.set_epoch(epoch)`` each epoch).
+            (call ``loader.sampler.set_epoch(epoch)`` each epoch; without ``drop_last`` it pads the
+            last shard with repeated examples, so exact evaluation should gather per-example results).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -242,5 +243,5 @@ def create_loader(
     return DataLoader(
         ds, batch_size=batch_size, shuffle=bool(shuffle) and sampler is None, sampler=sampler,
         num_workers=num_workers, drop_last=drop_last, generator=generator,
-        persistent_workers=num_workers > 0,
+        persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available(),
     )

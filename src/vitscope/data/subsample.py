@@ -14,8 +14,10 @@ import numpy as np
 def subsample_per_class(labels: Sequence[int] | np.ndarray, fraction: float, seed: int = 0) -> np.ndarray:
     """Sorted indices of a seeded ``fraction`` of each class (at least one example per class).
 
-    Each class ``c`` with ``n_c`` examples keeps ``max(1, round(fraction * n_c))`` of them, drawn
-    without replacement by ``numpy.random.default_rng(seed)``.
+    Each class ``c`` with ``n_c`` examples keeps ``max(1, floor(fraction * n_c))`` of them (ConViT's
+    ``int(n_c * sampling_ratio)``): the first ones of a per-class permutation drawn by
+    ``numpy.random.default_rng(seed)``, so for one seed a smaller fraction is a subset of a larger one.
+    ConViT itself keeps the first files in sorted name order instead of a random draw.
     """
     if not 0 < fraction <= 1:
         raise ValueError(f"fraction must be in (0, 1], got {fraction}")
@@ -26,8 +28,9 @@ def subsample_per_class(labels: Sequence[int] | np.ndarray, fraction: float, see
     keep = []
     for c in np.unique(labels):
         idx = np.flatnonzero(labels == c)
-        k = max(1, round(fraction * len(idx)))
-        keep.append(rng.choice(idx, size=k, replace=False))
+        perm = rng.permutation(idx)  # drawn for every class whatever the fraction: nested subsets
+        k = max(1, math.floor(fraction * len(idx) + 1e-9))  # 1e-9: 0.3 * 10 is 2.9999999999999996
+        keep.append(perm[:k])
     return np.sort(np.concatenate(keep)) if keep else np.zeros(0, dtype=np.int64)
 
 
