@@ -22,6 +22,7 @@ _LAZY = {
     "save_weights": "vitscope.io.weights",
     "load_weights": "vitscope.io.weights",
     "load_checkpoint": "vitscope.io.weights",
+    "load_model": "vitscope.io.weights",
     "probe": "vitscope.probing",
 }
 _SUBMODULES = (

@@ -1,0 +1,434 @@
+"""``vitscope.probe``: every forward measure of the papers in one pass over a data loader.
+
+One capture per batch feeds all requested measures (RAGHU's CKA and ratio of norms, HDVW's Fourier
+log amplitude and feature variance, the attention measures of ViT/RAGHU, ConViT and CB). Every measure
+keeps additive states, so memory does not grow with the number of examples and ranks merge by summing.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from vitscope import measures as M
+from vitscope.capture import Capture, LayerInfo, capture
+from vitscope.capture._sites import find_blocks, is_attention_module
+
+_logger = logging.getLogger(__name__)
+
+
+def _normalized_depth(i: int, n: int) -> float:
+    return i / (n - 1) if n > 1 else 0.0
+
+
+def _layer_row(info: LayerInfo, i: int, n: int) -> dict[str, Any]:
+    return {"layer": info.name, "kind": info.kind, "block": info.block, "depth": i,
+            "normalized_depth": round(_normalized_depth(i, n), 6)}
+
+
+def _heads(values: torch.Tensor) -> dict[str, Any]:
+    v = [float(x) for x in values.flatten()]
+    return {"value": sum(v) / len(v), "heads": v}
+
+
+class _ProbeMeasure:
+    """Adapter from one capture to one streaming measure, and from its result to table rows."""
+
+    needs_attention = False
+    needs_streams = False
+    static = False  # computed from the weights, not from forward passes
+
+    def __init__(self) -> None:
+        self.layout: list[LayerInfo] | None = None
+
+    def update(self, cap: Capture) -> None:
+        raise NotImplementedError
+
+    def streaming(self) -> list[M.StreamingMeasure]:
+        raise NotImplementedError
+
+    def rows(self) -> list[dict[str, Any]]:
+        raise NotImplementedError
+
+    def extra(self) -> dict[str, Any]:
+        return {}
+
+
+class _AttentionProbe(_ProbeMeasure):
+    needs_attention = True
+    measure_cls: type = M.AttentionEntropy
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.measure = self.measure_cls()
+
+    def update(self, cap: Capture) -> None:
+        self.layout = list(cap.attention_layout)
+        self.measure.update(cap.attentions, cap.attention_layout)
+
+    def streaming(self) -> list[M.StreamingMeasure]:
+        return [self.measure]
+
+    def rows(self) -> list[dict[str, Any]]:
+        values = self.measure.compute()
+        n = len(values)
+        return [{**_layer_row(info, i, n), **_heads(v)} for i, (info, v) in enumerate(zip(self.layout, values))]
+
+
+class _Entropy(_AttentionProbe):
+    measure_cls = M.AttentionEntropy
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_tokens: list[int] = []
+
+    def update(self, cap: Capture) -> None:
+        super().update(cap)
+        self.num_tokens = [int(a.shape[-1]) for a in cap.attentions]
+
+    def rows(self) -> list[dict[str, Any]]:
+        rows = super().rows()
+        for row, n in zip(rows, self.num_tokens):
+            row["max_entropy"] = math.log(n)  # uniform attention over N keys: ln N
+        return rows
+
+
+class _Distance(_AttentionProbe):
+    measure_cls = M.AttentionDistance
+
+
+class _Nonlocality(_AttentionProbe):
+    measure_cls = M.Nonlocality
+
+
+class _RelativeDistance(_AttentionProbe):
+    measure_cls = M.RelativeDistance
+
+
+class _CKA(_ProbeMeasure):
+    needs_streams = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.measure: M.MinibatchCKA | None = None
+
+    def update(self, cap: Capture) -> None:
+        self.layout = list(cap.layout)
+        if self.measure is None:
+            self.measure = M.MinibatchCKA(len(cap.layout))
+        self.measure.update([z_out for _, z_out in cap.residuals])
+
+    def streaming(self) -> list[M.StreamingMeasure]:
+        return [self.measure]
+
+    def _matrix(self) -> torch.Tensor:
+        return self.measure.compute()
+
+    def rows(self) -> list[dict[str, Any]]:
+        mat = self._matrix()
+        n = len(self.layout)
+        return [{**_layer_row(a, i, n), "other_layer": b.name, "other_depth": j, "value": float(mat[i, j])}
+                for i, a in enumerate(self.layout) for j, b in enumerate(self.layout)]
+
+    def extra(self) -> dict[str, Any]:
+        return {"layers": [i.name for i in self.layout], "matrix": self._matrix().tolist(),
+                "examples": self.measure.num_examples}
+
+
+class _MapProbe(_ProbeMeasure):
+    """On the residual stream leaving each sub-layer (tokens reshaped to maps, prefix tokens dropped).
+
+    Sub-layers whose map is a single position (1 x 1, e.g. the last stage of a ResNet on tiny inputs) have
+    no spatial structure and are left out of the table.
+    """
+
+    needs_streams = True
+    measure_cls: type = M.FeatureVariance
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.measure = self.measure_cls()
+        self.keep: list[int] | None = None
+
+    def update(self, cap: Capture) -> None:
+        if self.keep is None:
+            self.keep = [i for i, info in enumerate(cap.layout) if info.grid and info.grid[0] * info.grid[1] > 1]
+            self.layout = [cap.layout[i] for i in self.keep]
+            self.depths = self.keep
+            self.total = len(cap.layout)
+            if not self.keep:
+                raise ValueError("no sub-layer has a spatial map larger than 1x1; use a larger input size")
+        self.measure.update([cap.residuals[i] for i in self.keep], self.layout)
+
+    def streaming(self) -> list[M.StreamingMeasure]:
+        return [self.measure]
+
+    def value(self, v: torch.Tensor) -> dict[str, Any]:
+        return {"value": float(v)}
+
+    def rows(self) -> list[dict[str, Any]]:
+        values = self.measure.compute()
+        return [{**_layer_row(info, d, self.total), **self.value(v)}
+                for d, info, v in zip(self.depths, self.layout, values)]
+
+
+class _Fourier(_MapProbe):
+    """HDVW's delta log amplitude; ``value`` is the highest frequency's, ``curve`` the whole half-diagonal."""
+
+    measure_cls = M.FourierLogAmplitude
+
+    def value(self, v: torch.Tensor) -> dict[str, Any]:
+        return {"value": float(v[-1]), "curve": [float(x) for x in v]}
+
+
+class _Variance(_MapProbe):
+    measure_cls = M.FeatureVariance
+
+
+class _RatioOfNorms(_ProbeMeasure):
+    needs_streams = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.measure = M.RatioOfNorms()
+
+    def update(self, cap: Capture) -> None:
+        self.layout = list(cap.layout)
+        self.measure.update(cap.shortcuts, cap.branches, cap.layout)
+
+    def streaming(self) -> list[M.StreamingMeasure]:
+        return [self.measure]
+
+    def rows(self) -> list[dict[str, Any]]:
+        values = self.measure.compute()
+        n = len(values)
+        return [{**_layer_row(info, i, n), **{k: (None if v is None else float(v)) for k, v in r.items()}}
+                for i, (info, r) in enumerate(zip(self.layout, values))]
+
+
+class _GPSAGates(_ProbeMeasure):
+    """ConViT's gates sigmoid(gating_param) per head: a property of the weights, read once."""
+
+    static = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.values: list[tuple[str, torch.Tensor]] = []
+
+    def read(self, model: nn.Module) -> None:
+        self.values = [(name, g) for (name, _), g in zip(M.gpsa_layers(model), M.gpsa_gates(model))]
+
+    def update(self, cap: Capture) -> None:
+        pass
+
+    def streaming(self) -> list[M.StreamingMeasure]:
+        return []
+
+    def rows(self) -> list[dict[str, Any]]:
+        n = len(self.values)
+        return [{"layer": name, "kind": "gpsa", "block": i, "depth": i,
+                 "normalized_depth": round(_normalized_depth(i, n), 6), **_heads(g)}
+                for i, (name, g) in enumerate(self.values)]
+
+
+PROBE_MEASURES: dict[str, type[_ProbeMeasure]] = {
+    "attention_entropy": _Entropy,
+    "attention_distance": _Distance,
+    "nonlocality": _Nonlocality,
+    "relative_distance": _RelativeDistance,
+    "cka": _CKA,
+    "ratio_of_norms": _RatioOfNorms,
+    "fourier": _Fourier,
+    "feature_variance": _Variance,
+    "gpsa_gates": _GPSAGates,
+}
+ATTENTION_MEASURES = tuple(k for k, v in PROBE_MEASURES.items() if v.needs_attention)
+
+
+@dataclass
+class ProbeResult:
+    """Per-layer tables of every measure, plus accuracy and NLL of the pass."""
+
+    tables: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    extras: dict[str, dict[str, Any]] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __getitem__(self, name: str) -> list[dict[str, Any]]:
+        return self.tables[name]
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{measure: {"rows": [...], ...extras}}``: top-level keys are measure names.
+
+        Non-finite values (e.g. the ratio of norms of a zero-initialised branch) become ``None``.
+        """
+        return _finite({name: {"rows": rows, **self.extras.get(name, {})} for name, rows in self.tables.items()})
+
+    def save(self, out_dir: str | os.PathLike) -> Path:
+        """Write ``results.json`` (+ ``meta.json``) and one CSV per measure into ``out_dir``, atomically."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "results.json", json.dumps(self.to_dict(), indent=1))
+        atomic_write_text(out / "meta.json", json.dumps(self.meta, indent=1))
+        for name, content in self.to_dict().items():
+            write_csv(out / f"{name}.csv", content["rows"])
+        return out
+
+
+def _finite(obj: Any) -> Any:
+    """JSON-safe copy: non-finite floats become None (JSON has no NaN or Infinity)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same directory and a rename."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    """Rows as CSV (atomic); list values (per-head values, curves) become columns ``key_0, key_1, ...``."""
+    flat = []
+    for row in rows:
+        r = {}
+        for k, v in row.items():
+            if isinstance(v, (list, tuple)):
+                r.update({f"{k}_{i}": x for i, x in enumerate(v)})
+            else:
+                r[k] = v
+        flat.append(r)
+    columns: list[str] = []
+    for r in flat:
+        columns += [k for k in r if k not in columns]
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp",
+                                     delete=False, newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(flat)
+    os.replace(f.name, path)
+
+
+def _resolve_measures(model: nn.Module, names: Iterable[str]) -> list[str]:
+    names = list(dict.fromkeys(names))
+    unknown = [n for n in names if n not in PROBE_MEASURES]
+    if unknown:
+        raise ValueError(f"unknown measure(s) {unknown}; choose from {sorted(PROBE_MEASURES)}")
+    if not names:
+        raise ValueError(f"no measure requested; choose from {sorted(PROBE_MEASURES)}")
+    has_attention = any(is_attention_module(m) for m in model.modules())
+    for n in names:
+        if PROBE_MEASURES[n].needs_attention and not has_attention:
+            raise ValueError(
+                f"measure {n!r} needs attention maps but {type(model).__name__} has no attention layer vitscope "
+                f"can capture; drop {n!r} (attention measures: {list(ATTENTION_MEASURES)})"
+            )
+        if PROBE_MEASURES[n].needs_streams and not find_blocks(model):
+            raise ValueError(f"measure {n!r} needs residual blocks but vitscope knows none in {type(model).__name__}")
+    return names
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+@torch.no_grad()
+def probe(
+    model: nn.Module,
+    loader: Iterable,
+    measures: Sequence[str] = ("attention_entropy", "attention_distance", "cka", "ratio_of_norms", "fourier",
+                               "feature_variance"),
+    device: torch.device | str | None = None,
+    max_batches: int | None = None,
+    progress: bool = True,
+) -> ProbeResult:
+    """Run every requested forward measure in one forward pass per batch, streaming over ``loader``.
+
+    Args:
+        model: A ViT, ConViT, ResNet or vitscope model (see ``vitscope.capture``).
+        loader: Yields ``(images, labels)`` or images.
+        measures: Names from ``PROBE_MEASURES``.
+        device: Where to run (default: the model's device).
+        max_batches: Stop after this many batches.
+        progress: Show a progress bar.
+
+    Returns:
+        A :class:`ProbeResult`; also ``accuracy`` and ``nll`` in ``meta`` when labels are given.
+        Across torch.distributed ranks, states are summed, so every rank gets the global result.
+    """
+    names = _resolve_measures(model, measures)
+    device = torch.device(device) if device is not None else _model_device(model)
+    was_training = model.training
+    model.to(device).eval()
+    adapters = {n: PROBE_MEASURES[n]() for n in names}
+    for a in adapters.values():
+        if a.static:
+            a.read(model)
+    need_attn = any(a.needs_attention for a in adapters.values())
+    need_streams = any(a.needs_streams for a in adapters.values())
+    stats = torch.zeros(4, dtype=torch.float64)  # correct, nll sum, labelled examples, examples
+    total = len(loader) if hasattr(loader, "__len__") else None
+    if max_batches is not None:
+        total = min(total, max_batches) if total is not None else max_batches
+    bar = tqdm(loader, total=total, desc="probe", disable=not progress, leave=False)
+    try:
+        for b, batch in enumerate(bar):
+            if max_batches is not None and b >= max_batches:
+                break
+            images, labels = (batch[0], batch[1]) if isinstance(batch, (list, tuple)) else (batch, None)
+            images = images.to(device)
+            if not torch.isfinite(images).all():
+                raise ValueError(f"batch {b} holds NaN or infinite pixels; check the data pipeline")
+            with capture(model, attention=need_attn, residual=need_streams, branches=need_streams) as cap:
+                logits = model(images)
+            for a in adapters.values():
+                a.update(cap)
+            stats[3] += images.shape[0]
+            if labels is not None:
+                labels = labels.to(device)
+                if labels.ndim == 1 and logits.ndim == 2 and int(labels.max()) < logits.shape[1]:
+                    stats[0] += (logits.argmax(1) == labels).sum().item()
+                    stats[1] += F.cross_entropy(logits.float(), labels, reduction="sum").item()
+                    stats[2] += labels.numel()
+    finally:
+        model.train(was_training)
+    if stats[3] == 0:
+        raise ValueError("the loader gave no batch; check the data spec, split and max_batches")
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        for a in adapters.values():
+            for m in a.streaming():
+                m.sync()
+        torch.distributed.all_reduce(stats)
+    result = ProbeResult(meta={"model": type(model).__name__, "examples": int(stats[3]), "measures": names})
+    if stats[2] > 0:
+        result.meta.update(accuracy=float(stats[0] / stats[2]), nll=float(stats[1] / stats[2]))
+    for name, a in adapters.items():
+        result.tables[name] = a.rows()
+        extra = a.extra()
+        if extra:
+            result.extras[name] = extra
+    return result

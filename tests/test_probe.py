@@ -1,0 +1,114 @@
+"""vitscope.probe: one pass feeds every measure; results equal the measures on the whole data set."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+import vitscope
+from vitscope import measures as M
+
+
+def _data(n=13, classes=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return TensorDataset(torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, classes, (n,), generator=g))
+
+
+def _whole(model, ds):
+    """Capture on the whole data set at once: the reference the streamed probe must equal."""
+    x, y = ds.tensors
+    with torch.no_grad(), vitscope.capture(model) as cap:
+        logits = model(x)
+    return cap, logits, y
+
+
+@pytest.mark.parametrize("name", ["test_vit_cb", "test_convit_32"])
+def test_probe_streams_to_whole_set_values(name):
+    model = vitscope.create_model(name).eval()
+    ds = _data()
+    names = ["attention_entropy", "attention_distance", "nonlocality", "relative_distance", "ratio_of_norms",
+             "fourier", "feature_variance"]
+    result = vitscope.probe(model, DataLoader(ds, batch_size=5), names, progress=False)  # batches 5, 5, 3
+    cap, logits, y = _whole(model, ds)
+    assert result.meta["examples"] == 13
+    assert result.meta["accuracy"] == pytest.approx((logits.argmax(1) == y).double().mean().item())
+    assert result.meta["nll"] == pytest.approx(F.cross_entropy(logits.double(), y).item(), rel=1e-6)
+    for i, (attn, info) in enumerate(zip(cap.attentions, cap.attention_layout)):
+        row = result["attention_entropy"][i]
+        a = attn.double().numpy()
+        ent = -(np.where(a > 0, a * np.log(np.where(a > 0, a, 1)), 0)).sum(-1).mean((0, 2))  # numpy reference
+        np.testing.assert_allclose(row["heads"], ent, rtol=1e-6)
+        assert row["max_entropy"] == pytest.approx(math.log(attn.shape[-1]))
+        assert row["layer"] == info.name and row["kind"] == info.kind
+        dist = M.attention_distance(attn, info.grid, info.patch_size, info.num_prefix_tokens)
+        np.testing.assert_allclose(result["attention_distance"][i]["heads"], dist.numpy(), rtol=1e-6)
+    for i, (rec, row) in enumerate(zip(cap.records, result["ratio_of_norms"])):
+        ref = M.ratio_of_norms(rec.z_in, rec.branch, rec.info.num_prefix_tokens)
+        assert row["spatial"] == pytest.approx(float(ref["spatial"]), rel=1e-6)
+        assert row["depth"] == i and row["normalized_depth"] == pytest.approx(i / (len(cap.records) - 1))
+    for rec, f_row, v_row in zip(cap.records, result["fourier"], result["feature_variance"]):
+        fmap = vitscope.tokens_to_map(rec.z_out, rec.info.grid, rec.info.num_prefix_tokens)
+        np.testing.assert_allclose(f_row["curve"], M.fourier_log_amplitude(fmap).numpy(), rtol=1e-5, atol=1e-8)
+        assert v_row["value"] == pytest.approx(float(M.feature_variance(fmap)), rel=1e-6)
+
+
+def test_probe_cka_single_batch_equals_cka():
+    model = vitscope.create_model("test_vit_cifar").eval()
+    ds = _data(n=12)
+    result = vitscope.probe(model, DataLoader(ds, batch_size=12), ["cka"], progress=False)
+    cap, _, _ = _whole(model, ds)
+    feats = [z_out for _, z_out in cap.residuals]
+    mat = np.array(result.extras["cka"]["matrix"])
+    for i in range(len(feats)):
+        for j in range(len(feats)):
+            assert mat[i, j] == pytest.approx(float(M.cka(feats[i], feats[j])), abs=1e-9)
+    np.testing.assert_allclose(np.diag(mat), 1.0, atol=1e-9)
+
+
+def test_probe_on_cnn_and_clear_errors():
+    model = vitscope.create_model("resnet18", num_classes=10)
+    loader = DataLoader(_data(n=8), batch_size=4)
+    result = vitscope.probe(model, loader, ["cka", "ratio_of_norms", "fourier", "feature_variance"], progress=False)
+    assert len(result["cka"]) == 8 * 8 and {r["kind"] for r in result["fourier"]} == {"conv"}
+    with pytest.raises(ValueError, match="'attention_entropy' needs attention maps but ResNet"):
+        vitscope.probe(model, loader, ["attention_entropy"])
+    with pytest.raises(ValueError, match="unknown measure"):
+        vitscope.probe(model, loader, ["entropy_of_everything"])
+    with pytest.raises(ValueError, match="no GPSA layer"):
+        vitscope.probe(model, loader, ["gpsa_gates"])
+    bad = TensorDataset(torch.full((4, 3, 32, 32), float("nan")), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="NaN"):
+        vitscope.probe(model, DataLoader(bad, batch_size=4), ["cka"])
+    with pytest.raises(ValueError, match="no batch"):
+        vitscope.probe(model, DataLoader(_data(n=4), batch_size=4), ["cka"], max_batches=0)
+
+
+def test_gpsa_gates_table():
+    model = vitscope.create_model("test_convit_32")
+    with torch.no_grad():
+        model.blocks[1].attn.gating_param.copy_(torch.tensor([0.0, 1.0, -1.0, 2.0]))
+    result = vitscope.probe(model, DataLoader(_data(n=4), batch_size=4), ["gpsa_gates"], progress=False)
+    rows = result["gpsa_gates"]
+    assert [r["layer"] for r in rows] == ["blocks.0.attn", "blocks.1.attn"]
+    np.testing.assert_allclose(rows[1]["heads"], 1 / (1 + np.exp(-np.array([0.0, 1.0, -1.0, 2.0]))), rtol=1e-6)
+
+
+def test_cli_probe_writes_json_and_csv(tmp_path, capsys):
+    from vitscope.cli import main
+
+    out = tmp_path / "probe"
+    code = main(["probe", "--model", "test_vit_cb", "--data", "fake", "--measures",
+                 "attention_entropy,cka,fourier,ratio_of_norms", "--batch-size", "16", "--max-batches", "2",
+                 "--out", str(out)])
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    assert set(results) == {"attention_entropy", "cka", "fourier", "ratio_of_norms"}
+    for name in results:
+        assert (out / f"{name}.csv").read_text().startswith("layer,kind,block,depth,normalized_depth")
+    assert json.loads((out / "meta.json").read_text())["examples"] == 32
+    assert main(["probe", "--model", "test_vit_cb", "--data", "fake", "--measures", "bogus", "--out",
+                 str(out)]) == 2
+    assert "unknown measure" in capsys.readouterr().err
