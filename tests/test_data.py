@@ -187,6 +187,8 @@ def test_cifar100_fine_and_coarse(tmp_path):
     assert yc.tolist() == [lab // 5 for lab in written["test"][1]]
     assert data_info(f"cifar100:{tmp_path}").num_classes == 100
     assert data_info(f"cifar100:{tmp_path},labels=coarse").num_classes == 20
+    assert data_info(f"cifar100:{tmp_path},labels=coarse").class_names == tuple(f"k{i}" for i in range(20))
+    assert data_info(f"cifar100:{tmp_path / 'elsewhere'}").class_names is None  # no files needed
 
 
 def test_missing_cifar_file_is_named(tmp_path):
@@ -311,6 +313,22 @@ def test_loader_options():
         create_loader(spec, augment={"auto_augment": "no-such-policy"})
     with pytest.raises(ValueError, match="split"):
         create_loader(spec, split="training")
+
+
+def test_default_augment_is_pad4_crop_and_flip():
+    """HDVW's CIFAR augmentation: every image is its original shifted by at most 4 px (zero fill), maybe mirrored."""
+    spec = "fake:n=12,classes=3,size=16"
+    orig = torch.from_numpy(create_dataset(spec).data).permute(0, 3, 1, 2).float() / 255  # (12, 3, 16, 16)
+    torch.manual_seed(0)
+    aug, _ = _all_batches(create_loader(spec, batch_size=12, augment=True, normalize=False, shuffle=False))
+    padded = torch.nn.functional.pad(orig, (4, 4, 4, 4))  # (12, 3, 24, 24)
+    moved = 0
+    for i in range(12):
+        hits = [(dy, dx, f) for dy in range(9) for dx in range(9) for f in (False, True)
+                if torch.equal(aug[i], (lambda c: c.flip(-1) if f else c)(padded[i, :, dy:dy + 16, dx:dx + 16]))]
+        assert hits, f"image {i} is not a padded crop of its original"
+        moved += (4, 4, False) not in hits
+    assert moved >= 6  # the crops really move (a chance of about 1 / 162 per image to stay put)
 
 
 def test_distributed_sampler(tmp_path):

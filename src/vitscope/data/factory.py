@@ -84,7 +84,8 @@ def _native(r: _Resolved) -> dict[str, Any]:
         if labels not in ("fine", "coarse"):
             raise ValueError(f"cifar100: labels must be 'fine' or 'coarse', got {labels!r}")
         return dict(num_classes=100 if labels == "fine" else 20, img_size=32, mean=local.CIFAR100_MEAN,
-                    std=local.CIFAR100_STD, class_names=None, defaults=SMALL_DEFAULTS, crop_pct=1.0)
+                    std=local.CIFAR100_STD, class_names=local.cifar100_class_names(r.spec.path, labels),
+                    defaults=SMALL_DEFAULTS, crop_pct=1.0)
     if name in ("mnist", "fashion_mnist"):
         check_options(name, opts, _PATH_OPTIONS)
         mnist = name == "mnist"

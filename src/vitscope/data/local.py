@@ -115,6 +115,15 @@ class SafeCIFAR100(SafeCIFAR10):
     label_key = "fine_labels"
 
 
+def cifar100_class_names(root: str, labels: str = "fine") -> tuple[str, ...] | None:
+    """Class names from ``root/cifar-100-python/meta`` if it is there (``None`` otherwise)."""
+    meta = os.path.join(root, SafeCIFAR100.base_folder, SafeCIFAR100.meta["filename"])
+    if not os.path.exists(meta):
+        return None
+    entry = _safe_unpickle(meta)
+    return tuple(entry["coarse_label_names" if labels == "coarse" else "fine_label_names"])
+
+
 def make_cifar(name: str, root: str, split: str, download: bool = False, coarse: bool = False) -> SafeCIFAR10:
     cls = SafeCIFAR10 if name == "cifar10" else SafeCIFAR100
     if coarse and name != "cifar100":
