@@ -6,8 +6,10 @@ module type (mono/poly). vitscope adds:
 
 - labels: ``defect`` (probability >= 0.5; 2 classes, default) or ``levels`` (the 4 probabilities).
 - a fixed stratified split (strata = level x type, seed ``split_seed=0``): per stratum
-  ``round(0.15 n)`` val, ``round(0.15 n)`` test, the rest train: 1,836 / 394 / 394 images.
-  The split does not depend on ``labels``; option ``types=mono|poly`` keeps one module type.
+  ``round(0.15 n)`` val, ``round(0.15 n)`` test, the rest train: 1,836 / 394 / 394 images
+  (functional/defective 1261/575, 271/123, 271/123; levels 0, 1/3, 2/3, 1: 1056/205/74/501,
+  226/45/16/107, 226/45/16/107; mono/poly 752/1084, 161/233, 161/233). The split does not depend
+  on ``labels``; option ``types=mono|poly`` keeps one module type.
 - images resized (bilinear, antialiased) to ``img_size`` (default 64) and cached as uint8 in
   ``${VITSCOPE_CACHE:-~/.cache/vitscope}/elpv/`` (decoding the PNGs once takes ~15 s), repeated to
   3 channels; mean/std come from the train split at that size.
