@@ -1,0 +1,224 @@
+"""Localization probe (Raghu et al. 2021, "Do Vision Transformers See Like Convolutional Neural Networks?",
+Sec. "Localization"): how well does each spatial token still know where it is?
+
+For each residual block's output (the residual stream; prefix tokens such as the class token dropped),
+a linear classifier on frozen features predicts each spatial token's position index (0..h*w-1, row
+major) from that token's feature vector alone. It is trained on the tokens of some images and scored
+on the tokens of held-out images; chance is 1/(h*w) since every image has one token per position.
+RAGHU find ViTs (with a class token) keep position well through depth, less so with global average
+pooling. CNN feature maps (B, C, H, W) are probed the same way over their H x W locations.
+
+The probe is multinomial logistic regression (L2-regularized, features standardized with train
+statistics) fit full-batch with L-BFGS on features collected once; bound memory with ``max_batches``.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from itertools import islice
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from vitscope.interventions._blocks import residual_blocks, select
+from vitscope.interventions._eval import eval_mode, model_device, normalized_depth
+
+_logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LocalizationLayer:
+    """Held-out accuracy of the position probe at one block output."""
+
+    name: str
+    kind: str
+    block: int
+    depth: float
+    grid_h: int
+    grid_w: int
+    accuracy: float
+    train_accuracy: float
+    chance: float
+    num_train_tokens: int
+    num_test_tokens: int
+
+
+@dataclass
+class LocalizationResult:
+    """Per-layer position-probe accuracies (``to_rows`` gives flat dicts for CSV/JSON)."""
+
+    layers: list[LocalizationLayer] = field(default_factory=list)
+
+    def to_rows(self) -> list[dict[str, Any]]:
+        return [{"study": "localization", **asdict(layer)} for layer in self.layers]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"study": "localization", "rows": self.to_rows()}
+
+
+@dataclass(frozen=True)
+class ProbeFit:
+    accuracy: float
+    train_accuracy: float
+    num_train_tokens: int
+    num_test_tokens: int
+
+
+def fit_position_probe(
+    features: torch.Tensor,
+    train_fraction: float = 0.5,
+    epochs: int = 100,
+    weight_decay: float = 1e-4,
+    seed: int = 0,
+) -> ProbeFit:
+    """Fit a linear probe that predicts token position from token features; score it on held-out images.
+
+    Args:
+        features: (n_images, P, D) spatial-token features; token p of every image has label p.
+        train_fraction: Fraction of the images (not tokens) used for training; the rest is held out.
+        epochs: L-BFGS iterations on the full training set.
+        weight_decay: L2 penalty ``weight_decay / 2 * ||W||^2`` added to the mean cross-entropy.
+        seed: Seed of the image split.
+    """
+    if features.ndim != 3:
+        raise ValueError(f"features must be (n_images, positions, dim), got shape {tuple(features.shape)}")
+    n, P, D = features.shape
+    if n < 2:
+        raise ValueError(f"the position probe needs at least 2 images (train and held out), got {n}; "
+                         "raise max_batches or the batch size")
+    if not 0 < train_fraction < 1:
+        raise ValueError(f"train_fraction must lie in (0, 1), got {train_fraction}")
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    if not torch.isfinite(features).all():
+        raise ValueError("features contain NaN or inf; the model's activations overflowed")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    n_train = min(max(int(round(train_fraction * n)), 1), n - 1)
+    feats = features.float()
+    x_tr = feats[perm[:n_train]].reshape(-1, D)  # (n_train * P, D)
+    x_te = feats[perm[n_train:]].reshape(-1, D)  # (n_test * P, D)
+    y_tr = torch.arange(P).repeat(n_train)  # token p of each image -> label p
+    y_te = torch.arange(P).repeat(n - n_train)
+    mu, sd = x_tr.mean(0), x_tr.std(0)
+    sd = sd.clamp_min(1e-6 * float(sd.max()) + 1e-12)
+    x_tr, x_te = (x_tr - mu) / sd, (x_te - mu) / sd
+
+    w = torch.zeros(D, P, requires_grad=True)
+    b = torch.zeros(P, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=epochs, history_size=20, line_search_fn="strong_wolfe",
+                            tolerance_grad=1e-9, tolerance_change=1e-12)
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = F.cross_entropy(x_tr @ w + b, y_tr) + 0.5 * weight_decay * (w * w).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    with torch.no_grad():
+        acc_tr = float(((x_tr @ w + b).argmax(1) == y_tr).float().mean())
+        acc_te = float(((x_te @ w + b).argmax(1) == y_te).float().mean())
+    return ProbeFit(acc_te, acc_tr, len(y_tr), len(y_te))
+
+
+def _model_grid(model: nn.Module) -> tuple[int, int] | None:
+    grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
+    return (int(grid[0]), int(grid[1])) if grid is not None else None
+
+
+def _spatial(out: Any, grid: tuple[int, int] | None, name: str) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Block output -> ((B, P, D) spatial tokens, (h, w))."""
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    if out.ndim == 4:  # CNN map (B, C, H, W)
+        B, C, H, W = out.shape
+        return out.flatten(2).transpose(1, 2), (H, W)  # (B, H*W, C)
+    if out.ndim != 3:
+        raise ValueError(f"block {name} outputs shape {tuple(out.shape)}; expected (B, N, D) tokens or (B, C, H, W)")
+    if grid is None:
+        raise ValueError(f"block {name} outputs tokens but the model has no patch_embed.grid_size; pass grid=(h, w)")
+    h, w = grid
+    n_prefix = out.shape[1] - h * w
+    if n_prefix < 0:
+        raise ValueError(f"block {name} outputs {out.shape[1]} tokens, fewer than the {h}x{w} grid; "
+                         "pass the right grid")
+    return out[:, n_prefix:], (h, w)  # (B, h*w, D): prefix (class/register) tokens dropped
+
+
+def localization_probe(
+    model: nn.Module,
+    loader: Iterable,
+    layers: Sequence[int | str] | None = None,
+    device: torch.device | str | None = None,
+    max_batches: int | None = None,
+    epochs: int = 100,
+    seed: int = 0,
+    train_fraction: float = 0.5,
+    weight_decay: float = 1e-4,
+    grid: tuple[int, int] | None = None,
+    progress: bool | None = None,
+) -> LocalizationResult:
+    """RAGHU's localization probe at each residual block output of a ViT or CNN.
+
+    Args:
+        model: A trained model with residual blocks that ``residual_blocks`` recognizes.
+        loader: Yields images or (images, labels); labels are not used.
+        layers: Block indices or names (fnmatch patterns allowed); default every block.
+        device: Where to run the model (it is moved there); default: the model's device.
+        max_batches: Use only the first batches (features of every layer are kept on CPU:
+            n_images * h * w * D floats per layer).
+        epochs: L-BFGS iterations of each probe (full batch).
+        seed: Seed of the train/held-out image split.
+        train_fraction: Fraction of images used to train each probe.
+        weight_decay: L2 penalty of the probe.
+        grid: Spatial token grid (h, w) of a ViT; default ``model.patch_embed.grid_size``. The number of
+            prefix tokens is the token count minus h*w (so ConViT's late class token is handled).
+        progress: Show a tqdm bar (default: only on a terminal).
+    """
+    if max_batches is not None and max_batches < 1:
+        raise ValueError(f"max_batches must be a positive number of batches or None, got {max_batches}")
+    all_blocks = residual_blocks(model)
+    chosen = select(all_blocks, layers, "block", model)
+    grid = grid if grid is not None else _model_grid(model)
+    dev = model_device(model, device)
+    feats: dict[int, list[torch.Tensor]] = {blk.index: [] for blk in chosen}
+    grids: dict[int, tuple[int, int]] = {}
+
+    def hook_for(blk: Any) -> Any:
+        def hook(module: nn.Module, args: Any, out: Any) -> None:
+            tokens, g = _spatial(out, grid, blk.name)
+            feats[blk.index].append(tokens.detach().float().cpu())
+            grids[blk.index] = g
+
+        return hook
+
+    handles = [blk.module.register_forward_hook(hook_for(blk)) for blk in chosen]
+    try:
+        with eval_mode(model), torch.no_grad():
+            for batch in islice(loader, max_batches):
+                x = batch[0] if isinstance(batch, (tuple, list)) else batch
+                if not torch.is_tensor(x) or x.ndim != 4:
+                    raise ValueError("the loader must yield image batches (B, C, H, W) or (images, labels) pairs")
+                model(x.to(dev))
+    finally:
+        for h in handles:
+            h.remove()
+
+    result = LocalizationResult()
+    for blk in tqdm(chosen, desc="localization probe", disable=None if progress is None else not progress):
+        if not feats[blk.index]:
+            raise ValueError("the loader yielded no images (or the chosen blocks never ran)")
+        f = torch.cat(feats.pop(blk.index))  # (n_images, P, D)
+        h, w = grids[blk.index]
+        fit = fit_position_probe(f, train_fraction, epochs, weight_decay, seed)
+        result.layers.append(LocalizationLayer(
+            blk.name, blk.kind, blk.index, normalized_depth(blk.index, len(all_blocks)), h, w,
+            fit.accuracy, fit.train_accuracy, 1.0 / (h * w), fit.num_train_tokens, fit.num_test_tokens,
+        ))
+        _logger.info("localization %s: held-out accuracy %.3f (chance %.3f)", blk.name, fit.accuracy, 1 / (h * w))
+    return result
