@@ -25,6 +25,7 @@ Every residual block follows vitscope's capture contract: class attribute ``vits
 from __future__ import annotations
 
 from collections import OrderedDict
+from contextlib import nullcontext
 from functools import partial
 from typing import Any
 
@@ -280,8 +281,13 @@ default_cfgs = generate_default_cfgs({
 })
 
 
-def _create(variant: str, pretrained: bool, **kwargs: Any) -> AlterNet:
-    return build_model_with_cfg(AlterNet, variant, pretrained, feature_cfg=dict(feature_cls="getter"), **kwargs)
+def _create(variant: str, pretrained: bool, device: Any = None, dtype: torch.dtype | None = None,
+            **kwargs: Any) -> AlterNet:
+    # timm's create_model passes device/dtype to the model; build under the device, then cast.
+    with torch.device(device) if device is not None else nullcontext():
+        model = build_model_with_cfg(AlterNet, variant, pretrained, feature_cfg=dict(feature_cls="getter"),
+                                     **kwargs)
+    return model.to(dtype=dtype) if dtype is not None else model
 
 
 _ALTERNET50 = dict(layers=(3, 4, 6, 4), num_msa=(0, 1, 3, 2), num_heads=(3, 6, 12, 24),

@@ -60,8 +60,9 @@ class VitscopeResNet(ResNet):
         self.cifar_stem = cifar_stem
         self.smoothing = smoothing
         if cifar_stem:
-            width = self.bn1.num_features
-            self.conv1 = nn.Conv2d(self.in_chans, width, kernel_size=3, stride=1, padding=1, bias=False)
+            ref = self.bn1.weight  # keep timm's device/dtype (e.g. ``device="meta"``)
+            self.conv1 = nn.Conv2d(self.in_chans, self.bn1.num_features, kernel_size=3, stride=1, padding=1,
+                                   bias=False, device=ref.device, dtype=ref.dtype)
             nn.init.kaiming_normal_(self.conv1.weight, mode="fan_out", nonlinearity="relu")
             self.maxpool = nn.Identity()
             for info in self.feature_info:
@@ -149,8 +150,8 @@ def _create(variant: str, pretrained: bool, **kwargs: Any) -> VitscopeResNet:
 
 _R18 = dict(block=BasicBlock, layers=(2, 2, 2, 2))
 _R50 = dict(block=Bottleneck, layers=(3, 4, 6, 3))
-# Tiny: one block per stage, 16-32-32-64 channels (BasicBlock fixes the stem width at 64 in timm, so the
-# stem keeps 64 channels; layer1 projects it down). zero_init_last=False so every weight gets a gradient.
+# Tiny: one block per stage, 16-32-32-64 channels (timm's single-conv stem is always 64 wide; layer1
+# projects it down). zero_init_last=False so every weight gets a gradient at init.
 _TINY = dict(block=BasicBlock, layers=(1, 1, 1, 1), channels=(16, 32, 32, 64), zero_init_last=False)
 
 
