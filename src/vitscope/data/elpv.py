@@ -207,11 +207,23 @@ def elpv_info(img_size: int | None = None, **options: Any) -> dict[str, Any]:
     opts = _options(options)
     size = img_size or ELPV_DEFAULT_SIZE
     train, _ = _split("train", size, opts)
-    x = train.astype(np.float64) / 255.0  # (n, S, S)
+    mean, std = _pixel_stats(train)
     return dict(
         num_classes=len(LABEL_SETS[opts["labels"]]),
         img_size=size,
-        mean=(float(x.mean()),) * 3,
-        std=(float(x.std()),) * 3,
+        mean=(mean,) * 3,
+        std=(std,) * 3,
         class_names=LABEL_SETS[opts["labels"]],
     )
+
+
+def _pixel_stats(images: np.ndarray, chunk: int = 256) -> tuple[float, float]:
+    """Mean and (population) std of uint8 pixels / 255, from exact integer sums in chunks."""
+    total, total_sq = 0, 0
+    for i in range(0, len(images), chunk):
+        x = images[i:i + chunk].astype(np.int64)  # (b, S, S)
+        total += int(x.sum())
+        total_sq += int((x * x).sum())
+    n = images.size
+    var = (total_sq * n - total * total) / (n * n)  # exact integers up to the final division
+    return total / n / 255.0, float(np.sqrt(var)) / 255.0
