@@ -12,7 +12,8 @@ from vitscope.robustness.corruptions import (
 )
 from vitscope.robustness.frequency import band_mask, band_noise, frequency_noise, frequency_radius, frequency_sweep
 from vitscope.robustness.occlusion import occlude_center, occlusion_box
-from vitscope.robustness.suite import DEFAULT_EPS, DEFAULT_FREQS, SUITE, evaluate_robustness
+from vitscope.robustness.report import figures, result_tables, save_results
+from vitscope.robustness.suite import DEFAULT_EPS, DEFAULT_FREQS, SUITE, evaluate_cifar_c, evaluate_robustness
 
 __all__ = [
     "Calibration", "calibration",
@@ -20,5 +21,6 @@ __all__ = [
     "occlude_center", "occlusion_box",
     "band_mask", "band_noise", "frequency_noise", "frequency_radius", "frequency_sweep",
     "CORRUPTIONS", "CIFAR_C_NAMES", "CIFARCDataset", "corrupt", "corruption_params", "load_cifar_c",
-    "SUITE", "DEFAULT_EPS", "DEFAULT_FREQS", "evaluate_robustness",
+    "SUITE", "DEFAULT_EPS", "DEFAULT_FREQS", "evaluate_robustness", "evaluate_cifar_c",
+    "figures", "result_tables", "save_results",
 ]

@@ -23,7 +23,7 @@ from vitscope.robustness.occlusion import occlude_center
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["SUITE", "DEFAULT_EPS", "DEFAULT_FREQS", "evaluate_robustness", "default_freq_eps"]
+__all__ = ["SUITE", "DEFAULT_EPS", "DEFAULT_FREQS", "evaluate_robustness", "evaluate_cifar_c", "default_freq_eps"]
 
 SUITE: tuple[str, ...] = ("calibration", "occlusion", "fgsm", "pgd", "frequency", "corruptions")
 DEFAULT_EPS: tuple[float, ...] = (1 / 255, 2 / 255, 4 / 255, 8 / 255)
@@ -170,3 +170,61 @@ def evaluate_robustness(
                 "error_increase": {c: [clean - a for a in accs] for c, accs in acc_c.items()},
             }
     return out
+
+
+@torch.no_grad()
+def evaluate_cifar_c(
+    model: nn.Module,
+    path: str,
+    names: Sequence[str] | None = None,
+    severities: Sequence[int] = (1, 2, 3, 4, 5),
+    *,
+    clean_accuracy: float | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    device: str | torch.device | None = None,
+    batch_size: int = 256,
+    max_batches: int | None = None,
+    progress: bool | None = None,
+) -> dict[str, Any]:
+    """Accuracy on the released CIFAR-10-C / CIFAR-100-C files in ``path`` (``load_cifar_c``).
+
+    ``names`` defaults to every CIFAR-C corruption whose ``.npy`` is present. Returns the same layout
+    as ``evaluate_robustness(...)["corruptions"]`` (error_increase only when ``clean_accuracy`` is given).
+    """
+    import os
+
+    from torch.utils.data import DataLoader
+
+    from vitscope.robustness.corruptions import CIFAR_C_NAMES, load_cifar_c
+
+    if names is None:
+        names = [n for n in CIFAR_C_NAMES if os.path.isfile(os.path.join(path, f"{n}.npy"))]
+        if not names:
+            raise FileNotFoundError(
+                f"no CIFAR-C .npy files ({', '.join(CIFAR_C_NAMES[:3])}, ...) in {path}; pass the unpacked "
+                "CIFAR-10-C or CIFAR-100-C folder"
+            )
+    dev = resolve_device(model, device)
+    net = pixel_model(model, mean, std).to(dev)
+    acc: dict[str, list[float]] = {}
+    with _EvalMode(net):
+        for name in names:
+            acc[name] = []
+            for s in severities:
+                loader = DataLoader(load_cifar_c(path, name, s), batch_size=batch_size)
+                hit = n = 0
+                for _, x, y in batches(loader, dev, max_batches, desc=f"{name} s{s}", progress=progress):
+                    hit += int((net(x).argmax(dim=1) == y).sum())
+                    n += x.shape[0]
+                acc[name].append(hit / max(n, 1))
+    flat = [a for v in acc.values() for a in v]
+    return {
+        "severities": [int(s) for s in severities],
+        "table": f"files:{path}",
+        "accuracy": acc,
+        "mean_accuracy": sum(flat) / len(flat),
+        "error_increase": {k: [clean_accuracy - a for a in v] for k, v in acc.items()}
+        if clean_accuracy is not None
+        else {k: [None] * len(v) for k, v in acc.items()},
+    }

@@ -1,0 +1,187 @@
+"""Tables and figures of ``evaluate_robustness`` results, written atomically (JSON, CSV, PNG).
+
+Figures follow the papers' plots: the reliability diagram with confidence histogram (HDVW's
+``ops/tests.py``), accuracy against noise frequency (HDVW Fig. 2c), accuracy against eps (CB) and
+accuracy per corruption and severity.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+_logger = logging.getLogger(__name__)
+
+__all__ = ["result_tables", "save_results", "figures"]
+
+
+def _atomic_write(path: Path, write: Callable[[Any], None], mode: str = "w") -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode, **({"newline": ""} if "b" not in mode else {})) as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    columns: list[str] = []
+    for r in rows:
+        columns += [k for k in r if k not in columns]
+
+    def write(f: Any) -> None:
+        w = csv.DictWriter(f, fieldnames=columns)
+        w.writeheader()
+        w.writerows(rows)
+
+    _atomic_write(path, write)
+
+
+def result_tables(results: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """Flat rows per table: ``summary`` (measure, setting, value, accuracy) and one table per measure."""
+    summary: list[dict[str, Any]] = [
+        {"measure": "clean", "setting": "", "value": "", "accuracy": results["clean"]["accuracy"]}
+    ]
+    tables: dict[str, list[dict[str, Any]]] = {"summary": summary}
+    if "calibration" in results:
+        cal = results["calibration"]
+        for key in ("nll", "top1", "top5", "brier", "ece", "signed_ece", "adaptive_ece", "mce"):
+            summary.append({"measure": "calibration", "setting": key, "value": cal[key], "accuracy": ""})
+        tables["calibration_bins"] = [dict(row) for row in cal["reliability"]]
+    if "occlusion" in results:
+        occ = results["occlusion"]
+        summary.append({"measure": "occlusion", "setting": "fraction", "value": occ["fraction"],
+                        "accuracy": occ["accuracy"]})
+    adv = []
+    for attack in ("fgsm", "pgd"):
+        if attack in results:
+            for e, a in zip(results[attack]["eps"], results[attack]["accuracy"]):
+                adv.append({"attack": attack, "eps": e, "eps_255": e * 255, "accuracy": a})
+                summary.append({"measure": attack, "setting": "eps", "value": e, "accuracy": a})
+    if adv:
+        tables["adversarial"] = adv
+    if "frequency" in results:
+        fr = results["frequency"]
+        tables["frequency"] = [
+            {"freq": f, "accuracy": a, "error_increase": d}
+            for f, a, d in zip(fr["freqs"], fr["accuracy"], fr["error_increase"])
+        ]
+        summary += [{"measure": "frequency", "setting": "freq", "value": f, "accuracy": a}
+                    for f, a in zip(fr["freqs"], fr["accuracy"])]
+    if "corruptions" in results:
+        co = results["corruptions"]
+        rows = []
+        for name, accs in co["accuracy"].items():
+            for s, a, d in zip(co["severities"], accs, co["error_increase"][name]):
+                rows.append({"corruption": name, "severity": s, "accuracy": a, "error_increase": d})
+                summary.append({"measure": "corruption", "setting": f"{name}", "value": s, "accuracy": a})
+        tables["corruptions"] = rows
+    return tables
+
+
+def figures(results: dict[str, Any], title: str = "") -> dict[str, Any]:
+    """Matplotlib figures (``matplotlib.figure.Figure``, no pyplot state) for the measures present."""
+    from matplotlib.figure import Figure
+
+    figs: dict[str, Any] = {}
+    if "calibration" in results:
+        cal = results["calibration"]
+        rows = cal["reliability"]
+        fig = Figure(figsize=(9, 4))
+        ax_h, ax_r = fig.subplots(1, 2)
+        lo = [r["lower"] for r in rows]
+        width = [r["upper"] - r["lower"] for r in rows]
+        n = max(cal["n"], 1)
+        ax_h.bar(lo, [r["count"] / n for r in rows], width=width, align="edge", edgecolor="black", color="tab:green")
+        ax_h.set(xlim=(0, 1), xlabel="confidence", ylabel="fraction of examples", title="confidence histogram")
+        acc = [r["accuracy"] if r["accuracy"] is not None else 0.0 for r in rows]
+        ax_r.bar(lo, acc, width=width, align="edge", edgecolor="black", color="tab:red", alpha=0.8)
+        ax_r.plot([0, 1], [0, 1], linestyle=":", color="black")
+        ax_r.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy",
+                 title=f"reliability (ECE {100 * cal['ece']:.2f}%)")
+        fig.suptitle(title)
+        fig.tight_layout()
+        figs["reliability"] = fig
+    if "frequency" in results:
+        fr = results["frequency"]
+        fig = Figure(figsize=(5, 4))
+        ax = fig.subplots()
+        ax.plot(fr["freqs"], fr["accuracy"], marker="o", label="noisy")
+        ax.axhline(results["clean"]["accuracy"], linestyle="--", color="gray", label="clean")
+        ax.set(xlabel=f"noise frequency (normalized, {fr['scale']}; band width {fr['width']})", ylabel="accuracy",
+               title=f"{title} band noise, L2 = {fr['eps']:.3g}".strip())
+        ax.legend()
+        fig.tight_layout()
+        figs["frequency"] = fig
+    attacks = [a for a in ("fgsm", "pgd") if a in results]
+    if attacks:
+        fig = Figure(figsize=(5, 4))
+        ax = fig.subplots()
+        for a in attacks:
+            eps = [0.0] + [e * 255 for e in results[a]["eps"]]
+            ax.plot(eps, [results["clean"]["accuracy"]] + results[a]["accuracy"], marker="o", label=a.upper())
+        ax.set(xlabel="eps (x 1/255, L-inf)", ylabel="accuracy", title=f"{title} adversarial".strip())
+        ax.legend()
+        fig.tight_layout()
+        figs["adversarial"] = fig
+    if "corruptions" in results:
+        co = results["corruptions"]
+        names = list(co["accuracy"])
+        sev = co["severities"]
+        fig = Figure(figsize=(max(6, 0.9 * len(names) + 2), 4))
+        ax = fig.subplots()
+        w = 0.8 / max(len(sev), 1)
+        for j, s in enumerate(sev):
+            ax.bar([i + j * w for i in range(len(names))], [co["accuracy"][n][j] for n in names], width=w,
+                   label=f"severity {s}")
+        ax.axhline(results["clean"]["accuracy"], linestyle="--", color="gray", label="clean")
+        ax.set_xticks([i + 0.4 - w / 2 for i in range(len(names))], names, rotation=30, ha="right")
+        ax.set(ylabel="accuracy", title=f"{title} corruptions".strip())
+        ax.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.0, 0.5))
+        fig.tight_layout()
+        figs["corruptions"] = fig
+    return figs
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def save_results(
+    results: dict[str, Any], out_dir: str | os.PathLike, meta: dict[str, Any] | None = None, plots: bool = True
+) -> list[Path]:
+    """Write ``results.json``, one CSV per table and PNG figures into ``out_dir``; returns the paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    payload = _jsonable({"meta": meta or {}, **results})
+    written = [out / "results.json"]
+    _atomic_write(written[0], lambda f: json.dump(payload, f, indent=1, allow_nan=False))
+    for name, rows in result_tables(results).items():
+        path = out / f"{name}.csv"
+        _csv(path, rows)
+        written.append(path)
+    if plots:
+        for name, fig in figures(results, title=str((meta or {}).get("model", ""))).items():
+            buf = io.BytesIO()
+            fig.savefig(buf, format="png", dpi=120)
+            path = out / f"{name}.png"
+            _atomic_write(path, lambda f, b=buf: f.write(b.getvalue()), mode="wb")
+            written.append(path)
+    _logger.info("wrote %d files to %s", len(written), out)
+    return written
