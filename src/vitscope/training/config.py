@@ -283,14 +283,17 @@ def _validate(cfg: TrainConfig) -> None:
 
 
 def resolve_config(
-    recipe: str | None = None, overrides: dict[str, Any] | list[str] | None = None, **kwargs: Any
+    recipe: str | None = None,
+    overrides: dict[str, Any] | list[str] | None = None,
+    base: TrainConfig | None = None,
+    **kwargs: Any,
 ) -> TrainConfig:
-    """Build the run config: dataclass defaults, then ``recipe``, then ``overrides``, then ``kwargs``.
+    """Build the run config: dataclass defaults (or ``base``), then ``recipe``, then ``overrides``, then ``kwargs``.
 
     ``overrides`` is a mapping or a list of ``key=value`` strings; dotted keys set one entry of a
     dict field (``probes.every=2``). ``None`` kwargs are ignored (argparse defaults never override).
     """
-    values: dict[str, Any] = {}
+    values: dict[str, Any] = config_to_dict(base) if base is not None else {}
     if recipe:
         values.update(load_recipe(recipe))
         values["recipe"] = recipe

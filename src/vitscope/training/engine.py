@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
 import logging
 import math
 import os
@@ -26,7 +27,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
@@ -162,7 +162,7 @@ def augment_options(cfg: TrainConfig) -> dict[str, Any] | bool:
 # One epoch of training, one evaluation.
 
 
-def _nonfinite(what: str, epoch: int, step: int, value: float, run_dir: str | None) -> NonFiniteLossError:
+def _nonfinite(what: str, epoch: int, step: int, value: float | str, run_dir: str | None) -> NonFiniteLossError:
     where = f" The last good checkpoint is kept in {run_dir}." if run_dir else ""
     return NonFiniteLossError(
         f"Non-finite {what} ({value}) at epoch {epoch}, step {step}; training stopped.{where} Lower lr, set "
@@ -275,42 +275,35 @@ def evaluate(
     dist_info: DistInfo = SINGLE_PROCESS,
     progress: bool = False,
 ) -> dict[str, float]:
-    """Top-1 accuracy (%), NLL and ECE over ``loader`` (summed over processes).
+    """Top-1 accuracy (in %, as DeiT logs it), NLL, ECE and Brier score over ``loader``, summed over processes.
 
-    ECE (Guo et al. 2017; HDVW's calibration): 10 equal-width confidence bins ``[k/10, (k+1)/10)``
-    with the last bin closed (confidence 1.0 falls in it), ``sum_b |correct_b - confidence_b| / N``.
+    The calibration statistics are vitscope's (``vitscope.robustness.Calibration``, HDVW): ECE over
+    10 equal-width confidence bins with the last bin closed. NaN/inf logits raise ``ValueError``.
     """
+    from vitscope.robustness.calibration import Calibration
+
     device = torch.device(device)
     model.eval()
-    # Additive state: [n, correct, nll_sum, count_b x 10, conf_sum_b x 10, correct_b x 10].
-    stats = torch.zeros(3 + 3 * ECE_BINS, dtype=torch.float64, device=device)
+    cal = Calibration(n_bins=ECE_BINS, max_stored=1)  # additive sums only; no adaptive-ECE store
     for images, targets in tqdm(loader, desc="eval", leave=False, disable=not progress, dynamic_ncols=True):
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with _autocast(device, amp_dtype):
-            logits = model(images)
-        logits = logits.double()  # (B, C)
-        conf, pred = logits.softmax(dim=-1).max(dim=-1)  # (B,), (B,)
-        correct = (pred == targets).double()  # (B,)
-        bins = (conf * ECE_BINS).floor().long().clamp_(0, ECE_BINS - 1)  # (B,) last bin closed
-        stats[0] += targets.numel()
-        stats[1] += correct.sum()
-        stats[2] += F.cross_entropy(logits, targets, reduction="sum")
-        stats[3:3 + ECE_BINS] += torch.bincount(bins, minlength=ECE_BINS).double()
-        stats[3 + ECE_BINS:3 + 2 * ECE_BINS] += torch.bincount(bins, weights=conf, minlength=ECE_BINS)
-        stats[3 + 2 * ECE_BINS:] += torch.bincount(bins, weights=correct, minlength=ECE_BINS)
-    stats = all_reduce_sum(stats, dist_info).cpu()
-    n = stats[0].item()
-    if n == 0:
+            logits = model(images)  # (B, C)
+        cal.update(logits, targets)
+    if dist_info.distributed:  # the state is additive: all-reduce the sums
+        packed = torch.cat([torch.tensor([cal.n, cal.nll_sum, cal.brier_sum, cal.top5_correct], dtype=torch.float64),
+                            cal.count.double(), cal.correct.double(), cal.conf_sum])
+        packed = all_reduce_sum(packed.to(device), dist_info).cpu()
+        scalars, count, correct, cal.conf_sum = packed.split([4, ECE_BINS, ECE_BINS, ECE_BINS])
+        cal.n, cal.nll_sum, cal.brier_sum, cal.top5_correct = int(scalars[0]), *scalars[1:3].tolist(), int(scalars[3])
+        cal.count, cal.correct = count.round().long(), correct.round().long()
+    if cal.n == 0:
         raise ValueError("evaluate() got an empty loader; check the data spec and max_val_examples")
-    conf_sum, correct_sum = stats[3 + ECE_BINS:3 + 2 * ECE_BINS], stats[3 + 2 * ECE_BINS:]
-    return {
-        "top1": 100.0 * stats[1].item() / n,
-        "nll": stats[2].item() / n,
-        "ece": (correct_sum - conf_sum).abs().sum().item() / n,
-        "n": int(n),
-    }
+    stats = cal.compute()
+    return {"top1": 100.0 * stats["top1"], "nll": stats["nll"], "ece": stats["ece"], "brier": stats["brier"],
+            "n": stats["n"]}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -337,6 +330,22 @@ class _Run:
     train_loader: DataLoader
     val_loader: DataLoader
     probe_images: torch.Tensor | None
+
+
+def check_names(cfg: TrainConfig) -> None:
+    """Fail fast on an unknown model or data set, listing the valid choices."""
+    import timm
+
+    from vitscope.data import parse_spec
+    from vitscope.models import list_models
+
+    if not timm.is_model(cfg.model):
+        close = difflib.get_close_matches(cfg.model, sorted(set(timm.list_models())), n=5)
+        raise ValueError(
+            f"Unknown model {cfg.model!r}" + (f" (did you mean {', '.join(close)}?)" if close else "")
+            + f". vitscope's models: {', '.join(list_models())}; any name of timm.list_models() also works"
+        )
+    parse_spec(cfg.data, **cfg.data_options)
 
 
 def _resolve_device(name: str) -> torch.device:
@@ -456,7 +465,10 @@ def _setup(cfg: TrainConfig, device: torch.device, info: DistInfo, resume: bool)
         ckpt.load_model_weights(model, run_dir / ckpt.MODEL_FILE)
         optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None and state.get("scheduler") is not None:
-            scheduler.load_state_dict(state["scheduler"])
+            if _schedule_changed(state["config"], cfg):  # e.g. `epochs` raised to extend a run
+                _logger.warning("the schedule settings changed on resume: the schedule follows the new config")
+            else:
+                scheduler.load_state_dict(state["scheduler"])
         if scaler is not None and state.get("scaler") is not None:
             scaler.load_state_dict(state["scaler"])
         if ema is not None and state.get("ema") is not None:
@@ -476,6 +488,14 @@ def _setup(cfg: TrainConfig, device: torch.device, info: DistInfo, resume: bool)
     run = _Run(cfg, run_dir, device, info, model, train_model, optimizer, scheduler, total_epochs, scaler,
                amp_dtype, sam, ema, build_criterion(cfg), build_mixup(cfg), train_loader, val_loader, probe_images)
     return run, state
+
+
+_SCHEDULE_KEYS = ("sched", "epochs", "warmup_epochs", "warmup_prefix", "warmup_lr", "min_lr", "lr",
+                  "lr_scale_batch", "batch_size", "sched_on_updates")
+
+
+def _schedule_changed(saved: dict[str, Any], cfg: TrainConfig) -> bool:
+    return any(saved.get(k) != getattr(cfg, k) for k in _SCHEDULE_KEYS)
 
 
 def _gather_rng(info: DistInfo) -> list[dict[str, Any]]:
@@ -548,6 +568,9 @@ def _fit(run: _Run, state: dict | None) -> dict[str, Any]:
     best = -math.inf
     for record in ckpt.read_jsonl(run.run_dir / ckpt.METRICS_FILE) if info.is_main else []:
         best = max(best, record.get("val_top1", -math.inf))
+    if run.probe_images is not None and start_epoch == 0 and info.is_main:  # the initial weights: epoch -1
+        for p in run_probes(run.model, run.probe_images, cfg.probes["measures"], -1):
+            ckpt.append_jsonl(run.run_dir / ckpt.PROBES_FILE, p)
     epoch_bar = tqdm(range(start_epoch, run.total_epochs), desc="epochs", disable=not progress,
                      initial=start_epoch, total=run.total_epochs)
     for epoch in epoch_bar:
@@ -564,9 +587,12 @@ def _fit(run: _Run, state: dict | None) -> dict[str, Any]:
         step += steps_per_epoch
         eval_kw = dict(device=run.device, amp_dtype=run.amp_dtype, channels_last=channels_last,
                        dist_info=info, progress=progress)
-        val_stats = evaluate(run.model, run.val_loader, **eval_kw)
-        if not math.isfinite(val_stats["nll"]):
-            raise _nonfinite("validation NLL", epoch, steps_per_epoch, val_stats["nll"], str(run.run_dir))
+        try:
+            val_stats = evaluate(run.model, run.val_loader, **eval_kw)
+        except ValueError as e:
+            if "NaN" not in str(e):
+                raise
+            raise _nonfinite("validation logits", epoch, steps_per_epoch, "NaN/inf", str(run.run_dir)) from None
         record: dict[str, Any] = {"epoch": epoch, "step": step}
         record.update({f"train_{k}": v for k, v in train_stats.items()})
         record.update({f"val_{k}": v for k, v in val_stats.items()})
@@ -610,6 +636,7 @@ def train(config: TrainConfig | dict[str, Any] | None = None, *, resume: bool = 
         cfg = config_from_dict({**config, **overrides})
     else:
         cfg = dataclasses.replace(config, **overrides) if overrides else config
+    check_names(cfg)
     device = _resolve_device(cfg.device)
     was_deterministic = torch.are_deterministic_algorithms_enabled()
     if cfg.deterministic:

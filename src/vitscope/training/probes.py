@@ -8,7 +8,8 @@ per layer. The built-in probes wrap ``vitscope.measures`` fed by ``vitscope.capt
 - ``nonlocality`` (ConViT, d'Ascoli et al. 2021): attention-weighted patch distance;
 - ``gpsa_gates`` (ConViT): ``sigmoid(gating_param)`` per head of each GPSA block (falls in training).
 
-Each line of ``probes.jsonl`` is ``{"epoch", "measure", "layers", "values"}``.
+Each line of ``probes.jsonl`` is ``{"epoch", "measure", "layers", "values"}``; epoch -1 holds the
+initial weights.
 """
 from __future__ import annotations
 
@@ -120,7 +121,11 @@ def run_probes(model: nn.Module, images: torch.Tensor, measures: list[str], epoc
     records = []
     try:
         for name in measures:
-            layers, values = get_probe(name)(model, images)
+            try:
+                layers, values = get_probe(name)(model, images)
+            except ImportError as e:
+                raise ValueError(f"probe {name!r} is not available in this vitscope ({e}); "
+                                 "drop it from probes.measures") from None
             records.append({"epoch": epoch, "measure": name, "layers": layers, "values": values})
     finally:
         model.train(was_training)

@@ -45,7 +45,8 @@ class SAM:
         grads = [p.grad for p in self.params if p.grad is not None]
         if not grads:
             raise RuntimeError("SAM.ascend() needs gradients: call loss.backward() first")
-        grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+        wide = torch.promote_types(grads[0].dtype, torch.float32)  # half grads: norm in float32
+        grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.to(wide)) for g in grads]))
         scale = self.rho / (grad_norm + self.eps)
         self._saved = [p.detach().clone() for p in self.params]
         for p in self.params:

@@ -1,0 +1,57 @@
+"""``vitscope train``: train a model with a recipe, or resume a run.
+
+    vitscope train --config cpu-quick --model test_vit_cifar --data fake --out runs/demo epochs=3
+    vitscope train --resume runs/demo
+    torchrun --nproc_per_node 2 -m vitscope train --config hdvw-cifar --model vit_tiny_patch4_32 \\
+        --data cifar100:~/data/cifar --out runs/vit-cifar100
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    from vitscope.training import list_recipes
+
+    p = sub.add_parser(
+        "train", help="train a model with a recipe (or resume a run)",
+        description="Train MODEL on DATA with a recipe; settings: recipe < key=value overrides. Writes "
+        "config.yaml, metrics.jsonl, probes.jsonl and a checkpoint per epoch into --out.",
+    )
+    p.add_argument("--config", metavar="RECIPE_OR_FILE",
+                   help=f"a shipped recipe ({', '.join(list_recipes())}) or a YAML file of config keys")
+    p.add_argument("--model", help="model name (`vitscope models` lists vitscope's; any timm name works)")
+    p.add_argument("--data", help="data spec, e.g. fake, elpv, cifar10:PATH, imagefolder:PATH")
+    p.add_argument("--out", metavar="RUN_DIR", help="run directory (created)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. lr=1e-3 epochs=5")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from vitscope.cli import CLIError
+    from vitscope.training import NonFiniteLossError, load_config, resolve_config, train
+
+    if args.resume:
+        if args.config:
+            raise CLIError("--resume continues with the run's saved config.yaml; drop --config "
+                           "(change single settings with key=value)")
+        if args.out and args.out != args.resume:
+            raise CLIError(f"--resume {args.resume} writes into that run directory; drop --out {args.out}")
+        base = load_config(args.resume)
+        cfg = resolve_config(overrides=args.overrides, base=base, model=args.model, data=args.data,
+                             out=args.resume)
+        if (cfg.model, cfg.data) != (base.model, base.data):
+            raise CLIError(f"--resume {args.resume}: the run trained {base.model} on {base.data}; "
+                           "--model and --data cannot change on resume")
+    else:
+        if not args.out:
+            raise CLIError("--out RUN_DIR is required (the run directory to create), or --resume RUN_DIR")
+        cfg = resolve_config(args.config, args.overrides, model=args.model, data=args.data, out=args.out)
+    try:
+        result = train(cfg, resume=bool(args.resume))
+    except NonFiniteLossError as e:
+        raise CLIError(str(e)) from None
+    print(json.dumps(result))
+    return 0

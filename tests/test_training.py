@@ -1,0 +1,355 @@
+"""vitscope.training: config precedence and errors, recipes, SAM against a hand computation, the
+evaluation statistics against numpy, training on ``fake`` and ``elpv``, probes, non-finite losses, CLI."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import timm
+import torch
+import torch.nn as nn
+import yaml
+from timm.data import Mixup
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+from vitscope.cli import main as cli_main
+from vitscope.data import create_dataset, create_loader
+from vitscope.training import (
+    SAM,
+    ConfigError,
+    NonFiniteLossError,
+    TrainConfig,
+    augment_options,
+    build_criterion,
+    build_mixup,
+    build_optimizer,
+    build_scheduler,
+    evaluate,
+    list_recipes,
+    load_config,
+    load_run,
+    resolve_config,
+    train,
+    train_one_epoch,
+)
+from vitscope.training.checkpoint import read_jsonl
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: on the shared 2-core machine two threads run several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def quick(tmp_path, name="run", **kw):
+    """cpu-quick on fake with a tiny ViT; keyword arguments override."""
+    args = dict(model="test_vit_cifar", data="fake", out=str(tmp_path / name), epochs=3, progress=False)
+    args.update(kw)
+    return resolve_config("cpu-quick", **args)
+
+
+# ---------------------------------------------------------------------------------------------- config
+
+
+def test_config_precedence_defaults_recipe_overrides(tmp_path):
+    d = TrainConfig()
+    r = resolve_config("hdvw-cifar")
+    assert (r.lr, r.batch_size, r.weight_decay, r.clip_grad, r.smoothing) == (1.25e-4, 96, 0.05, 5.0, 0.1)
+    assert r.seed == d.seed and r.opt == "adamw" and r.recipe == "hdvw-cifar"
+    o = resolve_config("hdvw-cifar", ["lr=1e-3", "batch_size=8", "auto_augment=null", "probes.every=3"])
+    assert (o.lr, o.batch_size, o.auto_augment, o.epochs) == (1e-3, 8, None, 300)  # "1e-3" coerced to float
+    assert o.probes == {"every": 3, "measures": [], "num_images": 32}
+    k = resolve_config("hdvw-cifar", ["lr=1e-3"], lr=2e-3, model=None)  # kwargs last; None ignored
+    assert k.lr == 2e-3 and k.model == d.model
+    path = tmp_path / "mine.yaml"
+    path.write_text("lr: 0.5\nepochs: 2.0\nmodel_kwargs: {cb_placement: attn}\n")
+    f = resolve_config(str(path), ["epochs=4"])
+    assert (f.lr, f.epochs, f.model_kwargs) == (0.5, 4, {"cb_placement": "attn"})
+    assert isinstance(f.epochs, int)
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: resolve_config("nope"), r"Unknown recipe 'nope'.*Valid choices: cpu-quick, deit, hdvw-cifar"),
+    (lambda: resolve_config(overrides=["lrr=1"]), r"Unknown config key 'lrr'. Did you mean lr\?.*batch_size"),
+    (lambda: resolve_config(overrides=["lr=abc"]), r"'lr' expects float, got 'abc'"),
+    (lambda: resolve_config(overrides=["epochs=2.5"]), r"'epochs' expects int"),
+    (lambda: resolve_config(overrides=["lr"]), r"must look like key=value"),
+    (lambda: resolve_config(overrides=["amp=fp8"]), r"'amp' is 'fp8'; valid choices: none, bf16, fp16"),
+    (lambda: resolve_config(overrides=["lr.x=1"]), r"'lr' is not a mapping"),
+    (lambda: resolve_config(overrides=["probes.measures=[entropy]"]),
+     r"Unknown probe measure 'entropy'.*attention_entropy"),
+    (lambda: resolve_config(overrides=["probes.often=1"]), r"Unknown probes key 'often'.*every, measures"),
+])
+def test_config_errors_list_the_choices(call, match):
+    with pytest.raises(ConfigError, match=match):
+        call()
+
+
+def test_recipe_file_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist.*cpu-quick"):
+        resolve_config(str(tmp_path / "missing.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("lr: 0.1\nwarmup: 3\n")
+    with pytest.raises(ConfigError, match="Unknown config key 'warmup'. Did you mean warmup_"):
+        resolve_config(str(bad))
+
+
+# --------------------------------------------------------------------------------------------- recipes
+
+
+@pytest.mark.parametrize("name", list_recipes())
+def test_recipe_builds_optimizer_scheduler_transforms(name):
+    assert set(list_recipes()) == {"cpu-quick", "deit", "hdvw-cifar"}
+    cfg = resolve_config(name, num_classes=10, img_size=32)
+    model = timm.create_model("test_vit", img_size=32, patch_size=8, num_classes=10)
+    opt = build_optimizer(model, cfg)
+    assert isinstance(opt, torch.optim.AdamW)
+    expected_lr = {"hdvw-cifar": 1.25e-4, "deit": 5e-4 * 1024 / 512, "cpu-quick": 1e-3}[name]
+    assert max(g["initial_lr"] if "initial_lr" in g else g["lr"] for g in opt.param_groups) == pytest.approx(
+        expected_lr)
+    decays = {g["weight_decay"] for g in opt.param_groups}
+    assert decays == {0.0, 0.05}  # no decay on biases / norms / pos_embed, as in DeiT
+    sched, total = build_scheduler(opt, cfg, updates_per_epoch=10)
+    assert total == {"hdvw-cifar": 305, "deit": 300, "cpu-quick": 5}[name]
+    if name == "hdvw-cifar":  # 5 warm-up epochs from 1e-6, then the cosine starts at the peak
+        assert sched._get_lr(0)[0] == pytest.approx(1e-6)
+        assert sched._get_lr(5)[0] == pytest.approx(1.25e-4)
+        assert sched._get_lr(305)[0] == pytest.approx(0.0, abs=1e-12)
+    mix, crit = build_mixup(cfg), build_criterion(cfg)
+    if name == "cpu-quick":
+        assert mix is None and isinstance(crit, nn.CrossEntropyLoss)
+    else:
+        assert isinstance(mix, Mixup) and isinstance(crit, SoftTargetCrossEntropy)
+        assert (mix.mixup_alpha, mix.cutmix_alpha, mix.label_smoothing) == (
+            (1.0, 0.8, 0.1) if name == "hdvw-cifar" else (0.8, 1.0, 0.1))
+    ds = create_dataset("fake:n=4", "train", img_size=32, augment=augment_options(cfg))
+    tf = repr(ds.transform)
+    assert ds[0][0].shape == (3, 32, 32)
+    if name == "hdvw-cifar":
+        assert "RandAugment" in tf and "n=2" in tf and "RandomCrop(size=(32, 32), padding=4)" in tf
+    if name == "deit":
+        assert "RandomResizedCrop" in tf and "RandAugment" in tf and "RandomErasing" in tf
+    if name == "cpu-quick":
+        assert "RandAugment" not in tf and "padding=4" in tf
+    assert isinstance(build_criterion(resolve_config(name, mixup=0.0, cutmix=0.0, smoothing=0.1)),
+                      LabelSmoothingCrossEntropy)
+
+
+# ------------------------------------------------------------------------------------------------- SAM
+
+
+def test_sam_step_matches_hand_computation():
+    """One SAM-SGD step on least squares: w' = w - lr * grad(w + rho * g / ||g||), g = grad(w)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 3, generator=gen, dtype=torch.float64)
+    y = torch.randn(6, 1, generator=gen, dtype=torch.float64)
+    model = nn.Linear(3, 1, bias=False).double()
+    w0 = model.weight.detach().numpy().ravel().copy()
+    lr, rho = 0.1, 0.05
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    train_one_epoch(model, [(x, y)], opt, nn.MSELoss(), 0, sam=SAM(model.parameters(), rho=rho))
+
+    xn, yn = x.numpy(), y.numpy().ravel()
+
+    def grad(w):  # d/dw mean((x w - y)^2)
+        return 2.0 / len(yn) * xn.T @ (xn @ w - yn)
+
+    g = grad(w0)
+    expected = w0 - lr * grad(w0 + rho * g / np.linalg.norm(g))
+    np.testing.assert_allclose(model.weight.detach().numpy().ravel(), expected, rtol=0, atol=1e-13)
+    assert not np.allclose(expected, w0 - lr * g, atol=1e-6)  # SAM differs from the plain step
+
+
+def test_sam_misuse_errors():
+    p = nn.Parameter(torch.ones(2))
+    sam = SAM([p], rho=0.1)
+    with pytest.raises(RuntimeError, match="backward"):
+        sam.ascend()
+    with pytest.raises(RuntimeError, match="without ascend"):
+        sam.restore()
+    with pytest.raises(ValueError, match="rho"):
+        SAM([p], rho=0.0)
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+
+
+class _Lookup(nn.Module):
+    """Returns a fixed row of logits per image; the image's single pixel holds the row index."""
+
+    def __init__(self, table: torch.Tensor):
+        super().__init__()
+        self.register_buffer("table", table)
+
+    def forward(self, x):
+        return self.table[x[:, 0, 0, 0].long()]
+
+
+def test_evaluate_matches_numpy_on_unequal_batches():
+    gen = torch.Generator().manual_seed(1)
+    n, c = 23, 4
+    logits = torch.randn(n, c, generator=gen, dtype=torch.float64) * 3
+    logits[0] = torch.tensor([800.0, 0, 0, 0])  # confidence exactly 1.0: must land in the last bin
+    logits[1] = torch.tensor([0.0, 0, 0, 0])  # confidence 0.25
+    targets = torch.randint(0, c, (n,), generator=gen)
+    targets[0] = 0
+    images = torch.arange(n, dtype=torch.float64).view(n, 1, 1, 1).expand(n, 3, 1, 1)
+    cuts = [0, 5, 17, 18, 23]
+    loader = [(images[a:b], targets[a:b]) for a, b in zip(cuts[:-1], cuts[1:])]
+    got = evaluate(_Lookup(logits), loader)
+
+    z = logits.numpy()
+    logp = z - z.max(1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(1, keepdims=True))  # log-softmax
+    p = np.exp(logp)
+    t = targets.numpy()
+    conf, pred = p.max(1), p.argmax(1)
+    hit = (pred == t).astype(float)
+    assert conf[0] == 1.0
+    ece = 0.0
+    for b in range(10):
+        lo, hi = b / 10, (b + 1) / 10
+        inside = (conf >= lo) & ((conf < hi) if b < 9 else (conf <= hi))
+        if inside.any():
+            ece += inside.sum() / n * abs(hit[inside].mean() - conf[inside].mean())
+    nll = -logp[np.arange(n), t].mean()
+    assert got["n"] == n
+    assert got["top1"] == pytest.approx(100 * hit.mean(), abs=1e-12)
+    assert got["nll"] == pytest.approx(nll, rel=1e-12)
+    assert got["ece"] == pytest.approx(ece, rel=1e-12)
+
+
+# ------------------------------------------------------------------------------------------- training
+
+
+def test_train_fake_learns_and_writes_the_run(tmp_path):
+    cfg = quick(tmp_path, epochs=4)
+    result = train(cfg)
+    run = tmp_path / "run"
+    records = read_jsonl(run / "metrics.jsonl")
+    assert [r["epoch"] for r in records] == [0, 1, 2, 3]
+    assert records[-1]["val_top1"] == result["val_top1"] > 35.0  # 10 classes: chance is 10%
+    assert records[-1]["val_nll"] < records[0]["val_nll"] < math.log(10) + 0.1
+    assert records[-1]["step"] == 4 * (256 // 32)
+    saved = load_config(run)
+    assert (saved.num_classes, saved.img_size, saved.model, saved.recipe) == (10, 32, "test_vit_cifar", "cpu-quick")
+    state = torch.load(run / "state.pt", weights_only=True)
+    assert state["epoch"] == 3 and state["step"] == 32 and state["config"]["lr"] == 1e-3
+    assert {"optimizer", "scheduler", "rng", "sampler", "ema", "scaler"} <= set(state)
+    model, loaded_cfg = load_run(run)
+    assert loaded_cfg == saved and not model.training
+    val = create_loader("fake", "val", batch_size=16, img_size=32)
+    again = evaluate(model, val)
+    assert again["top1"] == pytest.approx(result["val_top1"]) and again["nll"] == pytest.approx(result["val_nll"])
+    with pytest.raises(ValueError, match="already holds a run.*--resume"):
+        train(cfg)
+
+
+def test_train_elpv_subset_beats_chance(tmp_path):
+    cfg = resolve_config("cpu-quick", model="test_vit_cifar", data="elpv", out=str(tmp_path / "elpv"),
+                         epochs=4, max_examples=200, max_val_examples=200, img_size=32, progress=False)
+    result = train(cfg)
+    val = create_loader("elpv", "val", batch_size=200, img_size=32, max_examples=200, seed=cfg.seed)
+    labels = torch.cat([t for _, t in val])
+    prior = torch.bincount(labels, minlength=2).double() / len(labels)
+    prior_nll = float(-(prior * prior.log()).sum())  # NLL of always predicting the class frequencies
+    assert result["val_n"] == 200
+    assert result["val_top1"] > 50.0  # two classes
+    assert result["val_nll"] < prior_nll
+
+
+def test_sam_ema_and_probes_in_a_run(tmp_path):
+    cfg = quick(tmp_path, model="test_convit_32", epochs=2, sam_rho=0.05, model_ema=True, model_ema_decay=0.9,
+                data="fake:n=64", probes={"every": 1, "measures": ["attention_entropy", "nonlocality"],
+                                          "num_images": 8})
+    result = train(cfg)
+    assert math.isfinite(result["train_loss"]) and "val_ema_top1" in result
+    probes = read_jsonl(tmp_path / "run" / "probes.jsonl")
+    assert [(p["epoch"], p["measure"]) for p in probes] == [
+        (e, m) for e in (-1, 0, 1) for m in ("attention_entropy", "nonlocality")]
+    last = probes[-2]
+    assert last["layers"] == ["blocks.0.attn", "blocks.1.attn", "blocks.2.attn"]
+    # Independent check of the last entropy probe: -sum A ln A over keys, mean over images and queries.
+    import vitscope
+
+    model, _ = load_run(tmp_path / "run")
+    images = torch.stack([create_dataset("fake:n=64", "val", img_size=32)[i][0] for i in range(8)])
+    with vitscope.explicit_attention(model), vitscope.capture(model, attention=True) as cap:
+        model(images)
+    for attn, values in zip(cap.attentions, last["values"]):
+        a = attn.double().numpy()  # (B, H, N, N)
+        ent = -(a * np.log(np.where(a > 0, a, 1.0))).sum(-1).mean(axis=(0, 2))  # (H,)
+        np.testing.assert_allclose(values, ent, rtol=1e-6)
+    state = torch.load(tmp_path / "run" / "state.pt", weights_only=True)
+    assert state["ema"] is not None
+    ema_model, _ = load_run(tmp_path / "run", ema=True)
+    assert not torch.equal(ema_model.head.weight, model.head.weight)
+
+
+def _nan_after(pretrained=False, num_classes=10, nan_after=12, **kwargs):
+    """A linear model that returns NaN from its ``nan_after + 1``-th training forward on."""
+
+    class NanAfter(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Linear(3, num_classes)
+            self.calls = 0
+            self.pretrained_cfg = {"input_size": (3, 32, 32)}
+
+        def forward(self, x):
+            out = self.head(x.mean((2, 3)))  # (B, C)
+            if self.training:
+                self.calls += 1
+                if self.calls > nan_after:
+                    out = out * float("nan")
+            return out
+
+    return NanAfter()
+
+
+def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    if not timm.is_model("_vitscope_test_nan_after"):
+        _nan_after.__name__ = "_vitscope_test_nan_after"
+        timm.models.register_model(_nan_after)
+    cfg = quick(tmp_path, model="_vitscope_test_nan_after", epochs=3)  # 8 steps per epoch: NaN at epoch 1 step 4
+    with pytest.raises(NonFiniteLossError, match=r"epoch 1, step 4.*last good checkpoint is kept in"):
+        train(cfg)
+    run = tmp_path / "run"
+    assert torch.load(run / "state.pt", weights_only=True)["epoch"] == 0
+    assert [r["epoch"] for r in read_jsonl(run / "metrics.jsonl")] == [0]
+    model, _ = load_run(run)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--config", "nope"], "Unknown recipe 'nope'. Valid choices: cpu-quick, deit, hdvw-cifar"),
+    (["--config", "cpu-quick", "lrr=1"], "Unknown config key 'lrr'"),
+    (["--config", "cpu-quick", "--model", "vit_tiny_cb_patch4"], "Unknown model.*did you mean vit_tiny_cb_patch4_32"),
+    (["--config", "cpu-quick", "--data", "nodata"], "unknown data set 'nodata'.*valid names: fake, elpv"),
+    (["--config", "cpu-quick", "--resume", "R"], "drop --config"),
+])
+def test_cli_errors(tmp_path, capsys, args, match):
+    import re
+
+    assert cli_main(["train", "--out", str(tmp_path / "r"), *args]) == 2
+    err = capsys.readouterr().err
+    assert re.search(match, err), err
+    assert not (tmp_path / "r").exists()  # nothing written on a user error
+
+
+def test_cli_train_then_resume_extends(tmp_path, capsys):
+    out = str(tmp_path / "cli")
+    assert cli_main(["train", "--config", "cpu-quick", "--model", "test_vit_cb", "--data", "fake:n=64",
+                     "--out", out, "epochs=1", "progress=false"]) == 0
+    assert cli_main(["train", "--resume", out, "epochs=2"]) == 0
+    assert [r["epoch"] for r in read_jsonl(tmp_path / "cli" / "metrics.jsonl")] == [0, 1]
+    assert yaml.safe_load((tmp_path / "cli" / "config.yaml").read_text())["epochs"] == 2
+    assert cli_main(["train", "--resume", out, "--model", "test_vit_cifar"]) == 2
+    assert "cannot change on resume" in capsys.readouterr().err
