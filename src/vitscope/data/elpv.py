@@ -150,6 +150,8 @@ def load_elpv_arrays(img_size: int = ELPV_DEFAULT_SIZE) -> tuple[np.ndarray, np.
         _write_atomic(path, images=arrays[0], probs=arrays[1], types=arrays[2])
         _logger.info("ELPV decoded and cached in %.1f s", time.perf_counter() - t0)
         key = (str(path), path.stat().st_mtime)
+    while len(_MEMO) >= 2:  # keep at most two sizes in memory (300 px is 236 MB)
+        del _MEMO[next(iter(_MEMO))]
     _MEMO[key] = arrays
     return arrays
 
