@@ -1,0 +1,324 @@
+"""Read vitscope output directories into plain data (dicts and lists) for the report.
+
+A directory may hold any mix of:
+
+- ``results.json`` (+ ``meta.json``): ``vitscope probe`` / ``ProbeResult.save``; top-level keys are measure
+  names, each ``{"rows": [...], ...extras}`` (``cka`` adds ``layers`` and ``matrix``; a ``cka_cross`` entry
+  with ``layers``, ``other_layers``, ``matrix`` and ``other_model`` is shown as a cross-model heatmap);
+- ``metrics.jsonl``, ``probes.jsonl``, ``config.yaml``: a ``vitscope train`` run;
+- ``hessian.json``: ``vitscope hessian`` (eigenvalues per batch and/or a spectral density);
+- ``landscape.json``: ``vitscope landscape`` (a 1-D curve or a 2-D grid of losses);
+- ``robustness.json``: ``vitscope robustness`` (the dict of ``evaluate_robustness``).
+
+Loaders are tolerant of missing optional fields and strict (``ValueError`` naming the file and the field)
+about the fields a figure needs. Nothing is executed: JSON, JSON lines and ``yaml.safe_load`` only.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+_logger = logging.getLogger(__name__)
+
+__all__ = ["RunData", "load_run", "load_runs", "EXPECTED_FILES", "ReportInputError"]
+
+PROBE_FILE = "results.json"
+META_FILE = "meta.json"
+METRICS_FILE = "metrics.jsonl"
+PROBES_FILE = "probes.jsonl"
+CONFIG_FILE = "config.yaml"
+HESSIAN_FILE = "hessian.json"
+LANDSCAPE_FILE = "landscape.json"
+ROBUSTNESS_FILE = "robustness.json"
+
+EXPECTED_FILES = {
+    PROBE_FILE: "vitscope probe output (with meta.json)",
+    METRICS_FILE: "vitscope train run (with probes.jsonl, config.yaml)",
+    PROBES_FILE: "probes over training (vitscope train)",
+    HESSIAN_FILE: "vitscope hessian output",
+    LANDSCAPE_FILE: "vitscope landscape output",
+    ROBUSTNESS_FILE: "vitscope robustness output",
+}
+
+# Per-layer measures of results.json and the row fields each needs.
+LAYER_MEASURES: dict[str, tuple[str, ...]] = {
+    "attention_entropy": ("block", "value"),
+    "attention_distance": ("block", "value"),
+    "nonlocality": ("block", "value"),
+    "relative_distance": ("block", "value"),
+    "gpsa_gates": ("block", "value"),
+    "ratio_of_norms": ("block", "kind"),
+    "fourier": ("normalized_depth", "kind", "value"),
+    "feature_variance": ("normalized_depth", "kind", "value"),
+    "lesion": ("name", "kind", "accuracy_drop"),
+    "localization": ("name", "block", "accuracy"),
+    "cka": (),
+    "cka_cross": (),
+}
+
+
+class ReportInputError(ValueError):
+    """An output directory or file the report cannot use; the message names it and the fix."""
+
+
+@dataclass
+class RunData:
+    """Everything the report found in one output directory, as plain data."""
+
+    path: Path
+    name: str
+    meta: dict[str, Any] = field(default_factory=dict)
+    probe: dict[str, dict[str, Any]] = field(default_factory=dict)  # measure -> {"rows": [...], extras}
+    metrics: list[dict[str, Any]] = field(default_factory=list)  # metrics.jsonl records
+    train_probes: list[dict[str, Any]] = field(default_factory=list)  # probes.jsonl records
+    config: dict[str, Any] = field(default_factory=dict)
+    hessian: dict[str, Any] | None = None
+    landscape: dict[str, Any] | None = None
+    robustness: dict[str, Any] | None = None
+    files: list[str] = field(default_factory=list)  # recognized files, for the report
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ReportInputError(f"{path} is not valid JSON ({e}); re-create it with the vitscope command") from None
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Complete JSON-object lines; a torn last line (a run killed while writing) is skipped with a warning."""
+    records = []
+    with open(path) as f:
+        lines = f.read().splitlines()
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                _logger.warning("skipping a torn last line in %s", path)
+                continue
+            raise ReportInputError(f"{path} line {i + 1} is not valid JSON; re-create the file") from None
+        if not isinstance(rec, dict):
+            raise ReportInputError(f"{path} line {i + 1} is not a JSON object")
+        records.append(rec)
+    return records
+
+
+def _need(obj: dict[str, Any], keys: tuple[str, ...], where: str) -> None:
+    missing = [k for k in keys if k not in obj]
+    if missing:
+        raise ReportInputError(f"{where} lacks field(s) {missing}; re-create it with a current vitscope")
+
+
+def _numbers(values: Any, where: str) -> list[float | None]:
+    """A flat list of floats (None kept for missing / non-finite values)."""
+    if not isinstance(values, (list, tuple)):
+        raise ReportInputError(f"{where} must be a list of numbers, got {type(values).__name__}")
+    out: list[float | None] = []
+    for v in values:
+        if v is None:
+            out.append(None)
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out.append(float(v) if math.isfinite(v) else None)
+        else:
+            raise ReportInputError(f"{where} must hold numbers, found {v!r}")
+    return out
+
+
+def _load_probe(path: Path) -> dict[str, dict[str, Any]]:
+    data = _read_json(path)
+    if not isinstance(data, dict):
+        raise ReportInputError(f"{path} must be a JSON object of measure names (vitscope probe output)")
+    out = {}
+    for name, content in data.items():
+        where = f"{path} [{name!r}]"
+        if not isinstance(content, dict) or not isinstance(content.get("rows"), list):
+            raise ReportInputError(f"{where} must be an object with a 'rows' list (vitscope probe output)")
+        if name not in LAYER_MEASURES:
+            _logger.warning("%s: measure %r has no figure in this report; skipped", path, name)
+            continue
+        for i, row in enumerate(content["rows"]):
+            if not isinstance(row, dict):
+                raise ReportInputError(f"{where} row {i} is not an object")
+            _need(row, LAYER_MEASURES[name], f"{where} row {i}")
+        if name in ("cka", "cka_cross"):
+            keys = ("layers", "matrix") + (("other_layers",) if name == "cka_cross" else ())
+            _need(content, keys, where)
+            rows_n = len(content["layers"])
+            cols_n = len(content.get("other_layers", content["layers"]))
+            mat = content["matrix"]
+            if not isinstance(mat, list) or len(mat) != rows_n or any(
+                    not isinstance(r, list) or len(r) != cols_n for r in mat):
+                raise ReportInputError(f"{where} 'matrix' must be {rows_n} x {cols_n} (layers x other layers)")
+            content = {**content, "matrix": [_numbers(r, f"{where} matrix") for r in mat]}
+        out[name] = content
+    return out
+
+
+def _load_hessian(path: Path) -> dict[str, Any]:
+    """``eigenvalues`` (flat, or one list per batch, or ``batches: [{"eigenvalues": [...]}]``) and/or
+    ``density`` (``{"grid": [...], "density": [...]}``); optional ``negative_fraction``."""
+    data = _read_json(path)
+    if not isinstance(data, dict):
+        raise ReportInputError(f"{path} must be a JSON object (vitscope hessian output)")
+    eig = data.get("eigenvalues")
+    if eig is None and isinstance(data.get("batches"), list):
+        eig = [b.get("eigenvalues", []) for b in data["batches"] if isinstance(b, dict)]
+    out: dict[str, Any] = {k: v for k, v in data.items() if k not in ("eigenvalues", "density", "batches")}
+    if eig is not None:
+        flat = [x for e in eig for x in (e if isinstance(e, list) else [e])]
+        vals = [v for v in _numbers(flat, f"{path} 'eigenvalues'") if v is not None]
+        if not vals:
+            raise ReportInputError(f"{path} has an empty 'eigenvalues' list; re-run vitscope hessian")
+        out["eigenvalues"] = vals
+    dens = data.get("density")
+    if isinstance(dens, dict):
+        grid = dens.get("grid", dens.get("x"))
+        d = dens.get("density", dens.get("y"))
+        if grid is None or d is None or len(grid) != len(d):
+            raise ReportInputError(f"{path} 'density' needs equal-length 'grid' and 'density' lists")
+        out["density"] = {"grid": _numbers(grid, f"{path} density grid"), "density": _numbers(d, f"{path} density")}
+    if "eigenvalues" not in out and "density" not in out:
+        raise ReportInputError(f"{path} has neither 'eigenvalues' nor 'density'; re-run vitscope hessian")
+    return out
+
+
+def _load_landscape(path: Path) -> dict[str, Any]:
+    """``x`` (alias ``alphas``/``coords``), optional ``y`` (``betas``), ``loss`` (1-D over x or 2-D [y][x])."""
+    data = _read_json(path)
+    if not isinstance(data, dict):
+        raise ReportInputError(f"{path} must be a JSON object (vitscope landscape output)")
+    x = next((data[k] for k in ("x", "alphas", "coords") if k in data), None)
+    y = next((data[k] for k in ("y", "betas") if k in data), None)
+    loss = data.get("loss", data.get("losses"))
+    if x is None or loss is None:
+        raise ReportInputError(f"{path} needs 'x' (or 'alphas') and 'loss'; re-run vitscope landscape")
+    out = {k: v for k, v in data.items() if k not in ("x", "y", "alphas", "betas", "coords", "loss", "losses")}
+    out["x"] = _numbers(x, f"{path} 'x'")
+    if y is None or (isinstance(loss, list) and loss and not isinstance(loss[0], list)):
+        out["loss"] = _numbers(loss, f"{path} 'loss'")
+        if len(out["loss"]) != len(out["x"]):
+            raise ReportInputError(f"{path}: 'loss' has {len(out['loss'])} values for {len(out['x'])} x values")
+    else:
+        out["y"] = _numbers(y, f"{path} 'y'")
+        if not isinstance(loss, list) or len(loss) != len(out["y"]) or any(
+                not isinstance(r, list) or len(r) != len(out["x"]) for r in loss):
+            raise ReportInputError(f"{path}: 'loss' must be a {len(out['y'])} x {len(out['x'])} grid "
+                                   "(y rows, x columns)")
+        out["loss"] = [_numbers(r, f"{path} 'loss'") for r in loss]
+    return out
+
+
+def _load_robustness(path: Path) -> dict[str, Any]:
+    data = _read_json(path)
+    if not isinstance(data, dict):
+        raise ReportInputError(f"{path} must be a JSON object (vitscope robustness output)")
+    known = ("clean", "calibration", "occlusion", "fgsm", "pgd", "frequency", "corruptions")
+    if not any(k in data for k in known):
+        raise ReportInputError(f"{path} holds none of {list(known)}; re-run vitscope robustness")
+    if "calibration" in data:
+        _need(data["calibration"], ("reliability", "ece"), f"{path} ['calibration']")
+        for i, b in enumerate(data["calibration"]["reliability"]):
+            _need(b, ("lower", "upper", "count", "accuracy", "confidence"), f"{path} reliability bin {i}")
+    for k in ("fgsm", "pgd"):
+        if k in data:
+            _need(data[k], ("eps", "accuracy"), f"{path} [{k!r}]")
+    if "frequency" in data:
+        _need(data["frequency"], ("freqs", "accuracy"), f"{path} ['frequency']")
+    if "corruptions" in data:
+        _need(data["corruptions"], ("severities", "accuracy"), f"{path} ['corruptions']")
+    return data
+
+
+def _model_name(meta: dict[str, Any], config: dict[str, Any], extra: list[dict[str, Any] | None], path: Path) -> str:
+    """The model's name: CLI name in meta.json, then config.yaml's model, then any output's ``model``."""
+    for src in (meta.get("model_name"), config.get("model"), *(d.get("model") for d in extra if d),
+                meta.get("model")):
+        if isinstance(src, str) and src:
+            return src
+    return path.resolve().name
+
+
+def _nearby_runs(path: Path) -> list[str]:
+    found = []
+    for sub in sorted(p for p in path.iterdir() if p.is_dir()) if path.is_dir() else []:
+        if any((sub / f).is_file() for f in EXPECTED_FILES):
+            found.append(str(sub))
+    return found
+
+
+def load_run(path: str | os.PathLike) -> RunData:
+    """Read every recognized vitscope output in directory ``path`` (see the module docstring).
+
+    Raises:
+        FileNotFoundError: ``path`` is not a directory.
+        ReportInputError: nothing recognizable in it (the message lists the expected files), or a file
+            lacks a field the report needs.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} is not a directory; pass vitscope output directories (probe, train, "
+                                "hessian, landscape or robustness --out)")
+    present = [f for f in EXPECTED_FILES if (path / f).is_file()]
+    if not present:
+        hint = _nearby_runs(path)
+        listing = ", ".join(f"{f} ({what})" for f, what in EXPECTED_FILES.items())
+        more = f"; its subdirectories {hint} do: pass those instead" if hint else ""
+        raise ReportInputError(f"{path} holds no vitscope output; expected at least one of: {listing}{more}")
+    meta = _read_json(path / META_FILE) if (path / META_FILE).is_file() else {}
+    config: dict[str, Any] = {}
+    if (path / CONFIG_FILE).is_file():
+        with open(path / CONFIG_FILE) as f:
+            try:
+                config = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise ReportInputError(f"{path / CONFIG_FILE} is not valid YAML ({e})") from None
+        if not isinstance(config, dict):
+            raise ReportInputError(f"{path / CONFIG_FILE} must be a YAML mapping of config keys")
+    run = RunData(path=path, name="", meta=meta if isinstance(meta, dict) else {}, config=config,
+                  files=[f for f in (*EXPECTED_FILES, META_FILE, CONFIG_FILE) if (path / f).is_file()])
+    if PROBE_FILE in present:
+        run.probe = _load_probe(path / PROBE_FILE)
+    if METRICS_FILE in present:
+        run.metrics = [r for r in _read_jsonl(path / METRICS_FILE) if "epoch" in r]
+    if PROBES_FILE in present:
+        run.train_probes = _read_jsonl(path / PROBES_FILE)
+        for i, rec in enumerate(run.train_probes):
+            _need(rec, ("epoch", "measure", "layers", "values"), f"{path / PROBES_FILE} line {i + 1}")
+    if HESSIAN_FILE in present:
+        run.hessian = _load_hessian(path / HESSIAN_FILE)
+    if LANDSCAPE_FILE in present:
+        run.landscape = _load_landscape(path / LANDSCAPE_FILE)
+    if ROBUSTNESS_FILE in present:
+        run.robustness = _load_robustness(path / ROBUSTNESS_FILE)
+    if not (run.probe or run.metrics or run.train_probes or run.hessian or run.landscape or run.robustness):
+        raise ReportInputError(f"{path} has {present} but no data in them (empty files?); re-run the vitscope command")
+    run.name = _model_name(run.meta, run.config, [run.hessian, run.landscape, run.robustness], path)
+    return run
+
+
+def load_runs(paths: list[str | os.PathLike]) -> list[RunData]:
+    """``load_run`` for each path; models with the same name get the directory name appended."""
+    if not paths:
+        raise ReportInputError("no output directory given; pass one or more vitscope output directories")
+    runs = [load_run(p) for p in paths]
+    names = [r.name for r in runs]
+    for r in runs:
+        if names.count(r.name) > 1:
+            r.name = f"{r.name} ({r.path.resolve().name})"
+    seen: dict[str, int] = {}
+    for r in runs:  # still equal (same model, same directory name): number them
+        seen[r.name] = seen.get(r.name, 0) + 1
+        if seen[r.name] > 1:
+            r.name = f"{r.name} #{seen[r.name]}"
+    return runs

@@ -1,0 +1,479 @@
+"""Turn loaded outputs (``RunData``) into captioned figures with their data rows, per model and across models.
+
+Each ``FigureItem`` holds the figure, the rows it plots (written as CSV next to the report, so every plotted
+number can be checked against the input) and its caption.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from matplotlib.figure import Figure
+
+from vitscope.reports import figures as F
+from vitscope.reports.captions import Caption, caption
+from vitscope.reports.loaders import RunData
+
+_logger = logging.getLogger(__name__)
+
+__all__ = ["FigureItem", "Section", "run_section", "comparison_section", "summary_rows", "slug"]
+
+MSA_KINDS = ("msa", "gpsa")
+TRAIN_PROBE_LABELS = {
+    "attention_entropy": "attention entropy (nats)",
+    "attention_distance": "mean attention distance (pixels)",
+    "nonlocality": "nonlocality (patches)",
+    "gpsa_gates": "gate sigmoid(λ)",
+}
+
+
+class _Missing(Exception):
+    """The data of a figure is present but holds no finite value: the figure is skipped with a note."""
+
+
+@dataclass
+class FigureItem:
+    key: str
+    caption: Caption
+    figure: Figure
+    rows: list[dict[str, Any]]
+    note: str = ""
+
+
+@dataclass
+class Section:
+    title: str
+    slug: str
+    path: str = ""
+    files: list[str] = field(default_factory=list)
+    items: list[FigureItem] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def slug(text: str) -> str:
+    s = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    return s or "model"
+
+
+def _mean(values: list[float | None]) -> float | None:
+    v = [x for x in values if x is not None and math.isfinite(x)]
+    return sum(v) / len(v) if v else None
+
+
+def _heads(row: dict[str, Any]) -> list[float | None]:
+    h = row.get("heads")
+    return list(h) if isinstance(h, list) and h else [row.get("value")]
+
+
+# ------------------------------------------------------------------------------------------- probe figures
+
+
+def _cka(name: str, res: dict[str, Any]) -> FigureItem:
+    layers = res["layers"]
+    fig = F.heatmap(res["matrix"], layers, layers, f"{name}: CKA between sub-layers")
+    rows = [{"layer": a, "other_layer": b, "value": res["matrix"][i][j]}
+            for i, a in enumerate(layers) for j, b in enumerate(layers)]
+    return FigureItem("cka", caption("cka"), fig, rows, f"{res.get('examples', '?')} examples")
+
+
+def _cka_cross(name: str, res: dict[str, Any]) -> FigureItem:
+    other = res.get("other_model", "other model")
+    fig = F.heatmap(res["matrix"], res["layers"], res["other_layers"], f"CKA: {name} vs {other}",
+                    xlabel=f"{other} layer", ylabel=f"{name} layer")
+    rows = [{"layer": a, "other_model": other, "other_layer": b, "value": res["matrix"][i][j]}
+            for i, a in enumerate(res["layers"]) for j, b in enumerate(res["other_layers"])]
+    return FigureItem("cka_cross", caption("cka_cross"), fig, rows)
+
+
+def _per_head(key: str, name: str, rows: list[dict[str, Any]], ylabel: str, bound: bool = False) -> FigureItem:
+    x = [r["block"] for r in rows]
+    heads = [_heads(r) for r in rows]
+    bounds = [r.get("max_entropy") for r in rows] if bound else None
+    fig = F.per_head(x, heads, [r["value"] for r in rows], f"{name}: {caption(key).title.lower()}", "block",
+                     ylabel, bound=bounds, bound_label="ln N (uniform attention)")
+    out = []
+    for r, hs in zip(rows, heads):
+        for h, v in enumerate(hs):
+            row = {"layer": r.get("layer", ""), "kind": r.get("kind", ""), "block": r["block"], "head": h,
+                   "value": v, "mean_over_heads": r["value"]}
+            if bound:
+                row["ln_n"] = r.get("max_entropy")
+            out.append(row)
+    return FigureItem(key, caption(key), fig, out)
+
+
+def _ratio_of_norms(name: str, rows: list[dict[str, Any]]) -> FigureItem:
+    series: dict[str, tuple[list[float], list[float | None]]] = {}
+    out = []
+    for token, label in (("cls", "class token"), ("spatial", "spatial tokens")):
+        for kind in dict.fromkeys(r["kind"] for r in rows):
+            sel = [r for r in rows if r["kind"] == kind and r.get(token) is not None]
+            if not sel:
+                continue
+            series[f"{label} ({kind})"] = ([r["block"] for r in sel], [r[token] for r in sel])
+            out += [{"layer": r.get("layer", ""), "kind": kind, "block": r["block"], "token": token,
+                     "value": r[token]} for r in sel]
+    if not series:
+        raise _Missing("every ratio is missing (non-finite, e.g. a zero-initialised branch gives ||f(z)|| = 0)")
+    fig = F.lines(series, f"{name}: ratio of norms ||z|| / ||f(z)||", "block", "ratio of norms", logy=True)
+    return FigureItem("ratio_of_norms", caption("ratio_of_norms"), fig, out)
+
+
+def _msa_spans(rows: list[dict[str, Any]]) -> list[tuple[float, float]]:
+    """Shade from the previous sub-layer's output to each MSA sub-layer's output (where the MSA acts)."""
+    xs = sorted({float(r["normalized_depth"]) for r in rows})
+    diffs = [b - a for a, b in zip(xs, xs[1:]) if b > a]
+    step = min(diffs) if diffs else 0.05
+    return [(float(r["normalized_depth"]) - step, float(r["normalized_depth"]))
+            for r in rows if r["kind"] in MSA_KINDS]
+
+
+def _depth_measure(key: str, name: str, rows: list[dict[str, Any]], ylabel: str) -> list[FigureItem]:
+    x = [r["normalized_depth"] for r in rows]
+    y = [r["value"] for r in rows]
+    fig = F.shaded_depth({name: (x, y)}, _msa_spans(rows), f"{name}: {caption(key).title.lower()}", ylabel,
+                         logy=None if key == "feature_variance" else False)
+    out = [{"layer": r.get("layer", ""), "kind": r["kind"], "normalized_depth": r["normalized_depth"],
+            "value": r["value"]} for r in rows]
+    items = [FigureItem(key, caption(key), fig, out)]
+    curves = [r.get("curve") for r in rows]
+    if key == "fourier" and all(isinstance(c, list) and len(c) > 1 for c in curves):
+        fig2 = F.colored_curves(curves, x, f"{name}: relative log amplitude")
+        out2 = [{"layer": r.get("layer", ""), "normalized_depth": r["normalized_depth"], "frequency_index": i,
+                 "frequency": i / (len(c) - 1), "value": v} for r, c in zip(rows, curves) for i, v in enumerate(c)]
+        items.append(FigureItem("fourier_curves", caption("fourier_curves"), fig2, out2,
+                                "frequency 1 = π (the highest)"))
+    return items
+
+
+def _gpsa_gates(name: str, rows: list[dict[str, Any]]) -> FigureItem:
+    fig = F.per_head([r["block"] for r in rows], [_heads(r) for r in rows], [r["value"] for r in rows],
+                     f"{name}: GPSA gates", "GPSA layer", "gate sigmoid(λ)")
+    fig.axes[0].set_ylim(0, 1)
+    out = [{"layer": r.get("layer", ""), "block": r["block"], "head": h, "value": v}
+           for r in rows for h, v in enumerate(_heads(r))]
+    return FigureItem("gpsa_gates", caption("gpsa_gates"), fig, out)
+
+
+def _lesion(name: str, rows: list[dict[str, Any]]) -> FigureItem:
+    studies = list(dict.fromkeys(r.get("study", "lesion") for r in rows))
+    labels = [(f"{r.get('study', '')}:" if len(studies) > 1 else "") + str(r["name"]) for r in rows]
+    intact = rows[0].get("intact_accuracy") if rows else None
+    fig = F.bars(labels, [r["accuracy_drop"] for r in rows], f"{name}: accuracy drop when a unit is removed",
+                 "accuracy drop (intact − lesioned)", kinds=[r["kind"] for r in rows])
+    out = [{"study": r.get("study", ""), "name": r["name"], "kind": r["kind"], "block": r.get("block"),
+            "accuracy": r.get("accuracy"), "accuracy_drop": r["accuracy_drop"],
+            "nll_increase": r.get("nll_increase")} for r in rows]
+    note = f"intact accuracy {intact:.3f}" if isinstance(intact, float) else ""
+    return FigureItem("lesion", caption("lesion"), fig, out, note)
+
+
+def _localization(name: str, rows: list[dict[str, Any]]) -> FigureItem:
+    series = {"held-out accuracy": ([r["block"] for r in rows], [r["accuracy"] for r in rows])}
+    if all("train_accuracy" in r for r in rows):
+        series["train accuracy"] = ([r["block"] for r in rows], [r["train_accuracy"] for r in rows])
+    chance = rows[0].get("chance") if rows else None
+    fig = F.lines(series, f"{name}: position probe accuracy", "block", "accuracy",
+                  hlines={"chance": chance} if isinstance(chance, float) else None, logy=False)
+    out = [{"name": r["name"], "block": r["block"], "accuracy": r["accuracy"],
+            "train_accuracy": r.get("train_accuracy"), "chance": r.get("chance")} for r in rows]
+    return FigureItem("localization", caption("localization"), fig, out)
+
+
+def _check_values(rows: list[dict[str, Any]], key: str = "value") -> None:
+    if rows and all(r.get(key) is None for r in rows):
+        raise _Missing(f"every {key!r} is missing (non-finite in the probe output)")
+
+
+def probe_items(run: RunData, notes: list[str] | None = None) -> list[FigureItem]:
+    """Figures of ``results.json``, in the papers' order; a measure without finite values is noted and skipped."""
+    p, name, items = run.probe, run.name, []
+    builders: list[tuple[str, Callable[[], list[FigureItem]]]] = [
+        ("cka", lambda: [_cka(name, p["cka"])]),
+        ("cka_cross", lambda: [_cka_cross(name, p["cka_cross"])]),
+        ("attention_distance", lambda: [_per_head("attention_distance", name, p["attention_distance"]["rows"],
+                                                  "mean attention distance (pixels)")]),
+        ("attention_entropy", lambda: [_per_head("attention_entropy", name, p["attention_entropy"]["rows"],
+                                                 "attention entropy (nats)", bound=True)]),
+        ("nonlocality", lambda: [_per_head("nonlocality", name, p["nonlocality"]["rows"],
+                                           "nonlocality (patches)")]),
+        ("relative_distance", lambda: [_per_head("relative_distance", name, p["relative_distance"]["rows"],
+                                                 "relative distance")]),
+        ("gpsa_gates", lambda: [_gpsa_gates(name, p["gpsa_gates"]["rows"])]),
+        ("ratio_of_norms", lambda: [_ratio_of_norms(name, p["ratio_of_norms"]["rows"])]),
+        ("fourier", lambda: _depth_measure("fourier", name, p["fourier"]["rows"], "Δ log amplitude (highest f)")),
+        ("feature_variance", lambda: _depth_measure("feature_variance", name, p["feature_variance"]["rows"],
+                                                    "feature map variance")),
+        ("lesion", lambda: [_lesion(name, p["lesion"]["rows"])]),
+        ("localization", lambda: [_localization(name, p["localization"]["rows"])]),
+    ]
+    for key, build in builders:
+        if key in p and (p[key].get("rows") or key.startswith("cka")):
+            try:
+                if key not in ("cka", "cka_cross", "ratio_of_norms", "lesion", "localization"):
+                    _check_values(p[key]["rows"])
+                items += build()
+            except _Missing as e:
+                _logger.warning("%s: no %s figure: %s", run.path, key, e)
+                if notes is not None:
+                    notes.append(f"{key}: no figure, {e}")
+    return items
+
+
+# ---------------------------------------------------------------------------------------- training figures
+
+
+def _training_curves(name: str, metrics: list[dict[str, Any]]) -> FigureItem:
+    ep = [r["epoch"] for r in metrics]
+    acc = {k.replace("_", " "): (ep, [r.get(k) for r in metrics])
+           for k in ("val_top1", "val_ema_top1") if any(k in r for r in metrics)}
+    loss = {k.replace("_", " "): (ep, [r.get(k) for r in metrics])
+            for k in ("train_loss", "val_nll") if any(k in r for r in metrics)}
+    specs = [(s, lab) for s, lab in ((acc, "top-1 accuracy (%)"), (loss, "loss / NLL (nats)")) if s]
+    if not specs:
+        raise ValueError(f"{name}: metrics.jsonl has no val_top1, train_loss or val_nll")
+    fig = F.panels(specs, f"{name}: training curves", "epoch")
+    keys = ("epoch", "train_loss", "val_top1", "val_nll", "val_ece", "val_brier", "val_ema_top1")
+    out = [{k: r.get(k) for k in keys if any(k in m for m in metrics)} for r in metrics]
+    return FigureItem("training_curves", caption("training_curves"), fig, out)
+
+
+def _train_probe(name: str, measure: str, records: list[dict[str, Any]]) -> FigureItem:
+    records = sorted(records, key=lambda r: r["epoch"])
+    layers = list(dict.fromkeys(layer for r in records for layer in r["layers"]))
+    x = [r["epoch"] + 1 for r in records]
+    series = {}
+    out = []
+    for layer in layers:
+        mean, lo, hi = [], [], []
+        for r in records:
+            vals = r["values"][r["layers"].index(layer)] if layer in r["layers"] else None
+            heads = vals if isinstance(vals, list) else [vals]
+            finite = [v for v in heads if isinstance(v, (int, float)) and math.isfinite(v)]
+            mean.append(_mean(finite))
+            lo.append(min(finite) if finite else None)
+            hi.append(max(finite) if finite else None)
+            out += [{"epoch": r["epoch"], "epochs_trained": r["epoch"] + 1, "layer": layer, "head": h, "value": v}
+                    for h, v in enumerate(heads)]
+        label = f"GPSA layer {layer}" if measure == "gpsa_gates" and layer.isdigit() else layer
+        series[label] = (mean, lo, hi)
+    key = f"train_{measure}"
+    title = caption(key).title if key in ("train_gpsa_gates", "train_nonlocality", "train_attention_entropy",
+                                          "train_attention_distance") else f"{measure} over training"
+    fig = F.band_lines(x, series, f"{name}: {title[0].lower() + title[1:]}", "epochs trained (0 = init)",
+                       TRAIN_PROBE_LABELS.get(measure, measure))
+    return FigureItem(key, caption(key), fig, out)
+
+
+# ------------------------------------------------------------------------------------ curvature figures
+
+
+def negative_fraction(h: dict[str, Any]) -> float | None:
+    """Fraction of negative eigenvalues; from a density curve, its integral over negative eigenvalues."""
+    if "eigenvalues" in h:
+        e = h["eigenvalues"]
+        return sum(1 for v in e if v < 0) / len(e)
+    if "density" in h:
+        g, d = h["density"]["grid"], h["density"]["density"]
+        pairs = [(a, b) for a, b in zip(g, d) if a is not None and b is not None]
+        total = neg = 0.0
+        for (x0, y0), (x1, y1) in zip(pairs, pairs[1:]):
+            area = (x1 - x0) * (y0 + y1) / 2
+            total += area
+            if x1 <= 0:
+                neg += area
+        return neg / total if total > 0 else None
+    return h.get("negative_fraction")
+
+
+def _hessian(name: str, h: dict[str, Any]) -> FigureItem:
+    frac = negative_fraction(h)
+    label = f"{name} (negative: {frac:.1%})" if frac is not None else name
+    fig = F.eigen_density(f"{name}: Hessian eigenvalue spectrum",
+                          eigenvalues={label: h["eigenvalues"]} if "eigenvalues" in h else None,
+                          densities={label + " density": (h["density"]["grid"], h["density"]["density"])}
+                          if "density" in h else None)
+    if "eigenvalues" in h:
+        out = [{"index": i, "eigenvalue": v} for i, v in enumerate(h["eigenvalues"])]
+    else:
+        out = [{"eigenvalue": g, "density": d} for g, d in zip(h["density"]["grid"], h["density"]["density"])]
+    n = len(h.get("eigenvalues", []))
+    note = (f"{n} eigenvalues; " if n else "") + (f"negative fraction {frac:.3f}" if frac is not None else "")
+    return FigureItem("hessian", caption("hessian"), fig, out, note)
+
+
+def _landscape(name: str, ls: dict[str, Any]) -> FigureItem:
+    if "y" in ls:
+        fig = F.contour(ls["x"], ls["y"], ls["loss"], f"{name}: loss landscape")
+        out = [{"x": x, "y": y, "loss": ls["loss"][j][i]} for j, y in enumerate(ls["y"]) for i, x in enumerate(ls["x"])]
+    else:
+        fig = F.lines({name: (ls["x"], ls["loss"])}, f"{name}: loss along a random direction", "step along direction",
+                      "loss", logy=False, markers=False)
+        out = [{"x": x, "loss": v} for x, v in zip(ls["x"], ls["loss"])]
+    return FigureItem("landscape", caption("landscape"), fig, out)
+
+
+# ----------------------------------------------------------------------------------- robustness figures
+
+
+def _reliability(name: str, cal: dict[str, Any]) -> FigureItem:
+    t = cal["reliability"]
+    fig = F.reliability([b["lower"] for b in t], [b["upper"] for b in t], [b["accuracy"] for b in t],
+                        [b["confidence"] for b in t], [b["count"] for b in t],
+                        f"{name}: reliability (ECE {cal['ece']:.3f})")
+    out = [{k: b.get(k) for k in ("bin", "lower", "upper", "count", "accuracy", "confidence")} for b in t]
+    return FigureItem("reliability", caption("reliability"), fig, out, f"ECE {cal['ece']:.4f}")
+
+
+def robustness_items(name: str, r: dict[str, Any]) -> list[FigureItem]:
+    items = []
+    clean = (r.get("clean") or {}).get("accuracy")
+    ref = {"clean": clean} if isinstance(clean, (int, float)) else None
+    if "calibration" in r:
+        items.append(_reliability(name, r["calibration"]))
+    if "frequency" in r:
+        f = r["frequency"]
+        fig = F.lines({name: (f["freqs"], f["accuracy"])}, f"{name}: accuracy under band-limited noise",
+                      "noise frequency (0 = low, 1 = highest)", "accuracy", hlines=ref, logy=False)
+        out = [{"frequency": a, "accuracy": b} for a, b in zip(f["freqs"], f["accuracy"])]
+        items.append(FigureItem("robustness_frequency", caption("robustness_frequency"), fig, out,
+                                f"noise L2 norm {f['eps']:.3g}" if isinstance(f.get("eps"), float) else ""))
+    attacks = [k for k in ("fgsm", "pgd") if k in r]
+    if attacks:
+        series = {k.upper(): ([e * 255 for e in r[k]["eps"]], r[k]["accuracy"]) for k in attacks}
+        fig = F.lines(series, f"{name}: accuracy under L∞ attacks", "eps (/255)", "accuracy", hlines=ref, logy=False)
+        out = [{"attack": k, "eps": e, "eps_255": e * 255, "accuracy": a}
+               for k in attacks for e, a in zip(r[k]["eps"], r[k]["accuracy"])]
+        items.append(FigureItem("robustness_eps", caption("robustness_eps"), fig, out))
+    if "corruptions" in r and r["corruptions"]["accuracy"]:
+        c = r["corruptions"]
+        names = list(c["accuracy"])
+        means = [_mean(c["accuracy"][n]) for n in names]
+        markers = {f"severity {c['severities'][0]}": [c["accuracy"][n][0] for n in names],
+                   f"severity {c['severities'][-1]}": [c["accuracy"][n][-1] for n in names]}
+        fig = F.bars(names, means, f"{name}: accuracy under corruptions (mean over severities)", "accuracy",
+                     hline=("clean", clean) if ref else None, markers=markers)
+        out = [{"corruption": n, "severity": s, "accuracy": a}
+               for n in names for s, a in zip(c["severities"], c["accuracy"][n])]
+        items.append(FigureItem("robustness_corruptions", caption("robustness_corruptions"), fig, out,
+                                f"mean accuracy {c['mean_accuracy']:.3f}"
+                                if isinstance(c.get("mean_accuracy"), float) else ""))
+    return items
+
+
+# --------------------------------------------------------------------------------------------- sections
+
+
+def run_section(run: RunData) -> Section:
+    """Every figure the data of one directory supports (none is made for missing data)."""
+    sec = Section(run.name, slug(run.name), str(run.path), list(run.files))
+    if run.metrics:
+        sec.items.append(_training_curves(run.name, run.metrics))
+    by_measure: dict[str, list[dict[str, Any]]] = {}
+    for rec in run.train_probes:
+        by_measure.setdefault(rec["measure"], []).append(rec)
+    order = ["gpsa_gates", "nonlocality", "attention_entropy", "attention_distance"]
+    for m in sorted(by_measure, key=lambda m: (order.index(m) if m in order else len(order), m)):
+        sec.items.append(_train_probe(run.name, m, by_measure[m]))
+    sec.items += probe_items(run, sec.notes)
+    if run.hessian:
+        sec.items.append(_hessian(run.name, run.hessian))
+    if run.landscape:
+        sec.items.append(_landscape(run.name, run.landscape))
+    if run.robustness:
+        sec.items += robustness_items(run.name, run.robustness)
+    return sec
+
+
+def _layer_series(runs: list[RunData], measure: str, x_key: str) -> dict[str, tuple[list, list]]:
+    out = {}
+    for r in runs:
+        rows = r.probe.get(measure, {}).get("rows") or []
+        if rows:
+            n = len(rows)
+            x = [row[x_key] for row in rows] if x_key != "relative" else [i / (n - 1) if n > 1 else 0.0
+                                                                            for i in range(n)]
+            out[r.name] = (x, [row["value"] for row in rows])
+    return out
+
+
+def comparison_section(runs: list[RunData]) -> Section | None:
+    """Overlays of the same measure across models (HDVW and RAGHU compare ViT and ResNet this way)."""
+    if len(runs) < 2:
+        return None
+    sec = Section("Comparison across models", "comparison")
+    specs = [
+        ("attention_entropy", "relative", "attention entropy (nats, mean over heads)", "attention layer (normalized)"),
+        ("attention_distance", "relative", "mean attention distance (pixels)", "attention layer (normalized)"),
+        ("nonlocality", "relative", "nonlocality (patches)", "attention layer (normalized)"),
+        ("fourier", "normalized_depth", "Δ log amplitude (highest f)", "normalized depth"),
+        ("feature_variance", "normalized_depth", "feature map variance", "normalized depth"),
+    ]
+    for measure, x_key, ylabel, xlabel in specs:
+        series = _layer_series(runs, measure, x_key)
+        if len(series) >= 2:
+            fig = F.lines(series, f"{caption(measure).title} across models", xlabel, ylabel,
+                          logy=None if measure == "feature_variance" else False)
+            rows = [{"model": m, "x": x, "value": v} for m, (xs, ys) in series.items() for x, v in zip(xs, ys)]
+            sec.items.append(FigureItem(f"compare_{measure}", caption(f"compare_{measure}"), fig, rows))
+    acc = {r.name: ([m["epoch"] for m in r.metrics], [m.get("val_top1") for m in r.metrics])
+           for r in runs if r.metrics}
+    if len(acc) >= 2:
+        fig = F.lines(acc, "Validation top-1 across models", "epoch", "top-1 accuracy (%)", logy=False)
+        rows = [{"model": m, "epoch": x, "val_top1": v} for m, (xs, ys) in acc.items() for x, v in zip(xs, ys)]
+        sec.items.append(FigureItem("compare_training_curves", caption("compare_training_curves"), fig, rows))
+    rob = [r for r in runs if r.robustness]
+    freq = {r.name: (r.robustness["frequency"]["freqs"], r.robustness["frequency"]["accuracy"])
+            for r in rob if "frequency" in r.robustness}
+    if len(freq) >= 2:
+        fig = F.lines(freq, "Accuracy under band-limited noise across models", "noise frequency (0 = low, 1 = highest)",
+                      "accuracy", logy=False)
+        rows = [{"model": m, "frequency": x, "accuracy": v} for m, (xs, ys) in freq.items() for x, v in zip(xs, ys)]
+        sec.items.append(FigureItem("compare_robustness_frequency", caption("compare_robustness_frequency"), fig, rows))
+    eps = {f"{r.name} {k.upper()}": ([e * 255 for e in r.robustness[k]["eps"]], r.robustness[k]["accuracy"])
+           for r in rob for k in ("fgsm", "pgd") if k in r.robustness}
+    if len({k.rsplit(" ", 1)[0] for k in eps}) >= 2:
+        fig = F.lines(eps, "Accuracy under L∞ attacks across models", "eps (/255)", "accuracy", logy=False)
+        rows = [{"series": m, "eps_255": x, "accuracy": v} for m, (xs, ys) in eps.items() for x, v in zip(xs, ys)]
+        sec.items.append(FigureItem("compare_robustness_eps", caption("compare_robustness_eps"), fig, rows))
+    hess = [r for r in runs if r.hessian and "eigenvalues" in r.hessian]
+    if len(hess) >= 2:
+        eig = {}
+        for r in hess:
+            frac = negative_fraction(r.hessian)
+            eig[f"{r.name} (negative: {frac:.1%})"] = r.hessian["eigenvalues"]
+        fig = F.eigen_density("Hessian eigenvalue spectra across models", eigenvalues=eig)
+        rows = [{"model": r.name, "index": i, "eigenvalue": v}
+                for r in hess for i, v in enumerate(r.hessian["eigenvalues"])]
+        sec.items.append(FigureItem("compare_hessian", caption("compare_hessian"), fig, rows))
+    return sec if sec.items else None
+
+
+def summary_rows(runs: list[RunData]) -> list[dict[str, Any]]:
+    """Accuracy (fraction), NLL, ECE, Brier per model and source (probe pass, last epoch, robustness pass)."""
+    rows = []
+    for r in runs:
+        base = {"model": r.name, "directory": str(r.path)}
+        if "accuracy" in r.meta or "nll" in r.meta:
+            rows.append({**base, "source": "probe pass", "examples": r.meta.get("examples"),
+                         "accuracy": r.meta.get("accuracy"), "nll": r.meta.get("nll"), "ece": None, "brier": None})
+        if r.metrics:
+            last = r.metrics[-1]
+            top1 = last.get("val_top1")
+            rows.append({**base, "source": f"training, epoch {last['epoch']}", "examples": last.get("val_n"),
+                         "accuracy": top1 / 100 if isinstance(top1, (int, float)) else None,
+                         "nll": last.get("val_nll"), "ece": last.get("val_ece"), "brier": last.get("val_brier")})
+        if r.robustness:
+            cal = r.robustness.get("calibration") or {}
+            clean = (r.robustness.get("clean") or {}).get("accuracy", cal.get("top1"))
+            row = {**base, "source": "robustness pass", "examples": r.robustness.get("n", cal.get("n")),
+                   "accuracy": clean, "nll": cal.get("nll"), "ece": cal.get("ece"), "brier": cal.get("brier")}
+            occ = r.robustness.get("occlusion")
+            if isinstance(occ, dict) and "accuracy" in occ:
+                row["occlusion_accuracy"] = occ["accuracy"]
+            rows.append(row)
+    return rows
