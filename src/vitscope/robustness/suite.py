@@ -36,11 +36,11 @@ def default_freq_eps(shape: Sequence[int], rms: float = 0.05) -> float:
     return rms * math.sqrt(c * h * w)
 
 
-def check_suite(suite: Iterable[str]) -> list[str]:
+def check_suite(suite: Iterable[str], allow_empty: bool = False) -> list[str]:
     """The suite as a list of known measure names, in the given order, without duplicates."""
     names = list(dict.fromkeys(s.strip() for s in suite if s.strip()))
     bad = [s for s in names if s not in SUITE]
-    if bad or not names:
+    if bad or not (names or allow_empty):
         raise ValueError(f"unknown robustness measure(s) {bad or names}; valid: {', '.join(SUITE)}")
     return names
 
@@ -83,7 +83,7 @@ def evaluate_robustness(
     PGD's step defaults to ``2.5 * eps / steps``; ``freq_eps`` (L2 norm per image) to an RMS of 0.05
     per pixel value, ``0.05 * sqrt(C H W)``.
     """
-    names = check_suite(suite)
+    names = check_suite(suite, allow_empty=True)  # empty: clean accuracy only
     eps = [float(e) for e in eps]
     corr_names = [_canonical(c) for c in corruptions] if "corruptions" in names else []
     dev = resolve_device(model, device)

@@ -1,0 +1,127 @@
+"""evaluate_robustness against per-measure computations by hand; the ``vitscope robustness`` CLI."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from vitscope.cli import main
+from vitscope.robustness import (
+    Normalized,
+    calibration,
+    corrupt,
+    evaluate_robustness,
+    fgsm,
+    occlude_center,
+    pgd,
+)
+
+MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+
+
+@pytest.fixture(scope="module")
+def setup() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, 5)
+    ).eval()
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(21, 3, 16, 16, generator=g)
+    y = torch.randint(0, 5, (21,), generator=g)
+    with torch.no_grad():
+        pred = Normalized(model, MEAN, STD)(x).argmax(dim=1)
+    y[:12] = pred[:12]  # some right, some wrong
+    return model, x, y
+
+
+def test_evaluate_robustness_matches_measures_by_hand(setup) -> None:
+    model, x, y = setup
+    loader = DataLoader(TensorDataset(x, y), batch_size=8)  # batches 8, 8, 5
+    eps = [1 / 255, 4 / 255]
+    out = evaluate_robustness(
+        model, loader, mean=MEAN, std=STD, eps=eps, pgd_steps=2, freqs=[0.0, 1.0], freq_eps=1.0,
+        corruptions=["contrast", "gaussian_noise"], severities=[1, 5], seed=3, progress=False,
+    )
+    net = Normalized(model, MEAN, STD)
+
+    def acc(xs: list[torch.Tensor]) -> float:
+        with torch.no_grad():
+            return float(sum((net(xb).argmax(1) == y[8 * i : 8 * i + 8]).sum() for i, xb in enumerate(xs))) / 21
+
+    xb = [x[s : s + 8] for s in range(0, 21, 8)]
+    yb = [y[s : s + 8] for s in range(0, 21, 8)]
+    assert out["n"] == 21
+    assert out["clean"]["accuracy"] == pytest.approx(acc(xb))
+    with torch.no_grad():
+        ref_cal = calibration(net(x), y)
+    for key in ("ece", "nll", "brier", "adaptive_ece", "top1"):
+        assert out["calibration"][key] == pytest.approx(ref_cal[key], abs=1e-9)
+    assert out["occlusion"]["accuracy"] == pytest.approx(acc([occlude_center(b) for b in xb]))
+    for j, e in enumerate(eps):
+        assert out["fgsm"]["accuracy"][j] == pytest.approx(acc([fgsm(net, b, t, e) for b, t in zip(xb, yb)]))
+        ref_pgd = acc([pgd(net, b, t, e, steps=2, seed=3 + i) for i, (b, t) in enumerate(zip(xb, yb))])
+        assert out["pgd"]["accuracy"][j] == pytest.approx(ref_pgd)
+    assert out["pgd"]["alpha"] == pytest.approx([2.5 * e / 2 for e in eps])
+    for name in ("contrast", "gaussian_noise"):
+        for j, s in enumerate([1, 5]):
+            ref = acc([corrupt(b, name, s, seed=3 + i) for i, b in enumerate(xb)])
+            assert out["corruptions"]["accuracy"][name][j] == pytest.approx(ref)
+    assert out["frequency"]["freqs"] == [0.0, 1.0] and len(out["frequency"]["accuracy"]) == 2
+    np.testing.assert_allclose(
+        out["frequency"]["error_increase"], out["clean"]["accuracy"] - np.array(out["frequency"]["accuracy"])
+    )
+
+
+def test_evaluate_robustness_bad_input(setup) -> None:
+    model, x, y = setup
+    with pytest.raises(ValueError, match="unknown robustness measure.*valid: calibration"):
+        evaluate_robustness(model, [(x, y)], ["calibration", "fog"], mean=MEAN, std=STD)
+    with pytest.raises(ValueError, match=r"\[0, 1\] pixel space"):
+        evaluate_robustness(model, [((x - 0.5) / 0.2, y)], ["calibration"], mean=MEAN, std=STD)
+    with pytest.raises(ValueError, match="mismatched label count"):
+        evaluate_robustness(model, [(x, y[:-2])], ["occlusion"], mean=MEAN, std=STD)
+    with pytest.raises(ValueError, match="unknown corruption 'snow'; valid names"):
+        evaluate_robustness(model, [(x, y)], ["corruptions"], mean=MEAN, std=STD, corruptions=["snow"])
+
+
+def test_cli_writes_json_csv_png(tmp_path, capsys) -> None:
+    out = tmp_path / "rob"
+    code = main([
+        "robustness", "--model", "test_vit_cifar", "--data", "fake", "--out", str(out), "--max-batches", "1",
+        "--batch-size", "8", "--eps", "1/255,4/255", "--pgd-steps", "1", "--freqs", "0,1",
+        "--corruptions", "contrast,jpeg", "--severities", "1,5", "--no-progress", "--device", "cpu",
+    ])
+    assert code == 0, capsys.readouterr().err
+    names = {p.name for p in out.iterdir()}
+    assert {"results.json", "summary.csv", "calibration_bins.csv", "adversarial.csv", "frequency.csv",
+            "corruptions.csv", "reliability.png", "frequency.png", "adversarial.png", "corruptions.png"} <= names
+    assert not [n for n in names if n.endswith(".tmp")]
+    res = json.loads((out / "results.json").read_text())
+    assert res["n"] == 8 and res["fgsm"]["eps"] == pytest.approx([1 / 255, 4 / 255])
+    assert res["meta"]["data"] == "fake" and set(res["corruptions"]["accuracy"]) == {"contrast", "jpeg_compression"}
+    assert (out / "reliability.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cli_cifar_c_and_errors(tmp_path, capsys) -> None:
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "fog.npy", rng.integers(0, 256, size=(5 * 4, 32, 32, 3), dtype=np.uint8))
+    np.save(tmp_path / "labels.npy", np.tile(np.arange(4, dtype=np.uint8), 5))
+    out = tmp_path / "c"
+    code = main([
+        "robustness", "--model", "test_vit_cifar", "--data", "fake", "--out", str(out), "--max-batches", "1",
+        "--batch-size", "4", "--suite", "corruptions", "--cifar-c", str(tmp_path), "--no-progress",
+        "--device", "cpu", "--no-plots",
+    ])
+    assert code == 0, capsys.readouterr().err
+    res = json.loads((out / "results.json").read_text())
+    assert list(res["corruptions"]["accuracy"]) == ["fog"] and len(res["corruptions"]["accuracy"]["fog"]) == 5
+    base = ["robustness", "--model", "test_vit_cifar", "--data", "fake", "--out", str(out), "--no-progress"]
+    assert main(base + ["--suite", "calibration,wind"]) == 2
+    assert "unknown robustness measure" in capsys.readouterr().err
+    assert main(base + ["--suite", "corruptions", "--corruptions", "fog"]) == 2
+    assert "valid names: gaussian_noise" in capsys.readouterr().err
+    assert main(base + ["--severities", "0,6"]) == 2
