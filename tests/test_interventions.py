@@ -408,6 +408,33 @@ def test_nested_interventions_restore_in_order():
     assert torch.equal(_outputs(model, x), before)
 
 
+def test_block_removal_bypasses_block_level_context_broadcast():
+    model = _randomize(vitscope.create_model("test_vit_cb", cb_placement="block"))
+    x = _data(4).tensors[0]
+    for b in range(2):
+        ref = _vit_forward(model, x, lambda i, blk, z, b=b: z if i == b else _vit_block(blk, z))
+        with remove_block(model, b):
+            torch.testing.assert_close(_outputs(model, x), ref, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["test_vit_cb", "test_resnet", "toy"])
+def test_interventions_compose_with_capture(name):
+    """vitscope.capture inside an intervention records the removed unit as a zero branch."""
+    model = _model(name)
+    x = _data(3).tensors[0]
+    with remove_block(model, 0), vitscope.capture(model, attention=False) as cap:
+        _outputs(model, x)
+    removed = [r for r in cap.records if r.info.block == 0]
+    assert len(removed) == len(residual_blocks(model)[0].sublayers)
+    for r in removed:
+        assert torch.count_nonzero(r.branch) == 0
+    if name != "test_resnet":  # a ResNet block still applies its final activation
+        assert torch.equal(removed[-1].z_out, removed[0].z_in)
+    with remove_skip(model, 0), vitscope.capture(model, attention=False) as cap:
+        _outputs(model, x)
+    assert len(cap.records) == len(residual_sublayers(model))
+
+
 # ---------------------------------------------------------------------------------------------
 # Skip removal
 

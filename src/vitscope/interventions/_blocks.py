@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -247,19 +247,24 @@ def _shortcut_only(block: ResidualBlock) -> Any:
 def remove_block(model: nn.Module, block: int | str | ResidualBlock) -> Iterator[ResidualBlock]:
     """Remove one residual block (HDVW lesion): keep only its skip path, restored on exit.
 
-    Transformer blocks become the identity. A ResNet block becomes ``act(shortcut(x))``: for a
-    downsampling block the projection shortcut (``downsample``) still applies, then the block's final
-    activation, so shapes still match the next block. A vitscope (AlterNet) block keeps ``shortcut(x)``
-    (its ``drop_path`` output is zeroed).
+    Transformer blocks become the identity: both branch modules (attention, MLP) return zeros, so
+    ``x + 0 + 0 = x`` exactly, and a block-level Context Broadcasting (``cb_placement="block"``) is
+    bypassed too. The sub-modules still run, so ``vitscope.capture`` records zero branches consistently.
+    A ResNet block becomes ``act(shortcut(x))``: for a downsampling block the projection shortcut
+    (``downsample``) still applies, then the block's final activation, so shapes still match the next
+    block. A vitscope (AlterNet) block keeps ``shortcut(x)`` (its ``drop_path`` output is zeroed).
     """
     blk = get_block(model, block)
-    if blk.family in ("vit", "convit"):
-        ctx = patched_forward(blk.module, lambda x, *args, **kwargs: x)
-    elif blk.family == "resnet":
-        ctx = patched_forward(blk.module, _shortcut_only(blk))
-    else:
-        ctx = patched_forward(blk.module.drop_path, _zeros_like_input)
-    with ctx:
+    with ExitStack() as stack:
+        if blk.family in ("vit", "convit"):
+            for sub in blk.sublayers:
+                stack.enter_context(patched_forward(sub.module, _zeros_like_input))
+            if getattr(blk.module, "cb_placement", "") == "block":
+                stack.enter_context(patched_forward(blk.module.cb, lambda x: x))
+        elif blk.family == "resnet":
+            stack.enter_context(patched_forward(blk.module, _shortcut_only(blk)))
+        else:
+            stack.enter_context(patched_forward(blk.module.drop_path, _zeros_like_input))
         yield blk
 
 
