@@ -90,9 +90,9 @@ class Calibration:
         self.n = 0
         self.n_seen_stored = 0  # examples offered to the adaptive-ECE store
         self._gen = torch.Generator().manual_seed(self.seed)
-        self._keys = torch.empty(0, dtype=torch.float64)
-        self._conf = torch.empty(0, dtype=torch.float64)
-        self._hit = torch.empty(0, dtype=torch.bool)
+        # Stored (key, confidence, correct) chunks, compacted lazily (amortized linear cost).
+        self._chunks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._n_chunked = 0
 
     @torch.no_grad()
     def update(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
@@ -124,12 +124,26 @@ class Calibration:
     def _store(self, conf: torch.Tensor, hit: torch.Tensor) -> None:
         self.n_seen_stored += conf.numel()
         keys = torch.rand(conf.numel(), generator=self._gen, dtype=torch.float64)
-        self._keys = torch.cat([self._keys, keys])
-        self._conf = torch.cat([self._conf, conf])
-        self._hit = torch.cat([self._hit, hit])
-        if self.max_stored is not None and self._keys.numel() > self.max_stored:
-            keep = self._keys.topk(self.max_stored, largest=False).indices  # bottom-k: uniform subset
-            self._keys, self._conf, self._hit = self._keys[keep], self._conf[keep], self._hit[keep]
+        self._add_chunks([(keys, conf, hit)])
+
+    def _add_chunks(self, chunks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
+        self._chunks += chunks
+        self._n_chunked += sum(c[0].numel() for c in chunks)
+        if self.max_stored is not None and self._n_chunked > 2 * self.max_stored:
+            self._compact()
+
+    def _compact(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Concatenate the chunks, keeping the ``max_stored`` smallest keys (a uniform random subset)."""
+        if not self._chunks:
+            empty = torch.empty(0, dtype=torch.float64)
+            return empty, empty, torch.empty(0, dtype=torch.bool)
+        keys, conf, hit = (torch.cat(parts) for parts in zip(*self._chunks))
+        if self.max_stored is not None and keys.numel() > self.max_stored:
+            keep = keys.topk(self.max_stored, largest=False).indices  # bottom-k sampling
+            keys, conf, hit = keys[keep], conf[keep], hit[keep]
+        self._chunks = [(keys, conf, hit)]
+        self._n_chunked = keys.numel()
+        return keys, conf, hit
 
     def merge(self, other: Calibration) -> Calibration:
         """Add another instance's state (e.g. from another rank) into this one; returns self."""
@@ -143,16 +157,11 @@ class Calibration:
         self.top5_correct += other.top5_correct
         self.n += other.n
         self.n_seen_stored += other.n_seen_stored
-        self._keys = torch.cat([self._keys, other._keys])
-        self._conf = torch.cat([self._conf, other._conf])
-        self._hit = torch.cat([self._hit, other._hit])
-        if self.max_stored is not None and self._keys.numel() > self.max_stored:
-            keep = self._keys.topk(self.max_stored, largest=False).indices
-            self._keys, self._conf, self._hit = self._keys[keep], self._conf[keep], self._hit[keep]
+        self._add_chunks(list(other._chunks))
         return self
 
-    def _adaptive_ece(self) -> float:
-        conf, hit = self._conf, self._hit
+    def _adaptive_ece(self) -> tuple[float, int]:
+        _, conf, hit = self._compact()
         order = torch.sort(hit.to(torch.uint8), stable=True).indices  # tie-break on correctness
         order = order[torch.sort(conf[order], stable=True).indices]  # (M,) by confidence
         conf, hit = conf[order], hit[order].double()
@@ -161,7 +170,7 @@ class Calibration:
         for c_bin, h_bin in zip(torch.tensor_split(conf, self.n_bins), torch.tensor_split(hit, self.n_bins)):
             if c_bin.numel():
                 total += abs(float(h_bin.sum()) - float(c_bin.sum()))
-        return total / m
+        return total / m, m
 
     def compute(self) -> dict[str, Any]:
         """The metrics so far, as a flat dict of floats plus the ``reliability`` table (one row per bin).
@@ -177,6 +186,7 @@ class Calibration:
         conf_b = torch.where(nonempty, self.conf_sum / count.clamp(min=1), torch.zeros_like(count))
         gap = conf_b - acc_b  # (n_bins,)
         weight = count / n
+        adaptive_ece, n_stored = self._adaptive_ece()
         table = [
             {
                 "bin": b,
@@ -197,8 +207,8 @@ class Calibration:
             "ece": float((weight * gap.abs()).sum()),
             "signed_ece": float((weight * gap).sum()),
             "mce": float(gap.abs()[nonempty].max()),
-            "adaptive_ece": self._adaptive_ece(),
-            "adaptive_ece_exact": self.n_seen_stored == self._conf.numel(),
+            "adaptive_ece": adaptive_ece,
+            "adaptive_ece_exact": self.n_seen_stored == n_stored,
             "mean_confidence": float(self.conf_sum.sum()) / n,
             "n_bins": self.n_bins,
             "reliability": table,
