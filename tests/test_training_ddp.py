@@ -1,0 +1,73 @@
+"""DistributedDataParallel on CPU (gloo): ``torchrun --nproc_per_node 2 -m vitscope train`` with the global
+batch split over 2 processes matches one process with the same global batch.
+
+DDP averages the gradients of the ranks; with a mean loss over per-rank batches of B/2 that equals
+the single-process mean over B, and the shared DistributedSampler order (seed + epoch) gives both
+runs the same global batches. No augmentation, dropout or BatchNorm, so the runs differ only by
+floating-point summation order.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from vitscope.training import build_model, resolve_config, train
+from vitscope.training.checkpoint import read_jsonl
+from vitscope.training.engine import strip_timing
+
+OVERRIDES = ["epochs=2", "batch_size=32", "lr=0.01", "warmup_epochs=0", "augment=false", "deterministic=true",
+             "progress=false", "seed=3"]
+COMMON = ["--config", "cpu-quick", "--model", "test_vit_cifar", "--data", "fake:n=128"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_two_process_gloo_matches_one_process(tmp_path):
+    ddp_dir = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), "-m", "vitscope", "train", *COMMON, "--out", str(ddp_dir), *OVERRIDES]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    single_dir = tmp_path / "single"
+    cfg = resolve_config("cpu-quick", OVERRIDES, model="test_vit_cifar", data="fake:n=128", out=str(single_dir))
+    train(cfg)
+
+    ddp_m, single_m = read_jsonl(ddp_dir / "metrics.jsonl"), read_jsonl(single_dir / "metrics.jsonl")
+    assert [r["epoch"] for r in ddp_m] == [0, 1]  # rank 0 alone wrote: one line per epoch
+    for d, s in zip(ddp_m, single_m):
+        d, s = strip_timing(d), strip_timing(s)
+        assert d.keys() == s.keys()
+        assert d["val_n"] == s["val_n"] == 32 and d["train_images"] == s["train_images"] == 128
+        for key in d:
+            assert d[key] == pytest.approx(s[key], rel=1e-4, abs=1e-5), key
+    got, want = load_file(ddp_dir / "model.safetensors"), load_file(single_dir / "model.safetensors")
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-5, msg=key)
+    torch.manual_seed(3)  # the engine's initial weights: the updates are large next to the tolerance
+    init = build_model(dataclasses.replace(cfg, num_classes=10)).state_dict()
+    assert max((want[k] - init[k]).abs().max().item() for k in want) > 1e-2
+    state = torch.load(ddp_dir / "state.pt", weights_only=True)
+    assert state["world_size"] == 2 and len(state["rng"]) == 2  # every rank's RNG state is kept
+    assert sorted(p.name for p in ddp_dir.iterdir()) == ["config.yaml", "metrics.jsonl", "model.safetensors",
+                                                          "state.pt"]
