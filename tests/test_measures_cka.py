@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from vitscope.measures import MinibatchCKA, cka
+from vitscope.measures import MinibatchCKA, cka, hsic1
 
 
 def feats(n, shape, seed):
@@ -67,6 +67,7 @@ def test_cka_properties():
     K, L = X @ X.T, Y @ Y.T
     expected = ref_hsic1(K, L) / np.sqrt(ref_hsic1(K, K) * ref_hsic1(L, L))
     assert float(cka(x, y)) == pytest.approx(expected, rel=1e-12)
+    assert float(hsic1(torch.from_numpy(K), torch.from_numpy(L))) == pytest.approx(ref_hsic1(K, L), rel=1e-12)
 
 
 def test_cka_agrees_with_ckatorch():

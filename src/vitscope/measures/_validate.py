@@ -9,8 +9,10 @@ import torch
 Tensor = torch.Tensor
 
 
-def check_tensor(x: Any, name: str, ndim: int | Sequence[int] | None = None, what: str = "") -> Tensor:
-    """Check that ``x`` is a finite tensor with one of the allowed numbers of dimensions."""
+def check_tensor(
+    x: Any, name: str, ndim: int | Sequence[int] | None = None, what: str = "", finite: bool = True
+) -> Tensor:
+    """Check that ``x`` is a (finite, unless ``finite=False``) real tensor with an allowed number of dims."""
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if ndim is not None:
@@ -22,12 +24,16 @@ def check_tensor(x: Any, name: str, ndim: int | Sequence[int] | None = None, wha
         raise ValueError(f"{name} must be a real floating-point tensor, got dtype {x.dtype}; convert with .float()")
     if x.numel() == 0:
         raise ValueError(f"{name} is empty (shape {tuple(x.shape)}); pass at least one example")
-    if not torch.isfinite(x).all():
-        raise ValueError(
-            f"{name} contains NaN or Inf; the model or its inputs produced non-finite values "
-            "(check the input normalization and the checkpoint)"
-        )
+    if finite and not torch.isfinite(x).all():
+        raise_non_finite(name)
     return x
+
+
+def raise_non_finite(name: str) -> None:
+    raise ValueError(
+        f"{name} contains NaN or Inf; the model or its inputs produced non-finite values "
+        "(check the input normalization and the checkpoint)"
+    )
 
 
 def as_float(x: Tensor) -> Tensor:

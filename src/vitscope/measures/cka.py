@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from vitscope.measures._streaming import StreamingMeasure
-from vitscope.measures._validate import as_list, check_tensor
+from vitscope.measures._validate import as_list, check_tensor, raise_non_finite
 
 _logger = logging.getLogger(__name__)
 
@@ -30,19 +30,23 @@ __all__ = ["cka", "hsic1", "MinibatchCKA"]
 
 
 def _flatten(x: Any, name: str) -> Tensor:
-    x = check_tensor(x, name, what="(n, ...) features, one row per example")
+    # Finiteness is checked on the (n, n) Gram (NaN/Inf in x always reach it): far cheaper than on x.
+    x = check_tensor(x, name, what="(n, ...) features, one row per example", finite=False)
     if x.ndim < 2:
         raise ValueError(f"{name} must be (n, ...) features with one row per example, got shape {tuple(x.shape)}")
     return x.reshape(x.shape[0], -1).to(torch.float64)  # (n, D)
 
 
-def _linear_gram(x: Tensor) -> Tensor:
-    return x @ x.T  # (n, n)
-
-
-def _rbf_gram(x: Tensor, sigma: float) -> Tensor:
-    """RBF Gram with bandwidth ``sigma`` times the median pairwise distance (Kornblith et al. 2019)."""
+def _linear_gram(x: Tensor, name: str = "x") -> Tensor:
     gram = x @ x.T  # (n, n)
+    if not torch.isfinite(gram).all():
+        raise_non_finite(name)
+    return gram
+
+
+def _rbf_gram(x: Tensor, sigma: float, name: str = "x") -> Tensor:
+    """RBF Gram with bandwidth ``sigma`` times the median pairwise distance (Kornblith et al. 2019)."""
+    gram = _linear_gram(x, name)  # (n, n)
     sq_norms = gram.diagonal()
     sq_dist = (sq_norms[:, None] + sq_norms[None, :] - 2 * gram).clamp_min(0)  # (n, n)
     flat = sq_dist.flatten().sort().values
@@ -108,9 +112,11 @@ def cka(x: Tensor, y: Tensor, kernel: str = "linear", unbiased: bool = True, sig
         )
     if n < (4 if unbiased else 2):
         raise ValueError(f"cka needs n > 3 examples with unbiased=True (n >= 2 otherwise), got n={n}")
-    gram = _linear_gram if kernel == "linear" else (lambda f: _rbf_gram(f, sigma))
     center = _center_unbiased if unbiased else _center_biased
-    kx, ky = center(gram(fx)), center(gram(fy))  # (n, n)
+    if kernel == "linear":
+        kx, ky = center(_linear_gram(fx, "x")), center(_linear_gram(fy, "y"))  # (n, n)
+    else:
+        kx, ky = center(_rbf_gram(fx, sigma, "x")), center(_rbf_gram(fy, sigma, "y"))
     xy, xx, yy = (kx * ky).sum(), (kx * kx).sum(), (ky * ky).sum()
     for name, v in (("x", xx), ("y", yy)):
         if v <= 0:
@@ -144,7 +150,7 @@ class MinibatchCKA(StreamingMeasure):
     def _centred_grams(self, feats: list, name: str, n: int | None) -> tuple[Tensor, int]:
         us = []
         for i, f in enumerate(feats):
-            flat = _flatten(f, f"{name}[{i}]")  # (n, D)
+            flat = _flatten(f, f"{name}[{i}]")  # (n, D) float64
             if n is None:
                 n = flat.shape[0]
             if flat.shape[0] != n:
@@ -153,8 +159,9 @@ class MinibatchCKA(StreamingMeasure):
                     f"{'' if name == 'feats_x' else ' / feats_x'} has n={n}; every layer of a batch must hold "
                     "the same examples"
                 )
+            gram = _linear_gram(flat, f"{name}[{i}]")  # (n, n); also the NaN/Inf check
             if n > 3:
-                us.append(_center_unbiased(_linear_gram(flat)).flatten())  # (n*n,)
+                us.append(_center_unbiased(gram).flatten())  # (n*n,)
         return (torch.stack(us) if us else torch.empty(0)), n  # (L, n*n)
 
     def update(self, feats_x: list[Tensor], feats_y: list[Tensor] | None = None) -> None:
