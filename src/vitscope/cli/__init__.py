@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except BrokenPipeError:  # output piped into `head` and closed early
         return 0
-    except (CLIError, ValueError, FileNotFoundError, KeyError) as e:
+    except (CLIError, ValueError, FileNotFoundError, KeyError, ImportError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"vitscope {args.command}: error: {msg}", file=sys.stderr)
         return 2
