@@ -10,6 +10,7 @@ import timm
 import torch
 import torch.nn as nn
 import yaml
+from safetensors.torch import load_file
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
@@ -139,6 +140,16 @@ def test_recipe_builds_optimizer_scheduler_transforms(name):
                       LabelSmoothingCrossEntropy)
 
 
+@pytest.mark.parametrize("name", ["hdvw-cifar", "deit"])
+def test_paper_recipes_run_end_to_end(tmp_path, name):
+    """Mixup/CutMix, smoothing, RandAugment, clipping, erasing, EMA and drop path in one short run."""
+    cfg = resolve_config(name, model="test_vit_cifar", data="fake:n=32", out=str(tmp_path / name), epochs=1,
+                         warmup_epochs=0, batch_size=16, img_size=32, progress=False)
+    result = train(cfg)
+    assert math.isfinite(result["train_loss"]) and result["train_steps"] == 2 and result["epochs"] == 1
+    assert ("val_ema_top1" in result) == (name == "deit")
+
+
 # ------------------------------------------------------------------------------------------------- SAM
 
 
@@ -264,14 +275,21 @@ def test_train_elpv_subset_beats_chance(tmp_path):
 
 def test_sam_ema_and_probes_in_a_run(tmp_path):
     cfg = quick(tmp_path, model="test_convit_32", epochs=2, sam_rho=0.05, model_ema=True, model_ema_decay=0.9,
-                data="fake:n=64", probes={"every": 1, "measures": ["attention_entropy", "nonlocality"],
-                                          "num_images": 8})
+                data="fake:n=64", probes={"every": 1, "num_images": 8,
+                                          "measures": ["attention_entropy", "nonlocality", "gpsa_gates"]})
     result = train(cfg)
     assert math.isfinite(result["train_loss"]) and "val_ema_top1" in result
     probes = read_jsonl(tmp_path / "run" / "probes.jsonl")
     assert [(p["epoch"], p["measure"]) for p in probes] == [
-        (e, m) for e in (-1, 0, 1) for m in ("attention_entropy", "nonlocality")]
-    last = probes[-2]
+        (e, m) for e in (-1, 0, 1) for m in ("attention_entropy", "nonlocality", "gpsa_gates")]
+    # GPSA gates: sigmoid(1) = 0.731 at ConViT's init (epoch -1), then sigmoid of the trained gating_param.
+    assert probes[2]["layers"] == ["blocks.0.attn", "blocks.1.attn"]
+    np.testing.assert_allclose(probes[2]["values"], np.full((2, 4), 1 / (1 + math.exp(-1))), rtol=1e-6)
+    weights = load_file(tmp_path / "run" / "model.safetensors")
+    for layer, values in zip(probes[-1]["layers"], probes[-1]["values"]):
+        np.testing.assert_allclose(values, torch.sigmoid(weights[f"{layer}.gating_param"]).numpy(), rtol=1e-6)
+    assert probes[-1]["values"] != probes[2]["values"]
+    last = probes[-3]
     assert last["layers"] == ["blocks.0.attn", "blocks.1.attn", "blocks.2.attn"]
     # Independent check of the last entropy probe: -sum A ln A over keys, mean over images and queries.
     import vitscope

@@ -105,12 +105,10 @@ def _nonlocality(model: nn.Module, images: torch.Tensor) -> tuple[list[str], lis
 
 @register_probe("gpsa_gates")
 def _gpsa_gates(model: nn.Module, images: torch.Tensor) -> tuple[list[str], list[Any]]:
-    from vitscope.measures import gpsa_gates
+    from vitscope.measures import gpsa_gates, gpsa_layers
 
-    gates = gpsa_gates(model)
-    if isinstance(gates, dict):
-        return list(gates), [_to_py(v) for v in gates.values()]
-    return [str(i) for i in range(len(gates))], [_to_py(v) for v in gates]
+    names = [name for name, _ in gpsa_layers(model)]
+    return names, [_to_py(g) for g in gpsa_gates(model)]  # per layer: (H,) sigmoid(gating_param)
 
 
 @torch.no_grad()
