@@ -74,6 +74,7 @@ def fit_position_probe(
     epochs: int = 100,
     weight_decay: float = 1e-4,
     seed: int = 0,
+    device: torch.device | str | None = None,
 ) -> ProbeFit:
     """Fit a linear probe that predicts token position from token features; score it on held-out images.
 
@@ -83,6 +84,7 @@ def fit_position_probe(
         epochs: L-BFGS iterations on the full training set.
         weight_decay: L2 penalty ``weight_decay / 2 * ||W||^2`` added to the mean cross-entropy.
         seed: Seed of the image split.
+        device: Where to fit (default: the features' device).
     """
     if features.ndim != 3:
         raise ValueError(f"features must be (n_images, positions, dim), got shape {tuple(features.shape)}")
@@ -98,17 +100,18 @@ def fit_position_probe(
         raise ValueError("features contain NaN or inf; the model's activations overflowed")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     n_train = min(max(int(round(train_fraction * n)), 1), n - 1)
-    feats = features.float()
-    x_tr = feats[perm[:n_train]].reshape(-1, D)  # (n_train * P, D)
-    x_te = feats[perm[n_train:]].reshape(-1, D)  # (n_test * P, D)
-    y_tr = torch.arange(P).repeat(n_train)  # token p of each image -> label p
-    y_te = torch.arange(P).repeat(n - n_train)
+    dev = torch.device(device) if device is not None else features.device
+    feats = features.to(dev, torch.float32)
+    x_tr = feats[perm[:n_train].to(dev)].reshape(-1, D)  # (n_train * P, D)
+    x_te = feats[perm[n_train:].to(dev)].reshape(-1, D)  # (n_test * P, D)
+    y_tr = torch.arange(P, device=dev).repeat(n_train)  # token p of each image -> label p
+    y_te = torch.arange(P, device=dev).repeat(n - n_train)
     mu, sd = x_tr.mean(0), x_tr.std(0)
     sd = sd.clamp_min(1e-6 * float(sd.max()) + 1e-12)
     x_tr, x_te = (x_tr - mu) / sd, (x_te - mu) / sd
 
-    w = torch.zeros(D, P, requires_grad=True)
-    b = torch.zeros(P, requires_grad=True)
+    w = torch.zeros(D, P, device=dev, requires_grad=True)
+    b = torch.zeros(P, device=dev, requires_grad=True)
     opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=epochs, history_size=20, line_search_fn="strong_wolfe",
                             tolerance_grad=1e-9, tolerance_change=1e-12)
 
@@ -170,8 +173,8 @@ def localization_probe(
         loader: Yields images or (images, labels); labels are not used.
         layers: Block indices or names (fnmatch patterns allowed); default every block.
         device: Where to run the model (it is moved there); default: the model's device.
-        max_batches: Use only the first batches (features of every layer are kept on CPU:
-            n_images * h * w * D floats per layer).
+        max_batches: Use only the first batches (features of every chosen layer are kept on CPU,
+            n_images * h * w * D floats per layer; each probe is then fit on ``device``).
         epochs: L-BFGS iterations of each probe (full batch).
         seed: Seed of the train/held-out image split.
         train_fraction: Fraction of images used to train each probe.
@@ -215,7 +218,7 @@ def localization_probe(
             raise ValueError("the loader yielded no images (or the chosen blocks never ran)")
         f = torch.cat(feats.pop(blk.index))  # (n_images, P, D)
         h, w = grids[blk.index]
-        fit = fit_position_probe(f, train_fraction, epochs, weight_decay, seed)
+        fit = fit_position_probe(f, train_fraction, epochs, weight_decay, seed, device=dev)
         result.layers.append(LocalizationLayer(
             blk.name, blk.kind, blk.index, normalized_depth(blk.index, len(all_blocks)), h, w,
             fit.accuracy, fit.train_accuracy, 1.0 / (h * w), fit.num_train_tokens, fit.num_test_tokens,
