@@ -107,6 +107,7 @@ def build_report(run_dirs: Sequence[str | os.PathLike], out_html: str | os.PathL
             anchor = f"{sec.slug}--{key}"
             base = fig_root / sec.slug / key
             png = F.to_bytes(item.figure, "png")
+            item.figure.set_layout_engine("none")  # keep the layout of the PNG draw; the SVG need not redo it
             atomic_write_bytes(base.with_suffix(".png"), png)
             atomic_write_bytes(base.with_suffix(".svg"), F.to_bytes(item.figure, "svg"))
             atomic_write_bytes(base.with_suffix(".csv"), csv_bytes(item.rows))

@@ -14,6 +14,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 _logger = logging.getLogger(__name__)
 
@@ -22,7 +23,7 @@ __all__ = [
     "eigen_density", "contour", "reliability", "panels", "to_bytes",
 ]
 
-SIZE = (5.6, 3.7)
+SIZE = (4.8, 3.2)
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#7f7f7f",
           "#bcbd22"]
 KIND_COLORS = {"msa": "#d62728", "gpsa": "#ff7f0e", "mlp": "#1f77b4", "conv": "#2ca02c"}
@@ -34,13 +35,24 @@ def new_figure(size: tuple[float, float] = SIZE) -> tuple[Figure, object]:
     fig = Figure(figsize=size, dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    ax.grid(True, alpha=0.3, linewidth=0.6)
-    for side in ("top", "right"):
-        ax.spines[side].set_visible(False)
+    _style(ax)
     return fig, ax
 
 
-def to_bytes(fig: Figure, fmt: str, dpi: int = 110) -> bytes:
+def _style(ax) -> None:
+    ax.grid(True, alpha=0.3, linewidth=0.6)
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+    ax.tick_params(labelsize=8)
+    ax.xaxis.label.set_size(9)
+    ax.yaxis.label.set_size(9)
+    try:
+        ax.ticklabel_format(useOffset=False)
+    except AttributeError:  # log or categorical axes
+        pass
+
+
+def to_bytes(fig: Figure, fmt: str, dpi: int = 130) -> bytes:
     """The figure encoded as ``png`` or ``svg``."""
     buf = io.BytesIO()
     meta = {"Software": None} if fmt == "png" else {"Date": None}
@@ -63,7 +75,7 @@ def heatmap(matrix: Sequence[Sequence[float | None]], row_labels: Sequence[str],
             cbar_label: str = "CKA") -> Figure:
     """Matrix with the origin at the bottom left (RAGHU's CKA plots); tick labels thinned to about 12."""
     m = np.array([_arr(r) for r in matrix])
-    fig, ax = new_figure((5.0, 4.3))
+    fig, ax = new_figure((4.6, 3.9))
     ax.grid(False)
     im = ax.imshow(m, origin="lower", cmap="magma", vmin=vmin, vmax=vmax, interpolation="nearest", aspect="auto")
     fig.colorbar(im, ax=ax, label=cbar_label, shrink=0.9)
@@ -98,6 +110,12 @@ def per_head(x: Sequence[float], heads: Sequence[Sequence[float | None]], mean: 
     if xticklabels is not None:
         step = max(1, math.ceil(len(xs) / 14))
         ax.set_xticks(xs[::step], list(xticklabels)[::step], fontsize=7)
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    every = np.concatenate([_arr(h) for h in heads] + [_arr(mean), _arr(bound or [])])
+    every = every[np.isfinite(every)]
+    if every.size and every.min() >= 0:  # distances, entropies, gates: show them from zero
+        ax.set_ylim(0, 1.08 * float(every.max()) or 1.0)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
@@ -124,6 +142,8 @@ def lines(series: Mapping[str, tuple[Sequence[float], Sequence[float | None]]], 
             _log_if_wide(ax, np.concatenate(every))
     if xticks is not None:
         ax.set_xticks(list(xticks[0]), list(xticks[1]), fontsize=7, rotation=45 if len(xticks[0]) > 8 else 0)
+    elif xlabel in ("block", "epoch"):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
@@ -135,13 +155,11 @@ def lines(series: Mapping[str, tuple[Sequence[float], Sequence[float | None]]], 
 def panels(specs: Sequence[tuple[Mapping[str, tuple[Sequence[float], Sequence[float | None]]], str]],
            title: str, xlabel: str) -> Figure:
     """Side-by-side panels sharing x, each ``(series, ylabel)`` (e.g. accuracy and NLL over epochs)."""
-    fig = Figure(figsize=(3.4 * len(specs) + 0.6, 3.5), dpi=100, layout="constrained")
+    fig = Figure(figsize=(2.5 * len(specs) + 0.4, 3.2), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
     for k, (series, ylabel) in enumerate(specs):
         ax = fig.add_subplot(1, len(specs), k + 1)
-        ax.grid(True, alpha=0.3, linewidth=0.6)
-        for side in ("top", "right"):
-            ax.spines[side].set_visible(False)
+        _style(ax)
         for i, (label, (x, y)) in enumerate(series.items()):
             ax.plot(_arr(x), _arr(y), "-o", ms=3, lw=1.4, color=COLORS[(i + 2 * k) % len(COLORS)], label=label)
         ax.set_xlabel(xlabel)
@@ -161,7 +179,7 @@ def shaded_depth(series: Mapping[str, tuple[Sequence[float], Sequence[float | No
         ax.axvspan(lo, hi, color=SHADE, alpha=0.6, lw=0, zorder=0, label=shade_label if i == 0 else None)
     if shaded:
         ax.legend(fontsize=7, frameon=False)
-    ax.set_xlim(-0.03, 1.03)
+    ax.set_xlim(min([-0.03] + [lo for lo, _ in shaded]), max([1.03] + [hi for _, hi in shaded]))
     return fig
 
 
@@ -204,7 +222,7 @@ def bars(labels: Sequence[str], values: Sequence[float | None], title: str, ylab
          kinds: Sequence[str] | None = None, hline: tuple[str, float] | None = None,
          markers: Mapping[str, Sequence[float | None]] | None = None) -> Figure:
     """Bars per unit, coloured by kind (msa/mlp/conv...), optional dashed level and marker series."""
-    fig, ax = new_figure((max(5.6, 0.28 * len(labels) + 2.0), 3.7))
+    fig, ax = new_figure((max(4.8, 0.25 * len(labels) + 1.6), 3.4))
     x = np.arange(len(labels))
     colors = [KIND_COLORS.get(k.split("+")[0], COLORS[0]) for k in kinds] if kinds else COLORS[0]
     ax.bar(x, np.nan_to_num(_arr(values)), color=colors, width=0.75)
@@ -258,7 +276,7 @@ def eigen_density(title: str, eigenvalues: Mapping[str, Sequence[float]] | None 
 def contour(x: Sequence[float], y: Sequence[float], z: Sequence[Sequence[float | None]], title: str,
             zlabel: str = "loss") -> Figure:
     """Filled contour of a 2-D landscape ``z[y][x]`` (log-spaced levels when the range is wide)."""
-    fig, ax = new_figure((5.0, 4.3))
+    fig, ax = new_figure((4.6, 3.9))
     zz = np.array([_arr(r) for r in z])
     finite = zz[np.isfinite(zz)]
     if finite.size and finite.min() > 0 and finite.max() / finite.min() > 20:
@@ -279,7 +297,7 @@ def contour(x: Sequence[float], y: Sequence[float], z: Sequence[Sequence[float |
 def reliability(lower: Sequence[float], upper: Sequence[float], accuracy: Sequence[float | None],
                 confidence: Sequence[float | None], count: Sequence[int], title: str) -> Figure:
     """Reliability diagram: per-bin accuracy bars, mean confidence markers, the diagonal, bin counts."""
-    fig, ax = new_figure((4.8, 4.3))
+    fig, ax = new_figure((4.4, 3.9))
     lo, hi = _arr(lower), _arr(upper)
     acc, conf = _arr(accuracy), _arr(confidence)
     ax.bar(lo, np.nan_to_num(acc), width=hi - lo, align="edge", color=COLORS[0], alpha=0.8, edgecolor="white",

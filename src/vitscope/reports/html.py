@@ -36,7 +36,7 @@ section.model { background: #fff; border: 1px solid var(--line); border-radius: 
                 margin: 18px 0; }
 section.model > h2 { font-size: 20px; margin: 14px 0 2px; }
 .src { color: var(--muted); font-size: 12px; margin: 0 0 10px; word-break: break-all; }
-.grid { display: grid; grid-template-columns: repeat(auto-fill, minmax(470px, 1fr)); gap: 18px; }
+.grid { display: grid; grid-template-columns: repeat(auto-fill, minmax(400px, 1fr)); gap: 18px; }
 figure { margin: 0; padding: 10px; border: 1px solid var(--line); border-radius: 6px; background: #fff; }
 figure img { display: block; width: 100%; height: auto; }
 figcaption { font-size: 13px; line-height: 1.45; margin-top: 6px; }

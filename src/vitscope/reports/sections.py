@@ -124,11 +124,11 @@ def _ratio_of_norms(name: str, rows: list[dict[str, Any]]) -> FigureItem:
 
 
 def _msa_spans(rows: list[dict[str, Any]]) -> list[tuple[float, float]]:
-    """Shade from the previous sub-layer's output to each MSA sub-layer's output (where the MSA acts)."""
+    """A band one sub-layer wide centred on each MSA (or GPSA) sub-layer's output (HDVW's grey areas)."""
     xs = sorted({float(r["normalized_depth"]) for r in rows})
     diffs = [b - a for a, b in zip(xs, xs[1:]) if b > a]
-    step = min(diffs) if diffs else 0.05
-    return [(float(r["normalized_depth"]) - step, float(r["normalized_depth"]))
+    half = (min(diffs) if diffs else 0.05) / 2
+    return [(float(r["normalized_depth"]) - half, float(r["normalized_depth"]) + half)
             for r in rows if r["kind"] in MSA_KINDS]
 
 

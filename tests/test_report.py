@@ -1,0 +1,284 @@
+"""vitscope report: every figure section from real producer outputs (probe, interventions, training probes,
+robustness suite) plus hand-written hessian/landscape files; CSVs equal the inputs; errors are clear."""
+from __future__ import annotations
+
+import base64
+import csv
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from torch.utils.data import DataLoader, TensorDataset
+
+import vitscope
+from vitscope.cli import main as cli_main
+from vitscope.reports import ReportInputError, build_report, load_run
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+ATTN = ["attention_entropy", "attention_distance", "nonlocality", "relative_distance"]
+STREAMS = ["cka", "ratio_of_norms", "fourier", "feature_variance"]
+
+
+def _loader(n=11, seed=0, batch_size=6):  # batches of 6 and 5
+    g = torch.Generator().manual_seed(seed)
+    ds = TensorDataset(torch.rand(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g))
+    return DataLoader(ds, batch_size=batch_size)
+
+
+def _probe_dir(path: Path, model_name: str, measures: list[str], interventions: bool = False) -> Path:
+    """What ``vitscope probe`` writes: ProbeResult.save + model_name in meta (+ lesion/localization rows)."""
+    torch.manual_seed(0)
+    model = vitscope.create_model(model_name).eval()
+    loader = _loader()
+    result = vitscope.probe(model, loader, measures, progress=False)
+    result.meta.update(model_name=model_name)
+    result.save(path)
+    if interventions:
+        from vitscope.interventions import lesion, localization_probe
+
+        data = json.loads((path / "results.json").read_text())
+        data["lesion"] = {"rows": lesion(model, loader, progress=False).to_rows()}
+        data["localization"] = {"rows": localization_probe(model, loader, epochs=5).to_rows()}
+        (path / "results.json").write_text(json.dumps(data))
+    return path
+
+
+def _train_dir(path: Path) -> Path:
+    """A training run directory: real probe records (``run_probes``) on a ConViT, metrics lines as the engine
+    writes them, config.yaml."""
+    from vitscope.training.probes import run_probes
+
+    path.mkdir()
+    model = vitscope.create_model("test_convit_32")
+    images = next(iter(_loader()))[0]
+    lines = []
+    for epoch in (-1, 0, 1):
+        if epoch >= 0:
+            with torch.no_grad():
+                for m in model.modules():
+                    if hasattr(m, "gating_param"):
+                        m.gating_param -= 0.5  # gates fall, as in training
+        lines += run_probes(model, images, ["gpsa_gates", "nonlocality", "attention_entropy"], epoch)
+    (path / "probes.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    metrics = [{"epoch": e, "step": 4 * (e + 1), "train_loss": 2.3 - 0.2 * e, "train_lr": 1e-3,
+                "val_top1": 20.0 + 5 * e, "val_nll": 2.2 - 0.1 * e, "val_ece": 0.1 + 0.01 * e,
+                "val_brier": 0.9 - 0.02 * e, "val_n": 16}
+               for e in range(2)]
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in metrics))
+    (path / "config.yaml").write_text(yaml.safe_dump({"model": "test_convit_32", "data": "fake", "epochs": 2}))
+    return path
+
+
+def _curvature_robustness_dir(path: Path) -> Path:
+    """Robustness from the real suite; hessian/landscape hand-written in the documented formats."""
+    from vitscope.robustness import evaluate_robustness
+
+    path.mkdir()
+    torch.manual_seed(1)
+    model = vitscope.create_model("test_vit_cb")
+    rob = evaluate_robustness(model, _loader(n=8), ("calibration", "occlusion", "fgsm", "pgd", "frequency",
+                                                    "corruptions"), eps=(1 / 255, 4 / 255), pgd_steps=2,
+                              freqs=(0.0, 0.5, 1.0), corruptions=("gaussian_noise", "contrast"), severities=(1, 3, 5),
+                              mean=(0.5,) * 3, std=(0.5,) * 3, progress=False)
+    (path / "robustness.json").write_text(json.dumps({**rob, "model": "test_vit_cb"}))
+    rng = np.random.default_rng(0)
+    eig = [list(rng.normal(0.5, 2.0, 5)) for _ in range(4)]  # 4 batches x top-5
+    (path / "hessian.json").write_text(json.dumps({"model": "test_vit_cb", "eigenvalues": eig}))
+    x = list(np.linspace(-1, 1, 7))
+    loss = [[float(2 + a * a + 2 * b * b) for a in x] for b in x[:5]]
+    (path / "landscape.json").write_text(json.dumps({"x": x, "y": x[:5], "loss": loss}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("outputs")
+    return {
+        "vit": _probe_dir(root / "vit", "test_vit_cb", ATTN + STREAMS, interventions=True),
+        "convit": _probe_dir(root / "convit", "test_convit_32", ["attention_entropy", "gpsa_gates", "fourier"]),
+        "train": _train_dir(root / "train"),
+        "curv": _curvature_robustness_dir(root / "curv"),
+    }
+
+
+@pytest.fixture(scope="module")
+def report(dirs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("report") / "report.html"
+    path = build_report([dirs["vit"], dirs["convit"], dirs["train"], dirs["curv"]], out)
+    return path, path.read_text()
+
+
+def _csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _num(s: str) -> float | None:
+    return None if s == "" else float(s)
+
+
+EXPECTED = {
+    "test-vit-cb-vit": ["cka", "attention_distance", "attention_entropy", "nonlocality", "relative_distance",
+                        "ratio_of_norms", "fourier", "fourier_curves", "feature_variance", "lesion", "localization"],
+    "test-convit-32-convit": ["attention_entropy", "gpsa_gates", "fourier", "fourier_curves"],
+    "test-convit-32-train": ["training_curves", "train_gpsa_gates", "train_nonlocality", "train_attention_entropy"],
+    "test-vit-cb-curv": ["hessian", "landscape", "reliability", "robustness_frequency", "robustness_eps",
+                         "robustness_corruptions"],
+    "comparison": ["compare_attention_entropy", "compare_fourier"],
+}
+
+
+def test_report_has_every_figure_embedded_and_saved(report):
+    path, page = report
+    fig_dir = path.parent / "figures"
+    for section, keys in EXPECTED.items():
+        assert f'id="{section}"' in page, section
+        for key in keys:
+            assert f'id="{section}--{key}"' in page, (section, key)
+            for ext in (".png", ".svg", ".csv"):
+                assert (fig_dir / section / (key + ext)).stat().st_size > 0, (section, key, ext)
+            assert (fig_dir / section / f"{key}.svg").read_text().lstrip().startswith("<?xml")
+            assert (fig_dir / section / f"{key}.png").read_bytes()[:8] == PNG_MAGIC
+    # no figure for data that is absent: the probe-only ViT has no training or robustness figure
+    assert not (fig_dir / "test-vit-cb-vit" / "training_curves.png").exists()
+    assert not (fig_dir / "test-vit-cb-vit" / "hessian.png").exists()
+    imgs = re.findall(r'<img src="data:image/png;base64,([^"]*)"', page)
+    assert len(imgs) == page.count("<img") == sum(len(v) for v in EXPECTED.values())
+    for b64 in imgs:
+        assert base64.b64decode(b64, validate=True)[:8] == PNG_MAGIC
+    # self-contained: no external resource of any kind
+    assert not re.search(r'(src|href)="(https?:)?//', page) and "<link" not in page and "@import" not in page
+    assert 'href="figures/test-vit-cb-vit/cka.csv"' in page
+    # every caption carries the definition and the paper's finding
+    assert page.count("<em>Paper:</em>") == len(imgs) + 1  # + the summary table
+    assert "ln N" in page and "HDVW Fig. 2" in page and "RAGHU" in page and "CONVIT" in page
+    assert not list(path.parent.rglob("*.tmp"))
+
+
+def test_report_csv_equals_the_inputs(report, dirs):
+    path, _ = report
+    fig = path.parent / "figures"
+    res = json.loads((dirs["vit"] / "results.json").read_text())
+    rows = _csv(fig / "test-vit-cb-vit" / "attention_distance.csv")
+    expect = [(r["layer"], h, v) for r in res["attention_distance"]["rows"] for h, v in enumerate(r["heads"])]
+    assert [(r["layer"], int(r["head"]), float(r["value"])) for r in rows] == expect
+    rows = _csv(fig / "test-vit-cb-vit" / "attention_entropy.csv")
+    assert [float(r["ln_n"]) for r in rows] == [math.log(17)] * len(rows)  # 4x4 patches + class token
+    cka = _csv(fig / "test-vit-cb-vit" / "cka.csv")
+    n = len(res["cka"]["layers"])
+    assert np.array([float(r["value"]) for r in cka]).reshape(n, n).tolist() == res["cka"]["matrix"]
+    four = _csv(fig / "test-vit-cb-vit" / "fourier.csv")
+    assert [(float(r["normalized_depth"]), float(r["value"])) for r in four] == [
+        (r["normalized_depth"], r["value"]) for r in res["fourier"]["rows"]]
+    ratio = _csv(fig / "test-vit-cb-vit" / "ratio_of_norms.csv")
+    cls = {(r["layer"]): float(r["value"]) for r in ratio if r["token"] == "cls"}
+    assert cls == {r["layer"]: r["cls"] for r in res["ratio_of_norms"]["rows"]}
+    lesion = _csv(fig / "test-vit-cb-vit" / "lesion.csv")
+    assert [float(r["accuracy_drop"]) for r in lesion] == [r["accuracy_drop"] for r in res["lesion"]["rows"]]
+    # training probes: one CSV row per (epoch, layer, head) of probes.jsonl
+    recs = [json.loads(s) for s in (dirs["train"] / "probes.jsonl").read_text().splitlines()]
+    gates = _csv(fig / "test-convit-32-train" / "train_gpsa_gates.csv")
+    expect = sorted((r["epoch"], lay, h, v) for r in recs if r["measure"] == "gpsa_gates"
+                    for lay, vals in zip(r["layers"], r["values"]) for h, v in enumerate(vals))
+    assert sorted((int(g["epoch"]), g["layer"], int(g["head"]), float(g["value"])) for g in gates) == expect
+    assert expect[0][3] == pytest.approx(1 / (1 + math.exp(-1.0)))  # ConViT init: sigmoid(1) = 0.731
+    # robustness, hessian, landscape
+    rob = json.loads((dirs["curv"] / "robustness.json").read_text())
+    freq = _csv(fig / "test-vit-cb-curv" / "robustness_frequency.csv")
+    assert [float(r["accuracy"]) for r in freq] == rob["frequency"]["accuracy"]
+    rel = _csv(fig / "test-vit-cb-curv" / "reliability.csv")
+    assert [int(r["count"]) for r in rel] == [b["count"] for b in rob["calibration"]["reliability"]]
+    assert [_num(r["accuracy"]) for r in rel] == [b["accuracy"] for b in rob["calibration"]["reliability"]]
+    corr = _csv(fig / "test-vit-cb-curv" / "robustness_corruptions.csv")
+    assert [float(r["accuracy"]) for r in corr if r["corruption"] == "contrast"] == rob["corruptions"]["accuracy"][
+        "contrast"]
+    eig = [v for b in json.loads((dirs["curv"] / "hessian.json").read_text())["eigenvalues"] for v in b]
+    assert [float(r["eigenvalue"]) for r in _csv(fig / "test-vit-cb-curv" / "hessian.csv")] == eig
+    land = json.loads((dirs["curv"] / "landscape.json").read_text())
+    grid = _csv(fig / "test-vit-cb-curv" / "landscape.csv")
+    assert np.array([float(r["loss"]) for r in grid]).reshape(5, 7).tolist() == land["loss"]
+
+
+def test_report_summary_and_notes(report, dirs):
+    path, page = report
+    summary = _csv(path.parent / "figures" / "summary.csv")
+    meta = json.loads((dirs["vit"] / "meta.json").read_text())
+    vit = next(r for r in summary if r["source"] == "probe pass" and r["directory"] == str(dirs["vit"]))
+    assert float(vit["accuracy"]) == meta["accuracy"] and float(vit["nll"]) == meta["nll"]
+    train = next(r for r in summary if r["source"].startswith("training"))
+    assert float(train["accuracy"]) == pytest.approx(0.25) and float(train["ece"]) == pytest.approx(0.11)
+    rob = json.loads((dirs["curv"] / "robustness.json").read_text())
+    r = next(r for r in summary if r["source"] == "robustness pass")
+    assert float(r["ece"]) == rob["calibration"]["ece"]
+    assert float(r["occlusion_accuracy"]) == rob["occlusion"]["accuracy"]
+    # negative fraction computed independently from the eigenvalues
+    eig = np.concatenate(json.loads((dirs["curv"] / "hessian.json").read_text())["eigenvalues"])
+    assert f"negative fraction {np.mean(eig < 0):.3f}" in page
+    # the same model twice gets the directory appended; names come from meta.json / config.yaml
+    assert ">test_convit_32 (train)<" in page and ">test_convit_32 (convit)<" in page
+    assert ">test_vit_cb (vit)<" in page and ">test_vit_cb (curv)<" in page
+
+
+def test_probe_only_dir_and_1d_landscape(dirs, tmp_path):
+    out = build_report([dirs["convit"]], tmp_path / "r" / "one.html")
+    page = out.read_text()
+    assert page.count("<img") == 4 and "comparison" not in page  # gpsa gates, entropy, fourier, fourier curves
+    d = tmp_path / "land"
+    d.mkdir()
+    (d / "landscape.json").write_text(json.dumps({"alphas": [-1, 0, 1], "loss": [3.0, 1.0, 2.5], "model": "m"}))
+    page = build_report([d], tmp_path / "land.html").read_text()
+    assert page.count("<img") == 1 and 'id="m--landscape"' in page
+    assert _csv(tmp_path / "figures" / "m" / "landscape.csv") == [
+        {"x": "-1.0", "loss": "3.0"}, {"x": "0.0", "loss": "1.0"}, {"x": "1.0", "loss": "2.5"}]
+
+
+def test_errors_name_the_directory_and_expected_files(tmp_path, dirs, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ReportInputError, match=r"empty holds no vitscope output.*results\.json.*metrics\.jsonl"):
+        load_run(empty)
+    (empty / "notes.txt").write_text("hello")
+    with pytest.raises(ReportInputError, match="hessian.json"):
+        build_report([empty], tmp_path / "x.html")
+    assert not (tmp_path / "x.html").exists()
+    parent = tmp_path / "parent"
+    (parent / "run1").mkdir(parents=True)
+    (parent / "run1" / "hessian.json").write_text(json.dumps({"eigenvalues": [1.0]}))
+    with pytest.raises(ReportInputError, match="run1.*pass those instead"):
+        load_run(parent)
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        load_run(tmp_path / "missing")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "results.json").write_text(json.dumps({"attention_entropy": {"rows": [{"layer": "a", "block": 0}]}}))
+    with pytest.raises(ReportInputError, match=r"attention_entropy.*row 0 lacks field\(s\) \['value'\]"):
+        load_run(bad)
+    (bad / "results.json").write_text("{not json")
+    with pytest.raises(ReportInputError, match="not valid JSON"):
+        load_run(bad)
+    (bad / "results.json").unlink()
+    (bad / "landscape.json").write_text(json.dumps({"x": [0, 1], "y": [0, 1, 2], "loss": [[1, 2], [3, 4]]}))
+    with pytest.raises(ReportInputError, match="3 x 2 grid"):
+        load_run(bad)
+    with pytest.raises(ValueError, match="is a directory"):
+        build_report([dirs["convit"]], tmp_path)
+    assert cli_main(["report", str(empty), "--out", str(tmp_path / "c.html")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "vitscope report: error:" in err and "empty holds no vitscope output" in err
+
+
+def test_cli_writes_the_report(tmp_path, capsys):
+    d = tmp_path / "hess"
+    d.mkdir()
+    (d / "hessian.json").write_text(json.dumps({"density": {"grid": [-1, 0, 1, 2], "density": [0.1, 0.5, 0.3, 0.1]}}))
+    assert cli_main(["report", str(d), "--out", str(tmp_path / "cli.html"), "--title", "T"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    page = (tmp_path / "cli.html").read_text()
+    assert "<title>T</title>" in page and page.count("<img") == 1
+    # negative fraction of a density: trapezoid integral over eigenvalues <= 0 / total = 0.3 / 0.9
+    assert "negative fraction 0.333" in page and 'id="hess--hessian"' in page
