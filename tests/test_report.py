@@ -75,8 +75,9 @@ def _train_dir(path: Path) -> Path:
 
 
 def _curvature_robustness_dir(path: Path) -> Path:
-    """Robustness from the real suite; hessian/landscape hand-written in the documented formats."""
+    """Robustness from the real suite and its CLI writer; hessian/landscape hand-written in the documented formats."""
     from vitscope.robustness import evaluate_robustness
+    from vitscope.robustness.report import save_results
 
     path.mkdir()
     torch.manual_seed(1)
@@ -85,7 +86,7 @@ def _curvature_robustness_dir(path: Path) -> Path:
                                                     "corruptions"), eps=(1 / 255, 4 / 255), pgd_steps=2,
                               freqs=(0.0, 0.5, 1.0), corruptions=("gaussian_noise", "contrast"), severities=(1, 3, 5),
                               mean=(0.5,) * 3, std=(0.5,) * 3, progress=False)
-    (path / "robustness.json").write_text(json.dumps({**rob, "model": "test_vit_cb"}))
+    save_results(rob, path, {"model": "test_vit_cb", "data": "fake"}, plots=False)  # what vitscope robustness writes
     rng = np.random.default_rng(0)
     eig = [list(rng.normal(0.5, 2.0, 5)) for _ in range(4)]  # 4 batches x top-5
     (path / "hessian.json").write_text(json.dumps({"model": "test_vit_cb", "eigenvalues": eig}))
@@ -188,7 +189,7 @@ def test_report_csv_equals_the_inputs(report, dirs):
     assert sorted((int(g["epoch"]), g["layer"], int(g["head"]), float(g["value"])) for g in gates) == expect
     assert expect[0][3] == pytest.approx(1 / (1 + math.exp(-1.0)))  # ConViT init: sigmoid(1) = 0.731
     # robustness, hessian, landscape
-    rob = json.loads((dirs["curv"] / "robustness.json").read_text())
+    rob = json.loads((dirs["curv"] / "results.json").read_text())
     freq = _csv(fig / "test-vit-cb-curv" / "robustness_frequency.csv")
     assert [float(r["accuracy"]) for r in freq] == rob["frequency"]["accuracy"]
     rel = _csv(fig / "test-vit-cb-curv" / "reliability.csv")
@@ -212,7 +213,7 @@ def test_report_summary_and_notes(report, dirs):
     assert float(vit["accuracy"]) == meta["accuracy"] and float(vit["nll"]) == meta["nll"]
     train = next(r for r in summary if r["source"].startswith("training"))
     assert float(train["accuracy"]) == pytest.approx(0.25) and float(train["ece"]) == pytest.approx(0.11)
-    rob = json.loads((dirs["curv"] / "robustness.json").read_text())
+    rob = json.loads((dirs["curv"] / "results.json").read_text())
     r = next(r for r in summary if r["source"] == "robustness pass")
     assert float(r["ece"]) == rob["calibration"]["ece"]
     assert float(r["occlusion_accuracy"]) == rob["occlusion"]["accuracy"]
@@ -282,3 +283,24 @@ def test_cli_writes_the_report(tmp_path, capsys):
     assert "<title>T</title>" in page and page.count("<img") == 1
     # negative fraction of a density: trapezoid integral over eigenvalues <= 0 / total = 0.3 / 0.9
     assert "negative fraction 0.333" in page and 'id="hess--hessian"' in page
+
+
+def test_other_layouts_robustness_json_and_slq_density(tmp_path):
+    rob = tmp_path / "rob"
+    rob.mkdir()
+    (rob / "robustness.json").write_text(json.dumps({
+        "n": 10, "clean": {"accuracy": 0.8, "n": 10},
+        "fgsm": {"eps": [1 / 255, 8 / 255], "accuracy": [0.5, 0.1]},
+        "frequency": {"freqs": [0.0, 1.0], "accuracy": [0.7, 0.4], "eps": 2.0}}))
+    hess = tmp_path / "hess"
+    hess.mkdir()  # a Hessian output written as results.json, SLQ nodes/weights per probe
+    (hess / "results.json").write_text(json.dumps({"model": "cnn", "density": {
+        "grid": [-2, -1, 0, 1, 2], "density": [0.1, 0.2, 0.3, 0.2, 0.1],
+        "nodes": [[-1.0, 0.5, 2.0], [-0.5, -0.1, 1.0]], "weights": [[0.2, 0.5, 0.3], [0.1, 0.3, 0.6]]}}))
+    page = build_report([rob, hess], tmp_path / "o.html").read_text()
+    assert page.count("<img") == 3  # eps, frequency, hessian: no reliability without calibration
+    assert 'id="rob--robustness_eps"' in page and 'id="cnn--hessian"' in page
+    assert "negative fraction 0.300" in page  # mean over probes of the weight on negative nodes: (0.2 + 0.4) / 2
+    eps = _csv(tmp_path / "figures" / "rob" / "robustness_eps.csv")
+    assert [(r["attack"], float(r["eps"]), float(r["accuracy"])) for r in eps] == [
+        ("fgsm", 1 / 255, 0.5), ("fgsm", 8 / 255, 0.1)]

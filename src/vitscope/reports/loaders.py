@@ -4,7 +4,10 @@ A directory may hold any mix of:
 
 - ``results.json`` (+ ``meta.json``): ``vitscope probe`` / ``ProbeResult.save``; top-level keys are measure
   names, each ``{"rows": [...], ...extras}`` (``cka`` adds ``layers`` and ``matrix``; a ``cka_cross`` entry
-  with ``layers``, ``other_layers``, ``matrix`` and ``other_model`` is shown as a cross-model heatmap);
+  with ``layers``, ``other_layers``, ``matrix`` and ``other_model`` is shown as a cross-model heatmap).
+  ``vitscope robustness`` also writes ``results.json`` (``{"meta", "n", "clean", "calibration", ...}``), and a
+  ``results.json`` holding ``eigenvalues``/``density`` or ``x``/``loss`` is read as a Hessian or landscape
+  output: the content decides;
 - ``metrics.jsonl``, ``probes.jsonl``, ``config.yaml``: a ``vitscope train`` run;
 - ``hessian.json``: ``vitscope hessian`` (eigenvalues per batch and/or a spectral density);
 - ``landscape.json``: ``vitscope landscape`` (a 1-D curve or a 2-D grid of losses);
@@ -39,7 +42,7 @@ LANDSCAPE_FILE = "landscape.json"
 ROBUSTNESS_FILE = "robustness.json"
 
 EXPECTED_FILES = {
-    PROBE_FILE: "vitscope probe output (with meta.json)",
+    PROBE_FILE: "vitscope probe or vitscope robustness output",
     METRICS_FILE: "vitscope train run (with probes.jsonl, config.yaml)",
     PROBES_FILE: "probes over training (vitscope train)",
     HESSIAN_FILE: "vitscope hessian output",
@@ -135,8 +138,7 @@ def _numbers(values: Any, where: str) -> list[float | None]:
     return out
 
 
-def _load_probe(path: Path) -> dict[str, dict[str, Any]]:
-    data = _read_json(path)
+def _load_probe(path: Path, data: Any) -> dict[str, dict[str, Any]]:
     if not isinstance(data, dict):
         raise ReportInputError(f"{path} must be a JSON object of measure names (vitscope probe output)")
     out = {}
@@ -165,10 +167,9 @@ def _load_probe(path: Path) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _load_hessian(path: Path) -> dict[str, Any]:
+def _load_hessian(path: Path, data: Any) -> dict[str, Any]:
     """``eigenvalues`` (flat, or one list per batch, or ``batches: [{"eigenvalues": [...]}]``) and/or
-    ``density`` (``{"grid": [...], "density": [...]}``); optional ``negative_fraction``."""
-    data = _read_json(path)
+    ``density`` (``{"grid": [...], "density": [...]}``, optionally SLQ ``nodes``/``weights`` per probe)."""
     if not isinstance(data, dict):
         raise ReportInputError(f"{path} must be a JSON object (vitscope hessian output)")
     eig = data.get("eigenvalues")
@@ -188,14 +189,18 @@ def _load_hessian(path: Path) -> dict[str, Any]:
         if grid is None or d is None or len(grid) != len(d):
             raise ReportInputError(f"{path} 'density' needs equal-length 'grid' and 'density' lists")
         out["density"] = {"grid": _numbers(grid, f"{path} density grid"), "density": _numbers(d, f"{path} density")}
+        nodes, weights = dens.get("nodes"), dens.get("weights")
+        if isinstance(nodes, list) and isinstance(weights, list) and len(nodes) == len(weights) and all(
+                isinstance(t, list) and isinstance(w, list) and len(t) == len(w) for t, w in zip(nodes, weights)):
+            out["density"]["nodes"] = [_numbers(t, f"{path} density nodes") for t in nodes]
+            out["density"]["weights"] = [_numbers(w, f"{path} density weights") for w in weights]
     if "eigenvalues" not in out and "density" not in out:
         raise ReportInputError(f"{path} has neither 'eigenvalues' nor 'density'; re-run vitscope hessian")
     return out
 
 
-def _load_landscape(path: Path) -> dict[str, Any]:
+def _load_landscape(path: Path, data: Any) -> dict[str, Any]:
     """``x`` (alias ``alphas``/``coords``), optional ``y`` (``betas``), ``loss`` (1-D over x or 2-D [y][x])."""
-    data = _read_json(path)
     if not isinstance(data, dict):
         raise ReportInputError(f"{path} must be a JSON object (vitscope landscape output)")
     x = next((data[k] for k in ("x", "alphas", "coords") if k in data), None)
@@ -219,8 +224,7 @@ def _load_landscape(path: Path) -> dict[str, Any]:
     return out
 
 
-def _load_robustness(path: Path) -> dict[str, Any]:
-    data = _read_json(path)
+def _load_robustness(path: Path, data: Any) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ReportInputError(f"{path} must be a JSON object (vitscope robustness output)")
     known = ("clean", "calibration", "occlusion", "fgsm", "pgd", "frequency", "corruptions")
@@ -238,6 +242,21 @@ def _load_robustness(path: Path) -> dict[str, Any]:
     if "corruptions" in data:
         _need(data["corruptions"], ("severities", "accuracy"), f"{path} ['corruptions']")
     return data
+
+
+def _results_kind(data: Any) -> str:
+    """Which command wrote a ``results.json``: probe (measure tables), robustness, hessian or landscape."""
+    if not isinstance(data, dict):
+        return "probe"
+    if isinstance(data.get("clean"), dict):
+        return "robustness"
+    if any(isinstance(v, dict) and "rows" in v for v in data.values()):
+        return "probe"
+    if "eigenvalues" in data or "density" in data or "batches" in data:
+        return "hessian"
+    if ("loss" in data or "losses" in data) and any(k in data for k in ("x", "alphas", "coords")):
+        return "landscape"
+    return "probe"
 
 
 def _model_name(meta: dict[str, Any], config: dict[str, Any], extra: list[dict[str, Any] | None], path: Path) -> str:
@@ -288,7 +307,18 @@ def load_run(path: str | os.PathLike) -> RunData:
     run = RunData(path=path, name="", meta=meta if isinstance(meta, dict) else {}, config=config,
                   files=[f for f in (*EXPECTED_FILES, META_FILE, CONFIG_FILE) if (path / f).is_file()])
     if PROBE_FILE in present:
-        run.probe = _load_probe(path / PROBE_FILE)
+        data = _read_json(path / PROBE_FILE)
+        kind = _results_kind(data)
+        if kind == "robustness":
+            run.robustness = _load_robustness(path / PROBE_FILE, data)
+            if isinstance(data.get("meta"), dict):
+                run.meta = {**data["meta"], **run.meta}
+        elif kind == "hessian":
+            run.hessian = _load_hessian(path / PROBE_FILE, data)
+        elif kind == "landscape":
+            run.landscape = _load_landscape(path / PROBE_FILE, data)
+        else:
+            run.probe = _load_probe(path / PROBE_FILE, data)
     if METRICS_FILE in present:
         run.metrics = [r for r in _read_jsonl(path / METRICS_FILE) if "epoch" in r]
     if PROBES_FILE in present:
@@ -296,11 +326,11 @@ def load_run(path: str | os.PathLike) -> RunData:
         for i, rec in enumerate(run.train_probes):
             _need(rec, ("epoch", "measure", "layers", "values"), f"{path / PROBES_FILE} line {i + 1}")
     if HESSIAN_FILE in present:
-        run.hessian = _load_hessian(path / HESSIAN_FILE)
+        run.hessian = _load_hessian(path / HESSIAN_FILE, _read_json(path / HESSIAN_FILE))
     if LANDSCAPE_FILE in present:
-        run.landscape = _load_landscape(path / LANDSCAPE_FILE)
+        run.landscape = _load_landscape(path / LANDSCAPE_FILE, _read_json(path / LANDSCAPE_FILE))
     if ROBUSTNESS_FILE in present:
-        run.robustness = _load_robustness(path / ROBUSTNESS_FILE)
+        run.robustness = _load_robustness(path / ROBUSTNESS_FILE, _read_json(path / ROBUSTNESS_FILE))
     if not (run.probe or run.metrics or run.train_probes or run.hessian or run.landscape or run.robustness):
         raise ReportInputError(f"{path} has {present} but no data in them (empty files?); re-run the vitscope command")
     run.name = _model_name(run.meta, run.config, [run.hessian, run.landscape, run.robustness], path)

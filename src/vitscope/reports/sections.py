@@ -277,6 +277,10 @@ def negative_fraction(h: dict[str, Any]) -> float | None:
     if "eigenvalues" in h:
         e = h["eigenvalues"]
         return sum(1 for v in e if v < 0) / len(e)
+    if "density" in h and "nodes" in h["density"]:  # SLQ: the Ritz weights on negative nodes, mean over probes
+        fr = [sum(w for t, w in zip(ts, ws) if t is not None and w is not None and t < 0)
+              / sum(w for w in ws if w is not None) for ts, ws in zip(h["density"]["nodes"], h["density"]["weights"])]
+        return sum(fr) / len(fr) if fr else None
     if "density" in h:
         g, d = h["density"]["grid"], h["density"]["density"]
         pairs = [(a, b) for a, b in zip(g, d) if a is not None and b is not None]
