@@ -125,3 +125,12 @@ def test_cli_cifar_c_and_errors(tmp_path, capsys) -> None:
     assert main(base + ["--suite", "corruptions", "--corruptions", "fog"]) == 2
     assert "valid names: gaussian_noise" in capsys.readouterr().err
     assert main(base + ["--severities", "0,6"]) == 2
+
+
+def test_cli_reads_img_size_from_training_run(tmp_path) -> None:
+    from vitscope.cli.robustness import _run_img_size
+
+    (tmp_path / "config.yaml").write_text("model: test_resnet\nimg_size: 32\n")
+    assert _run_img_size(str(tmp_path / "model.safetensors")) == 32
+    assert _run_img_size(str(tmp_path / "sub" / "model.safetensors")) is None
+    assert _run_img_size(None) is None

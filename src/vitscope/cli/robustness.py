@@ -25,6 +25,27 @@ def _ints(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers like 1,3,5, got {text!r}") from None
 
 
+def _run_img_size(checkpoint: str | None) -> int | None:
+    """``img_size`` of the training run that wrote ``checkpoint`` (its run dir's config.yaml), if any."""
+    import logging
+    import os
+
+    import yaml
+
+    if not checkpoint:
+        return None
+    path = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "config.yaml")
+    try:
+        with open(path, encoding="utf-8") as f:
+            size = (yaml.safe_load(f) or {}).get("img_size")
+    except (OSError, yaml.YAMLError, AttributeError):
+        return None
+    if isinstance(size, int) and size > 0:
+        logging.getLogger(__name__).info("img_size %d from the training run's %s", size, path)
+        return size
+    return None
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     from vitscope.robustness.suite import SUITE
 
@@ -43,7 +64,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--max-batches", type=int, help="stop after N batches (quick looks)")
-    p.add_argument("--img-size", type=int, help="input size (default: the model's)")
+    p.add_argument("--img-size", type=int,
+                   help="input size (default: the training run's config.yaml next to --checkpoint, else the model's)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--eps", type=_floats, default=None, help="L-inf radii for FGSM/PGD, e.g. 1/255,2/255,4/255,8/255")
     p.add_argument("--pgd-steps", type=int, default=10)
@@ -89,7 +111,8 @@ def run(args: argparse.Namespace) -> int:
     info = data_info(args.data)
     kwargs = {} if args.checkpoint else {"num_classes": info.num_classes}
     model = load_model(args.model, checkpoint=args.checkpoint, **kwargs).to(device).eval()
-    img_size = args.img_size or model.pretrained_cfg.get("input_size", (3, info.img_size, info.img_size))[-1]
+    img_size = args.img_size or _run_img_size(args.checkpoint) or \
+        model.pretrained_cfg.get("input_size", (3, info.img_size, info.img_size))[-1]
     loader = create_loader(args.data, split=args.split, batch_size=args.batch_size, img_size=img_size,
                            normalize=False)
     progress = False if args.no_progress else None
