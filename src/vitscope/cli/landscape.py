@@ -1,0 +1,66 @@
+"""``vitscope landscape``: loss landscape along random filter-normalized directions (Li et al. 2018).
+
+Writes ``DIR/landscape.json`` (coordinates, loss, accuracy, policy), ``DIR/landscape.png`` (1-D curve or
+2-D contour) and ``DIR/directions.safetensors`` (the directions, to reproduce the plot).
+"""
+from __future__ import annotations
+
+import argparse
+
+from vitscope.cli import CLIError
+from vitscope.cli.hessian import _ToDevice, add_common, load_model_and_data
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "landscape", help="loss landscape along random filter-normalized directions",
+        description="Loss (and accuracy) on a 1-D or 2-D grid around the weights along random directions "
+        "normalized per filter (Li et al. 2018) or HDVW's way; writes DIR/landscape.json, DIR/landscape.png "
+        "and DIR/directions.safetensors.",
+    )
+    add_common(p)
+    p.add_argument("--dims", type=int, default=2, choices=(1, 2))
+    p.add_argument("--steps", type=int, default=21, help="grid points per axis")
+    p.add_argument("--span", type=float, default=1.0, help="grid covers [-span, span]")
+    p.add_argument("--normalization", default="filter", choices=("filter", "hdvw"))
+    p.add_argument("--ignore", default="biasbn", choices=("biasbn", "none"),
+                   help="biasbn: zero direction for 1-D parameters (biases, norms)")
+    p.add_argument("--tokens", default="row", choices=("row", "filter", "exclude"),
+                   help="pos_embed/cls_token policy: one filter per token row, whole tensor, or excluded")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="add wd * L2 term (default 0)")
+    p.add_argument("--l2-style", default="hdvw", choices=("half_sq", "hdvw"))
+    p.add_argument("--directions", help="reuse a directions.safetensors from an earlier run")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from vitscope.curvature._io import plot_landscape, save_figure, write_json
+    from vitscope.curvature.landscape import loss_landscape, save_directions
+
+    if args.steps < 1:
+        raise CLIError(f"--steps must be a positive integer, got {args.steps}")
+    if args.span <= 0:
+        raise CLIError(f"--span must be positive, got {args.span}")
+    model, loader, device, img_size = load_model_and_data(args)
+    result = loss_landscape(
+        model, None, _ToDevice(loader, device), dims=args.dims, steps=args.steps, span=args.span,
+        normalization=args.normalization, ignore=None if args.ignore == "none" else args.ignore,
+        tokens=args.tokens, seed=args.seed, max_batches=args.batches, weight_decay=args.weight_decay,
+        l2_style=args.l2_style, directions=args.directions, train_mode=args.train_mode,
+        progress=not args.no_progress,
+    )
+    out = Path(args.out)
+    save_directions(out / "directions.safetensors", result.directions, result.policy)
+    data = result.to_dict()
+    data["run"] = {"model": args.model, "checkpoint": args.checkpoint, "data": args.data, "split": args.split,
+                   "batch_size": args.batch_size, "batches": args.batches, "img_size": img_size,
+                   "directions": str(out / "directions.safetensors")}
+    write_json(out / "landscape.json", data)
+    save_figure(plot_landscape(result, title=f"{args.model}: loss landscape"), out / "landscape.png")
+    centre = result.loss[(args.steps // 2,) * args.dims]
+    print(f"wrote {out / 'landscape.json'}, landscape.png and directions.safetensors "
+          f"({result.n_examples} examples; loss at the weights {centre:.4g}, min {result.loss.min():.4g}, "
+          f"max {result.loss.max():.4g})")
+    return 0

@@ -1,0 +1,91 @@
+"""Atomic writes (temp file in the same directory, then ``os.replace``) and the curvature figures."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
+    """Call ``write(tmp)`` on a temp file next to ``path``, then move it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def write_json(path: str | Path, data: Any) -> Path:
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=1, allow_nan=False)
+
+    return atomic_write(path, write)
+
+
+def save_figure(fig: Any, path: str | Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    try:
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
+    finally:
+        plt.close(fig)
+
+
+def plot_spectrum(result: Any, title: str = "") -> Any:
+    """Eigenvalue density (KDE) per group with the negative fraction in the legend."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for g in result.eigenvalues:
+        ax.plot(result.grid[g], result.density[g], label=f"{g} (negative {100 * result.negative_fraction[g]:.1f}%)")
+        ax.plot(result.eigenvalues[g].ravel(), np.zeros(result.eigenvalues[g].size), "|", color="k", alpha=0.4)
+    ax.axvline(0.0, color="gray", lw=0.8, ls="--")
+    ax.set_xlabel("Hessian eigenvalue")
+    ax.set_ylabel("density")
+    ax.set_title(title or "Hessian eigenvalue spectrum")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def plot_landscape(result: Any, title: str = "") -> Any:
+    """1-D loss (and accuracy) curve, or 2-D loss contour."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 4))
+    loss = np.where(np.isfinite(result.loss), result.loss, np.nan)
+    if result.y is None:
+        ax.plot(result.x, loss, "o-", ms=3, label="loss")
+        ax.set_xlabel("direction 1")
+        ax.set_ylabel("loss")
+        if result.accuracy is not None:
+            ax2 = ax.twinx()
+            ax2.plot(result.x, result.accuracy, "s--", ms=3, color="tab:orange", label="accuracy")
+            ax2.set_ylabel("accuracy")
+    else:
+        cs = ax.contour(result.x, result.y, loss, levels=20)
+        ax.clabel(cs, fontsize=6)
+        ax.plot([0], [0], "k+")
+        ax.set_xlabel("direction 1")
+        ax.set_ylabel("direction 2")
+        ax.set_aspect("equal")
+    ax.set_title(title or "loss landscape")
+    return fig

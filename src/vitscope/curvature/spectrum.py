@@ -1,0 +1,180 @@
+"""HDVW's Hessian eigenvalue spectrum (Park & Kim 2022, Fig. 1 and 4): top-k eigenvalues per training
+minibatch, gathered into one density with the fraction of negative eigenvalues.
+
+Protocol: for each minibatch of training data, apply the training transform (e.g. timm's ``Mixup``,
+which returns soft targets: the loss is then soft-target cross entropy), run the model in an
+explicit mode (eval by default: BatchNorm uses running statistics, dropout off), take
+``loss = NLL + L2 term`` and its top-k eigenvalues (largest magnitude, as PyHessian's power
+iteration finds them). The L2 term is ``half_sq``: ``wd/2 * sum ||p||^2`` (adds ``wd`` to every
+eigenvalue), or ``hdvw``: ``wd * sum ||p||`` unsquared, as HDVW's code did.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from vitscope.curvature.eigen import top_eigenvalues
+from vitscope.curvature.hvp import HessianOperator, LossFn, cross_entropy, l2_penalty, select_params
+
+_logger = logging.getLogger(__name__)
+
+_NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
+
+
+def block_groups(model: nn.Module, params: Iterable[str] | None = None) -> dict[str, list[str]]:
+    """Parameter names grouped by the kind of module that owns them.
+
+    ``norm``: any normalization layer (type name containing "Norm"); ``attention``: under a module
+    whose name contains "attn"/"attention" or whose type name contains "Attention"; ``mlp``: under
+    "mlp"/"ffn" or an ``Mlp``; ``conv``: other convolutions (CNN blocks, the ViT patch embedding);
+    ``other``: the rest (position embedding, class token, head, ...). Empty groups are dropped.
+    """
+    wanted = set(params) if params is not None else None
+    groups: dict[str, list[str]] = {"attention": [], "mlp": [], "norm": [], "conv": [], "other": []}
+    modules = dict(model.named_modules())
+    for name, _ in model.named_parameters():
+        if wanted is not None and name not in wanted:
+            continue
+        path = name.rsplit(".", 1)[0] if "." in name else ""
+        owner = modules.get(path, model)
+        chain = [modules[".".join(path.split(".")[:i])] for i in range(1, len(path.split(".")) + 1)] if path else []
+        segs = path.lower().split(".")
+        if isinstance(owner, _NORM_TYPES) or "norm" in type(owner).__name__.lower():
+            kind = "norm"
+        elif any("attn" in s or "attention" in s for s in segs) or any(
+                "attention" in type(m).__name__.lower() for m in chain):
+            kind = "attention"
+        elif any(s.startswith("mlp") or "ffn" in s for s in segs) or any(type(m).__name__.lower().endswith("mlp")
+                                                                          for m in chain):
+            kind = "mlp"
+        elif isinstance(owner, nn.modules.conv._ConvNd):
+            kind = "conv"
+        else:
+            kind = "other"
+        groups[kind].append(name)
+    return {k: v for k, v in groups.items() if v}
+
+
+def gaussian_kde(values: np.ndarray, grid: np.ndarray, bandwidth: float | None = None) -> np.ndarray:
+    """Gaussian kernel density of ``values`` on ``grid`` (Scott's rule bandwidth by default)."""
+    values = np.asarray(values, dtype=np.float64).ravel()
+    if bandwidth is None:
+        std = values.std(ddof=1) if len(values) > 1 else 0.0
+        bandwidth = std * len(values) ** (-1 / 5) if std > 0 else max(1e-3 * np.abs(values).max(), 1e-6)
+    z = (grid[:, None] - values[None, :]) / bandwidth  # (G, n)
+    return np.exp(-0.5 * z ** 2).sum(1) / (len(values) * bandwidth * math.sqrt(2 * math.pi))
+
+
+@dataclass
+class SpectrumResult:
+    """Per group: eigenvalues ``(n_batches, k)``, their density on ``grid`` and negative fraction."""
+
+    eigenvalues: dict[str, np.ndarray]
+    converged: dict[str, np.ndarray]
+    grid: dict[str, np.ndarray]
+    density: dict[str, np.ndarray]
+    negative_fraction: dict[str, float]
+    batch_sizes: list[int]
+    n_hvp: int
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "config": self.config, "batch_sizes": self.batch_sizes, "n_hvp": self.n_hvp,
+            "groups": {g: {"eigenvalues": self.eigenvalues[g].tolist(), "converged": self.converged[g].tolist(),
+                           "negative_fraction": self.negative_fraction[g], "grid": self.grid[g].tolist(),
+                           "density": self.density[g].tolist()} for g in self.eigenvalues},
+        }
+
+
+def eigenvalue_spectrum(
+    model: nn.Module,
+    loader: Iterable[Sequence[torch.Tensor]],
+    k: int = 5,
+    transform: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
+    weight_decay: float = 0.0,
+    l2_style: str = "half_sq",
+    max_batches: int | None = None,
+    groups: str | Mapping[str, Sequence[str | nn.Parameter]] | None = None,
+    train_mode: bool = False,
+    loss_fn: LossFn | None = None,
+    method: str = "lanczos",
+    tol: float = 1e-3,
+    max_iter: int = 100,
+    seed: int = 0,
+    grid_size: int = 400,
+    backend: str = "func",
+    progress: bool = False,
+) -> SpectrumResult:
+    """HDVW's Hessian eigenvalue spectrum over minibatches of ``loader``.
+
+    Args:
+        transform: applied to each batch as ``x, y = transform(x, y)`` (timm's ``Mixup`` fits).
+        weight_decay, l2_style: the L2 term over the differentiated parameters (its Hessian block only
+            involves them): ``half_sq`` or ``hdvw`` (see module docstring).
+        groups: None (all trainable parameters), ``"block"`` (``block_groups``), or name -> parameters.
+        loss_fn: default cross entropy (hard or soft targets).
+        method, tol, max_iter, seed, backend: see ``top_eigenvalues`` (seed + batch index per batch).
+    """
+    if k < 1:
+        raise ValueError(f"k={k} must be at least 1")
+    if l2_style not in ("half_sq", "hdvw"):
+        raise ValueError(f"l2_style={l2_style!r} is not one of ('half_sq', 'hdvw')")
+    loss_fn = loss_fn or cross_entropy
+    trainable = select_params(model)
+    if groups is None:
+        group_params: dict[str, list[str]] = {"all": list(trainable)}
+    elif groups == "block":
+        group_params = block_groups(model, trainable)
+    elif isinstance(groups, Mapping):
+        group_params = {g: list(select_params(model, ps)) for g, ps in groups.items()}
+    else:
+        raise ValueError(f"groups={groups!r}: pass None, 'block' or a dict name -> parameters")
+
+    def extra(p: dict[str, torch.Tensor]) -> torch.Tensor:
+        return l2_penalty(p.values(), weight_decay, l2_style)
+
+    values: dict[str, list] = {g: [] for g in group_params}
+    conv: dict[str, list] = {g: [] for g in group_params}
+    sizes, n_hvp = [], 0
+    total = max_batches
+    if total is None and hasattr(loader, "__len__"):
+        total = len(loader)  # type: ignore[arg-type]
+    for bi, batch in enumerate(tqdm(loader, total=total, disable=not progress, desc="hessian", unit="batch")):
+        if max_batches is not None and bi >= max_batches:
+            break
+        x, y = batch[0], batch[1]
+        if transform is not None:
+            x, y = transform(x, y)
+        sizes.append(len(x))
+        for g, names in group_params.items():
+            op = HessianOperator(model, loss_fn, (x, y), params=names, train_mode=train_mode, backend=backend,
+                                 extra=extra if weight_decay else None, batch_index=[bi])
+            res = top_eigenvalues(model, loss_fn, (x, y), k=min(k, op.dim), method=method, tol=tol,
+                                  max_iter=max_iter, seed=seed + bi, operator=op)
+            values[g].append(res.eigenvalues.numpy())
+            conv[g].append(np.array(res.converged))
+            n_hvp += res.n_hvp
+    if not sizes:
+        raise ValueError("the loader yielded no batches; pass a non-empty loader (check split and max_examples)")
+    eig = {g: np.stack(v) for g, v in values.items()}  # (n_batches, k)
+    grid, dens, neg = {}, {}, {}
+    for g, v in eig.items():
+        lo, hi = float(v.min()), float(v.max())
+        pad = 0.1 * (hi - lo) if hi > lo else max(0.1 * abs(hi), 1e-3)
+        grid[g] = np.linspace(lo - pad, hi + pad, grid_size)
+        dens[g] = gaussian_kde(v, grid[g])
+        neg[g] = float((v < 0).mean())
+    config = {"k": k, "weight_decay": weight_decay, "l2_style": l2_style, "train_mode": train_mode,
+              "method": method, "tol": tol, "max_iter": max_iter, "seed": seed,
+              "transform": None if transform is None else type(transform).__name__,
+              "groups": {g: len(n) for g, n in group_params.items()}}
+    return SpectrumResult(eig, {g: np.stack(c) for g, c in conv.items()}, grid, dens, neg, sizes, n_hvp, config)
