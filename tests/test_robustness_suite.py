@@ -125,6 +125,9 @@ def test_cli_cifar_c_and_errors(tmp_path, capsys) -> None:
     assert main(base + ["--suite", "corruptions", "--corruptions", "fog"]) == 2
     assert "valid names: gaussian_noise" in capsys.readouterr().err
     assert main(base + ["--severities", "0,6"]) == 2
+    assert main(base + ["--suite", "occlusion", "--normalization", "model", "--max-batches", "1", "--no-plots"]) == 0
+    meta = json.loads((out / "results.json").read_text())["meta"]
+    assert meta["mean"] == pytest.approx([0.4914, 0.4822, 0.4465])  # test_vit_cifar's pretrained_cfg
 
 
 def test_cli_reads_img_size_from_training_run(tmp_path) -> None:
@@ -134,3 +137,27 @@ def test_cli_reads_img_size_from_training_run(tmp_path) -> None:
     assert _run_img_size(str(tmp_path / "model.safetensors")) == 32
     assert _run_img_size(str(tmp_path / "sub" / "model.safetensors")) is None
     assert _run_img_size(None) is None
+
+
+def test_evaluate_cifar_c_resizes_and_counts(setup, tmp_path) -> None:
+    import torch.nn.functional as F
+
+    from vitscope.robustness import evaluate_cifar_c, load_cifar_c
+
+    model, _, _ = setup
+    rng = np.random.default_rng(1)
+    np.save(tmp_path / "pixelate.npy", rng.integers(0, 256, size=(5 * 7, 32, 32, 3), dtype=np.uint8))
+    np.save(tmp_path / "labels.npy", rng.integers(0, 5, size=5 * 7).astype(np.uint8))
+    out = evaluate_cifar_c(model, str(tmp_path), severities=[2, 4], mean=MEAN, std=STD, batch_size=3,
+                           img_size=16, clean_accuracy=0.5, progress=False)
+    assert list(out["accuracy"]) == ["pixelate"]  # names default to the files present
+    net = Normalized(model, MEAN, STD)
+    for j, s in enumerate([2, 4]):
+        ds = load_cifar_c(tmp_path, "pixelate", s)
+        x = torch.stack([ds[i][0] for i in range(len(ds))])
+        y = torch.tensor([ds[i][1] for i in range(len(ds))])
+        x = F.interpolate(x, size=(16, 16), mode="bilinear", antialias=True).clamp(0, 1)
+        with torch.no_grad():
+            ref = (net(x).argmax(1) == y).float().mean().item()
+        assert out["accuracy"]["pixelate"][j] == pytest.approx(ref)
+        assert out["error_increase"]["pixelate"][j] == pytest.approx(0.5 - ref)

@@ -78,6 +78,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--severities", type=_ints, default=[1, 2, 3, 4, 5])
     p.add_argument("--cifar-c", metavar="DIR", help="use the released CIFAR-10-C/100-C .npy files in DIR "
                    "for the corruptions measure instead of corrupting the test split")
+    p.add_argument("--normalization", choices=("data", "model"), default="data",
+                   help="input mean/std: the data set's (data_info, as vitscope training uses) or the "
+                   "model's pretrained_cfg (for timm pretrained weights)")
     p.add_argument("--n-bins", type=int, default=10, help="calibration bins")
     p.add_argument("--occlusion-fraction", type=float, default=0.5)
     p.add_argument("--seed", type=int, default=0)
@@ -116,9 +119,15 @@ def run(args: argparse.Namespace) -> int:
     loader = create_loader(args.data, split=args.split, batch_size=args.batch_size, img_size=img_size,
                            normalize=False)
     progress = False if args.no_progress else None
+    if args.normalization == "model":
+        from vitscope.robustness.attacks import resolve_normalization
+
+        mean, std = resolve_normalization(model)
+    else:
+        mean, std = tuple(info.mean), tuple(info.std)
     synthetic = [s for s in suite if not (s == "corruptions" and args.cifar_c)]
     results = evaluate_robustness(
-        model, loader, synthetic, mean=info.mean, std=info.std, device=device, max_batches=args.max_batches,
+        model, loader, synthetic, mean=mean, std=std, device=device, max_batches=args.max_batches,
         n_bins=args.n_bins, occlusion_fraction=args.occlusion_fraction, eps=args.eps or DEFAULT_EPS,
         pgd_steps=args.pgd_steps, pgd_alpha=args.pgd_alpha, pgd_random_start=not args.no_random_start,
         freqs=args.freqs or DEFAULT_FREQS, freq_eps=args.freq_eps, freq_width=args.freq_width,
@@ -127,12 +136,13 @@ def run(args: argparse.Namespace) -> int:
     if args.cifar_c:
         results["corruptions"] = evaluate_cifar_c(
             model, args.cifar_c, corruptions, args.severities, clean_accuracy=results["clean"]["accuracy"],
-            mean=info.mean, std=info.std, device=device, batch_size=args.batch_size,
-            max_batches=args.max_batches, progress=progress,
+            mean=mean, std=std, device=device, batch_size=args.batch_size,
+            max_batches=args.max_batches, img_size=img_size, progress=progress,
         )
     meta = {
         "model": args.model, "checkpoint": args.checkpoint, "data": args.data, "split": args.split,
-        "img_size": img_size, "mean": list(info.mean), "std": list(info.std), "suite": suite,
+        "img_size": img_size, "mean": list(mean), "std": list(std), "normalization": args.normalization,
+        "suite": suite,
         "max_batches": args.max_batches, "seed": args.seed, "cifar_c": args.cifar_c,
     }
     written = save_results(results, args.out, meta, plots=not args.no_plots)

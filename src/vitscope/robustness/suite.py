@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from vitscope.robustness._loop import batches, resolve_device
 from vitscope.robustness.attacks import _EvalMode, fgsm, pgd, pixel_model
@@ -185,9 +186,13 @@ def evaluate_cifar_c(
     device: str | torch.device | None = None,
     batch_size: int = 256,
     max_batches: int | None = None,
+    img_size: int | None = None,
     progress: bool | None = None,
 ) -> dict[str, Any]:
     """Accuracy on the released CIFAR-10-C / CIFAR-100-C files in ``path`` (``load_cifar_c``).
+
+    ``img_size`` resizes the 32 x 32 images (bilinear, antialiased, like torchvision's Resize on
+    tensors) for models that take another input size.
 
     ``names`` defaults to every CIFAR-C corruption whose ``.npy`` is present. Returns the same layout
     as ``evaluate_robustness(...)["corruptions"]`` (error_increase only when ``clean_accuracy`` is given).
@@ -215,6 +220,9 @@ def evaluate_cifar_c(
                 loader = DataLoader(load_cifar_c(path, name, s), batch_size=batch_size)
                 hit = n = 0
                 for _, x, y in batches(loader, dev, max_batches, desc=f"{name} s{s}", progress=progress):
+                    if img_size is not None and tuple(x.shape[-2:]) != (img_size, img_size):
+                        x = F.interpolate(x, size=(img_size, img_size), mode="bilinear", antialias=True)
+                        x = x.clamp(0.0, 1.0)
                     hit += int((net(x).argmax(dim=1) == y).sum())
                     n += x.shape[0]
                 acc[name].append(hit / max(n, 1))
