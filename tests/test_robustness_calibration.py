@@ -5,6 +5,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from vitscope.robustness import Calibration, calibration
 
@@ -145,3 +147,27 @@ def test_calibration_bad_input() -> None:
         calibration(logits.masked_fill(torch.eye(10, dtype=torch.bool), float("nan")), targets)
     with pytest.raises(ValueError, match="no examples"):
         Calibration().compute()
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    n=st.integers(1, 60),
+    c=st.integers(2, 12),
+    n_bins=st.integers(1, 20),
+    scale=st.sampled_from([0.1, 3.0, 50.0]),  # 50: many confidences of exactly 1.0
+    cuts=st.lists(st.integers(0, 60), max_size=4),
+    seed=st.integers(0, 2**16),
+)
+def test_calibration_property_any_split(n: int, c: int, n_bins: int, scale: float, cuts: list, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(n, c, generator=g, dtype=torch.float64) * scale
+    targets = torch.randint(0, c, (n,), generator=g)
+    ref = _reference(logits.numpy(), targets.numpy(), n_bins)
+    metric = Calibration(n_bins=n_bins)
+    bounds = [0, *sorted(min(k, n) for k in cuts), n]
+    for a, b in zip(bounds, bounds[1:]):
+        metric.update(logits[a:b], targets[a:b])
+    out = metric.compute()
+    for key in ("ece", "signed_ece", "adaptive_ece", "brier", "top1"):
+        assert out[key] == pytest.approx(ref[key], abs=1e-9), key
+    assert [row["count"] for row in out["reliability"]] == ref["counts"]
