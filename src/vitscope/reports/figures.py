@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import logging
 import math
+import textwrap
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -60,6 +61,10 @@ def to_bytes(fig: Figure, fmt: str, dpi: int = 130) -> bytes:
     return buf.getvalue()
 
 
+def _title(ax, title: str) -> None:
+    ax.set_title(textwrap.fill(title, 52), fontsize=10)
+
+
 def _arr(values: Sequence[float | None]) -> np.ndarray:
     return np.array([np.nan if v is None else float(v) for v in values], dtype=float)
 
@@ -85,7 +90,7 @@ def heatmap(matrix: Sequence[Sequence[float | None]], row_labels: Sequence[str],
         setter(idx, [_short(labels[i]) for i in idx], rotation=rot, fontsize=7)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
+    _title(ax, title)
     return fig
 
 
@@ -118,14 +123,15 @@ def per_head(x: Sequence[float], heads: Sequence[Sequence[float | None]], mean: 
         ax.set_ylim(0, 1.08 * float(every.max()) or 1.0)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
+    _title(ax, title)
     ax.legend(fontsize=7, frameon=False)
     return fig
 
 
 def lines(series: Mapping[str, tuple[Sequence[float], Sequence[float | None]]], title: str, xlabel: str,
           ylabel: str, hlines: Mapping[str, float] | None = None, logy: bool | None = None,
-          markers: bool = True, xticks: tuple[Sequence[float], Sequence[str]] | None = None) -> Figure:
+          markers: bool = True, xticks: tuple[Sequence[float], Sequence[str]] | None = None,
+          ylim: tuple[float, float] | None = None) -> Figure:
     """Labelled (x, y) series; ``hlines`` adds dashed reference levels; ``logy=None`` picks log for wide ranges."""
     fig, ax = new_figure()
     every = []
@@ -144,9 +150,11 @@ def lines(series: Mapping[str, tuple[Sequence[float], Sequence[float | None]]], 
         ax.set_xticks(list(xticks[0]), list(xticks[1]), fontsize=7, rotation=45 if len(xticks[0]) > 8 else 0)
     elif xlabel in ("block", "epoch"):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if ylim is not None:
+        ax.set_ylim(*ylim)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
+    _title(ax, title)
     if len(series) + len(hlines or {}) > 1:
         ax.legend(fontsize=7, frameon=False)
     return fig
@@ -165,7 +173,7 @@ def panels(specs: Sequence[tuple[Mapping[str, tuple[Sequence[float], Sequence[fl
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.legend(fontsize=7, frameon=False)
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(textwrap.fill(title, 70), fontsize=10)
     return fig
 
 
@@ -198,7 +206,7 @@ def colored_curves(curves: Sequence[Sequence[float | None]], depths: Sequence[fl
     ax.set_xticks([0, 0.5, 1], ["0", "0.5π", "1.0π"])
     ax.set_xlabel("frequency")
     ax.set_ylabel("Δ log amplitude")
-    ax.set_title(title, fontsize=10)
+    _title(ax, title)
     return fig
 
 
@@ -211,16 +219,18 @@ def band_lines(x: Sequence[float], series: Mapping[str, tuple[Sequence[float], S
         color = COLORS[i % len(COLORS)]
         ax.fill_between(xs, _arr(lo), _arr(hi), color=color, alpha=0.15, lw=0)
         ax.plot(xs, _arr(mean), "-o", ms=3, lw=1.4, color=color, label=label)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
+    _title(ax, title)
     ax.legend(fontsize=7, frameon=False, ncol=2 if len(series) > 6 else 1)
     return fig
 
 
 def bars(labels: Sequence[str], values: Sequence[float | None], title: str, ylabel: str,
          kinds: Sequence[str] | None = None, hline: tuple[str, float] | None = None,
-         markers: Mapping[str, Sequence[float | None]] | None = None) -> Figure:
+         markers: Mapping[str, Sequence[float | None]] | None = None,
+         ylim: tuple[float, float] | None = None) -> Figure:
     """Bars per unit, coloured by kind (msa/mlp/conv...), optional dashed level and marker series."""
     fig, ax = new_figure((max(4.8, 0.25 * len(labels) + 1.6), 3.4))
     x = np.arange(len(labels))
@@ -234,10 +244,12 @@ def bars(labels: Sequence[str], values: Sequence[float | None], title: str, ylab
     if hline is not None:
         ax.axhline(hline[1], ls="--", color="k", lw=1.0, label=hline[0])
     ax.axhline(0, color="k", lw=0.6)
+    if ylim is not None:
+        ax.set_ylim(*ylim)
     ax.set_xticks(x, [_short(str(lab), 18) for lab in labels], rotation=60 if len(labels) > 4 else 0,
                   ha="right" if len(labels) > 4 else "center", fontsize=7)
     ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
+    _title(ax, title)
     if kinds or markers or hline:
         ax.legend(fontsize=7, frameon=False)
     return fig
@@ -265,10 +277,14 @@ def eigen_density(title: str, eigenvalues: Mapping[str, Sequence[float]] | None 
         ax.plot(_arr(grid), _arr(dens), lw=1.4, color=COLORS[i % len(COLORS)], label=label)
         i += 1
     ax.axvline(0, color="k", lw=0.8, ls="--")
-    ax.set_yscale("log")
+    heights = [np.histogram(np.asarray(v, float), bins=edges, density=True)[0] for v in (eigenvalues or {}).values()]
+    heights = np.concatenate(heights + [_arr(d) for _, d in (densities or {}).values()])
+    heights = heights[np.isfinite(heights) & (heights > 0)]
+    if heights.size and heights.max() / heights.min() > 50:  # a long-tailed spectrum: log density (HDVW)
+        ax.set_yscale("log")
     ax.set_xlabel("eigenvalue")
     ax.set_ylabel("density")
-    ax.set_title(title, fontsize=10)
+    _title(ax, title)
     ax.legend(fontsize=7, frameon=False)
     return fig
 
@@ -290,7 +306,7 @@ def contour(x: Sequence[float], y: Sequence[float], z: Sequence[Sequence[float |
     ax.grid(False)
     ax.set_xlabel("direction 1")
     ax.set_ylabel("direction 2")
-    ax.set_title(title, fontsize=10)
+    _title(ax, title)
     return fig
 
 
@@ -312,6 +328,6 @@ def reliability(lower: Sequence[float], upper: Sequence[float], accuracy: Sequen
     ax.set_ylim(0, 1)
     ax.set_xlabel("confidence")
     ax.set_ylabel("accuracy")
-    ax.set_title(title, fontsize=10)
+    _title(ax, title)
     ax.legend(fontsize=7, frameon=False, loc="upper left")
     return fig

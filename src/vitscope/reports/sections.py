@@ -135,8 +135,8 @@ def _msa_spans(rows: list[dict[str, Any]]) -> list[tuple[float, float]]:
 def _depth_measure(key: str, name: str, rows: list[dict[str, Any]], ylabel: str) -> list[FigureItem]:
     x = [r["normalized_depth"] for r in rows]
     y = [r["value"] for r in rows]
-    fig = F.shaded_depth({name: (x, y)}, _msa_spans(rows), f"{name}: {caption(key).title.lower()}", ylabel,
-                         logy=None if key == "feature_variance" else False)
+    fig = F.shaded_depth({"sub-layer output": (x, y)}, _msa_spans(rows), f"{name}: {caption(key).title.lower()}",
+                         ylabel, logy=None if key == "feature_variance" else False)
     out = [{"layer": r.get("layer", ""), "kind": r["kind"], "normalized_depth": r["normalized_depth"],
             "value": r["value"]} for r in rows]
     items = [FigureItem(key, caption(key), fig, out)]
@@ -178,7 +178,7 @@ def _localization(name: str, rows: list[dict[str, Any]]) -> FigureItem:
         series["train accuracy"] = ([r["block"] for r in rows], [r["train_accuracy"] for r in rows])
     chance = rows[0].get("chance") if rows else None
     fig = F.lines(series, f"{name}: position probe accuracy", "block", "accuracy",
-                  hlines={"chance": chance} if isinstance(chance, float) else None, logy=False)
+                  hlines={"chance": chance} if isinstance(chance, float) else None, logy=False, ylim=(0, 1.02))
     out = [{"name": r["name"], "block": r["block"], "accuracy": r["accuracy"],
             "train_accuracy": r.get("train_accuracy"), "chance": r.get("chance")} for r in rows]
     return FigureItem("localization", caption("localization"), fig, out)
@@ -342,14 +342,15 @@ def robustness_items(name: str, r: dict[str, Any]) -> list[FigureItem]:
     if "frequency" in r:
         f = r["frequency"]
         fig = F.lines({name: (f["freqs"], f["accuracy"])}, f"{name}: accuracy under band-limited noise",
-                      "noise frequency (0 = low, 1 = highest)", "accuracy", hlines=ref, logy=False)
+                      "noise frequency (0 = low, 1 = highest)", "accuracy", hlines=ref, logy=False, ylim=(0, 1.02))
         out = [{"frequency": a, "accuracy": b} for a, b in zip(f["freqs"], f["accuracy"])]
         items.append(FigureItem("robustness_frequency", caption("robustness_frequency"), fig, out,
                                 f"noise L2 norm {f['eps']:.3g}" if isinstance(f.get("eps"), float) else ""))
     attacks = [k for k in ("fgsm", "pgd") if k in r]
     if attacks:
         series = {k.upper(): ([e * 255 for e in r[k]["eps"]], r[k]["accuracy"]) for k in attacks}
-        fig = F.lines(series, f"{name}: accuracy under L∞ attacks", "eps (/255)", "accuracy", hlines=ref, logy=False)
+        fig = F.lines(series, f"{name}: accuracy under L∞ attacks", "eps (/255)", "accuracy", hlines=ref, logy=False,
+                      ylim=(0, 1.02))
         out = [{"attack": k, "eps": e, "eps_255": e * 255, "accuracy": a}
                for k in attacks for e, a in zip(r[k]["eps"], r[k]["accuracy"])]
         items.append(FigureItem("robustness_eps", caption("robustness_eps"), fig, out))
@@ -359,8 +360,8 @@ def robustness_items(name: str, r: dict[str, Any]) -> list[FigureItem]:
         means = [_mean(c["accuracy"][n]) for n in names]
         markers = {f"severity {c['severities'][0]}": [c["accuracy"][n][0] for n in names],
                    f"severity {c['severities'][-1]}": [c["accuracy"][n][-1] for n in names]}
-        fig = F.bars(names, means, f"{name}: accuracy under corruptions (mean over severities)", "accuracy",
-                     hline=("clean", clean) if ref else None, markers=markers)
+        fig = F.bars(names, means, f"{name}: accuracy under corruptions", "accuracy (mean over severities)",
+                     hline=("clean", clean) if ref else None, markers=markers, ylim=(0, 1.02))
         out = [{"corruption": n, "severity": s, "accuracy": a}
                for n in names for s, a in zip(c["severities"], c["accuracy"][n])]
         items.append(FigureItem("robustness_corruptions", caption("robustness_corruptions"), fig, out,
@@ -435,13 +436,14 @@ def comparison_section(runs: list[RunData]) -> Section | None:
             for r in rob if "frequency" in r.robustness}
     if len(freq) >= 2:
         fig = F.lines(freq, "Accuracy under band-limited noise across models", "noise frequency (0 = low, 1 = highest)",
-                      "accuracy", logy=False)
+                      "accuracy", logy=False, ylim=(0, 1.02))
         rows = [{"model": m, "frequency": x, "accuracy": v} for m, (xs, ys) in freq.items() for x, v in zip(xs, ys)]
         sec.items.append(FigureItem("compare_robustness_frequency", caption("compare_robustness_frequency"), fig, rows))
     eps = {f"{r.name} {k.upper()}": ([e * 255 for e in r.robustness[k]["eps"]], r.robustness[k]["accuracy"])
            for r in rob for k in ("fgsm", "pgd") if k in r.robustness}
     if len({k.rsplit(" ", 1)[0] for k in eps}) >= 2:
-        fig = F.lines(eps, "Accuracy under L∞ attacks across models", "eps (/255)", "accuracy", logy=False)
+        fig = F.lines(eps, "Accuracy under L∞ attacks across models", "eps (/255)", "accuracy", logy=False,
+                      ylim=(0, 1.02))
         rows = [{"series": m, "eps_255": x, "accuracy": v} for m, (xs, ys) in eps.items() for x, v in zip(xs, ys)]
         sec.items.append(FigureItem("compare_robustness_eps", caption("compare_robustness_eps"), fig, rows))
     hess = [r for r in runs if r.hessian and "eigenvalues" in r.hessian]
