@@ -16,9 +16,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from vitscope.robustness._loop import batches, resolve_device
-from vitscope.robustness.attacks import _EvalMode, fgsm, pgd, pixel_model
+from vitscope.robustness.attacks import _check_eps, _EvalMode, fgsm, pgd, pixel_model
 from vitscope.robustness.calibration import Calibration
-from vitscope.robustness.corruptions import CORRUPTIONS, _canonical, corrupt
+from vitscope.robustness.corruptions import CORRUPTIONS, _canonical, corrupt, corruption_params
 from vitscope.robustness.frequency import frequency_noise
 from vitscope.robustness.occlusion import occlude_center
 
@@ -87,6 +87,11 @@ def evaluate_robustness(
     names = check_suite(suite, allow_empty=True)  # empty: clean accuracy only
     eps = [float(e) for e in eps]
     corr_names = [_canonical(c) for c in corruptions] if "corruptions" in names else []
+    for c in corr_names:  # fail before the first batch on a bad severity or table
+        for s in severities:
+            corruption_params(c, s, corruption_table or "cifar")
+    for e in eps:
+        _check_eps(e)
     dev = resolve_device(model, device)
     net = pixel_model(model, mean, std).to(dev)
     cal = Calibration(n_bins=n_bins) if "calibration" in names else None
