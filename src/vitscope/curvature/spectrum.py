@@ -63,12 +63,17 @@ def block_groups(model: nn.Module, params: Iterable[str] | None = None) -> dict[
     return {k: v for k, v in groups.items() if v}
 
 
+def scott_bandwidth(values: np.ndarray) -> float:
+    """Scott's rule ``std * n^(-1/5)``; a small positive width when all values coincide."""
+    values = np.asarray(values, dtype=np.float64).ravel()
+    std = values.std(ddof=1) if len(values) > 1 else 0.0
+    return float(std * len(values) ** (-1 / 5)) if std > 0 else max(1e-3 * float(np.abs(values).max()), 1e-6)
+
+
 def gaussian_kde(values: np.ndarray, grid: np.ndarray, bandwidth: float | None = None) -> np.ndarray:
     """Gaussian kernel density of ``values`` on ``grid`` (Scott's rule bandwidth by default)."""
     values = np.asarray(values, dtype=np.float64).ravel()
-    if bandwidth is None:
-        std = values.std(ddof=1) if len(values) > 1 else 0.0
-        bandwidth = std * len(values) ** (-1 / 5) if std > 0 else max(1e-3 * np.abs(values).max(), 1e-6)
+    bandwidth = bandwidth or scott_bandwidth(values)
     z = (grid[:, None] - values[None, :]) / bandwidth  # (G, n)
     return np.exp(-0.5 * z ** 2).sum(1) / (len(values) * bandwidth * math.sqrt(2 * math.pi))
 
@@ -169,9 +174,10 @@ def eigenvalue_spectrum(
     grid, dens, neg = {}, {}, {}
     for g, v in eig.items():
         lo, hi = float(v.min()), float(v.max())
-        pad = 0.1 * (hi - lo) if hi > lo else max(0.1 * abs(hi), 1e-3)
+        bw = scott_bandwidth(v)
+        pad = max(0.05 * (hi - lo), 4 * bw)
         grid[g] = np.linspace(lo - pad, hi + pad, grid_size)
-        dens[g] = gaussian_kde(v, grid[g])
+        dens[g] = gaussian_kde(v, grid[g], bw)
         neg[g] = float((v < 0).mean())
     config = {"k": k, "weight_decay": weight_decay, "l2_style": l2_style, "train_mode": train_mode,
               "method": method, "tol": tol, "max_iter": max_iter, "seed": seed,

@@ -1,0 +1,343 @@
+"""Curvature: HVP, top eigenvalues, trace, spectral density and HDVW's spectrum against dense Hessians
+(``torch.autograd.functional.hessian`` over the flattened parameters + ``torch.linalg.eigvalsh``)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call
+
+import vitscope
+from vitscope.capture import explicit_attention
+from vitscope.curvature import (
+    HessianOperator,
+    block_groups,
+    eigenvalue_spectrum,
+    hessian_trace,
+    hessian_vector_product,
+    spectral_density,
+    top_eigenvalues,
+)
+from vitscope.curvature.density import gauss_quadrature, lanczos_tridiagonal
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: threads only contend on a shared machine
+    yield
+    torch.set_num_threads(n)
+
+
+def _mlp() -> nn.Module:
+    """160 parameters, with BatchNorm carrying non-trivial running statistics."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(6, 12), nn.BatchNorm1d(12), nn.GELU(), nn.Linear(12, 4)).double()
+    m[1].running_mean.uniform_(-0.5, 0.5)
+    m[1].running_var.uniform_(0.5, 2.0)
+    with torch.no_grad():
+        m[1].weight.uniform_(0.5, 1.5)
+        m[1].bias.uniform_(-0.2, 0.2)
+    return m.train()  # left in train mode on purpose: the Hessian must use eval mode
+
+
+def _vit() -> nn.Module:
+    torch.manual_seed(1)
+    m = vitscope.create_model("test_vit_cifar", embed_dim=8, num_heads=2, depth=1, mlp_ratio=1, img_size=8,
+                              patch_size=4, num_classes=3).double()
+    return m.eval()
+
+
+def _data(kind: str, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    if kind == "mlp":
+        return torch.randn(n, 6, generator=g, dtype=torch.float64), torch.randint(0, 4, (n,), generator=g)
+    return torch.randn(n, 3, 8, 8, generator=g, dtype=torch.float64), torch.randint(0, 3, (n,), generator=g)
+
+
+def dense_hessian(model: nn.Module, x: torch.Tensor, y: torch.Tensor, names: list[str] | None = None,
+                  loss=None, extra=None) -> torch.Tensor:
+    """Reference: full Hessian of the mean cross entropy in eval mode, explicit attention."""
+    loss = loss or F.cross_entropy
+    named = dict(model.named_parameters())
+    names = names or list(named)
+    shapes = [named[n].shape for n in names]
+    sizes = [named[n].numel() for n in names]
+    flat = torch.cat([named[n].detach().reshape(-1) for n in names])
+
+    def f(v):
+        ps = {n: t.view(s) for n, t, s in zip(names, v.split(sizes), shapes)}
+        out = loss(functional_call(model, ps, (x,)), y)
+        return out + (extra(ps) if extra else 0.0)
+
+    was = model.training
+    model.eval()
+    try:
+        with explicit_attention(model):
+            return torch.autograd.functional.hessian(f, flat)
+    finally:
+        model.train(was)
+
+
+def top_by_magnitude(ev: torch.Tensor, k: int) -> torch.Tensor:
+    return ev[ev.abs().argsort(descending=True)][:k]
+
+
+@pytest.fixture(scope="module")
+def mlp_case():
+    m = _mlp()
+    x, y = _data("mlp", 10)
+    return m, x, y, dense_hessian(m, x, y)
+
+
+@pytest.fixture(scope="module")
+def vit_case():
+    m = _vit()
+    x, y = _data("vit", 6)
+    return m, x, y, dense_hessian(m, x, y)
+
+
+# ----------------------------------------------------------------------------------- HVP
+@pytest.mark.parametrize("backend,cache", [("func", False), ("autograd", False), ("autograd", True), ("cached", False)])
+def test_hvp_matches_dense_mlp_eval_mode(mlp_case, backend, cache):
+    m, x, y, H = mlp_case
+    op = HessianOperator(m, F.cross_entropy, (x, y), backend=backend, cache_graph=cache)
+    assert op.dim == H.shape[0] == 160
+    g = torch.Generator().manual_seed(3)
+    for _ in range(2):
+        v = torch.randn(op.dim, generator=g, dtype=torch.float64)
+        torch.testing.assert_close(op(v), H @ v, rtol=1e-10, atol=1e-10)
+    assert op.n_products == 2
+    assert m.training and m[1].training  # mode restored
+
+
+def test_hvp_param_subset_and_dict_api(mlp_case):
+    m, x, y, H = mlp_case
+    names = ["0.weight", "3.bias"]
+    idx = torch.cat([torch.arange(0, 72), torch.arange(156, 160)])  # positions in the flat vector
+    v = {"0.weight": torch.randn(12, 6, dtype=torch.float64), "3.bias": torch.randn(4, dtype=torch.float64)}
+    hv = hessian_vector_product(m, F.cross_entropy, (x, y), v, params=names)
+    flat_v = torch.cat([v["0.weight"].reshape(-1), v["3.bias"]])
+    ref = H[idx][:, idx] @ flat_v
+    torch.testing.assert_close(torch.cat([hv["0.weight"].reshape(-1), hv["3.bias"]]), ref)
+    # parameter objects select the same block
+    op = HessianOperator(m, F.cross_entropy, (x, y), params=[m[0].weight, m[3].bias])
+    torch.testing.assert_close(op(flat_v), ref)
+
+
+def test_hvp_batches_of_unequal_size_weighted(mlp_case):
+    m, x, y, H = mlp_case  # H is the Hessian of the mean loss over all 10 examples
+    batches = [(x[:7], y[:7]), (x[7:], y[7:])]
+    v = torch.randn(160, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    for backend in ("func", "autograd"):
+        op = HessianOperator(m, F.cross_entropy, batches, backend=backend)
+        torch.testing.assert_close(op(v), H @ v)
+
+
+def test_hvp_fused_attention_on_uses_explicit_path_and_restores(vit_case):
+    m, x, y, H = vit_case
+    attn = [mod for mod in m.modules() if hasattr(mod, "fused_attn")]
+    assert attn
+    for mod in attn:
+        mod.fused_attn = True
+    v = torch.randn(H.shape[0], generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    for backend in ("func", "autograd"):
+        op = HessianOperator(m, F.cross_entropy, (x, y), backend=backend)
+        torch.testing.assert_close(op(v), H @ v, rtol=1e-9, atol=1e-9)
+    assert all(mod.fused_attn is True for mod in attn)
+
+
+# ------------------------------------------------------------------------- eigenvalues
+@pytest.mark.parametrize("case", ["mlp_case", "vit_case"])
+def test_lanczos_top_k_matches_dense(case, request):
+    m, x, y, H = request.getfixturevalue(case)
+    ev = torch.linalg.eigvalsh(H)
+    res = top_eigenvalues(m, F.cross_entropy, (x, y), k=4, method="lanczos", tol=1e-9, max_iter=H.shape[0],
+                          return_vectors=True)
+    ref = top_by_magnitude(ev, 4)
+    torch.testing.assert_close(res.eigenvalues, ref, rtol=1e-4, atol=0)
+    assert all(res.converged) and 4 <= res.n_hvp <= H.shape[0]
+    for lam, vec in zip(res.eigenvalues, res.eigenvectors):  # H v = lambda v
+        torch.testing.assert_close(H @ vec, lam * vec, rtol=0, atol=1e-4 * abs(float(lam)))
+    la = top_eigenvalues(m, F.cross_entropy, (x, y), k=2, which="LA", tol=1e-9, max_iter=H.shape[0])
+    torch.testing.assert_close(la.eigenvalues, ev.flip(0)[:2], rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("case", ["mlp_case", "vit_case"])
+def test_power_iteration_top_k_matches_dense(case, request):
+    m, x, y, H = request.getfixturevalue(case)
+    ref = top_by_magnitude(torch.linalg.eigvalsh(H), 3)
+    res = top_eigenvalues(m, F.cross_entropy, (x, y), k=3, method="power", tol=1e-10, max_iter=600,
+                          return_vectors=True, backend="cached")
+    torch.testing.assert_close(res.eigenvalues, ref, rtol=1e-4, atol=0)
+    assert res.converged == [True, True, True]
+    gram = res.eigenvectors @ res.eigenvectors.T
+    torch.testing.assert_close(gram, torch.eye(3, dtype=gram.dtype), atol=1e-6, rtol=0)
+
+
+def test_default_tolerance_reports_unconverged_honestly(mlp_case):
+    m, x, y, _ = mlp_case
+    res = top_eigenvalues(m, F.cross_entropy, (x, y), k=3, method="power", tol=1e-12, max_iter=3)
+    assert res.n_hvp == 9 and res.converged == [False, False, False]
+
+
+# ------------------------------------------------------------------------------- trace
+@pytest.mark.parametrize("method", ["hutchinson", "hutch++"])
+def test_trace_within_three_standard_errors(vit_case, method):
+    m, x, y, H = vit_case
+    res = hessian_trace(m, F.cross_entropy, (x, y), n_samples=60, method=method, seed=0)
+    true = float(torch.trace(H))
+    assert res.n_hvp <= 62
+    assert 0 < res.stderr < float("inf")
+    assert abs(res.trace - true) <= 3 * res.stderr, (res.trace, true, res.stderr)
+
+
+def test_hutchpp_exact_when_sketch_spans_everything(mlp_case):
+    m, x, y, H = mlp_case
+    names = ["3.weight", "3.bias"]  # 52 parameters; 3 * 52 products: the sketch spans the space
+    idx = torch.arange(108, 160)
+    res = hessian_trace(m, F.cross_entropy, (x, y), n_samples=3 * 52, method="hutch++", params=names)
+    assert res.trace == pytest.approx(float(torch.trace(H[idx][:, idx])), rel=1e-8, abs=1e-10)
+
+
+# ------------------------------------------------------------------------------ density
+def test_lanczos_quadrature_matches_moments_exactly():
+    g = torch.Generator().manual_seed(0)
+    Q, _ = torch.linalg.qr(torch.randn(40, 40, generator=g, dtype=torch.float64))
+    lam = torch.linspace(-2, 5, 40, dtype=torch.float64)
+    A = Q @ torch.diag(lam) @ Q.T
+    v0 = torch.randn(40, generator=g, dtype=torch.float64)
+    u = v0 / v0.norm()
+    for reorth in (False, True):
+        nodes, weights = gauss_quadrature(*lanczos_tridiagonal(lambda v: A @ v, v0, 8, reorth=reorth))
+        assert weights.sum().item() == pytest.approx(1.0, abs=1e-12)
+        for p in range(2 * 8):  # Gauss quadrature with 8 nodes is exact up to degree 15
+            ref = float(u @ torch.linalg.matrix_power(A, p) @ u)
+            assert float((weights * nodes ** p).sum()) == pytest.approx(ref, rel=1e-8, abs=1e-8)
+
+
+def test_spectral_density_against_dense_spectrum(vit_case):
+    m, x, y, H = vit_case
+    ev = torch.linalg.eigvalsh(H).numpy()
+    res = spectral_density(m, F.cross_entropy, (x, y), n_iter=30, n_v=12, seed=0, backend="cached")
+    for p in (1, 2):  # per-probe moments estimate tr(H^p)/P: check within 3 standard errors
+        per_probe = np.array([np.sum(w * t ** p) for t, w in zip(res.nodes, res.weights)])
+        ref = float(np.mean(ev ** p))
+        se = per_probe.std(ddof=1) / math.sqrt(len(per_probe))
+        assert abs(per_probe.mean() - ref) <= 3 * se, (p, per_probe.mean(), ref, se)
+        assert res.moment(p) == pytest.approx(per_probe.mean())
+    # the extremes converge: Lanczos nodes reach the dense extreme eigenvalues
+    assert max(t.max() for t in res.nodes) == pytest.approx(ev.max(), rel=1e-3)
+    assert min(t.min() for t in res.nodes) == pytest.approx(ev.min(), rel=1e-3)
+    assert np.trapezoid(res.density, res.grid) == pytest.approx(1.0, abs=1e-2)
+    assert res.n_hvp == 12 * 30
+
+
+def test_spectral_density_full_reorth_recovers_eigenvalues(mlp_case):
+    m, x, y, H = mlp_case
+    idx = torch.arange(108, 160)  # '3.weight', '3.bias'
+    ev = torch.linalg.eigvalsh(H[idx][:, idx]).numpy()
+    res = spectral_density(m, F.cross_entropy, (x, y), n_iter=200, n_v=1, reorth=True, params=["3.weight", "3.bias"])
+    nodes, weights = res.nodes[0], res.weights[0]
+    assert len(nodes) <= 52
+    heavy = nodes[weights > 1e-8]  # every node with weight is a true eigenvalue
+    assert np.abs(heavy[:, None] - ev[None, :]).min(1).max() < 1e-6 * np.abs(ev).max()
+
+
+# -------------------------------------------------------------------------- spectrum
+def _loader(x, y, bs):
+    ds = torch.utils.data.TensorDataset(x, y)
+    return torch.utils.data.DataLoader(ds, batch_size=bs, shuffle=False)
+
+
+def test_eigenvalue_spectrum_per_batch_and_l2_terms(mlp_case):
+    m, _, _, _ = mlp_case
+    x, y = _data("mlp", 10, seed=7)
+    loader = _loader(x, y, 4)  # batches of 4, 4, 2
+    wd = 0.05
+    r_sq = eigenvalue_spectrum(m, loader, k=2, weight_decay=wd, l2_style="half_sq", tol=1e-9, max_iter=160)
+    r_hd = eigenvalue_spectrum(m, loader, k=2, weight_decay=wd, l2_style="hdvw", tol=1e-9, max_iter=160)
+    assert r_sq.batch_sizes == [4, 4, 2]
+    for b, (xb, yb) in enumerate(loader):
+        ev = torch.linalg.eigvalsh(dense_hessian(m, xb, yb))
+        ref_sq = top_by_magnitude(ev + wd, 2).numpy()  # wd/2 ||p||^2 adds wd * I
+        np.testing.assert_allclose(r_sq.eigenvalues["all"][b], ref_sq, rtol=1e-4)
+        H_hd = dense_hessian(m, xb, yb, extra=lambda ps: wd * sum(torch.linalg.vector_norm(p) for p in ps.values()))
+        ref_hd = top_by_magnitude(torch.linalg.eigvalsh(H_hd), 2).numpy()
+        np.testing.assert_allclose(r_hd.eigenvalues["all"][b], ref_hd, rtol=1e-4)
+    vals = r_sq.eigenvalues["all"]
+    assert vals.shape == (3, 2)
+    assert r_sq.negative_fraction["all"] == pytest.approx(float((vals < 0).mean()))
+    assert np.trapezoid(r_sq.density["all"], r_sq.grid["all"]) == pytest.approx(1.0, abs=1e-2)
+    assert m.training  # mode restored
+
+
+def test_eigenvalue_spectrum_soft_target_transform(mlp_case):
+    m, _, _, _ = mlp_case
+    x, y = _data("mlp", 6, seed=9)
+
+    def mix(xb, yb):  # deterministic mixup: soft targets
+        t = F.one_hot(yb, 4).double()
+        return 0.7 * xb + 0.3 * xb.flip(0), 0.7 * t + 0.3 * t.flip(0)
+
+    res = eigenvalue_spectrum(m, _loader(x, y, 6), k=2, transform=mix, tol=1e-9, max_iter=160)
+    xm, tm = mix(x, y)
+    H = dense_hessian(m, xm, tm, loss=lambda o, t: torch.sum(-t * F.log_softmax(o, -1), -1).mean())
+    np.testing.assert_allclose(res.eigenvalues["all"][0], top_by_magnitude(torch.linalg.eigvalsh(H), 2).numpy(),
+                               rtol=1e-4)
+
+
+def test_eigenvalue_spectrum_with_timm_mixup_runs():
+    from timm.data import Mixup
+
+    m = vitscope.create_model("test_vit_cifar", num_classes=10)
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    res = eigenvalue_spectrum(m, _loader(x, y, 4), k=1, transform=Mixup(mixup_alpha=1.0, num_classes=10),
+                              max_iter=10)
+    assert res.eigenvalues["all"].shape == (2, 1) and np.isfinite(res.eigenvalues["all"]).all()
+    assert res.config["transform"] == "Mixup"
+
+
+def test_block_groups_match_dense_sub_blocks(vit_case):
+    m, x, y, H = vit_case
+    groups = block_groups(m)
+    assert {"attention", "mlp", "norm"} <= set(groups)
+    assert "blocks.0.attn.qkv.weight" in groups["attention"] and "blocks.0.norm1.weight" in groups["norm"]
+    assert "blocks.0.mlp.fc1.weight" in groups["mlp"] and "patch_embed.proj.weight" in groups["conv"]
+    res = eigenvalue_spectrum(m, _loader(x, y, 6), k=2, groups="block", tol=1e-9, max_iter=400)
+    names = [n for n, _ in m.named_parameters()]
+    offsets = np.cumsum([0] + [p.numel() for p in m.parameters()])
+    for g in ("attention", "mlp"):
+        idx = torch.cat([torch.arange(offsets[names.index(n)], offsets[names.index(n) + 1]) for n in groups[g]])
+        ref = top_by_magnitude(torch.linalg.eigvalsh(H[idx][:, idx]), 2).numpy()
+        np.testing.assert_allclose(res.eigenvalues[g][0], ref, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------- errors
+def test_no_trainable_parameters_is_a_clear_error():
+    m = _mlp().requires_grad_(False)
+    x, y = _data("mlp", 4)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        top_eigenvalues(m, F.cross_entropy, (x, y))
+
+
+def test_non_finite_loss_names_the_batch(mlp_case):
+    m = mlp_case[0]
+    x, y = _data("mlp", 12)
+    x[9, 0] = float("nan")  # in the third batch of 4
+    for backend in ("func", "autograd"):
+        with pytest.raises(ValueError, match="non-finite loss .* on batch 2"):
+            eigenvalue_spectrum(m, _loader(x, y, 4), k=1, max_iter=5, backend=backend)
+
+
+def test_empty_loader_is_a_clear_error(mlp_case):
+    m = mlp_case[0]
+    empty = _loader(torch.zeros(0, 6, dtype=torch.float64), torch.zeros(0, dtype=torch.long), 4)
+    with pytest.raises(ValueError, match="no batches"):
+        eigenvalue_spectrum(m, empty, k=1)
+    with pytest.raises(ValueError, match="empty"):
+        top_eigenvalues(m, F.cross_entropy, [])

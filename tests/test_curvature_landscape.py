@@ -1,0 +1,167 @@
+"""Loss landscape: filter normalization as defined, the centre equals the model's loss, off-centre points
+equal a manual evaluation, weights restored bit for bit, saved directions reproduce the grid."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import vitscope
+from vitscope.curvature import load_directions, loss_landscape, random_directions, save_directions
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _vit() -> nn.Module:
+    torch.manual_seed(0)
+    return vitscope.create_model("test_vit_cifar", num_classes=4)
+
+
+def _cnn() -> nn.Module:
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                      nn.Linear(4, 4))
+    m[1].running_mean.uniform_(-0.3, 0.3)
+    m[1].running_var.uniform_(0.5, 2.0)
+    return m
+
+
+def _loader(n: int = 11, bs: int = 4, size: int = 32) -> torch.utils.data.DataLoader:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(n, 3, size, size, generator=g)
+    ds = torch.utils.data.TensorDataset(x, torch.randint(0, 4, (n,), generator=g))
+    return torch.utils.data.DataLoader(ds, batch_size=bs)  # batches of 4, 4, 3
+
+
+def _reference(model: nn.Module, loader) -> tuple[float, float]:
+    """Mean loss and accuracy over all examples, in eval mode, in one pass of concatenated data."""
+    x = torch.cat([b[0] for b in loader])
+    y = torch.cat([b[1] for b in loader])
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        out = model(x)
+    model.train(was)
+    return float(F.cross_entropy(out, y)), float((out.argmax(1) == y).float().mean())
+
+
+@pytest.mark.parametrize("dims", [1, 2])
+def test_centre_equals_model_loss_and_weights_restored(dims):
+    m = _cnn().train()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    loader = _loader(size=8)
+    res = loss_landscape(m, None, loader, dims=dims, steps=5, span=0.5, seed=3)
+    ref_loss, ref_acc = _reference(m, loader)
+    c = (2,) * dims
+    assert res.loss.shape == (5,) * dims and res.x[2] == 0.0
+    assert res.loss[c] == pytest.approx(ref_loss, rel=1e-6)
+    assert res.accuracy[c] == pytest.approx(ref_acc)
+    assert res.n_examples == 11
+    for k, v in m.state_dict().items():  # bit for bit, running statistics included
+        assert torch.equal(v, before[k]), k
+    assert m.training
+
+
+def test_off_centre_point_equals_manual_evaluation():
+    m = _vit()
+    loader = _loader()
+    res = loss_landscape(m, F.cross_entropy, loader, dims=2, steps=3, span=0.4, seed=1)
+    d1, d2 = res.directions
+    a, b = res.x[0], res.y[2]  # loss[iy, ix] at (x[ix], y[iy])
+    moved = _vit()
+    with torch.no_grad():
+        for n, p in moved.named_parameters():
+            p.add_(a * d1[n] + b * d2[n])
+    ref_loss, ref_acc = _reference(moved, loader)
+    assert res.loss[2, 0] == pytest.approx(ref_loss, rel=1e-5)
+    assert res.accuracy[2, 0] == pytest.approx(ref_acc)
+    assert not np.allclose(res.loss, res.loss[1, 1])
+
+
+def _filter_norms(t: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.vector_norm(t.reshape(t.shape[0], -1), dim=1)
+
+
+def test_filter_normalization_policy():
+    m = _vit()
+    (d,) = random_directions(m, dims=1, seed=0)
+    params = {n: p.detach() for n, p in m.named_parameters()}
+    for n, w in params.items():
+        w = w.detach()
+        if n in ("pos_embed", "cls_token"):  # one filter per token row
+            torch.testing.assert_close(torch.linalg.vector_norm(d[n], dim=-1), torch.linalg.vector_norm(w, dim=-1))
+        elif w.dim() <= 1:
+            assert torch.count_nonzero(d[n]) == 0, n  # biases and norm parameters: zero direction
+        else:
+            torch.testing.assert_close(_filter_norms(d[n]), _filter_norms(w), msg=n)
+    conv = "patch_embed.proj.weight"
+    assert d[conv].shape[0] == 24 and torch.count_nonzero(d[conv]) == d[conv].numel()
+    (ex,) = random_directions(m, dims=1, seed=0, tokens="exclude", ignore=None)
+    assert torch.count_nonzero(ex["pos_embed"]) == 0 and torch.count_nonzero(ex["cls_token"]) == 0
+    ln = "blocks.0.norm1.weight"  # ignore=None: a 1-D parameter is one filter
+    assert torch.linalg.vector_norm(ex[ln]) == pytest.approx(float(torch.linalg.vector_norm(params[ln])), rel=1e-5)
+    (whole,) = random_directions(m, dims=1, seed=0, tokens="filter")
+    assert torch.linalg.vector_norm(whole["pos_embed"]) == pytest.approx(
+        float(torch.linalg.vector_norm(params["pos_embed"])), rel=1e-5)
+
+
+def test_hdvw_normalization_is_along_dim_zero():
+    m = _cnn()
+    (d,) = random_directions(m, dims=1, normalization="hdvw", seed=0)
+    w = m[0].weight.detach()  # (4, 3, 3, 3): norms across the 4 output filters per input position
+    torch.testing.assert_close(torch.linalg.vector_norm(d["0.weight"], dim=0),
+                               torch.linalg.vector_norm(w, dim=0), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(_filter_norms(d["0.weight"]), _filter_norms(w))
+    assert torch.count_nonzero(d["0.bias"]) == 0
+
+
+def test_weight_decay_term_hdvw():
+    m = _cnn()
+    loader = _loader(size=8)
+    base = loss_landscape(m, None, loader, dims=1, steps=3, seed=2)
+    wd = loss_landscape(m, None, loader, dims=1, steps=3, seed=2, weight_decay=0.1, l2_style="hdvw")
+    (d,) = base.directions
+    for i, a in enumerate(base.x):
+        l2 = sum(float(torch.linalg.vector_norm(p.detach() + a * d[n])) for n, p in m.named_parameters())
+        assert wd.loss[i] == pytest.approx(base.loss[i] + 0.1 * l2, rel=1e-6)
+
+
+def test_saved_directions_reproduce_the_grid(tmp_path):
+    m = _cnn()
+    loader = _loader(size=8)
+    res = loss_landscape(m, None, loader, dims=2, steps=3, seed=5, normalization="hdvw")
+    path = tmp_path / "dirs.safetensors"
+    save_directions(path, res.directions, res.policy)
+    dirs, policy = load_directions(path)
+    assert policy["normalization"] == "hdvw" and policy["seed"] == 5
+    again = loss_landscape(m, None, loader, dims=2, steps=3, directions=path)
+    np.testing.assert_array_equal(res.loss, again.loss)
+    assert [p.name for p in tmp_path.iterdir()] == ["dirs.safetensors"]  # no temp file left
+    with pytest.raises(ValueError, match="another model"):
+        loss_landscape(_vit(), None, _loader(), dims=2, steps=3, directions=[
+            {"patch_embed.proj.weight": torch.zeros(1)}, {}])
+
+
+def test_errors():
+    m = _cnn()
+    empty = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(0, 3, 8, 8),
+                                                                       torch.zeros(0, dtype=torch.long)))
+    with pytest.raises(ValueError, match="no examples"):
+        loss_landscape(m, None, empty, steps=3)
+    x, y = next(iter(_loader(size=8)))
+    x[0, 0, 0, 0] = float("nan")
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(ValueError, match="on batch 1"):
+        loss_landscape(m, None, [next(iter(_loader(size=8))), (x, y)], steps=3)
+    for k, v in m.state_dict().items():  # restored after the error too
+        assert torch.equal(v, before[k])
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        loss_landscape(_cnn().requires_grad_(False), None, _loader(size=8), steps=3)
