@@ -259,12 +259,21 @@ def test_errors_name_the_directory_and_expected_files(tmp_path, dirs, capsys):
     (bad / "results.json").write_text(json.dumps({"attention_entropy": {"rows": [{"layer": "a", "block": 0}]}}))
     with pytest.raises(ReportInputError, match=r"attention_entropy.*row 0 lacks field\(s\) \['value'\]"):
         load_run(bad)
+    (bad / "results.json").write_text(json.dumps({"fourier": {"rows": [
+        {"normalized_depth": 0.0, "kind": "msa", "value": "high"}]}}))
+    with pytest.raises(ReportInputError, match=r"fourier.*row 0 field 'value' must hold numbers"):
+        load_run(bad)
     (bad / "results.json").write_text("{not json")
     with pytest.raises(ReportInputError, match="not valid JSON"):
         load_run(bad)
     (bad / "results.json").unlink()
     (bad / "landscape.json").write_text(json.dumps({"x": [0, 1], "y": [0, 1, 2], "loss": [[1, 2], [3, 4]]}))
     with pytest.raises(ReportInputError, match="3 x 2 grid"):
+        load_run(bad)
+    (bad / "landscape.json").unlink()
+    (bad / "probes.jsonl").write_text(json.dumps({"epoch": 0, "measure": "nonlocality", "layers": ["a", "b"],
+                                                  "values": [1.0]}) + "\n")
+    with pytest.raises(ReportInputError, match="probes.jsonl line 1: 'layers' and 'values' must be lists of equal"):
         load_run(bad)
     with pytest.raises(ValueError, match="is a directory"):
         build_report([dirs["convit"]], tmp_path)
@@ -304,3 +313,28 @@ def test_other_layouts_robustness_json_and_slq_density(tmp_path):
     eps = _csv(tmp_path / "figures" / "rob" / "robustness_eps.csv")
     assert [(r["attack"], float(r["eps"]), float(r["accuracy"])) for r in eps] == [
         ("fgsm", 1 / 255, 0.5), ("fgsm", 8 / 255, 0.1)]
+
+
+def test_outputs_of_the_same_weights_share_one_section(tmp_path):
+    """A training run plus the probe and robustness outputs of its checkpoint: one section; another checkpoint
+    of the same architecture: its own section."""
+    run, probe, rob, other = (tmp_path / n for n in ("run", "probe", "rob", "other"))
+    for d in (run, probe, rob, other):
+        d.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump({"model": "m"}))
+    (run / "metrics.jsonl").write_text(json.dumps({"epoch": 0, "val_top1": 50.0, "val_nll": 1.0}) + "\n")
+    gates = {"gpsa_gates": {"rows": [{"layer": "blocks.0.attn", "block": 0, "value": 0.6, "heads": [0.5, 0.7]}]}}
+    for d, ck in ((probe, run / "model.safetensors"), (other, tmp_path / "elsewhere.safetensors")):
+        (d / "results.json").write_text(json.dumps(gates))
+        (d / "meta.json").write_text(json.dumps({"model_name": "m", "checkpoint": str(ck), "accuracy": 0.5}))
+    (rob / "results.json").write_text(json.dumps({"meta": {"model": "m", "checkpoint": str(run)}, "n": 4,
+                                                  "clean": {"accuracy": 0.5, "n": 4},
+                                                  "fgsm": {"eps": [0.01], "accuracy": [0.25]}}))
+    page = build_report([run, probe, rob, other], tmp_path / "r.html").read_text()
+    for key in ("training_curves", "gpsa_gates", "robustness_eps"):
+        assert f'id="m-run--{key}"' in page
+    assert 'id="m-other--gpsa_gates"' in page and page.count("<img") == 4
+    summary = _csv(tmp_path / "figures" / "summary.csv")
+    assert [(r["model"], r["source"], r["directory"]) for r in summary] == [
+        ("m (run)", "probe pass", str(probe)), ("m (run)", "training, epoch 0", str(run)),
+        ("m (run)", "robustness pass", str(rob)), ("m (other)", "probe pass", str(other))]

@@ -119,8 +119,7 @@ def build_report(run_dirs: Sequence[str | os.PathLike], out_html: str | os.PathL
                                      item.note, links, alt)))
             item.figure.clear()
             bar.update(1)
-        source = f"{sec.path} ({', '.join(sec.files)})" if sec.path else ""
-        page_sections.append({"anchor": sec.slug, "title": sec.title, "source": source, "figures": figs,
+        page_sections.append({"anchor": sec.slug, "title": sec.title, "source": sec.path, "figures": figs,
                               "notes": sec.notes})
     bar.close()
     rows = summary_rows(runs)

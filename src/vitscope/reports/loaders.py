@@ -67,6 +67,10 @@ LAYER_MEASURES: dict[str, tuple[str, ...]] = {
 }
 
 
+NUMERIC_FIELDS = ("block", "normalized_depth", "value", "heads", "curve", "cls", "spatial", "max_entropy", "accuracy",
+                  "accuracy_drop", "chance", "train_accuracy")
+
+
 class ReportInputError(ValueError):
     """An output directory or file the report cannot use; the message names it and the fix."""
 
@@ -86,6 +90,20 @@ class RunData:
     landscape: dict[str, Any] | None = None
     robustness: dict[str, Any] | None = None
     files: list[str] = field(default_factory=list)  # recognized files, for the report
+    sources: list[tuple[Path, list[str]]] = field(default_factory=list)  # (directory, its files), merged runs
+    origin: dict[str, Path] = field(default_factory=dict)  # data field -> the directory it came from
+
+    def identity(self) -> str | None:
+        """The weights this output describes (a training run's model.safetensors or the --checkpoint given to
+        probe/robustness/hessian/landscape), or None when unknown."""
+        if self.metrics or self.train_probes or self.config:
+            return str((self.path / "model.safetensors").resolve())
+        for d in (self.meta, self.hessian or {}, self.landscape or {}, self.robustness or {}):
+            ck = d.get("checkpoint")
+            if isinstance(ck, str) and ck:
+                p = Path(ck)
+                return str((p / "model.safetensors" if p.is_dir() else p).resolve())
+        return None
 
 
 def _read_json(path: Path) -> Any:
@@ -153,6 +171,10 @@ def _load_probe(path: Path, data: Any) -> dict[str, dict[str, Any]]:
             if not isinstance(row, dict):
                 raise ReportInputError(f"{where} row {i} is not an object")
             _need(row, LAYER_MEASURES[name], f"{where} row {i}")
+            for key in NUMERIC_FIELDS:
+                if key in row:
+                    v = row[key]
+                    _numbers(v if isinstance(v, list) else [v], f"{where} row {i} field {key!r}")
         if name in ("cka", "cka_cross"):
             keys = ("layers", "matrix") + (("other_layers",) if name == "cka_cross" else ())
             _need(content, keys, where)
@@ -324,7 +346,13 @@ def load_run(path: str | os.PathLike) -> RunData:
     if PROBES_FILE in present:
         run.train_probes = _read_jsonl(path / PROBES_FILE)
         for i, rec in enumerate(run.train_probes):
-            _need(rec, ("epoch", "measure", "layers", "values"), f"{path / PROBES_FILE} line {i + 1}")
+            where = f"{path / PROBES_FILE} line {i + 1}"
+            _need(rec, ("epoch", "measure", "layers", "values"), where)
+            if not isinstance(rec["layers"], list) or not isinstance(rec["values"], list) or \
+                    len(rec["layers"]) != len(rec["values"]):
+                raise ReportInputError(f"{where}: 'layers' and 'values' must be lists of equal length")
+            for v in rec["values"]:
+                _numbers(v if isinstance(v, list) else [v], f"{where} 'values'")
     if HESSIAN_FILE in present:
         run.hessian = _load_hessian(path / HESSIAN_FILE, _read_json(path / HESSIAN_FILE))
     if LANDSCAPE_FILE in present:
@@ -334,14 +362,44 @@ def load_run(path: str | os.PathLike) -> RunData:
     if not (run.probe or run.metrics or run.train_probes or run.hessian or run.landscape or run.robustness):
         raise ReportInputError(f"{path} has {present} but no data in them (empty files?); re-run the vitscope command")
     run.name = _model_name(run.meta, run.config, [run.hessian, run.landscape, run.robustness], path)
+    run.sources = [(path, list(run.files))]
+    run.origin = {k: path for k in DATA_FIELDS if getattr(run, k)}
     return run
 
 
+DATA_FIELDS = ("probe", "metrics", "train_probes", "hessian", "landscape", "robustness")
+
+
+def merge_runs(runs: list[RunData]) -> list[RunData]:
+    """Merge directories that describe the same weights (same model name and checkpoint, e.g. a training run
+    and the probe / robustness outputs of its ``model.safetensors``) into one, when their data do not overlap."""
+    out: list[RunData] = []
+    for run in runs:
+        key = run.identity()
+        target = next((o for o in out if key is not None and o.name == run.name and o.identity() == key
+                       and not any(getattr(o, f) and getattr(run, f) for f in DATA_FIELDS)), None)
+        if target is None:
+            out.append(run)
+            continue
+        for f in DATA_FIELDS:
+            if getattr(run, f):
+                setattr(target, f, getattr(run, f))
+                target.origin[f] = run.path
+        target.meta = {**run.meta, **target.meta}
+        target.config = target.config or run.config
+        target.sources += run.sources
+        target.files += [f for f in run.files if f not in target.files]
+        _logger.info("%s: merged %s into the section of %s (same model and checkpoint)", run.name, run.path,
+                     target.path)
+    return out
+
+
 def load_runs(paths: list[str | os.PathLike]) -> list[RunData]:
-    """``load_run`` for each path; models with the same name get the directory name appended."""
+    """``load_run`` for each path, merged per model and checkpoint (``merge_runs``); different models with the
+    same name get the directory name appended."""
     if not paths:
         raise ReportInputError("no output directory given; pass one or more vitscope output directories")
-    runs = [load_run(p) for p in paths]
+    runs = merge_runs([load_run(p) for p in paths])
     names = [r.name for r in runs]
     for r in runs:
         if names.count(r.name) > 1:

@@ -235,7 +235,7 @@ def _training_curves(name: str, metrics: list[dict[str, Any]]) -> FigureItem:
             for k in ("train_loss", "val_nll") if any(k in r for r in metrics)}
     specs = [(s, lab) for s, lab in ((acc, "top-1 accuracy (%)"), (loss, "loss / NLL (nats)")) if s]
     if not specs:
-        raise ValueError(f"{name}: metrics.jsonl has no val_top1, train_loss or val_nll")
+        raise _Missing("metrics.jsonl has no val_top1, train_loss or val_nll")
     fig = F.panels(specs, f"{name}: training curves", "epoch")
     keys = ("epoch", "train_loss", "val_top1", "val_nll", "val_ece", "val_brier", "val_ema_top1")
     out = [{k: r.get(k) for k in keys if any(k in m for m in metrics)} for r in metrics]
@@ -375,9 +375,13 @@ def robustness_items(name: str, r: dict[str, Any]) -> list[FigureItem]:
 
 def run_section(run: RunData) -> Section:
     """Every figure the data of one directory supports (none is made for missing data)."""
-    sec = Section(run.name, slug(run.name), str(run.path), list(run.files))
+    source = "; ".join(f"{p} ({', '.join(fs)})" for p, fs in run.sources)
+    sec = Section(run.name, slug(run.name), source, list(run.files))
     if run.metrics:
-        sec.items.append(_training_curves(run.name, run.metrics))
+        try:
+            sec.items.append(_training_curves(run.name, run.metrics))
+        except _Missing as e:
+            sec.notes.append(f"training curves: no figure, {e}")
     by_measure: dict[str, list[dict[str, Any]]] = {}
     for rec in run.train_probes:
         by_measure.setdefault(rec["measure"], []).append(rec)
@@ -463,23 +467,24 @@ def summary_rows(runs: list[RunData]) -> list[dict[str, Any]]:
     """Accuracy (fraction), NLL, ECE, Brier per model and source (probe pass, last epoch, robustness pass)."""
     rows = []
     for r in runs:
-        base = {"model": r.name, "directory": str(r.path)}
+        def row(field: str, source: str, examples: Any, r: RunData = r, **values: Any) -> dict[str, Any]:
+            return {"model": r.name, "source": source, "examples": examples, **values,
+                    "directory": str(r.origin.get(field, r.path))}
+
         if "accuracy" in r.meta or "nll" in r.meta:
-            rows.append({**base, "source": "probe pass", "examples": r.meta.get("examples"),
-                         "accuracy": r.meta.get("accuracy"), "nll": r.meta.get("nll"), "ece": None, "brier": None})
+            rows.append(row("probe", "probe pass", r.meta.get("examples"), accuracy=r.meta.get("accuracy"),
+                            nll=r.meta.get("nll"), ece=None, brier=None))
         if r.metrics:
             last = r.metrics[-1]
-            top1 = last.get("val_top1")
-            rows.append({**base, "source": f"training, epoch {last['epoch']}", "examples": last.get("val_n"),
-                         "accuracy": top1 / 100 if isinstance(top1, (int, float)) else None,
-                         "nll": last.get("val_nll"), "ece": last.get("val_ece"), "brier": last.get("val_brier")})
+            top1 = last.get("val_top1")  # percent, as DeiT logs it
+            rows.append(row("metrics", f"training, epoch {last['epoch']}", last.get("val_n"),
+                            accuracy=top1 / 100 if isinstance(top1, (int, float)) else None,
+                            nll=last.get("val_nll"), ece=last.get("val_ece"), brier=last.get("val_brier")))
         if r.robustness:
             cal = r.robustness.get("calibration") or {}
             clean = (r.robustness.get("clean") or {}).get("accuracy", cal.get("top1"))
-            row = {**base, "source": "robustness pass", "examples": r.robustness.get("n", cal.get("n")),
-                   "accuracy": clean, "nll": cal.get("nll"), "ece": cal.get("ece"), "brier": cal.get("brier")}
             occ = r.robustness.get("occlusion")
-            if isinstance(occ, dict) and "accuracy" in occ:
-                row["occlusion_accuracy"] = occ["accuracy"]
-            rows.append(row)
+            rows.append(row("robustness", "robustness pass", r.robustness.get("n", cal.get("n")), accuracy=clean,
+                            nll=cal.get("nll"), ece=cal.get("ece"), brier=cal.get("brier"),
+                            occlusion_accuracy=occ.get("accuracy") if isinstance(occ, dict) else None))
     return rows
