@@ -42,21 +42,27 @@ def as_float(x: Tensor) -> Tensor:
 
 
 def check_attention(attn: Any, name: str = "attn") -> Tensor:
-    """Check a post-softmax attention tensor (B, H, N, N): 4-D, square, finite, rows summing to 1."""
-    attn = check_tensor(attn, name, 4, "(B, H, N, N) post-softmax attention")
+    """Check a post-softmax attention tensor (B, H, N, N): 4-D, square, finite, rows summing to 1.
+
+    Returns it (half precision upcast to float32), with tiny negative round-off clamped to 0.
+    """
+    attn = check_tensor(attn, name, 4, "(B, H, N, N) post-softmax attention", finite=False)
     if attn.shape[-1] != attn.shape[-2]:
         raise ValueError(
             f"{name} must be self-attention (B, H, N, N) with as many keys as queries, got shape {tuple(attn.shape)}"
         )
     attn = as_float(attn)
     tol = 1e-3 if attn.dtype in (torch.float32, torch.float64) else 1e-2
-    rows = attn.sum(-1)  # (B, H, N)
-    if (rows - 1).abs().max() > tol or attn.min() < -tol:
+    rows = attn.sum(-1, dtype=torch.float64)  # (B, H, N); NaN/Inf anywhere in a row shows here
+    if not torch.isfinite(rows).all():
+        raise_non_finite(name)
+    low = float(attn.min())
+    if (rows - 1).abs().max() > tol or low < -tol:
         raise ValueError(
             f"{name} rows must be probabilities summing to 1 (max deviation {float((rows - 1).abs().max()):.3g}, "
-            f"min entry {float(attn.min()):.3g}); pass post-softmax attention maps, not logits"
+            f"min entry {low:.3g}); pass post-softmax attention maps, not logits"
         )
-    return attn
+    return attn.clamp_min(0) if low < 0 else attn
 
 
 def as_grid(grid: Any, name: str = "grid") -> tuple[int, int]:

@@ -33,7 +33,7 @@ def _count(x: Tensor, n: int) -> Tensor:
 
 # ------------------------------------------------------------------------------------- per-batch sums
 def _entropy_sums(attn: Tensor, name: str = "attn") -> dict[str, Tensor]:
-    a = check_attention(attn, name).clamp_min(0)  # (B, H, N, N)
+    a = check_attention(attn, name)  # (B, H, N, N)
     B, H, N, _ = a.shape
     ent = -torch.xlogy(a, a).sum(-1)  # (B, H, N), 0 * log 0 = 0
     return {"sum": ent.double().sum((0, 2)), "count": _count(a, B * N)}
@@ -56,11 +56,11 @@ def _distance_sums(
     B, H, N, _ = a.shape
     h, w = check_grid(grid, N, num_prefix_tokens)
     ps = _patch_size(patch_size)
-    a = a[..., num_prefix_tokens:, num_prefix_tokens:].double()  # (B, H, S, S)
-    if renormalize:
-        a = a / a.sum(-1, keepdim=True).clamp_min(1e-300)  # rows with no spatial mass stay 0
-    dist = pairwise_distance(h, w, a.device) * ps  # (S, S) pixels
-    per_query = (a * dist).sum(-1)  # (B, H, S)
+    a = a[..., num_prefix_tokens:, num_prefix_tokens:]  # (B, H, S, S) view
+    dist = (pairwise_distance(h, w, a.device) * ps).to(a.dtype)  # (S, S) pixels
+    per_query = torch.einsum("bhij,ij->bhi", a, dist).double()  # (B, H, S)
+    if renormalize:  # divide by the spatial mass of each row; rows with none stay 0
+        per_query = per_query / a.sum(-1, dtype=torch.float64).clamp_min(1e-300)
     return {"sum": per_query.sum((0, 2)), "count": _count(a, B * h * w)}
 
 
@@ -68,8 +68,8 @@ def _nonlocality_sums(attn: Tensor, grid: Any, num_prefix_tokens: int, name: str
     a = check_attention(attn, name)  # (B, H, N, N)
     B, H, N, _ = a.shape
     h, w = check_grid(grid, N, num_prefix_tokens)
-    a = a[..., num_prefix_tokens:, num_prefix_tokens:].double()  # (B, H, S, S)
-    a_sum = a.sum(0)  # (H, S, S): sum of A over examples
+    a = a[..., num_prefix_tokens:, num_prefix_tokens:]  # (B, H, S, S) view
+    a_sum = a.sum(0, dtype=torch.float64)  # (H, S, S): sum of A over examples
     dist = pairwise_distance(h, w, a.device)  # (S, S) patch units
     # (1/S) sum_ij (sum_b A_b)_ij d_ij; divided by the example count in compute = nonlocality of mean_b A.
     return {"sum": (a_sum * dist).sum((-1, -2)) / (h * w), "count": _count(a, B)}
@@ -82,12 +82,12 @@ def _relative_sums(
     B, H, N, _ = a.shape
     h, w = check_grid(grid, N, num_prefix_tokens)
     S = h * w
-    a = a[..., num_prefix_tokens:, num_prefix_tokens:].double()  # (B, H, S, S)
-    a = a * (1 - torch.eye(S, dtype=a.dtype, device=a.device))  # drop self-attention
-    if renormalize:
-        a = a / a.sum(-1, keepdim=True).clamp_min(1e-300)  # rows with no mass left stay 0
-    dist = pairwise_distance(h, w, a.device, normalize=True)  # (S, S), positions in [0, 1]^2
-    per_query = (a * dist).sum(-1)  # (B, H, S)
+    a = a[..., num_prefix_tokens:, num_prefix_tokens:]  # (B, H, S, S) view
+    dist = pairwise_distance(h, w, a.device, normalize=True)  # (S, S), positions in [0, 1]^2, zero diagonal
+    per_query = torch.einsum("bhij,ij->bhi", a, dist.to(a.dtype)).double()  # (B, H, S): self adds 0
+    if renormalize:  # divide by the mass on other spatial tokens; rows with none left stay 0
+        mass = a.sum(-1, dtype=torch.float64) - a.diagonal(dim1=-2, dim2=-1).double()  # (B, H, S)
+        per_query = per_query / mass.clamp_min(1e-300)
     return {"sum": per_query.sum((0, 2)), "count": _count(a, B * S)}
 
 
