@@ -210,3 +210,5 @@ def test_bad_inputs():
     m.update([torch.ones(10, 5), x])
     with pytest.raises(ValueError, match=r"layers \[0\]"):
         m.compute()
+    with pytest.raises(ValueError, match="feats_y was omitted"):
+        m.update([x, x], [x, x])

@@ -132,7 +132,8 @@ class MinibatchCKA(StreamingMeasure):
     x layers with themselves). Per batch it keeps only the n x n Gram of each layer, accumulates the
     unbiased HSIC_1 of every pair with one matmul, and adds it to float64 sums (so batches of any size and
     ranks merge by summation). Batches with n <= 3 are skipped with a warning (HSIC_1 is undefined).
-    ``compute()`` returns the (Lx, Ly) CKA matrix.
+    ``compute()`` returns the (Lx, Ly) CKA matrix. ``num_layers_y=None`` means Ly = Lx; every update must
+    then pass feats_y or every update must omit it.
     """
 
     def __init__(self, num_layers_x: int, num_layers_y: int | None = None) -> None:
@@ -146,6 +147,10 @@ class MinibatchCKA(StreamingMeasure):
 
     def _options(self) -> dict[str, Any]:
         return {"num_layers_x": self.num_layers_x, "num_layers_y": self.num_layers_y}
+
+    def reset(self) -> None:
+        super().reset()
+        self._cross: bool | None = None  # whether updates pass feats_y
 
     def _centred_grams(self, feats: list, name: str, n: int | None) -> tuple[Tensor, int]:
         us = []
@@ -177,8 +182,15 @@ class MinibatchCKA(StreamingMeasure):
                 raise ValueError(f"feats_y has {len(ys)} layers but num_layers_y={ly}")
         elif self.num_layers_y is not None and self.num_layers_y != self.num_layers_x:
             raise ValueError("feats_y is None but num_layers_y differs from num_layers_x; pass feats_y")
+        cross = ys is not None
+        if self._cross is not None and cross != self._cross:
+            raise ValueError(
+                "MinibatchCKA: feats_y was " + ("given" if self._cross else "omitted") + " in earlier updates; pass "
+                "it in every update or in none (call reset() to start over)"
+            )
         ux, n = self._centred_grams(xs, "feats_x", None)
         uy = ux if ys is None else self._centred_grams(ys, "feats_y", n)[0]
+        self._cross = cross
         zero = torch.zeros((), dtype=torch.float64, device=ux.device)
         if n <= 3:
             warnings.warn(
