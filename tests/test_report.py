@@ -330,10 +330,16 @@ def test_outputs_of_the_same_weights_share_one_section(tmp_path):
     (rob / "results.json").write_text(json.dumps({"meta": {"model": "m", "checkpoint": str(run)}, "n": 4,
                                                   "clean": {"accuracy": 0.5, "n": 4},
                                                   "fgsm": {"eps": [0.01], "accuracy": [0.25]}}))
+    cross = {"rows": [], "layers": ["a", "b"], "other_layers": ["x", "y", "z"], "other_model": "resnet",
+             "matrix": [[0.1, 0.2, 0.3], [0.4, 0.5, 0.6]]}  # RAGHU's cross-model CKA, when a producer gives it
+    (other / "results.json").write_text(json.dumps({**gates, "cka_cross": cross}))
     page = build_report([run, probe, rob, other], tmp_path / "r.html").read_text()
     for key in ("training_curves", "gpsa_gates", "robustness_eps"):
         assert f'id="m-run--{key}"' in page
-    assert 'id="m-other--gpsa_gates"' in page and page.count("<img") == 4
+    assert 'id="m-other--gpsa_gates"' in page and 'id="m-other--cka_cross"' in page and page.count("<img") == 5
+    rows = _csv(tmp_path / "figures" / "m-other" / "cka_cross.csv")
+    assert [(r["layer"], r["other_layer"], float(r["value"])) for r in rows] == [
+        (a, b, cross["matrix"][i][j]) for i, a in enumerate("ab") for j, b in enumerate("xyz")]
     summary = _csv(tmp_path / "figures" / "summary.csv")
     assert [(r["model"], r["source"], r["directory"]) for r in summary] == [
         ("m (run)", "probe pass", str(probe)), ("m (run)", "training, epoch 0", str(run)),
