@@ -40,11 +40,12 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path):
     proc = _vitscope(*ARGS, "--out", str(killed), sleep=0.1)  # 8 steps x 0.1 s: epochs last >= 0.8 s
     try:
         deadline = time.monotonic() + 120
-        while not (killed / "state.pt").exists():  # epoch 0 finished and checkpointed
+        # Epoch 0 is checkpointed, then logged; its metrics line means epoch 1 has begun.
+        while not read_jsonl(killed / "metrics.jsonl"):
             assert proc.poll() is None, proc.communicate()[1]
-            assert time.monotonic() < deadline, "the run never wrote its first checkpoint"
+            assert time.monotonic() < deadline, "the run never finished its first epoch"
             time.sleep(0.02)
-        time.sleep(0.35)  # a few steps into epoch 1
+        time.sleep(0.3)  # a few steps into epoch 1
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
