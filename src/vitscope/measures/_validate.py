@@ -1,6 +1,7 @@
 """Input checks shared by the measures: each failure names the argument and the fix."""
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,9 +25,15 @@ def check_tensor(
         raise ValueError(f"{name} must be a real floating-point tensor, got dtype {x.dtype}; convert with .float()")
     if x.numel() == 0:
         raise ValueError(f"{name} is empty (shape {tuple(x.shape)}); pass at least one example")
-    if finite and not torch.isfinite(x).all():
+    if finite and not all_finite(x):
         raise_non_finite(name)
     return x
+
+
+def all_finite(x: Tensor) -> bool:
+    """Whether every element is finite: one reduction (a NaN/Inf anywhere makes the sum non-finite), with the
+    element-wise check only when the sum itself is not finite (overflow of large finite values)."""
+    return bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all())
 
 
 def raise_non_finite(name: str) -> None:
@@ -99,11 +106,12 @@ def grid_coords(h: int, w: int, device: torch.device | None = None) -> Tensor:
     return torch.stack([rows, cols], dim=-1)  # (h*w, 2)
 
 
+@functools.lru_cache(maxsize=64)
 def pairwise_distance(h: int, w: int, device: torch.device | None = None, normalize: bool = False) -> Tensor:
     """Euclidean distance between token positions of an h x w grid, (h*w, h*w), float64.
 
     Positions are (row, col) in patch units, or divided by (h - 1, w - 1) when ``normalize`` (so they lie in
-    [0, 1]; an axis of size 1 has the single coordinate 0).
+    [0, 1]; an axis of size 1 has the single coordinate 0). Cached per grid and device: do not modify it.
     """
     pos = grid_coords(h, w, device)  # (N, 2)
     if normalize:

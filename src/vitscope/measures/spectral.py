@@ -40,10 +40,11 @@ def _half_diagonal_size(h: int, w: int) -> int:
 def _log_amplitude_sums(fmap: Any, name: str = "fmap") -> dict[str, Tensor]:
     x = _check_map(fmap, name).double()  # (B, C, h, w)
     B, C, h, w = x.shape
-    logamp = torch.log(torch.fft.fft2(x).abs() + _EPS)  # (B, C, h, w)
-    logamp = torch.fft.fftshift(logamp, dim=(-2, -1))  # zero frequency at (h // 2, w // 2), odd or even
     k = torch.arange(_half_diagonal_size(h, w), device=x.device)
-    diag = logamp[..., h // 2 + k, w // 2 + k]  # (B, C, F): from the centre towards the corner
+    # After fftshift, entry (h // 2 + k, w // 2 + k) holds frequency (k, k) of the unshifted transform, so the
+    # half-diagonal is read directly, and the log amplitude is taken only there.
+    diag = torch.fft.fft2(x)[..., k, k]  # (B, C, F): from frequency 0 towards the corner
+    diag = torch.log(diag.abs() + _EPS)
     return {"sum": diag.sum((0, 1)), "count": torch.tensor(float(B * C), dtype=torch.float64, device=x.device)}
 
 
