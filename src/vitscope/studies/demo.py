@@ -1,0 +1,289 @@
+"""``vitscope demo``: train small ViT, ViT+CB, ConViT, ResNet and AlterNet on the embedded ELPV solar-cell
+data on the CPU, run every analysis of vitscope on each, and write ``report.html`` and ``results.json``.
+
+Per model (``OUT/models/<key>/``): the training run (``config.yaml``, ``metrics.jsonl``, ``probes.jsonl``,
+weights), ``results.json`` of ``vitscope.probe`` (attention measures, CKA, ratio of norms, Fourier,
+variance) plus the lesion study, the localization probe and the cross-model CKA, ``hessian.json``,
+``landscape.json`` and ``robustness.json`` (calibration and the robustness suite). ELPV's defect labels are
+imbalanced (69% functional in the test split), so the summary reports balanced accuracy next to top-1 and
+the majority-class baseline.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from vitscope.studies.pipeline import (
+    Timer,
+    TrainRequest,
+    atomic_write_json,
+    cross_model_cka,
+    evaluate_classifier,
+    has_attention,
+    probe_measures,
+    run_hessian,
+    run_landscape,
+    run_lesion,
+    run_localization,
+    run_probe,
+    run_robustness,
+    train_spec,
+    val_loader,
+)
+from vitscope.studies.zoo import model_spec
+
+_logger = logging.getLogger(__name__)
+
+__all__ = ["DemoSize", "DEMO_SIZES", "DEMO_MODELS", "CROSS_CKA", "run_demo"]
+
+DEMO_MODELS = ("vit", "vit_cb", "convit", "resnet", "alternet")
+CROSS_CKA = {"vit": "resnet", "vit_cb": "vit", "convit": "vit", "alternet": "resnet", "resnet": "alternet"}
+STAGES = ("evaluate", "probe", "lesion", "localization", "hessian", "landscape", "robustness")
+
+
+@dataclass(frozen=True)
+class DemoSize:
+    """How much work each stage of the demo does."""
+
+    zoo: str = "quick"
+    epochs: int = 12
+    batch_size: int = 64
+    train_examples: int | None = None  # None: the whole training split (1,836 images)
+    eval_examples: int | None = None  # None: the whole test split (394 images)
+    eval_batch_size: int = 100
+    lesion_batches: int | None = None
+    localization: dict[str, Any] = field(default_factory=lambda: {"max_batches": 2, "epochs": 30})
+    hessian: dict[str, Any] = field(default_factory=lambda: {"k": 5, "max_batches": 2, "max_iter": 20,
+                                                             "batch_size": 64})
+    landscape: dict[str, Any] = field(default_factory=lambda: {"steps": 11, "max_batches": 2})
+    robustness_examples: int | None = 200
+    robustness: dict[str, Any] = field(default_factory=lambda: {
+        "eps": [1 / 255, 4 / 255], "pgd_steps": 5, "freqs": [0.0, 0.2, 0.4, 0.6, 0.8, 1.0],
+        "severities": [1, 3, 5]})
+
+
+DEMO_SIZES: dict[str, DemoSize] = {
+    "full": DemoSize(),
+    "quick": DemoSize(
+        epochs=3, eval_examples=200, lesion_batches=1,
+        localization={"max_batches": 1, "epochs": 15},
+        hessian={"k": 2, "max_batches": 1, "max_iter": 8, "batch_size": 32},
+        landscape={"steps": 5, "max_batches": 1}, robustness_examples=100,
+        robustness={"eps": [4 / 255], "pgd_steps": 3, "freqs": [0.0, 0.5, 1.0],
+                    "corruptions": ["gaussian_noise", "gaussian_blur", "contrast"], "severities": [3]}),
+    # For the test suite: the registry's test_* models on a slice of the data; every stage still runs.
+    "tiny": DemoSize(
+        zoo="test", epochs=1, batch_size=32, train_examples=128, eval_examples=64, eval_batch_size=32,
+        lesion_batches=1, localization={"max_batches": 1, "epochs": 5},
+        hessian={"k": 1, "max_batches": 1, "max_iter": 3, "batch_size": 16},
+        landscape={"steps": 3, "max_batches": 1}, robustness_examples=32,
+        robustness={"eps": [4 / 255], "pgd_steps": 2, "freqs": [0.0, 1.0], "corruptions": ["contrast"],
+                    "severities": [3]}),
+}
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:  # not available on this platform
+        return None
+
+
+def _short_probe(probe: dict[str, Any]) -> dict[str, Any]:
+    """A few headline numbers of a probe result for the summary."""
+    out: dict[str, Any] = {}
+
+    def mean(rows: list[dict[str, Any]], key: str = "value") -> float | None:
+        vals = [r[key] for r in rows if r.get(key) is not None]
+        return sum(vals) / len(vals) if vals else None
+
+    for name in ("attention_entropy", "attention_distance", "nonlocality", "feature_variance"):
+        if name in probe:
+            out[f"mean_{name}"] = mean(probe[name]["rows"])
+    if "fourier" in probe:
+        out["last_layer_delta_log_amplitude"] = probe["fourier"]["rows"][-1]["value"]
+    if "cka" in probe:
+        mat = probe["cka"]["matrix"]
+        n = len(mat)
+        off = [mat[i][j] for i in range(n) for j in range(n) if i != j]
+        out["mean_offdiagonal_cka"] = sum(off) / len(off) if off else None
+    if "lesion" in probe:
+        worst = max(probe["lesion"]["rows"], key=lambda r: r["accuracy_drop"], default=None)
+        out["most_harmful_lesion"] = None if worst is None else {k: worst[k] for k in ("name", "kind",
+                                                                                          "accuracy_drop")}
+    if "localization" in probe:
+        out["mean_localization_accuracy"] = mean(probe["localization"]["rows"], "accuracy")
+    if "gpsa_gates" in probe:
+        out["mean_gpsa_gate"] = mean(probe["gpsa_gates"]["rows"])
+    return out
+
+
+def _short_robustness(rob: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {"clean_accuracy": rob["clean"]["accuracy"], "n": rob["n"]}
+    if "calibration" in rob:
+        out.update({k: rob["calibration"].get(k) for k in ("ece", "nll", "brier")})
+    if "occlusion" in rob:
+        out["occlusion_accuracy"] = rob["occlusion"]["accuracy"]
+    for k in ("fgsm", "pgd"):
+        if k in rob:
+            out[f"{k}_accuracy"] = dict(zip([f"{e * 255:g}/255" for e in rob[k]["eps"]], rob[k]["accuracy"]))
+    if "frequency" in rob:
+        out["band_noise_accuracy"] = dict(zip([f"{f:g}" for f in rob["frequency"]["freqs"]],
+                                              rob["frequency"]["accuracy"]))
+    if "corruptions" in rob:
+        out["corruption_mean_accuracy"] = rob["corruptions"]["mean_accuracy"]
+    return out
+
+
+def run_demo(out: str | os.PathLike = "vitscope-demo", size: str = "full", data: str = "elpv", img_size: int = 32,
+             models: tuple[str, ...] = DEMO_MODELS, device: str = "cpu", progress: bool = True) -> dict[str, Any]:
+    """Run the demo into ``out``; returns the content of ``out/results.json`` (``report`` = the HTML path).
+
+    Args:
+        size: ``full`` (about 10 minutes on 2 CPU cores), ``quick`` (about 2) or ``tiny`` (test suite).
+        data: a data spec (default the embedded ``elpv`` solar-cell images, 2 classes).
+    """
+    import vitscope
+    from vitscope.data import data_info
+    from vitscope.training import load_run
+
+    if size not in DEMO_SIZES:
+        raise ValueError(f"unknown demo size {size!r}; valid: {', '.join(DEMO_SIZES)}")
+    unknown = [m for m in models if m not in DEMO_MODELS]
+    if unknown or not models:
+        raise ValueError(f"unknown demo model(s) {unknown or models}; valid: {', '.join(DEMO_MODELS)}")
+    sz = DEMO_SIZES[size]
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a directory")
+    t_start = time.perf_counter()
+    load_start = _loadavg()
+    timer = Timer()
+    info = data_info(data, img_size=img_size)
+    _logger.info("vitscope demo (%s): %s on %s at %d px, %d epochs each; %d CPU threads; load average %s -> %s",
+                 size, ", ".join(models), data, img_size, sz.epochs, torch.get_num_threads(), load_start, out)
+    n_steps = len(models) * (1 + len(STAGES)) + 1
+    bar = tqdm(total=n_steps, desc="demo", disable=not progress, unit="step")
+    summary: dict[str, Any] = {}
+    run_dirs: dict[str, Path] = {}
+    with logging_redirect_tqdm():
+        # 1. Training, with the attention probes recorded every epoch (probes.jsonl).
+        for key in models:
+            spec = model_spec(sz.zoo, key)
+            probes = ["gpsa_gates", "nonlocality"] if key == "convit" else (
+                ["attention_entropy", "attention_distance"] if key in ("vit", "vit_cb") else None)
+            req = TrainRequest(spec, data, recipe="cpu-quick", seed=0, img_size=img_size, epochs=sz.epochs,
+                               batch_size=sz.batch_size, max_examples=sz.train_examples,
+                               max_val_examples=sz.eval_examples, device=device, progress=progress,
+                               probes={"every": 1, "measures": probes, "num_images": 32} if probes else None)
+            bar.set_postfix_str(f"train {spec.label}")
+            with timer.stage(f"train {key}"):
+                run_dirs[key] = train_spec(req, out / "models", run_dir=out / "models" / key)
+            bar.update(1)
+
+        loaded = {key: load_run(run_dirs[key], device=device)[0] for key in models}
+        test = val_loader(data, img_size, sz.eval_batch_size, sz.eval_examples, split="test")
+        pixels = val_loader(data, img_size, sz.eval_batch_size, sz.robustness_examples, normalize=False, split="test")
+        for key in models:
+            model, spec, run_dir = loaded[key], model_spec(sz.zoo, key), run_dirs[key]
+            entry: dict[str, Any] = {"label": spec.label, "model": spec.model, "kwargs": spec.kwargs,
+                                     "params": sum(p.numel() for p in model.parameters()), "run_dir": str(run_dir)}
+
+            def step(name: str, key: str = key, label: str = spec.label) -> Any:
+                bar.set_postfix_str(f"{name} {label}")
+                return timer.stage(f"{name} {key}")
+
+            with step("evaluate"):
+                entry["test"] = evaluate_classifier(model, test, info.num_classes)
+            bar.update(1)
+            with step("probe"):
+                images = next(iter(test))[0]
+                result = run_probe(model, test, probe_measures(model, has_attention(model, images)),
+                                   progress=progress)
+                other = CROSS_CKA.get(key)
+                if other in loaded:
+                    cross = cross_model_cka(model, loaded[other], test, name_y=model_spec(sz.zoo, other).label)
+                    result.tables["cka_cross"] = cross.pop("rows")
+                    result.extras["cka_cross"] = cross
+            bar.update(1)
+            with step("lesion"):
+                les = run_lesion(model, test, max_batches=sz.lesion_batches, progress=progress)
+                result.tables["lesion"] = les["rows"]
+            bar.update(1)
+            with step("localization"):
+                loc = run_localization(model, test, progress=progress, **sz.localization)
+                result.tables["localization"] = loc["rows"]
+            bar.update(1)
+            result.meta.update(model_name=spec.label, registry_name=spec.model, data=data, split="test")
+            result.save(run_dir)
+            entry["probe"] = _short_probe(result.to_dict())
+            with step("hessian"):
+                from vitscope.data import create_loader
+                from vitscope.training import augment_options, load_config
+
+                h = dict(sz.hessian)
+                cfg = load_config(run_dir)
+                train_loader = create_loader(data, "train", batch_size=h.pop("batch_size"), img_size=img_size,
+                                             augment=augment_options(cfg), shuffle=True, seed=0,
+                                             max_examples=sz.train_examples)
+                torch.manual_seed(0)
+                hess = run_hessian(model, train_loader, progress=progress, name=spec.label, **h)
+                atomic_write_json(run_dir / "hessian.json", hess)
+                entry["hessian"] = {k: hess[k] for k in ("negative_fraction", "max_abs_eigenvalue", "max_eigenvalue",
+                                                          "min_eigenvalue")}
+            bar.update(1)
+            with step("landscape"):
+                land = run_landscape(model, test, progress=progress, name=spec.label, **sz.landscape)
+                atomic_write_json(run_dir / "landscape.json", land)
+                losses = [v for v in land["loss"] if v is not None]
+                entry["landscape"] = {"loss_at_minimum": land["loss"][len(land["loss"]) // 2],
+                                      "max_loss": max(losses) if losses else None}
+            bar.update(1)
+            with step("robustness"):
+                rob = run_robustness(model, pixels, info.mean, info.std, dict(sz.robustness), progress=progress,
+                                     name=spec.label)
+                atomic_write_json(run_dir / "robustness.json", rob)
+                entry["robustness"] = _short_robustness(rob)
+            bar.update(1)
+            summary[key] = entry
+            t = entry["test"]
+            _logger.info("%s: test top-1 %.3f, balanced %.3f (majority baseline %.3f)", spec.label, t["accuracy"],
+                         t["balanced_accuracy"], t["majority_accuracy"])
+
+        bar.set_postfix_str("report")
+        with timer.stage("report"):
+            from vitscope.reports import build_report
+
+            report = build_report([run_dirs[k] for k in models], out / "report.html",
+                                  title=f"vitscope demo: {', '.join(summary[k]['label'] for k in models)} on {data}")
+        bar.update(1)
+    bar.close()
+    first = summary[models[0]]["test"]
+    results = {
+        "vitscope_version": vitscope.__version__,
+        "size": size, "data": {"spec": data, "img_size": img_size, "num_classes": info.num_classes,
+                               "class_names": list(getattr(info, "class_names", []) or []),
+                               "test_examples": first["n"], "test_support": first["support"],
+                               "majority_accuracy": first["majority_accuracy"]},
+        "settings": {"epochs": sz.epochs, "batch_size": sz.batch_size, "zoo": sz.zoo, "recipe": "cpu-quick",
+                     "train_examples": sz.train_examples, "eval_examples": sz.eval_examples},
+        "models": summary,
+        "timing_s": {**{k: round(v, 2) for k, v in timer.seconds.items()},
+                     "total": round(time.perf_counter() - t_start, 2)},
+        "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                    "loadavg_start": load_start, "loadavg_end": _loadavg(), "platform": platform.platform(),
+                    "torch": torch.__version__},
+        "report": str(report),
+    }
+    atomic_write_json(out / "results.json", results)
+    _logger.info("demo done in %.1f s: %s and %s", results["timing_s"]["total"], report, out / "results.json")
+    return results

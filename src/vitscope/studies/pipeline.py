@@ -1,0 +1,391 @@
+"""Shared orchestration of the demo and the study recipes: train a model spec (or reuse a finished run),
+evaluate it honestly on an imbalanced set, and run each analysis of vitscope on it.
+
+Every step calls the library (``vitscope.training.train``, ``vitscope.probe``, ``vitscope.interventions``,
+``vitscope.curvature``, ``vitscope.robustness``); nothing here re-implements a measure. Runs are cached by
+a hash of their resolved training config, so studies that need the same model share one training run.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from vitscope.studies.zoo import ModelSpec
+
+_logger = logging.getLogger(__name__)
+
+__all__ = [
+    "TrainRequest", "train_spec", "run_finished", "evaluate_classifier", "has_attention", "probe_measures",
+    "run_probe", "run_lesion", "run_localization", "cross_model_cka", "run_hessian", "run_landscape",
+    "run_robustness", "atomic_write_json", "Timer", "val_loader",
+]
+
+
+# ----------------------------------------------------------------------------------------------
+# Files and timing.
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return _jsonable(obj.detach().cpu().tolist())
+    if hasattr(obj, "tolist"):  # numpy arrays and scalars
+        return _jsonable(obj.tolist())
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write through a temporary file in the same directory, then rename (never a half-written file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", newline="") as f:
+            f.write(text)
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """JSON (non-finite floats as null), written atomically."""
+    return atomic_write_text(path, json.dumps(_jsonable(obj), indent=1, allow_nan=False))
+
+
+class Timer:
+    """Wall-clock seconds per named stage, with a log line at each start and end."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        _logger.info("[%s] started", name)
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            dt = time.perf_counter() - t0
+            self.seconds[name] = self.seconds.get(name, 0.0) + dt
+            _logger.info("[%s] done in %.1f s", name, dt)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training (cached by config hash).
+
+
+@dataclasses.dataclass
+class TrainRequest:
+    """What to train: a model spec on a data spec under a recipe, with overrides of its settings."""
+
+    spec: ModelSpec
+    data: str
+    recipe: str = "cpu-quick"
+    seed: int = 0
+    img_size: int | None = 32
+    epochs: int | None = None
+    batch_size: int | None = None
+    data_fraction: float | None = None
+    max_examples: int | None = None
+    max_val_examples: int | None = None
+    probes: dict[str, Any] | None = None
+    overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
+    device: str = "auto"
+    progress: bool = True
+
+    def config(self, out: str = "") -> Any:
+        from vitscope.training import resolve_config
+
+        return resolve_config(
+            self.recipe, overrides=self.overrides, model=self.spec.model, model_kwargs=dict(self.spec.kwargs),
+            data=self.data, img_size=self.img_size, epochs=self.epochs, batch_size=self.batch_size, seed=self.seed,
+            data_fraction=self.data_fraction, max_examples=self.max_examples,
+            max_val_examples=self.max_val_examples, probes=self.probes or None, device=self.device,
+            progress=self.progress, out=out or "runs/vitscope",
+        )
+
+    def run_name(self) -> str:
+        """``<key>[-f<fraction>]-s<seed>-<hash of the resolved config>``."""
+        from vitscope.training.config import config_to_dict
+
+        cfg = config_to_dict(self.config())
+        for k in ("out", "progress", "device", "tensorboard"):
+            cfg.pop(k, None)
+        digest = hashlib.sha1(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:8]
+        frac = f"-f{self.data_fraction:g}" if self.data_fraction not in (None, 1, 1.0) else ""
+        return f"{self.spec.key}{frac}-s{self.seed}-{digest}"
+
+
+def run_finished(run_dir: str | os.PathLike) -> bool:
+    """True when ``run_dir`` holds weights and a metrics line for the last epoch of its config."""
+    from vitscope.training import load_config
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "model.safetensors").is_file() or not (run_dir / "metrics.jsonl").is_file():
+        return False
+    try:
+        cfg = load_config(run_dir)
+    except (FileNotFoundError, ValueError):
+        return False
+    total = cfg.epochs + (cfg.warmup_epochs if cfg.warmup_prefix else 0)
+    last = -1
+    with open(run_dir / "metrics.jsonl") as f:
+        for line in f:
+            with contextlib.suppress(json.JSONDecodeError):
+                last = max(last, int(json.loads(line).get("epoch", -1)))
+    return last >= total - 1
+
+
+def train_spec(req: TrainRequest, runs_root: str | os.PathLike, run_dir: str | os.PathLike | None = None) -> Path:
+    """Train ``req`` into ``run_dir`` (default ``runs_root/<run_name>``) unless a finished run is there.
+
+    A run killed half-way is resumed from its last checkpoint.
+    """
+    from vitscope.training import load_config, train
+    from vitscope.training.config import config_to_dict
+
+    run_dir = Path(run_dir) if run_dir is not None else Path(runs_root) / req.run_name()
+    cfg = req.config(out=str(run_dir))
+    if (run_dir / "config.yaml").is_file():
+        ignore = ("out", "progress", "device", "tensorboard", "num_classes")
+        old, new = (
+            {k: v for k, v in config_to_dict(c).items() if k not in ignore} for c in (load_config(run_dir), cfg)
+        )
+        if old != new:
+            changed = sorted(k for k in new if old.get(k) != new[k])
+            raise ValueError(f"{run_dir} holds a run with other settings ({', '.join(changed)}); "
+                             "choose another --out or delete that directory")
+    if run_finished(run_dir):
+        _logger.info("reusing the finished run %s", run_dir)
+        return run_dir
+    resume = (run_dir / "state.pt").is_file()
+    _logger.info("training %s (%s %s) on %s, seed %d, %d epochs%s -> %s", req.spec.label, req.spec.model,
+                 req.spec.kwargs or "", req.data, req.seed, cfg.epochs,
+                 f", {req.data_fraction:g} of the data" if req.data_fraction else "", run_dir)
+    train(cfg, resume=resume)
+    return run_dir
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation.
+
+
+def val_loader(data: str, img_size: int | None, batch_size: int = 64, max_examples: int | None = None,
+               normalize: bool = True, split: str = "val", seed: int = 0) -> Any:
+    from vitscope.data import create_loader
+
+    return create_loader(data, split, batch_size=batch_size, img_size=img_size, normalize=normalize,
+                         max_examples=max_examples, seed=seed, shuffle=False)
+
+
+@torch.no_grad()
+def evaluate_classifier(model: nn.Module, loader: Iterable, num_classes: int) -> dict[str, Any]:
+    """Top-1, balanced accuracy (mean per-class recall) and the majority-class baseline on ``loader``.
+
+    On an imbalanced set (ELPV's defect labels: 69% functional) top-1 alone flatters a model that predicts
+    the majority class; balanced accuracy is 1/num_classes for any constant prediction.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)  # (true, predicted)
+    nll = 0.0
+    try:
+        for images, labels in loader:
+            logits = model(images.to(device)).float()  # (B, C)
+            labels = labels.to(device)
+            nll += F.cross_entropy(logits, labels, reduction="sum").item()
+            pred = logits.argmax(1)
+            confusion += torch.bincount(labels.cpu() * num_classes + pred.cpu(),
+                                        minlength=num_classes * num_classes).view(num_classes, num_classes)
+    finally:
+        model.train(was_training)
+    return classification_stats(confusion, nll)
+
+
+def classification_stats(confusion: torch.Tensor, nll_sum: float | None = None) -> dict[str, Any]:
+    """Accuracy, balanced accuracy, majority baseline and per-class recall from a (true, predicted) matrix."""
+    n = int(confusion.sum())
+    if n == 0:
+        raise ValueError("no example was evaluated; check the data spec and max_val_examples")
+    support = confusion.sum(1)  # (C,) examples per true class
+    present = support > 0
+    recall = confusion.diagonal().double() / support.clamp_min(1).double()  # (C,)
+    out = {
+        "n": n,
+        "accuracy": float(confusion.diagonal().sum()) / n,
+        "balanced_accuracy": float(recall[present].mean()),
+        "majority_accuracy": float(support.max()) / n,
+        "chance_balanced_accuracy": 1.0 / int(present.sum()),
+        "per_class_recall": [float(r) if p else None for r, p in zip(recall, present)],
+        "support": support.tolist(),
+    }
+    if nll_sum is not None:
+        out["nll"] = nll_sum / n
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Analyses.
+
+
+def has_attention(model: nn.Module, images: torch.Tensor) -> bool:
+    """Whether ``vitscope.capture`` finds attention maps in ``model`` (on a couple of images)."""
+    import vitscope
+
+    with torch.no_grad(), vitscope.capture(model, attention=True, residual=False, branches=False) as cap:
+        was = model.training
+        model.eval()
+        try:
+            model(images[:2])
+        finally:
+            model.train(was)
+    return bool(cap.attentions)
+
+
+def probe_measures(model: nn.Module, attention: bool) -> list[str]:
+    """Every forward measure of ``vitscope.probe`` that applies to ``model``."""
+    from vitscope.measures import gpsa_layers
+
+    names = ["cka", "ratio_of_norms", "fourier", "feature_variance"]
+    if attention:
+        names = ["attention_entropy", "attention_distance", "nonlocality", "relative_distance", *names]
+    try:
+        gpsa_layers(model)
+        names.append("gpsa_gates")
+    except ValueError:  # no GPSA layer: not a ConViT
+        pass
+    return names
+
+
+def run_probe(model: nn.Module, loader: Iterable, measures: Sequence[str], max_batches: int | None = None,
+              progress: bool = True) -> Any:
+    import vitscope
+
+    return vitscope.probe(model, loader, measures, max_batches=max_batches, progress=progress)
+
+
+def run_lesion(model: nn.Module, loader: Iterable, max_batches: int | None = None, progress: bool = True
+               ) -> dict[str, Any]:
+    """HDVW's lesion study over sub-layers (attention / MLP branches separately; a CNN block is one)."""
+    from vitscope.interventions import lesion
+
+    return lesion(model, loader, targets="sublayers", max_batches=max_batches, progress=progress).to_dict()
+
+
+def run_localization(model: nn.Module, loader: Iterable, max_batches: int | None = 2, epochs: int = 30,
+                     progress: bool = True) -> dict[str, Any]:
+    """RAGHU's position probe at every block output."""
+    from vitscope.interventions import localization_probe
+
+    return localization_probe(model, loader, max_batches=max_batches, epochs=epochs, progress=progress).to_dict()
+
+
+@torch.no_grad()
+def cross_model_cka(model_x: nn.Module, model_y: nn.Module, loader: Iterable, max_batches: int | None = None,
+                    name_y: str = "") -> dict[str, Any]:
+    """Minibatch CKA between every sub-layer output of ``model_x`` and of ``model_y`` on the same batches
+    (RAGHU Fig. 1-2); a ``cka_cross`` entry for ``results.json``."""
+    import vitscope
+    from vitscope.measures import MinibatchCKA
+
+    modes = (model_x.training, model_y.training)
+    model_x.eval()
+    model_y.eval()
+    measure = None
+    layers_x: list[str] = []
+    layers_y: list[str] = []
+    try:
+        for b, batch in enumerate(loader):
+            if max_batches is not None and b >= max_batches:
+                break
+            images = batch[0] if isinstance(batch, (list, tuple)) else batch
+            with vitscope.capture(model_x, attention=False, residual=True, branches=False) as cx:
+                model_x(images.to(next(model_x.parameters()).device))
+            with vitscope.capture(model_y, attention=False, residual=True, branches=False) as cy:
+                model_y(images.to(next(model_y.parameters()).device))
+            if measure is None:
+                layers_x = [i.name for i in cx.layout]
+                layers_y = [i.name for i in cy.layout]
+                measure = MinibatchCKA(len(layers_x), len(layers_y))
+            measure.update([z.cpu() for _, z in cx.residuals], [z.cpu() for _, z in cy.residuals])
+    finally:
+        model_x.train(modes[0])
+        model_y.train(modes[1])
+    if measure is None:
+        raise ValueError("the loader gave no batch for the cross-model CKA")
+    matrix = measure.compute()  # (Lx, Ly)
+    rows = [{"layer": a, "depth": i, "other_layer": b, "other_depth": j, "value": float(matrix[i, j])}
+            for i, a in enumerate(layers_x) for j, b in enumerate(layers_y)]
+    return {"rows": rows, "layers": layers_x, "other_layers": layers_y, "matrix": matrix.tolist(),
+            "other_model": name_y, "examples": measure.num_examples}
+
+
+def run_hessian(model: nn.Module, loader: Iterable, k: int = 5, max_batches: int = 2, max_iter: int = 30,
+                progress: bool = True, name: str = "") -> dict[str, Any]:
+    """HDVW's Hessian eigenvalue spectrum: top-``k`` eigenvalues (largest magnitude, Lanczos) per batch;
+    ``hessian.json`` content for the report."""
+    from vitscope.curvature import eigenvalue_spectrum
+
+    res = eigenvalue_spectrum(model, loader, k=k, max_batches=max_batches, max_iter=max_iter, progress=progress)
+    eig = res.eigenvalues["all"]  # (n_batches, k)
+    return {
+        "model": name, "eigenvalues": eig.tolist(), "negative_fraction": res.negative_fraction["all"],
+        "max_abs_eigenvalue": float(abs(eig).max()), "max_eigenvalue": float(eig.max()),
+        "min_eigenvalue": float(eig.min()), "converged": res.converged["all"].tolist(),
+        "density": {"grid": res.grid["all"].tolist(), "density": res.density["all"].tolist()},
+        "batch_sizes": res.batch_sizes, "n_hvp": res.n_hvp, "config": res.config,
+    }
+
+
+def run_landscape(model: nn.Module, loader: Iterable, steps: int = 11, span: float = 1.0, max_batches: int = 2,
+                  dims: int = 1, progress: bool = True, name: str = "") -> dict[str, Any]:
+    """A filter-normalized random slice of the loss landscape (Li et al. 2018); ``landscape.json`` content."""
+    from vitscope.curvature import loss_landscape
+
+    res = loss_landscape(model, None, loader, dims=dims, steps=steps, span=span, max_batches=max_batches,
+                         progress=progress)
+    out = res.to_dict()
+    if out.get("y") is None:
+        out.pop("y", None)
+    out["model"] = name
+    return out
+
+
+def run_robustness(model: nn.Module, pixel_loader: Iterable, mean: Sequence[float], std: Sequence[float],
+                   options: dict[str, Any], max_batches: int | None = None, progress: bool = True,
+                   name: str = "") -> dict[str, Any]:
+    """Calibration and the robustness suite (``vitscope.robustness.evaluate_robustness``) on [0, 1] pixels."""
+    from vitscope.robustness import evaluate_robustness
+
+    out = evaluate_robustness(model, pixel_loader, mean=mean, std=std, max_batches=max_batches, progress=progress,
+                              **options)
+    out["model"] = name
+    return out

@@ -1,0 +1,316 @@
+"""``vitscope reproduce STUDY``: study recipes shipped as YAML (``vitscope/studies/*.yaml``), each training
+what its claims need over several seeds, measuring them, and ending with a verdict table.
+
+A study YAML holds ``name``, ``title``, ``paper``, ``conditions`` (data regimes, e.g. ``small:
+{data_fraction: 0.25, steps_constant: true}``), ``claims`` and ``scales``. A claim cites a finding of
+METHODS.md ("Findings to reproduce") and compares two sides ``a`` and ``b``, each a term:
+``{model, metric, condition}``, ``{diff: [term, term]}`` (first minus second) or ``{value: number}``,
+with ``expect: greater|less``. The models to train and the analyses to run follow from the terms.
+Verdicts follow ``vitscope.studies.verdict`` (mean +- std over seeds; overlapping spreads: inconclusive).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import logging
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from vitscope.studies.metrics import compute_metric, metric_needs, parse_metric
+from vitscope.studies.pipeline import (
+    Timer,
+    TrainRequest,
+    atomic_write_json,
+    atomic_write_text,
+    evaluate_classifier,
+    run_hessian,
+    run_probe,
+    run_robustness,
+    train_spec,
+    val_loader,
+)
+from vitscope.studies.verdict import EXPECT, Verdict, to_csv, to_markdown, verdict_rows
+from vitscope.studies.zoo import ZOOS, model_spec
+
+_logger = logging.getLogger(__name__)
+
+__all__ = ["list_studies", "load_study", "run_study", "StudyResult", "SCALES", "StudyError"]
+
+SCALES = ("quick", "paper")
+_SCALE_KEYS = {"zoo", "data", "data_hint", "recipe", "img_size", "epochs", "batch_size", "seeds", "max_examples",
+               "max_val_examples", "eval_examples", "eval_batch_size", "hessian", "frequency", "overrides"}
+_TOP_KEYS = {"name", "title", "paper", "description", "conditions", "claims", "scales", "train_probes"}
+
+
+class StudyError(ValueError):
+    """A bad study name, recipe or option; the message names the fix."""
+
+
+def _study_dir() -> Path:
+    return Path(str(resources.files("vitscope") / "studies"))
+
+
+def list_studies() -> list[str]:
+    """Names of the study recipes shipped with vitscope."""
+    return sorted(p.stem for p in _study_dir().glob("*.yaml"))
+
+
+def load_study(name_or_path: str) -> dict[str, Any]:
+    """A shipped study (by name) or a study YAML file (by path), validated."""
+    path = Path(name_or_path)
+    if path.suffix not in (".yaml", ".yml") and os.sep not in name_or_path:
+        if name_or_path not in list_studies():
+            close = difflib.get_close_matches(name_or_path, list_studies(), n=2)
+            hint = f" Did you mean {', '.join(close)}?" if close else ""
+            raise StudyError(f"unknown study {name_or_path!r}.{hint} Valid studies: {', '.join(list_studies())}")
+        path = _study_dir() / f"{name_or_path}.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"study file {str(path)!r} does not exist; valid studies: {', '.join(list_studies())}")
+    with open(path) as f:
+        study = yaml.safe_load(f)
+    _validate(study, str(path))
+    return study
+
+
+def _terms(term: Any) -> list[dict[str, Any]]:
+    """The leaf ``{model, metric, condition}`` terms of a side."""
+    if isinstance(term, dict) and "diff" in term:
+        return [t for sub in term["diff"] for t in _terms(sub)]
+    if isinstance(term, dict) and "model" in term:
+        return [term]
+    return []
+
+
+def _validate(study: Any, where: str) -> None:
+    def bad(msg: str) -> StudyError:
+        return StudyError(f"{where}: {msg}")
+
+    if not isinstance(study, dict):
+        raise bad("a study must be a YAML mapping")
+    unknown = set(study) - _TOP_KEYS
+    if unknown:
+        raise bad(f"unknown keys {sorted(unknown)}; valid: {sorted(_TOP_KEYS)}")
+    for key in ("name", "claims", "scales"):
+        if key not in study:
+            raise bad(f"missing {key!r}")
+    conditions = study.setdefault("conditions", {"full": {}})
+    for cname, cond in conditions.items():
+        if not isinstance(cond, dict) or set(cond) - {"data_fraction", "steps_constant"}:
+            raise bad(f"condition {cname!r} may set only data_fraction and steps_constant")
+    for scale, opts in study["scales"].items():
+        if scale not in SCALES:
+            raise bad(f"unknown scale {scale!r}; valid: {SCALES}")
+        extra = set(opts) - _SCALE_KEYS
+        if extra:
+            raise bad(f"scale {scale!r} has unknown keys {sorted(extra)}; valid: {sorted(_SCALE_KEYS)}")
+    if not isinstance(study["claims"], list) or not study["claims"]:
+        raise bad("claims must be a non-empty list")
+    zoo_keys = set(ZOOS["quick"])
+    for i, claim in enumerate(study["claims"]):
+        for key in ("finding", "claim", "a", "b", "expect"):
+            if key not in claim:
+                raise bad(f"claim {i} lacks {key!r}")
+        if claim["expect"] not in EXPECT:
+            raise bad(f"claim {i}: expect must be one of {list(EXPECT)}")
+        if not 1 <= int(claim["finding"]) <= 12:
+            raise bad(f"claim {i}: finding must be a number 1-12 of METHODS.md's findings")
+        for side in ("a", "b"):
+            term = claim[side]
+            if not (_terms(term) or (isinstance(term, dict) and "value" in term)):
+                raise bad(f"claim {i} side {side}: give {{model, metric}}, {{diff: [..]}} or {{value: x}}")
+            for t in _terms(term):
+                if t["model"] not in zoo_keys:
+                    raise bad(f"claim {i}: unknown model {t['model']!r}; valid: {sorted(zoo_keys)}")
+                parse_metric(t["metric"])
+                if t.get("condition", "full") not in conditions:
+                    raise bad(f"claim {i}: unknown condition {t.get('condition')!r}; define it under conditions")
+
+
+@dataclasses.dataclass
+class StudyResult:
+    name: str
+    verdicts: list[Verdict]
+    out_dir: Path
+    files: dict[str, Path]
+    markdown: str
+
+
+def _label(term: Any) -> str:
+    if isinstance(term, dict) and "diff" in term:
+        a, b = term["diff"]
+        return f"({_label(a)} - {_label(b)})"
+    if isinstance(term, dict) and "value" in term:
+        return f"{term['value']:g}"
+    cond = term.get("condition", "full")
+    return f"{term['metric']}[{term['model']}{'' if cond == 'full' else ', ' + cond}]"
+
+
+def _evaluate(term: Any, analyses: dict[tuple[str, str, int], dict[str, Any]], seeds: list[int]) -> list[float]:
+    if isinstance(term, dict) and "value" in term:
+        return [float(term["value"])]
+    if "diff" in term:
+        a, b = (_evaluate(t, analyses, seeds) for t in term["diff"])
+        if len(b) == 1:
+            b = b * len(a)
+        return [x - y for x, y in zip(a, b)]
+    cond = term.get("condition", "full")
+    return [compute_metric(term["metric"], analyses[(term["model"], cond, s)]) for s in seeds]
+
+
+def _settings(study: dict[str, Any], scale: str, data: str | None, seeds: int | None, epochs: int | None,
+              max_examples: int | None, zoo: str | None) -> dict[str, Any]:
+    if scale not in SCALES:
+        raise StudyError(f"unknown scale {scale!r}; valid: {', '.join(SCALES)}")
+    if scale not in study["scales"]:
+        raise StudyError(f"study {study['name']!r} has no {scale!r} scale; it has {list(study['scales'])}")
+    s = dict(study["scales"][scale])
+    if data:
+        s["data"] = data
+    if not s.get("data"):
+        raise StudyError(f"the {scale} scale of {study['name']!r} needs a data set: pass --data "
+                         f"{s.get('data_hint', 'cifar100:PATH')}")
+    if seeds is not None:
+        if seeds < 1:
+            raise StudyError(f"--seeds must be >= 1, got {seeds}")
+        s["seeds"] = seeds
+    if epochs is not None:
+        if epochs < 1:
+            raise StudyError(f"--epochs must be >= 1, got {epochs}")
+        s["epochs"] = epochs
+    if max_examples is not None:
+        s["max_examples"] = max_examples
+    if zoo is not None:
+        s["zoo"] = zoo
+    s.setdefault("zoo", scale)
+    s.setdefault("seeds", 3)
+    s.setdefault("recipe", "cpu-quick")
+    return s
+
+
+def _needs(study: dict[str, Any]) -> dict[tuple[str, str], set[str]]:
+    """(model, condition) -> what to compute on it."""
+    runs: dict[tuple[str, str], set[str]] = {}
+    for claim in study["claims"]:
+        for side in ("a", "b"):
+            for t in _terms(claim[side]):
+                key = (t["model"], t.get("condition", "full"))
+                runs.setdefault(key, {"eval"}).update(metric_needs(t["metric"]))
+    return runs
+
+
+def _analyze(run_dir: Path, needs: set[str], s: dict[str, Any], progress: bool, device: str = "auto"
+             ) -> dict[str, Any]:
+    import torch
+
+    from vitscope.data import create_loader, data_info
+    from vitscope.training import augment_options, load_run
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, cfg = load_run(run_dir, device=device)
+    eval_bs = s.get("eval_batch_size", 64)
+    loader = val_loader(cfg.data, cfg.img_size, eval_bs, s.get("eval_examples"), split="test", seed=cfg.seed)
+    out: dict[str, Any] = {"run_dir": str(run_dir), "model": cfg.model}
+    out["eval"] = evaluate_classifier(model, loader, cfg.num_classes)
+    measures = sorted(n.split(":", 1)[1] for n in needs if n.startswith("probe:"))
+    if measures:
+        out["probe"] = run_probe(model, loader, measures, progress=progress).to_dict()
+    if "train_probes" in needs:
+        path = run_dir / "probes.jsonl"
+        out["train_probes"] = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] \
+            if path.is_file() else []
+    if "hessian" in needs:
+        h = dict(s.get("hessian") or {})
+        train = create_loader(cfg.data, "train", batch_size=h.pop("batch_size", 64), img_size=cfg.img_size,
+                              augment=augment_options(cfg), seed=cfg.seed, shuffle=True,
+                              fraction=cfg.data_fraction, max_examples=cfg.max_examples)
+        torch.manual_seed(cfg.seed)
+        out["hessian"] = run_hessian(model, train, progress=progress, name=cfg.model, **h)
+    if "frequency" in needs:
+        info = data_info(cfg.data, img_size=cfg.img_size)
+        pix = val_loader(cfg.data, cfg.img_size, eval_bs, s.get("eval_examples"), normalize=False, split="test",
+                         seed=cfg.seed)
+        out["robustness"] = run_robustness(model, pix, info.mean, info.std, {"suite": ["frequency"],
+                                           **(s.get("frequency") or {})}, progress=progress, name=cfg.model)
+    return out
+
+
+def run_study(
+    name: str,
+    data: str | None = None,
+    scale: str = "quick",
+    out: str | os.PathLike = "runs/reproduce",
+    seeds: int | None = None,
+    epochs: int | None = None,
+    max_examples: int | None = None,
+    zoo: str | None = None,
+    progress: bool = True,
+    device: str = "auto",
+) -> StudyResult:
+    """Train and measure what study ``name`` needs over ``seeds`` seeds and write its verdict table.
+
+    Training runs go to ``out/runs/`` (shared by studies: a finished run with the same config is reused);
+    the study's analyses and ``verdicts.{json,csv,md}`` go to ``out/<study>/``.
+    """
+    study = load_study(name)
+    s = _settings(study, scale, data, seeds, epochs, max_examples, zoo)
+    out = Path(out)
+    study_dir = out / study["name"]
+    timer = Timer()
+    seed_list = list(range(int(s["seeds"])))
+    needs = _needs(study)
+    analyses: dict[tuple[str, str, int], dict[str, Any]] = {}
+    evals = []
+    _logger.info("study %s (%s scale): %d model/condition pairs x %d seeds on %s", study["name"], scale,
+                 len(needs), len(seed_list), s["data"])
+    from vitscope.data import steps_constant_epochs
+
+    for seed in seed_list:
+        for (key, cond), need in needs.items():
+            c = study["conditions"][cond]
+            fraction = c.get("data_fraction")
+            req = TrainRequest(model_spec(s["zoo"], key), s["data"], recipe=s["recipe"], seed=seed,
+                               img_size=s.get("img_size"), epochs=s.get("epochs"), batch_size=s.get("batch_size"),
+                               data_fraction=fraction, max_examples=s.get("max_examples"),
+                               max_val_examples=s.get("max_val_examples"), overrides=dict(s.get("overrides") or {}),
+                               device=device, progress=progress)
+            if fraction and c.get("steps_constant", True):
+                base = req.config().epochs
+                req.epochs = steps_constant_epochs(base, fraction)  # ConViT: same number of steps as full data
+            probes = (study.get("train_probes") or {}).get(key)
+            if probes:
+                req.probes = {"every": 1, "measures": list(probes), "num_images": 32}
+            with timer.stage(f"train {key}/{cond}/seed {seed}"):
+                run_dir = train_spec(req, out / "runs")
+            with timer.stage(f"analyze {key}/{cond}/seed {seed}"):
+                a = _analyze(run_dir, need, s, progress, device)
+            atomic_write_json(study_dir / "analysis" / f"{run_dir.name}.json", a)
+            analyses[(key, cond, seed)] = a
+            evals.append({"model": key, "condition": cond, "seed": seed, "run_dir": str(run_dir), **a["eval"]})
+
+    verdicts = []
+    for claim in study["claims"]:
+        a_vals = _evaluate(claim["a"], analyses, seed_list)
+        b_vals = _evaluate(claim["b"], analyses, seed_list)
+        verdicts.append(Verdict.build(study["name"], int(claim["finding"]), claim["claim"], _label(claim["a"]),
+                                      _label(claim["b"]), claim["expect"], a_vals, b_vals))
+    title = f"{study['name']}: {study.get('title', '')} ({study.get('paper', '')}; {scale} scale, {s['data']})"
+    md = to_markdown(verdicts, title)
+    payload = {
+        "study": study["name"], "title": study.get("title"), "paper": study.get("paper"), "scale": scale,
+        "settings": s, "seeds": seed_list, "verdicts": [v.to_dict() for v in verdicts],
+        "table": verdict_rows(verdicts), "evaluations": evals, "timing_s": timer.seconds,
+        "verdict_rule": "held / did not hold when the mean +- std intervals of the two sides separate "
+                        "(direction decides); inconclusive when they overlap or with one seed",
+    }
+    files = {
+        "json": atomic_write_json(study_dir / "verdicts.json", payload),
+        "csv": atomic_write_text(study_dir / "verdicts.csv", to_csv(verdicts)),
+        "md": atomic_write_text(study_dir / "verdicts.md", md),
+    }
+    return StudyResult(study["name"], verdicts, study_dir, files, md)

@@ -1,0 +1,73 @@
+"""The model sizes the demo and the study recipes train, per scale.
+
+``quick``: narrow, shallow variants of each family for a few CPU minutes at 32 px (ViT / ViT+CB / ConViT
+with patch 4, i.e. an 8 x 8 token grid, 64-d, 4 blocks; vitscope's tiny CIFAR ResNet and AlterNet).
+``paper``: the papers' CIFAR-size models (HDVW's ViT-Ti with patch 2, ConViT-Ti, ResNet-18, AlterNet-50).
+``test``: the registry's tiny ``test_*`` models, for the test suite.
+
+``preact_resnet`` is AlterNet's own pre-activation ResNet backbone with no MSA block (``num_msa`` all 0):
+HDVW's like-for-like baseline for AlterNet.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["ModelSpec", "ZOOS", "model_spec", "FAMILY_LABELS"]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A registered model name plus the ``create_model`` kwargs that size it."""
+
+    key: str
+    model: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return FAMILY_LABELS.get(self.key, self.key)
+
+
+FAMILY_LABELS = {"vit": "ViT", "vit_cb": "ViT+CB", "convit": "ConViT", "resnet": "ResNet", "alternet": "AlterNet",
+                 "preact_resnet": "pre-act ResNet"}
+
+_QUICK_VIT = dict(patch_size=4, embed_dim=64, depth=4, num_heads=4, mlp_ratio=2.0)
+_NO_MSA = dict(num_msa=[0, 0, 0, 0])
+
+ZOOS: dict[str, dict[str, ModelSpec]] = {
+    "quick": {
+        "vit": ModelSpec("vit", "test_vit_cifar", _QUICK_VIT),
+        "vit_cb": ModelSpec("vit_cb", "test_vit_cb", _QUICK_VIT),
+        "convit": ModelSpec("convit", "test_convit_32", dict(patch_size=4, embed_dim=16, depth=4, num_heads=4,
+                                                             local_up_to_layer=3, mlp_ratio=2.0)),
+        "resnet": ModelSpec("resnet", "test_resnet_cifar"),
+        "alternet": ModelSpec("alternet", "test_alternet"),
+        "preact_resnet": ModelSpec("preact_resnet", "test_alternet", _NO_MSA),
+    },
+    "paper": {
+        "vit": ModelSpec("vit", "vit_tiny_patch2_32"),
+        "vit_cb": ModelSpec("vit_cb", "vit_tiny_cb_patch2_32"),
+        "convit": ModelSpec("convit", "convit_tiny_32"),
+        "resnet": ModelSpec("resnet", "resnet18_cifar"),
+        "alternet": ModelSpec("alternet", "alternet50_cifar"),
+        "preact_resnet": ModelSpec("preact_resnet", "alternet50_cifar", _NO_MSA),
+    },
+    "test": {
+        "vit": ModelSpec("vit", "test_vit_cifar"),
+        "vit_cb": ModelSpec("vit_cb", "test_vit_cb"),
+        "convit": ModelSpec("convit", "test_convit_32"),
+        "resnet": ModelSpec("resnet", "test_resnet_cifar"),
+        "alternet": ModelSpec("alternet", "test_alternet"),
+        "preact_resnet": ModelSpec("preact_resnet", "test_alternet", _NO_MSA),
+    },
+}
+
+
+def model_spec(zoo: str, key: str) -> ModelSpec:
+    """The spec of model ``key`` (vit, vit_cb, convit, resnet, alternet, preact_resnet) in ``zoo``."""
+    if zoo not in ZOOS:
+        raise ValueError(f"unknown model zoo {zoo!r}; valid: {', '.join(ZOOS)}")
+    if key not in ZOOS[zoo]:
+        raise ValueError(f"unknown model {key!r} in zoo {zoo!r}; valid: {', '.join(ZOOS[zoo])}")
+    return ZOOS[zoo][key]
