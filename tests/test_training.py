@@ -84,6 +84,7 @@ def test_config_precedence_defaults_recipe_overrides(tmp_path):
     (lambda: resolve_config(overrides=["probes.measures=[entropy]"]),
      r"Unknown probe measure 'entropy'.*attention_entropy"),
     (lambda: resolve_config(overrides=["probes.often=1"]), r"Unknown probes key 'often'.*every, measures"),
+    (lambda: train(epochs="x"), r"'epochs' expects int, got 'x'"),
 ])
 def test_config_errors_list_the_choices(call, match):
     with pytest.raises(ConfigError, match=match):

@@ -24,7 +24,8 @@ from vitscope.training.engine import strip_timing
 
 OVERRIDES = ["epochs=2", "batch_size=32", "lr=0.01", "warmup_epochs=0", "augment=false", "deterministic=true",
              "progress=false", "seed=3"]
-COMMON = ["--config", "cpu-quick", "--model", "test_vit_cifar", "--data", "fake:n=128"]
+DATA = "fake:n=128,n_eval=33"  # 33 validation images: shards of 17 and 16, every image counted once
+COMMON = ["--config", "cpu-quick", "--model", "test_vit_cifar", "--data", DATA]
 
 
 def _free_port() -> int:
@@ -50,7 +51,7 @@ def test_two_process_gloo_matches_one_process(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     single_dir = tmp_path / "single"
-    cfg = resolve_config("cpu-quick", OVERRIDES, model="test_vit_cifar", data="fake:n=128", out=str(single_dir))
+    cfg = resolve_config("cpu-quick", OVERRIDES, model="test_vit_cifar", data=DATA, out=str(single_dir))
     train(cfg)
 
     ddp_m, single_m = read_jsonl(ddp_dir / "metrics.jsonl"), read_jsonl(single_dir / "metrics.jsonl")
@@ -58,7 +59,7 @@ def test_two_process_gloo_matches_one_process(tmp_path):
     for d, s in zip(ddp_m, single_m):
         d, s = strip_timing(d), strip_timing(s)
         assert d.keys() == s.keys()
-        assert d["val_n"] == s["val_n"] == 32 and d["train_images"] == s["train_images"] == 128
+        assert d["val_n"] == s["val_n"] == 33 and d["train_images"] == s["train_images"] == 128
         for key in d:
             assert d[key] == pytest.approx(s[key], rel=1e-4, abs=1e-5), key
     got, want = load_file(ddp_dir / "model.safetensors"), load_file(single_dir / "model.safetensors")

@@ -50,8 +50,6 @@ __all__ = [
 
 ECE_BINS = 10
 _TIME_KEYS = ("time", "images_per_s")  # the only non-reproducible statistics
-
-
 SINGLE_PROCESS = DistInfo()
 
 
@@ -630,12 +628,9 @@ def train(config: TrainConfig | dict[str, Any] | None = None, *, resume: bool = 
     ``resume=True`` continues from the checkpoint there. Returns the last epoch's statistics plus
     ``best_val_top1``, ``run_dir`` and ``epochs``.
     """
-    if config is None:
-        cfg = resolve_config(overrides=overrides)
-    elif isinstance(config, dict):
-        cfg = config_from_dict({**config, **overrides})
-    else:
-        cfg = dataclasses.replace(config, **overrides) if overrides else config
+    if isinstance(config, dict):
+        config = config_from_dict(config)
+    cfg = resolve_config(overrides=overrides, base=config) if overrides or config is None else config
     check_names(cfg)
     device = _resolve_device(cfg.device)
     was_deterministic = torch.are_deterministic_algorithms_enabled()
