@@ -176,6 +176,37 @@ def test_sam_step_matches_hand_computation():
     assert not np.allclose(expected, w0 - lr * g, atol=1e-6)  # SAM differs from the plain step
 
 
+def test_grad_scaler_unscales_before_clipping():
+    """fp16-style loss scaling (power of two, exact in float32) must not change a clipped step."""
+    gen = torch.Generator().manual_seed(2)
+    batches = [(torch.randn(8, 5, generator=gen), torch.randint(0, 3, (8,), generator=gen)) for _ in range(3)]
+
+    def run(scaler):
+        torch.manual_seed(0)
+        model = nn.Linear(5, 3)
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        train_one_epoch(model, batches, opt, nn.CrossEntropyLoss(), 0, scaler=scaler, clip_grad=0.05)
+        return model.weight.detach()
+
+    plain = run(None)
+    scaled = run(torch.amp.GradScaler("cpu", init_scale=2.0**10))
+    torch.testing.assert_close(scaled, plain, rtol=0, atol=1e-7)
+    torch.manual_seed(0)
+    init = nn.Linear(5, 3).weight.detach()
+    assert (plain - init).norm() <= 3 * 0.5 * 0.05 + 1e-6  # clipped: 3 steps of at most lr * 0.05
+
+
+def test_bf16_autocast_path_runs_on_cpu():
+    gen = torch.Generator().manual_seed(3)
+    batches = [(torch.randn(4, 3, 32, 32, generator=gen), torch.randint(0, 10, (4,), generator=gen))]
+    model = timm.create_model("test_vit", img_size=32, patch_size=8, num_classes=10)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    stats = train_one_epoch(model, batches, opt, nn.CrossEntropyLoss(), 0, amp_dtype=torch.bfloat16)
+    assert math.isfinite(stats["loss"]) and all(p.dtype == torch.float32 for p in model.parameters())
+    ev = evaluate(model, batches, amp_dtype=torch.bfloat16)
+    assert ev["n"] == 4 and math.isfinite(ev["nll"])
+
+
 def test_sam_misuse_errors():
     p = nn.Parameter(torch.ones(2))
     sam = SAM([p], rho=0.1)
