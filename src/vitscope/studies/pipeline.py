@@ -182,15 +182,62 @@ def train_spec(req: TrainRequest, runs_root: str | os.PathLike, run_dir: str | o
             changed = sorted(k for k in new if old.get(k) != new[k])
             raise ValueError(f"{run_dir} holds a run with other settings ({', '.join(changed)}); "
                              "choose another --out or delete that directory")
-    if run_finished(run_dir):
-        _logger.info("reusing the finished run %s", run_dir)
-        return run_dir
-    resume = (run_dir / "state.pt").is_file()
-    _logger.info("training %s (%s %s) on %s, seed %d, %d epochs%s -> %s", req.spec.label, req.spec.model,
-                 req.spec.kwargs or "", req.data, req.seed, cfg.epochs,
-                 f", {req.data_fraction:g} of the data" if req.data_fraction else "", run_dir)
-    train(cfg, resume=resume)
+    with _run_lock(run_dir):
+        if run_finished(run_dir):
+            _logger.info("reusing the finished run %s", run_dir)
+            return run_dir
+        resume = (run_dir / "state.pt").is_file()
+        _logger.info("training %s (%s %s) on %s, seed %d, %d epochs%s -> %s", req.spec.label, req.spec.model,
+                     req.spec.kwargs or "", req.data, req.seed, cfg.epochs,
+                     f", {req.data_fraction:g} of the data" if req.data_fraction else "", run_dir)
+        train(cfg, resume=resume)
     return run_dir
+
+
+@contextlib.contextmanager
+def _run_lock(run_dir: Path, poll_s: float = 5.0) -> Iterator[None]:
+    """Only one process trains a run directory at a time (studies run side by side share runs).
+
+    The lock is ``<run_dir>.lock`` holding the owner's pid; a lock whose process is gone is taken over.
+    """
+    lock = run_dir.with_name(run_dir.name + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    waited = False
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            break
+        except FileExistsError:
+            try:
+                pid = int(lock.read_text().strip() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            alive = pid > 0
+            if pid == 0:  # just created, pid not written yet (or a torn file): wait unless it is old
+                with contextlib.suppress(FileNotFoundError):
+                    alive = time.time() - lock.stat().st_mtime < 60
+            elif alive:
+                try:
+                    os.kill(pid, 0)
+                except ProcessLookupError:
+                    alive = False
+                except PermissionError:
+                    pass
+            if not alive:
+                with contextlib.suppress(FileNotFoundError):
+                    lock.unlink()
+                continue
+            if not waited:
+                _logger.info("waiting for process %d, which is training %s", pid, run_dir)
+                waited = True
+            time.sleep(poll_s)
+    try:
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            lock.unlink()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,161 @@
+"""vitscope demo: end to end on CPU (hidden --tiny size: every stage, tiny models, few images), the balanced
+accuracy against numpy, the cross-model CKA against the probe's within-model CKA, run reuse, errors."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from vitscope.cli import main
+from vitscope.studies import DEMO_MODELS, run_demo
+from vitscope.studies.pipeline import (
+    TrainRequest,
+    classification_stats,
+    cross_model_cka,
+    evaluate_classifier,
+    run_probe,
+    train_spec,
+)
+from vitscope.studies.zoo import model_spec
+
+
+@pytest.mark.slow
+def test_demo_tiny_end_to_end(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--tiny", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "majority-class baseline" in printed and "report:" in printed
+
+    html = (out / "report.html").read_text()
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["models"]) == set(DEMO_MODELS)
+    assert res["data"]["spec"] == "elpv" and res["data"]["num_classes"] == 2
+    support = res["data"]["test_support"]
+    assert res["data"]["majority_accuracy"] == pytest.approx(max(support) / sum(support))
+    assert res["timing_s"]["total"] > 0 and "report" in res["timing_s"]
+    assert res["machine"]["cpu_count"] >= 1
+    for key, m in res["models"].items():
+        assert m["label"] in html
+        t = m["test"]
+        assert 0 <= t["accuracy"] <= 1 and 0 <= t["balanced_accuracy"] <= 1
+        assert sum(t["support"]) == t["n"] == res["data"]["test_examples"]
+        run = out / "models" / key
+        for name in ("config.yaml", "metrics.jsonl", "model.safetensors", "results.json", "hessian.json",
+                     "landscape.json", "robustness.json"):
+            assert (run / name).is_file(), (key, name)
+        probe = json.loads((run / "results.json").read_text())
+        for measure in ("cka", "ratio_of_norms", "fourier", "feature_variance", "lesion", "localization",
+                        "cka_cross"):
+            assert probe[measure]["rows"], (key, measure)
+        if key in ("vit", "vit_cb", "convit"):
+            assert probe["attention_entropy"]["rows"] and probe["attention_distance"]["rows"]
+            assert (run / "probes.jsonl").is_file()
+        if key == "convit":
+            assert probe["gpsa_gates"]["rows"]
+        cross = probe["cka_cross"]
+        assert len(cross["matrix"]) == len(cross["layers"]) and len(cross["matrix"][0]) == len(cross["other_layers"])
+        hess = json.loads((run / "hessian.json").read_text())
+        flat = [v for batch in hess["eigenvalues"] for v in batch]
+        assert hess["negative_fraction"] == pytest.approx(np.mean(np.array(flat) < 0))
+        assert hess["max_abs_eigenvalue"] == pytest.approx(max(abs(v) for v in flat))
+        rob = json.loads((run / "robustness.json").read_text())
+        for k in ("calibration", "occlusion", "fgsm", "pgd", "frequency", "corruptions"):
+            assert k in rob, (key, k)
+        assert m["robustness"]["ece"] == rob["calibration"]["ece"]
+    assert (out / "figures" / "summary.csv").is_file()
+
+
+def _loader(x: torch.Tensor, y: torch.Tensor, sizes: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    out, start = [], 0
+    for s in sizes:
+        out.append((x[start:start + s], y[start:start + s]))
+        start += s
+    return out
+
+
+class _Fixed(nn.Module):
+    """Returns stored logits for the images (image i holds its index in pixel 0)."""
+
+    def __init__(self, logits: torch.Tensor) -> None:
+        super().__init__()
+        self.logits = nn.Parameter(logits, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.logits[x[:, 0, 0, 0].long()]
+
+
+def test_evaluate_classifier_matches_numpy():
+    g = torch.Generator().manual_seed(0)
+    n, c = 53, 3
+    logits = torch.randn(n, c, generator=g)
+    labels = torch.tensor([0] * 30 + [1] * 15 + [2] * 8)
+    x = torch.zeros(n, 3, 2, 2)
+    x[:, 0, 0, 0] = torch.arange(n).float()
+    stats = evaluate_classifier(_Fixed(logits), _loader(x, labels, [20, 7, 26]), c)  # unequal batches
+
+    pred = logits.numpy().argmax(1)
+    y = labels.numpy()
+    recalls = [np.mean(pred[y == k] == k) for k in range(c)]
+    assert stats["accuracy"] == pytest.approx(np.mean(pred == y))
+    assert stats["balanced_accuracy"] == pytest.approx(np.mean(recalls))
+    assert stats["majority_accuracy"] == pytest.approx(30 / 53)
+    assert stats["per_class_recall"] == pytest.approx(recalls)
+    lse = np.log(np.exp(logits.numpy()).sum(1))
+    assert stats["nll"] == pytest.approx(np.mean(lse - logits.numpy()[np.arange(n), y]), rel=1e-6)
+
+
+def test_balanced_accuracy_of_constant_prediction_is_chance():
+    confusion = torch.tensor([[40, 0], [18, 0]])  # always predicts class 0
+    stats = classification_stats(confusion)
+    assert stats["accuracy"] == pytest.approx(40 / 58)
+    assert stats["balanced_accuracy"] == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="no example"):
+        classification_stats(torch.zeros(2, 2, dtype=torch.long))
+
+
+def test_cross_model_cka_of_a_model_with_itself_equals_probe_cka():
+    import vitscope
+
+    torch.manual_seed(0)
+    model = vitscope.create_model("test_vit_cifar").eval()
+    x = torch.randn(23, 3, 32, 32)
+    loader = _loader(x, torch.zeros(23, dtype=torch.long), [10, 8, 5])
+    cross = cross_model_cka(model, model, loader, name_y="same")
+    within = run_probe(model, loader, ["cka"], progress=False).to_dict()["cka"]
+    assert cross["layers"] == within["layers"] == cross["other_layers"]
+    np.testing.assert_allclose(cross["matrix"], within["matrix"], rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(np.diag(cross["matrix"]), 1.0, rtol=1e-9)
+    assert cross["examples"] == 23
+
+    other = vitscope.create_model("test_convit_32").eval()
+    c2 = cross_model_cka(model, other, loader)
+    assert np.array(c2["matrix"]).shape == (len(c2["layers"]), len(c2["other_layers"]))
+    assert len(c2["rows"]) == len(c2["layers"]) * len(c2["other_layers"])
+
+
+def test_train_spec_reuses_finished_runs_and_refuses_other_settings(tmp_path):
+    spec = model_spec("test", "vit")
+    req = TrainRequest(spec, "fake", epochs=1, batch_size=16, max_examples=32, max_val_examples=16, progress=False)
+    run = train_spec(req, tmp_path)
+    assert run.name == req.run_name() and (run / "model.safetensors").is_file()
+    stamp = (run / "model.safetensors").stat().st_mtime_ns
+    assert train_spec(req, tmp_path) == run  # finished: reused, not retrained
+    assert (run / "model.safetensors").stat().st_mtime_ns == stamp
+    other = TrainRequest(spec, "fake", epochs=2, batch_size=16, max_examples=32, max_val_examples=16,
+                         progress=False)
+    assert other.run_name() != req.run_name()
+    with pytest.raises(ValueError, match="other settings.*epochs"):
+        train_spec(other, tmp_path, run_dir=run)
+
+
+def test_demo_rejects_bad_options(tmp_path):
+    with pytest.raises(ValueError, match="unknown demo size"):
+        run_demo(tmp_path / "d", size="huge")
+    with pytest.raises(ValueError, match="unknown demo model"):
+        run_demo(tmp_path / "d", size="tiny", models=("vit", "swin"))
+    f = tmp_path / "file"
+    f.write_text("x")
+    assert main(["demo", "--tiny", "--out", str(f)]) == 2

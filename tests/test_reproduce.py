@@ -1,0 +1,143 @@
+"""vitscope reproduce: every study recipe loads and runs at a reduced size (fake data, tiny models, 1 epoch,
+2 seeds, training runs shared between studies) and ends with a verdict table of the right claims; the
+verdict rule, the metrics against hand computations, and the errors."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import statistics
+
+import pytest
+
+from vitscope.cli import main
+from vitscope.studies import list_studies, load_study, run_study
+from vitscope.studies.metrics import compute_metric
+from vitscope.studies.runner import StudyError
+from vitscope.studies.verdict import HELD, INCONCLUSIVE, NOT_HELD, Verdict, decide, summarize
+
+FINDINGS = {
+    "cb-entropy": {8, 9},
+    "convit-sample-efficiency": {10, 11},
+    "hdvw-fourier-variance": {1, 2, 4},
+    "hdvw-hessian": {3},
+    "raghu-cka-distance": {5, 6, 7},
+    "alternet-small-data": {12},
+}
+
+
+def test_shipped_studies_and_their_findings():
+    assert list_studies() == sorted(FINDINGS)
+    for name, findings in FINDINGS.items():
+        study = load_study(name)
+        assert study["name"] == name
+        assert {c["finding"] for c in study["claims"]} == findings
+        assert {"quick", "paper"} <= set(study["scales"])
+        assert study["scales"]["quick"]["data"] == "elpv"
+
+
+@pytest.fixture(scope="module")
+def shared_out(tmp_path_factory):
+    return tmp_path_factory.mktemp("reproduce")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(FINDINGS))
+def test_study_runs_at_reduced_size(name, shared_out):
+    res = run_study(name, data="fake", out=shared_out, seeds=2, epochs=1, max_examples=48, zoo="test",
+                    progress=False)
+    study = load_study(name)
+    assert [v.claim for v in res.verdicts] == [c["claim"] for c in study["claims"]]
+    assert [v.finding for v in res.verdicts] == [c["finding"] for c in study["claims"]]
+    for v in res.verdicts:
+        assert v.verdict in (HELD, NOT_HELD, INCONCLUSIVE)
+        assert len(v.a_values) == 2 and all(math.isfinite(x) for x in v.a_values + v.b_values)
+        assert v.a_mean == pytest.approx(statistics.mean(v.a_values))
+        assert (v.verdict, v.reason) == decide(v.a_values, v.b_values, v.expect)  # recomputed, not stored
+    payload = json.loads(res.files["json"].read_text())
+    assert payload["study"] == name and payload["seeds"] == [0, 1]
+    assert len(payload["verdicts"]) == len(study["claims"])
+    rows = list(csv.DictReader(res.files["csv"].open()))
+    assert [r["verdict"] for r in rows] == [v.verdict for v in res.verdicts]
+    md = res.files["md"].read_text()
+    assert md.count("\n| ") == len(study["claims"]) + 1  # header + one row per claim
+    for v in res.verdicts:
+        assert v.claim in md
+
+
+def test_summarize_matches_statistics():
+    vals = [0.3, 0.5, 0.9, 0.4]
+    assert summarize(vals) == pytest.approx((statistics.mean(vals), statistics.stdev(vals)))
+    assert summarize([2.0]) == (2.0, 0.0)
+    assert all(math.isnan(x) for x in summarize([1.0, float("nan")]))
+
+
+def test_verdict_rule():
+    assert decide([0.9, 0.92, 0.91], [0.7, 0.71, 0.69], "greater")[0] == HELD
+    assert decide([0.9, 0.92, 0.91], [0.7, 0.71, 0.69], "less")[0] == NOT_HELD
+    assert decide([0.8, 0.9], [0.85, 0.86], "greater")[0] == INCONCLUSIVE  # spreads overlap
+    assert decide([0.2, 0.3, 0.25], [0.0], "greater")[0] == HELD  # against a fixed threshold
+    assert decide([0.9], [0.1], "greater")[0] == INCONCLUSIVE  # one seed: no spread
+    assert decide([float("nan"), 1.0], [0.0, 0.1], "greater")[0] == INCONCLUSIVE
+    with pytest.raises(ValueError, match="expect"):
+        decide([1.0], [0.0], "bigger")
+    v = Verdict.build("s", 8, "claim", "a", "b", "less", [1.0, 1.2], [2.0, 2.2])
+    assert v.verdict == HELD and v.a_std == pytest.approx(statistics.stdev([1.0, 1.2]))
+
+
+def _rows(kinds_values: list[tuple[str, float]]) -> list[dict]:
+    n = len(kinds_values)
+    return [{"layer": f"l{i}", "kind": k, "depth": i, "normalized_depth": i / (n - 1), "value": v}
+            for i, (k, v) in enumerate(kinds_values)]
+
+
+def test_metrics_by_hand():
+    fourier = _rows([("msa", -1.0), ("mlp", -0.5), ("msa", -0.9), ("mlp", -0.2), ("msa", -0.6)])
+    variance = _rows([("conv", 1.0), ("conv", 2.0), ("msa", 0.5), ("conv", 1.5)])
+    a = {"probe": {"fourier": {"rows": fourier}, "feature_variance": {"rows": variance},
+                   "attention_entropy": {"rows": [{**r, "max_entropy": 2.0} for r in _rows([("msa", 1.5),
+                                                                                            ("msa", 1.0)])]},
+                   "cka": {"matrix": [[1.0, 0.5, 0.2], [0.5, 1.0, 0.4], [0.2, 0.4, 1.0]]}},
+         "robustness": {"frequency": {"freqs": [0.0, 0.5, 0.7, 1.0], "error_increase": [0.0, 0.1, 0.2, 0.4]}},
+         "train_probes": [{"epoch": -1, "measure": "gpsa_gates", "values": [[0.7, 0.7], [0.7, 0.7]]},
+                          {"epoch": 3, "measure": "gpsa_gates", "values": [[0.6, 0.2], [0.4, 0.4]]}],
+         "eval": {"accuracy": 0.8, "balanced_accuracy": 0.6}}
+    # MSA at depths 2 and 4 (depth 0 has no recorded input): (-0.9 - -0.5) and (-0.6 - -0.2).
+    assert compute_metric("fourier_change:msa", a) == pytest.approx(-0.4)
+    assert compute_metric("fourier_change:mlp", a) == pytest.approx(((-0.5 + 1.0) + (-0.2 + 0.9)) / 2)
+    assert compute_metric("variance_change:conv", a) == pytest.approx((math.log(2.0) + math.log(3.0)) / 2)
+    assert compute_metric("variance_change:msa", a) == pytest.approx(math.log(0.25))
+    assert compute_metric("entropy:early", a) == pytest.approx(1.5)
+    assert compute_metric("entropy:late", a) == pytest.approx(1.0)
+    assert compute_metric("entropy_rel", a) == pytest.approx(1.25 / 2)
+    assert compute_metric("cka_offdiag", a) == pytest.approx((0.5 + 0.2 + 0.4) * 2 / 6)
+    assert compute_metric("high_freq_drop:0.7", a) == pytest.approx(0.3)
+    assert compute_metric("gpsa_gates:init", a) == pytest.approx(0.7)
+    assert compute_metric("gpsa_gates:final", a) == pytest.approx(0.4)
+    assert compute_metric("balanced_accuracy", a) == 0.6
+    with pytest.raises(ValueError, match="unknown metric"):
+        compute_metric("nonsense", a)
+    with pytest.raises(ValueError, match="no finite value"):
+        compute_metric("fourier_change:conv", a)
+
+
+def test_bad_study_name_is_a_clear_cli_error(capsys):
+    assert main(["reproduce", "cb-entropi"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown study 'cb-entropi'" in err and "Did you mean cb-entropy" in err
+    for name in FINDINGS:
+        assert name in err
+    with pytest.raises(StudyError, match="Valid studies"):
+        load_study("nope")
+
+
+def test_paper_scale_needs_data_and_bad_options_fail(tmp_path, capsys):
+    assert main(["reproduce", "cb-entropy", "--scale", "paper", "--out", str(tmp_path)]) == 2
+    assert "--data cifar100:PATH" in capsys.readouterr().err
+    with pytest.raises(StudyError, match="seeds"):
+        run_study("cb-entropy", data="fake", seeds=0, out=tmp_path)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nclaims: [{finding: 8, claim: c, a: {model: swin, metric: accuracy}, b: {value: 0}, "
+                   "expect: greater}]\nscales: {quick: {data: fake}}\n")
+    with pytest.raises(StudyError, match="unknown model 'swin'"):
+        load_study(str(bad))
