@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -53,5 +54,6 @@ def run(args: argparse.Namespace) -> int:
         result = train(cfg, resume=bool(args.resume))
     except NonFiniteLossError as e:
         raise CLIError(str(e)) from None
-    print(json.dumps(result))
+    if int(os.environ.get("RANK", 0)) == 0:  # under torchrun, one summary line
+        print(json.dumps(result))
     return 0

@@ -566,8 +566,11 @@ def _fit(run: _Run, state: dict | None) -> dict[str, Any]:
     best = -math.inf
     for record in ckpt.read_jsonl(run.run_dir / ckpt.METRICS_FILE) if info.is_main else []:
         best = max(best, record.get("val_top1", -math.inf))
-    if run.probe_images is not None and start_epoch == 0 and info.is_main:  # the initial weights: epoch -1
-        for p in run_probes(run.model, run.probe_images, cfg.probes["measures"], -1):
+    # Probes run on every rank (a forward pass may resize buffers, e.g. ConViT's rel_indices, and DDP
+    # broadcasts buffers), but only rank 0 writes. Epoch -1 holds the initial weights.
+    if run.probe_images is not None and start_epoch == 0:
+        probes = run_probes(run.model, run.probe_images, cfg.probes["measures"], -1)
+        for p in probes if info.is_main else []:
             ckpt.append_jsonl(run.run_dir / ckpt.PROBES_FILE, p)
     epoch_bar = tqdm(range(start_epoch, run.total_epochs), desc="epochs", disable=not progress,
                      initial=start_epoch, total=run.total_epochs)
@@ -597,7 +600,7 @@ def _fit(run: _Run, state: dict | None) -> dict[str, Any]:
         if run.ema is not None:
             record.update({f"val_ema_{k}": v for k, v in evaluate(run.ema.module, run.val_loader, **eval_kw).items()})
         probes = []
-        if run.probe_images is not None and (epoch + 1) % cfg.probes["every"] == 0 and info.is_main:
+        if run.probe_images is not None and (epoch + 1) % cfg.probes["every"] == 0:
             probes = run_probes(run.model, run.probe_images, cfg.probes["measures"], epoch)
         _save(run, epoch, step)
         if info.is_main:
