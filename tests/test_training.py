@@ -2,6 +2,7 @@
 evaluation statistics against numpy, training on ``fake`` and ``elpv``, probes, non-finite losses, CLI."""
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -401,5 +402,9 @@ def test_cli_train_then_resume_extends(tmp_path, capsys):
     assert cli_main(["train", "--resume", out, "epochs=2"]) == 0
     assert [r["epoch"] for r in read_jsonl(tmp_path / "cli" / "metrics.jsonl")] == [0, 1]
     assert yaml.safe_load((tmp_path / "cli" / "config.yaml").read_text())["epochs"] == 2
+    capsys.readouterr()
+    assert cli_main(["train", "--resume", out]) == 0  # finished: nothing to train, the last record again
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["epoch"] == 1
+    assert len(read_jsonl(tmp_path / "cli" / "metrics.jsonl")) == 2
     assert cli_main(["train", "--resume", out, "--model", "test_vit_cifar"]) == 2
     assert "cannot change on resume" in capsys.readouterr().err

@@ -562,10 +562,9 @@ def _fit(run: _Run, state: dict | None) -> dict[str, Any]:
     step_sleep = float(os.environ.get("VITSCOPE_TEST_STEP_SLEEP", 0) or 0)  # test hook: widen the kill window
     channels_last = cfg.channels_last and run.device.type == "cuda"
     steps_per_epoch = len(run.train_loader)
-    last: dict[str, Any] = {}
-    best = -math.inf
-    for record in ckpt.read_jsonl(run.run_dir / ckpt.METRICS_FILE) if info.is_main else []:
-        best = max(best, record.get("val_top1", -math.inf))
+    earlier = ckpt.read_jsonl(run.run_dir / ckpt.METRICS_FILE) if info.is_main else []
+    last: dict[str, Any] = earlier[-1] if earlier else {}  # returned as is when no epoch is left to train
+    best = max((r.get("val_top1", -math.inf) for r in earlier), default=-math.inf)
     # Probes run on every rank (a forward pass may resize buffers, e.g. ConViT's rel_indices, and DDP
     # broadcasts buffers), but only rank 0 writes. Epoch -1 holds the initial weights.
     if run.probe_images is not None and start_epoch == 0:
