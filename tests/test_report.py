@@ -88,11 +88,19 @@ def _curvature_robustness_dir(path: Path) -> Path:
                               mean=(0.5,) * 3, std=(0.5,) * 3, progress=False)
     save_results(rob, path, {"model": "test_vit_cb", "data": "fake"}, plots=False)  # what vitscope robustness writes
     rng = np.random.default_rng(0)
-    eig = [list(rng.normal(0.5, 2.0, 5)) for _ in range(4)]  # 4 batches x top-5
-    (path / "hessian.json").write_text(json.dumps({"model": "test_vit_cb", "eigenvalues": eig}))
+    eig = rng.normal(0.5, 2.0, (4, 5))  # 4 batches x top-5, as vitscope hessian writes them
+    grid = np.linspace(eig.min() - 1, eig.max() + 1, 50)
+    kde = np.exp(-0.5 * ((grid[:, None] - eig.ravel()) / 0.5) ** 2).sum(1) / (eig.size * 0.5 * np.sqrt(2 * np.pi))
+    run = {"model": "test_vit_cb", "checkpoint": None, "data": "fake", "split": "train", "batch_size": 8}
+    (path / "hessian.json").write_text(json.dumps({
+        "config": {"k": 5}, "batch_sizes": [8] * 4, "n_hvp": 80, "run": run,
+        "groups": {"all": {"eigenvalues": eig.tolist(), "converged": [[True] * 5] * 4,
+                           "negative_fraction": float(np.mean(eig < 0)), "grid": grid.tolist(),
+                           "density": kde.tolist()}}}))
     x = list(np.linspace(-1, 1, 7))
     loss = [[float(2 + a * a + 2 * b * b) for a in x] for b in x[:5]]
-    (path / "landscape.json").write_text(json.dumps({"x": x, "y": x[:5], "loss": loss}))
+    (path / "landscape.json").write_text(json.dumps({"x": x, "y": x[:5], "loss": loss, "accuracy": None,
+                                                     "policy": {}, "n_examples": 8, "run": run}))
     return path
 
 
@@ -198,8 +206,10 @@ def test_report_csv_equals_the_inputs(report, dirs):
     corr = _csv(fig / "test-vit-cb-curv" / "robustness_corruptions.csv")
     assert [float(r["accuracy"]) for r in corr if r["corruption"] == "contrast"] == rob["corruptions"]["accuracy"][
         "contrast"]
-    eig = [v for b in json.loads((dirs["curv"] / "hessian.json").read_text())["eigenvalues"] for v in b]
-    assert [float(r["eigenvalue"]) for r in _csv(fig / "test-vit-cb-curv" / "hessian.csv")] == eig
+    hess = json.loads((dirs["curv"] / "hessian.json").read_text())["groups"]["all"]
+    rows = _csv(fig / "test-vit-cb-curv" / "hessian.csv")
+    assert [float(r["eigenvalue"]) for r in rows if r["eigenvalue"]] == [v for b in hess["eigenvalues"] for v in b]
+    assert [float(r["density"]) for r in rows if r["density"]] == hess["density"]
     land = json.loads((dirs["curv"] / "landscape.json").read_text())
     grid = _csv(fig / "test-vit-cb-curv" / "landscape.csv")
     assert np.array([float(r["loss"]) for r in grid]).reshape(5, 7).tolist() == land["loss"]
@@ -218,8 +228,8 @@ def test_report_summary_and_notes(report, dirs):
     assert float(r["ece"]) == rob["calibration"]["ece"]
     assert float(r["occlusion_accuracy"]) == rob["occlusion"]["accuracy"]
     # negative fraction computed independently from the eigenvalues
-    eig = np.concatenate(json.loads((dirs["curv"] / "hessian.json").read_text())["eigenvalues"])
-    assert f"negative fraction {np.mean(eig < 0):.3f}" in page
+    eig = np.concatenate(json.loads((dirs["curv"] / "hessian.json").read_text())["groups"]["all"]["eigenvalues"])
+    assert f"20 eigenvalues, negative fraction {np.mean(eig < 0):.3f}" in page
     # the same model twice gets the directory appended; names come from meta.json / config.yaml
     assert ">test_convit_32 (train)<" in page and ">test_convit_32 (convit)<" in page
     assert ">test_vit_cb (vit)<" in page and ">test_vit_cb (curv)<" in page
@@ -306,8 +316,14 @@ def test_other_layouts_robustness_json_and_slq_density(tmp_path):
     (hess / "results.json").write_text(json.dumps({"model": "cnn", "density": {
         "grid": [-2, -1, 0, 1, 2], "density": [0.1, 0.2, 0.3, 0.2, 0.1],
         "nodes": [[-1.0, 0.5, 2.0], [-0.5, -0.1, 1.0]], "weights": [[0.2, 0.5, 0.3], [0.1, 0.3, 0.6]]}}))
-    page = build_report([rob, hess], tmp_path / "o.html").read_text()
-    assert page.count("<img") == 3  # eps, frequency, hessian: no reliability without calibration
+    groups = tmp_path / "groups"
+    groups.mkdir()  # vitscope hessian --groups block: one spectrum per parameter group
+    (groups / "hessian.json").write_text(json.dumps({"run": {"model": "vit", "checkpoint": None}, "groups": {
+        "attention": {"eigenvalues": [[-1.0, 2.0], [3.0, 4.0]], "grid": [0, 1], "density": [0.5, 0.5]},
+        "mlp": {"eigenvalues": [[-1.0, -2.0], [3.0, 4.0]]}}}))
+    page = build_report([rob, hess, groups], tmp_path / "o.html").read_text()
+    assert "attention: 4 eigenvalues, negative fraction 0.250; mlp: 4 eigenvalues, negative fraction 0.500" in page
+    assert page.count("<img") == 5  # eps, frequency, 2 hessians, hessian comparison; no reliability
     assert 'id="rob--robustness_eps"' in page and 'id="cnn--hessian"' in page
     assert "negative fraction 0.300" in page  # mean over probes of the weight on negative nodes: (0.2 + 0.4) / 2
     eps = _csv(tmp_path / "figures" / "rob" / "robustness_eps.csv")

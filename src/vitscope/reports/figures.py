@@ -255,33 +255,35 @@ def bars(labels: Sequence[str], values: Sequence[float | None], title: str, ylab
     return fig
 
 
-def eigen_density(title: str, eigenvalues: Mapping[str, Sequence[float]] | None = None,
-                  densities: Mapping[str, tuple[Sequence[float], Sequence[float]]] | None = None,
+def eigen_density(title: str, spectra: Mapping[str, tuple[Sequence[float] | None,
+                                                         tuple[Sequence[float], Sequence[float]] | None]],
                   bins: int = 60) -> Figure:
-    """Hessian spectrum: histogram density of eigenvalues per label and/or given density curves, log y."""
+    """Hessian spectra: per label a histogram density of its eigenvalues and/or its density curve (same
+    colour), a dashed line at 0; log density when the heights span more than 50x (HDVW's long tails)."""
     fig, ax = new_figure()
-    allv = np.concatenate([np.asarray(v, float) for v in (eigenvalues or {}).values()]) if eigenvalues else None
+    eigs = [np.asarray(e, float) for e, _ in spectra.values() if e is not None and len(e)]
     edges = None
-    if allv is not None and allv.size:
+    if eigs:
+        allv = np.concatenate(eigs)
         lo, hi = float(allv.min()), float(allv.max())
-        if lo == hi:
-            lo, hi = lo - 0.5, hi + 0.5
-        edges = np.linspace(lo, hi, bins + 1)
-    i = 0
-    for label, vals in (eigenvalues or {}).items():
-        v = np.asarray(vals, float)
-        ax.hist(v, bins=edges, density=True, histtype="stepfilled", alpha=0.35, color=COLORS[i % len(COLORS)],
-                edgecolor=COLORS[i % len(COLORS)], label=label)
-        i += 1
-    for label, (grid, dens) in (densities or {}).items():
-        ax.plot(_arr(grid), _arr(dens), lw=1.4, color=COLORS[i % len(COLORS)], label=label)
-        i += 1
+        edges = np.linspace(lo - 0.5, hi + 0.5, bins + 1) if lo == hi else np.linspace(lo, hi, bins + 1)
+    heights = []
+    for i, (label, (e, dens)) in enumerate(spectra.items()):
+        color = COLORS[i % len(COLORS)]
+        if e is not None and len(e):
+            v = np.asarray(e, float)
+            heights.append(np.histogram(v, bins=edges, density=True)[0])
+            ax.hist(v, bins=edges, density=True, histtype="stepfilled", alpha=0.3, color=color, edgecolor=color,
+                    label=label)
+        if dens is not None:
+            heights.append(_arr(dens[1]))
+            ax.plot(_arr(dens[0]), _arr(dens[1]), lw=1.4, color=color, label=None if e is not None else label)
     ax.axvline(0, color="k", lw=0.8, ls="--")
-    heights = [np.histogram(np.asarray(v, float), bins=edges, density=True)[0] for v in (eigenvalues or {}).values()]
-    heights = np.concatenate(heights + [_arr(d) for _, d in (densities or {}).values()])
-    heights = heights[np.isfinite(heights) & (heights > 0)]
-    if heights.size and heights.max() / heights.min() > 50:  # a long-tailed spectrum: log density (HDVW)
+    h = np.concatenate(heights) if heights else np.zeros(0)
+    h = h[np.isfinite(h) & (h > 0)]
+    if h.size and h.max() / h.min() > 50:
         ax.set_yscale("log")
+        ax.set_ylim(bottom=max(h.min() / 2, h.max() * 1e-6))
     ax.set_xlabel("eigenvalue")
     ax.set_ylabel("density")
     _title(ax, title)

@@ -189,35 +189,57 @@ def _load_probe(path: Path, data: Any) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _load_hessian(path: Path, data: Any) -> dict[str, Any]:
-    """``eigenvalues`` (flat, or one list per batch, or ``batches: [{"eigenvalues": [...]}]``) and/or
-    ``density`` (``{"grid": [...], "density": [...]}``, optionally SLQ ``nodes``/``weights`` per probe)."""
-    if not isinstance(data, dict):
-        raise ReportInputError(f"{path} must be a JSON object (vitscope hessian output)")
-    eig = data.get("eigenvalues")
-    if eig is None and isinstance(data.get("batches"), list):
-        eig = [b.get("eigenvalues", []) for b in data["batches"] if isinstance(b, dict)]
-    out: dict[str, Any] = {k: v for k, v in data.items() if k not in ("eigenvalues", "density", "batches")}
+def _hessian_group(d: dict[str, Any], where: str) -> dict[str, Any]:
+    """One spectrum: ``eigenvalues`` (flat or per batch) and/or a density (``density: {"grid", "density"}``
+    with optional SLQ ``nodes``/``weights``, or top-level ``grid`` and ``density`` lists)."""
+    out: dict[str, Any] = {}
+    eig = d.get("eigenvalues")
+    if eig is None and isinstance(d.get("batches"), list):
+        eig = [b.get("eigenvalues", []) for b in d["batches"] if isinstance(b, dict)]
     if eig is not None:
+        if not isinstance(eig, list):
+            raise ReportInputError(f"{where} 'eigenvalues' must be a list (per batch) of numbers")
         flat = [x for e in eig for x in (e if isinstance(e, list) else [e])]
-        vals = [v for v in _numbers(flat, f"{path} 'eigenvalues'") if v is not None]
+        vals = [v for v in _numbers(flat, f"{where} 'eigenvalues'") if v is not None]
         if not vals:
-            raise ReportInputError(f"{path} has an empty 'eigenvalues' list; re-run vitscope hessian")
+            raise ReportInputError(f"{where} has an empty 'eigenvalues' list; re-run vitscope hessian")
         out["eigenvalues"] = vals
-    dens = data.get("density")
+    dens = d.get("density")
+    if isinstance(dens, list) and isinstance(d.get("grid"), list):
+        dens = {"grid": d["grid"], "density": dens}
     if isinstance(dens, dict):
         grid = dens.get("grid", dens.get("x"))
-        d = dens.get("density", dens.get("y"))
-        if grid is None or d is None or len(grid) != len(d):
-            raise ReportInputError(f"{path} 'density' needs equal-length 'grid' and 'density' lists")
-        out["density"] = {"grid": _numbers(grid, f"{path} density grid"), "density": _numbers(d, f"{path} density")}
+        y = dens.get("density", dens.get("y"))
+        if not isinstance(grid, list) or not isinstance(y, list) or len(grid) != len(y):
+            raise ReportInputError(f"{where} 'density' needs equal-length 'grid' and 'density' lists")
+        out["density"] = {"grid": _numbers(grid, f"{where} density grid"), "density": _numbers(y, f"{where} density")}
         nodes, weights = dens.get("nodes"), dens.get("weights")
         if isinstance(nodes, list) and isinstance(weights, list) and len(nodes) == len(weights) and all(
                 isinstance(t, list) and isinstance(w, list) and len(t) == len(w) for t, w in zip(nodes, weights)):
-            out["density"]["nodes"] = [_numbers(t, f"{path} density nodes") for t in nodes]
-            out["density"]["weights"] = [_numbers(w, f"{path} density weights") for w in weights]
-    if "eigenvalues" not in out and "density" not in out:
-        raise ReportInputError(f"{path} has neither 'eigenvalues' nor 'density'; re-run vitscope hessian")
+            out["density"]["nodes"] = [_numbers(t, f"{where} density nodes") for t in nodes]
+            out["density"]["weights"] = [_numbers(w, f"{where} density weights") for w in weights]
+    if not out:
+        raise ReportInputError(f"{where} has neither 'eigenvalues' nor 'density'; re-run vitscope hessian")
+    return out
+
+
+def _load_hessian(path: Path, data: Any) -> dict[str, Any]:
+    """``vitscope hessian`` output: ``groups: {name: {"eigenvalues": [[per batch]], "grid", "density"}}`` plus
+    ``run`` (model, checkpoint ...); or one spectrum at the top level (see ``_hessian_group``).
+
+    Returns ``{"groups": {name: spectrum}, "model", "checkpoint"}``."""
+    if not isinstance(data, dict):
+        raise ReportInputError(f"{path} must be a JSON object (vitscope hessian output)")
+    run = data.get("run") if isinstance(data.get("run"), dict) else {}
+    if isinstance(data.get("groups"), dict) and data["groups"]:
+        groups = {str(g): _hessian_group(d if isinstance(d, dict) else {}, f"{path} group {g!r}")
+                  for g, d in data["groups"].items()}
+    else:
+        groups = {"all": _hessian_group(data, str(path))}
+    out = {"groups": groups}
+    for key in ("model", "checkpoint"):
+        if isinstance(run.get(key) or data.get(key), str):
+            out[key] = run.get(key) or data.get(key)
     return out
 
 
@@ -231,6 +253,10 @@ def _load_landscape(path: Path, data: Any) -> dict[str, Any]:
     if x is None or loss is None:
         raise ReportInputError(f"{path} needs 'x' (or 'alphas') and 'loss'; re-run vitscope landscape")
     out = {k: v for k, v in data.items() if k not in ("x", "y", "alphas", "betas", "coords", "loss", "losses")}
+    run = data.get("run") if isinstance(data.get("run"), dict) else {}
+    for key in ("model", "checkpoint"):
+        if isinstance(run.get(key) or data.get(key), str):
+            out[key] = run.get(key) or data.get(key)
     out["x"] = _numbers(x, f"{path} 'x'")
     if y is None or (isinstance(loss, list) and loss and not isinstance(loss[0], list)):
         out["loss"] = _numbers(loss, f"{path} 'loss'")
@@ -274,7 +300,7 @@ def _results_kind(data: Any) -> str:
         return "robustness"
     if any(isinstance(v, dict) and "rows" in v for v in data.values()):
         return "probe"
-    if "eigenvalues" in data or "density" in data or "batches" in data:
+    if any(k in data for k in ("eigenvalues", "density", "batches", "groups")):
         return "hessian"
     if ("loss" in data or "losses" in data) and any(k in data for k in ("x", "alphas", "coords")):
         return "landscape"

@@ -273,17 +273,18 @@ def _train_probe(name: str, measure: str, records: list[dict[str, Any]]) -> Figu
 
 
 def negative_fraction(h: dict[str, Any]) -> float | None:
-    """Fraction of negative eigenvalues; from a density curve, its integral over negative eigenvalues."""
+    """Fraction of negative eigenvalues of one spectrum: from its eigenvalues; else the SLQ weight on negative
+    nodes (mean over probes); else the trapezoid integral of the density over negative eigenvalues."""
     if "eigenvalues" in h:
         e = h["eigenvalues"]
         return sum(1 for v in e if v < 0) / len(e)
-    if "density" in h and "nodes" in h["density"]:  # SLQ: the Ritz weights on negative nodes, mean over probes
+    dens = h.get("density", {})
+    if "nodes" in dens:
         fr = [sum(w for t, w in zip(ts, ws) if t is not None and w is not None and t < 0)
-              / sum(w for w in ws if w is not None) for ts, ws in zip(h["density"]["nodes"], h["density"]["weights"])]
+              / sum(w for w in ws if w is not None) for ts, ws in zip(dens["nodes"], dens["weights"])]
         return sum(fr) / len(fr) if fr else None
-    if "density" in h:
-        g, d = h["density"]["grid"], h["density"]["density"]
-        pairs = [(a, b) for a, b in zip(g, d) if a is not None and b is not None]
+    if dens:
+        pairs = [(a, b) for a, b in zip(dens["grid"], dens["density"]) if a is not None and b is not None]
         total = neg = 0.0
         for (x0, y0), (x1, y1) in zip(pairs, pairs[1:]):
             area = (x1 - x0) * (y0 + y1) / 2
@@ -291,23 +292,30 @@ def negative_fraction(h: dict[str, Any]) -> float | None:
             if x1 <= 0:
                 neg += area
         return neg / total if total > 0 else None
-    return h.get("negative_fraction")
+    return None
+
+
+def _main_group(h: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    groups = h["groups"]
+    return ("all", groups["all"]) if "all" in groups else next(iter(groups.items()))
 
 
 def _hessian(name: str, h: dict[str, Any]) -> FigureItem:
-    frac = negative_fraction(h)
-    label = f"{name} (negative: {frac:.1%})" if frac is not None else name
-    fig = F.eigen_density(f"{name}: Hessian eigenvalue spectrum",
-                          eigenvalues={label: h["eigenvalues"]} if "eigenvalues" in h else None,
-                          densities={label + " density": (h["density"]["grid"], h["density"]["density"])}
-                          if "density" in h else None)
-    if "eigenvalues" in h:
-        out = [{"index": i, "eigenvalue": v} for i, v in enumerate(h["eigenvalues"])]
-    else:
-        out = [{"eigenvalue": g, "density": d} for g, d in zip(h["density"]["grid"], h["density"]["density"])]
-    n = len(h.get("eigenvalues", []))
-    note = (f"{n} eigenvalues; " if n else "") + (f"negative fraction {frac:.3f}" if frac is not None else "")
-    return FigureItem("hessian", caption("hessian"), fig, out, note)
+    spectra, out, notes = {}, [], []
+    many = len(h["groups"]) > 1
+    for g, spec in h["groups"].items():
+        frac = negative_fraction(spec)
+        label = (f"{g} parameters" if many else name) + (f" (negative: {frac:.1%})" if frac is not None else "")
+        dens = spec.get("density")
+        spectra[label] = (spec.get("eigenvalues"), (dens["grid"], dens["density"]) if dens else None)
+        out += [{"group": g, "index": i, "eigenvalue": v} for i, v in enumerate(spec.get("eigenvalues", []))]
+        if dens:
+            out += [{"group": g, "grid": x, "density": d} for x, d in zip(dens["grid"], dens["density"])]
+        n = len(spec.get("eigenvalues", []))
+        notes.append((f"{g}: " if many else "") + (f"{n} eigenvalues, " if n else "")
+                     + (f"negative fraction {frac:.3f}" if frac is not None else "no negative fraction"))
+    fig = F.eigen_density(f"{name}: Hessian eigenvalue spectrum", spectra)
+    return FigureItem("hessian", caption("hessian"), fig, out, "; ".join(notes))
 
 
 def _landscape(name: str, ls: dict[str, Any]) -> FigureItem:
@@ -450,15 +458,18 @@ def comparison_section(runs: list[RunData]) -> Section | None:
                       ylim=(0, 1.02))
         rows = [{"series": m, "eps_255": x, "accuracy": v} for m, (xs, ys) in eps.items() for x, v in zip(xs, ys)]
         sec.items.append(FigureItem("compare_robustness_eps", caption("compare_robustness_eps"), fig, rows))
-    hess = [r for r in runs if r.hessian and "eigenvalues" in r.hessian]
+    hess = [r for r in runs if r.hessian]
     if len(hess) >= 2:
-        eig = {}
+        spectra, rows = {}, []
         for r in hess:
-            frac = negative_fraction(r.hessian)
-            eig[f"{r.name} (negative: {frac:.1%})"] = r.hessian["eigenvalues"]
-        fig = F.eigen_density("Hessian eigenvalue spectra across models", eigenvalues=eig)
-        rows = [{"model": r.name, "index": i, "eigenvalue": v}
-                for r in hess for i, v in enumerate(r.hessian["eigenvalues"])]
+            g, spec = _main_group(r.hessian)
+            frac = negative_fraction(spec)
+            dens = spec.get("density")
+            label = f"{r.name} (negative: {frac:.1%})" if frac is not None else r.name
+            spectra[label] = (spec.get("eigenvalues"), (dens["grid"], dens["density"]) if dens else None)
+            rows += [{"model": r.name, "group": g, "index": i, "eigenvalue": v}
+                     for i, v in enumerate(spec.get("eigenvalues", []))]
+        fig = F.eigen_density("Hessian eigenvalue spectra across models", spectra)
         sec.items.append(FigureItem("compare_hessian", caption("compare_hessian"), fig, rows))
     return sec if sec.items else None
 
