@@ -99,6 +99,10 @@ def test_recipe_file_errors(tmp_path):
     bad.write_text("lr: 0.1\nwarmup: 3\n")
     with pytest.raises(ConfigError, match="Unknown config key 'warmup'. Did you mean warmup_"):
         resolve_config(str(bad))
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("lr: [0.1\n")
+    with pytest.raises(ConfigError, match="broken.yaml' is not valid YAML"):
+        resolve_config(str(broken))
 
 
 # --------------------------------------------------------------------------------------------- recipes

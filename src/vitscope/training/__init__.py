@@ -9,7 +9,6 @@ import os
 from pathlib import Path
 
 import torch.nn as nn
-import yaml
 
 from vitscope.training import checkpoint
 from vitscope.training.config import (
@@ -19,6 +18,7 @@ from vitscope.training.config import (
     list_recipes,
     load_recipe,
     parse_overrides,
+    read_yaml,
     resolve_config,
 )
 from vitscope.training.engine import (
@@ -49,8 +49,7 @@ def load_config(run_dir: str | os.PathLike) -> TrainConfig:
     path = Path(run_dir) / checkpoint.CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} is not a vitscope run directory (no {checkpoint.CONFIG_FILE})")
-    with open(path) as f:
-        return config_from_dict(yaml.safe_load(f) or {})
+    return config_from_dict(read_yaml(path))
 
 
 def load_run(run_dir: str | os.PathLike, ema: bool = False, device: str = "cpu") -> tuple[nn.Module, TrainConfig]:

@@ -144,13 +144,21 @@ def load_recipe(name_or_path: str) -> dict[str, Any]:
             f"Recipe file {str(path)!r} does not exist; give an existing YAML file or one of the "
             f"shipped recipes: {', '.join(list_recipes())}"
         )
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
+    data = read_yaml(path)
     if not isinstance(data, dict):
         raise ConfigError(f"Recipe {str(path)!r} must be a YAML mapping of config keys, got {type(data).__name__}")
     for key in data:
         _check_key(key)
     return data
+
+
+def read_yaml(path: str | os.PathLike) -> Any:
+    """``yaml.safe_load`` of a file; a syntax error becomes a ConfigError naming the file."""
+    try:
+        with open(path) as f:
+            return yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{str(path)!r} is not valid YAML ({e}); fix the file") from None
 
 
 def _check_key(key: str) -> None:
