@@ -241,7 +241,7 @@ def train_one_epoch(
         else:
             optimizer.step()
         if ema is not None:
-            ema.update(model, step=step + 1)
+            ema.update(ckpt.unwrap_model(model), step=step + 1)
         if scheduler is not None:
             scheduler.step_update(num_updates=step + 1)
         loss_sum += summed * images.shape[0]  # sum over ranks of each rank's mean loss x per-rank batch
