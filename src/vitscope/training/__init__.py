@@ -1,7 +1,19 @@
 """Training: YAML recipes, the DeiT-style loop, checkpoints with exact resume, SAM, probes and DDP.
 
 ``train(config) -> dict`` runs a recipe; ``load_run(run_dir) -> (model, config)`` rebuilds a trained
-model for analysis from its ``config.yaml`` and ``model.safetensors``.
+model for analysis from its ``config.yaml`` and ``model.safetensors``::
+
+    cfg = resolve_config("hdvw-cifar", ["epochs=100", "sam_rho=0.05"], model="vit_tiny_patch4_32",
+                         data="cifar100:~/data/cifar", out="runs/vit")
+    train(cfg)                        # or: vitscope train --config hdvw-cifar --model ... key=value
+    train(cfg, resume=True)           # or: vitscope train --resume runs/vit
+    model, cfg = load_run("runs/vit")
+
+Recipes (``list_recipes()``): ``hdvw-cifar`` (Park & Kim 2022), ``deit`` (Touvron et al. 2021; ConViT's),
+``cpu-quick`` (demo and tests). Settings: ``TrainConfig`` defaults < recipe < overrides. A run
+directory holds ``config.yaml``, ``metrics.jsonl`` (one line per epoch: ``train_*``, ``val_top1`` in %,
+``val_nll``, ``val_ece``, ``val_brier``, ``val_ema_*``), ``probes.jsonl`` (``probes: {every, measures,
+num_images}``) and the last checkpoint (``model.safetensors`` + ``state.pt``).
 """
 from __future__ import annotations
 
