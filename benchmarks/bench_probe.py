@@ -1,0 +1,78 @@
+"""Cost of the full forward probe pass against a plain ``model.eval()`` forward over the same batches.
+
+Goal (measures issue): the probe (every forward measure fed from one capture per batch) takes at most
+1.5x the plain forward's time. Both run side by side in one process on the same batches, interleaved.
+
+    python benchmarks/bench_probe.py [--model vit_tiny_patch4_32] [--batches 8] [--batch-size 64]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+import warnings
+
+import torch
+
+import vitscope
+from vitscope.capture._sites import is_attention_module
+from vitscope.probing import PROBE_MEASURES
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="vit_tiny_patch4_32")
+    ap.add_argument("--batches", type=int, default=6)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--measures", default=None, help="comma list (default: every forward measure that applies)")
+    args = ap.parse_args()
+    warnings.simplefilter("ignore")
+    torch.manual_seed(0)
+    model = vitscope.create_model(args.model, num_classes=10).eval()
+    size = model.pretrained_cfg["input_size"][-1]
+    batches = [(torch.randn(args.batch_size, 3, size, size), torch.randint(0, 10, (args.batch_size,)))
+               for _ in range(args.batches)]
+    has_attn = any(is_attention_module(m) for m in model.modules())
+    measures = args.measures.split(",") if args.measures else [
+        n for n, cls in PROBE_MEASURES.items() if not cls.static and (has_attn or not cls.needs_attention)]
+
+    def plain() -> None:
+        with torch.no_grad():
+            for x, _ in batches:
+                model(x)
+
+    def explicit() -> None:  # the floor for attention measures: maps must be materialised
+        with torch.no_grad(), vitscope.explicit_attention(model):
+            for x, _ in batches:
+                model(x)
+
+    def captured() -> None:  # hooks and copies, no measure
+        with torch.no_grad():
+            for x, _ in batches:
+                with vitscope.capture(model, attention=has_attn):
+                    model(x)
+
+    def probed() -> None:
+        vitscope.probe(model, batches, measures, progress=False)
+
+    runs = {"plain forward": plain, "explicit attention": explicit, "capture only": captured, "probe": probed}
+    for fn in runs.values():
+        fn()  # warm-up
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for _ in range(args.repeats):  # interleaved, best of repeats
+        for name, fn in runs.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    best = {k: min(v) for k, v in times.items()}
+    print(f"model {args.model}, {args.batches} batches x {args.batch_size}, threads {torch.get_num_threads()}, "
+          f"load average {os.getloadavg()[0]:.1f}")
+    print(f"measures: {','.join(measures)}")
+    for name, t in best.items():
+        print(f"{name:<20} {t:8.3f} s   {t / best['plain forward']:5.2f}x plain")
+    print(f"ratio probe/plain {best['probe'] / best['plain forward']:.2f}x (goal <= 1.5x)")
+
+
+if __name__ == "__main__":
+    main()
