@@ -191,55 +191,34 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         f"Config key {key!r} expects {_type_name(tp)}, got {value!r} ({type(value).__name__})"
     )
     if tp is bool:
-        if isinstance(value, bool):
-            return value
         if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
-            return value.lower() in ("true", "yes", "1")
-        raise bad
-    if tp is int:
+            value = value.lower() in ("true", "yes", "1")
         if isinstance(value, bool):
-            raise bad
-        if isinstance(value, int):
             return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                raise bad from None
-        raise bad
-    if tp is float:
-        if isinstance(value, bool):
-            raise bad
-        if isinstance(value, (int, float)):
-            return float(value)
+    elif tp in (int, float) and not isinstance(value, bool):
         if isinstance(value, str):  # PyYAML reads `1e-3` (no dot) as a string
             try:
-                return float(value)
+                value = tp(value)
             except ValueError:
                 raise bad from None
-        raise bad
-    if tp is str:
+        if tp is int and isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, (int, float)) and (tp is float or isinstance(value, int)):
+            return tp(value)
+    elif tp is str:
         if isinstance(value, str):
             return value
-        raise bad
-    if tp is list or origin is list:
-        if isinstance(value, (list, tuple)):
-            return list(value)
+    elif (origin or tp) in (list, dict):
+        container = origin or tp
         if isinstance(value, str):
-            parsed = yaml.safe_load(value)
-            if isinstance(parsed, list):
-                return parsed
-        raise bad
-    if tp is dict or origin is dict:
-        if isinstance(value, dict):
-            return dict(value)
-        if isinstance(value, str):
-            parsed = yaml.safe_load(value)
-            if isinstance(parsed, dict):
-                return parsed
-        raise bad
+            try:
+                value = yaml.safe_load(value)
+            except yaml.YAMLError:
+                raise bad from None
+        if isinstance(value, tuple) and container is list:
+            value = list(value)
+        if isinstance(value, container):
+            return container(value)
     raise bad
 
 
