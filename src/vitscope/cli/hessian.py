@@ -39,6 +39,7 @@ def load_model_and_data(args: argparse.Namespace, augment: bool = False):  # noq
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     info = data_info(args.data)
     kwargs = {} if args.checkpoint else {"num_classes": info.num_classes}
+    torch.manual_seed(args.seed)  # a model without --checkpoint gets the same random weights every run
     model = load_model(args.model, checkpoint=args.checkpoint, **kwargs).to(device)
     img_size = args.img_size or model.pretrained_cfg.get("input_size", (3, info.img_size, info.img_size))[-1]
     loader = create_loader(args.data, split=args.split, batch_size=args.batch_size, img_size=img_size,

@@ -1,0 +1,61 @@
+"""``vitscope hessian`` and ``vitscope landscape`` end to end on the fake data set (tiny ViT)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from vitscope.cli import main
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_hessian_cli_writes_json_and_png(tmp_path, capsys):
+    out = tmp_path / "h"
+    rc = main(["hessian", "--model", "test_vit_cifar", "--data", "fake", "--k", "2", "--batches", "2",
+               "--batch-size", "6", "--mixup", "0.8", "--out", str(out), "--no-progress"])
+    assert rc == 0
+    data = json.loads((out / "hessian.json").read_text())
+    vals = np.array(data["groups"]["all"]["eigenvalues"])
+    assert vals.shape == (2, 2) and np.isfinite(vals).all()
+    assert data["groups"]["all"]["negative_fraction"] == pytest.approx(float((vals < 0).mean()))
+    assert data["config"]["transform"] == "Mixup" and data["batch_sizes"] == [6, 6]
+    assert (out / "hessian.png").read_bytes()[:4] == b"\x89PNG"
+    assert sorted(p.name for p in out.iterdir()) == ["hessian.json", "hessian.png"]  # no temp files
+    assert "negative" in capsys.readouterr().out
+
+
+def test_landscape_cli_writes_json_png_directions_and_reuses_them(tmp_path):
+    out = tmp_path / "l"
+    args = ["landscape", "--model", "test_vit_cifar", "--data", "fake", "--dims", "2", "--steps", "3",
+            "--batches", "2", "--batch-size", "5", "--no-progress"]
+    assert main(args + ["--out", str(out)]) == 0
+    data = json.loads((out / "landscape.json").read_text())
+    loss = np.array(data["loss"])
+    assert loss.shape == (3, 3) and data["x"] == [-1.0, 0.0, 1.0] and data["n_examples"] == 10
+    assert data["policy"]["normalization"] == "filter" and data["policy"]["ignore"] == "biasbn"
+    assert (out / "landscape.png").read_bytes()[:4] == b"\x89PNG"
+    dirs = load_file(str(out / "directions.safetensors"))
+    assert any(k.startswith("d1/") for k in dirs)
+    again = tmp_path / "l2"
+    assert main(args + ["--out", str(again), "--directions", str(out / "directions.safetensors")]) == 0
+    np.testing.assert_array_equal(np.array(json.loads((again / "landscape.json").read_text())["loss"]), loss)
+
+
+def test_cli_bad_input_one_line_error(tmp_path, capsys):
+    rc = main(["landscape", "--model", "test_vit_cifar", "--data", "fake", "--steps", "0", "--out", str(tmp_path)])
+    assert rc == 2 and "--steps" in capsys.readouterr().err
+    rc = main(["hessian", "--model", "no_such_model", "--data", "fake", "--out", str(tmp_path)])
+    assert rc == 2 and "no_such_model" in capsys.readouterr().err
+    rc = main(["hessian", "--model", "test_vit_cifar", "--data", "fake", "--k", "0", "--out", str(tmp_path)])
+    assert rc == 2 and "--k" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
