@@ -37,7 +37,7 @@ def _vitscope(*args: str, sleep: float = 0.0) -> subprocess.Popen:
 
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path):
     killed = tmp_path / "killed"
-    proc = _vitscope(*ARGS, "--out", str(killed), sleep=0.1)  # 8 steps x 0.1 s: epochs last >= 0.8 s
+    proc = _vitscope(*ARGS, "--out", str(killed), sleep=0.25)  # 8 steps x 0.25 s: epochs last >= 2 s
     try:
         deadline = time.monotonic() + 120
         # Epoch 0 is checkpointed, then logged; its metrics line means epoch 1 has begun.
