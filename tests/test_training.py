@@ -298,15 +298,16 @@ def test_train_fake_learns_and_writes_the_run(tmp_path):
 
 
 def test_train_elpv_subset_beats_chance(tmp_path):
-    cfg = resolve_config("cpu-quick", model="test_vit_cifar", data="elpv", out=str(tmp_path / "elpv"),
-                         epochs=4, max_examples=200, max_val_examples=200, img_size=32, progress=False)
+    """ELPV is imbalanced (about 2/3 functional cells): beat the majority class, not just 50%."""
+    cfg = resolve_config("cpu-quick", model="test_vit_cifar", data="elpv", out=str(tmp_path / "elpv"), lr=2e-3,
+                         epochs=6, max_examples=200, max_val_examples=200, img_size=32, progress=False)
     result = train(cfg)
     val = create_loader("elpv", "val", batch_size=200, img_size=32, max_examples=200, seed=cfg.seed)
     labels = torch.cat([t for _, t in val])
     prior = torch.bincount(labels, minlength=2).double() / len(labels)
     prior_nll = float(-(prior * prior.log()).sum())  # NLL of always predicting the class frequencies
     assert result["val_n"] == 200
-    assert result["val_top1"] > 50.0  # two classes
+    assert result["val_top1"] > 100 * float(prior.max()) + 2.0  # 73% against a 67% majority class
     assert result["val_nll"] < prior_nll
 
 
