@@ -341,3 +341,37 @@ def test_empty_loader_is_a_clear_error(mlp_case):
         eigenvalue_spectrum(m, empty, k=1)
     with pytest.raises(ValueError, match="empty"):
         top_eigenvalues(m, F.cross_entropy, [])
+
+
+class _Cube(torch.autograd.Function):
+    """x^3 with a differentiable backward but no forward-mode rule: torch.func cannot transform it."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x ** 3
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return 3 * x ** 2 * g
+
+
+class _CubeNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(4)
+        self.fc1, self.fc2 = nn.Linear(5, 6).double(), nn.Linear(6, 3).double()
+
+    def forward(self, x):
+        return self.fc2(_Cube.apply(self.fc1(x)))
+
+
+def test_func_backend_falls_back_to_double_backward():
+    m = _CubeNet()
+    x, y = torch.randn(7, 5, dtype=torch.float64), torch.randint(0, 3, (7,))
+    H = dense_hessian(m, x, y)
+    op = HessianOperator(m, F.cross_entropy, (x, y), backend="func")
+    v = torch.randn(op.dim, dtype=torch.float64)
+    torch.testing.assert_close(op(v), H @ v)
+    assert op.backend == "autograd"
