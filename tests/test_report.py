@@ -217,6 +217,19 @@ def test_report_csv_equals_the_inputs(report, dirs):
 
 def test_report_summary_and_notes(report, dirs):
     path, page = report
+    # what each kind of sub-layer does (HDVW): mean change from the previous sub-layer, by hand
+    res = json.loads((dirs["vit"] / "results.json").read_text())
+    rows = res["fourier"]["rows"]
+    msa = [b["value"] - a["value"] for a, b in zip(rows, rows[1:]) if b["kind"] == "msa"]
+    mlp = [b["value"] - a["value"] for a, b in zip(rows, rows[1:]) if b["kind"] == "mlp"]
+    assert (f"Observed mean change per sub-layer kind: mlp {np.mean(mlp):+.3g} ({len(mlp)} sub-layers), "
+            f"msa {np.mean(msa):+.3g} ({len(msa)} sub-layer)") in page
+    rows = res["feature_variance"]["rows"]
+    msa = [np.log(b["value"] / a["value"]) for a, b in zip(rows, rows[1:]) if b["kind"] == "msa"]
+    assert f"msa {np.mean(msa):+.3g} ({len(msa)} sub-layer)" in page
+    ent = res["attention_entropy"]["rows"]
+    frac = np.mean([r["value"] / r["max_entropy"] for r in ent])
+    assert f"Observed: entropy is on average {100 * frac:.0f}% of ln N" in page
     summary = _csv(path.parent / "figures" / "summary.csv")
     meta = json.loads((dirs["vit"] / "meta.json").read_text())
     vit = next(r for r in summary if r["source"] == "probe pass" and r["directory"] == str(dirs["vit"]))

@@ -103,7 +103,13 @@ def _per_head(key: str, name: str, rows: list[dict[str, Any]], ylabel: str, boun
             if bound:
                 row["ln_n"] = r.get("max_entropy")
             out.append(row)
-    return FigureItem(key, caption(key), fig, out)
+    note = ""
+    if bound:
+        pairs = [(r["value"], r["max_entropy"]) for r in rows if r.get("value") is not None and r.get("max_entropy")]
+        if pairs:
+            frac = sum(v / m for v, m in pairs) / len(pairs)
+            note = f"Observed: entropy is on average {100 * frac:.0f}% of ln N"
+    return FigureItem(key, caption(key), fig, out, note)
 
 
 def _ratio_of_norms(name: str, rows: list[dict[str, Any]]) -> FigureItem:
@@ -132,6 +138,28 @@ def _msa_spans(rows: list[dict[str, Any]]) -> list[tuple[float, float]]:
             for r in rows if r["kind"] in MSA_KINDS]
 
 
+def sublayer_changes(rows: list[dict[str, Any]], log: bool = False) -> str:
+    """What each kind of sub-layer does to the measure: the mean change from the previous sub-layer's output
+    to its own (``ln`` ratio with ``log``), per kind; only consecutive sub-layers (by ``depth``) count."""
+    by_kind: dict[str, list[float]] = {}
+    for prev, cur in zip(rows, rows[1:]):
+        a, b = prev.get("value"), cur.get("value")
+        if "depth" in cur and cur["depth"] != prev.get("depth", -2) + 1 or a is None or b is None:
+            continue
+        if log:
+            if a <= 0 or b <= 0:
+                continue
+            change = math.log(b / a)
+        else:
+            change = b - a
+        by_kind.setdefault(cur["kind"], []).append(change)
+    if not by_kind:
+        return ""
+    what = "mean ln(after / before)" if log else "mean change"
+    parts = [f"{k} {sum(v) / len(v):+.3g} ({len(v)} sub-layer{'s' if len(v) > 1 else ''})" for k, v in by_kind.items()]
+    return f"Observed {what} per sub-layer kind: " + ", ".join(parts)
+
+
 def _depth_measure(key: str, name: str, rows: list[dict[str, Any]], ylabel: str) -> list[FigureItem]:
     x = [r["normalized_depth"] for r in rows]
     y = [r["value"] for r in rows]
@@ -139,7 +167,7 @@ def _depth_measure(key: str, name: str, rows: list[dict[str, Any]], ylabel: str)
                          ylabel, logy=None if key == "feature_variance" else False)
     out = [{"layer": r.get("layer", ""), "kind": r["kind"], "normalized_depth": r["normalized_depth"],
             "value": r["value"]} for r in rows]
-    items = [FigureItem(key, caption(key), fig, out)]
+    items = [FigureItem(key, caption(key), fig, out, sublayer_changes(rows, log=key == "feature_variance"))]
     curves = [r.get("curve") for r in rows]
     if key == "fourier" and all(isinstance(c, list) and len(c) > 1 for c in curves):
         fig2 = F.colored_curves(curves, x, f"{name}: relative log amplitude")
