@@ -25,6 +25,13 @@ def test_registry_lists_and_builds_through_timm():
     assert len(TINY) >= 4
 
 
+@pytest.mark.parametrize("name", vitscope.list_models())
+def test_every_model_takes_timm_kwargs(name):
+    with torch.device("meta"):
+        model = vitscope.create_model(name, num_classes=3, drop_path_rate=0.1)
+    assert model.num_classes == 3 and model.get_classifier().out_features == 3
+
+
 def test_unknown_model_gets_clear_error():
     with pytest.raises(ValueError, match="Unknown model 'vit_tiny_cb_patch17'"):
         vitscope.create_model("vit_tiny_cb_patch17")

@@ -297,7 +297,7 @@ _ALTERNET50 = dict(layers=(3, 4, 6, 4), num_msa=(0, 1, 3, 2), num_heads=(3, 6, 1
 @register
 def alternet50(pretrained: bool = False, **kwargs: Any) -> AlterNet:
     """AlterNet-50 (HDVW): blocks (3, 4, 6, 4), MSA (0, 1, 3, 2), heads (3, 6, 12, 24), window 7, 224 px."""
-    return _create("alternet50", pretrained, **dict(_ALTERNET50, window_size=7, **kwargs))
+    return _create("alternet50", pretrained, **{**_ALTERNET50, "window_size": 7, **kwargs})
 
 
 @register

@@ -158,19 +158,19 @@ _TINY = dict(block=BasicBlock, layers=(1, 1, 1, 1), channels=(16, 32, 32, 64), z
 @register
 def resnet18_cifar(pretrained: bool = False, **kwargs: Any) -> VitscopeResNet:
     """ResNet-18 with the CIFAR stem (3x3/1 conv, no max-pool), 32 px, 100 classes."""
-    return _create("resnet18_cifar", pretrained, **dict(_R18, cifar_stem=True, num_classes=100, **kwargs))
+    return _create("resnet18_cifar", pretrained, **{**_R18, "cifar_stem": True, "num_classes": 100, **kwargs})
 
 
 @register
 def resnet50_cifar(pretrained: bool = False, **kwargs: Any) -> VitscopeResNet:
     """ResNet-50 with the CIFAR stem (3x3/1 conv, no max-pool), 32 px, 100 classes."""
-    return _create("resnet50_cifar", pretrained, **dict(_R50, cifar_stem=True, num_classes=100, **kwargs))
+    return _create("resnet50_cifar", pretrained, **{**_R50, "cifar_stem": True, "num_classes": 100, **kwargs})
 
 
 @register
 def test_resnet_cifar(pretrained: bool = False, **kwargs: Any) -> VitscopeResNet:
     """A tiny CIFAR-stem ResNet for tests: BasicBlocks (1, 1, 1, 1), 16-32-32-64 channels, 10 classes."""
-    return _create("test_resnet_cifar", pretrained, **dict(_TINY, cifar_stem=True, num_classes=10, **kwargs))
+    return _create("test_resnet_cifar", pretrained, **{**_TINY, "cifar_stem": True, "num_classes": 10, **kwargs})
 
 
 @register
@@ -183,7 +183,7 @@ def resnet18_smooth_cifar(pretrained: bool = False, **kwargs: Any) -> VitscopeRe
 @register
 def resnet50_smooth(pretrained: bool = False, **kwargs: Any) -> VitscopeResNet:
     """ResNet-50 (ImageNet stem, 224 px) with spatial smoothing after each stage."""
-    return _create("resnet50_smooth", pretrained, **dict(_R50, smoothing=True, **kwargs))
+    return _create("resnet50_smooth", pretrained, **{**_R50, "smoothing": True, **kwargs})
 
 
 @register
