@@ -6,12 +6,9 @@ keeps additive states, so memory does not grow with the number of examples and r
 """
 from __future__ import annotations
 
-import csv
-import json
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +22,7 @@ from tqdm.auto import tqdm
 from vitscope import measures as M
 from vitscope.capture import Capture, LayerInfo, capture
 from vitscope.capture._sites import find_blocks, is_attention_module
+from vitscope.io.atomic import atomic_write_json, json_safe, write_csv
 
 _logger = logging.getLogger(__name__)
 
@@ -273,63 +271,17 @@ class ProbeResult:
 
         Non-finite values (e.g. the ratio of norms of a zero-initialised branch) become ``None``.
         """
-        return _finite({name: {"rows": rows, **self.extras.get(name, {})} for name, rows in self.tables.items()})
+        return json_safe({name: {"rows": rows, **self.extras.get(name, {})} for name, rows in self.tables.items()})
 
     def save(self, out_dir: str | os.PathLike) -> Path:
         """Write ``results.json`` (+ ``meta.json``) and one CSV per measure into ``out_dir``, atomically."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "results.json", json.dumps(self.to_dict(), indent=1))
-        atomic_write_text(out / "meta.json", json.dumps(self.meta, indent=1))
+        atomic_write_json(out / "results.json", self.to_dict())
+        atomic_write_json(out / "meta.json", json_safe(self.meta))
         for name, content in self.to_dict().items():
             write_csv(out / f"{name}.csv", content["rows"])
         return out
-
-
-def _finite(obj: Any) -> Any:
-    """JSON-safe copy: non-finite floats become None (JSON has no NaN or Infinity)."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same directory and a rename."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
-    """Rows as CSV (atomic); list values (per-head values, curves) become columns ``key_0, key_1, ...``."""
-    flat = []
-    for row in rows:
-        r = {}
-        for k, v in row.items():
-            if isinstance(v, (list, tuple)):
-                r.update({f"{k}_{i}": x for i, x in enumerate(v)})
-            else:
-                r[k] = v
-        flat.append(r)
-    columns: list[str] = []
-    for r in flat:
-        columns += [k for k in r if k not in columns]
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp",
-                                     delete=False, newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(flat)
-    os.replace(f.name, path)
 
 
 def _resolve_measures(model: nn.Module, names: Iterable[str]) -> list[str]:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 
 from vitscope.cli import CLIError
 
@@ -32,8 +31,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from vitscope.data import create_loader, data_info
+    from vitscope.io.atomic import atomic_write_json, json_safe, write_csv
     from vitscope.io.weights import load_model
-    from vitscope.probing import PROBE_MEASURES, ProbeResult, atomic_write_text, probe, write_csv
+    from vitscope.probing import PROBE_MEASURES, ProbeResult, probe
 
     names = [m.strip() for m in args.measures.split(",") if m.strip()]
     unknown = [m for m in names if m not in PROBE_MEASURES and m not in INTERVENTIONS]
@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
                                                    max_batches=args.max_batches).to_rows()
     if extra:
         merged = {**result.to_dict(), **{k: {"rows": rows} for k, rows in extra.items()}}
-        atomic_write_text(out / "results.json", json.dumps(merged, indent=1))
+        atomic_write_json(out / "results.json", json_safe(merged))
         for k, rows in extra.items():
             write_csv(out / f"{k}.csv", rows)
     acc = result.meta.get("accuracy")

@@ -19,7 +19,6 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 import os
-import tempfile
 import time
 import zipfile
 from pathlib import Path
@@ -31,6 +30,7 @@ import torch.nn.functional as F
 
 from vitscope.data.arrays import ArrayDataset
 from vitscope.data.specs import check_options
+from vitscope.io.atomic import atomic_write
 
 _logger = logging.getLogger(__name__)
 
@@ -97,19 +97,11 @@ def _resize(images: np.ndarray, img_size: int, chunk: int = 256) -> np.ndarray:
 
 
 def _write_atomic(path: Path, **arrays: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a path
             np.savez(f, **arrays)
-        umask = os.umask(0o022)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; a shared cache wants open()'s mode
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+
+    atomic_write(path, write)
 
 
 def _read_cache(path: Path, img_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:

@@ -6,45 +6,18 @@ accuracy per corruption and severity.
 """
 from __future__ import annotations
 
-import csv
 import io
-import json
 import logging
 import math
 import os
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from vitscope.io.atomic import atomic_write_bytes, atomic_write_json, write_csv
 
 _logger = logging.getLogger(__name__)
 
 __all__ = ["result_tables", "save_results", "figures"]
-
-
-def _atomic_write(path: Path, write: Callable[[Any], None], mode: str = "w") -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode, **({"newline": ""} if "b" not in mode else {})) as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    columns: list[str] = []
-    for r in rows:
-        columns += [k for k in r if k not in columns]
-
-    def write(f: Any) -> None:
-        w = csv.DictWriter(f, fieldnames=columns)
-        w.writeheader()
-        w.writerows(rows)
-
-    _atomic_write(path, write)
 
 
 def result_tables(results: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
@@ -171,17 +144,17 @@ def save_results(
     out.mkdir(parents=True, exist_ok=True)
     payload = _jsonable({"meta": meta or {}, **results})
     written = [out / "results.json"]
-    _atomic_write(written[0], lambda f: json.dump(payload, f, indent=1, allow_nan=False))
+    atomic_write_json(written[0], payload)
     for name, rows in result_tables(results).items():
         path = out / f"{name}.csv"
-        _csv(path, rows)
+        write_csv(path, rows)
         written.append(path)
     if plots:
         for name, fig in figures(results, title=str((meta or {}).get("model", ""))).items():
             buf = io.BytesIO()
             fig.savefig(buf, format="png", dpi=120)
             path = out / f"{name}.png"
-            _atomic_write(path, lambda f, b=buf: f.write(b.getvalue()), mode="wb")
+            atomic_write_bytes(path, buf.getvalue())
             written.append(path)
     _logger.info("wrote %d files to %s", len(written), out)
     return written

@@ -11,8 +11,6 @@ import json
 import logging
 import os
 import random
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,47 +20,22 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from vitscope.io.atomic import atomic_write, atomic_write_text
+
 _logger = logging.getLogger(__name__)
 
 __all__ = [
     "MODEL_FILE", "STATE_FILE", "CONFIG_FILE", "METRICS_FILE", "PROBES_FILE",
-    "atomic_write", "atomic_write_text", "save_checkpoint", "load_state", "load_model_weights",
+    "save_checkpoint", "load_state", "load_model_weights",
     "get_rng_state", "set_rng_state", "read_jsonl", "truncate_jsonl", "append_jsonl", "unwrap_model",
 ]
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "state.pt"
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 PROBES_FILE = "probes.jsonl"
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)`` on a temporary file next to ``path``, fsync it, then ``os.replace``."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the usual permissions
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            f.write(text)
-
-    atomic_write(path, write)
 
 
 def append_jsonl(path: str | os.PathLike, record: dict[str, Any]) -> None:

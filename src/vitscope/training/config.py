@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from vitscope.training.checkpoint import atomic_write_text
+from vitscope.io.atomic import atomic_write_text
 
 __all__ = [
     "TrainConfig", "ConfigError", "list_recipes", "load_recipe", "resolve_config", "parse_overrides",
