@@ -211,7 +211,10 @@ def loss_landscape(
     batches = 0
     try:
         with torch.no_grad(), analysis_mode(model, train_mode, explicit=False):
-            bar = tqdm(total=None if max_batches is None else max_batches * len(points), disable=not progress,
+            n_batches = len(loader) if hasattr(loader, "__len__") else max_batches  # type: ignore[arg-type]
+            if max_batches is not None and n_batches is not None:
+                n_batches = min(n_batches, max_batches)
+            bar = tqdm(total=None if n_batches is None else n_batches * len(points), disable=not progress,
                        desc="landscape", unit="eval")
             for bi, batch in enumerate(loader):
                 if max_batches is not None and bi >= max_batches:
