@@ -89,7 +89,8 @@ def build_report(run_dirs: Sequence[str | os.PathLike], out_html: str | os.PathL
     out = Path(out_html)
     if out.is_dir():
         raise ValueError(f"--out {out} is a directory; give the HTML file to write, e.g. {out / 'report.html'}")
-    runs = load_runs(list(run_dirs))
+    run_dirs = list(run_dirs)
+    runs = load_runs(run_dirs)
     fig_root = out.parent / FIGURES_DIR
     sections: list[Section] = [run_section(r) for r in runs]
     comparison = comparison_section(runs)
@@ -129,7 +130,9 @@ def build_report(run_dirs: Sequence[str | os.PathLike], out_html: str | os.PathL
     summary += (f'<p class="caption">{cap.definition} <em>Paper:</em> {cap.finding} '
                 f'Data: <a href="{FIGURES_DIR}/summary.csv">summary.csv</a>.</p>')
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    subtitle = f"{len(runs)} output director{'y' if len(runs) == 1 else 'ies'}, {total} figures; generated {stamp}"
+    n_dirs = len(run_dirs)
+    subtitle = (f"{n_dirs} output director{'y' if n_dirs == 1 else 'ies'}, {len(runs)} model{'s' * (len(runs) > 1)}, "
+                f"{total} figures; generated {stamp}")
     page = render_page(title, subtitle, summary, page_sections)
     atomic_write_bytes(out, page.encode("utf-8"))
     _logger.info("wrote %s with %d figures (files under %s)", out, total, fig_root)

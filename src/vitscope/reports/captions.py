@@ -23,8 +23,8 @@ CAPTIONS: dict[str, Caption] = {
         "Accuracy, NLL and ECE",
         "Top-1 accuracy, mean negative log-likelihood (nats) and expected calibration error over 10 equal-width "
         "confidence bins, sum_b (n_b/N) |acc_b - conf_b| (last bin closed on the right), from each output found.",
-        "HDVW: MSAs improve NLL and calibration as well as accuracy; CB: context broadcasting raises ViT "
-        "accuracy at zero parameters.",
+        "HDVW reports NLL and ECE alongside accuracy (MSAs improve predictive performance and uncertainty); CB: "
+        "context broadcasting raises ViT accuracy at zero parameters.",
     ),
     "training_curves": Caption(
         "Training curves",
@@ -140,8 +140,9 @@ CAPTIONS: dict[str, Caption] = {
     ),
     "hessian": Caption(
         "Hessian eigenvalue spectrum",
-        "Density of the top Hessian eigenvalues of the training NLL over minibatches (power iteration with "
-        "deflation, model in eval mode); the fraction of negative eigenvalues is shown in the legend.",
+        "Density of the top (largest-magnitude) Hessian eigenvalues of the training NLL, k per minibatch, over "
+        "minibatches (Lanczos or power iteration with deflation, model in eval mode); the fraction of negative "
+        "eigenvalues is shown in the legend.",
         "HDVW: ViTs have small-magnitude Hessian eigenvalues and, at small data, many negative ones (a "
         "non-convex loss); more data or MSAs' inductive bias suppress the negative eigenvalues.",
     ),
@@ -199,7 +200,15 @@ def caption(key: str) -> Caption:
         return CAPTIONS[key]
     if key.startswith("compare_") and key[8:] in CAPTIONS:
         base = CAPTIONS[key[8:]]
-        return Caption(base.title + " (all models)", base.definition, base.finding)
+        measure = key[8:]
+        if measure in ("attention_entropy", "attention_distance", "nonlocality"):
+            prefix = "One line per model, the mean over heads per layer. "
+        elif measure in ("fourier", "feature_variance"):
+            prefix = "One line per model; MSA sub-layers are shaded in each model's own section. "
+        else:
+            prefix = "One line (or histogram) per model. "
+        definition = base.definition.replace(" Shaded: MSA sub-layers.", "")
+        return Caption(base.title.replace(" per head", "") + " (all models)", prefix + definition, base.finding)
     if key.startswith("train_"):
         return CAPTIONS["train_probe"]
     raise KeyError(f"no caption for figure {key!r}")

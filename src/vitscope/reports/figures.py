@@ -131,14 +131,17 @@ def per_head(x: Sequence[float], heads: Sequence[Sequence[float | None]], mean: 
 def lines(series: Mapping[str, tuple[Sequence[float], Sequence[float | None]]], title: str, xlabel: str,
           ylabel: str, hlines: Mapping[str, float] | None = None, logy: bool | None = None,
           markers: bool = True, xticks: tuple[Sequence[float], Sequence[str]] | None = None,
-          ylim: tuple[float, float] | None = None) -> Figure:
-    """Labelled (x, y) series; ``hlines`` adds dashed reference levels; ``logy=None`` picks log for wide ranges."""
+          ylim: tuple[float, float] | None = None, styles: Mapping[str, tuple[int, str]] | None = None) -> Figure:
+    """Labelled (x, y) series; ``hlines`` adds dashed reference levels; ``logy=None`` picks log for wide ranges;
+    ``styles`` maps a label to (colour index, line style), e.g. one colour per model, one style per attack."""
     fig, ax = new_figure()
     every = []
     for i, (label, (x, y)) in enumerate(series.items()):
         ys = _arr(y)
         every.append(ys)
-        ax.plot(_arr(x), ys, "-o" if markers else "-", ms=3, lw=1.4, color=COLORS[i % len(COLORS)], label=label)
+        c, ls = (styles or {}).get(label, (i, "-"))
+        ax.plot(_arr(x), ys, ls, marker="o" if markers else None, ms=3, lw=1.4, color=COLORS[c % len(COLORS)],
+                label=label)
     for j, (label, level) in enumerate((hlines or {}).items()):
         ax.axhline(level, ls="--", lw=1.0, color=["k", "#777777", "#aaaaaa"][j % 3], label=label)
     if logy or (logy is None and every):
@@ -258,8 +261,8 @@ def bars(labels: Sequence[str], values: Sequence[float | None], title: str, ylab
 def eigen_density(title: str, spectra: Mapping[str, tuple[Sequence[float] | None,
                                                          tuple[Sequence[float], Sequence[float]] | None]],
                   bins: int = 60) -> Figure:
-    """Hessian spectra: per label a histogram density of its eigenvalues and/or its density curve (same
-    colour), a dashed line at 0; log density when the heights span more than 50x (HDVW's long tails)."""
+    """Hessian spectra: per label a histogram density of its eigenvalues (HDVW), or its density curve when only
+    that is given; a dashed line at 0; log density when the heights span more than 50x (long tails)."""
     fig, ax = new_figure()
     eigs = [np.asarray(e, float) for e, _ in spectra.values() if e is not None and len(e)]
     edges = None
@@ -275,15 +278,15 @@ def eigen_density(title: str, spectra: Mapping[str, tuple[Sequence[float] | None
             heights.append(np.histogram(v, bins=edges, density=True)[0])
             ax.hist(v, bins=edges, density=True, histtype="stepfilled", alpha=0.3, color=color, edgecolor=color,
                     label=label)
-        if dens is not None:
+        elif dens is not None:  # only a density (e.g. stochastic Lanczos quadrature): draw the curve
             heights.append(_arr(dens[1]))
-            ax.plot(_arr(dens[0]), _arr(dens[1]), lw=1.4, color=color, label=None if e is not None else label)
+            ax.plot(_arr(dens[0]), _arr(dens[1]), lw=1.4, color=color, label=label)
     ax.axvline(0, color="k", lw=0.8, ls="--")
     h = np.concatenate(heights) if heights else np.zeros(0)
     h = h[np.isfinite(h) & (h > 0)]
     if h.size and h.max() / h.min() > 50:
         ax.set_yscale("log")
-        ax.set_ylim(bottom=max(h.min() / 2, h.max() * 1e-6))
+        ax.set_ylim(bottom=max(h.min() / 2, h.max() * 1e-4))
     ax.set_xlabel("eigenvalue")
     ax.set_ylabel("density")
     _title(ax, title)

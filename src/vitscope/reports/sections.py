@@ -461,7 +461,7 @@ def comparison_section(runs: list[RunData]) -> Section | None:
     for measure, x_key, ylabel, xlabel in specs:
         series = _layer_series(runs, measure, x_key)
         if len(series) >= 2:
-            fig = F.lines(series, f"{caption(measure).title} across models", xlabel, ylabel,
+            fig = F.lines(series, f"{caption(measure).title.replace(' per head', '')} across models", xlabel, ylabel,
                           logy=None if measure == "feature_variance" else False)
             rows = [{"model": m, "x": x, "value": v} for m, (xs, ys) in series.items() for x, v in zip(xs, ys)]
             sec.items.append(FigureItem(f"compare_{measure}", caption(f"compare_{measure}"), fig, rows))
@@ -479,11 +479,15 @@ def comparison_section(runs: list[RunData]) -> Section | None:
                       "accuracy", logy=False, ylim=(0, 1.02))
         rows = [{"model": m, "frequency": x, "accuracy": v} for m, (xs, ys) in freq.items() for x, v in zip(xs, ys)]
         sec.items.append(FigureItem("compare_robustness_frequency", caption("compare_robustness_frequency"), fig, rows))
-    eps = {f"{r.name} {k.upper()}": ([e * 255 for e in r.robustness[k]["eps"]], r.robustness[k]["accuracy"])
-           for r in rob for k in ("fgsm", "pgd") if k in r.robustness}
+    eps, styles = {}, {}
+    for i, r in enumerate(rob):
+        for k, ls in (("fgsm", "-"), ("pgd", "--")):
+            if k in r.robustness:
+                eps[f"{r.name} {k.upper()}"] = ([e * 255 for e in r.robustness[k]["eps"]], r.robustness[k]["accuracy"])
+                styles[f"{r.name} {k.upper()}"] = (i, ls)
     if len({k.rsplit(" ", 1)[0] for k in eps}) >= 2:
-        fig = F.lines(eps, "Accuracy under L∞ attacks across models", "eps (/255)", "accuracy", logy=False,
-                      ylim=(0, 1.02))
+        fig = F.lines(eps, "Accuracy under L∞ attacks across models (FGSM solid, PGD dashed)", "eps (/255)",
+                      "accuracy", logy=False, ylim=(0, 1.02), styles=styles)
         rows = [{"series": m, "eps_255": x, "accuracy": v} for m, (xs, ys) in eps.items() for x, v in zip(xs, ys)]
         sec.items.append(FigureItem("compare_robustness_eps", caption("compare_robustness_eps"), fig, rows))
     hess = [r for r in runs if r.hessian]
