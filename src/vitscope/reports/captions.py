@@ -134,7 +134,7 @@ CAPTIONS: dict[str, Caption] = {
     "feature_variance": Caption(
         "Feature-map variance",
         "Variance over spatial positions per channel, mean over channels and images, of each sub-layer's "
-        "output against normalized depth (log scale). Shaded: MSA sub-layers.",
+        "output against normalized depth (log axis when it spans decades). Shaded: MSA sub-layers.",
         "HDVW: MSAs reduce feature-map variance (they behave like spatial smoothing / ensembles) while "
         "convolutions and MLPs increase it.",
     ),

@@ -15,7 +15,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import FormatStrFormatter, MaxNLocator
 
 _logger = logging.getLogger(__name__)
 
@@ -149,6 +149,12 @@ def lines(series: Mapping[str, tuple[Sequence[float], Sequence[float | None]]], 
             ax.set_yscale("log")
         else:
             _log_if_wide(ax, np.concatenate(every))
+    if ax.get_yscale() == "log" and every:
+        v = np.concatenate(every)
+        v = v[np.isfinite(v) & (v > 0)]
+        if v.size and v.max() / v.min() < 20:  # less than about a decade: plain numbers, not 2 x 10^0
+            ax.yaxis.set_major_formatter(FormatStrFormatter("%.3g"))
+            ax.yaxis.set_minor_formatter(FormatStrFormatter("%.3g"))
     if xticks is not None:
         ax.set_xticks(list(xticks[0]), list(xticks[1]), fontsize=7, rotation=45 if len(xticks[0]) > 8 else 0)
     elif xlabel in ("block", "epoch"):
