@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from vitscope.curvature.eigen import MatVec, _orthogonalize
+from vitscope.curvature.eigen import Basis, MatVec
 from vitscope.curvature.hvp import Batch, HessianOperator, LossFn, ParamSpec
 
 _logger = logging.getLogger(__name__)
@@ -106,7 +106,9 @@ def lanczos_tridiagonal(matvec: MatVec, v0: torch.Tensor, n_iter: int, reorth: b
     """
     v = v0 / torch.linalg.vector_norm(v0)
     v_prev = None
-    basis = [v] if reorth else []
+    basis = Basis(len(v), v.dtype, v.device) if reorth else None
+    if basis is not None:
+        basis.append(v)
     alphas, betas = [], []
     for j in range(n_iter):
         w = matvec(v)
@@ -115,14 +117,14 @@ def lanczos_tridiagonal(matvec: MatVec, v0: torch.Tensor, n_iter: int, reorth: b
         w = w - alpha * v
         if v_prev is not None:
             w = w - betas[-1] * v_prev
-        if reorth:
-            w = _orthogonalize(w, basis)
+        if basis is not None:
+            w = basis.project_out(w)
         beta = float(torch.linalg.vector_norm(w))
         if j + 1 == n_iter or beta <= 1e-10 * max(abs(a) for a in alphas + [1e-30]):
             break
         betas.append(beta)
         v_prev, v = v, w / beta
-        if reorth:
+        if basis is not None:
             basis.append(v)
     return torch.tensor(alphas, dtype=torch.float64), torch.tensor(betas, dtype=torch.float64)
 

@@ -46,12 +46,59 @@ def _unit(v: torch.Tensor) -> torch.Tensor:
 
 
 def _orthogonalize(w: torch.Tensor, basis: Sequence[torch.Tensor], passes: int = 2) -> torch.Tensor:
-    """Remove from ``w`` its components along the orthonormal ``basis`` (classical Gram-Schmidt twice)."""
+    """Remove from ``w`` its components along the orthonormal ``basis`` (classical Gram-Schmidt)."""
     for _ in range(passes if basis else 0):
         coef = [torch.dot(b, w) for b in basis]
         for b, c in zip(basis, coef):
             w = w - c * b
     return w
+
+
+class Basis:
+    """Orthonormal vectors stored in row blocks ``(chunk, dim)``: projections are matrix-vector products."""
+
+    def __init__(self, dim: int, dtype: torch.dtype, device: torch.device | str, chunk: int = 8):
+        self.dim, self.dtype, self.device, self.chunk = dim, dtype, device, chunk
+        self.blocks: list[torch.Tensor] = []
+        self.n = 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def _rows(self) -> list[torch.Tensor]:
+        out = [b for b in self.blocks[:-1]]
+        if self.blocks:
+            out.append(self.blocks[-1][: self.n - self.chunk * (len(self.blocks) - 1)])
+        return out
+
+    def append(self, v: torch.Tensor) -> None:
+        if self.n % self.chunk == 0:
+            self.blocks.append(torch.empty(self.chunk, self.dim, dtype=self.dtype, device=self.device))
+        self.blocks[-1][self.n % self.chunk] = v
+        self.n += 1
+
+    def project_out(self, w: torch.Tensor) -> torch.Tensor:
+        """``w - V^T V w``, repeated once when the first pass removed much of ``w`` (Kahan's "twice is
+        enough")."""
+        if not self.n:
+            return w
+        for _ in range(2):
+            before = torch.linalg.vector_norm(w)
+            for rows in self._rows():
+                w = torch.addmv(w, rows.T, rows @ w, alpha=-1.0)  # (dim,)
+            if torch.linalg.vector_norm(w) > 0.7 * before:
+                break
+        return w
+
+    def combine(self, coef: torch.Tensor) -> torch.Tensor:
+        """``V^T coef`` for coefficients ``(n,)``."""
+        coef = coef.to(dtype=self.dtype, device=self.device)
+        out = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
+        start = 0
+        for rows in self._rows():
+            out += rows.T @ coef[start:start + len(rows)]
+            start += len(rows)
+        return out
 
 
 def _select(theta: torch.Tensor, k: int, which: str) -> torch.Tensor:
@@ -118,7 +165,8 @@ def lanczos(
     """
     k = min(k, dim)
     max_iter = min(max(max_iter, k), dim)
-    basis: list[torch.Tensor] = []
+    basis = Basis(dim, dtype, device)
+    v_prev: torch.Tensor | None = None
     alphas: list[float] = []
     betas: list[float] = []  # betas[j] couples basis[j] and basis[j + 1]
     v = _unit(torch.randn(dim, generator=generator, dtype=dtype, device="cpu").to(device))
@@ -130,8 +178,8 @@ def lanczos(
         w = matvec(v)
         n += 1
         alpha = float(torch.dot(w, v))
-        w = w - alpha * v - (betas[-1] * basis[-2] if j > 0 else 0.0)
-        w = _orthogonalize(w, basis)
+        w = w - alpha * v - (betas[-1] * v_prev if v_prev is not None else 0.0)
+        w = basis.project_out(w)
         beta = float(torch.linalg.vector_norm(w))
         alphas.append(alpha)
         T = torch.diag(torch.tensor(alphas, dtype=torch.float64))
@@ -149,21 +197,20 @@ def lanczos(
             break
         if beta <= 1e-10 * max(scale, 1e-30):
             # invariant subspace found: restart with a fresh vector orthogonal to it
-            w = _orthogonalize(torch.randn(dim, generator=generator, dtype=dtype, device="cpu").to(device), basis)
+            w = basis.project_out(torch.randn(dim, generator=generator, dtype=dtype, device="cpu").to(device))
             norm = float(torch.linalg.vector_norm(w))
             if norm <= 1e-10:
                 break
             betas.append(0.0)
-            v = w / norm
+            v_prev, v = None, w / norm
             continue
         betas.append(beta)
-        v = w / beta
+        v_prev, v = v, w / beta
     if len(idx) < k:
         _logger.warning("Lanczos stopped after %d vectors; returning %d of %d eigenvalues", len(basis), len(idx), k)
     vectors = None
     if return_vectors:
-        V = torch.stack(basis)  # (m, dim)
-        vectors = torch.stack([_unit(s[:, i].to(dtype=V.dtype, device=V.device) @ V) for i in idx])  # (k, dim)
+        vectors = torch.stack([_unit(basis.combine(s[:, i])) for i in idx])  # (k, dim)
     return theta[idx].clone(), vectors, n, converged
 
 
