@@ -210,32 +210,11 @@ class _Recorder:
         b = site.module
         self._install_transformer(i, site, b.attn, b.mlp, "gpsa" if b.use_gpsa else "msa")
 
-    def _install_resnet(self, i: int, site: BlockSite) -> None:
-        b = site.module
-        slot = self.pending.setdefault(site.name, {})
-        if not self.keep(site.name):
-            return
-
-        def block_in(_m, args):
-            slot["z_in"] = args[0]
-
-        def shortcut_out(_m, _args, out):
-            slot["shortcut"] = out
-
-        def pre_act(_m, args):
-            slot["sum"] = args[0].clone()  # the activation is usually in-place
-
-        def block_out(_m, _args, out):
-            self.emit(site.name, "conv", i, {**slot, "z_out": out})
-            slot.clear()
-
-        self.hook(b, block_in, pre=True)
-        if b.downsample is not None:
-            self.hook(b.downsample, shortcut_out)
-        self.hook(final_activation(b), pre_act, pre=True)
-        self.hook(b, block_out)
-
-    def _install_vitscope(self, i: int, site: BlockSite) -> None:
+    def _install_block(self, i: int, site: BlockSite, kind: str, shortcut: nn.Module | None,
+                       branch: nn.Module | None, pre_activation: nn.Module | None) -> None:
+        """A block recorded whole: z_in at its input, z_out at its output, the skip path's output from
+        ``shortcut`` (z_in when None), and the branch from ``branch``'s output or, for a block that
+        activates after the add, as (input of ``pre_activation``) - shortcut."""
         b = site.module
         slot = self.pending.setdefault(site.name, {})
         if not self.keep(site.name):
@@ -250,14 +229,29 @@ class _Recorder:
         def branch_out(_m, _args, out):
             slot["branch"] = out
 
+        def pre_act(_m, args):
+            slot["sum"] = args[0].clone()  # the activation is usually in-place
+
         def block_out(_m, _args, out):
-            self.emit(site.name, type(b).vitscope_kind, i, {**slot, "z_out": out})
+            self.emit(site.name, kind, i, {**slot, "z_out": out})
             slot.clear()
 
         self.hook(b, block_in, pre=True)
-        self.hook(b.shortcut, shortcut_out)
-        self.hook(b.drop_path, branch_out)
+        if shortcut is not None:
+            self.hook(shortcut, shortcut_out)
+        if branch is not None:
+            self.hook(branch, branch_out)
+        if pre_activation is not None:
+            self.hook(pre_activation, pre_act, pre=True)
         self.hook(b, block_out)
+
+    def _install_resnet(self, i: int, site: BlockSite) -> None:
+        b = site.module
+        self._install_block(i, site, "conv", b.downsample, None, final_activation(b))
+
+    def _install_vitscope(self, i: int, site: BlockSite) -> None:
+        b = site.module
+        self._install_block(i, site, type(b).vitscope_kind, b.shortcut, b.drop_path, None)
 
     def _install_attention(self) -> None:
         for name, m in self.model.named_modules():
