@@ -36,6 +36,10 @@ def test_shipped_studies_and_their_findings():
         assert study["scales"]["quick"]["data"] == "elpv"
 
 
+LIGHT = {"eval_examples": 32, "hessian": {"k": 1, "max_batches": 1, "max_iter": 2, "batch_size": 8},
+         "frequency": {"freqs": [0.0, 0.8, 1.0]}}
+
+
 @pytest.fixture(scope="module")
 def shared_out(tmp_path_factory):
     return tmp_path_factory.mktemp("reproduce")
@@ -45,7 +49,7 @@ def shared_out(tmp_path_factory):
 @pytest.mark.parametrize("name", sorted(FINDINGS))
 def test_study_runs_at_reduced_size(name, shared_out):
     res = run_study(name, data="fake", out=shared_out, seeds=2, epochs=1, max_examples=48, zoo="test",
-                    progress=False)
+                    batch_size=16, progress=False, settings=LIGHT)
     study = load_study(name)
     assert [v.claim for v in res.verdicts] == [c["claim"] for c in study["claims"]]
     assert [v.finding for v in res.verdicts] == [c["finding"] for c in study["claims"]]

@@ -22,6 +22,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--seeds", type=int, default=None, help="number of seeds (default from the study, 3)")
     p.add_argument("--epochs", type=int, default=None, help="override the epochs (for smoke tests)")
     p.add_argument("--max-examples", type=int, default=None, help="train on a random subset (for smoke tests)")
+    p.add_argument("--batch-size", type=int, default=None, help="override the training batch size")
     p.add_argument("--zoo", default=None, choices=("quick", "paper", "test"), help="override the model sizes")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.set_defaults(func=run)
@@ -34,6 +35,7 @@ def run(args: argparse.Namespace) -> int:
 
     res = run_study(args.study, data=args.data, scale=args.scale, out=args.out, seeds=args.seeds,
                     epochs=args.epochs, max_examples=args.max_examples, zoo=args.zoo, device=args.device,
+                    batch_size=args.batch_size,
                     progress=sys.stderr.isatty())
     print(res.markdown)
     print("files: " + ", ".join(str(p) for p in res.files.values()))

@@ -84,7 +84,7 @@ DEMO_SIZES: dict[str, DemoSize] = {
     "tiny": DemoSize(
         zoo="test", epochs=1, batch_size=32, train_examples=128, eval_examples=64, eval_batch_size=32,
         lesion_batches=1, localization={"max_batches": 1, "epochs": 5},
-        hessian={"k": 1, "max_batches": 1, "max_iter": 3, "batch_size": 16},
+        hessian={"k": 1, "max_batches": 1, "max_iter": 2, "batch_size": 8},
         landscape={"steps": 3, "max_batches": 1}, robustness_examples=32,
         robustness={"eps": [4 / 255], "pgd_steps": 2, "freqs": [0.0, 1.0], "corruptions": ["contrast"],
                     "severities": [3]}),

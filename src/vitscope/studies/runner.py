@@ -163,7 +163,7 @@ def _evaluate(term: Any, analyses: dict[tuple[str, str, int], dict[str, Any]], s
 
 
 def _settings(study: dict[str, Any], scale: str, data: str | None, seeds: int | None, epochs: int | None,
-              max_examples: int | None, zoo: str | None) -> dict[str, Any]:
+              max_examples: int | None, zoo: str | None, batch_size: int | None = None) -> dict[str, Any]:
     if scale not in SCALES:
         raise StudyError(f"unknown scale {scale!r}; valid: {', '.join(SCALES)}")
     if scale not in study["scales"]:
@@ -184,6 +184,10 @@ def _settings(study: dict[str, Any], scale: str, data: str | None, seeds: int | 
         s["epochs"] = epochs
     if max_examples is not None:
         s["max_examples"] = max_examples
+    if batch_size is not None:
+        if batch_size < 1:
+            raise StudyError(f"--batch-size must be >= 1, got {batch_size}")
+        s["batch_size"] = batch_size
     if zoo is not None:
         s["zoo"] = zoo
     s.setdefault("zoo", scale)
@@ -251,14 +255,21 @@ def run_study(
     zoo: str | None = None,
     progress: bool = True,
     device: str = "auto",
+    batch_size: int | None = None,
+    settings: dict[str, Any] | None = None,
 ) -> StudyResult:
     """Train and measure what study ``name`` needs over ``seeds`` seeds and write its verdict table.
 
     Training runs go to ``out/runs/`` (shared by studies: a finished run with the same config is reused);
-    the study's analyses and ``verdicts.{json,csv,md}`` go to ``out/<study>/``.
+    the study's analyses and ``verdicts.{json,csv,md}`` go to ``out/<study>/``. ``settings`` overrides keys
+    of the scale (``eval_examples``, ``hessian``, ``frequency``, ...).
     """
     study = load_study(name)
-    s = _settings(study, scale, data, seeds, epochs, max_examples, zoo)
+    s = _settings(study, scale, data, seeds, epochs, max_examples, zoo, batch_size)
+    for key, value in (settings or {}).items():  # e.g. smaller analyses for smoke tests
+        if key not in _SCALE_KEYS:
+            raise StudyError(f"unknown study setting {key!r}; valid: {sorted(_SCALE_KEYS)}")
+        s[key] = value
     out = Path(out)
     study_dir = out / study["name"]
     timer = Timer()
