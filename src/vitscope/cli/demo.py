@@ -34,6 +34,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"{m['label']:<10} {m['params']:>8} {t['accuracy']:>6.3f} {t['balanced_accuracy']:>8.3f} "
               f"{ece if ece is None else format(ece, '6.3f'):>6}")
     print(f"majority-class baseline: top-1 {res['data']['majority_accuracy']:.3f}, balanced 0.500")
-    print(f"total {res['timing_s']['total']:.0f} s; load average {json.dumps(res['machine']['loadavg_start'])}")
+    mach = res["machine"]
+    print(f"total {res['timing_s']['total']:.0f} s wall, {mach['process_cpu_s']:.0f} s CPU; "
+          f"load average at start {json.dumps(mach['loadavg_start'])} on {mach['cpu_count']} CPUs")
     print(f"report: {res['report']}")
     return 0

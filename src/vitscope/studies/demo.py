@@ -62,8 +62,8 @@ class DemoSize:
     eval_batch_size: int = 100
     lesion_batches: int | None = None
     localization: dict[str, Any] = field(default_factory=lambda: {"max_batches": 2, "epochs": 30})
-    hessian: dict[str, Any] = field(default_factory=lambda: {"k": 5, "max_batches": 2, "max_iter": 20,
-                                                             "batch_size": 64})
+    hessian: dict[str, Any] = field(default_factory=lambda: {"k": 3, "max_batches": 1, "max_iter": 15,
+                                                             "batch_size": 32})
     landscape: dict[str, Any] = field(default_factory=lambda: {"steps": 11, "max_batches": 2})
     robustness_examples: int | None = 200
     robustness: dict[str, Any] = field(default_factory=lambda: {
@@ -76,7 +76,7 @@ DEMO_SIZES: dict[str, DemoSize] = {
     "quick": DemoSize(
         epochs=3, eval_examples=200, lesion_batches=1,
         localization={"max_batches": 1, "epochs": 15},
-        hessian={"k": 2, "max_batches": 1, "max_iter": 8, "batch_size": 32},
+        hessian={"k": 1, "max_batches": 1, "max_iter": 5, "batch_size": 16},
         landscape={"steps": 5, "max_batches": 1}, robustness_examples=100,
         robustness={"eps": [4 / 255], "pgd_steps": 3, "freqs": [0.0, 0.5, 1.0],
                     "corruptions": ["gaussian_noise", "gaussian_blur", "contrast"], "severities": [3]}),
@@ -165,7 +165,7 @@ def run_demo(out: str | os.PathLike = "vitscope-demo", size: str = "full", data:
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; give a directory")
-    t_start = time.perf_counter()
+    t_start, cpu_start = time.perf_counter(), time.process_time()
     load_start = _loadavg()
     timer = Timer()
     info = data_info(data, img_size=img_size)
@@ -281,6 +281,7 @@ def run_demo(out: str | os.PathLike = "vitscope-demo", size: str = "full", data:
                      "total": round(time.perf_counter() - t_start, 2)},
         "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "loadavg_start": load_start, "loadavg_end": _loadavg(), "platform": platform.platform(),
+                    "process_cpu_s": round(time.process_time() - cpu_start, 2),
                     "torch": torch.__version__},
         "report": str(report),
     }
