@@ -226,7 +226,7 @@ class HessianOperator:
         frozen = self._frozen()
         primals = {n: p.detach() for n, p in self.params.items()}
         tangents = self.unflatten(v)
-        total = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
+        total: torch.Tensor | None = None
         for i, w in enumerate(self.weights):
             def f(p: dict[str, torch.Tensor], i: int = i, w: float = w) -> tuple[torch.Tensor, torch.Tensor]:
                 loss = self._batch_loss(p, frozen, i)
@@ -235,7 +235,8 @@ class HessianOperator:
 
             _, hv, loss = torch.func.jvp(torch.func.grad(f, has_aux=True), (primals,), (tangents,), has_aux=True)
             self._check(loss, i)
-            total += self.flatten(hv)
+            part = self.flatten(hv)
+            total = part if total is None else total.add_(part)
         return total
 
     def _first_order(self, i: int, w: float, frozen: dict[str, torch.Tensor]) -> tuple[list, list]:
@@ -250,7 +251,7 @@ class HessianOperator:
 
     def _matvec_autograd(self, v: torch.Tensor) -> torch.Tensor:
         frozen = self._frozen()
-        total = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
+        total: torch.Tensor | None = None
         tangents = list(self.unflatten(v).values())
         for i, w in enumerate(self.weights):
             if self.cache_graph and i in self._graphs:
@@ -267,7 +268,8 @@ class HessianOperator:
                         [grads[j] for j in keep], leaves, [tangents[j] for j in keep],
                         retain_graph=self.cache_graph, allow_unused=True,
                     )
-            total += self.flatten([h if h is not None else torch.zeros_like(q) for h, q in zip(hv, leaves)])
+            part = self.flatten([h if h is not None else torch.zeros_like(q) for h, q in zip(hv, leaves)])
+            total = part if total is None else total.add_(part)
         return total
 
     def loss(self) -> float:
