@@ -72,6 +72,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--method", default="lanczos", choices=("lanczos", "power"))
     p.add_argument("--tol", type=float, default=1e-3)
     p.add_argument("--max-iter", type=int, default=100)
+    p.add_argument("--backend", default="func", choices=("func", "autograd", "cached"),
+                   help="Hessian-vector products: torch.func forward-over-reverse (default), double backward, "
+                   "or double backward through one retained graph per batch (faster, more memory)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="L2 term weight (default 0: NLL only)")
     p.add_argument("--l2-style", default="half_sq", choices=("half_sq", "hdvw"),
                    help="half_sq: wd/2 sum||p||^2; hdvw: wd sum||p|| (HDVW's code)")
@@ -104,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
         model, _ToDevice(loader, device), k=args.k, transform=transform, weight_decay=args.weight_decay,
         l2_style=args.l2_style, max_batches=args.batches, groups="block" if args.groups == "block" else None,
         train_mode=args.train_mode, method=args.method, tol=args.tol, max_iter=args.max_iter, seed=args.seed,
-        progress=not args.no_progress,
+        backend=args.backend, progress=not args.no_progress,
     )
     out = Path(args.out)
     data = result.to_dict()

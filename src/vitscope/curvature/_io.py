@@ -45,21 +45,23 @@ def save_figure(fig: Any, path: str | Path) -> Path:
 
 
 def plot_spectrum(result: Any, title: str = "") -> Any:
-    """Eigenvalue density (KDE) per group with the negative fraction in the legend."""
+    """Eigenvalue density (KDE) per group, one panel each, with the negative fraction and every value."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for g in result.eigenvalues:
-        ax.plot(result.grid[g], result.density[g], label=f"{g} (negative {100 * result.negative_fraction[g]:.1f}%)")
-        ax.plot(result.eigenvalues[g].ravel(), np.zeros(result.eigenvalues[g].size), "|", color="k", alpha=0.4)
-    ax.axvline(0.0, color="gray", lw=0.8, ls="--")
-    ax.set_xlabel("Hessian eigenvalue")
-    ax.set_ylabel("density")
-    ax.set_title(title or "Hessian eigenvalue spectrum")
-    ax.legend(fontsize=8)
+    groups = list(result.eigenvalues)
+    fig, axes = plt.subplots(len(groups), 1, figsize=(5, 0.4 + 2.6 * len(groups)), squeeze=False)
+    for ax, g in zip(axes[:, 0], groups):
+        ax.plot(result.grid[g], result.density[g], label=f"{g}: negative {100 * result.negative_fraction[g]:.1f}%")
+        ax.plot(result.eigenvalues[g].ravel(), np.zeros(result.eigenvalues[g].size), "|", color="k", alpha=0.5)
+        ax.axvline(0.0, color="gray", lw=0.8, ls="--")
+        ax.set_ylabel("density")
+        ax.legend(fontsize=8, loc="upper right")
+    axes[-1, 0].set_xlabel("Hessian eigenvalue")
+    axes[0, 0].set_title(title or "Hessian eigenvalue spectrum")
+    fig.tight_layout()
     return fig
 
 
