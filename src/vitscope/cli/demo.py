@@ -16,6 +16,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--quick", action="store_true", help="fewer epochs and smaller analyses (about 2 minutes)")
     p.add_argument("--out", default="vitscope-demo", help="output directory (default: vitscope-demo)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's; 1 when the load average already fills the CPUs)")
     p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # test suite: tiny models, few images
     p.set_defaults(func=run)
 
@@ -26,7 +28,9 @@ def run(args: argparse.Namespace) -> int:
     from vitscope.studies import run_demo
 
     size = "tiny" if args.tiny else "quick" if args.quick else "full"
-    res = run_demo(args.out, size=size, device=args.device, progress=sys.stderr.isatty())
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    res = run_demo(args.out, size=size, device=args.device, progress=sys.stderr.isatty(), threads=args.threads)
     print(f"{'model':<10} {'params':>8} {'top-1':>6} {'balanced':>8} {'ECE':>6}")
     for m in res["models"].values():
         t = m["test"]

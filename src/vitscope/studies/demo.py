@@ -145,28 +145,47 @@ def _short_robustness(rob: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_demo(out: str | os.PathLike = "vitscope-demo", size: str = "full", data: str = "elpv", img_size: int = 32,
-             models: tuple[str, ...] = DEMO_MODELS, device: str = "cpu", progress: bool = True) -> dict[str, Any]:
+             models: tuple[str, ...] = DEMO_MODELS, device: str = "cpu", progress: bool = True,
+             threads: int | None = None) -> dict[str, Any]:
     """Run the demo into ``out``; returns the content of ``out/results.json`` (``report`` = the HTML path).
 
     Args:
         size: ``full`` (about 10 minutes on 2 CPU cores), ``quick`` (about 2) or ``tiny`` (test suite).
         data: a data spec (default the embedded ``elpv`` solar-cell images, 2 classes).
+        threads: torch CPU threads (default: torch's, or 1 when the load average already fills the CPUs).
     """
-    import vitscope
-    from vitscope.data import data_info
-    from vitscope.training import load_run
-
     if size not in DEMO_SIZES:
         raise ValueError(f"unknown demo size {size!r}; valid: {', '.join(DEMO_SIZES)}")
     unknown = [m for m in models if m not in DEMO_MODELS]
     if unknown or not models:
         raise ValueError(f"unknown demo model(s) {unknown or models}; valid: {', '.join(DEMO_MODELS)}")
-    sz = DEMO_SIZES[size]
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; give a directory")
     t_start, cpu_start = time.perf_counter(), time.process_time()
     load_start = _loadavg()
+    threads_before = torch.get_num_threads()
+    if threads is None and load_start is not None and load_start[0] >= (os.cpu_count() or 1) and threads_before > 1:
+        # A busy machine: several OpenMP threads per process spin-wait on each other when descheduled
+        # (measured 4-5x slower per epoch at load 7 on 2 cores); one thread degrades gracefully.
+        threads = 1
+        _logger.info("load average %.1f >= %d CPUs: using 1 torch thread (pass threads= to override)",
+                     load_start[0], os.cpu_count() or 1)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _run(out, size, data, img_size, models, device, progress, t_start, cpu_start, load_start)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _run(out: Path, size: str, data: str, img_size: int, models: tuple[str, ...], device: str, progress: bool,
+         t_start: float, cpu_start: float, load_start: list[float] | None) -> dict[str, Any]:
+    import vitscope
+    from vitscope.data import data_info
+    from vitscope.training import load_run
+
+    sz = DEMO_SIZES[size]
     timer = Timer()
     info = data_info(data, img_size=img_size)
     _logger.info("vitscope demo (%s): %s on %s at %d px, %d epochs each; %d CPU threads; load average %s -> %s",
