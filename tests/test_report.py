@@ -373,3 +373,19 @@ def test_outputs_of_the_same_weights_share_one_section(tmp_path):
     assert [(r["model"], r["source"], r["directory"]) for r in summary] == [
         ("m (run)", "probe pass", str(probe)), ("m (run)", "training, epoch 0", str(run)),
         ("m (run)", "robustness pass", str(rob)), ("m (other)", "probe pass", str(other))]
+
+
+def test_negative_fraction_of_a_density_crossing_zero():
+    """Exact integral of the piecewise-linear density left of 0 / total, against a fine numeric trapezoid."""
+    from vitscope.reports.sections import negative_fraction
+
+    g = np.linspace(-1.3, 2.2, 8)  # no grid point at 0: one segment crosses it
+    d = np.exp(-g ** 2)
+    fine = np.linspace(-1.3, 2.2, 200_001)
+    fd = np.interp(fine, g, d)
+    ref = np.trapezoid(np.where(fine < 0, fd, 0), fine) / np.trapezoid(fd, fine)
+    assert negative_fraction({"density": {"grid": g.tolist(), "density": d.tolist()}}) == pytest.approx(ref, abs=1e-5)
+    assert negative_fraction({"eigenvalues": [-1.0, 2.0, 3.0, -0.5]}) == 0.5
+    slq = {"density": {"grid": [0, 1], "density": [1, 1], "nodes": [[-1, 1], [2, 3]],
+                       "weights": [[0.25, 0.75], [0, 0]]}}
+    assert negative_fraction(slq) == 0.25  # the probe with zero total weight is skipped, not a division by zero

@@ -308,17 +308,22 @@ def negative_fraction(h: dict[str, Any]) -> float | None:
         return sum(1 for v in e if v < 0) / len(e)
     dens = h.get("density", {})
     if "nodes" in dens:
-        fr = [sum(w for t, w in zip(ts, ws) if t is not None and w is not None and t < 0)
-              / sum(w for w in ws if w is not None) for ts, ws in zip(dens["nodes"], dens["weights"])]
+        fr = []
+        for ts, ws in zip(dens["nodes"], dens["weights"]):
+            total = sum(w for w in ws if w is not None)
+            if total > 0:
+                fr.append(sum(w for t, w in zip(ts, ws) if t is not None and w is not None and t < 0) / total)
         return sum(fr) / len(fr) if fr else None
     if dens:
         pairs = [(a, b) for a, b in zip(dens["grid"], dens["density"]) if a is not None and b is not None]
         total = neg = 0.0
         for (x0, y0), (x1, y1) in zip(pairs, pairs[1:]):
-            area = (x1 - x0) * (y0 + y1) / 2
-            total += area
+            total += (x1 - x0) * (y0 + y1) / 2
             if x1 <= 0:
-                neg += area
+                neg += (x1 - x0) * (y0 + y1) / 2
+            elif x0 < 0:  # the segment crosses 0: the part left of it, density interpolated linearly
+                y_at_0 = y0 + (y1 - y0) * (0 - x0) / (x1 - x0)
+                neg += (0 - x0) * (y0 + y_at_0) / 2
         return neg / total if total > 0 else None
     return None
 
