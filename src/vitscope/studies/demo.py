@@ -61,7 +61,8 @@ class DemoSize:
     eval_examples: int | None = None  # None: the whole test split (394 images)
     eval_batch_size: int = 100
     lesion_batches: int | None = None
-    localization: dict[str, Any] = field(default_factory=lambda: {"max_batches": 2, "epochs": 30})
+    # Position probes on CNN maps have H*W classes (1,024 at the first 32 x 32 stage): few images suffice.
+    localization: dict[str, Any] = field(default_factory=lambda: {"images": 16, "epochs": 30})
     hessian: dict[str, Any] = field(default_factory=lambda: {"k": 3, "max_batches": 1, "max_iter": 15,
                                                              "batch_size": 32})
     landscape: dict[str, Any] = field(default_factory=lambda: {"steps": 11, "max_batches": 2})
@@ -75,7 +76,7 @@ DEMO_SIZES: dict[str, DemoSize] = {
     "full": DemoSize(),
     "quick": DemoSize(
         epochs=3, eval_examples=200, lesion_batches=1,
-        localization={"max_batches": 1, "epochs": 15},
+        localization={"images": 8, "epochs": 15},
         hessian={"k": 1, "max_batches": 1, "max_iter": 5, "batch_size": 16},
         landscape={"steps": 5, "max_batches": 1}, robustness_examples=100,
         robustness={"eps": [4 / 255], "pgd_steps": 3, "freqs": [0.0, 0.5, 1.0],
@@ -83,7 +84,7 @@ DEMO_SIZES: dict[str, DemoSize] = {
     # For the test suite: the registry's test_* models on a slice of the data; every stage still runs.
     "tiny": DemoSize(
         zoo="test", epochs=1, batch_size=32, train_examples=128, eval_examples=64, eval_batch_size=32,
-        lesion_batches=1, localization={"max_batches": 1, "epochs": 5},
+        lesion_batches=1, localization={"images": 4, "epochs": 5},
         hessian={"k": 1, "max_batches": 1, "max_iter": 2, "batch_size": 8},
         landscape={"steps": 3, "max_batches": 1}, robustness_examples=32,
         robustness={"eps": [4 / 255], "pgd_steps": 2, "freqs": [0.0, 1.0], "corruptions": ["contrast"],
@@ -239,7 +240,9 @@ def _run(out: Path, size: str, data: str, img_size: int, models: tuple[str, ...]
                 result.tables["lesion"] = les["rows"]
             bar.update(1)
             with step("localization"):
-                loc = run_localization(model, test, progress=progress, **sz.localization)
+                loc_opts = dict(sz.localization)
+                few = val_loader(data, img_size, loc_opts.pop("images"), split="test")
+                loc = run_localization(model, few, max_batches=1, progress=progress, **loc_opts)
                 result.tables["localization"] = loc["rows"]
             bar.update(1)
             result.meta.update(model_name=spec.label, registry_name=spec.model, data=data, split="test")
