@@ -75,7 +75,7 @@ class DemoSize:
 DEMO_SIZES: dict[str, DemoSize] = {
     "full": DemoSize(),
     "quick": DemoSize(
-        epochs=3, eval_examples=200, lesion_batches=1,
+        epochs=3, train_examples=1200, eval_examples=200, lesion_batches=1,
         localization={"images": 8, "epochs": 15},
         hessian={"k": 1, "max_batches": 1, "max_iter": 5, "batch_size": 16},
         landscape={"steps": 5, "max_batches": 1}, robustness_examples=100,
