@@ -114,9 +114,9 @@ def lanczos_tridiagonal(matvec: MatVec, v0: torch.Tensor, n_iter: int, reorth: b
         w = matvec(v)
         alpha = float(torch.dot(w, v))
         alphas.append(alpha)
-        w = w - alpha * v
+        w = w.sub(v, alpha=alpha)  # (P,), a new tensor
         if v_prev is not None:
-            w = w - betas[-1] * v_prev
+            w.sub_(v_prev, alpha=betas[-1])
         if basis is not None:
             w = basis.project_out(w)
         beta = float(torch.linalg.vector_norm(w))

@@ -78,14 +78,14 @@ class Basis:
         self.n += 1
 
     def project_out(self, w: torch.Tensor) -> torch.Tensor:
-        """``w - V^T V w``, repeated once when the first pass removed much of ``w`` (Kahan's "twice is
-        enough")."""
+        """``w - V^T V w`` in place, repeated once when the first pass removed much of ``w`` (Kahan's
+        "twice is enough")."""
         if not self.n:
             return w
         for _ in range(2):
             before = torch.linalg.vector_norm(w)
             for rows in self._rows():
-                w = torch.addmv(w, rows.T, rows @ w, alpha=-1.0)  # (dim,)
+                w.addmv_(rows.T, rows @ w, alpha=-1.0)  # (dim,)
             if torch.linalg.vector_norm(w) > 0.7 * before:
                 break
         return w
@@ -178,7 +178,9 @@ def lanczos(
         w = matvec(v)
         n += 1
         alpha = float(torch.dot(w, v))
-        w = w - alpha * v - (betas[-1] * v_prev if v_prev is not None else 0.0)
+        w = w.sub(v, alpha=alpha)  # a new tensor: the operator's output is not modified
+        if v_prev is not None:
+            w.sub_(v_prev, alpha=betas[-1])
         w = basis.project_out(w)
         beta = float(torch.linalg.vector_norm(w))
         alphas.append(alpha)
