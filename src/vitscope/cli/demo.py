@@ -17,7 +17,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--out", default="vitscope-demo", help="output directory (default: vitscope-demo)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's; 1 when the load average already fills the CPUs)")
+                   help="torch intra-op CPU threads (default 1: tiny models gain little from more)")
     p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # test suite: tiny models, few images
     p.set_defaults(func=run)
 

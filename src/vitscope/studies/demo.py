@@ -153,7 +153,7 @@ def run_demo(out: str | os.PathLike = "vitscope-demo", size: str = "full", data:
     Args:
         size: ``full`` (about 10 minutes on 2 CPU cores), ``quick`` (about 2) or ``tiny`` (test suite).
         data: a data spec (default the embedded ``elpv`` solar-cell images, 2 classes).
-        threads: torch CPU threads (default: torch's, or 1 when the load average already fills the CPUs).
+        threads: torch intra-op CPU threads (default 1; restored afterwards).
     """
     if size not in DEMO_SIZES:
         raise ValueError(f"unknown demo size {size!r}; valid: {', '.join(DEMO_SIZES)}")
@@ -166,14 +166,10 @@ def run_demo(out: str | os.PathLike = "vitscope-demo", size: str = "full", data:
     t_start, cpu_start = time.perf_counter(), time.process_time()
     load_start = _loadavg()
     threads_before = torch.get_num_threads()
-    if threads is None and load_start is not None and load_start[0] >= (os.cpu_count() or 1) and threads_before > 1:
-        # A busy machine: several OpenMP threads per process spin-wait on each other when descheduled
-        # (measured 4-5x slower per epoch at load 7 on 2 cores); one thread degrades gracefully.
-        threads = 1
-        _logger.info("load average %.1f >= %d CPUs: using 1 torch thread (pass threads= to override)",
-                     load_start[0], os.cpu_count() or 1)
-    if threads is not None:
-        torch.set_num_threads(threads)
+    # One intra-op thread by default: these tiny models gain little from more, and on a shared 2-core
+    # machine two OpenMP threads spin-wait on each other whenever one is descheduled (measured: the
+    # --quick demo took 423 s of CPU with 2 threads at load 1.7 against 88 s with 1 thread).
+    torch.set_num_threads(threads or 1)
     try:
         return _run(out, size, data, img_size, models, device, progress, t_start, cpu_start, load_start)
     finally:
