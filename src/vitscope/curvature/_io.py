@@ -1,38 +1,17 @@
-"""Atomic writes (temp file in the same directory, then ``os.replace``) and the curvature figures."""
+"""The curvature outputs: JSON and figures, written atomically (``vitscope.io.atomic``)."""
 from __future__ import annotations
 
-import json
-import os
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-
-def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
-    """Call ``write(tmp)`` on a temp file next to ``path``, then move it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+from vitscope.io.atomic import atomic_write, atomic_write_json
 
 
 def write_json(path: str | Path, data: Any) -> Path:
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1, allow_nan=False)
-
-    return atomic_write(path, write)
+    """Strict JSON (no NaN), written atomically."""
+    return atomic_write_json(path, data)
 
 
 def save_figure(fig: Any, path: str | Path) -> Path:

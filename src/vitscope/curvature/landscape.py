@@ -33,8 +33,8 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from vitscope.curvature._io import atomic_write
 from vitscope.curvature.hvp import LossFn, ParamSpec, analysis_mode, cross_entropy, l2_penalty, select_params
+from vitscope.io.atomic import atomic_write
 
 _logger = logging.getLogger(__name__)
 
