@@ -6,13 +6,13 @@ import datetime
 import io
 import logging
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
+from vitscope.io.atomic import atomic_write_bytes
 from vitscope.reports import figures as F
 from vitscope.reports.captions import caption
 from vitscope.reports.html import figure_html, render_page, table_html
@@ -26,27 +26,6 @@ __all__ = ["build_report", "FIGURES_DIR"]
 FIGURES_DIR = "figures"
 SUMMARY_COLUMNS = [("model", "model"), ("source", "source"), ("examples", "examples"), ("accuracy", "top-1"),
                    ("nll", "NLL"), ("ece", "ECE"), ("brier", "Brier"), ("occlusion_accuracy", "occlusion top-1")]
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write through a temporary file in the same directory, then rename (never a half-written file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def csv_bytes(rows: Sequence[dict[str, Any]]) -> bytes:

@@ -14,7 +14,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from vitscope.io.atomic import atomic_write_text
 from vitscope.studies.zoo import ModelSpec
 
 _logger = logging.getLogger(__name__)
@@ -53,25 +53,6 @@ def _jsonable(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     return obj
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write through a temporary file in the same directory, then rename (never a half-written file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            f.write(text)
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
