@@ -51,13 +51,20 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
 
 
 def json_safe(obj: Any) -> Any:
-    """A copy of ``obj`` that strict JSON accepts: non-finite floats become None (JSON has no NaN/Infinity)."""
+    """A copy of ``obj`` that strict JSON accepts: non-finite floats become None (JSON has no NaN/Infinity),
+    tensors and numpy values become lists or numbers, paths and dict keys become strings."""
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, dict):
-        return {k: json_safe(v) for k, v in obj.items()}
+        return {str(k): json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [json_safe(v) for v in obj]
+    if hasattr(obj, "detach"):  # torch tensors
+        obj = obj.detach().cpu()
+    if hasattr(obj, "tolist"):  # tensors, numpy arrays and scalars
+        return json_safe(obj.tolist())
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
     return obj
 
 

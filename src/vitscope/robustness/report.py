@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import io
 import logging
-import math
 import os
 from pathlib import Path
 from typing import Any
 
-from vitscope.io.atomic import atomic_write_bytes, atomic_write_json, write_csv
+from vitscope.io.atomic import atomic_write_bytes, atomic_write_json, json_safe, write_csv
 
 _logger = logging.getLogger(__name__)
 
@@ -126,23 +125,13 @@ def figures(results: dict[str, Any], title: str = "") -> dict[str, Any]:
     return figs
 
 
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
-
-
 def save_results(
     results: dict[str, Any], out_dir: str | os.PathLike, meta: dict[str, Any] | None = None, plots: bool = True
 ) -> list[Path]:
     """Write ``results.json``, one CSV per table and PNG figures into ``out_dir``; returns the paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    payload = _jsonable({"meta": meta or {}, **results})
+    payload = json_safe({"meta": meta or {}, **results})
     written = [out / "results.json"]
     atomic_write_json(written[0], payload)
     for name, rows in result_tables(results).items():

@@ -12,7 +12,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
 import os
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -23,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vitscope.io.atomic import atomic_write_text
+from vitscope.io.atomic import atomic_write_text, json_safe
 from vitscope.studies.zoo import ModelSpec
 
 _logger = logging.getLogger(__name__)
@@ -39,25 +38,9 @@ __all__ = [
 # Files and timing.
 
 
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, torch.Tensor):
-        return _jsonable(obj.detach().cpu().tolist())
-    if hasattr(obj, "tolist"):  # numpy arrays and scalars
-        return _jsonable(obj.tolist())
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
-
-
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     """JSON (non-finite floats as null), written atomically."""
-    return atomic_write_text(path, json.dumps(_jsonable(obj), indent=1, allow_nan=False))
+    return atomic_write_text(path, json.dumps(json_safe(obj), indent=1, allow_nan=False))
 
 
 class Timer:
