@@ -72,9 +72,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--method", default="lanczos", choices=("lanczos", "power"))
     p.add_argument("--tol", type=float, default=1e-3)
     p.add_argument("--max-iter", type=int, default=100)
-    p.add_argument("--backend", default="func", choices=("func", "autograd", "cached"),
-                   help="Hessian-vector products: torch.func forward-over-reverse (default), double backward, "
-                   "or double backward through one retained graph per batch (faster, more memory)")
+    p.add_argument("--backend", default="auto", choices=("auto", "func", "autograd", "cached"),
+                   help="Hessian-vector products: double backward through one retained graph per batch "
+                   "(cached; auto, the default, picks it), torch.func forward-over-reverse recomputed each "
+                   "product (func: less memory), or plain double backward (autograd)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="L2 term weight (default 0: NLL only)")
     p.add_argument("--l2-style", default="half_sq", choices=("half_sq", "hdvw"),
                    help="half_sq: wd/2 sum||p||^2; hdvw: wd sum||p|| (HDVW's code)")

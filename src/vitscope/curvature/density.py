@@ -82,7 +82,7 @@ def hessian_trace(
     params: ParamSpec = None,
     seed: int = 0,
     train_mode: bool = False,
-    backend: str = "func",
+    backend: str = "auto",
     operator: HessianOperator | None = None,
 ) -> TraceResult:
     """Hessian trace by Hutchinson (``n_samples`` Rademacher probes) or Hutch++ (``n_samples`` products)."""
@@ -178,7 +178,7 @@ def spectral_density(
     params: ParamSpec = None,
     seed: int = 0,
     train_mode: bool = False,
-    backend: str = "func",
+    backend: str = "auto",
     operator: HessianOperator | None = None,
 ) -> DensityResult:
     """Hessian eigenvalue density by stochastic Lanczos quadrature with ``n_v`` Rademacher probes.

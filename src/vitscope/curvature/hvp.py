@@ -27,6 +27,7 @@ _logger = logging.getLogger(__name__)
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 ParamSpec = None | Iterable[str] | Iterable[nn.Parameter] | Mapping[str, nn.Parameter]
 Batch = tuple[torch.Tensor, torch.Tensor]
+BACKENDS = ("auto", "func", "autograd", "cached")
 
 
 def cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -121,7 +122,9 @@ class HessianOperator:
         train_mode: run the model in train mode (default eval: BatchNorm uses running statistics).
         backend: ``"func"`` (forward-over-reverse) or ``"autograd"`` (double backward); ``"func"``
             falls back to ``"autograd"`` once if torch.func cannot differentiate the model.
-            ``"cached"`` is ``"autograd"`` with ``cache_graph=True``.
+            ``"cached"`` is ``"autograd"`` with ``cache_graph=True``. ``"auto"`` (default) is
+            ``"cached"`` for a single batch (many products on one batch: eigenvalues, densities) and
+            ``"func"`` for a list of batches (memory independent of their number).
         cache_graph: with ``backend="autograd"``, keep each batch's first-order gradient graph after the
             first product (PyHessian's way: each later product is one backward pass, about 1.5-2x
             faster on CPU, at the memory of one retained graph per batch). The cache holds the
@@ -137,12 +140,15 @@ class HessianOperator:
         params: ParamSpec = None,
         extra: Callable[[dict[str, torch.Tensor]], torch.Tensor] | None = None,
         train_mode: bool = False,
-        backend: str = "func",
+        backend: str = "auto",
         batch_index: Sequence[int] | None = None,
         cache_graph: bool = False,
     ):
-        if backend not in ("func", "autograd", "cached"):
-            raise ValueError(f"backend={backend!r} is not one of ('func', 'autograd', 'cached')")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
+        self.batches = as_batches(batch)
+        if backend == "auto":
+            backend = "cached" if len(self.batches) == 1 else "func"
         if backend == "cached":
             backend, cache_graph = "autograd", True
         self.model, self.loss_fn, self.extra = model, loss_fn, extra
@@ -154,7 +160,6 @@ class HessianOperator:
         self.dim = sum(self.numels)
         first = next(iter(self.params.values()))
         self.dtype, self.device = first.dtype, first.device
-        self.batches = as_batches(batch)
         self.batch_index = list(batch_index) if batch_index is not None else list(range(len(self.batches)))
         n = [len(x) for x, _ in self.batches]
         self.weights = [b / sum(n) for b in n]
@@ -183,6 +188,10 @@ class HessianOperator:
         if v.shape != (self.dim,):
             raise ValueError(f"vector has shape {tuple(v.shape)}, expected ({self.dim},)")
         v = v.to(device=self.device, dtype=self.dtype)
+        if self.cache_graph and len(self._graphs) == len(self.batches):
+            out = self._matvec_autograd(v)  # only backward passes through the retained graphs: no forward
+            self.n_products += 1
+            return out
         with analysis_mode(self.model, self.train_mode):
             if self.backend == "func":
                 try:
@@ -270,6 +279,30 @@ class HessianOperator:
                     )
             part = self.flatten([h if h is not None else torch.zeros_like(q) for h, q in zip(hv, leaves)])
             total = part if total is None else total.add_(part)
+        return total
+
+    def gradient(self) -> torch.Tensor:
+        """The objective's gradient as a flat vector (free after the first product with a cached graph;
+        one forward and backward pass otherwise)."""
+        total: torch.Tensor | None = None
+        with analysis_mode(self.model, self.train_mode):
+            frozen = self._frozen()
+            for i, w in enumerate(self.weights):
+                if self.cache_graph:
+                    if i not in self._graphs:
+                        self._graphs[i] = self._first_order(i, w, frozen)
+                    grads, leaves = self._graphs[i]
+                else:
+                    p = {n: t.detach().requires_grad_(True) for n, t in self.params.items()}
+                    leaves = list(p.values())
+                    with torch.enable_grad():
+                        loss = self._batch_loss(p, frozen, i)
+                        self._check(loss, i)
+                        obj = w * loss + (self.extra(p) if (self.extra is not None and i == 0) else 0.0)
+                        grads = torch.autograd.grad(obj, leaves, allow_unused=True)
+                part = self.flatten([g.detach() if g is not None else torch.zeros_like(q)
+                                     for g, q in zip(grads, leaves)])
+                total = part if total is None else total.add_(part)
         return total
 
     def loss(self) -> float:

@@ -116,7 +116,7 @@ def eigenvalue_spectrum(
     max_iter: int = 100,
     seed: int = 0,
     grid_size: int = 400,
-    backend: str = "func",
+    backend: str = "auto",
     progress: bool = False,
 ) -> SpectrumResult:
     """HDVW's Hessian eigenvalue spectrum over minibatches of ``loader``.
