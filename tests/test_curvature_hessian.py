@@ -180,6 +180,99 @@ def test_power_iteration_top_k_matches_dense(case, request):
     torch.testing.assert_close(gram, torch.eye(k, dtype=gram.dtype), atol=1e-6, rtol=0)
 
 
+def _sym_with_spectrum(eigenvalues: np.ndarray, seed: int = 0) -> torch.Tensor:
+    """A dense symmetric matrix Q diag(eigenvalues) Q^T with a random orthogonal Q."""
+    rng = np.random.default_rng(seed)
+    q, _ = np.linalg.qr(rng.standard_normal((len(eigenvalues), len(eigenvalues))))
+    return torch.from_numpy(q @ np.diag(eigenvalues) @ q.T)
+
+
+@pytest.mark.parametrize("k,tol", [(1, 1e-3), (1, 1e-6), (3, 1e-4), (5, 1e-3)])
+def test_lanczos_eigenvalue_rule_meets_its_tolerance(k, tol):
+    """The eigenvalue rule stops once the eigenvalues (not the vectors) are within tol: checked against the
+    exact spectrum, on spectra with both signs (largest magnitude first), never later than the residual rule."""
+    from vitscope.curvature.eigen import lanczos
+
+    rng = np.random.default_rng(k)
+    spectrum = np.concatenate([[10.0, -9.0, 8.5, -8.0, 7.9], rng.uniform(-6.0, 6.0, 295)])
+    A = _sym_with_spectrum(spectrum, seed=k)
+    want = torch.from_numpy(spectrum[np.argsort(-np.abs(spectrum))][:k])
+    found = {}
+    for criterion in ("eigenvalue", "residual"):
+        gen = torch.Generator().manual_seed(3)
+        vals, _, n, conv = lanczos(lambda v: A @ v, 300, k, tol, 300, "LM", gen, torch.float64, criterion=criterion)
+        assert all(conv)
+        assert ((vals - want).abs() <= tol * want.abs()).all(), (criterion, vals, want)
+        found[criterion] = n
+    assert found["eigenvalue"] <= found["residual"]
+
+
+def test_ritz_error_bounds_closed_form():
+    """Two Ritz values: rho alone when the gap is within rho, rho^2 / (gap - rho) beyond it."""
+    from vitscope.curvature.eigen import ritz_error_bounds
+
+    theta = torch.tensor([10.0, 4.0], dtype=torch.float64)
+    rho = torch.tensor([1.0, 7.0], dtype=torch.float64)
+    torch.testing.assert_close(ritz_error_bounds(theta, rho), torch.tensor([1.0 / 5.0, 7.0], dtype=torch.float64))
+    one = ritz_error_bounds(torch.tensor([3.0]), torch.tensor([0.5]))
+    torch.testing.assert_close(one, torch.tensor([0.5]))
+
+
+@pytest.mark.parametrize("backend", ["func", "autograd", "cached"])
+def test_operator_gradient_matches_autograd(mlp_case, backend):
+    """The flat gradient behind the gradient start, weighted over batches of unequal size like the Hessian."""
+    m, x, y, _ = mlp_case
+    batches = [(x[:3], y[:3]), (x[3:], y[3:])]
+    op = HessianOperator(m, F.cross_entropy, batches, backend=backend)
+    m.eval()
+    try:
+        ref = torch.autograd.grad(F.cross_entropy(m(x), y), list(m.parameters()))
+    finally:
+        m.train()
+    torch.testing.assert_close(op.gradient(), torch.cat([g.reshape(-1) for g in ref]), rtol=1e-10, atol=1e-12)
+    if backend == "cached":
+        assert len(op._graphs) == 2  # built once, reused by the products
+    assert m.training  # mode restored
+
+
+def test_gradient_start_falls_back_to_random_for_a_zero_gradient():
+    from vitscope.curvature.eigen import gradient_start
+
+    class ZeroGradient:
+        dim, dtype, device = 7, torch.float64, torch.device("cpu")
+
+        def gradient(self):
+            return torch.zeros(7, dtype=torch.float64)
+
+    gen = torch.Generator().manual_seed(0)
+    v = gradient_start(ZeroGradient(), gen)
+    assert v.shape == (7,) and abs(float(v.norm()) - 1.0) < 1e-12
+
+
+def test_auto_backend_caches_one_batch_and_streams_several(mlp_case):
+    m, x, y, H = mlp_case
+    one = HessianOperator(m, F.cross_entropy, (x, y))
+    several = HessianOperator(m, F.cross_entropy, [(x[:4], y[:4]), (x[4:], y[4:])])
+    assert (one.backend, one.cache_graph) == ("autograd", True)
+    assert (several.backend, several.cache_graph) == ("func", False)
+    v = torch.randn(H.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    for op in (one, several):
+        for _ in range(2):  # the second cached product runs no forward pass
+            torch.testing.assert_close(op(v), H @ v, rtol=1e-9, atol=1e-9)
+    with pytest.raises(ValueError, match="backend"):
+        HessianOperator(m, F.cross_entropy, (x, y), backend="fast")
+
+
+@pytest.mark.parametrize("start", ["gradient", "random"])
+def test_lanczos_starts_agree_with_dense(vit_case, start):
+    m, x, y, H = vit_case
+    ref = top_by_magnitude(torch.linalg.eigvalsh(H), 2)
+    res = top_eigenvalues(m, F.cross_entropy, (x, y), k=2, tol=1e-8, max_iter=H.shape[0], start=start)
+    torch.testing.assert_close(res.eigenvalues, ref, rtol=1e-6, atol=0)
+    with pytest.raises(ValueError, match="start"):
+        top_eigenvalues(m, F.cross_entropy, (x, y), start="ones")
+
+
 def test_default_tolerance_reports_unconverged_honestly(mlp_case):
     m, x, y, _ = mlp_case
     res = top_eigenvalues(m, F.cross_entropy, (x, y), k=3, method="power", tol=1e-12, max_iter=3)

@@ -8,6 +8,7 @@ largest algebraic ones instead.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -149,27 +150,59 @@ def power_iteration(
     return torch.tensor(values, dtype=torch.float64), torch.stack(vectors), n, converged
 
 
+def ritz_error_bounds(theta: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """Error bounds of Ritz values ``theta`` ``(m,)`` with Ritz residual norms ``residual`` ``(m,)``.
+
+    For each Ritz pair, an eigenvalue lies within ``rho = ||H y - theta y||`` of ``theta``, and within
+    ``rho^2 / delta`` when no other eigenvalue is within ``delta`` of ``theta`` (Kato-Temple; Parlett,
+    *The Symmetric Eigenvalue Problem*, sec. 11-7). ``delta`` is estimated from the other Ritz values,
+    shrunk by ``rho``: the distance to the nearest one minus ``rho``; the bound is therefore an
+    estimate, sharp once the spectrum next to ``theta`` is resolved. Returns ``min(rho, rho^2 / delta)``.
+    """
+    if len(theta) < 2:
+        return residual.clone()
+    dist = (theta[:, None] - theta[None, :]).abs()  # (m, m)
+    dist.fill_diagonal_(float("inf"))
+    delta = dist.min(dim=1).values - residual  # (m,)
+    quadratic = residual.square() / delta.clamp_min(torch.finfo(delta.dtype).tiny)
+    return torch.where(delta > residual, torch.minimum(residual, quadratic), residual)
+
+
 def lanczos(
     matvec: MatVec, dim: int, k: int = 1, tol: float = 1e-3, max_iter: int = 100, which: str = "LM",
     generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32,
-    device: torch.device | str = "cpu", return_vectors: bool = False,
+    device: torch.device | str = "cpu", return_vectors: bool = False, criterion: str = "eigenvalue",
+    v0: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, int, list[bool]]:
     """Lanczos with full reorthogonalization for k extreme eigenvalues of a symmetric operator.
 
-    A Ritz value ``theta`` has converged when its residual ``|beta_j * s_j|`` (the Ritz pair's
-    ``||H y - theta y||``, which bounds the distance to an eigenvalue) is at most ``tol * |theta|``.
-    Keeps up to ``max_iter`` basis vectors of length ``dim``.
+    Stopping rule (``criterion``), with ``rho = |beta_j * s_j|`` the Ritz pair's residual
+    ``||H y - theta y||``:
+
+    - ``"eigenvalue"``: the eigenvalue error bound ``min(rho, rho^2 / gap)`` (``ritz_error_bounds``) is
+      at most ``tol * |theta|``: ``tol`` is the relative accuracy of the eigenvalues.
+    - ``"residual"``: ``rho <= tol * |theta|``, stricter; it also bounds the eigenvector's angle
+      (``sin <= rho / gap``), so use it when the eigenvectors matter.
+
+    Starts from ``v0`` when given (any non-zero vector; a random one otherwise). Keeps up to
+    ``max_iter`` basis vectors of length ``dim``.
 
     Returns:
         eigenvalues ``(k,)``, eigenvectors ``(k, dim)`` or None, products used, converged flags.
     """
+    if criterion not in ("eigenvalue", "residual"):
+        raise ValueError(f"criterion={criterion!r} is not one of ('eigenvalue', 'residual')")
     k = min(k, dim)
     max_iter = min(max(max_iter, k), dim)
     basis = Basis(dim, dtype, device)
     v_prev: torch.Tensor | None = None
     alphas: list[float] = []
     betas: list[float] = []  # betas[j] couples basis[j] and basis[j + 1]
-    v = _unit(torch.randn(dim, generator=generator, dtype=dtype, device="cpu").to(device))
+    if v0 is not None and v0.shape != (dim,):
+        raise ValueError(f"start vector has shape {tuple(v0.shape)}, expected ({dim},)")
+    if v0 is None or not bool(torch.isfinite(v0).all()) or float(torch.linalg.vector_norm(v0)) == 0.0:
+        v0 = torch.randn(dim, generator=generator, dtype=dtype, device="cpu")
+    v = _unit(v0.to(device=device, dtype=dtype))
     idx, theta, s, n = None, None, None, 0
     converged = [False] * k
     scale = 0.0
@@ -191,8 +224,9 @@ def lanczos(
         theta, s = torch.linalg.eigh(T)  # (j+1,), (j+1, j+1)
         scale = max(scale, float(theta.abs().max()))
         idx = _select(theta, k, which)
-        residual = (beta * s[-1, idx]).abs()
-        converged = [bool(r <= tol * abs(t)) for r, t in zip(residual, theta[idx])]
+        residual = (beta * s[-1, :]).abs()  # (j+1,)
+        error = ritz_error_bounds(theta, residual) if criterion == "eigenvalue" else residual
+        converged = [bool(e <= tol * abs(t)) for e, t in zip(error[idx], theta[idx])]
         if len(idx) >= k and all(converged):
             break
         if j + 1 == max_iter:
@@ -216,6 +250,23 @@ def lanczos(
     return theta[idx].clone(), vectors, n, converged
 
 
+def gradient_start(op: HessianOperator, generator: torch.Generator) -> torch.Tensor:
+    """A Lanczos start vector: the unit gradient plus an independent unit Gaussian vector.
+
+    The loss gradient lies mostly in the span of the top Hessian eigenvectors (Gur-Ari et al. 2018,
+    "Gradient descent happens in a tiny subspace"), so it starts Lanczos far closer to them than a
+    random vector does (whose overlap is about ``1 / sqrt(P)``); the random half keeps every
+    eigenvector in the Krylov space, so no eigenvalue is out of reach. Falls back to the random vector
+    when the gradient is zero or not finite.
+    """
+    r = _unit(torch.randn(op.dim, generator=generator, dtype=op.dtype, device="cpu").to(op.device))
+    g = op.gradient()
+    norm = float(torch.linalg.vector_norm(g))
+    if not (math.isfinite(norm) and norm > 0.0):
+        return r
+    return g / norm + r
+
+
 def top_eigenvalues(
     model: nn.Module,
     loss_fn: LossFn,
@@ -229,25 +280,35 @@ def top_eigenvalues(
     seed: int = 0,
     which: str = "LM",
     train_mode: bool = False,
-    backend: str = "func",
+    backend: str = "auto",
     operator: HessianOperator | None = None,
+    criterion: str | None = None,
+    start: str = "gradient",
 ) -> EigenResult:
     """Top-k Hessian eigenvalues of ``loss_fn(model(x), y)`` over ``params`` on one batch (or a list).
 
     Args:
-        method: ``"lanczos"`` (full reorthogonalization; converged when the Ritz residual is at most
-            ``tol * |eigenvalue|``) or ``"power"`` (PyHessian's power iteration with deflation; ``tol`` is
-            the relative change of the Rayleigh quotient, ``max_iter`` per eigenvalue).
+        method: ``"lanczos"`` (full reorthogonalization) or ``"power"`` (PyHessian's power iteration with
+            deflation from random vectors; ``tol`` is the relative change of the Rayleigh quotient,
+            ``max_iter`` per eigenvalue).
+        tol: Lanczos: relative accuracy of each eigenvalue under ``criterion``.
+        criterion: Lanczos stopping rule (see ``lanczos``): ``"eigenvalue"`` (error bound on the
+            eigenvalue) or ``"residual"`` (Ritz residual, also bounds the eigenvectors). Default:
+            ``"residual"`` when ``return_vectors`` is set, else ``"eigenvalue"``.
+        start: Lanczos start vector: ``"gradient"`` (the loss gradient plus a random vector, see
+            ``gradient_start``; free with the cached backend) or ``"random"``.
         which: ``"LM"`` largest magnitude (what power iteration finds), ``"LA"`` largest algebraic
             (Lanczos only).
-        backend, train_mode: see ``HessianOperator``.
+        backend, train_mode: see ``HessianOperator`` (``"auto"``: one retained graph for one batch).
         operator: a prebuilt ``HessianOperator`` (then model, loss_fn, batch, params are not used).
     """
     if k < 1:
         raise ValueError(f"k={k} must be at least 1")
+    if start not in ("gradient", "random"):
+        raise ValueError(f"start={start!r} is not one of ('gradient', 'random')")
     op = operator or HessianOperator(model, loss_fn, batch, params=params, train_mode=train_mode, backend=backend)
     gen = torch.Generator().manual_seed(seed)
-    start = op.n_products
+    start_count = op.n_products
     if method == "power":
         if which != "LM":
             raise ValueError("power iteration finds largest-magnitude eigenvalues only; use which='LM'")
@@ -255,14 +316,16 @@ def top_eigenvalues(
             raise ValueError(f"k={k} exceeds the number of parameters ({op.dim})")
         vals, vecs, _, conv = power_iteration(op, op.dim, k, tol, max_iter, gen, op.dtype, op.device)
     elif method == "lanczos":
+        criterion = criterion or ("residual" if return_vectors else "eigenvalue")
+        v0 = gradient_start(op, gen) if start == "gradient" else None
         vals, vecs, _, conv = lanczos(op, op.dim, k, tol, max_iter, which, gen, op.dtype, op.device,
-                                      return_vectors=return_vectors)
+                                      return_vectors=return_vectors, criterion=criterion, v0=v0)
     else:
         raise ValueError(f"method={method!r} is not one of ('lanczos', 'power')")
     if not all(conv):
         _logger.warning("%d of %d eigenvalues did not converge to tol=%g in max_iter=%d (method=%s)",
                         conv.count(False), len(conv), tol, max_iter, method)
     return EigenResult(
-        eigenvalues=vals, n_hvp=op.n_products - start, converged=conv, method=method,
+        eigenvalues=vals, n_hvp=op.n_products - start_count, converged=conv, method=method,
         eigenvectors=vecs if return_vectors else None, param_names=list(op.names),
     )
