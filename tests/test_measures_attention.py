@@ -240,3 +240,20 @@ def test_bad_inputs():
         m.update(a)
     with pytest.raises(ValueError, match="layout"):
         RelativeDistance().update([a, a], layout=[SimpleNamespace(grid=(4, 4), num_prefix_tokens=1)])
+
+
+def test_validate_false_same_values_shapes_still_checked():
+    """``update(..., validate=False)`` (vitscope.probe checks each map once for all four measures) skips the
+    row and NaN scans only."""
+    a = random_attention(5, 3, 17, seed=4)
+    layout = [SimpleNamespace(grid=(4, 4), num_prefix_tokens=1, patch_size=8)]
+    for cls in (AttentionEntropy, AttentionDistance, Nonlocality, RelativeDistance):
+        checked, trusted = cls(), cls()
+        checked.update([a], layout)
+        trusted.update([a], layout, validate=False)
+        torch.testing.assert_close(trusted.compute(), checked.compute(), rtol=0, atol=0)
+        with pytest.raises(ValueError, match="sum"):
+            cls().update([a * 2], layout)
+        cls().update([a * 2], layout, validate=False)  # the caller vouched for the values
+        with pytest.raises(ValueError, match="4-D"):
+            cls().update([a[0]], layout, validate=False)

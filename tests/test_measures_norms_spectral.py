@@ -165,3 +165,43 @@ def test_variance_closed_form_and_bad_inputs():
         FourierLogAmplitude().update(rnd(2, 17, 4))
     with pytest.raises(ValueError, match="grid"):
         FourierLogAmplitude(grid=(3, 3), num_prefix_tokens=1).update(rnd(2, 17, 4))
+
+
+@pytest.mark.parametrize("hw", [(16, 16), (14, 9), (6, 11), (1, 5)])
+def test_fourier_half_diagonal_dft_equals_full_fft(hw):
+    """Only the F half-diagonal DFT coefficients are computed (a matmul): they equal numpy's full FFT2 at
+    (k, k), for maps and for ViT tokens (class token dropped) given with a grid, over unequal batches."""
+    h, w = hw
+    x = rnd(7, 5, h, w, seed=h * w).double() * 3 + 1
+    F = min(h - h // 2, w - w // 2)
+    k = np.arange(F)
+    logamp = np.log(np.abs(np.fft.fft2(x.numpy()))[..., k, k] + 1e-6).mean((0, 1))
+    np.testing.assert_allclose(fourier_log_amplitude(x).numpy(), logamp - logamp[0], rtol=1e-10, atol=1e-10)
+    tokens = torch.cat([rnd(7, 1, 5, seed=1).double(), x.flatten(2).transpose(1, 2)], dim=1)  # (B, 1 + h*w, C)
+    m = FourierLogAmplitude(grid=(h, w), num_prefix_tokens=1)
+    m.update(tokens[:3])
+    m.update(tokens[3:])
+    np.testing.assert_allclose(m.compute().numpy(), logamp - logamp[0], rtol=1e-10, atol=1e-10)
+
+
+def test_validate_false_skips_only_the_value_scans():
+    """``validate=False`` (used by vitscope.probe, which scans each captured tensor once) gives the same
+    values, still checks shapes, and no longer scans for NaN."""
+    z, fz = rnd(4, 17, 6, seed=9), rnd(4, 17, 6, seed=10)
+    layout = [SimpleNamespace(grid=(4, 4), num_prefix_tokens=1)]
+    for cls in (FourierLogAmplitude, FeatureVariance):
+        checked, trusted = cls(), cls()
+        checked.update([z], layout)
+        trusted.update([z], layout, validate=False)
+        torch.testing.assert_close(trusted.compute(), checked.compute(), rtol=0, atol=0)
+        with pytest.raises(ValueError, match="NaN"):
+            cls().update([z * float("nan")], layout)
+        cls().update([z * float("nan")], layout, validate=False)  # the caller vouched for the values
+        with pytest.raises(ValueError, match="grid"):
+            cls().update([z[:, :16]], layout, validate=False)
+    checked, trusted = RatioOfNorms(), RatioOfNorms()
+    checked.update(z, fz)
+    trusted.update(z, fz, validate=False)
+    assert checked.compute() == trusted.compute()
+    with pytest.raises(ValueError, match="same shape"):
+        RatioOfNorms().update(z, fz[:, :5], validate=False)

@@ -112,3 +112,13 @@ def test_cli_probe_writes_json_and_csv(tmp_path, capsys):
     assert main(["probe", "--model", "test_vit_cb", "--data", "fake", "--measures", "bogus", "--out",
                  str(out)]) == 2
     assert "unknown measure" in capsys.readouterr().err
+
+
+def test_probe_scans_each_captured_tensor_once_and_names_the_layer():
+    """The measures skip their own value scans inside probe; probe's single scan still stops a non-finite
+    sub-layer with a message naming it (the images themselves are finite)."""
+    model = vitscope.create_model("test_vit_cifar").eval()
+    with torch.no_grad():
+        model.blocks[1].mlp.fc2.bias[0] = float("inf")
+    with pytest.raises(ValueError, match=r"batch 0: the .* of sub-layer blocks\.1\.mlp contains NaN or Inf"):
+        vitscope.probe(model, DataLoader(_data(n=4), batch_size=4), ["feature_variance"], progress=False)

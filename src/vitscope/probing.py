@@ -23,6 +23,7 @@ from vitscope import measures as M
 from vitscope.capture import Capture, LayerInfo, capture
 from vitscope.capture._sites import find_blocks, is_attention_module
 from vitscope.io.atomic import atomic_write_json, json_safe, write_csv
+from vitscope.measures._validate import all_finite, check_attention, raise_non_finite
 
 _logger = logging.getLogger(__name__)
 
@@ -39,6 +40,25 @@ def _layer_row(info: LayerInfo, i: int, n: int) -> dict[str, Any]:
 def _heads(values: torch.Tensor) -> dict[str, Any]:
     v = [float(x) for x in values.flatten()]
     return {"value": sum(v) / len(v), "heads": v}
+
+
+def _check_capture(cap: Capture, batch: int) -> None:
+    """Scan every captured tensor once (finite values; attention rows are probabilities), so the measures,
+    several of which read the same tensor, can skip their own scans (``validate=False``).
+
+    Attention maps are replaced by ``check_attention``'s result (round-off below 0 clamped).
+    """
+    for i, (attn, info) in enumerate(zip(cap.attentions, cap.attention_layout)):
+        cap.attentions[i] = check_attention(attn, f"batch {batch}: the attention map of {info.name}")
+    seen: set[int] = set()
+    for rec in cap.records:
+        for what, t in (("input", rec.z_in), ("branch output", rec.branch), ("skip-path output", rec.shortcut),
+                        ("output", rec.z_out)):
+            if id(t) in seen:  # z_in of a sub-layer is often the z_out (and shortcut) of another
+                continue
+            seen.add(id(t))
+            if t.is_floating_point() and not all_finite(t):
+                raise_non_finite(f"batch {batch}: the {what} of sub-layer {rec.info.name}")
 
 
 class _ProbeMeasure:
@@ -74,7 +94,7 @@ class _AttentionProbe(_ProbeMeasure):
 
     def update(self, cap: Capture) -> None:
         self.layout = list(cap.attention_layout)
-        self.measure.update(cap.attentions, cap.attention_layout)
+        self.measure.update(cap.attentions, cap.attention_layout, validate=False)
 
     def streaming(self) -> list[M.StreamingMeasure]:
         return [self.measure]
@@ -126,7 +146,7 @@ class _CKA(_ProbeMeasure):
         self.layout = list(cap.layout)
         if self.measure is None:
             self.measure = M.MinibatchCKA(len(cap.layout))
-        self.measure.update([z_out for _, z_out in cap.residuals])
+        self.measure.update([r.z_out for r in cap.records], validate=False)
 
     def streaming(self) -> list[M.StreamingMeasure]:
         return [self.measure]
@@ -168,7 +188,7 @@ class _MapProbe(_ProbeMeasure):
             self.total = len(cap.layout)
             if not self.keep:
                 raise ValueError("no sub-layer has a spatial map larger than 1x1; use a larger input size")
-        self.measure.update([cap.residuals[i] for i in self.keep], self.layout)
+        self.measure.update([cap.records[i].z_out for i in self.keep], self.layout, validate=False)
 
     def streaming(self) -> list[M.StreamingMeasure]:
         return [self.measure]
@@ -204,7 +224,7 @@ class _RatioOfNorms(_ProbeMeasure):
 
     def update(self, cap: Capture) -> None:
         self.layout = list(cap.layout)
-        self.measure.update(cap.shortcuts, cap.branches, cap.layout)
+        self.measure.update(cap.shortcuts, cap.branches, cap.layout, validate=False)
 
     def streaming(self) -> list[M.StreamingMeasure]:
         return [self.measure]
@@ -357,6 +377,7 @@ def probe(
                 raise ValueError(f"batch {b} holds NaN or infinite pixels; check the data pipeline")
             with capture(model, attention=need_attn, residual=need_streams, branches=need_streams) as cap:
                 logits = model(images)
+            _check_capture(cap, b)
             for a in adapters.values():
                 a.update(cap)
             stats[3] += images.shape[0]

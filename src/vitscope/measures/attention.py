@@ -12,6 +12,7 @@ sits at row r, column c, after ``p`` prefix tokens), as timm ViTs lay them out.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -32,11 +33,12 @@ def _count(x: Tensor, n: int) -> Tensor:
 
 
 # ------------------------------------------------------------------------------------- per-batch sums
-def _entropy_sums(attn: Tensor, name: str = "attn") -> dict[str, Tensor]:
-    a = check_attention(attn, name)  # (B, H, N, N)
+def _entropy_sums(attn: Tensor, name: str = "attn", validate: bool = True) -> dict[str, Tensor]:
+    a = check_attention(attn, name, validate)  # (B, H, N, N)
     B, H, N, _ = a.shape
-    ent = -torch.xlogy(a, a).sum(-1)  # (B, H, N), 0 * log 0 = 0
-    return {"sum": ent.double().sum((0, 2)), "count": _count(a, B * N)}
+    # -sum_j A ln A with 0 ln 0 = 0: clamping before the log is exact for A = 0 and faster than xlogy
+    ent = -(a * a.clamp_min(torch.finfo(a.dtype).tiny).log()).sum(-1)  # (B, H, N)
+    return {"sum": ent.sum((0, 2), dtype=torch.float64), "count": _count(a, B * N)}
 
 
 def _patch_size(patch_size: Any) -> float:
@@ -49,46 +51,64 @@ def _patch_size(patch_size: Any) -> float:
     return float(patch_size)
 
 
+@functools.lru_cache(maxsize=16)
+def _off_diagonal(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """1 - I, (n, n). Cached: do not modify it."""
+    return 1 - torch.eye(n, dtype=dtype, device=device)
+
+
+def _weighted_mass(a: Tensor, dist: Tensor) -> Tensor:
+    """sum over examples and queries of sum_j A_ij d_ij, per head: (H,) float64, from the batch sum of A."""
+    return (a.sum(0).double() * dist).sum((-1, -2))  # (H,): batch sum in the maps' dtype (float32: ~1e-7)
+
+
 def _distance_sums(
-    attn: Tensor, grid: Any, patch_size: Any, num_prefix_tokens: int, renormalize: bool, name: str = "attn"
+    attn: Tensor, grid: Any, patch_size: Any, num_prefix_tokens: int, renormalize: bool, name: str = "attn",
+    validate: bool = True,
 ) -> dict[str, Tensor]:
-    a = check_attention(attn, name)  # (B, H, N, N)
+    a = check_attention(attn, name, validate)  # (B, H, N, N)
     B, H, N, _ = a.shape
     h, w = check_grid(grid, N, num_prefix_tokens)
     ps = _patch_size(patch_size)
     a = a[..., num_prefix_tokens:, num_prefix_tokens:]  # (B, H, S, S) view
-    dist = (pairwise_distance(h, w, a.device) * ps).to(a.dtype)  # (S, S) pixels
-    per_query = torch.einsum("bhij,ij->bhi", a, dist).double()  # (B, H, S)
-    if renormalize:  # divide by the spatial mass of each row; rows with none stay 0
-        per_query = per_query / a.sum(-1, dtype=torch.float64).clamp_min(1e-300)
-    return {"sum": per_query.sum((0, 2)), "count": _count(a, B * h * w)}
+    dist = pairwise_distance(h, w, a.device) * ps  # (S, S) pixels, float64
+    count = _count(a, B * h * w)
+    if not renormalize:  # linear in A: sum over the batch first
+        return {"sum": _weighted_mass(a, dist), "count": count}
+    per_query = (a * dist.to(a.dtype)).sum(-1).double()  # (B, H, S)
+    per_query = per_query / a.sum(-1).double().clamp_min(1e-300)  # rows with no spatial mass stay 0
+    return {"sum": per_query.sum((0, 2)), "count": count}
 
 
-def _nonlocality_sums(attn: Tensor, grid: Any, num_prefix_tokens: int, name: str = "attn") -> dict[str, Tensor]:
-    a = check_attention(attn, name)  # (B, H, N, N)
+def _nonlocality_sums(
+    attn: Tensor, grid: Any, num_prefix_tokens: int, name: str = "attn", validate: bool = True
+) -> dict[str, Tensor]:
+    a = check_attention(attn, name, validate)  # (B, H, N, N)
     B, H, N, _ = a.shape
     h, w = check_grid(grid, N, num_prefix_tokens)
     a = a[..., num_prefix_tokens:, num_prefix_tokens:]  # (B, H, S, S) view
-    a_sum = a.sum(0, dtype=torch.float64)  # (H, S, S): sum of A over examples
     dist = pairwise_distance(h, w, a.device)  # (S, S) patch units
     # (1/S) sum_ij (sum_b A_b)_ij d_ij; divided by the example count in compute = nonlocality of mean_b A.
-    return {"sum": (a_sum * dist).sum((-1, -2)) / (h * w), "count": _count(a, B)}
+    return {"sum": _weighted_mass(a, dist) / (h * w), "count": _count(a, B)}
 
 
 def _relative_sums(
-    attn: Tensor, grid: Any, num_prefix_tokens: int, renormalize: bool, name: str = "attn"
+    attn: Tensor, grid: Any, num_prefix_tokens: int, renormalize: bool, name: str = "attn", validate: bool = True
 ) -> dict[str, Tensor]:
-    a = check_attention(attn, name)  # (B, H, N, N)
+    a = check_attention(attn, name, validate)  # (B, H, N, N)
     B, H, N, _ = a.shape
     h, w = check_grid(grid, N, num_prefix_tokens)
     S = h * w
     a = a[..., num_prefix_tokens:, num_prefix_tokens:]  # (B, H, S, S) view
     dist = pairwise_distance(h, w, a.device, normalize=True)  # (S, S), positions in [0, 1]^2, zero diagonal
-    per_query = torch.einsum("bhij,ij->bhi", a, dist.to(a.dtype)).double()  # (B, H, S): self adds 0
-    if renormalize:  # divide by the mass on other spatial tokens; rows with none left stay 0
-        mass = a.sum(-1, dtype=torch.float64) - a.diagonal(dim1=-2, dim2=-1).double()  # (B, H, S)
-        per_query = per_query / mass.clamp_min(1e-300)
-    return {"sum": per_query.sum((0, 2)), "count": _count(a, B * S)}
+    count = _count(a, B * S)
+    if not renormalize:  # self adds 0 (zero diagonal); linear in A
+        return {"sum": _weighted_mass(a, dist), "count": count}
+    per_query = (a * dist.to(a.dtype)).sum(-1).double()  # (B, H, S): self adds 0
+    # divide by the mass on other spatial tokens (summed directly: no cancellation against A_ii); rows with none
+    # left stay 0
+    mass = (a * _off_diagonal(S, a.dtype, a.device)).sum(-1).double()  # (B, H, S)
+    return {"sum": (per_query / mass.clamp_min(1e-300)).sum((0, 2)), "count": count}
 
 
 def _mean(state: dict[str, Tensor]) -> Tensor:
@@ -201,19 +221,23 @@ class _AttentionMeasure(StreamingMeasure):
         prefix = layer_option(self.num_prefix_tokens, layout, i, "num_prefix_tokens")
         return grid, self.default_prefix if prefix is None else prefix
 
-    def _sums(self, attn: Tensor, layout: Any, i: int, name: str) -> dict[str, Tensor]:
+    def _sums(self, attn: Tensor, layout: Any, i: int, name: str, validate: bool) -> dict[str, Tensor]:
         raise NotImplementedError
 
-    def update(self, attn: Tensor | list[Tensor], layout: Any = None) -> None:
+    def update(self, attn: Tensor | list[Tensor], layout: Any = None, *, validate: bool = True) -> None:
         """Add a batch: ``attn`` (B, H, N, N) or a list of them (one per layer, e.g. ``cap.attentions``).
 
         ``layout``: a LayerInfo or the aligned list (``cap.attention_layout``) giving each layer's grid,
-        patch size and prefix tokens; constructor arguments take precedence.
+        patch size and prefix tokens; constructor arguments take precedence. ``validate=False`` skips the
+        scans of the values (finite, rows of probabilities; shapes are always checked): for callers that
+        checked the maps once already, such as ``vitscope.probe`` feeding four attention measures.
         """
         attns, single = as_list(attn, "attn")
         check_layout(layout, len(attns))
         names = ["attn"] if single else [f"attn[{i}]" for i in range(len(attns))]
-        self._accumulate([self._sums(a, layout, i, n) for i, (a, n) in enumerate(zip(attns, names))], single)
+        self._accumulate(
+            [self._sums(a, layout, i, n, validate) for i, (a, n) in enumerate(zip(attns, names))], single
+        )
 
     def _compute_layer(self, state: dict[str, Tensor]) -> Tensor:
         return _mean(state)
@@ -228,8 +252,8 @@ class AttentionEntropy(_AttentionMeasure):
     def _options(self) -> dict[str, Any]:
         return {}
 
-    def _sums(self, attn: Tensor, layout: Any, i: int, name: str) -> dict[str, Tensor]:
-        return _entropy_sums(attn, name)
+    def _sums(self, attn: Tensor, layout: Any, i: int, name: str, validate: bool) -> dict[str, Tensor]:
+        return _entropy_sums(attn, name, validate)
 
 
 class AttentionDistance(_AttentionMeasure):
@@ -246,10 +270,10 @@ class AttentionDistance(_AttentionMeasure):
     def _options(self) -> dict[str, Any]:
         return {**super()._options(), "patch_size": self.patch_size, "renormalize": self.renormalize}
 
-    def _sums(self, attn: Tensor, layout: Any, i: int, name: str) -> dict[str, Tensor]:
+    def _sums(self, attn: Tensor, layout: Any, i: int, name: str, validate: bool) -> dict[str, Tensor]:
         grid, prefix = self._layer_args(layout, i)
         patch_size = layer_option(self.patch_size, layout, i, "patch_size")
-        return _distance_sums(attn, grid, patch_size, prefix, self.renormalize, name)
+        return _distance_sums(attn, grid, patch_size, prefix, self.renormalize, name, validate)
 
 
 class Nonlocality(_AttentionMeasure):
@@ -262,9 +286,9 @@ class Nonlocality(_AttentionMeasure):
 
     default_prefix = 0
 
-    def _sums(self, attn: Tensor, layout: Any, i: int, name: str) -> dict[str, Tensor]:
+    def _sums(self, attn: Tensor, layout: Any, i: int, name: str, validate: bool) -> dict[str, Tensor]:
         grid, prefix = self._layer_args(layout, i)
-        return _nonlocality_sums(attn, grid, prefix, name)
+        return _nonlocality_sums(attn, grid, prefix, name, validate)
 
 
 class RelativeDistance(_AttentionMeasure):
@@ -277,6 +301,6 @@ class RelativeDistance(_AttentionMeasure):
     def _options(self) -> dict[str, Any]:
         return {**super()._options(), "renormalize": self.renormalize}
 
-    def _sums(self, attn: Tensor, layout: Any, i: int, name: str) -> dict[str, Tensor]:
+    def _sums(self, attn: Tensor, layout: Any, i: int, name: str, validate: bool) -> dict[str, Tensor]:
         grid, prefix = self._layer_args(layout, i)
-        return _relative_sums(attn, grid, prefix, self.renormalize, name)
+        return _relative_sums(attn, grid, prefix, self.renormalize, name, validate)

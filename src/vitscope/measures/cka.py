@@ -37,9 +37,9 @@ def _flatten(x: Any, name: str) -> Tensor:
     return x.reshape(x.shape[0], -1).to(torch.float64)  # (n, D)
 
 
-def _linear_gram(x: Tensor, name: str = "x") -> Tensor:
+def _linear_gram(x: Tensor, name: str = "x", validate: bool = True) -> Tensor:
     gram = x @ x.T  # (n, n)
-    if not torch.isfinite(gram).all():
+    if validate and not torch.isfinite(gram).all():
         raise_non_finite(name)
     return gram
 
@@ -152,7 +152,7 @@ class MinibatchCKA(StreamingMeasure):
         super().reset()
         self._cross: bool | None = None  # whether updates pass feats_y
 
-    def _centred_grams(self, feats: list, name: str, n: int | None) -> tuple[Tensor, int]:
+    def _centred_grams(self, feats: list, name: str, n: int | None, validate: bool) -> tuple[Tensor, int]:
         us = []
         for i, f in enumerate(feats):
             flat = _flatten(f, f"{name}[{i}]")  # (n, D) float64
@@ -164,13 +164,16 @@ class MinibatchCKA(StreamingMeasure):
                     f"{'' if name == 'feats_x' else ' / feats_x'} has n={n}; every layer of a batch must hold "
                     "the same examples"
                 )
-            gram = _linear_gram(flat, f"{name}[{i}]")  # (n, n); also the NaN/Inf check
+            gram = _linear_gram(flat, f"{name}[{i}]", validate)  # (n, n); also the NaN/Inf check
             if n > 3:
                 us.append(_center_unbiased(gram).flatten())  # (n*n,)
         return (torch.stack(us) if us else torch.empty(0)), n  # (L, n*n)
 
-    def update(self, feats_x: list[Tensor], feats_y: list[Tensor] | None = None) -> None:
-        """Add one batch of features: ``feats_x`` (and ``feats_y``) one (n, ...) tensor per layer."""
+    def update(self, feats_x: list[Tensor], feats_y: list[Tensor] | None = None, *, validate: bool = True) -> None:
+        """Add one batch of features: ``feats_x`` (and ``feats_y``) one (n, ...) tensor per layer.
+
+        ``validate=False`` skips the NaN/Inf check of the Grams (shapes are always checked): for callers that
+        checked the features already, such as ``vitscope.probe``."""
         xs, _ = as_list(feats_x, "feats_x")
         if len(xs) != self.num_layers_x:
             raise ValueError(f"feats_x has {len(xs)} layers but num_layers_x={self.num_layers_x}")
@@ -188,8 +191,8 @@ class MinibatchCKA(StreamingMeasure):
                 "MinibatchCKA: feats_y was " + ("given" if self._cross else "omitted") + " in earlier updates; pass "
                 "it in every update or in none (call reset() to start over)"
             )
-        ux, n = self._centred_grams(xs, "feats_x", None)
-        uy = ux if ys is None else self._centred_grams(ys, "feats_y", n)[0]
+        ux, n = self._centred_grams(xs, "feats_x", None, validate)
+        uy = ux if ys is None else self._centred_grams(ys, "feats_y", n, validate)[0]
         self._cross = cross
         zero = torch.zeros((), dtype=torch.float64, device=ux.device)
         if n <= 3:

@@ -23,9 +23,11 @@ Tensor = torch.Tensor
 __all__ = ["ratio_of_norms", "RatioOfNorms"]
 
 
-def _ratio_sums(z: Any, fz: Any, num_prefix_tokens: int, name_z: str = "z", name_fz: str = "fz") -> dict[str, Tensor]:
-    z = check_tensor(z, name_z, (3, 4), "(B, N, D) tokens or (B, C, H, W) maps")
-    fz = check_tensor(fz, name_fz, (3, 4), "(B, N, D) tokens or (B, C, H, W) maps")
+def _ratio_sums(
+    z: Any, fz: Any, num_prefix_tokens: int, name_z: str = "z", name_fz: str = "fz", validate: bool = True
+) -> dict[str, Tensor]:
+    z = check_tensor(z, name_z, (3, 4), "(B, N, D) tokens or (B, C, H, W) maps", finite=validate)
+    fz = check_tensor(fz, name_fz, (3, 4), "(B, N, D) tokens or (B, C, H, W) maps", finite=validate)
     if z.shape != fz.shape:
         raise ValueError(
             f"{name_z} {tuple(z.shape)} and {name_fz} {tuple(fz.shape)} must have the same shape; pass the stream "
@@ -103,8 +105,9 @@ class RatioOfNorms(StreamingMeasure):
     def _options(self) -> dict[str, Any]:
         return {"num_prefix_tokens": self.num_prefix_tokens}
 
-    def update(self, z: Any, fz: Any, layout: Any = None) -> None:
-        """Add one batch (see the class docstring)."""
+    def update(self, z: Any, fz: Any, layout: Any = None, *, validate: bool = True) -> None:
+        """Add one batch (see the class docstring). ``validate=False`` skips the finite-value scans (shapes are
+        always checked): for callers that checked the tensors already, such as ``vitscope.probe``."""
         zs, single = as_list(z, "z")
         fzs, _ = as_list(fz, "fz")
         if len(zs) != len(fzs):
@@ -116,7 +119,9 @@ class RatioOfNorms(StreamingMeasure):
                 zi = zi[0]
             prefix = layer_option(self.num_prefix_tokens, layout, i, "num_prefix_tokens")
             suffix = "" if single else f"[{i}]"
-            contribs.append(_ratio_sums(zi, fi, 1 if prefix is None else prefix, f"z{suffix}", f"fz{suffix}"))
+            contribs.append(
+                _ratio_sums(zi, fi, 1 if prefix is None else prefix, f"z{suffix}", f"fz{suffix}", validate)
+            )
         self._accumulate(contribs, single)
 
     def _compute_layer(self, state: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -7,13 +7,14 @@ Both take maps (B, C, h, w); for ViT tokens drop the prefix tokens and reshape f
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
 import torch
 
 from vitscope.measures._streaming import StreamingMeasure, check_layout, layer_option
-from vitscope.measures._validate import as_list, check_tensor, to_map
+from vitscope.measures._validate import as_list, check_grid, check_tensor
 
 Tensor = torch.Tensor
 
@@ -24,28 +25,63 @@ __all__ = [
 _EPS = 1e-6
 
 
-def _check_map(fmap: Any, name: str) -> Tensor:
+def _check_map(fmap: Any, name: str, validate: bool = True) -> Tensor:
     if isinstance(fmap, torch.Tensor) and fmap.ndim == 3:
         raise ValueError(
             f"{name} must be a (B, C, h, w) feature map, got tokens {tuple(fmap.shape)}; convert ViT tokens with "
             "vitscope.tokens_to_map(x, grid, num_prefix_tokens)"
         )
-    return check_tensor(fmap, name, 4, "(B, C, h, w) feature map")
+    return check_tensor(fmap, name, 4, "(B, C, h, w) feature map", finite=validate)
+
+
+def _spatial(fmap: Tensor, grid: Any = None, num_prefix_tokens: int = 0, name: str = "fmap") -> tuple[Tensor, int]:
+    """The spatial positions of maps (B, C, h, w) -> ((B, C, h*w), dim -1) or of tokens (B, N, D), prefix tokens
+    dropped -> ((B, h*w, D) view, dim 1); row-major positions either way (as ``tokens_to_map``), no copy."""
+    if fmap.ndim == 4:
+        return fmap.flatten(2), -1  # (B, C, S)
+    if grid is None:
+        raise ValueError(
+            f"{name} holds tokens (B, N, D): pass grid= and num_prefix_tokens= (or layout=cap.layout), "
+            "or convert with vitscope.tokens_to_map(x, grid, num_prefix_tokens)"
+        )
+    check_grid(grid, fmap.shape[1], num_prefix_tokens, name)
+    return fmap[:, num_prefix_tokens:], 1  # (B, S, D)
 
 
 def _half_diagonal_size(h: int, w: int) -> int:
     return min(h - h // 2, w - w // 2)
 
 
-def _log_amplitude_sums(fmap: Any, name: str = "fmap") -> dict[str, Tensor]:
-    x = _check_map(fmap, name).double()  # (B, C, h, w)
-    B, C, h, w = x.shape
-    k = torch.arange(_half_diagonal_size(h, w), device=x.device)
-    # After fftshift, entry (h // 2 + k, w // 2 + k) holds frequency (k, k) of the unshifted transform, so the
-    # half-diagonal is read directly, and the log amplitude is taken only there.
-    diag = torch.fft.fft2(x)[..., k, k]  # (B, C, F): from frequency 0 towards the corner
-    diag = torch.log(diag.abs() + _EPS)
-    return {"sum": diag.sum((0, 1)), "count": torch.tensor(float(B * C), dtype=torch.float64, device=x.device)}
+@functools.lru_cache(maxsize=32)
+def _diagonal_dft(h: int, w: int, device: torch.device) -> Tensor:
+    """(h*w, 2F) float64: columns [cos | -sin] of the DFT at frequencies (k, k), k = 0 .. F-1, over row-major
+    positions (r, c): x @ W gives the real and imaginary parts of FFT2(x)[k, k]. The phase
+    2 pi k (r/h + c/w) = 2 pi m / (h w) with m = k (r w + c h) mod h w, reduced exactly in integers.
+    Cached per size and device: do not modify it."""
+    F = _half_diagonal_size(h, w)
+    r = torch.arange(h, dtype=torch.int64).repeat_interleave(w)
+    c = torch.arange(w, dtype=torch.int64).repeat(h)
+    k = torch.arange(F, dtype=torch.int64)
+    m = (k[None, :] * (r * w + c * h)[:, None]) % (h * w)  # (S, F)
+    phase = (2 * math.pi / (h * w)) * m.to(torch.float64)
+    return torch.cat([torch.cos(phase), -torch.sin(phase)], dim=1).to(device)  # (S, 2F)
+
+
+def _log_amplitude_sums(x: Tensor, hw: tuple[int, int], dim: int) -> dict[str, Tensor]:
+    """Sums of log(|FFT2| + eps) at frequencies (k, k) over examples and channels; ``x`` from ``_spatial``.
+
+    Only the F half-diagonal frequencies are needed, so the DFT is one float64 matmul with a (S, 2F) matrix
+    (cheaper than a full FFT2 for the small maps of ViTs and as exact: float32 inputs are exact in float64).
+    After fftshift, entry (h // 2 + k, w // 2 + k) holds frequency (k, k) of the unshifted transform.
+    """
+    h, w = hw
+    W = _diagonal_dft(h, w, x.device)  # (S, 2F)
+    F = W.shape[1] // 2
+    x = x.to(torch.float64)
+    coef = x @ W if dim == -1 else (W.T @ x).transpose(1, 2)  # (B, C, 2F)
+    logamp = torch.hypot(coef[..., :F], coef[..., F:]).add_(_EPS).log_()  # (B, C, F): from frequency 0 outwards
+    count = logamp.shape[0] * logamp.shape[1]
+    return {"sum": logamp.sum((0, 1)), "count": torch.tensor(float(count), dtype=torch.float64, device=x.device)}
 
 
 def _relative(state: dict[str, Tensor]) -> Tensor:
@@ -61,7 +97,8 @@ def fourier_log_amplitude(fmap: Tensor) -> Tensor:
     (h // 2 + k, w // 2 + k) for k = 0 .. F-1, F = min(h - h//2, w - w//2), minus the k = 0 entry (the
     author's corrected definition LogAmp(f) - LogAmp(0)). Index k is frequency k / h cycles per token
     along each axis for square maps (see ``fourier_frequencies``); the last entry is the highest
-    frequency plotted by HDVW. Computed in float64.
+    frequency plotted by HDVW. Computed in float64 (only the F needed DFT coefficients, equal to
+    ``torch.fft.fft2``'s to float64 round-off).
 
     Args:
         fmap: Feature maps (B, C, h, w).
@@ -69,7 +106,9 @@ def fourier_log_amplitude(fmap: Tensor) -> Tensor:
     Returns:
         (F,) float64 with value 0 at index 0.
     """
-    return _relative(_log_amplitude_sums(fmap))
+    x = _check_map(fmap, "fmap")
+    flat, dim = _spatial(x)
+    return _relative(_log_amplitude_sums(flat, tuple(x.shape[-2:]), dim))
 
 
 def fourier_frequencies(h: int, w: int | None = None) -> Tensor:
@@ -80,25 +119,30 @@ def fourier_frequencies(h: int, w: int | None = None) -> Tensor:
     return 2 * math.pi * k / h
 
 
-def _variance_sums(fmap: Any, unbiased: bool, name: str = "fmap") -> dict[str, Tensor]:
-    x = _check_map(fmap, name)  # (B, C, h, w)
-    B, C, h, w = x.shape
-    if unbiased and h * w < 2:
+def _variance_sums(x: Tensor, dim: int, unbiased: bool, name: str = "fmap") -> dict[str, Tensor]:
+    """Sum over (example, channel) of the variance over positions; ``x`` from ``_spatial``, two-pass float64."""
+    S = x.shape[dim]
+    if unbiased and S < 2:
         raise ValueError(f"{name} has a single spatial position (h = w = 1): its unbiased variance is undefined")
-    var = x.double().flatten(2).var(dim=-1, correction=1 if unbiased else 0)  # (B, C)
-    return {"sum": var.sum(), "count": torch.tensor(float(B * C), dtype=torch.float64, device=x.device)}
+    dev = x.to(torch.float64, copy=True)  # (B, C, S) or (B, S, D); a copy: centred in place below
+    dev -= dev.mean(dim, keepdim=True)
+    dev = dev.reshape(-1)
+    total = torch.dot(dev, dev) / (S - 1 if unbiased else S)  # sum over (b, c) of each variance
+    count = x.numel() // S
+    return {"sum": total, "count": torch.tensor(float(count), dtype=torch.float64, device=x.device)}
 
 
 def feature_variance(fmap: Tensor, unbiased: bool = True) -> Tensor:
     """Feature-map variance (HDVW Fig. 9): variance over the h * w spatial positions of each channel,
     averaged over channels and the batch.
 
-    ``unbiased`` (default, as HDVW's ``tensor.var``) divides by h * w - 1, else by h * w.
+    ``unbiased`` (default, as HDVW's ``tensor.var``) divides by h * w - 1, else by h * w. Float64,
+    two-pass (mean first, then squared deviations).
 
     Returns:
         Scalar float64 tensor.
     """
-    state = _variance_sums(fmap, unbiased)
+    state = _variance_sums(*_spatial(_check_map(fmap, "fmap")), unbiased)
     return state["sum"] / state["count"]
 
 
@@ -113,13 +157,15 @@ class _MapMeasure(StreamingMeasure):
     def _options(self) -> dict[str, Any]:
         return {"grid": self.grid, "num_prefix_tokens": self.num_prefix_tokens}
 
-    def _sums(self, fmap: Tensor, name: str) -> dict[str, Tensor]:
+    def _sums(self, x: Tensor, hw: tuple[int, int], dim: int, name: str) -> dict[str, Tensor]:
         raise NotImplementedError
 
-    def update(self, features: Any, layout: Any = None) -> None:
-        """Add a batch: maps (B, C, h, w) or tokens (B, N, D) (reshaped with the grid and prefix tokens
-        from the constructor or ``layout`` = ``cap.layout``), one tensor or a list (one per layer). Entries
-        that are pairs ``(z_in, z_out)`` (``cap.residuals``) use z_out, the stream after the sub-layer."""
+    def update(self, features: Any, layout: Any = None, *, validate: bool = True) -> None:
+        """Add a batch: maps (B, C, h, w) or tokens (B, N, D) (prefix tokens dropped and positions laid out with
+        the grid and prefix tokens from the constructor or ``layout`` = ``cap.layout``), one tensor or a list
+        (one per layer). Entries that are pairs ``(z_in, z_out)`` (``cap.residuals``) use z_out, the stream
+        after the sub-layer. ``validate=False`` skips the finite-value scan (shapes are always checked): for
+        callers that already checked the tensors, such as ``vitscope.probe``."""
         feats, single = as_list(features, "features")
         check_layout(layout, len(feats))
         contribs = []
@@ -127,10 +173,16 @@ class _MapMeasure(StreamingMeasure):
             if isinstance(f, (tuple, list)):
                 f = f[1]
             name = "features" if single else f"features[{i}]"
-            if isinstance(f, torch.Tensor) and f.ndim == 3:
+            f = check_tensor(f, name, (3, 4), "(B, N, D) tokens or (B, C, H, W) maps", finite=validate)
+            if f.ndim == 3:
                 prefix = layer_option(self.num_prefix_tokens, layout, i, "num_prefix_tokens")
-                f = to_map(f, layer_option(self.grid, layout, i, "grid"), 0 if prefix is None else prefix, name)
-            contribs.append(self._sums(f, name))
+                prefix = 0 if prefix is None else prefix
+                grid = layer_option(self.grid, layout, i, "grid")
+                x, dim = _spatial(f, grid, prefix, name)
+                hw = check_grid(grid, f.shape[1], prefix)
+            else:
+                (x, dim), hw = _spatial(f), tuple(f.shape[-2:])
+            contribs.append(self._sums(x, hw, dim, name))
         self._accumulate(contribs, single)
 
 
@@ -138,8 +190,8 @@ class FourierLogAmplitude(_MapMeasure):
     """Streaming ``fourier_log_amplitude``: sums of half-diagonal log amplitudes and (example, channel)
     counts; ``compute()`` -> (F,) (or a list, one per layer)."""
 
-    def _sums(self, fmap: Tensor, name: str) -> dict[str, Tensor]:
-        return _log_amplitude_sums(fmap, name)
+    def _sums(self, x: Tensor, hw: tuple[int, int], dim: int, name: str) -> dict[str, Tensor]:
+        return _log_amplitude_sums(x, hw, dim)
 
     def _compute_layer(self, state: dict[str, Tensor]) -> Tensor:
         return _relative(state)
@@ -155,8 +207,8 @@ class FeatureVariance(_MapMeasure):
     def _options(self) -> dict[str, Any]:
         return {**super()._options(), "unbiased": self.unbiased}
 
-    def _sums(self, fmap: Tensor, name: str) -> dict[str, Tensor]:
-        return _variance_sums(fmap, self.unbiased, name)
+    def _sums(self, x: Tensor, hw: tuple[int, int], dim: int, name: str) -> dict[str, Tensor]:
+        return _variance_sums(x, dim, self.unbiased, name)
 
     def _compute_layer(self, state: dict[str, Tensor]) -> Tensor:
         return state["sum"] / state["count"]
