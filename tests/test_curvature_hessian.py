@@ -207,6 +207,37 @@ def test_lanczos_eigenvalue_rule_meets_its_tolerance(k, tol):
     assert found["eigenvalue"] <= found["residual"]
 
 
+class _DiagonalFloat32Operator:
+    """A float32 operator with a known spectrum, shaped like ``HessianOperator`` for ``top_eigenvalues``."""
+
+    def __init__(self, diag: torch.Tensor, gradient: torch.Tensor):
+        self.diag, self._gradient = diag, gradient
+        self.dim, self.dtype, self.device = len(diag), torch.float32, torch.device("cpu")
+        self.n_products, self.names = 0, ["d"]
+
+    def __call__(self, v: torch.Tensor) -> torch.Tensor:
+        self.n_products += 1
+        return (self.diag * v.to(torch.float32)).to(v.dtype)
+
+    def gradient(self) -> torch.Tensor:
+        return self._gradient
+
+
+def test_lanczos_inner_products_do_not_lose_float32_precision():
+    """With a million float32 parameters, inner products summed in float32 push the top Ritz value above
+    the largest eigenvalue (6e-6 here); the solver keeps its vectors in float64 so it stays below."""
+    g = torch.Generator().manual_seed(0)
+    P = 1_000_000
+    diag = torch.rand(P, generator=g) * 1.8 - 0.9
+    diag[:6] = torch.tensor([1.0, 0.99, 0.98, 0.5, -0.95, 0.2])
+    grad = torch.randn(P, generator=g) * 1e-3
+    grad[:6] += 1.0  # a start concentrated on the top eigenvectors, as a loss gradient is
+    op = _DiagonalFloat32Operator(diag, grad)
+    res = top_eigenvalues(None, None, None, k=1, which="LA", tol=0.0, max_iter=40, operator=op)
+    assert res.n_hvp == 40
+    assert abs(float(res.eigenvalues[0]) - 1.0) < 5e-7
+
+
 def test_ritz_error_bounds_closed_form():
     """Two Ritz values: rho alone when the gap is within rho, rho^2 / (gap - rho) beyond it."""
     from vitscope.curvature.eigen import ritz_error_bounds

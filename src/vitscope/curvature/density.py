@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from vitscope.curvature.eigen import Basis, MatVec
+from vitscope.curvature.eigen import Basis, MatVec, work_dtype
 from vitscope.curvature.hvp import Batch, HessianOperator, LossFn, ParamSpec
 
 _logger = logging.getLogger(__name__)
@@ -91,7 +91,7 @@ def hessian_trace(
     op = operator or HessianOperator(model, loss_fn, batch, params=params, train_mode=train_mode, backend=backend)
     gen = torch.Generator().manual_seed(seed)
     if method == "hutchinson":
-        return hutchinson_trace(op, op.dim, n_samples, gen, op.dtype, op.device)
+        return hutchinson_trace(op, op.dim, n_samples, gen, work_dtype(op.device), op.device)
     if method in ("hutch++", "hutchpp"):
         return hutchpp_trace(op, op.dim, n_samples, gen, op.dtype, op.device)
     raise ValueError(f"method={method!r} is not one of ('hutchinson', 'hutch++')")
@@ -196,7 +196,8 @@ def spectral_density(
     gen = torch.Generator().manual_seed(seed)
     nodes, weights = [], []
     for _ in range(n_v):
-        a, b = lanczos_tridiagonal(op, _rademacher(op.dim, gen, op.dtype, op.device), min(n_iter, op.dim), reorth)
+        a, b = lanczos_tridiagonal(op, _rademacher(op.dim, gen, work_dtype(op.device), op.device), min(n_iter, op.dim),
+                                   reorth)
         t, w = gauss_quadrature(a, b)
         nodes.append(t.numpy())
         weights.append(w.numpy())

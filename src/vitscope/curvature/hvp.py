@@ -184,14 +184,16 @@ class HessianOperator:
         return self.matvec(v)
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
-        """``H @ v`` for a flat vector ``v`` of length ``dim``."""
+        """``H @ v`` for a flat vector ``v`` of length ``dim``, computed in the parameters' dtype and
+        returned in ``v``'s (so solvers may keep their vectors in float64)."""
         if v.shape != (self.dim,):
             raise ValueError(f"vector has shape {tuple(v.shape)}, expected ({self.dim},)")
+        out_dtype = v.dtype if v.dtype.is_floating_point else self.dtype
         v = v.to(device=self.device, dtype=self.dtype)
         if self.cache_graph and len(self._graphs) == len(self.batches):
             out = self._matvec_autograd(v)  # only backward passes through the retained graphs: no forward
             self.n_products += 1
-            return out
+            return out.to(out_dtype)
         with analysis_mode(self.model, self.train_mode):
             if self.backend == "func":
                 try:
@@ -205,7 +207,7 @@ class HessianOperator:
             else:
                 out = self._matvec_autograd(v)
         self.n_products += 1
-        return out
+        return out.to(out_dtype)
 
     def _batch_loss(self, p: dict[str, torch.Tensor], frozen: dict[str, torch.Tensor], i: int) -> torch.Tensor:
         x, y = self.batches[i]
