@@ -83,11 +83,14 @@ class Basis:
             out.append(self.blocks[-1][: self.n - self.chunk * (len(self.blocks) - 1)])
         return out
 
-    def append(self, v: torch.Tensor) -> None:
+    def append(self, v: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        """Store ``scale * v`` as the next row and return that row (a view: use it as the vector)."""
         if self.n % self.chunk == 0:
             self.blocks.append(torch.empty(self.chunk, self.dim, dtype=self.dtype, device=self.device))
-        self.blocks[-1][self.n % self.chunk] = v
+        row = self.blocks[-1][self.n % self.chunk]
+        torch.mul(v, scale, out=row)
         self.n += 1
+        return row
 
     def project_out(self, w: torch.Tensor) -> torch.Tensor:
         """``w - V^T V w`` in place, repeated once when the first pass removed much of ``w`` (Kahan's
@@ -195,9 +198,9 @@ def lanczos(
     - ``"residual"``: ``rho <= tol * |theta|``, stricter; it also bounds the eigenvector's angle
       (``sin <= rho / gap``), so use it when the eigenvectors matter.
 
-    Starts from ``v0`` when given (any non-zero vector; a random one otherwise). Keeps up to
-    ``max_iter`` basis vectors of length ``dim`` in ``dtype`` (``work_dtype``: float64 in
-    ``top_eigenvalues``).
+    ``matvec`` must return a new tensor (the recurrence updates it in place). Starts from ``v0`` when
+    given (any non-zero vector; a random one otherwise). Keeps up to ``max_iter`` basis vectors of
+    length ``dim`` in ``dtype`` (``work_dtype``: float64 in ``top_eigenvalues``).
 
     Returns:
         eigenvalues ``(k,)``, eigenvectors ``(k, dim)`` or None, products used, converged flags.
@@ -214,16 +217,18 @@ def lanczos(
         raise ValueError(f"start vector has shape {tuple(v0.shape)}, expected ({dim},)")
     if v0 is None or not bool(torch.isfinite(v0).all()) or float(torch.linalg.vector_norm(v0)) == 0.0:
         v0 = torch.randn(dim, generator=generator, dtype=dtype, device="cpu")
-    v = _unit(v0.to(device=device, dtype=dtype))
+    v0 = v0.to(device=device, dtype=dtype)
+    v = basis.append(v0, 1.0 / float(torch.linalg.vector_norm(v0)))  # (dim,), a view into the basis
     idx, theta, s, n = None, None, None, 0
     converged = [False] * k
     scale = 0.0
     for j in range(max_iter):
-        basis.append(v)
-        w = matvec(v)
+        w = matvec(v).to(dtype)
+        if w.untyped_storage().data_ptr() == v.untyped_storage().data_ptr():
+            w = w.clone()  # the recurrence below works in place on w, never on the basis
         n += 1
         alpha = float(torch.dot(w, v))
-        w = w.sub(v, alpha=alpha)  # a new tensor: the operator's output is not modified
+        w.sub_(v, alpha=alpha)
         if v_prev is not None:
             w.sub_(v_prev, alpha=betas[-1])
         w = basis.project_out(w)
@@ -250,10 +255,10 @@ def lanczos(
             if norm <= 1e-10:
                 break
             betas.append(0.0)
-            v_prev, v = None, w / norm
+            v_prev, v = None, basis.append(w, 1.0 / norm)
             continue
         betas.append(beta)
-        v_prev, v = v, w / beta
+        v_prev, v = v, basis.append(w, 1.0 / beta)
     if len(idx) < k:
         _logger.warning("Lanczos stopped after %d vectors; returning %d of %d eigenvalues", len(basis), len(idx), k)
     vectors = None
@@ -272,7 +277,7 @@ def gradient_start(op: HessianOperator, generator: torch.Generator) -> torch.Ten
     when the gradient is zero or not finite.
     """
     dtype = work_dtype(op.device)
-    r = _unit(torch.randn(op.dim, generator=generator, dtype=dtype, device="cpu").to(op.device))
+    r = _unit(torch.randn(op.dim, generator=generator, dtype=op.dtype, device="cpu").to(op.device, dtype))
     g = op.gradient().to(dtype)
     norm = float(torch.linalg.vector_norm(g))
     if not (math.isfinite(norm) and norm > 0.0):
