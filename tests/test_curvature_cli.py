@@ -34,6 +34,18 @@ def test_hessian_cli_writes_json_and_png(tmp_path, capsys):
     assert "negative" in capsys.readouterr().out
 
 
+def test_hessian_cli_start_and_backend_options_agree(tmp_path):
+    """Gradient start with the retained graph (defaults) and random start with torch.func products find the
+    same eigenvalues on the same batches."""
+    common = ["hessian", "--model", "test_vit_cifar", "--data", "fake", "--k", "2", "--batches", "1",
+              "--batch-size", "6", "--tol", "1e-7", "--max-iter", "300", "--no-progress"]
+    assert main(common + ["--out", str(tmp_path / "a")]) == 0
+    assert main(common + ["--start", "random", "--backend", "func", "--out", str(tmp_path / "b")]) == 0
+    a, b = (json.loads((tmp_path / d / "hessian.json").read_text()) for d in "ab")
+    assert (a["config"]["start"], b["config"]["start"]) == ("gradient", "random")
+    np.testing.assert_allclose(a["groups"]["all"]["eigenvalues"], b["groups"]["all"]["eigenvalues"], rtol=1e-4)
+
+
 def test_landscape_cli_writes_json_png_directions_and_reuses_them(tmp_path):
     out = tmp_path / "l"
     args = ["landscape", "--model", "test_vit_cifar", "--data", "fake", "--dims", "2", "--steps", "3",

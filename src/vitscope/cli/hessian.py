@@ -76,6 +76,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="Hessian-vector products: double backward through one retained graph per batch "
                    "(cached; auto, the default, picks it), torch.func forward-over-reverse recomputed each "
                    "product (func: less memory), or plain double backward (autograd)")
+    p.add_argument("--start", default="gradient", choices=("gradient", "random"),
+                   help="Lanczos start vector: the loss gradient plus a random vector (default; fewer products) "
+                   "or a random vector")
     p.add_argument("--weight-decay", type=float, default=0.0, help="L2 term weight (default 0: NLL only)")
     p.add_argument("--l2-style", default="half_sq", choices=("half_sq", "hdvw"),
                    help="half_sq: wd/2 sum||p||^2; hdvw: wd sum||p|| (HDVW's code)")
@@ -108,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
         model, _ToDevice(loader, device), k=args.k, transform=transform, weight_decay=args.weight_decay,
         l2_style=args.l2_style, max_batches=args.batches, groups="block" if args.groups == "block" else None,
         train_mode=args.train_mode, method=args.method, tol=args.tol, max_iter=args.max_iter, seed=args.seed,
-        backend=args.backend, progress=not args.no_progress,
+        backend=args.backend, progress=not args.no_progress, start=args.start,
     )
     out = Path(args.out)
     data = result.to_dict()

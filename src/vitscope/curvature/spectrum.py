@@ -118,6 +118,7 @@ def eigenvalue_spectrum(
     grid_size: int = 400,
     backend: str = "auto",
     progress: bool = False,
+    start: str = "gradient",
 ) -> SpectrumResult:
     """HDVW's Hessian eigenvalue spectrum over minibatches of ``loader``.
 
@@ -127,7 +128,7 @@ def eigenvalue_spectrum(
             involves them): ``half_sq`` or ``hdvw`` (see module docstring).
         groups: None (all trainable parameters), ``"block"`` (``block_groups``), or name -> parameters.
         loss_fn: default cross entropy (hard or soft targets).
-        method, tol, max_iter, seed, backend: see ``top_eigenvalues`` (seed + batch index per batch).
+        method, tol, max_iter, seed, backend, start: see ``top_eigenvalues`` (seed + batch index per batch).
     """
     if k < 1:
         raise ValueError(f"k={k} must be at least 1")
@@ -164,7 +165,7 @@ def eigenvalue_spectrum(
             op = HessianOperator(model, loss_fn, (x, y), params=names, train_mode=train_mode, backend=backend,
                                  extra=extra if weight_decay else None, batch_index=[bi])
             res = top_eigenvalues(model, loss_fn, (x, y), k=min(k, op.dim), method=method, tol=tol,
-                                  max_iter=max_iter, seed=seed + bi, operator=op)
+                                  max_iter=max_iter, seed=seed + bi, operator=op, start=start)
             values[g].append(res.eigenvalues.numpy())
             conv[g].append(np.array(res.converged))
             n_hvp += res.n_hvp
@@ -180,7 +181,7 @@ def eigenvalue_spectrum(
         dens[g] = gaussian_kde(v, grid[g], bw)
         neg[g] = float((v < 0).mean())
     config = {"k": k, "weight_decay": weight_decay, "l2_style": l2_style, "train_mode": train_mode,
-              "method": method, "tol": tol, "max_iter": max_iter, "seed": seed,
+              "method": method, "tol": tol, "max_iter": max_iter, "seed": seed, "start": start,
               "transform": None if transform is None else type(transform).__name__,
               "groups": {g: len(n) for g, n in group_params.items()}}
     return SpectrumResult(eig, {g: np.stack(c) for g, c in conv.items()}, grid, dens, neg, sizes, n_hvp, config)
