@@ -2,7 +2,9 @@
 
 The Hessian is seen as a linear operator on flat vectors (all selected parameters concatenated in
 ``named_parameters`` order). Products use ``torch.func`` forward-over-reverse
-(``jvp`` of ``grad`` of a ``functional_call``), with plain double backward as the fallback. The model
+(``jvp`` of ``grad`` of a ``functional_call``), with plain double backward as the fallback, or (the
+default for a single batch) double backward through one retained first-order graph, which makes each
+later product a single backward pass. The model
 runs in an explicit mode (eval by default, so BatchNorm uses its running statistics) and with the
 explicit attention path, because scaled-dot-product attention has no double backward; both are
 restored after every product, as are the buffers (BatchNorm statistics in train mode).
