@@ -122,3 +122,27 @@ def test_probe_scans_each_captured_tensor_once_and_names_the_layer():
         model.blocks[1].mlp.fc2.bias[0] = float("inf")
     with pytest.raises(ValueError, match=r"batch 0: the .* of sub-layer blocks\.1\.mlp contains NaN or Inf"):
         vitscope.probe(model, DataLoader(_data(n=4), batch_size=4), ["feature_variance"], progress=False)
+
+
+def test_probe_cka_over_unequal_batches_equals_minibatch_cka():
+    """probe reduces each sub-layer as the forward produces it (Grams built layer by layer): over batches of
+    5, 5 and 4 it equals MinibatchCKA.update fed each batch's captured outputs, and the other stream measures
+    equal their classes fed the same captures."""
+    model = vitscope.create_model("test_vit_cb").eval()
+    ds = _data(n=14)
+    result = vitscope.probe(model, DataLoader(ds, batch_size=5), ["cka", "ratio_of_norms", "fourier"], progress=False)
+    ref, ratio, four = None, M.RatioOfNorms(), M.FourierLogAmplitude()
+    for x, _ in DataLoader(ds, batch_size=5):
+        with torch.no_grad(), vitscope.capture(model, attention=False) as cap:  # as probe: no attention measure
+            model(x)
+        ref = ref or M.MinibatchCKA(len(cap.layout))
+        ref.update([z_out for _, z_out in cap.residuals])
+        ratio.update(cap.residuals, cap.branches, cap.layout)
+        four.update(cap.residuals, cap.layout)
+    np.testing.assert_allclose(np.array(result.extras["cka"]["matrix"]), ref.compute().numpy(), rtol=1e-12, atol=1e-12)
+    assert result.extras["cka"]["examples"] == 14
+    for row, r in zip(result["ratio_of_norms"], ratio.compute()):
+        assert row["spatial"] == pytest.approx(float(r["spatial"]), rel=1e-12)
+        assert row["cls"] == pytest.approx(float(r["cls"]), rel=1e-12)
+    for row, f in zip(result["fourier"], four.compute()):
+        np.testing.assert_allclose(row["curve"], f.numpy(), rtol=1e-12, atol=1e-12)

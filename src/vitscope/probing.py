@@ -24,6 +24,7 @@ from vitscope.capture import Capture, LayerInfo, capture
 from vitscope.capture._sites import find_blocks, is_attention_module
 from vitscope.io.atomic import atomic_write_json, json_safe, write_csv
 from vitscope.measures._validate import all_finite, check_attention, raise_non_finite
+from vitscope.measures.cka import centred_gram
 
 _logger = logging.getLogger(__name__)
 
@@ -42,23 +43,56 @@ def _heads(values: torch.Tensor) -> dict[str, Any]:
     return {"value": sum(v) / len(v), "heads": v}
 
 
-def _check_capture(cap: Capture, batch: int) -> None:
-    """Scan every captured tensor once (finite values; attention rows are probabilities), so the measures,
-    several of which read the same tensor, can skip their own scans (``validate=False``).
-
-    Attention maps are replaced by ``check_attention``'s result (round-off below 0 clamped).
-    """
+def _check_attentions(cap: Capture, batch: int) -> None:
+    """Check every captured attention map once (finite, rows are probabilities), so the four attention
+    measures can skip their own scans (``validate=False``); maps are replaced by ``check_attention``'s result
+    (round-off below 0 clamped)."""
     for i, (attn, info) in enumerate(zip(cap.attentions, cap.attention_layout)):
         cap.attentions[i] = check_attention(attn, f"batch {batch}: the attention map of {info.name}")
-    seen: set[int] = set()
-    for rec in cap.records:
-        for what, t in (("input", rec.z_in), ("branch output", rec.branch), ("skip-path output", rec.shortcut),
+
+
+def _same(t: torch.Tensor) -> tuple:
+    """What identifies a captured tensor's values (detached copies of one tensor are distinct objects)."""
+    return t.data_ptr(), t.dtype, tuple(t.shape), t.stride()
+
+
+class _RecordFeeder:
+    """Called with each sub-layer record of one batch: scans its tensors once (finite values; the input is
+    skipped when it is the previous record's output, already scanned), converts the output to float64 once
+    for every adapter that reads it so, and hands the record to the stream adapters."""
+
+    def __init__(self, adapters: list[Any], batch: int) -> None:
+        self.adapters, self.batch = adapters, batch
+        self.need64 = any(a.needs_float64 for a in adapters)
+        self.last: torch.Tensor | None = None  # held so that its memory cannot be reused by a later tensor
+
+    def __call__(self, rec: Any) -> None:
+        seen = {_same(self.last)} if self.last is not None else set()
+        for what, t in (("input", rec.z_in), ("skip-path output", rec.shortcut), ("branch output", rec.branch),
                         ("output", rec.z_out)):
-            if id(t) in seen:  # z_in of a sub-layer is often the z_out (and shortcut) of another
+            key = _same(t)
+            if key in seen:
                 continue
-            seen.add(id(t))
-            if t.is_floating_point() and not all_finite(t):
-                raise_non_finite(f"batch {batch}: the {what} of sub-layer {rec.info.name}")
+            seen.add(key)
+            if not all_finite(t):
+                raise_non_finite(f"batch {self.batch}: the {what} of sub-layer {rec.info.name}")
+        self.last = rec.z_out
+        z64 = rec.z_out.to(torch.float64) if self.need64 else None
+        for a in self.adapters:
+            a.add(rec, z64)
+
+
+class _RecordTap(list):
+    """Stands in for ``Capture.records`` during a probe forward: hands each sub-layer record to ``fn`` as the
+    model produces it and keeps nothing, so a batch's activations are reduced while hot in cache and are
+    never all held at once (holding them costs the allocator fresh memory on every batch)."""
+
+    def __init__(self, fn: Any) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def append(self, record: Any) -> None:
+        self.fn(record)
 
 
 class _ProbeMeasure:
@@ -135,18 +169,41 @@ class _RelativeDistance(_AttentionProbe):
     measure_cls = M.RelativeDistance
 
 
-class _CKA(_ProbeMeasure):
+class _StreamProbe(_ProbeMeasure):
+    """On the residual streams: fed one sub-layer record at a time during the forward (``add``), its per-layer
+    contributions added to the streaming measure once the batch is done (``end``)."""
+
     needs_streams = True
+    needs_float64 = False  # reads the sub-layer output in float64 (converted once per record for all adapters)
+
+    def begin(self) -> None:
+        self.parts: list[Any] = []
+        self.infos: list[LayerInfo] = []
+
+    def add(self, rec: Any, z64: torch.Tensor | None) -> None:
+        raise NotImplementedError
+
+    def end(self) -> None:
+        raise NotImplementedError
+
+
+class _CKA(_StreamProbe):
+    needs_float64 = True
 
     def __init__(self) -> None:
         super().__init__()
         self.measure: M.MinibatchCKA | None = None
 
-    def update(self, cap: Capture) -> None:
-        self.layout = list(cap.layout)
+    def add(self, rec: Any, z64: torch.Tensor | None) -> None:
+        self.infos.append(rec.info)
+        self.parts.append(centred_gram(z64, rec.info.name, validate=False))  # (U(K) flattened, n)
+
+    def end(self) -> None:
         if self.measure is None:
-            self.measure = M.MinibatchCKA(len(cap.layout))
-        self.measure.update([r.z_out for r in cap.records], validate=False)
+            self.layout = self.infos
+            self.measure = M.MinibatchCKA(len(self.infos))
+        n = self.parts[0][1] if self.parts else 0
+        self.measure.update_centred([u for u, _ in self.parts], n)
 
     def streaming(self) -> list[M.StreamingMeasure]:
         return [self.measure]
@@ -165,30 +222,39 @@ class _CKA(_ProbeMeasure):
                 "examples": self.measure.num_examples}
 
 
-class _MapProbe(_ProbeMeasure):
-    """On the residual stream leaving each sub-layer (tokens reshaped to maps, prefix tokens dropped).
+class _MapProbe(_StreamProbe):
+    """On the residual stream leaving each sub-layer (tokens read as maps, prefix tokens dropped).
 
     Sub-layers whose map is a single position (1 x 1, e.g. the last stage of a ResNet on tiny inputs) have
     no spatial structure and are left out of the table.
     """
 
-    needs_streams = True
+    needs_float64 = True
     measure_cls: type = M.FeatureVariance
 
     def __init__(self) -> None:
         super().__init__()
         self.measure = self.measure_cls()
-        self.keep: list[int] | None = None
 
-    def update(self, cap: Capture) -> None:
-        if self.keep is None:
-            self.keep = [i for i, info in enumerate(cap.layout) if info.grid and info.grid[0] * info.grid[1] > 1]
-            self.layout = [cap.layout[i] for i in self.keep]
-            self.depths = self.keep
-            self.total = len(cap.layout)
-            if not self.keep:
+    def begin(self) -> None:
+        super().begin()
+        self.count = 0
+        self.depths_now: list[int] = []
+
+    def add(self, rec: Any, z64: torch.Tensor | None) -> None:
+        info, depth = rec.info, self.count
+        self.count += 1
+        if info.grid and info.grid[0] * info.grid[1] > 1:
+            self.infos.append(info)
+            self.depths_now.append(depth)
+            self.parts.append(self.measure.layer_sums(z64, info, 0, info.name, validate=False))
+
+    def end(self) -> None:
+        if self.layout is None:
+            if not self.parts:
                 raise ValueError("no sub-layer has a spatial map larger than 1x1; use a larger input size")
-        self.measure.update([cap.records[i].z_out for i in self.keep], self.layout, validate=False)
+            self.layout, self.depths, self.total = self.infos, self.depths_now, self.count
+        self.measure.update_layers(self.parts)
 
     def streaming(self) -> list[M.StreamingMeasure]:
         return [self.measure]
@@ -215,16 +281,20 @@ class _Variance(_MapProbe):
     measure_cls = M.FeatureVariance
 
 
-class _RatioOfNorms(_ProbeMeasure):
-    needs_streams = True
-
+class _RatioOfNorms(_StreamProbe):
     def __init__(self) -> None:
         super().__init__()
         self.measure = M.RatioOfNorms()
 
-    def update(self, cap: Capture) -> None:
-        self.layout = list(cap.layout)
-        self.measure.update(cap.shortcuts, cap.branches, cap.layout, validate=False)
+    def add(self, rec: Any, z64: torch.Tensor | None) -> None:
+        self.infos.append(rec.info)
+        self.parts.append(self.measure.layer_sums(rec.shortcut, rec.branch, rec.info, 0, f" of {rec.info.name}",
+                                                  validate=False))
+
+    def end(self) -> None:
+        if self.layout is None:
+            self.layout = self.infos
+        self.measure.update_layers(self.parts)
 
     def streaming(self) -> list[M.StreamingMeasure]:
         return [self.measure]
@@ -360,8 +430,9 @@ def probe(
     for a in adapters.values():
         if a.static:
             a.read(model)
-    need_attn = any(a.needs_attention for a in adapters.values())
-    need_streams = any(a.needs_streams for a in adapters.values())
+    attention_adapters = [a for a in adapters.values() if a.needs_attention]
+    stream_adapters = [a for a in adapters.values() if isinstance(a, _StreamProbe)]
+    need_attn, need_streams = bool(attention_adapters), bool(stream_adapters)
     stats = torch.zeros(4, dtype=torch.float64)  # correct, nll sum, labelled examples, examples
     total = len(loader) if hasattr(loader, "__len__") else None
     if max_batches is not None:
@@ -375,11 +446,21 @@ def probe(
             images = images.to(device)
             if not torch.isfinite(images).all():
                 raise ValueError(f"batch {b} holds NaN or infinite pixels; check the data pipeline")
+            feed = _RecordFeeder(stream_adapters, b)
+            for a in stream_adapters:
+                a.begin()
             with capture(model, attention=need_attn, residual=need_streams, branches=need_streams) as cap:
+                if need_streams:
+                    cap.records = _RecordTap(feed)  # reduce each sub-layer as the forward produces it
                 logits = model(images)
-            _check_capture(cap, b)
-            for a in adapters.values():
-                a.update(cap)
+            for rec in list(cap.records):  # any record the tap did not see (appended otherwise)
+                feed(rec)
+            for a in stream_adapters:
+                a.end()
+            if need_attn:
+                _check_attentions(cap, b)
+                for a in attention_adapters:
+                    a.update(cap)
             stats[3] += images.shape[0]
             if labels is not None:
                 labels = labels.to(device)

@@ -65,6 +65,11 @@ class StreamingMeasure:
                     )
                 state[key] += value.detach().to(device=state[key].device, dtype=torch.float64)
 
+    def update_layers(self, contributions: Sequence[dict[str, Tensor]]) -> None:
+        """Add one batch given as per-layer contributions (``layer_sums`` results, one per layer in order): for
+        callers that reduce each layer as the model runs (``vitscope.probe``) instead of holding the batch."""
+        self._accumulate(contributions, False)
+
     def _compute_layer(self, state: dict[str, Tensor]) -> Any:
         raise NotImplementedError
 

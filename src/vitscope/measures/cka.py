@@ -44,6 +44,15 @@ def _linear_gram(x: Tensor, name: str = "x", validate: bool = True) -> Tensor:
     return gram
 
 
+def centred_gram(feat: Any, name: str = "x", validate: bool = True) -> tuple[Tensor | None, int]:
+    """(U(K) flattened (n*n,) float64, n) for the linear Gram K of one layer's features (n, ...): the per-layer
+    part of ``MinibatchCKA.update`` (None for n <= 3, where HSIC_1 is undefined); see ``update_centred``."""
+    flat = _flatten(feat, name)  # (n, D) float64
+    n = flat.shape[0]
+    gram = _linear_gram(flat, name, validate)  # (n, n); also the NaN/Inf check
+    return (_center_unbiased(gram).flatten() if n > 3 else None), n
+
+
 def _rbf_gram(x: Tensor, sigma: float, name: str = "x") -> Tensor:
     """RBF Gram with bandwidth ``sigma`` times the median pairwise distance (Kornblith et al. 2019)."""
     gram = _linear_gram(x, name)  # (n, n)
@@ -155,18 +164,17 @@ class MinibatchCKA(StreamingMeasure):
     def _centred_grams(self, feats: list, name: str, n: int | None, validate: bool) -> tuple[Tensor, int]:
         us = []
         for i, f in enumerate(feats):
-            flat = _flatten(f, f"{name}[{i}]")  # (n, D) float64
+            u, m = centred_gram(f, f"{name}[{i}]", validate)
             if n is None:
-                n = flat.shape[0]
-            if flat.shape[0] != n:
+                n = m
+            if m != n:
                 raise ValueError(
-                    f"{name}[{i}] has n={flat.shape[0]} examples but {name}[0]"
+                    f"{name}[{i}] has n={m} examples but {name}[0]"
                     f"{'' if name == 'feats_x' else ' / feats_x'} has n={n}; every layer of a batch must hold "
                     "the same examples"
                 )
-            gram = _linear_gram(flat, f"{name}[{i}]", validate)  # (n, n); also the NaN/Inf check
-            if n > 3:
-                us.append(_center_unbiased(gram).flatten())  # (n*n,)
+            if u is not None:
+                us.append(u)
         return (torch.stack(us) if us else torch.empty(0)), n  # (L, n*n)
 
     def update(self, feats_x: list[Tensor], feats_y: list[Tensor] | None = None, *, validate: bool = True) -> None:
@@ -185,20 +193,40 @@ class MinibatchCKA(StreamingMeasure):
                 raise ValueError(f"feats_y has {len(ys)} layers but num_layers_y={ly}")
         elif self.num_layers_y is not None and self.num_layers_y != self.num_layers_x:
             raise ValueError("feats_y is None but num_layers_y differs from num_layers_x; pass feats_y")
-        cross = ys is not None
+        self._check_cross(ys is not None)
+        ux, n = self._centred_grams(xs, "feats_x", None, validate)
+        uy = ux if ys is None else self._centred_grams(ys, "feats_y", n, validate)[0]
+        self._cross = ys is not None
+        self._add(ux, uy, n)
+
+    def update_centred(self, grams: list[Tensor | None], n: int) -> None:
+        """Add one batch given as ``centred_gram`` results (one per layer, x layers compared with themselves).
+
+        For callers that build the Grams layer by layer as the model runs (``vitscope.probe``), so that no
+        batch of activations is held whole.
+        """
+        if len(grams) != self.num_layers_x or (self.num_layers_y or self.num_layers_x) != self.num_layers_x:
+            raise ValueError(f"got {len(grams)} layers but MinibatchCKA compares {self.num_layers_x} layers with "
+                             f"{self.num_layers_y or self.num_layers_x}; pass one Gram per layer")
+        self._check_cross(False)
+        u = torch.stack(grams) if n > 3 else torch.empty(0)  # (L, n*n)
+        self._cross = False
+        self._add(u, u, n)
+
+    def _check_cross(self, cross: bool) -> None:
         if self._cross is not None and cross != self._cross:
             raise ValueError(
                 "MinibatchCKA: feats_y was " + ("given" if self._cross else "omitted") + " in earlier updates; pass "
                 "it in every update or in none (call reset() to start over)"
             )
-        ux, n = self._centred_grams(xs, "feats_x", None, validate)
-        uy = ux if ys is None else self._centred_grams(ys, "feats_y", n, validate)[0]
-        self._cross = cross
+
+    def _add(self, ux: Tensor, uy: Tensor, n: int) -> None:
+        ly = self.num_layers_y or self.num_layers_x
         zero = torch.zeros((), dtype=torch.float64, device=ux.device)
         if n <= 3:
             warnings.warn(
                 f"MinibatchCKA: skipped a batch of n={n} examples (unbiased HSIC needs n > 3); use a larger "
-                "batch or drop_last for tiny remainders", RuntimeWarning, stacklevel=2,
+                "batch or drop_last for tiny remainders", RuntimeWarning, stacklevel=3,
             )
             self._accumulate([{
                 "hsic_xy": torch.zeros(self.num_layers_x, ly, dtype=torch.float64),

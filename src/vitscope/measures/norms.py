@@ -113,16 +113,17 @@ class RatioOfNorms(StreamingMeasure):
         if len(zs) != len(fzs):
             raise ValueError(f"z has {len(zs)} layers but fz has {len(fzs)}; pass aligned lists")
         check_layout(layout, len(zs))
-        contribs = []
-        for i, (zi, fi) in enumerate(zip(zs, fzs)):
-            if isinstance(zi, (tuple, list)):  # an entry of cap.residuals: (z_in, z_out)
-                zi = zi[0]
-            prefix = layer_option(self.num_prefix_tokens, layout, i, "num_prefix_tokens")
-            suffix = "" if single else f"[{i}]"
-            contribs.append(
-                _ratio_sums(zi, fi, 1 if prefix is None else prefix, f"z{suffix}", f"fz{suffix}", validate)
-            )
-        self._accumulate(contribs, single)
+        self._accumulate([self.layer_sums(zi, fi, layout, i, "" if single else f"[{i}]", validate)
+                          for i, (zi, fi) in enumerate(zip(zs, fzs))], single)
+
+    def layer_sums(self, z: Any, fz: Any, layout: Any = None, i: int = 0, suffix: str = "",
+                   validate: bool = True) -> dict[str, Tensor]:
+        """One layer's additive contribution (the per-layer part of ``update``; ``layout`` a LayerInfo or the
+        list indexed by ``i``). ``vitscope.probe`` adds them layer by layer as the model runs."""
+        if isinstance(z, (tuple, list)):  # an entry of cap.residuals: (z_in, z_out)
+            z = z[0]
+        prefix = layer_option(self.num_prefix_tokens, layout, i, "num_prefix_tokens")
+        return _ratio_sums(z, fz, 1 if prefix is None else prefix, f"z{suffix}", f"fz{suffix}", validate)
 
     def _compute_layer(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
         return _finish(state)

@@ -168,22 +168,26 @@ class _MapMeasure(StreamingMeasure):
         callers that already checked the tensors, such as ``vitscope.probe``."""
         feats, single = as_list(features, "features")
         check_layout(layout, len(feats))
-        contribs = []
-        for i, f in enumerate(feats):
-            if isinstance(f, (tuple, list)):
-                f = f[1]
-            name = "features" if single else f"features[{i}]"
-            f = check_tensor(f, name, (3, 4), "(B, N, D) tokens or (B, C, H, W) maps", finite=validate)
-            if f.ndim == 3:
-                prefix = layer_option(self.num_prefix_tokens, layout, i, "num_prefix_tokens")
-                prefix = 0 if prefix is None else prefix
-                grid = layer_option(self.grid, layout, i, "grid")
-                x, dim = _spatial(f, grid, prefix, name)
-                hw = check_grid(grid, f.shape[1], prefix)
-            else:
-                (x, dim), hw = _spatial(f), tuple(f.shape[-2:])
-            contribs.append(self._sums(x, hw, dim, name))
-        self._accumulate(contribs, single)
+        names = ["features"] if single else [f"features[{i}]" for i in range(len(feats))]
+        self._accumulate([self.layer_sums(f, layout, i, n, validate) for i, (f, n) in enumerate(zip(feats, names))],
+                         single)
+
+    def layer_sums(self, f: Any, layout: Any = None, i: int = 0, name: str = "features",
+                   validate: bool = True) -> dict[str, Tensor]:
+        """One layer's additive contribution (the per-layer part of ``update``; ``layout`` a LayerInfo or the
+        list indexed by ``i``). ``vitscope.probe`` adds them layer by layer as the model runs."""
+        if isinstance(f, (tuple, list)):
+            f = f[1]
+        f = check_tensor(f, name, (3, 4), "(B, N, D) tokens or (B, C, H, W) maps", finite=validate)
+        if f.ndim == 3:
+            prefix = layer_option(self.num_prefix_tokens, layout, i, "num_prefix_tokens")
+            prefix = 0 if prefix is None else prefix
+            grid = layer_option(self.grid, layout, i, "grid")
+            x, dim = _spatial(f, grid, prefix, name)
+            hw = check_grid(grid, f.shape[1], prefix)
+        else:
+            (x, dim), hw = _spatial(f), tuple(f.shape[-2:])
+        return self._sums(x, hw, dim, name)
 
 
 class FourierLogAmplitude(_MapMeasure):
