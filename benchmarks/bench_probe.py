@@ -3,7 +3,10 @@
 Goal (measures issue): the probe (every forward measure fed from one capture per batch) takes at most
 1.5x the plain forward's time. Both run side by side in one process on the same batches, interleaved.
 
-    python benchmarks/bench_probe.py [--model vit_tiny_patch4_32] [--batches 8] [--batch-size 64]
+    python benchmarks/bench_probe.py [--model vit_tiny_patch4_32] [--batches 8] [--batch-size 64] [--threads N]
+
+The load average is printed before and after: on a shared machine another process on a core stalls every
+parallel region of a 2-thread run, so compare ratios only at low load (or with --threads 1).
 """
 from __future__ import annotations
 
@@ -26,8 +29,12 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--measures", default=None, help="comma list (default: every forward measure that applies)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
     args = ap.parse_args()
     warnings.simplefilter("ignore")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()[0]
     torch.manual_seed(0)
     model = vitscope.create_model(args.model, num_classes=10).eval()
     size = model.pretrained_cfg["input_size"][-1]
@@ -47,7 +54,7 @@ def main() -> None:
             for x, _ in batches:
                 model(x)
 
-    def captured() -> None:  # hooks and copies, no measure
+    def captured() -> None:  # hooks, every record held until the batch ends (probe reduces them as they come)
         with torch.no_grad():
             for x, _ in batches:
                 with vitscope.capture(model, attention=has_attn):
@@ -67,7 +74,7 @@ def main() -> None:
             times[name].append(time.perf_counter() - t0)
     best = {k: min(v) for k, v in times.items()}
     print(f"model {args.model}, {args.batches} batches x {args.batch_size}, threads {torch.get_num_threads()}, "
-          f"load average {os.getloadavg()[0]:.1f}")
+          f"load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after")
     print(f"measures: {','.join(measures)}")
     for name, t in best.items():
         print(f"{name:<20} {t:8.3f} s   {t / best['plain forward']:5.2f}x plain")

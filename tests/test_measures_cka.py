@@ -214,17 +214,20 @@ def test_bad_inputs():
         m.update([x, x], [x, x])
 
 
-def test_update_centred_layer_by_layer_equals_update():
-    """vitscope.probe builds each layer's centred Gram as the model runs (centred_gram) and adds the batch with
-    update_centred: the same sums as update()."""
-    from vitscope.measures.cka import centred_gram
+def test_update_grams_layer_by_layer_equals_update():
+    """vitscope.probe builds each layer's Gram as the model runs (linear_gram) and adds the batch with
+    update_grams: the same sums as update()."""
+    from vitscope.measures.cka import linear_gram
 
     whole, by_layer = MinibatchCKA(4), MinibatchCKA(4)
     for n, seed in ((9, 40), (6, 41)):
         layers = make_layers(n, seed)
         whole.update(layers)
-        by_layer.update_centred([centred_gram(f, validate=False)[0] for f in layers], n)
+        by_layer.update_grams([linear_gram(f, validate=False) for f in layers])
     torch.testing.assert_close(by_layer.compute(), whole.compute(), rtol=0, atol=0)
     assert by_layer.num_examples == 15
     with pytest.raises(ValueError, match="one Gram per layer"):
-        by_layer.update_centred([centred_gram(f)[0] for f in make_layers(5, 42)[:3]], 5)
+        by_layer.update_grams([linear_gram(f) for f in make_layers(5, 42)[:3]])
+    with pytest.warns(RuntimeWarning, match="n=3"):
+        by_layer.update_grams([linear_gram(f) for f in make_layers(3, 43)])
+    assert by_layer.num_examples == 15

@@ -24,7 +24,7 @@ from vitscope.capture import Capture, LayerInfo, capture
 from vitscope.capture._sites import find_blocks, is_attention_module
 from vitscope.io.atomic import atomic_write_json, json_safe, write_csv
 from vitscope.measures._validate import all_finite, check_attention, raise_non_finite
-from vitscope.measures.cka import centred_gram
+from vitscope.measures.cka import linear_gram
 
 _logger = logging.getLogger(__name__)
 
@@ -196,14 +196,13 @@ class _CKA(_StreamProbe):
 
     def add(self, rec: Any, z64: torch.Tensor | None) -> None:
         self.infos.append(rec.info)
-        self.parts.append(centred_gram(z64, rec.info.name, validate=False))  # (U(K) flattened, n)
+        self.parts.append(linear_gram(z64, rec.info.name, validate=False))  # (B, B)
 
     def end(self) -> None:
         if self.measure is None:
             self.layout = self.infos
             self.measure = M.MinibatchCKA(len(self.infos))
-        n = self.parts[0][1] if self.parts else 0
-        self.measure.update_centred([u for u, _ in self.parts], n)
+        self.measure.update_grams(self.parts)
 
     def streaming(self) -> list[M.StreamingMeasure]:
         return [self.measure]

@@ -32,6 +32,7 @@ class StreamingMeasure:
     def reset(self) -> None:
         """Forget every update."""
         self._states: list[dict[str, Tensor]] | None = None
+        self._stacks: dict[str, Tensor] = {}  # key -> (L, ...) sums; self._states[i][key] is a view of row i
         self._single: bool | None = None
         self._synced = False
 
@@ -39,14 +40,19 @@ class StreamingMeasure:
         """Constructor options that must agree for two instances to merge."""
         return {}
 
-    def _accumulate(self, contributions: Sequence[dict[str, Tensor]], single: bool) -> None:
+    @torch.no_grad()
+    def _accumulate(self, contributions: Sequence[dict[str, Any]], single: bool) -> None:
+        """Add per-layer contributions (dicts of tensors or Python numbers) to the float64 sums.
+
+        A key with the same shape in every layer is summed for all layers at once (one stacked add), since a
+        batch brings one contribution per layer and measure (hundreds of tiny adds otherwise).
+        """
         if self._synced:
             raise RuntimeError(
                 f"{type(self).__name__} was already synced across ranks; call reset() before new updates"
             )
         if self._states is None:
-            self._states = [{k: v.detach().to(torch.float64).clone() for k, v in c.items()} for c in contributions]
-            self._single = single
+            self._start(contributions, single)
             return
         if len(contributions) != len(self._states) or single != self._single:
             before = "one tensor" if self._single else f"a list of {len(self._states)} layers"
@@ -56,14 +62,43 @@ class StreamingMeasure:
                 "pass the same layers at every update (or call reset())"
             )
         for i, (state, contrib) in enumerate(zip(self._states, contributions)):
+            if state.keys() != contrib.keys():
+                raise ValueError(
+                    f"{type(self).__name__}: layer {i} gave states {sorted(contrib)} but earlier updates gave "
+                    f"{sorted(state)}; pass the same layers at every update (or call reset())"
+                )
             for key, value in contrib.items():
-                if state[key].shape != value.shape:
+                if state[key].shape != _shape(value):
                     raise ValueError(
-                        f"{type(self).__name__}: layer {i} state {key!r} has shape {tuple(value.shape)} but earlier "
-                        f"updates gave {tuple(state[key].shape)}; every update must pass the same layers with the "
-                        "same number of heads/tokens/channels"
+                        f"{type(self).__name__}: layer {i} state {key!r} has shape {tuple(_shape(value))} but "
+                        f"earlier updates gave {tuple(state[key].shape)}; every update must pass the same layers "
+                        "with the same number of heads/tokens/channels"
                     )
-                state[key] += value.detach().to(device=state[key].device, dtype=torch.float64)
+        for key, stack in self._stacks.items():
+            stack += _stacked([c[key] for c in contributions], stack.device)
+        for state, contrib in zip(self._states, contributions):
+            for key, value in contrib.items():
+                if key not in self._stacks:
+                    state[key] += _float64(value, state[key].device)
+
+    def _start(self, contributions: Sequence[dict[str, Any]], single: bool) -> None:
+        self._states = [{} for _ in contributions]
+        self._stacks = {}
+        for key in contributions[0]:
+            if not all(key in c for c in contributions):
+                continue
+            values = [c[key] for c in contributions]
+            devices = {v.device for v in values if isinstance(v, torch.Tensor)}
+            if len({_shape(v) for v in values}) == 1 and len(devices) <= 1:
+                stack = _stacked(values, devices.pop() if devices else None)  # (L, ...), new memory
+                self._stacks[key] = stack
+                for state, row in zip(self._states, stack.unbind(0)):
+                    state[key] = row
+        for state, contrib in zip(self._states, contributions):
+            for key, value in contrib.items():
+                if key not in self._stacks:
+                    state[key] = _float64(value, None).clone()
+        self._single = single
 
     def update_layers(self, contributions: Sequence[dict[str, Tensor]]) -> None:
         """Add one batch given as per-layer contributions (``layer_sums`` results, one per layer in order): for
@@ -131,6 +166,25 @@ class StreamingMeasure:
                 dist.all_reduce(state[key], op=dist.ReduceOp.SUM, group=group)
         self._synced = True
         return self
+
+
+def _shape(value: Any) -> torch.Size:
+    return value.shape if isinstance(value, torch.Tensor) else torch.Size([])
+
+
+def _float64(value: Any, device: torch.device | None) -> Tensor:
+    if isinstance(value, torch.Tensor):
+        if value.dtype == torch.float64 and (device is None or value.device == device):
+            return value
+        return value.to(device=device if device is not None else value.device, dtype=torch.float64)
+    return torch.tensor(float(value), dtype=torch.float64, device=device)
+
+
+def _stacked(values: Sequence[Any], device: torch.device | None) -> Tensor:
+    """(L, ...) float64 from L tensors of one shape or L Python numbers."""
+    if not any(isinstance(v, torch.Tensor) for v in values):
+        return torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+    return torch.stack([_float64(v, device) for v in values])
 
 
 def layer_option(value: Any, layout: Any, index: int, attr: str) -> Any:

@@ -28,8 +28,8 @@ __all__ = [
 ]
 
 
-def _count(x: Tensor, n: int) -> Tensor:
-    return torch.tensor(float(n), dtype=torch.float64, device=x.device)
+def _count(x: Tensor, n: int) -> float:
+    return float(n)  # a Python number: the streaming base adds the counts of all layers at once
 
 
 # ------------------------------------------------------------------------------------- per-batch sums

@@ -44,13 +44,11 @@ def _linear_gram(x: Tensor, name: str = "x", validate: bool = True) -> Tensor:
     return gram
 
 
-def centred_gram(feat: Any, name: str = "x", validate: bool = True) -> tuple[Tensor | None, int]:
-    """(U(K) flattened (n*n,) float64, n) for the linear Gram K of one layer's features (n, ...): the per-layer
-    part of ``MinibatchCKA.update`` (None for n <= 3, where HSIC_1 is undefined); see ``update_centred``."""
-    flat = _flatten(feat, name)  # (n, D) float64
-    n = flat.shape[0]
-    gram = _linear_gram(flat, name, validate)  # (n, n); also the NaN/Inf check
-    return (_center_unbiased(gram).flatten() if n > 3 else None), n
+def linear_gram(feat: Any, name: str = "x", validate: bool = True) -> Tensor:
+    """Linear Gram ``X X^T`` (n, n) float64 of one layer's features (n, ...) flattened per example: the
+    per-layer part of ``MinibatchCKA.update`` (see ``update_grams``); also the NaN/Inf check unless
+    ``validate=False``."""
+    return _linear_gram(_flatten(feat, name), name, validate)
 
 
 def _rbf_gram(x: Tensor, sigma: float, name: str = "x") -> Tensor:
@@ -133,6 +131,13 @@ def cka(x: Tensor, y: Tensor, kernel: str = "linear", unbiased: bool = True, sig
     return xy / torch.sqrt(xx * yy)
 
 
+def _centred(grams: list[Tensor], n: int) -> Tensor:
+    """(L, n*n): U(K) of each layer's Gram, flattened (all layers centred at once); empty for n <= 3."""
+    if n <= 3 or not grams:
+        return torch.empty(0)
+    return _center_unbiased(torch.stack(grams)).flatten(1)  # (L, n*n)
+
+
 class MinibatchCKA(StreamingMeasure):
     """Minibatch linear CKA between every layer of one list and every layer of another (RAGHU).
 
@@ -162,20 +167,19 @@ class MinibatchCKA(StreamingMeasure):
         self._cross: bool | None = None  # whether updates pass feats_y
 
     def _centred_grams(self, feats: list, name: str, n: int | None, validate: bool) -> tuple[Tensor, int]:
-        us = []
+        grams = []
         for i, f in enumerate(feats):
-            u, m = centred_gram(f, f"{name}[{i}]", validate)
+            gram = linear_gram(f, f"{name}[{i}]", validate)  # (n, n)
             if n is None:
-                n = m
-            if m != n:
+                n = gram.shape[0]
+            if gram.shape[0] != n:
                 raise ValueError(
-                    f"{name}[{i}] has n={m} examples but {name}[0]"
+                    f"{name}[{i}] has n={gram.shape[0]} examples but {name}[0]"
                     f"{'' if name == 'feats_x' else ' / feats_x'} has n={n}; every layer of a batch must hold "
                     "the same examples"
                 )
-            if u is not None:
-                us.append(u)
-        return (torch.stack(us) if us else torch.empty(0)), n  # (L, n*n)
+            grams.append(gram)
+        return _centred(grams, n), n
 
     def update(self, feats_x: list[Tensor], feats_y: list[Tensor] | None = None, *, validate: bool = True) -> None:
         """Add one batch of features: ``feats_x`` (and ``feats_y``) one (n, ...) tensor per layer.
@@ -199,17 +203,19 @@ class MinibatchCKA(StreamingMeasure):
         self._cross = ys is not None
         self._add(ux, uy, n)
 
-    def update_centred(self, grams: list[Tensor | None], n: int) -> None:
-        """Add one batch given as ``centred_gram`` results (one per layer, x layers compared with themselves).
-
-        For callers that build the Grams layer by layer as the model runs (``vitscope.probe``), so that no
-        batch of activations is held whole.
-        """
+    def update_grams(self, grams: list[Tensor]) -> None:
+        """Add one batch given as ``linear_gram`` results (one (n, n) Gram per layer, the x layers compared with
+        themselves), centred here all at once. For callers that build the Grams layer by layer as the model
+        runs (``vitscope.probe``), so that no batch of activations is held whole."""
         if len(grams) != self.num_layers_x or (self.num_layers_y or self.num_layers_x) != self.num_layers_x:
             raise ValueError(f"got {len(grams)} layers but MinibatchCKA compares {self.num_layers_x} layers with "
                              f"{self.num_layers_y or self.num_layers_x}; pass one Gram per layer")
+        n = grams[0].shape[-1]
+        if any(g.shape != (n, n) for g in grams):
+            raise ValueError(f"every Gram must be ({n}, {n}) like the first: the layers of a batch hold the same "
+                             "examples")
         self._check_cross(False)
-        u = torch.stack(grams) if n > 3 else torch.empty(0)  # (L, n*n)
+        u = _centred(grams, n)
         self._cross = False
         self._add(u, u, n)
 

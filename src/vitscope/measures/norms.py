@@ -52,14 +52,13 @@ def _ratio_sums(
         )
     ratio = nz / nf
     B = z.shape[0]
-    one = torch.ones((), dtype=torch.float64, device=z.device)
     if z.ndim == 4:
-        return {"spatial_sum": ratio.sum(), "spatial_count": one * B}
+        return {"spatial_sum": ratio.sum(), "spatial_count": float(B)}
     spatial = ratio[:, num_prefix_tokens:]  # (B, N - p)
-    out = {"spatial_sum": spatial.sum(), "spatial_count": one * spatial.numel()}
+    out = {"spatial_sum": spatial.sum(), "spatial_count": float(spatial.numel())}
     if num_prefix_tokens >= 1:
         out["cls_sum"] = ratio[:, 0].sum()
-        out["cls_count"] = one * B
+        out["cls_count"] = float(B)
     return out
 
 

@@ -81,7 +81,7 @@ def _log_amplitude_sums(x: Tensor, hw: tuple[int, int], dim: int) -> dict[str, T
     coef = x @ W if dim == -1 else (W.T @ x).transpose(1, 2)  # (B, C, 2F)
     logamp = torch.hypot(coef[..., :F], coef[..., F:]).add_(_EPS).log_()  # (B, C, F): from frequency 0 outwards
     count = logamp.shape[0] * logamp.shape[1]
-    return {"sum": logamp.sum((0, 1)), "count": torch.tensor(float(count), dtype=torch.float64, device=x.device)}
+    return {"sum": logamp.sum((0, 1)), "count": float(count)}
 
 
 def _relative(state: dict[str, Tensor]) -> Tensor:
@@ -129,7 +129,7 @@ def _variance_sums(x: Tensor, dim: int, unbiased: bool, name: str = "fmap") -> d
     dev = dev.reshape(-1)
     total = torch.dot(dev, dev) / (S - 1 if unbiased else S)  # sum over (b, c) of each variance
     count = x.numel() // S
-    return {"sum": total, "count": torch.tensor(float(count), dtype=torch.float64, device=x.device)}
+    return {"sum": total, "count": float(count)}
 
 
 def feature_variance(fmap: Tensor, unbiased: bool = True) -> Tensor:
