@@ -168,14 +168,22 @@ class HessianOperator:
         self.n_products = 0
         self.cache_graph = cache_graph
         self._graphs: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        self._tangent: torch.Tensor | None = None
 
     # -- flat vectors <-> parameter dicts
     def unflatten(self, v: torch.Tensor) -> dict[str, torch.Tensor]:
         return {n: t.view(s) for n, t, s in zip(self.names, v.split(self.numels), self.shapes)}
 
-    def flatten(self, tensors: Mapping[str, torch.Tensor] | Sequence[torch.Tensor]) -> torch.Tensor:
+    def flatten(self, tensors: Mapping[str, torch.Tensor] | Sequence[torch.Tensor],
+                dtype: torch.dtype | None = None) -> torch.Tensor:
+        """One flat vector (in ``dtype``, default the tensors') written slice by slice: no intermediate."""
         ts = [tensors[n] for n in self.names] if isinstance(tensors, Mapping) else list(tensors)
-        return torch.cat([t.reshape(-1) for t in ts])
+        out = torch.empty(sum(t.numel() for t in ts), dtype=dtype or ts[0].dtype, device=ts[0].device)
+        start = 0
+        for t in ts:
+            out[start:start + t.numel()].copy_(t.reshape(-1))
+            start += t.numel()
+        return out
 
     def primal(self) -> torch.Tensor:
         """The current parameter values as one flat vector."""
@@ -191,25 +199,28 @@ class HessianOperator:
         if v.shape != (self.dim,):
             raise ValueError(f"vector has shape {tuple(v.shape)}, expected ({self.dim},)")
         out_dtype = v.dtype if v.dtype.is_floating_point else self.dtype
-        v = v.to(device=self.device, dtype=self.dtype)
+        if v.dtype != self.dtype or v.device != self.device:
+            if self._tangent is None:  # reused: converting into warm memory, not a fresh allocation
+                self._tangent = torch.empty(self.dim, dtype=self.dtype, device=self.device)
+            v = self._tangent.copy_(v)
         if self.cache_graph and len(self._graphs) == len(self.batches):
-            out = self._matvec_autograd(v)  # only backward passes through the retained graphs: no forward
+            out = self._matvec_autograd(v, out_dtype)  # backward passes through the retained graphs only
             self.n_products += 1
-            return out.to(out_dtype)
+            return out
         with analysis_mode(self.model, self.train_mode):
             if self.backend == "func":
                 try:
-                    out = self._matvec_func(v)
+                    out = self._matvec_func(v, out_dtype)
                 except (RuntimeError, NotImplementedError) as e:
                     if "non-finite loss" in str(e):
                         raise
                     _logger.warning("torch.func HVP failed (%s); falling back to double backward", e)
                     self.backend = "autograd"
-                    out = self._matvec_autograd(v)
+                    out = self._matvec_autograd(v, out_dtype)
             else:
-                out = self._matvec_autograd(v)
+                out = self._matvec_autograd(v, out_dtype)
         self.n_products += 1
-        return out.to(out_dtype)
+        return out
 
     def _batch_loss(self, p: dict[str, torch.Tensor], frozen: dict[str, torch.Tensor], i: int) -> torch.Tensor:
         x, y = self.batches[i]
@@ -235,7 +246,7 @@ class HessianOperator:
                 "the checkpoint, or lower the learning rate that produced these weights"
             )
 
-    def _matvec_func(self, v: torch.Tensor) -> torch.Tensor:
+    def _matvec_func(self, v: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
         frozen = self._frozen()
         primals = {n: p.detach() for n, p in self.params.items()}
         tangents = self.unflatten(v)
@@ -248,8 +259,10 @@ class HessianOperator:
 
             _, hv, loss = torch.func.jvp(torch.func.grad(f, has_aux=True), (primals,), (tangents,), has_aux=True)
             self._check(loss, i)
-            part = self.flatten(hv)
-            total = part if total is None else total.add_(part)
+            if total is None:
+                total = self.flatten(hv, out_dtype)
+            else:
+                total.add_(self.flatten(hv))
         return total
 
     def _first_order(self, i: int, w: float, frozen: dict[str, torch.Tensor]) -> tuple[list, list]:
@@ -262,7 +275,7 @@ class HessianOperator:
             grads = torch.autograd.grad(obj, list(p.values()), create_graph=True, allow_unused=True)
         return list(grads), list(p.values())
 
-    def _matvec_autograd(self, v: torch.Tensor) -> torch.Tensor:
+    def _matvec_autograd(self, v: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
         frozen = self._frozen()
         total: torch.Tensor | None = None
         tangents = list(self.unflatten(v).values())
@@ -281,8 +294,11 @@ class HessianOperator:
                         [grads[j] for j in keep], leaves, [tangents[j] for j in keep],
                         retain_graph=self.cache_graph, allow_unused=True,
                     )
-            part = self.flatten([h if h is not None else torch.zeros_like(q) for h, q in zip(hv, leaves)])
-            total = part if total is None else total.add_(part)
+            hv = [h if h is not None else torch.zeros_like(q) for h, q in zip(hv, leaves)]
+            if total is None:
+                total = self.flatten(hv, out_dtype)
+            else:
+                total.add_(self.flatten(hv))
         return total
 
     def gradient(self) -> torch.Tensor:
