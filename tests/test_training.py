@@ -156,6 +156,29 @@ def test_paper_recipes_run_end_to_end(tmp_path, name):
     assert ("val_ema_top1" in result) == (name == "deit")
 
 
+def test_repeated_augmentation_sampler_repeats_each_image_and_spreads_copies():
+    """DeiT's repeated augmentation through timm's sampler: one epoch as long as a plain one, each drawn
+    image three times across two processes, the order set by (seed, epoch)."""
+    from vitscope.training.engine import SeededRepeatAugSampler
+
+    ds = list(range(600))
+    ranks = [SeededRepeatAugSampler(ds, num_replicas=2, rank=r, num_repeats=3, seed=7) for r in range(2)]
+    for s in ranks:
+        s.set_epoch(1)
+    drawn = [list(s) for s in ranks]
+    assert [len(d) for d in drawn] == [256, 256]  # 600 // 256 * 256 / 2 processes, as DeiT rounds
+    counts = np.bincount(drawn[0] + drawn[1], minlength=600)
+    assert set(counts[counts > 0]) <= {1, 2, 3} and (counts == 3).sum() >= 160
+    again = SeededRepeatAugSampler(ds, num_replicas=2, rank=0, num_repeats=3, seed=7)
+    again.set_epoch(1)
+    assert list(again) == drawn[0]
+    other = SeededRepeatAugSampler(ds, num_replicas=2, rank=0, num_repeats=3, seed=8)
+    other.set_epoch(1)
+    assert list(other) != drawn[0]
+    with pytest.raises(ConfigError, match="repeated_aug"):
+        resolve_config("cpu-quick", repeated_aug=-1)
+
+
 # ------------------------------------------------------------------------------------------------- SAM
 
 

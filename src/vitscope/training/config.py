@@ -56,6 +56,7 @@ class TrainConfig:
     data_fraction: float | None = None  # keep this fraction of every class (ConViT sample efficiency)
     max_val_examples: int | None = None
     num_workers: int = 0
+    repeated_aug: int = 0  # > 1: DeiT's repeated augmentation, each image this many times (timm RepeatAugSampler)
     # Schedule.
     epochs: int = 10  # cosine epochs; the total adds warmup_epochs when warmup_prefix is true
     batch_size: int = 64  # GLOBAL batch (split evenly across distributed processes)
@@ -247,6 +248,9 @@ def _validate(cfg: TrainConfig) -> None:
             raise ConfigError(f"Config key {key!r} must be >= 1, got {getattr(cfg, key)}")
     if cfg.lr <= 0:
         raise ConfigError(f"Config key 'lr' must be > 0, got {cfg.lr}")
+    if cfg.repeated_aug < 0:
+        raise ConfigError(f"Config key 'repeated_aug' must be >= 0 (0 or 1 disables it; DeiT uses 3), "
+                          f"got {cfg.repeated_aug}")
     if cfg.sam_rho < 0:
         raise ConfigError(f"Config key 'sam_rho' must be >= 0 (0 disables SAM), got {cfg.sam_rho}")
     if len(cfg.scale) != 2:

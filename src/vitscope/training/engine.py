@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 from timm.data import Mixup
+from timm.data.distributed_sampler import RepeatAugSampler
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
@@ -377,6 +378,20 @@ def _datasets(cfg: TrainConfig) -> tuple[Dataset, Dataset]:
     return train.dataset, val.dataset
 
 
+class SeededRepeatAugSampler(RepeatAugSampler):
+    """timm's ``RepeatAugSampler`` (DeiT's repeated augmentation, Touvron et al. 2021; Hoffer et al. 2020):
+    each image ``num_repeats`` times per epoch, the copies spread over the processes, an epoch as long as
+    a plain one (rounded down to a multiple of 256 images, as DeiT does). timm shuffles with the epoch
+    as the only seed; here the run's seed is mixed in, so runs with different seeds see different orders."""
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, num_repeats: int, seed: int = 0):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, num_repeats=num_repeats)
+        self.seed = seed
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(self.seed * 1_000_003 + epoch)
+
+
 def _loaders(cfg: TrainConfig, train_ds: Dataset, val_ds: Dataset, info: DistInfo, device: torch.device
              ) -> tuple[DataLoader, DataLoader]:
     """Training batches from a DistributedSampler (also with one process: seed + epoch shuffling);
@@ -394,8 +409,12 @@ def _loaders(cfg: TrainConfig, train_ds: Dataset, val_ds: Dataset, info: DistInf
             f"the training set has {len(train_ds)} examples, fewer than one batch ({cfg.batch_size}); "
             "lower batch_size or raise max_examples"
         )
-    sampler = DistributedSampler(train_ds, num_replicas=info.world_size, rank=info.rank, shuffle=True,
-                                 seed=cfg.seed, drop_last=True)
+    if cfg.repeated_aug > 1:
+        sampler = SeededRepeatAugSampler(train_ds, num_replicas=info.world_size, rank=info.rank,
+                                         num_repeats=cfg.repeated_aug, seed=cfg.seed)
+    else:
+        sampler = DistributedSampler(train_ds, num_replicas=info.world_size, rank=info.rank, shuffle=True,
+                                     seed=cfg.seed, drop_last=True)
     pin = device.type == "cuda"
     workers = dict(num_workers=cfg.num_workers, worker_init_fn=_seed_worker if cfg.num_workers else None,
                    persistent_workers=False, pin_memory=pin)
