@@ -63,7 +63,13 @@ def main() -> None:
     def probed() -> None:
         vitscope.probe(model, batches, measures, progress=False)
 
-    runs = {"plain forward": plain, "explicit attention": explicit, "capture only": captured, "probe": probed}
+    attn = [m for m in measures if PROBE_MEASURES[m].needs_attention]
+    streams = [m for m in measures if not PROBE_MEASURES[m].needs_attention]
+    runs = {"plain forward": plain, "explicit attention": explicit, "capture only": captured}
+    if attn and streams:  # where the time goes
+        runs["probe, attention only"] = lambda: vitscope.probe(model, batches, attn, progress=False)
+        runs["probe, streams only"] = lambda: vitscope.probe(model, batches, streams, progress=False)
+    runs["probe"] = probed
     for fn in runs.values():
         fn()  # warm-up
     times: dict[str, list[float]] = {k: [] for k in runs}
@@ -77,7 +83,7 @@ def main() -> None:
           f"load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after")
     print(f"measures: {','.join(measures)}")
     for name, t in best.items():
-        print(f"{name:<20} {t:8.3f} s   {t / best['plain forward']:5.2f}x plain")
+        print(f"{name:<22} {t:8.3f} s   {t / best['plain forward']:5.2f}x plain")
     print(f"ratio probe/plain {best['probe'] / best['plain forward']:.2f}x (goal <= 1.5x)")
 
 

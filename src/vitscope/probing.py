@@ -3,6 +3,11 @@
 One capture per batch feeds all requested measures (RAGHU's CKA and ratio of norms, HDVW's Fourier
 log amplitude and feature variance, the attention measures of ViT/RAGHU, ConViT and CB). Every measure
 keeps additive states, so memory does not grow with the number of examples and ranks merge by summing.
+
+Cost: each sub-layer's residual-stream record is reduced as the forward produces it (scanned for NaN/Inf
+once, converted to float64 once for CKA, Fourier and variance) and then dropped, so a batch's activations
+are never all held; attention maps are checked once per batch and read by the four attention measures
+without re-checking (``validate=False``).
 """
 from __future__ import annotations
 

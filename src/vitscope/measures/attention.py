@@ -9,6 +9,9 @@ exactly the result over the whole set.
 
 Token positions: spatial tokens are the last ``h * w`` tokens in row-major order (token ``p + r * w + c``
 sits at row r, column c, after ``p`` prefix tokens), as timm ViTs lay them out.
+
+Precision: the per-row and per-batch reductions run in the maps' dtype (float64 maps: float64 throughout;
+float32 maps: sums over keys and over the batch in float32, relative error ~1e-7), the states in float64.
 """
 from __future__ import annotations
 
