@@ -38,6 +38,13 @@ from vitscope.interventions._eval import (
 _logger = logging.getLogger(__name__)
 
 
+_SUPPORTED = (
+    "it knows timm's vision_transformer.Block, convit.Block, resnet.BasicBlock/Bottleneck, vitscope's CBBlock and "
+    "AlterNet blocks; for another block, remove the whole block instead (vitscope.interventions.remove_block or "
+    "lesion)"
+)
+
+
 def _vit_forwards() -> tuple[Any, ...]:
     forwards: list[Any] = [vision_transformer.Block.forward]
     try:
@@ -53,7 +60,8 @@ def _vit_no_skip(m: nn.Module) -> Any:
     """timm ``Block`` (and vitscope ``CBBlock``) without skips: ``x = attn_branch(x); x = mlp_branch(x)``."""
     if type(m).forward not in _vit_forwards():
         raise NotImplementedError(
-            f"remove_skip does not know the forward of {type(m).__name__} (it overrides timm's Block.forward)"
+            f"remove_skip does not know the forward of {type(m).__name__} (it overrides timm's Block.forward); "
+            + _SUPPORTED
         )
     cb_placement = getattr(m, "cb_placement", "")
     if cb_placement not in ("", "mlp_end", "mlp_mid", "mlp_front", "attn", "block"):
@@ -74,7 +82,7 @@ def _vit_no_skip(m: nn.Module) -> Any:
 
 def _convit_no_skip(m: nn.Module) -> Any:
     if type(m).forward is not convit.Block.forward:
-        raise NotImplementedError(f"remove_skip does not know the forward of {type(m).__name__}")
+        raise NotImplementedError(f"remove_skip does not know the forward of {type(m).__name__}; " + _SUPPORTED)
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         x = m.drop_path(m.attn(m.norm1(x)))  # (B, N, C)
@@ -115,7 +123,7 @@ def remove_skip(model: nn.Module, block: int | str | ResidualBlock) -> Iterator[
         ctx = patched_forward(m, _convit_no_skip(m))
     elif blk.family == "resnet":
         if type(m).forward not in (resnet.BasicBlock.forward, resnet.Bottleneck.forward):
-            raise NotImplementedError(f"remove_skip does not know the forward of {type(m).__name__}")
+            raise NotImplementedError(f"remove_skip does not know the forward of {type(m).__name__}; " + _SUPPORTED)
         ctx = patched_child(m, "downsample", _ZeroShortcut(m.downsample))
     else:
         shortcut = m.shortcut
