@@ -474,6 +474,23 @@ def test_remove_skip_convit_resnet_toy_equal_hand_forward():
             assert torch.equal(_outputs(model, x), ref)
 
 
+def test_remove_skip_refuses_an_unknown_block_forward_and_leaves_the_model_intact():
+    from timm.models import vision_transformer
+
+    class OwnBlock(vision_transformer.Block):
+        def forward(self, x, attn_mask=None, is_causal=False):  # a forward remove_skip cannot know
+            return x + self.attn(self.norm1(x))
+
+    model = _randomize(vitscope.create_model("test_vit_cifar"))
+    x = _data(4).tensors[0]
+    model.blocks[1].__class__ = OwnBlock
+    before = _outputs(model, x)
+    with pytest.raises(NotImplementedError, match="OwnBlock.*remove_block"):
+        with remove_skip(model, 1):
+            pass
+    assert torch.equal(_outputs(model, x), before)
+
+
 def test_skip_removal_study_accuracy():
     model = _model("test_vit_cb")
     ds = _data()
