@@ -231,3 +231,56 @@ def test_update_grams_layer_by_layer_equals_update():
     with pytest.warns(RuntimeWarning, match="n=3"):
         by_layer.update_grams([linear_gram(f) for f in make_layers(3, 43)])
     assert by_layer.num_examples == 15
+
+
+def test_hsic1_is_exactly_invariant_to_a_common_offset():
+    """Exact rational arithmetic: adding one vector to every example leaves HSIC_1 unchanged (U-centring removes
+    it), which linear_gram relies on when it centres features over the batch."""
+    from fractions import Fraction
+
+    def gram(rows):
+        return [[sum(a * b for a, b in zip(x, y)) for y in rows] for x in rows]
+
+    def hsic1_exact(K, L):  # METHODS.md's formula, term by term, in fractions
+        n = len(K)
+        K = [[K[i][j] if i != j else 0 for j in range(n)] for i in range(n)]
+        L = [[L[i][j] if i != j else 0 for j in range(n)] for i in range(n)]
+        trace = sum(K[i][j] * L[j][i] for i in range(n) for j in range(n))
+        col = [sum(L[j]) for j in range(n)]
+        kl1 = sum(K[i][j] * col[j] for i in range(n) for j in range(n))
+        total = trace + sum(map(sum, K)) * sum(map(sum, L)) / Fraction((n - 1) * (n - 2)) - Fraction(2, n - 2) * kl1
+        return total / (n * (n - 3))
+
+    rng = np.random.default_rng(3)
+    x = [[Fraction(int(v)) for v in row] for row in rng.integers(-9, 10, (6, 3))]
+    y = [[Fraction(int(v)) for v in row] for row in rng.integers(-9, 10, (6, 4))]
+    shifted = [[v + c for v, c in zip(row, (Fraction(300), Fraction(-7, 3), Fraction(0)))] for row in x]
+    assert hsic1_exact(gram(x), gram(y)) == hsic1_exact(gram(shifted), gram(y)) != 0
+    assert hsic1_exact(gram(x), gram(x)) == hsic1_exact(gram(shifted), gram(shifted))
+    K, L = gram(x), gram(y)  # and the float reference agrees with the exact formula
+    assert ref_hsic1(np.array(K, dtype=float), np.array(L, dtype=float)) == pytest.approx(float(hsic1_exact(K, L)))
+
+
+def test_float32_features_within_documented_tolerance_even_with_large_offsets():
+    """float32 features: the Gram comes from a float32 matmul after centring over the batch (HSIC_1 does not
+    change, see above); CKA stays within 1e-7 of the float64 reference over unequal batches, also when every
+    example shares a large offset in a few channels (trained ViTs' massive activations), where a plain float32
+    Gram is off by ~1e-3 (and an uncentred float64 one by ~1e-6)."""
+    g = torch.Generator().manual_seed(7)
+    offset = torch.zeros(16)
+    offset[[2, 9]] = 300.0
+    batches = []
+    for n in (40, 23):
+        base = torch.randn(n, 10, 16, generator=g)
+        layers = [base, base + 0.05 * torch.randn(n, 10, 16, generator=g), torch.tanh(base) * 3]
+        batches.append([f + offset for f in layers])
+    m = MinibatchCKA(3)
+    for b in batches:
+        m.update(b)
+    centred = [[(f.double() - f.double().mean(0)).numpy() for f in b] for b in batches]
+    ref = ref_minibatch_cka(centred, centred)
+    np.testing.assert_allclose(m.compute().numpy(), ref, rtol=0, atol=1e-7)
+    m64 = MinibatchCKA(3)
+    for b in batches:
+        m64.update([f.double() for f in b])
+    np.testing.assert_allclose(m64.compute().numpy(), ref, rtol=1e-12, atol=1e-12)

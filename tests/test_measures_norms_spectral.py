@@ -205,3 +205,16 @@ def test_validate_false_skips_only_the_value_scans():
     assert checked.compute() == trusted.compute()
     with pytest.raises(ValueError, match="same shape"):
         RatioOfNorms().update(z, fz[:, :5], validate=False)
+
+
+def test_variance_one_pass_with_a_large_mean():
+    """The one-pass float64 variance (sum of squares minus squared sums) keeps ~1e-10 relative accuracy when the
+    mean is 1000 standard deviations, for maps and for float64 tokens read in place (as vitscope.probe does)."""
+    maps = rnd(6, 4, 5, 5, seed=11).double() + 1000.0
+    ref = maps.numpy().reshape(6, 4, -1).var(axis=-1, ddof=1).mean()
+    assert float(feature_variance(maps)) == pytest.approx(ref, rel=1e-9)
+    tokens = torch.cat([rnd(6, 1, 4, seed=12).double() * 50, maps.flatten(2).transpose(1, 2)], dim=1)  # (B, 26, C)
+    m = FeatureVariance(grid=(5, 5), num_prefix_tokens=1)
+    m.update(tokens[:2])
+    m.update(tokens[2:], validate=False)
+    assert float(m.compute()) == pytest.approx(ref, rel=1e-9)

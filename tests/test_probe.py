@@ -63,9 +63,9 @@ def test_probe_cka_single_batch_equals_cka():
     feats = [z_out for _, z_out in cap.residuals]
     mat = np.array(result.extras["cka"]["matrix"])
     for i in range(len(feats)):
-        for j in range(len(feats)):
-            assert mat[i, j] == pytest.approx(float(M.cka(feats[i], feats[j])), abs=1e-9)
-    np.testing.assert_allclose(np.diag(mat), 1.0, atol=1e-9)
+        for j in range(len(feats)):  # float32 features: Gram from a float32 matmul (documented: ~1e-8)
+            assert mat[i, j] == pytest.approx(float(M.cka(feats[i], feats[j])), abs=1e-7)
+    np.testing.assert_allclose(np.diag(mat), 1.0, atol=1e-12)
 
 
 def test_probe_on_cnn_and_clear_errors():

@@ -5,7 +5,7 @@ log amplitude and feature variance, the attention measures of ViT/RAGHU, ConViT 
 keeps additive states, so memory does not grow with the number of examples and ranks merge by summing.
 
 Cost: each sub-layer's residual-stream record is reduced as the forward produces it (scanned for NaN/Inf
-once, converted to float64 once for CKA, Fourier and variance) and then dropped, so a batch's activations
+once, converted to float64 once for Fourier and variance) and then dropped, so a batch's activations
 are never all held; attention maps are checked once per batch and read by the four attention measures
 without re-checking (``validate=False``).
 """
@@ -193,7 +193,6 @@ class _StreamProbe(_ProbeMeasure):
 
 
 class _CKA(_StreamProbe):
-    needs_float64 = True
 
     def __init__(self) -> None:
         super().__init__()
@@ -201,7 +200,7 @@ class _CKA(_StreamProbe):
 
     def add(self, rec: Any, z64: torch.Tensor | None) -> None:
         self.infos.append(rec.info)
-        self.parts.append(linear_gram(z64, rec.info.name, validate=False))  # (B, B)
+        self.parts.append(linear_gram(rec.z_out, rec.info.name, validate=False))  # (B, B) float64
 
     def end(self) -> None:
         if self.measure is None:
