@@ -5,7 +5,8 @@ log amplitude and feature variance, the attention measures of ViT/RAGHU, ConViT 
 keeps additive states, so memory does not grow with the number of examples and ranks merge by summing.
 
 Cost: each sub-layer's residual-stream record is reduced as the forward produces it (scanned for NaN/Inf
-once, converted to float64 once for Fourier and variance) and then dropped, so a batch's activations
+once, converted to float64 once for Fourier and variance; CKA Grams of float32 activations by a float32
+matmul after centring over the batch, within ~1e-8 of float64) and then dropped, so a batch's activations
 are never all held; attention maps are checked once per batch and read by the four attention measures
 without re-checking (``validate=False``).
 """
@@ -200,7 +201,7 @@ class _CKA(_StreamProbe):
 
     def add(self, rec: Any, z64: torch.Tensor | None) -> None:
         self.infos.append(rec.info)
-        self.parts.append(linear_gram(rec.z_out, rec.info.name, validate=False))  # (B, B) float64
+        self.parts.append(linear_gram(rec.z_out, rec.info.name, validate=False, float32=True))  # (B, B) float64
 
     def end(self) -> None:
         if self.measure is None:
