@@ -5,6 +5,7 @@ Goal (measures issue): the probe (every forward measure fed from one capture per
 follows a plain forward pass, and the median of these paired ratios is printed next to best/best.
 
     python benchmarks/bench_probe.py [--model vit_tiny_patch4_32] [--batches 8] [--batch-size 64] [--threads N]
+        [--glibc-defaults]
 
 The load average is printed before and after: on a shared machine another process on a core stalls every
 parallel region of a 2-thread run, so compare ratios only at low load (or with --threads 1).
@@ -32,10 +33,16 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--measures", default=None, help="comma list (default: every forward measure that applies)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
+    ap.add_argument("--glibc-defaults", action="store_true",
+                    help="keep glibc's malloc defaults (VITSCOPE_KEEP_FREED_MEMORY=0): by default vitscope.probe "
+                    "on a CPU calls vitscope.keep_freed_memory(), and every run here then shares that setting")
     args = ap.parse_args()
     warnings.simplefilter("ignore")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.glibc_defaults:
+        os.environ["VITSCOPE_KEEP_FREED_MEMORY"] = "0"
+    kept = vitscope.keep_freed_memory()  # as the probe's first call does: the plain forward shares the setting
     load_before = os.getloadavg()[0]
     torch.manual_seed(0)
     model = vitscope.create_model(args.model, num_classes=10).eval()
@@ -89,7 +96,8 @@ def main() -> None:
             paired[name].append(timed(name) / base)
     best = {k: min(v) for k, v in times.items()}
     print(f"model {args.model}, {args.batches} batches x {args.batch_size}, threads {torch.get_num_threads()}, "
-          f"load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after, {args.repeats} repeats")
+          f"load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after, {args.repeats} repeats, "
+          f"keep_freed_memory {'on' if kept else 'off'}")
     print(f"measures: {','.join(measures)}")
     print(f"{'':<22} {'best':>8}     {'best/best':>9}  {'median of paired ratios':>23}")
     for name, t in best.items():

@@ -24,6 +24,7 @@ _LAZY = {
     "load_checkpoint": "vitscope.io.weights",
     "load_model": "vitscope.io.weights",
     "probe": "vitscope.probing",
+    "keep_freed_memory": "vitscope.runtime",
 }
 _SUBMODULES = (
     "models", "layers", "io", "measures", "interventions", "probing", "curvature",

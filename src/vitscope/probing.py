@@ -31,6 +31,7 @@ from vitscope.capture._sites import find_blocks, is_attention_module
 from vitscope.io.atomic import atomic_write_json, json_safe, write_csv
 from vitscope.measures._validate import all_finite, check_attention, raise_non_finite
 from vitscope.measures.cka import linear_gram
+from vitscope.runtime import keep_freed_memory
 
 _logger = logging.getLogger(__name__)
 
@@ -414,6 +415,10 @@ def probe(
 ) -> ProbeResult:
     """Run every requested forward measure in one forward pass per batch, streaming over ``loader``.
 
+    On a CPU it first calls ``vitscope.keep_freed_memory()`` (process-wide: glibc keeps freed blocks for
+    reuse, so the activations of each batch do not page-fault fresh memory; opt out with
+    ``VITSCOPE_KEEP_FREED_MEMORY=0``).
+
     Args:
         model: A ViT, ConViT, ResNet or vitscope model (see ``vitscope.capture``).
         loader: Yields ``(images, labels)`` or images.
@@ -428,6 +433,8 @@ def probe(
     """
     names = _resolve_measures(model, measures)
     device = torch.device(device) if device is not None else _model_device(model)
+    if device.type == "cpu":
+        keep_freed_memory()
     was_training = model.training
     model.to(device).eval()
     adapters = {n: PROBE_MEASURES[n]() for n in names}

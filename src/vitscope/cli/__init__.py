@@ -47,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+    from vitscope.runtime import keep_freed_memory
+
+    keep_freed_memory()  # our own process: reuse freed activations' memory (see vitscope.runtime)
     try:
         return int(args.func(args) or 0)
     except BrokenPipeError:  # output piped into `head` and closed early
