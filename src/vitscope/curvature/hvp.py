@@ -265,14 +265,16 @@ class HessianOperator:
                 total.add_(self.flatten(hv))
         return total
 
-    def _first_order(self, i: int, w: float, frozen: dict[str, torch.Tensor]) -> tuple[list, list]:
-        """(gradients with their graph, the leaf parameters) of batch ``i``'s weighted objective."""
+    def _first_order(self, i: int, w: float, frozen: dict[str, torch.Tensor], create_graph: bool = True
+                     ) -> tuple[list, list]:
+        """(gradients, with their graph unless ``create_graph=False``; the leaf parameters) of batch ``i``'s
+        weighted objective."""
         p = {n: t.detach().requires_grad_(True) for n, t in self.params.items()}
         with torch.enable_grad():
             loss = self._batch_loss(p, frozen, i)
             self._check(loss, i)
             obj = w * loss + (self.extra(p) if (self.extra is not None and i == 0) else 0.0)
-            grads = torch.autograd.grad(obj, list(p.values()), create_graph=True, allow_unused=True)
+            grads = torch.autograd.grad(obj, list(p.values()), create_graph=create_graph, allow_unused=True)
         return list(grads), list(p.values())
 
     def _matvec_autograd(self, v: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
@@ -313,13 +315,7 @@ class HessianOperator:
                         self._graphs[i] = self._first_order(i, w, frozen)
                     grads, leaves = self._graphs[i]
                 else:
-                    p = {n: t.detach().requires_grad_(True) for n, t in self.params.items()}
-                    leaves = list(p.values())
-                    with torch.enable_grad():
-                        loss = self._batch_loss(p, frozen, i)
-                        self._check(loss, i)
-                        obj = w * loss + (self.extra(p) if (self.extra is not None and i == 0) else 0.0)
-                        grads = torch.autograd.grad(obj, leaves, allow_unused=True)
+                    grads, leaves = self._first_order(i, w, frozen, create_graph=False)
                 part = self.flatten([g.detach() if g is not None else torch.zeros_like(q)
                                      for g, q in zip(grads, leaves)])
                 total = part if total is None else total.add_(part)
