@@ -126,7 +126,9 @@ def test_cross_model_cka_of_a_model_with_itself_equals_probe_cka():
     cross = cross_model_cka(model, model, loader, name_y="same")
     within = run_probe(model, loader, ["cka"], progress=False).to_dict()["cka"]
     assert cross["layers"] == within["layers"] == cross["other_layers"]
-    np.testing.assert_allclose(cross["matrix"], within["matrix"], rtol=1e-10, atol=1e-12)
+    # cross_model_cka keeps float64 Grams; probe forms the Grams of float32 features in float32 after centring
+    # over the batch, documented within 1e-7 of float64 (vitscope.measures.cka.linear_gram)
+    np.testing.assert_allclose(cross["matrix"], within["matrix"], rtol=0, atol=1e-7)
     np.testing.assert_allclose(np.diag(cross["matrix"]), 1.0, rtol=1e-9)
     assert cross["examples"] == 23
 
