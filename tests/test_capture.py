@@ -128,6 +128,20 @@ def test_residual_streams_add_up_and_align():
         torch.testing.assert_close(cap.residuals[-1][1], model.blocks[1](model.blocks[0](h)))
 
 
+def test_on_record_streams_the_records_instead_of_keeping_them():
+    model = vitscope.create_model("test_vit_cb").eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad(), vitscope.capture(model, attention=False) as kept:
+        model(x)
+    seen = []
+    with torch.no_grad(), vitscope.capture(model, attention=False, on_record=seen.append) as streamed:
+        model(x)
+    assert streamed.records == [] and [r.info for r in seen] == kept.layout
+    for a, b in zip(seen, kept.records):
+        for t, u in zip((a.z_in, a.branch, a.shortcut, a.z_out), (b.z_in, b.branch, b.shortcut, b.z_out)):
+            torch.testing.assert_close(t, u, rtol=0, atol=0)
+
+
 def test_resnet_blocks_skip_and_branch():
     model = vitscope.create_model("resnet18", num_classes=10).eval()
     x = torch.randn(2, 3, 64, 64)

@@ -89,19 +89,6 @@ class _RecordFeeder:
             a.add(rec, z64)
 
 
-class _RecordTap(list):
-    """Stands in for ``Capture.records`` during a probe forward: hands each sub-layer record to ``fn`` as the
-    model produces it and keeps nothing, so a batch's activations are reduced while hot in cache and are
-    never all held at once (holding them costs the allocator fresh memory on every batch)."""
-
-    def __init__(self, fn: Any) -> None:
-        super().__init__()
-        self.fn = fn
-
-    def append(self, record: Any) -> None:
-        self.fn(record)
-
-
 class _ProbeMeasure:
     """Adapter from one capture to one streaming measure, and from its result to table rows."""
 
@@ -460,12 +447,9 @@ def probe(
             feed = _RecordFeeder(stream_adapters, b)
             for a in stream_adapters:
                 a.begin()
-            with capture(model, attention=need_attn, residual=need_streams, branches=need_streams) as cap:
-                if need_streams:
-                    cap.records = _RecordTap(feed)  # reduce each sub-layer as the forward produces it
+            with capture(model, attention=need_attn, residual=need_streams, branches=need_streams,
+                         on_record=feed) as cap:  # each sub-layer reduced as the forward produces it
                 logits = model(images)
-            for rec in list(cap.records):  # any record the tap did not see (appended otherwise)
-                feed(rec)
             for a in stream_adapters:
                 a.end()
             if need_attn:

@@ -102,8 +102,9 @@ class _Recorder:
     """Installs the hooks of one capture and turns hook calls into records."""
 
     def __init__(self, model: nn.Module, cap: Capture, keep: Callable[[str], bool], device, grad: bool,
-                 attention: bool, streams: bool):
+                 attention: bool, streams: bool, on_record: Callable[[SubLayerRecord], None] | None = None):
         self.model, self.cap, self.keep, self.device, self.grad = model, cap, keep, device, grad
+        self.deliver = on_record or cap.records.append
         self.attention, self.streams = attention, streams
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
         self.image_hw: tuple[int, int] | None = None
@@ -146,8 +147,7 @@ class _Recorder:
         info = LayerInfo(name, kind, block, prefix, grid, patch, num_heads)
         shortcut = parts.get("shortcut", z_in)
         branch = parts["branch"] if "branch" in parts else parts["sum"] - shortcut
-        self.cap.records.append(SubLayerRecord(info, self.out(z_in), self.out(branch), self.out(shortcut),
-                                               self.out(z_out)))
+        self.deliver(SubLayerRecord(info, self.out(z_in), self.out(branch), self.out(shortcut), self.out(z_out)))
 
     # -- installation ---------------------------------------------------------------------------
     def install(self) -> None:
@@ -304,6 +304,7 @@ def capture(
     names: str | Sequence[str] | Callable[[str], bool] | None = None,
     device: torch.device | str | None = None,
     grad: bool = False,
+    on_record: Callable[[SubLayerRecord], None] | None = None,
 ) -> Iterator[Capture]:
     """Record attention maps and residual streams of every forward pass run inside the context.
 
@@ -315,6 +316,8 @@ def capture(
         names: fnmatch pattern(s) or a predicate on sub-layer names (``blocks.3.attn``, ``layer2.1``).
         device: Where captured tensors go (default: where they were computed).
         grad: Keep the autograd graph (default: tensors are detached).
+        on_record: Called with each sub-layer's record as the forward produces it, instead of keeping it in
+            ``Capture.records`` (which then stays empty): streams a batch without holding its activations.
 
     Yields:
         A :class:`Capture` filled as the model runs.
@@ -324,7 +327,7 @@ def capture(
     """
     cap = Capture()
     streams = residual or branches
-    recorder = _Recorder(model, cap, _name_filter(names), device, grad, attention, streams)
+    recorder = _Recorder(model, cap, _name_filter(names), device, grad, attention, streams, on_record)
     if streams and not recorder.blocks:
         raise ValueError(
             f"vitscope.capture found no residual block it knows in {type(model).__name__}: supported are timm "
