@@ -14,6 +14,12 @@ from vitscope.measures.attention import (
 )
 from vitscope.measures.cka import MinibatchCKA, cka, hsic1
 from vitscope.measures.convit import GPSACentres, gpsa_attention_centres, gpsa_gates, gpsa_layers
+from vitscope.measures.embeddings import (
+    PatchEmbeddingComponents,
+    patch_embedding_components,
+    position_embedding_grid,
+    position_embedding_similarity,
+)
 from vitscope.measures.norms import RatioOfNorms, ratio_of_norms
 from vitscope.measures.rollout import attention_rollout
 from vitscope.measures.spectral import (
@@ -31,5 +37,7 @@ __all__ = [
     "cka", "hsic1", "MinibatchCKA",
     "ratio_of_norms", "RatioOfNorms",
     "gpsa_gates", "gpsa_attention_centres", "gpsa_layers", "GPSACentres", "attention_rollout",
+    "patch_embedding_components", "PatchEmbeddingComponents", "position_embedding_similarity",
+    "position_embedding_grid",
     "fourier_log_amplitude", "fourier_frequencies", "feature_variance", "FourierLogAmplitude", "FeatureVariance",
 ]

@@ -1,0 +1,129 @@
+"""ViT Fig. 7 embeddings: patch-embedding PCA and position-embedding similarity against numpy references."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import timm
+import torch
+
+import vitscope
+from vitscope.measures import patch_embedding_components, position_embedding_grid, position_embedding_similarity
+
+
+def _randomize(model, seed=0):
+    """Give the embeddings distinct random values (timm zero-inits some of them)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        model.pos_embed.copy_(torch.randn(model.pos_embed.shape, generator=g))
+        w = model.patch_embed.proj.weight
+        w.copy_(torch.randn(w.shape, generator=g) + 0.3)  # a non-zero mean filter, removed by the centring
+    return model
+
+
+def _np_cosine(p):
+    """Cosine similarity as a centred-free np.corrcoef: normalise rows by their own norms, with numpy."""
+    p = np.asarray(p, dtype=np.float64)
+    u = p / np.sqrt((p * p).sum(1, keepdims=True))
+    return np.einsum("id,jd->ij", u, u)
+
+
+MODELS = [
+    ("test_vit_cb", {}, 1),  # class token with a pos embedding: first entry dropped
+    ("test_convit_32", {}, 0),  # ConViT: pos_embed covers patches only; the class token joins later
+    ("vit_tiny_patch16_224", dict(img_size=32, patch_size=8, embed_dim=24, depth=1, num_heads=2,
+                                  no_embed_class=True, reg_tokens=2), 0),
+    ("vit_tiny_patch16_224", dict(img_size=32, patch_size=8, embed_dim=24, depth=1, num_heads=2, reg_tokens=2), 3),
+    ("vit_tiny_patch16_224", dict(img_size=32, patch_size=8, embed_dim=24, depth=1, num_heads=2, class_token=False,
+                                  global_pool="avg"), 0),
+    ("vit_tiny_patch16_224", dict(img_size=(32, 48), patch_size=8, embed_dim=24, depth=1, num_heads=2,
+                                  dynamic_img_size=True), 1),
+]
+
+
+def _make(name, kwargs):
+    torch.manual_seed(0)
+    return vitscope.create_model(name) if name.startswith("test_") else timm.create_model(name, **kwargs)
+
+
+@pytest.mark.parametrize("name,kwargs,prefix", MODELS)
+def test_position_similarity_matches_numpy(name, kwargs, prefix):
+    model = _randomize(_make(name, kwargs))
+    h, w = position_embedding_grid(model)
+    pos = model.pos_embed.detach()[0].numpy()
+    assert pos.shape[0] == h * w + prefix  # the layout the test expects, independent of the code under test
+    ref = _np_cosine(pos[prefix:])
+    sim = position_embedding_similarity(model)
+    assert sim.shape == (h * w, h * w) and sim.dtype == torch.float64
+    np.testing.assert_allclose(sim.numpy(), ref, atol=1e-12)
+    np.testing.assert_allclose(np.diag(sim.numpy()), 1.0, atol=1e-12)
+    if kwargs.get("img_size") == (32, 48):
+        assert (h, w) == (4, 6)
+
+
+def test_position_similarity_row_major_grid():
+    """Embeddings that are a function of (row, col) give maps peaked at their own cell, read row-major."""
+    model = _make("test_convit_32", {})
+    h, w = position_embedding_grid(model)
+    D = model.pos_embed.shape[-1]
+    rows, cols = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+    centres = np.linspace(0, max(h, w), D)
+    feats = np.exp(-(rows.reshape(-1, 1) - centres) ** 2) + np.exp(-(cols.reshape(-1, 1) - centres[::-1]) ** 2)
+    with torch.no_grad():
+        model.pos_embed.copy_(torch.from_numpy(feats).float()[None])
+    sim = position_embedding_similarity(model).numpy()
+    i = 2 * w + 5  # row 2, col 5
+    assert np.unravel_index(sim[i].argmax(), (h, w)) == (2, 5)
+
+
+@pytest.mark.parametrize("name,kwargs", [(m[0], m[1]) for m in MODELS[:3]])
+def test_patch_components_match_numpy_svd(name, kwargs):
+    model = _randomize(_make(name, kwargs), seed=1)
+    W = model.patch_embed.proj.weight.detach().double().numpy()  # (D, C, P, P)
+    D, C, P, _ = W.shape
+    X = W.reshape(D, -1)
+    Xc = X - X.mean(0)
+    _, s, vt = np.linalg.svd(Xc, full_matrices=False)
+    k = min(28, D - 1, vt.shape[0])  # the centred filters have rank <= D - 1
+    out = patch_embedding_components(model)
+    assert out.components.shape == (k, C, P, P)
+    comps = out.components.reshape(k, -1).numpy()
+    np.testing.assert_allclose(comps @ comps.T, np.eye(k), atol=1e-10)  # orthonormal rows
+    signs = np.sign((comps * vt[:k]).sum(1))  # SVD signs are arbitrary: align, then compare
+    np.testing.assert_allclose(comps, vt[:k] * signs[:, None], atol=1e-9)
+    np.testing.assert_allclose(out.explained_variance_ratio.numpy(), (s**2 / (s**2).sum())[:k], rtol=1e-10)
+    assert (np.diff(out.explained_variance_ratio.numpy()) <= 1e-15).all()  # ordered by variance
+    np.testing.assert_allclose(out.mean.numpy().ravel(), X.mean(0), atol=1e-12)
+    # the ratio equals the variance of the filters' projections, an independent numpy route
+    proj_var = (Xc @ vt[:k].T).var(0)
+    np.testing.assert_allclose(out.explained_variance_ratio.numpy(), proj_var / Xc.var(0).sum(), rtol=1e-9)
+
+
+def test_patch_components_k_clipped_and_checked():
+    model = _make("vit_tiny_patch16_224", dict(img_size=8, patch_size=2, embed_dim=24, depth=1, num_heads=2))
+    assert patch_embedding_components(model).components.shape == (12, 3, 2, 2)  # C*P*P = 12 < 28
+    assert patch_embedding_components(model, k=5).components.shape == (5, 3, 2, 2)
+    with pytest.raises(ValueError, match="k must be"):
+        patch_embedding_components(model, k=0)
+
+
+@pytest.mark.parametrize("name", ["test_resnet_cifar", "test_alternet"])
+def test_clear_errors_for_cnns(name):
+    model = vitscope.create_model(name)
+    with pytest.raises(ValueError, match="no learned position embedding"):
+        position_embedding_similarity(model)
+    with pytest.raises(ValueError, match="no patch embedding"):
+        patch_embedding_components(model)
+
+
+def test_clear_errors_for_hybrid_stem_and_missing_pos_embed():
+    from timm.layers import HybridEmbed
+
+    model = _make("vit_tiny_patch16_224", dict(img_size=32, patch_size=8, embed_dim=24, depth=1, num_heads=2,
+                                               pos_embed="none"))
+    with pytest.raises(ValueError, match="no learned position embedding"):
+        position_embedding_similarity(model)
+    backbone = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=4, padding=1))
+    backbone.num_features = 8
+    model.patch_embed = HybridEmbed(backbone, img_size=32, patch_size=1, feature_size=8, embed_dim=24)
+    with pytest.raises(ValueError, match="convolutional stem"):
+        patch_embedding_components(model)
