@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from vitscope.training import build_model, resolve_config, train
-from vitscope.training.checkpoint import read_jsonl
+from vitscope.training.checkpoint import load_state, read_jsonl
 from vitscope.training.engine import strip_timing
 
 # SAM, EMA and probes on ConViT too: a probe forward resizes GPSA's rel_indices buffer, which DDP broadcasts.
@@ -75,10 +75,11 @@ def test_two_process_gloo_matches_one_process(tmp_path):
     torch.manual_seed(3)  # the engine's initial weights: the updates are large next to the tolerance
     init = build_model(dataclasses.replace(cfg, num_classes=10)).state_dict()
     assert max((want[k] - init[k]).abs().max().item() for k in want) > 1e-2
-    state = torch.load(ddp_dir / "state.pt", weights_only=True)
+    state = load_state(ddp_dir)
     assert state["world_size"] == 2 and len(state["rng"]) == 2  # every rank's RNG state is kept
-    assert sorted(p.name for p in ddp_dir.iterdir()) == ["config.yaml", "metrics.jsonl", "model.safetensors",
-                                                          "probes.jsonl", "state.pt"]
+    assert sorted(p.name for p in ddp_dir.iterdir()) == [".lock", "checkpoints", "config.yaml", "metrics.jsonl",
+                                                          "model.safetensors", "probes.jsonl"]
+    assert [p.name for p in (ddp_dir / "checkpoints").iterdir()] == ["epoch-0001"]  # the previous one removed
     ddp_p, single_p = read_jsonl(ddp_dir / "probes.jsonl"), read_jsonl(single_dir / "probes.jsonl")
     assert [(p["epoch"], p["measure"]) for p in ddp_p] == [(p["epoch"], p["measure"]) for p in single_p]
     assert len(ddp_p) == 6

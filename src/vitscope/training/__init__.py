@@ -12,8 +12,11 @@ model for analysis from its ``config.yaml`` and ``model.safetensors``::
 Recipes (``list_recipes()``): ``hdvw-cifar`` (Park & Kim 2022), ``deit`` (Touvron et al. 2021; ConViT's),
 ``cpu-quick`` (demo and tests). Settings: ``TrainConfig`` defaults < recipe < overrides. A run
 directory holds ``config.yaml``, ``metrics.jsonl`` (one line per epoch: ``train_*``, ``val_top1`` in %,
-``val_nll``, ``val_ece``, ``val_brier``, ``val_ema_*``), ``probes.jsonl`` (``probes: {every, measures,
-num_images}``) and the last checkpoint (``model.safetensors`` + ``state.pt``).
+``val_nll``, ``val_ece``, ``val_brier``, ``val_ema_*``, ``best_epoch``/``best_val_nll`` and, when
+``early_stop_patience`` ended the run, ``stopped_early``), ``probes.jsonl`` (``probes: {every, measures,
+num_images}``), the latest complete checkpoint (``checkpoints/epoch-N/``: ``model.safetensors``,
+``state.pt``, ``checkpoint.json``) and ``model.safetensors`` (its weights). ``checkpoint.run_model_spec``
+says what builds the trained network; ``--resume`` continues after a kill at any moment.
 """
 from __future__ import annotations
 
@@ -67,19 +70,16 @@ def load_config(run_dir: str | os.PathLike) -> TrainConfig:
 def load_run(run_dir: str | os.PathLike, ema: bool = False, device: str = "cpu") -> tuple[nn.Module, TrainConfig]:
     """``(model, config)`` of a finished or running training run, in eval mode.
 
-    Weights come from ``model.safetensors`` (or, with ``ema=True``, the EMA weights in ``state.pt``,
-    read with ``weights_only=True``).
+    Weights come from the latest complete checkpoint (``checkpoint.run_model_spec(run_dir)["weights"]``)
+    or, with ``ema=True``, the EMA weights in its ``state.pt`` (read with ``weights_only=True``).
     """
     cfg = load_config(run_dir)
-    model = build_model(cfg)
-    weights = Path(run_dir) / checkpoint.MODEL_FILE
+    model = build_model(cfg, pretrained=False)
     if ema:
         state = checkpoint.load_state(run_dir)
         if state.get("ema") is None:
             raise ValueError(f"{run_dir} was trained without EMA (model_ema=false); load it with ema=False")
         model.load_state_dict({k.removeprefix("module."): v for k, v in state["ema"].items()})
-    elif not weights.is_file():
-        raise FileNotFoundError(f"{run_dir} has no {checkpoint.MODEL_FILE} yet (no epoch has finished)")
     else:
-        checkpoint.load_model_weights(model, weights)
+        checkpoint.load_model_weights(model, checkpoint.run_model_spec(run_dir)["weights"])
     return model.to(device).eval(), cfg

@@ -112,6 +112,10 @@ class TrainConfig:
     progress: bool = True  # tqdm bars (on a terminal, rank 0)
     tensorboard: bool = False  # also log to TensorBoard when it is installed
     probes: dict = field(default_factory=dict)  # {every: 1, measures: [...], num_images: 32}
+    # Early stopping on the validation loss (val_nll); None: train every epoch.
+    early_stop_patience: int | None = None  # stop after this many epochs without an improvement
+    early_stop_min_delta: float = 0.0  # an improvement lowers the best val_nll by more than this
+    pretrained: bool = False  # start from timm's hub weights (fine-tuning); the head is re-initialised
 
 
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(TrainConfig)}

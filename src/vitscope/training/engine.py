@@ -59,28 +59,51 @@ def _autocast(device: torch.device, amp_dtype: torch.dtype | None) -> contextlib
 
 
 class NonFiniteLossError(FloatingPointError):
-    """The training loss became NaN or infinite; the last good checkpoint is kept."""
+    """The training loss became NaN or infinite; the last complete checkpoint (if any) is kept."""
 
 
 # ----------------------------------------------------------------------------------------------
 # Building the pieces from a config.
 
 
-def build_model(cfg: TrainConfig) -> nn.Module:
-    """``create_model(cfg.model, num_classes, drop_path_rate, drop_rate, img_size, **model_kwargs)``."""
+def build_model(cfg: TrainConfig, pretrained: bool | None = None) -> nn.Module:
+    """``create_model(cfg.model, num_classes, drop_path_rate, drop_rate, img_size, **model_kwargs)``.
+
+    ``pretrained`` (default ``cfg.pretrained``) starts from timm's hub weights (fine-tuning).
+    """
+    return _create(cfg, cfg.pretrained if pretrained is None else pretrained)[0]
+
+
+def _create(cfg: TrainConfig, pretrained: bool = False) -> tuple[nn.Module, dict[str, Any]]:
+    """The model and the ``create_model`` kwargs that rebuild it for analysis (no drop rates, no download)."""
     from vitscope.models import create_model
 
     kwargs: dict[str, Any] = dict(cfg.model_kwargs)
-    kwargs.update(num_classes=cfg.num_classes, drop_path_rate=cfg.drop_path or None, drop_rate=cfg.drop or None)
+    kwargs["num_classes"] = cfg.num_classes
     if cfg.img_size is not None:
         kwargs["img_size"] = cfg.img_size
+    train_only: dict[str, Any] = dict(drop_path_rate=cfg.drop_path or None, drop_rate=cfg.drop or None)
+    if pretrained:
+        train_only["pretrained"] = True
     try:
-        return create_model(cfg.model, **kwargs)
+        try:
+            return create_model(cfg.model, **kwargs, **train_only), kwargs
+        except TypeError as e:
+            if "img_size" in kwargs and "img_size" in str(e):  # CNNs take any input size
+                kwargs.pop("img_size")
+                return create_model(cfg.model, **kwargs, **train_only), kwargs
+            raise
     except TypeError as e:
-        if "img_size" in kwargs and "img_size" in str(e):  # CNNs take any input size
-            kwargs.pop("img_size")
-            return create_model(cfg.model, **kwargs)
         raise ValueError(f"Model {cfg.model!r} rejected the options {sorted(kwargs)}: {e}") from None
+    except Exception as e:
+        if not pretrained or isinstance(e, ValueError):
+            raise
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        raise ValueError(
+            f"Cannot load timm's pretrained weights of {cfg.model!r} ({type(e).__name__}: {first}); check the "
+            "model name has hub weights (timm.list_models(pretrained=True)) and the network / HF_HUB_OFFLINE "
+            "cache, or drop pretrained=true"
+        ) from None
 
 
 def base_lr(cfg: TrainConfig) -> float:
@@ -162,7 +185,11 @@ def augment_options(cfg: TrainConfig) -> dict[str, Any] | bool:
 
 
 def _nonfinite(what: str, epoch: int, step: int, value: float | str, run_dir: str | None) -> NonFiniteLossError:
-    where = f" The last good checkpoint is kept in {run_dir}." if run_dir else ""
+    where = ""
+    if run_dir:
+        last = ckpt.latest_checkpoint(run_dir)
+        where = (f" The last good checkpoint ({last}) is kept." if last is not None
+                 else " No checkpoint was written (no epoch finished).")
     return NonFiniteLossError(
         f"Non-finite {what} ({value}) at epoch {epoch}, step {step}; training stopped.{where} Lower lr, set "
         "clip_grad, or use amp=bf16 instead of fp16."
@@ -329,6 +356,7 @@ class _Run:
     train_loader: DataLoader
     val_loader: DataLoader
     probe_images: torch.Tensor | None
+    spec: dict[str, Any]  # what builds the network (written into every checkpoint)
 
 
 def check_names(cfg: TrainConfig) -> None:
@@ -436,12 +464,15 @@ def _setup(cfg: TrainConfig, device: torch.device, info: DistInfo, resume: bool)
     from vitscope.data import data_info
 
     run_dir = Path(cfg.out)
-    state = None
-    if resume:
-        state = ckpt.load_state(run_dir)
-    elif (run_dir / ckpt.STATE_FILE).exists():
+    state, weights = None, None
+    latest = ckpt.latest_checkpoint(run_dir)
+    if resume and latest is not None:
+        state, weights = ckpt.load_latest(run_dir)
+    elif resume:
+        _logger.info("%s has no checkpoint yet: starting the run from epoch 0", run_dir)
+    elif latest is not None:
         raise ValueError(
-            f"{run_dir} already holds a run (it has {ckpt.STATE_FILE}); continue it with --resume {run_dir} "
+            f"{run_dir} already holds a run (checkpoint {latest}); continue it with --resume {run_dir} "
             "or choose another --out"
         )
     dinfo = data_info(cfg.data, img_size=cfg.img_size, **cfg.data_options)
@@ -451,9 +482,12 @@ def _setup(cfg: TrainConfig, device: torch.device, info: DistInfo, resume: bool)
     cfg = dataclasses.replace(cfg, **updates)
 
     _seed_everything(cfg.seed)  # same initial weights on every rank (DDP broadcasts rank 0's anyway)
-    model = build_model(cfg)
+    model, create_kwargs = _create(cfg, pretrained=cfg.pretrained and state is None)  # resume: no download
     if cfg.img_size is None:
         cfg = dataclasses.replace(cfg, img_size=int(model.pretrained_cfg.get("input_size", (3, 224, 224))[-1]))
+    spec = {"model": cfg.model, "model_kwargs": dict(cfg.model_kwargs), "img_size": cfg.img_size,
+            "num_classes": cfg.num_classes, "data": cfg.data, "data_options": dict(cfg.data_options),
+            "create_kwargs": create_kwargs}
     model.to(device)
     channels_last = cfg.channels_last and device.type == "cuda"
     if channels_last:
@@ -479,7 +513,7 @@ def _setup(cfg: TrainConfig, device: torch.device, info: DistInfo, resume: bool)
     sam = SAM(model.parameters(), rho=cfg.sam_rho) if cfg.sam_rho > 0 else None
 
     if state is not None:  # restore before wrapping
-        ckpt.load_model_weights(model, run_dir / ckpt.MODEL_FILE)
+        ckpt.load_model_weights(model, weights)
         optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None and state.get("scheduler") is not None:
             if _schedule_changed(state["config"], cfg):  # e.g. `epochs` raised to extend a run
@@ -503,7 +537,8 @@ def _setup(cfg: TrainConfig, device: torch.device, info: DistInfo, resume: bool)
         k = min(cfg.probes["num_images"], len(val_ds))
         probe_images = torch.stack([val_ds[i][0] for i in range(k)]).to(device)  # (k, 3, H, W) fixed batch
     run = _Run(cfg, run_dir, device, info, model, train_model, optimizer, scheduler, total_epochs, scaler,
-               amp_dtype, sam, ema, build_criterion(cfg), build_mixup(cfg), train_loader, val_loader, probe_images)
+               amp_dtype, sam, ema, build_criterion(cfg), build_mixup(cfg), train_loader, val_loader, probe_images,
+               spec)
     return run, state
 
 
@@ -524,7 +559,44 @@ def _gather_rng(info: DistInfo) -> list[dict[str, Any]]:
     return gathered
 
 
-def _save(run: _Run, epoch: int, step: int) -> None:
+@dataclasses.dataclass
+class EarlyStop:
+    """Early stopping on the validation loss: ``wait`` epochs since ``best`` fell by more than ``min_delta``."""
+
+    patience: int | None
+    min_delta: float = 0.0
+    best: float = math.inf
+    best_epoch: int = -1
+    wait: int = 0
+
+    def update(self, epoch: int, val_loss: float) -> None:
+        if val_loss < self.best - self.min_delta:
+            self.best, self.best_epoch, self.wait = val_loss, epoch, 0
+        else:
+            self.wait += 1
+
+    @property
+    def stop(self) -> bool:
+        return self.patience is not None and self.wait >= self.patience
+
+    def state(self) -> dict[str, Any]:
+        return {"best": self.best, "best_epoch": self.best_epoch, "wait": self.wait}
+
+    @classmethod
+    def restore(cls, cfg: TrainConfig, saved: dict[str, Any] | None, records: list[dict[str, Any]]
+                ) -> EarlyStop:
+        """From a checkpoint's state, else by replaying the metrics lines (runs saved before early stopping)."""
+        es = cls(cfg.early_stop_patience, cfg.early_stop_min_delta)
+        if saved is not None:
+            es.best, es.best_epoch, es.wait = float(saved["best"]), int(saved["best_epoch"]), int(saved["wait"])
+        else:
+            for r in records:
+                if "val_nll" in r:
+                    es.update(int(r["epoch"]), float(r["val_nll"]))
+        return es
+
+
+def _save(run: _Run, epoch: int, step: int, es: EarlyStop, finished: bool) -> None:
     rng = _gather_rng(run.dist)  # a collective: every rank takes part
     if not run.dist.is_main:
         return
@@ -539,8 +611,11 @@ def _save(run: _Run, epoch: int, step: int) -> None:
         "rng": rng,
         "sampler": {"seed": run.cfg.seed, "epoch": epoch + 1, "generator": run.train_loader.generator.get_state()},
         "world_size": run.dist.world_size,
+        "early_stop": es.state(),
     }
-    ckpt.save_checkpoint(run.run_dir, run.model, state)
+    info = {"total_epochs": run.total_epochs, "finished": finished or es.stop, "stopped_early": es.stop,
+            "best_epoch": es.best_epoch, "best_val_nll": es.best}
+    ckpt.save_checkpoint(run.run_dir, run.model, state, spec=run.spec, info=info)
 
 
 def _tensorboard(run: _Run) -> Any:
@@ -573,17 +648,20 @@ def _fit(run: _Run, state: dict | None) -> dict[str, Any]:
     if info.is_main:
         run.run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run.run_dir / ckpt.CONFIG_FILE)
-        for name in (ckpt.METRICS_FILE, ckpt.PROBES_FILE):  # drop lines of epochs that will be replayed
-            ckpt.truncate_jsonl(run.run_dir / name, start_epoch)
+        # Lines are written before the checkpoint that covers them: drop those of epochs to be replayed
+        # (from scratch also the probes of the initial weights, epoch -1, which are measured again).
+        ckpt.truncate_jsonl(run.run_dir / ckpt.METRICS_FILE, start_epoch)
+        ckpt.truncate_jsonl(run.run_dir / ckpt.PROBES_FILE, start_epoch if start_epoch > 0 else -1)
     barrier(info)
     writer = _tensorboard(run)
     progress = cfg.progress and info.is_main and sys.stderr.isatty()
     step_sleep = float(os.environ.get("VITSCOPE_TEST_STEP_SLEEP", 0) or 0)  # test hook: widen the kill window
     channels_last = cfg.channels_last and run.device.type == "cuda"
     steps_per_epoch = len(run.train_loader)
-    earlier = ckpt.read_jsonl(run.run_dir / ckpt.METRICS_FILE) if info.is_main else []
+    earlier = ckpt.read_jsonl(run.run_dir / ckpt.METRICS_FILE)  # every rank: the early-stopping replay
     last: dict[str, Any] = earlier[-1] if earlier else {}  # returned as is when no epoch is left to train
     best = max((r.get("val_top1", -math.inf) for r in earlier), default=-math.inf)
+    es = EarlyStop.restore(cfg, state.get("early_stop") if state is not None else None, earlier)
     # Probes run on every rank (a forward pass may resize buffers, e.g. ConViT's rel_indices, and DDP
     # broadcasts buffers), but only rank 0 writes. Epoch -1 holds the initial weights.
     if run.probe_images is not None and start_epoch == 0:
@@ -593,6 +671,8 @@ def _fit(run: _Run, state: dict | None) -> dict[str, Any]:
     epoch_bar = tqdm(range(start_epoch, run.total_epochs), desc="epochs", disable=not progress,
                      initial=start_epoch, total=run.total_epochs)
     for epoch in epoch_bar:
+        if es.stop:  # a run that stopped early and is resumed (e.g. requeued) has nothing left to do
+            break
         _reseed_epoch(run, epoch)
         if run.scheduler is not None and not cfg.sched_on_updates:
             run.scheduler.step(epoch)
@@ -620,11 +700,19 @@ def _fit(run: _Run, state: dict | None) -> dict[str, Any]:
         probes = []
         if run.probe_images is not None and (epoch + 1) % cfg.probes["every"] == 0:
             probes = run_probes(run.model, run.probe_images, cfg.probes["measures"], epoch)
-        _save(run, epoch, step)
-        if info.is_main:
+        es.update(epoch, record["val_nll"])
+        record.update(best_epoch=es.best_epoch, best_val_nll=es.best)
+        if es.stop:
+            record["stopped_early"] = True
+        if info.is_main:  # the lines first, then the checkpoint that covers them
             ckpt.append_jsonl(run.run_dir / ckpt.METRICS_FILE, record)
             for p in probes:
                 ckpt.append_jsonl(run.run_dir / ckpt.PROBES_FILE, p)
+        _save(run, epoch, step, es, finished=epoch == run.total_epochs - 1)
+        if info.is_main:
+            if es.stop:
+                _logger.info("early stop after epoch %d: val_nll has not improved by more than %g for %d epochs "
+                             "(best %.4f at epoch %d)", epoch, es.min_delta, es.patience, es.best, es.best_epoch)
             if writer is not None:
                 for k, v in record.items():
                     if k != "epoch" and isinstance(v, (int, float)):
@@ -637,7 +725,8 @@ def _fit(run: _Run, state: dict | None) -> dict[str, Any]:
     if writer is not None:
         writer.close()
     return {**last, "best_val_top1": best if best > -math.inf else None, "run_dir": str(run.run_dir),
-            "epochs": run.total_epochs}
+            "epochs": run.total_epochs, "best_epoch": es.best_epoch if es.best_epoch >= 0 else None,
+            "best_val_nll": es.best if es.best_epoch >= 0 else None, "stopped_early": es.stop}
 
 
 def train(config: TrainConfig | dict[str, Any] | None = None, *, resume: bool = False, **overrides: Any
@@ -663,11 +752,48 @@ def train(config: TrainConfig | dict[str, Any] | None = None, *, resume: bool = 
     try:
         if device.type == "cuda" and info.distributed:
             device = torch.device("cuda", info.local_rank)
-        run, state = _setup(cfg, device, info, resume)
-        return _fit(run, state)
+        with _locked(Path(cfg.out), info, device):
+            _prepare_run_dir(cfg, info, resume)
+            run, state = _setup(cfg, device, info, resume)
+            return _fit(run, state)
     finally:
         cleanup_distributed(info)
         torch.use_deterministic_algorithms(was_deterministic)
+
+
+@contextlib.contextmanager
+def _locked(run_dir: Path, info: DistInfo, device: torch.device) -> Any:
+    """Rank 0 holds the run directory's lock for the whole run; every rank fails together if it is taken."""
+    with contextlib.ExitStack() as stack:
+        error: ckpt.RunLockedError | None = None
+        if info.is_main:
+            try:
+                stack.enter_context(ckpt.lock_run(run_dir))
+            except ckpt.RunLockedError as e:
+                error = e
+        if info.distributed:
+            failed = all_reduce_sum(torch.tensor([float(error is not None)], device=device), info)
+            if failed.item() and error is None:
+                error = ckpt.RunLockedError(f"{run_dir} is being trained by another process (rank 0 could not "
+                                            "take its lock); train into another --out")
+        if error is not None:
+            raise error
+        yield
+
+
+def _prepare_run_dir(cfg: TrainConfig, info: DistInfo, resume: bool) -> None:
+    """Under the lock, before any work: refuse to overwrite a run, remove what killed writers left, and
+    write ``config.yaml`` (so ``--resume`` can restart a run killed before its first checkpoint)."""
+    run_dir = Path(cfg.out)
+    if info.is_main:
+        latest = ckpt.latest_checkpoint(run_dir)
+        if latest is not None and not resume:
+            raise ValueError(f"{run_dir} already holds a run (checkpoint {latest}); continue it with "
+                             f"--resume {run_dir} or choose another --out")
+        ckpt.remove_stale_files(run_dir)
+        if latest is None:
+            save_config(cfg, run_dir / ckpt.CONFIG_FILE)
+    barrier(info)
 
 
 def strip_timing(record: dict[str, Any]) -> dict[str, Any]:
