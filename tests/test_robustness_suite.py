@@ -131,12 +131,15 @@ def test_cli_cifar_c_and_errors(tmp_path, capsys) -> None:
 
 
 def test_cli_reads_img_size_from_training_run(tmp_path) -> None:
-    from vitscope.cli.robustness import _run_img_size
+    from safetensors.torch import save_file
 
-    (tmp_path / "config.yaml").write_text("model: test_resnet\nimg_size: 32\n")
-    assert _run_img_size(str(tmp_path / "model.safetensors")) == 32
-    assert _run_img_size(str(tmp_path / "sub" / "model.safetensors")) is None
-    assert _run_img_size(None) is None
+    from vitscope.cli._common import run_spec
+
+    (tmp_path / "config.yaml").write_text("model: test_resnet\nimg_size: 32\nnum_classes: 3\n")
+    save_file({"fc.weight": torch.zeros(3, 4)}, str(tmp_path / "model.safetensors"), metadata={"epoch": "0"})
+    torch.save({"epoch": 0}, tmp_path / "state.pt")
+    assert run_spec(str(tmp_path / "model.safetensors"))["img_size"] == 32
+    assert run_spec(str(tmp_path / "sub" / "model.safetensors")) is None
 
 
 def test_evaluate_cifar_c_resizes_and_counts(setup, tmp_path) -> None:

@@ -8,57 +8,16 @@ from __future__ import annotations
 import argparse
 
 from vitscope.cli import CLIError
+from vitscope.cli._common import ToDevice, add_model_options, build_setup, check_positive
 
 
 def add_common(p: argparse.ArgumentParser) -> None:
-    """Model and data options shared by ``hessian`` and ``landscape``."""
-    p.add_argument("--model", required=True, help="model name (vitscope or timm)")
-    p.add_argument("--checkpoint", help="local weights (.safetensors, .bin, .pth)")
-    p.add_argument("--data", required=True, help="data spec: fake, elpv, cifar10:PATH, imagefolder:PATH ...")
-    p.add_argument("--split", default="train", choices=("train", "val", "test"))
-    p.add_argument("--batch-size", type=int, default=32)
+    """Model and data options shared by ``hessian`` and ``landscape`` (no ``--amp``: their products and loss
+    differences need float32 or float64)."""
+    add_model_options(p, split_default="train", batch_size=32, amp=False)
     p.add_argument("--batches", type=int, default=4, help="number of minibatches to use")
-    p.add_argument("--img-size", type=int, help="input size (default: the model's)")
-    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--train-mode", action="store_true", help="run the model in train mode (default eval)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def load_model_and_data(args: argparse.Namespace, augment: bool = False):  # noqa: ANN201
-    """(model on its device, loader, device, img_size) from the common options."""
-    import torch
-
-    from vitscope.data import create_loader, data_info
-    from vitscope.io.weights import load_model
-
-    for name, value in (("--batch-size", args.batch_size), ("--batches", args.batches)):
-        if value is not None and value < 1:
-            raise CLIError(f"{name} must be a positive integer, got {value}")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    info = data_info(args.data)
-    kwargs = {} if args.checkpoint else {"num_classes": info.num_classes}
-    torch.manual_seed(args.seed)  # a model without --checkpoint gets the same random weights every run
-    model = load_model(args.model, checkpoint=args.checkpoint, **kwargs).to(device)
-    img_size = args.img_size or model.pretrained_cfg.get("input_size", (3, info.img_size, info.img_size))[-1]
-    loader = create_loader(args.data, split=args.split, batch_size=args.batch_size, img_size=img_size,
-                           augment=augment, seed=args.seed, max_examples=args.batch_size * args.batches)
-    return model, loader, device, img_size
-
-
-class _ToDevice:
-    """Iterate a loader moving each batch to ``device``."""
-
-    def __init__(self, loader, device):  # noqa: ANN001
-        self.loader, self.device = loader, device
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __iter__(self):  # noqa: ANN204
-        for x, y in self.loader:
-            yield x.to(self.device), y.to(self.device)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -96,9 +55,9 @@ def run(args: argparse.Namespace) -> int:
     from vitscope.curvature._io import plot_spectrum, save_figure, write_json
     from vitscope.curvature.spectrum import eigenvalue_spectrum
 
-    if args.k < 1:
-        raise CLIError(f"--k must be a positive integer, got {args.k}")
-    model, loader, device, img_size = load_model_and_data(args, augment=args.augment)
+    check_positive(k=args.k, batches=args.batches, batch_size=args.batch_size, max_iter=args.max_iter)
+    setup = build_setup(args, augment=args.augment, max_examples=args.batch_size * args.batches)
+    model, loader, device = setup.model, setup.loader, setup.device
     transform = None
     if args.mixup > 0 or args.cutmix > 0:
         from timm.data import Mixup
@@ -108,18 +67,18 @@ def run(args: argparse.Namespace) -> int:
         transform = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, label_smoothing=0.0,
                           num_classes=model.num_classes)
     result = eigenvalue_spectrum(
-        model, _ToDevice(loader, device), k=args.k, transform=transform, weight_decay=args.weight_decay,
+        model, ToDevice(loader, device), k=args.k, transform=transform, weight_decay=args.weight_decay,
         l2_style=args.l2_style, max_batches=args.batches, groups="block" if args.groups == "block" else None,
         train_mode=args.train_mode, method=args.method, tol=args.tol, max_iter=args.max_iter, seed=args.seed,
         backend=args.backend, progress=not args.no_progress, start=args.start,
     )
     out = Path(args.out)
     data = result.to_dict()
-    data["run"] = {"model": args.model, "checkpoint": args.checkpoint, "data": args.data, "split": args.split,
-                   "batch_size": args.batch_size, "batches": args.batches, "img_size": img_size,
-                   "mixup": args.mixup, "cutmix": args.cutmix, "augment": args.augment}
+    data["run"] = {**setup.meta, "batch_size": args.batch_size, "batches": args.batches,
+                   "img_size": setup.img_size, "mixup": args.mixup, "cutmix": args.cutmix, "augment": args.augment}
     write_json(out / "hessian.json", data)
-    save_figure(plot_spectrum(result, title=f"{args.model}: top-{args.k} Hessian eigenvalues"), out / "hessian.png")
+    title = f"{setup.meta['model']}: top-{args.k} Hessian eigenvalues"
+    save_figure(plot_spectrum(result, title=title), out / "hessian.png")
     parts = [f"{g}: max {v.max():.4g}, min {v.min():.4g}, negative {100 * result.negative_fraction[g]:.1f}%"
              for g, v in result.eigenvalues.items()]
     print(f"wrote {out / 'hessian.json'} and hessian.png ({len(result.batch_sizes)} batches, "

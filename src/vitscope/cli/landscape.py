@@ -8,7 +8,8 @@ from __future__ import annotations
 import argparse
 
 from vitscope.cli import CLIError
-from vitscope.cli.hessian import _ToDevice, add_common, load_model_and_data
+from vitscope.cli._common import ToDevice, build_setup, check_positive
+from vitscope.cli.hessian import add_common
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -43,9 +44,11 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"--steps must be a positive integer, got {args.steps}")
     if args.span <= 0:
         raise CLIError(f"--span must be positive, got {args.span}")
-    model, loader, device, img_size = load_model_and_data(args)
+    check_positive(batches=args.batches)
+    setup = build_setup(args, max_examples=args.batch_size * args.batches)
+    model, loader, device = setup.model, setup.loader, setup.device
     result = loss_landscape(
-        model, None, _ToDevice(loader, device), dims=args.dims, steps=args.steps, span=args.span,
+        model, None, ToDevice(loader, device), dims=args.dims, steps=args.steps, span=args.span,
         normalization=args.normalization, ignore=None if args.ignore == "none" else args.ignore,
         tokens=args.tokens, seed=args.seed, max_batches=args.batches, weight_decay=args.weight_decay,
         l2_style=args.l2_style, directions=args.directions, train_mode=args.train_mode,
@@ -54,11 +57,10 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     save_directions(out / "directions.safetensors", result.directions, result.policy)
     data = result.to_dict()
-    data["run"] = {"model": args.model, "checkpoint": args.checkpoint, "data": args.data, "split": args.split,
-                   "batch_size": args.batch_size, "batches": args.batches, "img_size": img_size,
-                   "directions": str(out / "directions.safetensors")}
+    data["run"] = {**setup.meta, "batch_size": args.batch_size, "batches": args.batches,
+                   "img_size": setup.img_size, "directions": str(out / "directions.safetensors")}
     write_json(out / "landscape.json", data)
-    save_figure(plot_landscape(result, title=f"{args.model}: loss landscape"), out / "landscape.png")
+    save_figure(plot_landscape(result, title=f"{setup.meta['model']}: loss landscape"), out / "landscape.png")
     centre = result.loss[(args.steps // 2,) * args.dims]
     print(f"wrote {out / 'landscape.json'}, landscape.png and directions.safetensors "
           f"({result.n_examples} examples; loss at the weights {centre:.4g}, min {result.loss.min():.4g}, "

@@ -168,6 +168,7 @@ def create_dataset(
     augment: bool | dict[str, Any] = False,
     normalize: bool = True,
     download: bool = False,
+    preprocessing: dict[str, Any] | None = None,
     **spec_options: Any,
 ) -> Dataset:
     """The ``split`` of the data set named by ``spec``, yielding ``(image (3, S, S) float, label int)``.
@@ -179,18 +180,42 @@ def create_dataset(
             timm ``create_transform`` options (``auto_augment``, ``re_prob``, ``crop``, ...).
         normalize: subtract mean / divide std; ``False`` gives pixels in [0, 1].
         download: let torchvision fetch a missing CIFAR/MNIST copy into PATH.
+        preprocessing: a model's eval preprocessing in timm's data-config keys (``input_size``,
+            ``interpolation``, ``mean``, ``std``, ``crop_pct``, ``crop_mode``; e.g.
+            ``timm.data.resolve_data_config(model=model)``), replacing the data set's own; it sets the size
+            and mean/std of the training augmentation too. ``img_size`` must then be None or agree.
     """
     _check_split(split)
-    r = _resolve(spec, img_size, spec_options)
+    pre = _check_preprocessing(preprocessing, img_size)
+    r = _resolve(spec, pre["input_size"][-1] if pre else img_size, spec_options)
     native = _native(r)
     info = _info(r, native)
     ds = _base_dataset(r, split, download)
     base = ds.dataset if isinstance(ds, Subset) else ds
+    view = dict(mean=info.mean, std=info.std, crop_pct=native["crop_pct"])
+    if pre:
+        view = dict(mean=pre["mean"], std=pre["std"], crop_pct=pre.get("crop_pct", 1.0),
+                    interpolation=pre.get("interpolation", "bilinear"), crop_mode=pre.get("crop_mode", "center"))
     base.transform = build_transform(
-        info.img_size, native["img_size"], train=split == "train", augment=augment, mean=info.mean,
-        std=info.std, normalize=normalize, defaults=native["defaults"], crop_pct=native["crop_pct"],
+        info.img_size, native["img_size"], train=split == "train", augment=augment, normalize=normalize,
+        defaults=native["defaults"], **view,
     )
     return ds
+
+
+def _check_preprocessing(pre: dict[str, Any] | None, img_size: int | None) -> dict[str, Any] | None:
+    """``preprocessing`` with its required keys checked (``input_size``, ``mean``, ``std``)."""
+    if pre is None:
+        return None
+    missing = [k for k in ("input_size", "mean", "std") if k not in pre]
+    if missing:
+        raise ValueError(f"preprocessing lacks {missing}; pass timm.data.resolve_data_config(model=model)")
+    size = pre["input_size"]
+    if len(size) != 3 or size[-1] != size[-2]:
+        raise ValueError(f"preprocessing input_size must be (3, S, S), got {tuple(size)}")
+    if img_size is not None and img_size != size[-1]:
+        raise ValueError(f"img_size={img_size} contradicts preprocessing input_size {tuple(size)}; pass one")
+    return dict(pre)
 
 
 def create_loader(
@@ -208,6 +233,7 @@ def create_loader(
     download: bool = False,
     drop_last: bool = False,
     fraction: float | None = None,
+    preprocessing: dict[str, Any] | None = None,
     **spec_options: Any,
 ) -> DataLoader:
     """A DataLoader over ``create_dataset(...)`` yielding ``(images (B, 3, S, S) float, labels (B,) long)``.
@@ -217,6 +243,7 @@ def create_loader(
         max_examples: keep a seeded random subset of this many examples (in data set order).
         fraction: keep a seeded ``fraction`` of every class first (ConViT's sample-efficiency protocol;
             pair it with ``steps_constant_epochs``).
+        preprocessing: a model's eval preprocessing (see ``create_dataset``).
         distributed: shard with a seeded ``DistributedSampler`` when torch.distributed is initialised
             (call ``loader.sampler.set_epoch(epoch)`` each epoch; without ``drop_last`` it pads the
             last shard with repeated examples, so exact evaluation should gather per-example results).
@@ -224,7 +251,7 @@ def create_loader(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     ds = create_dataset(spec, split=split, img_size=img_size, augment=augment, normalize=normalize,
-                        download=download, **spec_options)
+                        download=download, preprocessing=preprocessing, **spec_options)
     if fraction is not None and fraction < 1:
         ds = Subset(ds, subsample_per_class(dataset_targets(ds), fraction, seed=seed).tolist())
     if max_examples is not None:

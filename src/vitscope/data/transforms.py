@@ -84,6 +84,8 @@ def build_transform(
     normalize: bool = True,
     defaults: dict[str, Any] | None = None,
     crop_pct: float = 1.0,
+    interpolation: str = "bilinear",
+    crop_mode: str = "center",
 ) -> Callable[[Image.Image], Any]:
     """PIL image -> float tensor (3, img_size, img_size).
 
@@ -93,12 +95,14 @@ def build_transform(
         train: use ``augment`` (eval transform otherwise, or when ``augment`` is falsy).
         defaults: what ``augment=True`` means for this data set.
         crop_pct: eval center-crop fraction (timm's ``crop_pct``).
+        interpolation, crop_mode: eval resize interpolation and crop mode (timm's names; a pretrained model's
+            ``resolve_data_config`` gives both). The training augmentation keeps its own interpolation.
     """
     opts = augment_options(augment, defaults or SMALL_DEFAULTS) if train else None
     norm_mean, norm_std = (mean, std) if normalize else ((0.0,) * 3, (1.0,) * 3)
     if opts is None:
-        tf = create_transform(img_size, is_training=False, crop_pct=crop_pct, interpolation="bilinear",
-                              mean=norm_mean, std=norm_std)
+        tf = create_transform(img_size, is_training=False, crop_pct=crop_pct, interpolation=interpolation,
+                              crop_mode=crop_mode, mean=norm_mean, std=norm_std)
         return transforms.Compose([ToRGB(), *tf.transforms])
     crop = opts.pop("crop", "pad")
     padding = opts.pop("padding", 4)

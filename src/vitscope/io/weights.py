@@ -492,7 +492,8 @@ def _checkpoint_num_classes(model: nn.Module, state_dict: dict[str, torch.Tensor
 
 
 def load_model(
-    name: str, checkpoint: _PathLike | None = None, *, strict: bool = True, **kwargs: Any
+    name: str, checkpoint: _PathLike | None = None, *, pretrained: bool = False, strict: bool = True,
+    **kwargs: Any,
 ) -> nn.Module:
     """Build ``name`` with ``vitscope.create_model(name, **kwargs)`` and load a local checkpoint if given.
 
@@ -500,10 +501,23 @@ def load_model(
     has another number of classes, the model is rebuilt with the checkpoint's, so a CIFAR-10 or ELPV
     checkpoint loads without spelling it out.
 
+    With ``pretrained=True``, timm's own weights for ``name`` (a timm name with an optional pretrained tag,
+    e.g. ``vit_base_patch16_224.augreg2_in21k_ft_in1k``; no tag: timm's default one) are loaded through
+    timm's Hugging Face hub loading: downloaded into the hub cache (``HF_HUB_CACHE``, ``HF_HOME``) on first
+    use, read from it afterwards, never downloaded with ``HF_HUB_OFFLINE=1``. A different ``num_classes``
+    gives a freshly initialized head (timm's rule); the preprocessing the weights expect is
+    ``timm.data.resolve_data_config(model=model)``.
+
     Raises:
         ValueError: unknown model name.
-        CheckpointError: the checkpoint cannot be read or does not fit.
+        CheckpointError: the checkpoint cannot be read or does not fit; ``pretrained=True`` for a model
+            without pretrained weights, or weights neither cached nor downloadable (the message names the
+            tag, the cache folder and the command that fetches them).
     """
+    if pretrained:
+        if checkpoint is not None:
+            raise ValueError("load_model: pass pretrained=True (timm's hub weights) or checkpoint=PATH, not both")
+        return _load_pretrained(name, **kwargs)
     model = create_model(name, **kwargs)
     if checkpoint is None:
         return model
@@ -517,6 +531,59 @@ def load_model(
             model = create_model(name, **dict(kwargs, num_classes=n))
             state_dict = _apply_filter(raw, model, path)
     return _load_into(model, state_dict, path, strict)
+
+
+def _hub_cache_dir(cache_dir: Any = None) -> str:
+    if cache_dir is not None:
+        return str(cache_dir)
+    from huggingface_hub import constants
+
+    return str(constants.HF_HUB_CACHE)
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def _load_pretrained(name: str, **kwargs: Any) -> nn.Module:
+    """``create_model(name, pretrained=True, **kwargs)`` with hub failures turned into one CheckpointError."""
+    from timm.models import get_pretrained_cfg, split_model_name_tag
+    from timm.models._builder import _resolve_pretrained_source
+
+    arch, tag = split_model_name_tag(name)
+    if not timm.is_model(arch):
+        create_model(name)  # raises the "unknown model" ValueError with close names
+    try:
+        cfg = get_pretrained_cfg(name, allow_unregistered=False)
+    except RuntimeError:  # timm: "Invalid pretrained tag"
+        cfg = None
+    overlay = kwargs.get("pretrained_cfg_overlay") or {}
+    source, location = _resolve_pretrained_source({**cfg.to_dict(), **overlay}) if cfg else ("", "")
+    if not source:
+        tags = timm.list_pretrained(f"{arch}.*")
+        raise CheckpointError(
+            f"timm has no pretrained weights {name!r}"
+            + (f"; tags of {arch}: {', '.join(tags[:_MAX_LISTED])}" if tags else
+               f"; {arch} has none (a vitscope model, or a timm model without released weights): "
+               "train it, or pass a checkpoint")
+        )
+    hub_id = location[0] if isinstance(location, tuple) else location
+    cache = _hub_cache_dir(kwargs.get("cache_dir"))
+    try:
+        return create_model(name, pretrained=True, **kwargs)
+    except Exception as err:  # hub errors: offline and not cached, no network, no such repo, truncated file
+        if source != "hf-hub":
+            raise CheckpointError(f"Cannot load timm's pretrained weights for {name!r} from {location} "
+                                  f"({_short(err)})") from None
+        how = (f"fetch them once online with `huggingface-cli download {hub_id}` (or `hf download {hub_id}`), "
+               f"or run once without HF_HUB_OFFLINE=1; the cache is HF_HUB_CACHE / HF_HOME")
+        state = "HF_HUB_OFFLINE=1 is set and they are not cached" if _hub_offline() else \
+            "they are not cached and the download failed"
+        raise CheckpointError(
+            f"Pretrained weights for {name!r} (hub id {hub_id}): {state} in {cache} ({_short(err)}); {how}."
+        ) from None
 
 
 def read_sidecar(path: _PathLike) -> dict[str, Any] | None:

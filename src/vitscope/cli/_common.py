@@ -1,0 +1,406 @@
+"""Options and setup shared by the analysis commands (``probe``, ``hessian``, ``landscape``, ``robustness``).
+
+``add_model_options`` registers the model / data / preprocessing / device / output options, and
+``build_setup`` turns them into what every analysis needs, the same way for all four commands:
+
+- the model: a name (random weights, seeded), ``--pretrained`` timm weights from the Hugging Face cache,
+  or ``--checkpoint`` (a training run directory, its ``model.safetensors``, a ``save_weights`` file or any
+  timm checkpoint), rebuilt exactly as it was trained (name, ``model_kwargs``, ``img_size``, classes);
+- its data loader, preprocessed as the model's ``pretrained_cfg`` says for pretrained weights
+  (``timm.data.resolve_data_config``), as the data set's statistics say otherwise, each field overridable;
+- the device and the metadata written into every output (model, weights, preprocessing, classes).
+
+Every option is checked before any model is built or any data is read: bad input is one ``CLIError``.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vitscope.cli import CLIError
+
+_logger = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos", "box", "hamming")
+PREPROCESS_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
+
+
+def _triple(text: str) -> tuple[float, float, float]:
+    """``0.5,0.5,0.5`` (one number is repeated over the 3 channels)."""
+    try:
+        values = [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 3 comma-separated numbers like 0.485,0.456,0.406, got {text!r}") \
+            from None
+    if len(values) == 1:
+        values *= 3
+    if len(values) != 3 or not all(math.isfinite(v) for v in values):
+        raise argparse.ArgumentTypeError(f"expected 3 finite numbers (one per RGB channel), got {text!r}")
+    return (values[0], values[1], values[2])
+
+
+def add_model_options(
+    p: argparse.ArgumentParser,
+    *,
+    data_default: str | None = None,
+    split_default: str = "val",
+    batch_size: int = 64,
+    amp: bool = True,
+) -> None:
+    """Register ``--model --pretrained --checkpoint --data --split --batch-size --workers``, the preprocessing
+    overrides, ``--device`` (and ``--amp`` when the command's work is forward passes), ``--seed`` and ``--out``."""
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", help="model name: vitscope's (`vitscope models`) or timm's, with a pretrained tag "
+                   "if wanted (vit_base_patch16_224.augreg2_in21k_ft_in1k); optional with --checkpoint RUN_DIR")
+    g.add_argument("--pretrained", action="store_true",
+                   help="load timm's pretrained weights for --model from the Hugging Face hub cache "
+                   "(downloaded on first use; HF_HUB_OFFLINE=1 uses the cache only)")
+    g.add_argument("--checkpoint", metavar="RUN_DIR|FILE",
+                   help="a vitscope training run directory (or its model.safetensors: the network is rebuilt "
+                   "exactly as trained), or local weights (.safetensors, .bin, .pth) for --model")
+    g.add_argument("--data", required=data_default is None, default=data_default,
+                   help="data spec: fake, elpv, cifar10:PATH, imagefolder:PATH ...")
+    g.add_argument("--split", default=split_default, choices=SPLITS)
+    g.add_argument("--batch-size", type=int, default=batch_size)
+    g.add_argument("--workers", type=int, default=0, help="data loader worker processes (default 0)")
+    pre = p.add_argument_group(
+        "preprocessing", "auto (default): the model's pretrained_cfg for --pretrained weights (or a run trained "
+        "from them), the data set's size and statistics otherwise; each field can be overridden")
+    pre.add_argument("--preprocess", default="auto", choices=("auto", "model", "data"),
+                     help="model: timm.data.resolve_data_config(model) (size, interpolation, crop_pct, mean/std); "
+                     "data: the data set's mean/std at the model's input size")
+    pre.add_argument("--img-size", type=int, help="input size (default: the run's or the model's)")
+    pre.add_argument("--mean", type=_triple, help="normalization mean, e.g. 0.485,0.456,0.406")
+    pre.add_argument("--std", type=_triple, help="normalization std, e.g. 0.229,0.224,0.225")
+    pre.add_argument("--interpolation", choices=INTERPOLATIONS, help="resize interpolation")
+    pre.add_argument("--crop-pct", type=float, help="center-crop fraction (resize to size / crop_pct, then crop)")
+    dev = p.add_argument_group("device")
+    dev.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    if amp:
+        dev.add_argument("--amp", default="none", choices=("none", "bf16"),
+                         help="bf16: run the forward passes under torch.autocast (CUDA or CPU); the measures "
+                         "themselves are reduced in float32/64")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="output directory")
+
+
+# ----------------------------------------------------------------------------------------------
+# Checks done before any work
+
+
+def check_positive(**values: int | None) -> None:
+    """``--name`` must be a positive integer (keyword names use ``_`` for ``-``)."""
+    for name, value in values.items():
+        if value is not None and value < 1:
+            raise CLIError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+
+
+def check_out(out: str) -> Path:
+    """``--out`` must be a directory or a path that can become one (no file at it or above it)."""
+    path = Path(out).expanduser()
+    if path.exists() and not path.is_dir():
+        raise CLIError(f"--out {out} is an existing file; --out names an output directory: choose another path")
+    for parent in path.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise CLIError(f"--out {out}: {parent} is a file, so no directory can be made under it; "
+                               "choose another path")
+            break
+    return path
+
+
+def resolve_device(name: str | None) -> Any:
+    """``torch.device`` for ``--device`` (default cuda when available); a missing CUDA device is an error."""
+    import torch
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise CLIError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CLIError(f"--device {name}: torch sees no CUDA device here; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise CLIError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif device.type not in ("cpu", "mps", "xpu"):
+        raise CLIError(f"--device {name!r}: vitscope runs on cpu or cuda")
+    return device
+
+
+def autocast(args: argparse.Namespace, device: Any) -> Any:
+    """``torch.autocast(bf16)`` on ``device`` for ``--amp bf16``, a no-op context otherwise."""
+    import contextlib
+
+    import torch
+
+    if getattr(args, "amp", "none") != "bf16":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------------------------
+# The model
+
+
+def run_spec(checkpoint: str) -> dict[str, Any] | None:
+    """What builds the network of a training run (``model``, ``model_kwargs``, ``img_size``, ``num_classes``,
+    ``data``, ``pretrained``, ``weights``) for ``--checkpoint`` = the run directory or a weights file in it
+    (``vitscope.training.checkpoint.run_model_spec``); ``None`` for a weights file outside a run directory."""
+    from vitscope.training import checkpoint as ckpt
+
+    path = Path(checkpoint).expanduser()
+    run_dir = path
+    if not path.is_dir():
+        run_dir = path.parent.parent.parent if path.parent.parent.name == "checkpoints" else path.parent
+    if not (run_dir / ckpt.CONFIG_FILE).is_file():
+        if path.is_dir():
+            raise CLIError(f"--checkpoint {checkpoint} is a directory without {ckpt.CONFIG_FILE}: pass a vitscope "
+                           "training run directory or a weights file (.safetensors, .bin, .pth)")
+        return None
+    if not path.is_dir() and path.suffix != ".safetensors":
+        return None  # another file that happens to sit in a run directory
+    reader = getattr(ckpt, "run_model_spec", None)
+    spec = dict(reader(path)) if reader is not None else _read_run_config(run_dir, path)
+    if "pretrained" not in spec:
+        spec["pretrained"] = bool(_run_config(run_dir).get("pretrained", False))
+    return spec
+
+
+def _run_config(run_dir: Path) -> dict[str, Any]:
+    import yaml
+
+    from vitscope.training import checkpoint as ckpt
+
+    path = run_dir / ckpt.CONFIG_FILE
+    try:
+        cfg = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise CLIError(f"cannot read {path} ({type(e).__name__}); it is not a vitscope run's config") from None
+    if not isinstance(cfg, dict):
+        raise CLIError(f"{path} is not a mapping of config keys; it is not a vitscope run's config")
+    return cfg
+
+
+def _read_run_config(run_dir: Path, given: Path) -> dict[str, Any]:
+    """A run's spec from its ``config.yaml`` (for a vitscope without ``run_model_spec``)."""
+    from vitscope.training import checkpoint as ckpt
+
+    cfg = _run_config(run_dir)
+    if not isinstance(cfg.get("model"), str):
+        raise CLIError(f"{run_dir / ckpt.CONFIG_FILE} names no model; it is not a vitscope run's config")
+    weights = given if given.is_file() else run_dir / ckpt.MODEL_FILE
+    if not weights.is_file():
+        raise CLIError(f"--checkpoint {given}: the run has no {ckpt.MODEL_FILE} yet (it ended before its first "
+                       "checkpoint); train it first")
+    return {
+        "model": cfg["model"], "model_kwargs": dict(cfg.get("model_kwargs") or {}),
+        "img_size": cfg.get("img_size"), "num_classes": cfg.get("num_classes"), "data": cfg.get("data"),
+        "pretrained": bool(cfg.get("pretrained", False)), "weights": weights,
+    }
+
+
+def _build_from_spec(spec: dict[str, Any]) -> Any:
+    """The run's network with its weights: ``create_model(model, **model_kwargs, num_classes, img_size)``."""
+    from vitscope.io.weights import load_checkpoint
+    from vitscope.models import create_model
+
+    kwargs = spec.get("create_kwargs")
+    if kwargs is None:
+        kwargs = dict(spec.get("model_kwargs") or {})
+        kwargs.update(num_classes=spec.get("num_classes"))
+        if spec.get("img_size") is not None:
+            kwargs["img_size"] = spec["img_size"]
+    kwargs = dict(kwargs)
+    try:
+        model = create_model(spec["model"], **kwargs)
+    except TypeError as e:
+        if "img_size" not in kwargs or "img_size" not in str(e):
+            raise ValueError(f"cannot rebuild {spec['model']!r} with {kwargs}: {e}") from None
+        kwargs.pop("img_size")  # CNNs take any input size (as training's build_model)
+        model = create_model(spec["model"], **kwargs)
+    return load_checkpoint(model, spec["weights"], strict=True)
+
+
+def _arch(name: str) -> str:
+    return name.split(".", 1)[0]
+
+
+def build_model(args: argparse.Namespace, num_data_classes: int) -> tuple[Any, dict[str, Any]]:
+    """(model in eval mode on the CPU, the meta describing it) for ``--model/--pretrained/--checkpoint``."""
+    import torch
+
+    from vitscope.io.weights import load_model, read_sidecar
+
+    spec = run_spec(args.checkpoint) if args.checkpoint else None
+    if args.checkpoint and spec is None and not Path(args.checkpoint).expanduser().is_file():
+        raise CLIError(f"--checkpoint {args.checkpoint}: no such file or run directory")
+    if args.pretrained and args.checkpoint:
+        raise CLIError("--pretrained loads timm's hub weights and --checkpoint local ones: pass only one")
+    if spec is None and args.checkpoint:  # a save_weights file knows its model too
+        side = read_sidecar(args.checkpoint)
+        if side and side.get("model_name"):
+            spec = {"model": side["model_name"], "model_kwargs": dict(side.get("model_kwargs") or {}),
+                    "weights": Path(args.checkpoint).expanduser()}
+            spec["num_classes"] = spec["model_kwargs"].pop("num_classes", None)
+            spec["img_size"] = spec["model_kwargs"].pop("img_size", None)
+    if spec is not None:
+        if args.model and _arch(args.model) != _arch(spec["model"]):
+            raise CLIError(f"--model {args.model} contradicts --checkpoint {args.checkpoint}, which holds a "
+                           f"{spec['model']}; drop --model (the checkpoint says what to build)")
+        if args.img_size and spec.get("img_size") and args.img_size != spec["img_size"]:
+            raise CLIError(f"--img-size {args.img_size} contradicts --checkpoint {args.checkpoint}, trained at "
+                           f"{spec['img_size']} px; drop --img-size")
+        model = _build_from_spec(spec)
+        meta = {"model": spec["model"], "model_kwargs": spec.get("model_kwargs") or {},
+                "checkpoint": str(spec["weights"]), "pretrained": bool(spec.get("pretrained", False)),
+                "img_size": spec.get("img_size"), "trained_on": spec.get("data")}
+    elif not args.model:
+        raise CLIError("--model is required (or --checkpoint RUN_DIR, which names its model)")
+    elif args.pretrained:
+        model = load_model(args.model, pretrained=True)
+        meta = {"model": args.model, "pretrained": True, "checkpoint": None,
+                "hf_hub_id": model.pretrained_cfg.get("hf_hub_id")}
+    else:
+        torch.manual_seed(args.seed)  # a model without weights gets the same random weights every run
+        kwargs = {} if args.checkpoint else {"num_classes": num_data_classes}
+        model = load_model(args.model, checkpoint=args.checkpoint, **kwargs)
+        meta = {"model": args.model, "pretrained": False, "checkpoint": args.checkpoint}
+    meta["num_classes"] = int(getattr(model, "num_classes", 0) or 0)
+    return model.eval(), meta
+
+
+def check_classes(model_classes: int, data_classes: int, data: str, what: str) -> str | None:
+    """A model with fewer outputs than the data's classes is an error (labels out of range); with more, a loud
+    warning (legit for an ImageNet model on a folder of ImageNet classes); returns the warning."""
+    if model_classes == 0 or model_classes == data_classes:
+        return None
+    if model_classes < data_classes:
+        raise CLIError(f"{what} has {model_classes} classes but --data {data} has {data_classes}: labels would "
+                       "be out of range; analyse it on the data it was trained on (or a set with as many classes)")
+    msg = (f"{what} has {model_classes} classes but --data {data} has {data_classes}: accuracy and loss count "
+           f"data label i as model class i, which is right only if the data's classes are the first "
+           f"{data_classes} of the model's (or the folder follows its class order)")
+    _logger.warning("CLASS MISMATCH: %s", msg)
+    return msg
+
+
+# ----------------------------------------------------------------------------------------------
+# Preprocessing
+
+
+def resolve_preprocessing(args: argparse.Namespace, model: Any, model_meta: dict[str, Any], info: Any) -> dict:
+    """The eval preprocessing: ``input_size``, ``interpolation``, ``mean``, ``std``, ``crop_pct``, ``crop_mode``
+    and ``source`` (``model``: timm's ``resolve_data_config(model=model)``; ``data``: the data set's
+    statistics at the model's (or the run's) input size), then the user's overrides."""
+    from timm.data import resolve_data_config
+
+    mode = args.preprocess
+    if mode == "auto":
+        mode = "model" if model_meta.get("pretrained") else "data"
+    trained = model_meta.get("img_size")  # a checkpoint's network was built for this size
+    if mode == "model":
+        cfg = resolve_data_config(model=model)
+        cfg = {k: cfg[k] for k in PREPROCESS_KEYS if k in cfg}
+        if trained:
+            cfg["input_size"] = (3, trained, trained)
+    else:
+        size = trained or model.pretrained_cfg.get("input_size", (3, info.img_size, info.img_size))[-1]
+        cfg = {"input_size": (3, size, size), "interpolation": "bilinear", "mean": tuple(info.mean),
+               "std": tuple(info.std), "crop_pct": _native_crop(args.data), "crop_mode": "center"}
+    overrides = {"input_size": (3, args.img_size, args.img_size) if args.img_size else None,
+                 "mean": args.mean, "std": args.std, "interpolation": args.interpolation, "crop_pct": args.crop_pct}
+    overridden = sorted(k for k, v in overrides.items() if v is not None)
+    cfg.update({k: v for k, v in overrides.items() if v is not None})
+    if args.img_size is not None and args.img_size < 1:
+        raise CLIError(f"--img-size must be a positive integer, got {args.img_size}")
+    if args.crop_pct is not None and not 0 < args.crop_pct <= 1:
+        raise CLIError(f"--crop-pct must be in (0, 1], got {args.crop_pct}")
+    if args.std is not None and min(args.std) <= 0:
+        raise CLIError(f"--std must be positive, got {args.std}")
+    cfg = {"input_size": tuple(int(s) for s in cfg["input_size"]), "interpolation": str(cfg["interpolation"]),
+           "mean": tuple(float(m) for m in cfg["mean"]), "std": tuple(float(s) for s in cfg["std"]),
+           "crop_pct": float(cfg["crop_pct"]), "crop_mode": str(cfg.get("crop_mode", "center"))}
+    return {**cfg, "source": mode, "overridden": overridden}
+
+
+def _native_crop(data: str) -> float:
+    from vitscope.data.factory import _native, _resolve
+
+    return float(_native(_resolve(data, None, {}))["crop_pct"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Everything together
+
+
+@dataclass
+class Setup:
+    """What an analysis command works with."""
+
+    model: Any  # nn.Module in eval mode on ``device``
+    loader: Any  # DataLoader of (images (B, 3, S, S), labels (B,))
+    device: Any  # torch.device
+    preprocessing: dict[str, Any]  # see resolve_preprocessing
+    meta: dict[str, Any] = field(default_factory=dict)  # written into every output
+
+    @property
+    def img_size(self) -> int:
+        return int(self.preprocessing["input_size"][-1])
+
+
+def build_setup(
+    args: argparse.Namespace,
+    *,
+    augment: bool = False,
+    normalize: bool = True,
+    max_examples: int | None = None,
+) -> Setup:
+    """Model, loader, device and metadata from the options of ``add_model_options``.
+
+    Args:
+        augment: the data set's training augmentation (``hessian --augment``).
+        normalize: ``False`` gives pixels in [0, 1] (robustness normalizes inside its attacks).
+        max_examples: a seeded random subset of this many examples.
+    """
+    from vitscope.data import create_loader, data_info
+
+    check_positive(batch_size=args.batch_size)
+    if args.workers < 0:
+        raise CLIError(f"--workers must be >= 0, got {args.workers}")
+    check_out(args.out)
+    device = resolve_device(args.device)
+    info = data_info(args.data)
+    model, meta = build_model(args, info.num_classes)
+    what = f"--checkpoint {args.checkpoint}" if args.checkpoint else f"model {meta['model']}"
+    mismatch = check_classes(meta["num_classes"], info.num_classes, args.data, what)
+    pre = resolve_preprocessing(args, model, meta, info)
+    loader = create_loader(args.data, split=args.split, batch_size=args.batch_size, augment=augment,
+                           normalize=normalize, seed=args.seed, max_examples=max_examples,
+                           num_workers=args.workers, preprocessing=pre)
+    model = model.to(device)
+    meta.update(data=args.data, split=args.split, data_classes=info.num_classes, preprocessing=pre,
+                device=str(device), amp=getattr(args, "amp", "none"), seed=args.seed)
+    if mismatch:
+        meta["class_mismatch"] = mismatch
+    return Setup(model=model, loader=loader, device=device, preprocessing=pre, meta=meta)
+
+
+class ToDevice:
+    """Iterate a loader moving each batch to ``device``."""
+
+    def __init__(self, loader: Any, device: Any) -> None:
+        self.loader, self.device = loader, device
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Any:
+        for x, y in self.loader:
+            yield x.to(self.device), y.to(self.device)
