@@ -544,7 +544,8 @@ def _hub_cache_dir(cache_dir: Any = None) -> str:
 def _hub_offline() -> bool:
     from huggingface_hub import constants
 
-    return bool(constants.HF_HUB_OFFLINE)
+    check = getattr(constants, "is_offline_mode", None)
+    return bool(check() if check is not None else constants.HF_HUB_OFFLINE)
 
 
 def _load_pretrained(name: str, **kwargs: Any) -> nn.Module:

@@ -1,0 +1,200 @@
+"""``load_model(name, pretrained=True)`` and ``--pretrained`` through timm's hub loading, on a local Hugging Face
+cache built here (no network): the exact cached weights, the model's own preprocessing, one-line errors."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+from timm.data import create_transform, resolve_data_config
+
+from vitscope.cli import main
+from vitscope.io.weights import CheckpointError, load_model
+
+TAG = "test_vit.r160_in1k"  # a real timm architecture and tag (370k parameters), hub id timm/test_vit.r160_in1k
+HUB_ID = "timm/" + TAG
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def _write_hub_cache(cache: Path, hub_id: str, state: dict[str, torch.Tensor]) -> Path:
+    """``cache/models--ORG--NAME/{refs/main, snapshots/COMMIT/{model.safetensors, config.json}}`` (the layout
+    huggingface_hub reads offline)."""
+    repo = cache / ("models--" + hub_id.replace("/", "--"))
+    snap = repo / "snapshots" / COMMIT
+    snap.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(COMMIT)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(snap / "model.safetensors"))
+    (snap / "config.json").write_text(json.dumps({"architecture": TAG.split(".")[0], "num_classes": 1000}))
+    return snap / "model.safetensors"
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    """A hub cache holding seeded weights for TAG, HF_HUB_OFFLINE on; yields the weights."""
+    from huggingface_hub import constants
+
+    torch.manual_seed(123)
+    state = timm.create_model(TAG).state_dict()
+    cache = tmp_path / "hf" / "hub"
+    _write_hub_cache(cache, HUB_ID, state)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return state
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_load_model_pretrained_reads_the_cached_weights(hub):
+    model = load_model(TAG, pretrained=True)
+    got = model.state_dict()
+    assert set(got) == set(hub)
+    for k, v in hub.items():
+        assert torch.equal(got[k], v), k
+    assert model.pretrained_cfg["hf_hub_id"] == HUB_ID and model.num_classes == 1000
+    # no tag: timm's default tag of the architecture, the same cached file
+    assert torch.equal(load_model("test_vit", pretrained=True).state_dict()["head.weight"], hub["head.weight"])
+
+
+def test_load_model_pretrained_with_an_overlaid_hub_id(hub, tmp_path, monkeypatch):
+    """Any hub id timm is pointed at (pretrained_cfg_overlay) is read from the cache too."""
+    from huggingface_hub import constants
+
+    torch.manual_seed(7)
+    other = timm.create_model(TAG).state_dict()
+    _write_hub_cache(Path(constants.HF_HUB_CACHE), "someone/my-test-vit", other)
+    model = load_model(TAG, pretrained=True, pretrained_cfg_overlay=dict(hf_hub_id="someone/my-test-vit"))
+    assert torch.equal(model.state_dict()["head.weight"], other["head.weight"])
+    assert not torch.equal(other["head.weight"], hub["head.weight"])
+
+
+def test_offline_and_not_cached_is_one_clear_error(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    empty = tmp_path / "empty-cache"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(empty))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(CheckpointError) as err:
+        load_model(TAG, pretrained=True)
+    msg = str(err.value)
+    assert TAG in msg and str(empty) in msg and f"huggingface-cli download {HUB_ID}" in msg
+    assert "HF_HUB_OFFLINE=1" in msg and "\n" not in msg
+
+
+def test_unknown_tag_and_models_without_weights(hub):
+    with pytest.raises(CheckpointError, match=r"no pretrained weights 'test_vit\.nope'.*test_vit\.r160_in1k"):
+        load_model("test_vit.nope", pretrained=True)
+    with pytest.raises(CheckpointError, match="test_vit_cifar has none"):
+        load_model("test_vit_cifar", pretrained=True)
+    with pytest.raises(ValueError, match="Unknown model 'no_such_net'"):
+        load_model("no_such_net", pretrained=True)
+    with pytest.raises(ValueError, match="not both"):
+        load_model(TAG, "w.safetensors", pretrained=True)
+
+
+def _image_folder(root: Path) -> list[tuple[Path, int]]:
+    """root/{train,val}/{cat,dog}/*.png of several sizes and aspect ratios; the val images in folder order."""
+    rng = np.random.default_rng(0)
+    sizes = [(200, 170), (90, 130), (161, 161), (300, 120)]
+    items = []
+    for split in ("train", "val"):
+        for c, cls in enumerate(("cat", "dog")):
+            (root / split / cls).mkdir(parents=True)
+            for i, (w, h) in enumerate(sizes[:2] if split == "train" else sizes):
+                path = root / split / cls / f"{i}.png"
+                Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
+                if split == "val":
+                    items.append((path, c))
+    return items
+
+
+def test_probe_pretrained_feeds_the_models_own_preprocessing(hub, tmp_path, monkeypatch):
+    """The tensors the model receives equal timm's create_transform(**resolve_data_config(model=model)) on the
+    same images; the preprocessing is written into the output's metadata."""
+    import vitscope.io.weights as weights
+
+    items = _image_folder(tmp_path / "imgs")
+    seen: list[torch.Tensor] = []
+    built = []
+    real = weights.load_model
+
+    def spying(*a, **kw):
+        m = real(*a, **kw)
+        m.register_forward_pre_hook(lambda mod, inp: seen.append(inp[0].detach().clone()))
+        built.append(m)
+        return m
+
+    monkeypatch.setattr(weights, "load_model", spying)
+    out = tmp_path / "out"
+    rc = main(["probe", "--model", TAG, "--pretrained", "--data", f"imagefolder:{tmp_path / 'imgs'}",
+               "--measures", "attention_entropy", "--batch-size", "3", "--device", "cpu", "--out", str(out)])
+    assert rc == 0
+    cfg = resolve_data_config(model=built[0])
+    assert cfg["input_size"] == (3, 160, 160) and cfg["interpolation"] == "bicubic" and cfg["crop_pct"] == 0.95
+    tf = create_transform(**cfg)
+    ref = torch.stack([tf(Image.open(p).convert("RGB")) for p, _ in items])
+    got = torch.cat(seen)
+    assert got.shape == ref.shape == (8, 3, 160, 160)
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)
+    meta = json.loads((out / "meta.json").read_text())
+    pre = meta["preprocessing"]
+    assert pre["source"] == "model" and pre["input_size"] == [3, 160, 160] and pre["interpolation"] == "bicubic"
+    assert pre["mean"] == [0.5, 0.5, 0.5] and pre["crop_pct"] == 0.95
+    assert meta["pretrained"] is True and meta["hf_hub_id"] == HUB_ID and meta["num_classes"] == 1000
+    assert "1000 classes" in meta["class_mismatch"] and meta["data_classes"] == 2
+
+
+def test_preprocessing_overrides_and_data_statistics(hub, tmp_path, monkeypatch):
+    import argparse
+
+    from vitscope.cli import build_parser
+    from vitscope.cli._common import build_setup
+
+    _image_folder(tmp_path / "imgs")
+    spec = f"imagefolder:{tmp_path / 'imgs'}"
+    parser: argparse.ArgumentParser = build_parser()
+    base = ["probe", "--model", TAG, "--pretrained", "--data", spec, "--out", str(tmp_path / "o"), "--device", "cpu"]
+    s = build_setup(parser.parse_args(base + ["--mean", "0.1,0.2,0.3", "--std", "0.5", "--interpolation",
+                                              "bilinear", "--crop-pct", "1"]))
+    pre = s.preprocessing
+    assert pre["mean"] == (0.1, 0.2, 0.3) and pre["std"] == (0.5, 0.5, 0.5) and pre["interpolation"] == "bilinear"
+    assert pre["crop_pct"] == 1.0 and pre["input_size"] == (3, 160, 160) and pre["source"] == "model"
+    assert pre["overridden"] == ["crop_pct", "interpolation", "mean", "std"]
+    x, _ = next(iter(s.loader))
+    cfg = dict(input_size=(3, 160, 160), interpolation="bilinear", mean=(0.1, 0.2, 0.3), std=(0.5,) * 3,
+               crop_pct=1.0, crop_mode="center")
+    first = sorted((tmp_path / "imgs" / "val" / "cat").glob("*.png"))[0]
+    torch.testing.assert_close(x[0], create_transform(**cfg)(Image.open(first).convert("RGB")), rtol=0, atol=0)
+    d = build_setup(parser.parse_args(base + ["--preprocess", "data"])).preprocessing
+    assert d["source"] == "data" and d["mean"] == pytest.approx((0.485, 0.456, 0.406)) and d["input_size"][-1] == 160
+    r = build_setup(parser.parse_args(["probe", "--model", "test_vit_cifar", "--data", "fake", "--out",
+                                       str(tmp_path / "o")])).preprocessing
+    assert r["source"] == "data" and r["input_size"] == (3, 32, 32)  # no weights: the data's statistics
+
+
+def test_cli_pretrained_offline_uncached_exits_2_in_a_fresh_process(tmp_path):
+    """The environment variables a user sets (HF_HOME, HF_HUB_OFFLINE=1), read by a fresh process."""
+    env = {**os.environ, "HF_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1"}
+    env.pop("HF_HUB_CACHE", None)
+    r = subprocess.run([sys.executable, "-m", "vitscope", "probe", "--model", TAG, "--pretrained", "--data", "fake",
+                        "--out", str(tmp_path / "o")], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr
+    err = [line for line in r.stderr.splitlines() if "error" in line]  # timm logs one INFO line before it
+    assert len(err) == 1 and err[0].startswith("vitscope probe: error: ") and TAG in err[0]
+    assert str(tmp_path / "home" / "hub") in err[0] and f"huggingface-cli download {HUB_ID}" in err[0]
+    assert not (tmp_path / "o").exists()
