@@ -28,6 +28,8 @@ from tqdm.auto import tqdm
 from vitscope import measures as M
 from vitscope.capture import Capture, LayerInfo, capture
 from vitscope.capture._sites import find_blocks, is_attention_module
+from vitscope.distributed import all_gather_objects, all_reduce_sum, global_batch_count, shard_batches
+from vitscope.distributed import current as dist_current
 from vitscope.io.atomic import atomic_write_json, json_safe, write_csv
 from vitscope.measures._validate import all_finite, check_attention, raise_non_finite
 from vitscope.measures.cka import linear_gram
@@ -399,6 +401,7 @@ def probe(
     device: torch.device | str | None = None,
     max_batches: int | None = None,
     progress: bool = True,
+    shard: bool = False,
 ) -> ProbeResult:
     """Run every requested forward measure in one forward pass per batch, streaming over ``loader``.
 
@@ -413,10 +416,14 @@ def probe(
         device: Where to run (default: the model's device).
         max_batches: Stop after this many batches.
         progress: Show a progress bar.
+        shard: Under torch.distributed, give each rank its share of ``loader``'s batches (rank r takes the
+            global batches r, r + W, ...; ``vitscope.distributed.shard_batches``), so each example is counted
+            once and every batch keeps its one-process composition. Without it, the caller shards.
 
     Returns:
-        A :class:`ProbeResult`; also ``accuracy`` and ``nll`` in ``meta`` when labels are given.
-        Across torch.distributed ranks, states are summed, so every rank gets the global result.
+        A :class:`ProbeResult`; also ``accuracy`` and ``nll`` in ``meta`` when labels are given, and
+        ``world_size`` and ``examples_per_rank``. Across torch.distributed ranks, states are summed, so every
+        rank gets the global result.
     """
     names = _resolve_measures(model, measures)
     device = torch.device(device) if device is not None else _model_device(model)
@@ -432,12 +439,17 @@ def probe(
     stream_adapters = [a for a in adapters.values() if isinstance(a, _StreamProbe)]
     need_attn, need_streams = bool(attention_adapters), bool(stream_adapters)
     stats = torch.zeros(4, dtype=torch.float64)  # correct, nll sum, labelled examples, examples
-    total = len(loader) if hasattr(loader, "__len__") else None
-    if max_batches is not None:
-        total = min(total, max_batches) if total is not None else max_batches
-    bar = tqdm(loader, total=total, desc="probe", disable=not progress, leave=False)
+    info = dist_current()
+    if shard:
+        total = global_batch_count(loader, max_batches)
+        total = len(range(info.rank, total, info.world_size)) if total is not None else None
+        batches = shard_batches(loader, max_batches, info)
+    else:
+        total = global_batch_count(loader, max_batches)
+        batches = ((b, batch) for b, batch in enumerate(loader) if max_batches is None or b < max_batches)
+    bar = tqdm(batches, total=total, desc="probe", disable=not progress or not info.is_main, leave=False)
     try:
-        for b, batch in enumerate(bar):
+        for b, batch in bar:
             if max_batches is not None and b >= max_batches:
                 break
             images, labels = (batch[0], batch[1]) if isinstance(batch, (list, tuple)) else (batch, None)
@@ -467,12 +479,14 @@ def probe(
         model.train(was_training)
     if stats[3] == 0:
         raise ValueError("the loader gave no batch; check the data spec, split and max_batches")
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    per_rank = [int(n) for n in all_gather_objects(int(stats[3]))]
+    if info.distributed:
         for a in adapters.values():
             for m in a.streaming():
                 m.sync()
-        torch.distributed.all_reduce(stats)
-    result = ProbeResult(meta={"model": type(model).__name__, "examples": int(stats[3]), "measures": names})
+        all_reduce_sum(stats)
+    result = ProbeResult(meta={"model": type(model).__name__, "examples": int(stats[3]), "measures": names,
+                               "world_size": info.world_size, "examples_per_rank": per_rank})
     if stats[2] > 0:
         result.meta.update(accuracy=float(stats[0] / stats[2]), nll=float(stats[1] / stats[2]))
     for name, a in adapters.items():

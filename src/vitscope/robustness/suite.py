@@ -15,6 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from vitscope.distributed import all_gather_objects, all_reduce_sum
+from vitscope.distributed import current as dist_current
 from vitscope.robustness._loop import batches, resolve_device
 from vitscope.robustness.attacks import _check_eps, _EvalMode, fgsm, pgd, pixel_model
 from vitscope.robustness.calibration import Calibration
@@ -71,6 +73,7 @@ def evaluate_robustness(
     corruption_table: str | None = None,
     seed: int = 0,
     progress: bool | None = None,
+    shard: bool = False,
 ) -> dict[str, Any]:
     """Evaluate ``model`` on ``loader`` under each measure of ``suite``; returns a JSON-ready dict.
 
@@ -83,6 +86,10 @@ def evaluate_robustness(
     Random parts (PGD start, band noise, noisy corruptions) use seed ``seed + batch index``.
     PGD's step defaults to ``2.5 * eps / steps``; ``freq_eps`` (L2 norm per image) to an RMS of 0.05
     per pixel value, ``0.05 * sqrt(C H W)``.
+
+    ``shard=True``: under torch.distributed, each rank takes the global batches r, r + W, ... (seeds stay
+    ``seed + global batch index``); the counts and calibration states of all ranks are summed, so every rank
+    returns the one-process result, with ``world_size`` and ``examples_per_rank``.
     """
     names = check_suite(suite, allow_empty=True)  # empty: clean accuracy only
     eps = [float(e) for e in eps]
@@ -110,7 +117,7 @@ def evaluate_robustness(
         return int((net(x).argmax(dim=1) == y).sum())
 
     with _EvalMode(net):
-        for i, x, y in batches(loader, dev, max_batches, desc="robustness", progress=progress):
+        for i, x, y in batches(loader, dev, max_batches, desc="robustness", progress=progress, shard=shard):
             logits = net(x)  # (B, num_classes)
             counts["clean"] += int((logits.argmax(dim=1) == y).sum())
             if cal is not None:
@@ -136,11 +143,17 @@ def evaluate_robustness(
                     xc = corrupt(x, c, s, seed=seed + i, table=table_used)
                     counts["corruptions"][c][j] += hits(xc, y)
             n += x.shape[0]
+    info = dist_current()
+    per_rank = [n]
+    if shard and info.distributed:
+        n, per_rank, cal, freq_eps, table_used = _merge_ranks(counts, n, cal, freq_eps, table_used)
     if n == 0:
         raise ValueError("the loader yielded no examples")
 
     clean = counts["clean"] / n
     out: dict[str, Any] = {"n": n, "clean": {"accuracy": clean, "n": n}}
+    if shard:
+        out.update(world_size=info.world_size, examples_per_rank=per_rank)
     for name in names:
         if name == "calibration":
             out[name] = cal.compute()
@@ -176,6 +189,30 @@ def evaluate_robustness(
                 "error_increase": {c: [clean - a for a in accs] for c, accs in acc_c.items()},
             }
     return out
+
+
+def _merge_ranks(counts: dict[str, Any], n: int, cal: Calibration | None, freq_eps: float | None,
+                 table: str | None) -> tuple[int, list[int], Calibration | None, float | None, str | None]:
+    """Sum the hit counts in place over the ranks; gather n, calibration state, band-noise eps and table."""
+    flat = [counts["clean"], counts["occlusion"], *counts["fgsm"], *counts["pgd"], *counts["frequency"],
+            *(v for c in counts["corruptions"].values() for v in c)]
+    total = all_reduce_sum(torch.tensor(flat, dtype=torch.int64)).tolist()
+    counts["clean"], counts["occlusion"] = total[0], total[1]
+    pos = 2
+    for key in ("fgsm", "pgd", "frequency"):
+        counts[key] = total[pos:pos + len(counts[key])]
+        pos += len(counts[key])
+    for c in counts["corruptions"]:
+        m = len(counts["corruptions"][c])
+        counts["corruptions"][c] = total[pos:pos + m]
+        pos += m
+    parts = all_gather_objects((n, cal, freq_eps, table))
+    if cal is not None:
+        cal = Calibration(n_bins=cal.n_bins, max_stored=cal.max_stored, seed=cal.seed)
+        for part in parts:
+            cal.merge(part[1])
+    per_rank = [p[0] for p in parts]
+    return sum(per_rank), per_rank, cal, parts[0][2], parts[0][3]
 
 
 @torch.no_grad()

@@ -1,0 +1,138 @@
+"""The analyses on ``torch.distributed``: rank / world size, batch sharding, and gathers.
+
+``torchrun --nproc_per_node N -m vitscope probe|hessian|robustness`` gives each rank the *global* batches
+``rank, rank + N, rank + 2N, ...`` of the one-process loader (``shard_batches``): a batch keeps its
+composition and its global index (per-batch seeds, minibatch CKA's per-batch HSIC, one Hessian spectrum
+per batch), no example is counted twice (no ``DistributedSampler`` padding) and none is dropped. The
+additive states are then summed over the ranks (``StreamingMeasure.sync``, ``all_reduce_sum``) or gathered
+(``all_gather_objects``), and rank 0 alone writes. Process-group set-up reuses
+``vitscope.training.distributed.init_distributed`` (gloo on a CPU, NCCL on CUDA).
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator, Sized
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Sampler
+
+from vitscope.training.distributed import DistInfo, cleanup_distributed, init_distributed
+
+_logger = logging.getLogger(__name__)
+
+__all__ = ["DistInfo", "init_from_env", "cleanup_distributed", "current", "is_main", "shard_batches",
+           "global_batch_count", "all_reduce_sum", "all_gather_objects"]
+
+
+def init_from_env(device: str | torch.device | None = None) -> DistInfo:
+    """Join the ``torchrun`` process group (``WORLD_SIZE`` > 1) or the one already open; one process otherwise."""
+    device_type = torch.device(device).type if device is not None else ("cuda" if torch.cuda.is_available()
+                                                                         else "cpu")
+    return init_distributed(device_type)
+
+
+def current() -> DistInfo:
+    """Rank and world size of the open process group (rank 0 of 1 when there is none)."""
+    if dist.is_available() and dist.is_initialized():
+        return DistInfo(dist.get_rank(), dist.get_world_size())
+    return DistInfo()
+
+
+def is_main() -> bool:
+    """True on rank 0 (and without a process group): the process that writes outputs."""
+    return current().rank == 0
+
+
+class _ShardedBatches(Sampler[list[int]]):
+    """Rank ``rank``'s share of a batch sampler: the global batches ``i`` with ``i % world == rank``."""
+
+    def __init__(self, batch_sampler: Iterable[list[int]], rank: int, world: int, limit: int | None) -> None:
+        self.batch_sampler, self.rank, self.world, self.limit = batch_sampler, rank, world, limit
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for i, batch in enumerate(self.batch_sampler):
+            if self.limit is not None and i >= self.limit:
+                break
+            if i % self.world == self.rank:
+                yield batch
+
+    def __len__(self) -> int:
+        n = len(self.batch_sampler)  # type: ignore[arg-type]
+        n = min(n, self.limit) if self.limit is not None else n
+        return len(range(self.rank, n, self.world))
+
+
+def global_batch_count(loader: Iterable, max_batches: int | None = None) -> int | None:
+    """Number of global batches a pass over ``loader`` (stopped at ``max_batches``) sees, if known."""
+    n = len(loader) if isinstance(loader, Sized) else None
+    if max_batches is not None:
+        n = max_batches if n is None else min(n, max_batches)
+    return n
+
+
+def shard_batches(loader: Iterable, max_batches: int | None = None, info: DistInfo | None = None
+                  ) -> Iterator[tuple[int, Any]]:
+    """Yield ``(global batch index, batch)`` for this rank's share of ``loader``'s first ``max_batches``.
+
+    With one process: every batch. With ``W`` ranks: rank ``r`` gets batches ``r, r + W, ...``. A
+    ``DataLoader`` with a batch sampler is rebuilt around a sharded copy of it, so a rank loads only its own
+    batches; any other iterable is walked in full and the other ranks' batches are skipped.
+
+    Raises:
+        ValueError: fewer global batches than ranks (a rank would get nothing to merge).
+    """
+    info = info or current()
+    if max_batches is not None and max_batches < 1:
+        raise ValueError(f"max_batches must be a positive integer or None, got {max_batches}")
+    if not info.distributed:
+        for i, batch in enumerate(loader):
+            if max_batches is not None and i >= max_batches:
+                return
+            yield i, batch
+        return
+    rank, world = info.rank, info.world_size
+    n = global_batch_count(loader, max_batches)
+    if n is not None and n < world:
+        raise ValueError(f"{n} batch(es) for {world} processes: every process needs at least one batch; "
+                         f"use at most {n} processes (--nproc_per_node) or a smaller --batch-size")
+    if isinstance(loader, DataLoader) and loader.batch_sampler is not None:
+        sharded = DataLoader(
+            loader.dataset, batch_sampler=_ShardedBatches(loader.batch_sampler, rank, world, max_batches),
+            num_workers=loader.num_workers, collate_fn=loader.collate_fn, pin_memory=loader.pin_memory,
+            worker_init_fn=loader.worker_init_fn, generator=loader.generator, timeout=loader.timeout,
+            multiprocessing_context=loader.multiprocessing_context,
+            prefetch_factor=loader.prefetch_factor if loader.num_workers > 0 else None,
+        )
+        for j, batch in enumerate(sharded):
+            yield rank + j * world, batch
+        return
+    for i, batch in enumerate(loader):
+        if max_batches is not None and i >= max_batches:
+            return
+        if i % world == rank:
+            yield i, batch
+
+
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    """Sum of ``values`` over the ranks, in place (identity without a process group)."""
+    if not current().distributed:
+        return values
+    if dist.get_backend() == "nccl" and values.device.type != "cuda":  # NCCL reduces CUDA tensors only
+        reduced = values.to(torch.device("cuda", torch.cuda.current_device()))
+        dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
+        values.copy_(reduced.cpu())
+    else:
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """``[obj of rank 0, obj of rank 1, ...]`` on every rank (``[obj]`` without a process group)."""
+    info = current()
+    if not info.distributed:
+        return [obj]
+    out: list[Any] = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out

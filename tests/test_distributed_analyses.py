@@ -1,0 +1,122 @@
+"""The analyses on two gloo ranks: probe, the Hessian spectrum over batches and the robustness suite with
+``shard=True`` equal one process on the same loader (to float round-off), every example counted once.
+
+37 examples in batches of 8 (8, 8, 8, 8, 5): rank 0 takes global batches 0, 2, 4 (21 examples), rank 1
+takes 1, 3 (16), so the shares are unequal and the short batch sits on one rank only.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.utils.data import DataLoader, TensorDataset
+
+import vitscope
+from vitscope.curvature import eigenvalue_spectrum
+from vitscope.distributed import shard_batches
+from vitscope.robustness import evaluate_robustness
+from vitscope.training.distributed import DistInfo
+
+N, BATCH = 37, 8
+PROBE = ["attention_entropy", "attention_distance", "cka", "ratio_of_norms", "fourier", "feature_variance"]
+
+
+def _model():
+    torch.manual_seed(0)
+    return vitscope.create_model("test_vit_cb", num_classes=4).eval()
+
+
+def _loader(shuffle=False):
+    g = torch.Generator().manual_seed(1)
+    ds = TensorDataset(torch.rand(N, 3, 32, 32, generator=g), torch.randint(0, 4, (N,), generator=g))
+    return DataLoader(ds, batch_size=BATCH, shuffle=shuffle, generator=torch.Generator().manual_seed(5))
+
+
+def _analyses():
+    model = _model()
+    probe = vitscope.probe(model, _loader(), PROBE, progress=False, shard=True)
+    spec = eigenvalue_spectrum(model, _loader(shuffle=True), k=2, max_batches=4, max_iter=30, shard=True)
+    rob = evaluate_robustness(model, _loader(), ("calibration", "occlusion", "fgsm", "pgd", "frequency"),
+                              mean=(0.5,) * 3, std=(0.25,) * 3, eps=(2 / 255,), pgd_steps=2, freqs=(0.0, 0.5, 1.0),
+                              progress=False, shard=True)
+    return probe, spec, rob
+
+
+def _worker(rank: int, path: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{path}/store", rank=rank, world_size=2)
+    try:
+        probe, spec, rob = _analyses()
+        with open(os.path.join(path, f"out{rank}.pkl"), "wb") as f:
+            pickle.dump((probe.to_dict(), probe.meta, spec.to_dict(), rob), f)
+    finally:
+        dist.destroy_process_group()
+
+
+def _close(a, b, path=""):
+    """Nested dicts/lists equal, numbers to float round-off."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for k in a:
+            _close(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            _close(x, y, f"{path}[{i}]")
+    elif isinstance(a, float):
+        assert b == pytest.approx(a, rel=1e-6, abs=1e-9), path
+    else:
+        assert a == b, path
+
+
+def test_two_ranks_equal_one_process(tmp_path):
+    # fork: the workers inherit the imported modules (spawn would import torch, timm and vitscope twice more)
+    mp.start_processes(_worker, args=(str(tmp_path),), nprocs=2, join=True, start_method="fork")
+    outs = [pickle.loads((tmp_path / f"out{r}.pkl").read_bytes()) for r in (0, 1)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        probe, spec, rob = _analyses()  # no process group: one process, every batch
+    finally:
+        torch.set_num_threads(threads)
+    for probe_d, meta, spec_d, rob_d in outs:  # every rank holds the merged result
+        assert meta["world_size"] == 2 and meta["examples_per_rank"] == [21, 16] and meta["examples"] == N
+        assert probe.meta["world_size"] == 1 and probe.meta["examples_per_rank"] == [N]
+        _close(probe.to_dict(), probe_d, "probe")
+        assert meta["accuracy"] == pytest.approx(probe.meta["accuracy"])
+        assert meta["nll"] == pytest.approx(probe.meta["nll"], rel=1e-9)
+        assert probe_d["cka"]["examples"] == N
+
+        one = spec.to_dict()
+        assert spec_d["batch_sizes"] == one["batch_sizes"] == [8, 8, 8, 8]
+        assert spec_d["config"]["world_size"] == 2 and spec_d["config"]["examples_per_rank"] == [16, 16]
+        assert spec_d["n_hvp"] == one["n_hvp"]
+        for g in one["groups"]:
+            np.testing.assert_allclose(spec_d["groups"][g]["eigenvalues"], one["groups"][g]["eigenvalues"],
+                                       rtol=1e-6)  # batch order kept: row i is global batch i
+            _close(one["groups"][g]["density"], spec_d["groups"][g]["density"])
+
+        assert rob_d["world_size"] == 2 and rob_d["examples_per_rank"] == [21, 16] and rob_d["n"] == N
+        _close({k: v for k, v in rob.items() if k not in ("world_size", "examples_per_rank")},
+               {k: v for k, v in rob_d.items() if k not in ("world_size", "examples_per_rank")}, "robustness")
+
+
+def test_shard_batches_counts_each_batch_once():
+    loader = _loader()
+    seen = []
+    for r in (0, 1, 2):
+        got = list(shard_batches(loader, info=DistInfo(rank=r, world_size=3)))
+        assert [i for i, _ in got] == list(range(r, 5, 3))
+        seen += [int(x) for _, (_, y) in got for x in range(len(y))]
+    assert len(seen) == N  # no padding, no drop
+    limited = list(shard_batches(loader, max_batches=3, info=DistInfo(rank=1, world_size=2)))
+    assert [i for i, _ in limited] == [1]
+    gen = list(shard_batches(iter(list(loader)), info=DistInfo(rank=1, world_size=2)))  # a plain iterable
+    assert [i for i, _ in gen] == [1, 3]
+    with pytest.raises(ValueError, match="2 batch\\(es\\) for 3 processes"):
+        list(shard_batches(loader, max_batches=2, info=DistInfo(rank=0, world_size=3)))
