@@ -502,3 +502,44 @@ def test_func_backend_falls_back_to_double_backward():
     v = torch.randn(op.dim, dtype=torch.float64)
     torch.testing.assert_close(op(v), H @ v)
     assert op.backend == "autograd"
+
+
+# ------------------------------------------------------------------------------ memory budget
+def test_memory_budget_switches_lanczos_to_power_iteration(mlp_case, caplog):
+    from vitscope.curvature.eigen import solver_memory
+
+    m, x, y, H = mlp_case  # 160 parameters, float64 work vectors
+    lanczos_need = solver_memory("lanczos", 160, 2, 100)
+    power_need = solver_memory("power", 160, 2, 100)
+    assert lanczos_need == (104 + 3) * 160 * 8 and power_need == (2 + 3) * 160 * 8  # blocks of 8 basis rows
+    with caplog.at_level("WARNING"):
+        res = top_eigenvalues(m, F.cross_entropy, (x, y), k=2, tol=1e-10, max_iter=600, memory_budget=power_need)
+    assert res.method == "power" and len(res.notes) == 1 and "switched to power iteration" in res.notes[0]
+    assert "over the memory budget" in caplog.text
+    torch.testing.assert_close(res.eigenvalues, top_by_magnitude(torch.linalg.eigvalsh(H), 2), rtol=1e-4, atol=0)
+    kept = top_eigenvalues(m, F.cross_entropy, (x, y), k=2, max_iter=100, memory_budget=lanczos_need)
+    assert kept.method == "lanczos" and kept.notes == []
+    with pytest.raises(MemoryError, match="over the memory budget of 6.2 KiB"):
+        top_eigenvalues(m, F.cross_entropy, (x, y), k=2, memory_budget=power_need - 1)
+    loader = _loader(x, y, 5)
+    spec = eigenvalue_spectrum(m, loader, k=1, max_iter=50, memory_budget="5KiB")  # power needs (1+3)*160*8 = 5 KiB
+    assert "switched to power iteration" in spec.config["notes"][0]
+    assert spec.config["method"] == "lanczos"  # what was asked; the note says what ran
+
+
+def test_parse_memory():
+    from vitscope.curvature.eigen import parse_memory
+
+    assert parse_memory("8GB") == 8 * 10 ** 9 and parse_memory("512MiB") == 512 * 2 ** 20
+    assert parse_memory("1.5g") == 1_500_000_000 and parse_memory(4096) == 4096 and parse_memory("1e6") == 10 ** 6
+    for bad in ("lots", "-1GB", "0", "8 GBs"):
+        with pytest.raises(ValueError, match="memory budget"):
+            parse_memory(bad)
+
+
+def test_k_above_parameter_count_is_refused(mlp_case):
+    m, x, y, _ = mlp_case
+    with pytest.raises(ValueError, match="k=161 exceeds the number of parameters \\(160\\)"):
+        top_eigenvalues(m, F.cross_entropy, (x, y), k=161)
+    with pytest.raises(ValueError, match="k=161 exceeds the 160 parameters of group 'all'"):
+        eigenvalue_spectrum(m, _loader(x, y, 5), k=161)  # before any batch is drawn

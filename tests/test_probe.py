@@ -147,3 +147,43 @@ def test_probe_cka_over_unequal_batches_equals_minibatch_cka():
         assert row["cls"] == pytest.approx(float(r["cls"]), rel=1e-12)
     for row, f in zip(result["fourier"], four.compute()):
         np.testing.assert_allclose(row["curve"], f.numpy(), rtol=1e-12, atol=1e-12)
+
+
+_MEMORY_SCRIPT = """
+import json, resource, sys, torch
+import vitscope
+from torch.utils.data import DataLoader, TensorDataset
+torch.set_num_threads(1)
+torch.manual_seed(0)
+model = vitscope.create_model("test_vit_cb").eval()
+g = torch.Generator().manual_seed(0)
+ds = TensorDataset(torch.randn(20 * 64, 3, 32, 32, generator=g), torch.randint(0, 10, (20 * 64,), generator=g))
+loader = DataLoader(ds, batch_size=64)
+with torch.no_grad(), vitscope.capture(model) as cap:
+    model(ds.tensors[0][:64])
+activations = sum(t.numel() * t.element_size() for r in cap.records for t in (r.z_in, r.z_out, r.branch))
+activations += sum(a.numel() * a.element_size() for a in cap.attentions)
+del cap
+peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+vitscope.probe(model, loader, max_batches=2, progress=False)
+after2 = peak()
+vitscope.probe(model, loader, max_batches=20, progress=False)
+after20 = peak()
+held = [torch.randn(activations // 4) for _ in range(18)]  # control: what keeping one batch's activations per batch costs
+json.dump({"activations": activations, "after2": after2, "after20": after20, "control": peak() - after20}, sys.stdout)
+"""
+
+
+def test_probe_peak_memory_does_not_grow_with_batches():
+    """Peak RSS (getrusage, sees torch's allocations) after 20 batches equals that after 2 within noise: a
+    per-batch leak of even one batch's activations (18 x ~1.7 MB) would show, as the control measures."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT], capture_output=True, text=True, timeout=120,
+                         env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    r = json.loads(out.stdout)
+    noise = 4 * 2 ** 20
+    assert r["control"] > 2 * noise  # the measurement sees a leak of one batch's activations per batch
+    assert r["after20"] - r["after2"] < noise, r

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -40,6 +41,58 @@ class EigenResult:
     method: str
     eigenvectors: torch.Tensor | None = None
     param_names: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # e.g. a switch to power iteration for memory
+
+
+_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 2 ** 10, "m": 1e6, "mb": 1e6, "mib": 2 ** 20,
+          "g": 1e9, "gb": 1e9, "gib": 2 ** 30, "t": 1e12, "tb": 1e12, "tib": 2 ** 40}
+
+
+def parse_memory(value: int | float | str) -> int:
+    """Bytes from ``8GB``, ``512MiB``, ``1.5g`` or a plain number of bytes."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        number, unit = float(value), ""
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", str(value))
+        if m is None or m.group(2).lower() not in _UNITS:
+            raise ValueError(f"memory budget {value!r} is not a size like 8GB, 512MiB or 1e9 (bytes)")
+        number, unit = float(m.group(1)), m.group(2).lower()
+    if not (math.isfinite(number) and number > 0):
+        raise ValueError(f"memory budget {value!r} must be a positive size like 8GB")
+    return int(number * _UNITS[unit])
+
+
+def available_memory(device: torch.device | str) -> int:
+    """Free bytes on ``device``: CUDA's ``mem_get_info``, else the host's MemAvailable (``/proc/meminfo``)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import os
+
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
+
+
+def solver_memory(method: str, dim: int, k: int, max_iter: int, dtype: torch.dtype = torch.float64,
+                  chunk: int = 8) -> int:
+    """Bytes the eigensolver's own vectors take (the model and its graph come on top).
+
+    Lanczos keeps ``min(max(max_iter, k), dim)`` basis vectors (allocated in blocks of ``chunk``) plus
+    about 3 work vectors; power iteration keeps the ``k`` eigenvectors plus about 3 work vectors.
+    """
+    item = torch.empty(0, dtype=dtype).element_size()
+    if method == "lanczos":
+        n = min(max(max_iter, k), dim)
+        n = -(-n // chunk) * chunk
+    else:
+        n = k
+    return (n + 3) * dim * item
 
 
 def work_dtype(device: torch.device | str) -> torch.dtype:
@@ -302,6 +355,7 @@ def top_eigenvalues(
     operator: HessianOperator | None = None,
     criterion: str | None = None,
     start: str = "gradient",
+    memory_budget: int | float | str | None = None,
 ) -> EigenResult:
     """Top-k Hessian eigenvalues of ``loss_fn(model(x), y)`` over ``params`` on one batch (or a list).
 
@@ -319,31 +373,62 @@ def top_eigenvalues(
             (Lanczos only).
         backend, train_mode: see ``HessianOperator`` (``"auto"``: one retained graph for one batch).
         operator: a prebuilt ``HessianOperator`` (then model, loss_fn, batch, params are not used).
+        memory_budget: most bytes the solver's vectors may take (``8GB``, ``512MiB`` or a number of
+            bytes; default half of the device's free memory, ``available_memory``). Estimated before
+            anything is allocated (``solver_memory``: Lanczos keeps up to ``max_iter`` vectors of P float64
+            values); over the budget, Lanczos switches to power iteration (k vectors), with a logged
+            warning and a line in ``notes``; when even that does not fit, a ``MemoryError`` names the sizes.
     """
     if k < 1:
         raise ValueError(f"k={k} must be at least 1")
     if start not in ("gradient", "random"):
         raise ValueError(f"start={start!r} is not one of ('gradient', 'random')")
+    if method not in ("lanczos", "power"):
+        raise ValueError(f"method={method!r} is not one of ('lanczos', 'power')")
     op = operator or HessianOperator(model, loss_fn, batch, params=params, train_mode=train_mode, backend=backend)
+    if k > op.dim:
+        raise ValueError(f"k={k} exceeds the number of parameters ({op.dim}): a {op.dim} x {op.dim} Hessian has "
+                         f"{op.dim} eigenvalues; use k <= {op.dim}")
+    budget = parse_memory(memory_budget) if memory_budget is not None else available_memory(op.device) // 2
+    notes: list[str] = []
+    dtype = work_dtype(op.device)
+    need = solver_memory(method, op.dim, k, max_iter, dtype)
+    if need > budget and method == "lanczos":
+        power_need = solver_memory("power", op.dim, k, max_iter, dtype)
+        if power_need <= budget and which == "LM":
+            note = (f"Lanczos would keep {_size(need)} of basis vectors ({min(max(max_iter, k), op.dim)} x "
+                    f"{op.dim} parameters), over the memory budget of {_size(budget)}: switched to power "
+                    f"iteration ({_size(power_need)}); raise memory_budget (--memory-budget) or lower max_iter "
+                    "(--max-iter) to keep Lanczos")
+            _logger.warning(note)
+            notes.append(note)
+            method, need = "power", power_need
+    if need > budget:
+        raise MemoryError(f"the {method} eigensolver needs about {_size(need)} for {op.dim} parameters "
+                          f"(k={k}, max_iter={max_iter}), over the memory budget of {_size(budget)}; raise "
+                          "memory_budget (--memory-budget), lower k / max_iter, or restrict the parameters")
     gen = torch.Generator().manual_seed(seed)
     start_count = op.n_products
     if method == "power":
         if which != "LM":
             raise ValueError("power iteration finds largest-magnitude eigenvalues only; use which='LM'")
-        if k > op.dim:
-            raise ValueError(f"k={k} exceeds the number of parameters ({op.dim})")
         vals, vecs, _, conv = power_iteration(op, op.dim, k, tol, max_iter, gen, work_dtype(op.device), op.device)
     elif method == "lanczos":
         criterion = criterion or ("residual" if return_vectors else "eigenvalue")
         v0 = gradient_start(op, gen) if start == "gradient" else None
         vals, vecs, _, conv = lanczos(op, op.dim, k, tol, max_iter, which, gen, work_dtype(op.device), op.device,
                                       return_vectors=return_vectors, criterion=criterion, v0=v0)
-    else:
-        raise ValueError(f"method={method!r} is not one of ('lanczos', 'power')")
     if not all(conv):
         _logger.warning("%d of %d eigenvalues did not converge to tol=%g in max_iter=%d (method=%s)",
                         conv.count(False), len(conv), tol, max_iter, method)
     return EigenResult(
         eigenvalues=vals, n_hvp=op.n_products - start_count, converged=conv, method=method,
-        eigenvectors=vecs.to(op.dtype) if return_vectors else None, param_names=list(op.names),
+        eigenvectors=vecs.to(op.dtype) if return_vectors else None, param_names=list(op.names), notes=notes,
     )
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"

@@ -22,6 +22,8 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from vitscope.curvature.eigen import top_eigenvalues
+from vitscope.distributed import all_gather_objects, global_batch_count, shard_batches
+from vitscope.distributed import current as dist_current
 from vitscope.curvature.hvp import HessianOperator, LossFn, cross_entropy, l2_penalty, select_params
 
 _logger = logging.getLogger(__name__)
@@ -119,6 +121,8 @@ def eigenvalue_spectrum(
     backend: str = "auto",
     progress: bool = False,
     start: str = "gradient",
+    shard: bool = False,
+    memory_budget: int | str | None = None,
 ) -> SpectrumResult:
     """HDVW's Hessian eigenvalue spectrum over minibatches of ``loader``.
 
@@ -128,7 +132,13 @@ def eigenvalue_spectrum(
             involves them): ``half_sq`` or ``hdvw`` (see module docstring).
         groups: None (all trainable parameters), ``"block"`` (``block_groups``), or name -> parameters.
         loss_fn: default cross entropy (hard or soft targets).
-        method, tol, max_iter, seed, backend, start: see ``top_eigenvalues`` (seed + batch index per batch).
+        method, tol, max_iter, seed, backend, start, memory_budget: see ``top_eigenvalues`` (seed + batch
+            index per batch).
+        shard: under torch.distributed, each rank takes the global batches r, r + W, ...
+            (``vitscope.distributed.shard_batches``); the per-batch eigenvalues of all ranks are gathered in
+            the global batch order, so every rank returns the one-process result.
+
+    Batches are moved to the device of the model's first parameter.
     """
     if k < 1:
         raise ValueError(f"k={k} must be at least 1")
@@ -148,30 +158,48 @@ def eigenvalue_spectrum(
     def extra(p: dict[str, torch.Tensor]) -> torch.Tensor:
         return l2_penalty(p.values(), weight_decay, l2_style)
 
-    values: dict[str, list] = {g: [] for g in group_params}
-    conv: dict[str, list] = {g: [] for g in group_params}
-    sizes, n_hvp = [], 0
-    total = max_batches
-    if total is None and hasattr(loader, "__len__"):
-        total = len(loader)  # type: ignore[arg-type]
-    for bi, batch in enumerate(tqdm(loader, total=total, disable=not progress, desc="hessian", unit="batch")):
+    named = dict(model.named_parameters())
+    for g, names in group_params.items():
+        dim = sum(named[n].numel() for n in names)
+        if k > dim:
+            raise ValueError(f"k={k} exceeds the {dim} parameters of group {g!r}: a Hessian of that size has at "
+                             f"most {dim} eigenvalues; use k <= {dim}")
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    info = dist_current()
+    if shard:
+        batches = shard_batches(loader, max_batches, info)
+    else:
+        batches = ((b, batch) for b, batch in enumerate(loader) if max_batches is None or b < max_batches)
+    total = global_batch_count(loader, max_batches)
+    if shard and total is not None:
+        total = len(range(info.rank, total, info.world_size))
+    fallbacks: set[str] = set()
+    records = []  # (global batch index, batch size, {group: eigenvalues (k,)}, {group: converged (k,)}, n_hvp)
+    for bi, batch in tqdm(batches, total=total, disable=not progress or not info.is_main, desc="hessian",
+                          unit="batch"):
         if max_batches is not None and bi >= max_batches:
             break
-        x, y = batch[0], batch[1]
+        x, y = batch[0].to(device), batch[1].to(device)
         if transform is not None:
             x, y = transform(x, y)
-        sizes.append(len(x))
+        vals, convs, n_hvp_batch = {}, {}, 0
         for g, names in group_params.items():
             op = HessianOperator(model, loss_fn, (x, y), params=names, train_mode=train_mode, backend=backend,
                                  extra=extra if weight_decay else None, batch_index=[bi])
-            res = top_eigenvalues(model, loss_fn, (x, y), k=min(k, op.dim), method=method, tol=tol,
-                                  max_iter=max_iter, seed=seed + bi, operator=op, start=start)
-            values[g].append(res.eigenvalues.numpy())
-            conv[g].append(np.array(res.converged))
-            n_hvp += res.n_hvp
-    if not sizes:
+            res = top_eigenvalues(model, loss_fn, (x, y), k=k, method=method, tol=tol, max_iter=max_iter,
+                                  seed=seed + bi, operator=op, start=start, memory_budget=memory_budget)
+            vals[g], convs[g] = res.eigenvalues.numpy(), np.array(res.converged)
+            n_hvp_batch += res.n_hvp
+            fallbacks.update(res.notes)
+        records.append((bi, len(x), vals, convs, n_hvp_batch))
+    if shard and info.distributed:
+        records = sorted((r for part in all_gather_objects(records) for r in part), key=lambda r: r[0])
+    if not records:
         raise ValueError("the loader yielded no batches; pass a non-empty loader (check split and max_examples)")
-    eig = {g: np.stack(v) for g, v in values.items()}  # (n_batches, k)
+    sizes = [r[1] for r in records]
+    n_hvp = sum(r[4] for r in records)
+    eig = {g: np.stack([r[2][g] for r in records]) for g in group_params}  # (n_batches, k)
+    converged = {g: np.stack([r[3][g] for r in records]) for g in group_params}
     grid, dens, neg = {}, {}, {}
     for g, v in eig.items():
         lo, hi = float(v.min()), float(v.max())
@@ -184,4 +212,10 @@ def eigenvalue_spectrum(
               "method": method, "tol": tol, "max_iter": max_iter, "seed": seed, "start": start,
               "transform": None if transform is None else type(transform).__name__,
               "groups": {g: len(n) for g, n in group_params.items()}}
-    return SpectrumResult(eig, {g: np.stack(c) for g, c in conv.items()}, grid, dens, neg, sizes, n_hvp, config)
+    if shard:
+        config.update(world_size=info.world_size,
+                      batches_per_rank=[len(range(r, len(records), info.world_size)) for r in range(info.world_size)],
+                      examples_per_rank=[sum(sizes[r::info.world_size]) for r in range(info.world_size)])
+    if fallbacks:
+        config["notes"] = sorted(fallbacks)
+    return SpectrumResult(eig, converged, grid, dens, neg, sizes, n_hvp, config)
