@@ -102,6 +102,8 @@ class RunData:
             ck = d.get("checkpoint")
             if isinstance(ck, str) and ck:
                 p = Path(ck)
+                if p.parent.parent.name == "checkpoints" and p.parent.name.startswith("epoch-"):
+                    p = p.parent.parent.parent  # RUN/checkpoints/epoch-N/model.safetensors: the run's weights
                 return str((p / "model.safetensors" if p.is_dir() else p).resolve())
         return None
 
@@ -336,6 +338,11 @@ def load_run(path: str | os.PathLike) -> RunData:
     if not path.is_dir():
         raise FileNotFoundError(f"{path} is not a directory; pass vitscope output directories (probe, train, "
                                 "hessian, landscape or robustness --out)")
+    from vitscope.io.atomic import INCOMPLETE_MARKER
+
+    if (path / INCOMPLETE_MARKER).exists():
+        raise ReportInputError(f"{path} is incomplete: a vitscope command was stopped while moving its files in "
+                               f"({INCOMPLETE_MARKER} is there); run that command again")
     present = [f for f in EXPECTED_FILES if (path / f).is_file()]
     if not present:
         hint = _nearby_runs(path)

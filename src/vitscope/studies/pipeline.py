@@ -108,23 +108,10 @@ class TrainRequest:
 
 
 def run_finished(run_dir: str | os.PathLike) -> bool:
-    """True when ``run_dir`` holds weights and a metrics line for the last epoch of its config."""
-    from vitscope.training import load_config
+    """True when ``run_dir``'s latest complete checkpoint is of the last epoch of its config (or it stopped early)."""
+    from vitscope.training.checkpoint import run_finished as checkpoint_finished
 
-    run_dir = Path(run_dir)
-    if not (run_dir / "model.safetensors").is_file() or not (run_dir / "metrics.jsonl").is_file():
-        return False
-    try:
-        cfg = load_config(run_dir)
-    except (FileNotFoundError, ValueError):
-        return False
-    total = cfg.epochs + (cfg.warmup_epochs if cfg.warmup_prefix else 0)
-    last = -1
-    with open(run_dir / "metrics.jsonl") as f:
-        for line in f:
-            with contextlib.suppress(json.JSONDecodeError):
-                last = max(last, int(json.loads(line).get("epoch", -1)))
-    return last >= total - 1
+    return checkpoint_finished(run_dir)
 
 
 def train_spec(req: TrainRequest, runs_root: str | os.PathLike, run_dir: str | os.PathLike | None = None) -> Path:
@@ -150,7 +137,7 @@ def train_spec(req: TrainRequest, runs_root: str | os.PathLike, run_dir: str | o
         if run_finished(run_dir):
             _logger.info("reusing the finished run %s", run_dir)
             return run_dir
-        resume = (run_dir / "state.pt").is_file()
+        resume = (run_dir / "config.yaml").is_file()  # a checkpoint, or a run killed before its first one
         _logger.info("training %s (%s %s) on %s, seed %d, %d epochs%s -> %s", req.spec.label, req.spec.model,
                      req.spec.kwargs or "", req.data, req.seed, cfg.epochs,
                      f", {req.data_fraction:g} of the data" if req.data_fraction else "", run_dir)

@@ -530,7 +530,10 @@ def run_finished(run_dir: str | os.PathLike) -> bool:
         return False
     if manifest.get("stopped_early"):
         return True
-    cfg = _read_config(run_dir)
+    try:
+        cfg = _read_config(run_dir)
+    except ValueError:  # an unreadable config.yaml
+        cfg = {}
     try:
         total = int(cfg["epochs"]) + (int(cfg.get("warmup_epochs") or 0) if cfg.get("warmup_prefix") else 0)
     except (KeyError, TypeError, ValueError):
