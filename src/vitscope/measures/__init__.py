@@ -13,7 +13,13 @@ from vitscope.measures.attention import (
     relative_distance,
 )
 from vitscope.measures.cka import MinibatchCKA, cka, hsic1
-from vitscope.measures.convit import GPSACentres, gpsa_attention_centres, gpsa_gates, gpsa_layers
+from vitscope.measures.convit import (
+    GPSACentres,
+    gpsa_attention_centres,
+    gpsa_gates,
+    gpsa_layers,
+    gpsa_positional_attention,
+)
 from vitscope.measures.embeddings import (
     PatchEmbeddingComponents,
     patch_embedding_components,
@@ -36,7 +42,8 @@ __all__ = [
     "AttentionEntropy", "AttentionDistance", "Nonlocality", "RelativeDistance",
     "cka", "hsic1", "MinibatchCKA",
     "ratio_of_norms", "RatioOfNorms",
-    "gpsa_gates", "gpsa_attention_centres", "gpsa_layers", "GPSACentres", "attention_rollout",
+    "gpsa_gates", "gpsa_attention_centres", "gpsa_layers", "GPSACentres", "gpsa_positional_attention",
+    "attention_rollout",
     "patch_embedding_components", "PatchEmbeddingComponents", "position_embedding_similarity",
     "position_embedding_grid",
     "fourier_log_amplitude", "fourier_frequencies", "feature_variance", "FourierLogAmplitude", "FeatureVariance",

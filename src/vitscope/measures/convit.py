@@ -17,7 +17,7 @@ import torch.nn as nn
 
 Tensor = torch.Tensor
 
-__all__ = ["gpsa_gates", "gpsa_attention_centres", "GPSACentres", "gpsa_layers"]
+__all__ = ["gpsa_gates", "gpsa_attention_centres", "GPSACentres", "gpsa_layers", "gpsa_positional_attention"]
 
 
 class GPSACentres(NamedTuple):
@@ -65,4 +65,20 @@ def gpsa_attention_centres(model: nn.Module) -> list[GPSACentres]:
         denom = torch.where(w2 != 0, 2 * w2, torch.full_like(w2, float("nan")))
         centre = torch.stack([-w0 / denom, -w1 / denom], dim=-1)  # (H, 2)
         out.append(GPSACentres(centre=centre, locality=-w2, peaked=w2 < 0))
+    return out
+
+
+def gpsa_positional_attention(model: nn.Module, num_patches: int) -> list[Tensor]:
+    """The positional attention ``softmax_j(pos_proj(r_ij))`` of each GPSA layer (the part the gate weighs with
+    g = sigmoid(gating_param); CONVIT Eq. 5), for ``num_patches`` patches on a square grid, before gating.
+
+    Returns:
+        One (H, N, N) float32 tensor per GPSA layer in depth order; row i is query patch i (row-major grid).
+    """
+    out = []
+    for _, m in gpsa_layers(model):
+        with torch.no_grad():
+            rel = m.get_rel_indices(num_patches).to(m.pos_proj.weight)  # (1, N, N, 3)
+            logits = m.pos_proj(rel)[0].permute(2, 0, 1)  # (H, N, N)
+            out.append(logits.float().softmax(dim=-1).cpu())
     return out
