@@ -283,6 +283,94 @@ def test_imagefolder_png(tmp_path):
         data_info(f"imagefolder:{tmp_path / 'none'}")
 
 
+def _write_flat(root, classes, per_class=2, size=8, value=None):
+    """Class folders directly under ``root`` (an ImageNet val folder's layout); ``value(c)`` paints class c."""
+    rng = np.random.default_rng(3)
+    for c in classes:
+        (root / c).mkdir(parents=True)
+        for i in range(per_class):
+            arr = rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8) if value is None else \
+                np.full((size, size, 3), value(c), dtype=np.uint8)
+            Image.fromarray(arr).save(root / c / f"{i}.png")
+
+
+def test_imagefolder_flat_layout_is_one_split_for_every_split(tmp_path, caplog):
+    _write_flat(tmp_path, ("zebra", "ant", "moth"))
+    spec = f"imagefolder:{tmp_path},crop_pct=1.0"
+    info = data_info(spec)
+    assert info.class_names == ("ant", "moth", "zebra") and info.num_classes == 3  # sorted folder names
+    ys = {s: _all_batches(create_loader(spec, split=s, img_size=8, batch_size=4, shuffle=False))[1].tolist()
+          for s in ("train", "val", "test")}
+    assert ys["val"] == ys["test"] == ys["train"] == [0, 0, 1, 1, 2, 2]
+    assert "used as train, val and test alike" in caplog.text
+    held = create_dataset(f"{spec},val_fraction=0.5", split="val", img_size=8)  # a seeded slice per class
+    assert len(held) == 3
+
+
+def test_imagefolder_skips_non_image_and_corrupt_files_with_a_count(tmp_path, caplog):
+    _write_flat(tmp_path, ("a", "b"), per_class=3)
+    (tmp_path / "a" / "notes.txt").write_text("not an image")
+    (tmp_path / "a" / "empty.png").write_bytes(b"")
+    (tmp_path / "b" / "garbage.jpg").write_bytes(os.urandom(300))
+    good = (tmp_path / "b" / "0.png").read_bytes()
+    big = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(big).save(tmp_path / "b" / "truncated.png")
+    data = (tmp_path / "b" / "truncated.png").read_bytes()
+    (tmp_path / "b" / "truncated.png").write_bytes(data[: len(data) // 2])  # header fine, pixels cut off
+    assert Image.open(tmp_path / "b" / "0.png").size == (8, 8) and good
+    spec = f"imagefolder:{tmp_path},crop_pct=1.0"
+    with caplog.at_level("WARNING"):
+        ds = create_dataset(spec, split="val", img_size=8)
+        assert len(ds) == 7  # 3 + 3 good + the truncated one, whose header reads fine
+        assert "skipped 1 non-image file(s)" in caplog.text and "2 unreadable image(s)" in caplog.text
+        x, y = _all_batches(create_loader(spec, split="val", img_size=8, batch_size=4))  # no crash mid-run
+    assert x.shape == (6, 3, 8, 8) and y.tolist() == [0, 0, 0, 1, 1, 1]
+    assert "skipped unreadable image" in caplog.text and "truncated.png" in caplog.text
+
+
+def test_imagefolder_class_order_is_timms_imagenet_order(tmp_path):
+    """Sorted synset folders = timm's ImageNet-1k indices (all 1000); labels=imagenet maps a subset to them, so
+    a 1000-class model's top-1 on such a folder counts against the right indices."""
+    from timm.data import ImageNetInfo
+
+    from vitscope.data.local import imagenet_synsets
+    from vitscope.robustness import evaluate_robustness
+
+    synsets = list(ImageNetInfo().label_names())
+    assert len(synsets) == 1000 and sorted(synsets) == synsets == imagenet_synsets()
+    picked = [synsets[i] for i in (999, 1, 417, 0)]  # n15075141, n01443537, n02782093, n01440764
+    _write_flat(tmp_path, picked, value=lambda c: synsets.index(c) % 256)
+    folders = data_info(f"imagefolder:{tmp_path}")
+    assert folders.class_names == tuple(sorted(picked)) and folders.num_classes == 4
+    spec = f"imagefolder:{tmp_path},labels=imagenet,crop_pct=1.0"
+    info = data_info(spec)
+    assert info.num_classes == 1000 and info.class_names == tuple(synsets)
+    loader = create_loader(spec, split="val", img_size=8, batch_size=3, normalize=False)
+    _, y = _all_batches(loader)
+    assert sorted(set(y.tolist())) == [0, 1, 417, 999]
+
+    class ByColour(torch.nn.Module):  # an "ImageNet model" that knows each class by its colour
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x):
+            code = (x[:, 0, 0, 0] * 255).round().long()  # (B,)
+            index = torch.tensor([synsets.index(c) for c in picked])
+            cls = index[(index % 256)[None, :].eq(code[:, None]).float().argmax(1)]
+            return torch.nn.functional.one_hot(cls, 1000).float() * 10 + self.w
+
+    acc = evaluate_robustness(ByColour(), loader, (), mean=(0, 0, 0), std=(1, 1, 1), progress=False)["clean"]
+    assert acc["accuracy"] == 1.0 and acc["n"] == 8
+    plain = create_loader(f"imagefolder:{tmp_path},crop_pct=1.0", split="val", img_size=8, batch_size=3,
+                          normalize=False)
+    wrong = evaluate_robustness(ByColour(), plain, (), mean=(0, 0, 0), std=(1, 1, 1), progress=False)["clean"]
+    assert wrong["accuracy"] == 0.5  # folder indices 0..3: only n01440764 (0) and n01443537 (1) land right
+    (tmp_path / "cats").mkdir()
+    with pytest.raises(ValueError, match="labels=imagenet needs ImageNet-1k synset folder names"):
+        data_info(spec)
+
+
 # ----------------------------------------------------------------------------- loader options
 
 

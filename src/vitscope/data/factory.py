@@ -3,7 +3,8 @@
 See ``vitscope.data.specs`` for the syntax and ``vitscope.data.local``/``elpv``/``fake`` for each set.
 Options common to the path sets: ``val_fraction`` (default 0: ``val`` is the official test set;
 ``F > 0``: ``val`` is a seeded per-class ``F`` slice of the train set, removed from ``train``) and
-``split_seed`` (0). ``cifar100`` also takes ``labels=coarse``; ``imagefolder`` takes ``crop_pct``.
+``split_seed`` (0). ``cifar100`` also takes ``labels=coarse``; ``imagefolder`` takes ``crop_pct`` and
+``labels=imagenet`` (synset folders get their ImageNet-1k indices; see ``vitscope.data.local``).
 Every spec accepts ``img_size=S`` in place of the ``img_size`` argument.
 """
 from __future__ import annotations
@@ -94,8 +95,8 @@ def _native(r: _Resolved) -> dict[str, Any]:
                     std=local.MNIST_STD if mnist else local.FASHION_STD, class_names=tuple(classes),
                     defaults={**SMALL_DEFAULTS, "hflip": 0.0} if mnist else SMALL_DEFAULTS, crop_pct=1.0)
     if name == "imagefolder":
-        opts = check_options(name, opts, {**_PATH_OPTIONS, "crop_pct": 0.875})
-        classes = local.imagefolder_classes(r.spec.path)
+        opts = check_options(name, opts, {**_PATH_OPTIONS, "crop_pct": 0.875, "labels": "folders"})
+        classes = local.imagefolder_classes(r.spec.path, opts["labels"])
         return dict(num_classes=len(classes), img_size=None, mean=local.IMAGENET_MEAN, std=local.IMAGENET_STD,
                     class_names=tuple(classes), defaults=IMAGEFOLDER_DEFAULTS, crop_pct=opts["crop_pct"])
     raise AssertionError(name)  # parse_spec rejects unknown names
@@ -150,7 +151,7 @@ def _base_dataset(r: _Resolved, split: str, download: bool) -> Dataset:
     else:
         if download:
             raise ValueError("imagefolder cannot be downloaded; point the spec at a local folder")
-        ds = local.make_imagefolder(path, "train" if holdout else split)
+        ds = local.make_imagefolder(path, "train" if holdout else split, labels=opts.get("labels", "folders"))
     if not holdout:
         return ds
     targets = dataset_targets(ds)
@@ -272,4 +273,5 @@ def create_loader(
         ds, batch_size=batch_size, shuffle=bool(shuffle) and sampler is None, sampler=sampler,
         num_workers=num_workers, drop_last=drop_last, generator=generator,
         persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available(),
+        collate_fn=local.collate_skipping_none,  # drops images an ImageFolder could not decode
     )

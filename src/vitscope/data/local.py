@@ -9,12 +9,16 @@ fails when read, with its name). Nothing is downloaded unless ``download=True``.
 Splits: ``train`` is the official train set, ``val`` and ``test`` the official test set (option
 ``val_fraction=F`` holds out a seeded stratified slice of train as ``val``, see
 ``vitscope.data.factory``). ImageFolder reads ``PATH/train`` and ``PATH/val``; ``test`` reads
-``PATH/test`` when it exists, else ``PATH/val``.
+``PATH/test`` when it exists, else ``PATH/val``. A PATH whose class folders sit directly under it (an
+ImageNet validation folder) is one split, used for every split asked for. Class indices follow the sorted
+folder names (timm's ImageNet-1k order for the 1000 synset folders; ``labels=imagenet`` maps a subset of
+synset folders to their ImageNet-1k indices). Non-image and unreadable files are skipped with a warning.
 """
 from __future__ import annotations
 
 import importlib
 import io
+import logging
 import os
 import pickle
 from pathlib import Path
@@ -22,6 +26,8 @@ from typing import Any
 
 import numpy as np
 from torchvision import datasets
+
+_logger = logging.getLogger(__name__)
 
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
@@ -144,8 +150,28 @@ def make_mnist(name: str, root: str, split: str, download: bool = False) -> data
     return cls(root, train=train, download=download)
 
 
+IMAGEFOLDER_LABELS = ("folders", "imagenet")
+
+
+def imagefolder_layout(root: str) -> str:
+    """``"splits"`` when ``root`` holds ``train/`` or ``val/`` (or ``test/``), ``"flat"`` when its class
+    folders sit directly under it (an ImageNet validation folder, say); a missing or empty root is an error."""
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"imagefolder: missing folder {root}; expected {root}/<class>/*.JPEG (one split) "
+                                f"or {root}/train/<class>/*.JPEG and {root}/val/<class>/*.JPEG")
+    if any(os.path.isdir(os.path.join(root, s)) for s in ("train", "val", "test")):
+        return "splits"
+    if not any(e.is_dir() for e in os.scandir(root)):
+        raise FileNotFoundError(f"imagefolder: no class folders in {root}; expected {root}/<class>/*.JPEG or "
+                                f"{root}/train/<class>/... and {root}/val/<class>/...")
+    return "flat"
+
+
 def imagefolder_dirs(root: str) -> dict[str, str]:
-    """split -> folder for an ImageFolder tree (``test`` falls back to ``val``)."""
+    """split -> folder for an ImageFolder tree (``test`` falls back to ``val``); a flat tree (class folders
+    directly under ``root``) is one split, used for every split asked for."""
+    if imagefolder_layout(root) == "flat":
+        return {s: root for s in ("train", "val", "test")}
     test = os.path.join(root, "test")
     return {
         "train": os.path.join(root, "train"),
@@ -154,28 +180,152 @@ def imagefolder_dirs(root: str) -> dict[str, str]:
     }
 
 
-def make_imagefolder(root: str, split: str) -> datasets.ImageFolder:
-    """torchvision's ImageFolder on ``root/<split>``; the classes must match ``root/train``'s."""
-    dirs = imagefolder_dirs(root)
-    for s in ("train", split):
-        if not os.path.isdir(dirs[s]):
-            raise FileNotFoundError(
-                f"imagefolder: missing folder {dirs[s]}; expected {root}/train/<class>/*.png and "
-                f"{root}/val/<class>/*.png"
-            )
-    ds = datasets.ImageFolder(dirs[split])
-    train_classes = imagefolder_classes(root)
-    if ds.classes != train_classes:
-        raise ValueError(f"imagefolder: classes of {dirs[split]} {ds.classes} differ from train's {train_classes}")
-    return ds
+def imagenet_synsets() -> list[str]:
+    """The 1000 ImageNet-1k synsets (``n01440764``, ...) in timm's class-index order (``ImageNetInfo``)."""
+    from timm.data import ImageNetInfo
+
+    return list(ImageNetInfo("imagenet-1k").label_names())
 
 
-def imagefolder_classes(root: str) -> list[str]:
-    """Class folder names of ``root/train`` (sorted, as ImageFolder indexes them)."""
-    train = imagefolder_dirs(root)["train"]
-    if not os.path.isdir(train):
-        raise FileNotFoundError(f"imagefolder: missing folder {train}; expected {root}/train/<class>/*.png")
-    classes = sorted(e.name for e in os.scandir(train) if e.is_dir())
+def _check_labels(labels: str) -> None:
+    if labels not in IMAGEFOLDER_LABELS:
+        raise ValueError(f"imagefolder: labels must be one of {IMAGEFOLDER_LABELS}, got {labels!r} (folders: "
+                         "class i = i-th folder name in sorted order; imagenet: ImageNet-1k synset folders get "
+                         "their ImageNet class index)")
+
+
+def _folder_classes(folder: str) -> list[str]:
+    classes = sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
     if not classes:
-        raise FileNotFoundError(f"imagefolder: no class folders in {train}")
+        raise FileNotFoundError(f"imagefolder: no class folders in {folder}")
     return classes
+
+
+def _class_to_idx(folder: str, labels: str) -> dict[str, int]:
+    """Folder name -> class index: sorted order (torchvision's, and timm's ImageNet order for all 1000 synset
+    folders), or with ``labels="imagenet"`` each synset's ImageNet-1k index (for a subset of its classes)."""
+    _check_labels(labels)
+    names = _folder_classes(folder)
+    if labels == "folders":
+        return {c: i for i, c in enumerate(names)}
+    index = {s: i for i, s in enumerate(imagenet_synsets())}
+    unknown = [c for c in names if c not in index]
+    if unknown:
+        raise ValueError(f"imagefolder {folder}: labels=imagenet needs ImageNet-1k synset folder names "
+                         f"(n01440764, ...), but {unknown[:3]} {'are' if len(unknown) > 1 else 'is'} not one; "
+                         "use labels=folders")
+    return {c: index[c] for c in names}
+
+
+def imagefolder_classes(root: str, labels: str = "folders") -> list[str]:
+    """Class names by index: the sorted class folders of ``root/train`` (or of ``root`` for a flat tree, or of
+    ``root/val`` when there is no ``train/``), or the 1000 ImageNet-1k synsets for ``labels="imagenet"``."""
+    _check_labels(labels)
+    dirs = imagefolder_dirs(root)
+    folder = dirs["train"] if os.path.isdir(dirs["train"]) else dirs["val"]
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"imagefolder: missing folder {dirs['train']}; expected {root}/train/<class>/*.png")
+    if labels == "imagenet":
+        _class_to_idx(folder, labels)  # checks the folder names
+        return imagenet_synsets()
+    return _folder_classes(folder)
+
+
+def _is_image_file(path: str) -> bool:
+    return path.lower().endswith(datasets.folder.IMG_EXTENSIONS)
+
+
+class CheckedImageFolder(datasets.ImageFolder):
+    """torchvision's ImageFolder that skips what it cannot read instead of failing mid-run.
+
+    At construction, files without an image extension are counted, and every image's header is opened with
+    PIL (cheap: no pixel is decoded); unreadable ones are dropped. A file that passes the header check but
+    fails to decode later (a truncated JPEG) yields ``None``, which ``collate_skipping_none`` drops from its
+    batch. Each skip is logged as a warning with a running count.
+    """
+
+    def __init__(self, root: str, labels: str = "folders", check: bool = True, **kwargs: Any) -> None:
+        self.labels, self.check = labels, check
+        self.skipped: list[tuple[str, str]] = []  # (path, reason), at construction
+        self.skipped_at_load = 0
+        super().__init__(root, **kwargs)
+        others = [os.path.join(d, f) for d, _, files in os.walk(root) for f in files
+                  if not _is_image_file(f) and not f.startswith(".")]
+        if check:
+            kept = []
+            for path, target in self.samples:
+                reason = _unreadable(path)
+                if reason is None:
+                    kept.append((path, target))
+                else:
+                    self.skipped.append((path, reason))
+            self.samples = self.imgs = kept
+            self.targets = [t for _, t in kept]
+        if others or self.skipped:
+            example = f"; e.g. {self.skipped[0][0]}: {self.skipped[0][1]}" if self.skipped else ""
+            _logger.warning("imagefolder %s: skipped %d non-image file(s) (e.g. %s) and %d unreadable image(s)%s",
+                            root, len(others), others[0] if others else "-", len(self.skipped), example)
+        if not self.samples:
+            raise FileNotFoundError(f"imagefolder: no readable image in {root}")
+
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+        mapping = _class_to_idx(directory, self.labels)
+        return sorted(mapping), mapping
+
+    def __getitem__(self, index: int) -> Any:
+        try:
+            return super().__getitem__(index)
+        except (OSError, SyntaxError, ValueError) as e:  # PIL's errors for a truncated or corrupt image
+            self.skipped_at_load += 1
+            _logger.warning("imagefolder: skipped unreadable image %s (%s: %s); %d skipped while loading so far in "
+                            "this process", self.samples[index][0], type(e).__name__, e, self.skipped_at_load)
+            return None
+
+
+def _unreadable(path: str) -> str | None:
+    """Why PIL cannot identify ``path`` as an image (header only), or None."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            img.size  # noqa: B018 - parsed from the header
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def collate_skipping_none(batch: list[Any]) -> Any:
+    """``default_collate`` of the items that are not ``None`` (images ``CheckedImageFolder`` could not read)."""
+    from torch.utils.data import default_collate
+
+    kept = [b for b in batch if b is not None]
+    if not kept:
+        raise ValueError(f"every image of a batch of {len(batch)} was unreadable (see the warnings above); "
+                         "check the image folder")
+    return default_collate(kept)
+
+
+def make_imagefolder(root: str, split: str, labels: str = "folders", check: bool = True) -> CheckedImageFolder:
+    """An ImageFolder on ``root/<split>`` (or on ``root`` itself when its class folders sit directly under it:
+    one split, used for every split asked for); its classes must match ``imagefolder_classes(root)``.
+
+    Class ``i`` is the ``i``-th class folder in sorted order (timm's ImageNet-1k order when the folders are all
+    1000 synsets), or with ``labels="imagenet"`` each synset folder's ImageNet-1k index. Unreadable files are
+    skipped with a warning (``CheckedImageFolder``; ``check=False`` skips the header scan).
+    """
+    dirs = imagefolder_dirs(root)
+    if dirs[split] == root:
+        if split == "train":
+            _logger.warning("imagefolder %s has its class folders directly under it: one split, used as train, val "
+                            "and test alike (add val_fraction=F to hold out a validation slice)", root)
+    elif not os.path.isdir(dirs[split]):
+        raise FileNotFoundError(
+            f"imagefolder: missing folder {dirs[split]}; expected {root}/train/<class>/*.png and "
+            f"{root}/val/<class>/*.png, or the class folders directly under {root}"
+        )
+    ds = CheckedImageFolder(dirs[split], labels=labels, check=check)
+    if labels == "folders":
+        classes = imagefolder_classes(root)
+        if ds.classes != classes:
+            raise ValueError(f"imagefolder: classes of {dirs[split]} {ds.classes} differ from train's {classes}")
+    return ds
