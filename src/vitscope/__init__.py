@@ -25,6 +25,9 @@ _LAZY = {
     "load_model": "vitscope.io.weights",
     "probe": "vitscope.probing",
     "keep_freed_memory": "vitscope.runtime",
+    "attention_maps": "vitscope.attention_images",
+    "AttentionMaps": "vitscope.attention_images",
+    "load_attention_maps": "vitscope.attention_images",
 }
 _SUBMODULES = (
     "models", "layers", "io", "measures", "interventions", "probing", "curvature",

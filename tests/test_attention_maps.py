@@ -1,0 +1,217 @@
+"""Attention on images: ``vitscope.attention_maps`` against the captured maps and independent references,
+the .npz round trip, the figures and ``vitscope attention``."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import timm
+import torch
+
+import vitscope
+from vitscope.attention_images import load_attention_maps
+from vitscope.cli import main as cli_main
+from vitscope.measures import attention_rollout
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _images(n=3, size=32, seed=0):
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def _captured(model, x):
+    model.eval()
+    with torch.no_grad(), vitscope.capture(model, residual=False, branches=False) as cap:
+        model(x)
+    return cap
+
+
+@pytest.fixture(scope="module")
+def vit():
+    torch.manual_seed(0)
+    return vitscope.create_model("test_vit_cb").eval()
+
+
+@pytest.fixture(scope="module")
+def convit():
+    torch.manual_seed(0)
+    model = vitscope.create_model("test_convit_32").eval()
+    with torch.no_grad():  # gates away from their init, different per head and layer
+        for i, m in enumerate(model.modules()):
+            if hasattr(m, "gating_param"):
+                m.gating_param.copy_(torch.linspace(-2, 2, m.gating_param.numel()) + 0.1 * i)
+    return model
+
+
+def test_vit_rollout_and_query_maps_match_capture(vit):
+    x = _images()
+    maps = vitscope.attention_maps(vit, x, query=(1, 2))
+    cap = _captured(vit, x)
+    ref = attention_rollout(cap.attentions)[:, 0, 1:].reshape(3, 4, 4)  # class token row, patch columns
+    np.testing.assert_allclose(maps.rollout, ref.numpy(), rtol=1e-5, atol=1e-7)
+    assert maps.rollout_source == "class token"
+    assert maps.query_grid == (4, 4) and maps.query == (1, 2)
+    for a, m, cell in zip(cap.attentions, maps.query_maps, maps.query_cells):
+        assert cell == (1, 2)
+        np.testing.assert_allclose(m, a[:, :, 1 + 1 * 4 + 2, 1:].reshape(3, -1, 4, 4).numpy(), atol=1e-7)
+    assert maps.query_box == (8.0, 16.0, 16.0, 24.0)  # 8-pixel patches: rows 8..16, columns 16..24
+    assert maps.gpsa_gates is None and maps.gpsa_positional is None
+
+
+def test_maps_do_not_depend_on_the_batch(vit):
+    """Each image's maps are its own: two batches give what one batch gives."""
+    x = _images(5)
+    whole = vitscope.attention_maps(vit, x, embeddings=False)
+    parts = [vitscope.attention_maps(vit, x[:2], embeddings=False), vitscope.attention_maps(vit, x[2:], embeddings=False)]
+    np.testing.assert_allclose(np.concatenate([p.rollout for p in parts]), whole.rollout, atol=1e-6)
+    for i in range(len(whole.query_maps)):
+        np.testing.assert_allclose(np.concatenate([p.query_maps[i] for p in parts]), whole.query_maps[i], atol=1e-6)
+
+
+def test_pooled_vit_uses_the_mean_over_patch_queries():
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=24, depth=2, num_heads=2,
+                              class_token=False, global_pool="avg").eval()
+    x = _images(2)
+    maps = vitscope.attention_maps(model, x, discard_ratio=0.2, head_fusion="max")
+    cap = _captured(model, x)
+    R = attention_rollout(cap.attentions, head_fusion="max", discard_ratio=0.2)  # (B, 16, 16), no prefix
+    np.testing.assert_allclose(maps.rollout, R.mean(1).reshape(2, 4, 4).numpy(), rtol=1e-5, atol=1e-7)
+    assert maps.rollout_source == "mean over patch queries"
+    np.testing.assert_allclose(maps.rollout.sum((1, 2)), 1.0, atol=1e-5)
+
+
+def test_convit_rollout_composes_mhsa_class_row_with_gpsa_rollout(convit):
+    x = _images(2)
+    maps = vitscope.attention_maps(convit, x)
+    cap = _captured(convit, x)
+    kinds = [i.kind for i in cap.attention_layout]
+    gpsa = [a for a, k in zip(cap.attentions, kinds) if k == "gpsa"]
+    mhsa = [a for a, k in zip(cap.attentions, kinds) if k == "msa"]
+    assert gpsa and mhsa and gpsa[0].shape[-1] == 64 and mhsa[0].shape[-1] == 65
+    cls = attention_rollout(mhsa)[:, 0, 1:]  # (B, 64)
+    ref = torch.einsum("bn,bnm->bm", cls, attention_rollout(gpsa)).reshape(2, 8, 8)
+    np.testing.assert_allclose(maps.rollout, ref.numpy(), rtol=1e-5, atol=1e-8)
+    assert "through the GPSA rollout" in maps.rollout_source
+    assert maps.kinds == kinds
+
+
+def test_convit_gates_and_positional_maps_against_a_numpy_reference(convit):
+    x = _images(1)
+    maps = vitscope.attention_maps(convit, x, query=(2, 5))
+    layers = [m for m in convit.modules() if hasattr(m, "gating_param")]
+    gates = np.stack([1 / (1 + np.exp(-m.gating_param.detach().numpy())) for m in layers])
+    np.testing.assert_allclose(maps.gpsa_gates, gates, rtol=1e-6)
+    rows, cols = np.divmod(np.arange(64), 8)
+    dx, dy = cols - 5, rows - 2  # key minus query (column, row), GPSA's r = [dx, dy, dx^2 + dy^2]
+    for layer, pos in zip(layers, maps.gpsa_positional):
+        w = layer.pos_proj.weight.detach().double().numpy()
+        b = layer.pos_proj.bias.detach().double().numpy()
+        logits = w[:, :1] * dx + w[:, 1:2] * dy + w[:, 2:] * (dx**2 + dy**2) + b[:, None]  # (heads, 64)
+        p = np.exp(logits - logits.max(1, keepdims=True))
+        np.testing.assert_allclose(pos.reshape(len(w), 64), p / p.sum(1, keepdims=True), atol=1e-6)
+
+
+def test_convit_positional_map_is_the_attention_when_the_gate_is_one():
+    torch.manual_seed(1)
+    model = vitscope.create_model("test_convit_32").eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if hasattr(m, "gating_param"):
+                m.gating_param.fill_(40.0)  # sigmoid = 1 - 4e-18: purely positional
+    maps = vitscope.attention_maps(model, _images(2))
+    for i, kind in enumerate(maps.kinds):
+        if kind == "gpsa":
+            np.testing.assert_allclose(maps.query_maps[i], np.broadcast_to(maps.gpsa_positional[i], (2,) +
+                                                                           maps.gpsa_positional[i].shape), atol=1e-6)
+
+
+def test_windowed_attention_query_maps():
+    torch.manual_seed(0)
+    model = vitscope.create_model("test_alternet").eval()
+    x = _images(2)
+    maps = vitscope.attention_maps(model, x)
+    cap = _captured(model, x)
+    assert maps.rollout is None and "windowed" in maps.rollout_source
+    assert maps.patch_components is None and maps.position_similarity is None
+    for a, info, m, (r, c) in zip(cap.attentions, cap.attention_layout, maps.query_maps, maps.query_cells):
+        ws = info.grid[0]
+        H, W = m.shape[-2:]
+        assert (H, W) == (32 // info.patch_size, 32 // info.patch_size)
+        win = a.reshape(2, H // ws, W // ws, a.shape[1], ws * ws, ws * ws)[:, r // ws, c // ws, :, (r % ws) * ws + c % ws]
+        block = m[:, :, r // ws * ws:(r // ws + 1) * ws, c // ws * ws:(c // ws + 1) * ws]
+        np.testing.assert_allclose(block.reshape(win.shape), win.numpy(), atol=1e-7)
+        np.testing.assert_allclose(m.sum((2, 3)), 1.0, atol=1e-5)  # zero outside the query's window
+
+
+def test_images_denormalised_and_errors(vit):
+    x = _images(2)
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    maps = vitscope.attention_maps(vit, x, mean=mean, std=std, embeddings=False)
+    ref = (x.numpy() * np.array(std)[:, None, None] + np.array(mean)[:, None, None]).clip(0, 1).transpose(0, 2, 3, 1)
+    np.testing.assert_allclose(maps.images, ref, atol=1e-6)
+    with pytest.raises(ValueError, match="outside the 4x4 patch grid"):
+        vitscope.attention_maps(vit, x, query=(4, 0))
+    with pytest.raises(ValueError, match="no attention layer"):
+        vitscope.attention_maps(vitscope.create_model("test_resnet_cifar"), x)
+
+
+def test_npz_round_trip_and_figures(convit, tmp_path):
+    from vitscope.reports.image_figures import save_attention_figures
+
+    maps = vitscope.attention_maps(convit, _images(2))
+    maps.meta = {"model_name": "test_convit_32", "labels": ["a", "b"]}
+    path = maps.save(tmp_path / "attention.npz")
+    back = load_attention_maps(path)
+    for key in ("images", "rollout", "gpsa_gates", "gpsa_positional", "patch_components", "patch_explained",
+                "position_similarity"):
+        np.testing.assert_allclose(getattr(back, key), getattr(maps, key), atol=1e-7, err_msg=key)
+    for a, b in zip(back.query_maps, maps.query_maps):
+        np.testing.assert_allclose(a, b)
+    assert (back.query, back.query_grid, back.layers, back.kinds, back.query_cells, back.rollout_source, back.meta,
+            back.position_grid) == (maps.query, maps.query_grid, maps.layers, maps.kinds, maps.query_cells,
+                                    maps.rollout_source, maps.meta, maps.position_grid)
+    pngs = save_attention_figures(back, tmp_path / "png")
+    assert sorted(p.name for p in pngs) == sorted(["rollout.png", "query_maps_0.png", "query_maps_1.png", "gpsa.png",
+                                                   "patch_embedding.png", "position_embedding.png"])
+    assert all(p.read_bytes().startswith(PNG_MAGIC) for p in pngs)
+    (tmp_path / "bad.npz").write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match="not a readable attention"):
+        load_attention_maps(tmp_path / "bad.npz")
+
+
+def test_cli_writes_png_and_npz(tmp_path, capsys):
+    out = tmp_path / "att"
+    rc = cli_main(["attention", "--model", "test_vit_cb", "--data", "fake", "--num-images", "2", "--query", "0,3",
+                   "--device", "cpu", "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    maps = load_attention_maps(out / "attention.npz")
+    heads = vitscope.create_model("test_vit_cb").blocks[0].attn.num_heads
+    assert maps.images.shape == (2, 32, 32, 3) and maps.rollout.shape == (2, 4, 4)
+    assert [m.shape for m in maps.query_maps] == [(2, heads, 4, 4)] * 2 and maps.query == (0, 3)
+    assert maps.position_similarity.shape == (16, 16) and maps.patch_components.shape[1:] == (3, 8, 8)
+    assert maps.meta["model_name"] == "test_vit_cb" and len(maps.meta["labels"]) == 2
+    for name in ("rollout", "query_maps_0", "query_maps_1", "patch_embedding", "position_embedding"):
+        assert (out / f"{name}.png").read_bytes().startswith(PNG_MAGIC), name
+
+
+def test_cli_image_folder_and_errors(tmp_path, capsys):
+    from PIL import Image
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray((np.random.default_rng(i).random((40, 50, 3)) * 255).astype("uint8")).save(folder / f"{i}.png")
+    (folder / "notes.txt").write_text("not an image")
+    out = tmp_path / "att"
+    assert cli_main(["attention", "--model", "test_convit_32", "--images", str(folder), "--num-images", "5",
+                     "--device", "cpu", "--out", str(out)]) == 0
+    maps = load_attention_maps(out / "attention.npz")
+    assert maps.images.shape == (3, 32, 32, 3) and maps.meta["labels"] == ["0.png", "1.png", "2.png"]
+    assert (out / "gpsa.png").read_bytes().startswith(PNG_MAGIC)
+    capsys.readouterr()
+    assert cli_main(["attention", "--model", "test_resnet_cifar", "--data", "fake", "--out", str(tmp_path / "r")]) == 2
+    assert "no attention layer" in capsys.readouterr().err
+    assert cli_main(["attention", "--model", "test_vit_cb", "--out", str(tmp_path / "r")]) == 2
+    assert "exactly one of --data" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
