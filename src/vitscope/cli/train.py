@@ -1,7 +1,8 @@
 """``vitscope train``: train a model with a recipe, or resume a run.
 
     vitscope train --config cpu-quick --model test_vit_cifar --data fake --out runs/demo epochs=3
-    vitscope train --resume runs/demo
+    vitscope train --resume runs/demo        # after a kill at any moment (or a requeue by a scheduler)
+    vitscope train --config deit --model vit_tiny_patch16_224 --pretrained --data imagefolder:PATH --out runs/ft
     torchrun --nproc_per_node 2 -m vitscope train --config hdvw-cifar --model vit_tiny_patch4_32 \\
         --data cifar100:~/data/cifar --out runs/vit-cifar100
 """
@@ -18,14 +19,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train", help="train a model with a recipe (or resume a run)",
         description="Train MODEL on DATA with a recipe; settings: recipe < key=value overrides. Writes "
-        "config.yaml, metrics.jsonl, probes.jsonl and a checkpoint per epoch into --out.",
+        "config.yaml, metrics.jsonl, probes.jsonl and the latest complete checkpoint (checkpoints/epoch-N/, "
+        "its weights also as model.safetensors) into --out, which is locked while the run trains.",
     )
     p.add_argument("--config", metavar="RECIPE_OR_FILE",
                    help=f"a shipped recipe ({', '.join(list_recipes())}) or a YAML file of config keys")
     p.add_argument("--model", help="model name (`vitscope models` lists vitscope's; any timm name works)")
     p.add_argument("--data", help="data spec, e.g. fake, elpv, cifar10:PATH, imagefolder:PATH")
     p.add_argument("--out", metavar="RUN_DIR", help="run directory (created)")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue the run in RUN_DIR from its last complete checkpoint (a run killed before its "
+                   "first checkpoint starts again from its saved config)")
+    p.add_argument("--pretrained", action="store_true",
+                   help="fine-tune: start from timm's hub weights of --model (config key pretrained=true)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. lr=1e-3 epochs=5")
     p.set_defaults(func=run)
 
@@ -38,6 +44,8 @@ def run(args: argparse.Namespace) -> int:
         if args.config:
             raise CLIError("--resume continues with the run's saved config.yaml; drop --config "
                            "(change single settings with key=value)")
+        if args.pretrained:
+            raise CLIError("--pretrained applies when a run starts; --resume continues from the run's checkpoint")
         if args.out and args.out != args.resume:
             raise CLIError(f"--resume {args.resume} writes into that run directory; drop --out {args.out}")
         base = load_config(args.resume)
@@ -49,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         if not args.out:
             raise CLIError("--out RUN_DIR is required (the run directory to create), or --resume RUN_DIR")
-        cfg = resolve_config(args.config, args.overrides, model=args.model, data=args.data, out=args.out)
+        cfg = resolve_config(args.config, args.overrides, model=args.model, data=args.data, out=args.out,
+                             pretrained=True if args.pretrained else None)
     try:
         result = train(cfg, resume=bool(args.resume))
     except NonFiniteLossError as e:

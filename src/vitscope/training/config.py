@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -243,22 +244,99 @@ def parse_overrides(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
     return out
 
 
+# Numeric ranges: key -> (low, low inclusive, high, high inclusive, what it is / the usual value).
+_RANGES: dict[str, tuple[float, bool, float, bool, str]] = {
+    "epochs": (1, True, math.inf, False, "number of epochs"),
+    "batch_size": (1, True, math.inf, False, "the global batch"),
+    "eval_batch_size": (1, True, math.inf, False, "evaluation batch; null uses batch_size"),
+    "lr": (0, False, math.inf, False, "learning rate, e.g. 1e-3"),
+    "lr_scale_batch": (1, True, math.inf, False, "DeiT scales lr by batch_size / 512; null: no scaling"),
+    "weight_decay": (0, True, math.inf, False, "e.g. 0.05; 0 disables it"),
+    "momentum": (0, True, 1, False, "SGD momentum, e.g. 0.9"),
+    "opt_eps": (0, False, math.inf, False, "e.g. 1e-8; null: the optimizer's default"),
+    "sam_rho": (0, True, math.inf, False, "SAM radius, e.g. 0.05; 0 disables SAM"),
+    "clip_grad": (0, False, math.inf, False, "e.g. 1.0; null disables clipping"),
+    "warmup_epochs": (0, True, math.inf, False, "0 disables the warm-up"),
+    "warmup_lr": (0, True, math.inf, False, "e.g. 1e-6"),
+    "min_lr": (0, True, math.inf, False, "e.g. 1e-5"),
+    "smoothing": (0, True, 1, False, "label smoothing, e.g. 0.1; 0 disables it"),
+    "mixup": (0, True, math.inf, False, "mixup alpha, e.g. 0.8; 0 disables it"),
+    "cutmix": (0, True, math.inf, False, "cutmix alpha, e.g. 1.0; 0 disables it"),
+    "mixup_prob": (0, True, 1, True, "probability of mixing a batch"),
+    "mixup_switch_prob": (0, True, 1, True, "probability of cutmix instead of mixup"),
+    "crop_padding": (0, True, math.inf, False, "pixels of padding before the random crop, e.g. 4"),
+    "hflip": (0, True, 1, True, "horizontal flip probability"),
+    "color_jitter": (0, True, math.inf, False, "e.g. 0.4; 0 disables it"),
+    "reprob": (0, True, 1, True, "random erasing probability, e.g. 0.25"),
+    "recount": (1, True, math.inf, False, "random erasing count"),
+    "drop_path": (0, True, 1, False, "stochastic depth rate, e.g. 0.1"),
+    "drop": (0, True, 1, False, "dropout rate, e.g. 0.0"),
+    "model_ema_decay": (0, False, 1, False, "e.g. 0.9998"),
+    "num_workers": (0, True, math.inf, False, "loader processes; 0 loads in the main process"),
+    "repeated_aug": (0, True, math.inf, False, "0 or 1 disables it; DeiT uses 3"),
+    "max_examples": (1, True, math.inf, False, "null uses the whole training set"),
+    "max_val_examples": (1, True, math.inf, False, "null uses the whole validation set"),
+    "data_fraction": (0, False, 1, True, "fraction of every class kept, e.g. 0.1; null keeps all"),
+    "num_classes": (1, True, math.inf, False, "null takes it from the data"),
+    "img_size": (1, True, math.inf, False, "input size in pixels; null uses the model's"),
+    "early_stop_patience": (1, True, math.inf, False, "epochs without improvement; null disables early stopping"),
+    "early_stop_min_delta": (0, True, math.inf, False, "smallest val_nll decrease that counts, e.g. 0.001"),
+}
+
+
+def _interval(low: float, low_in: bool, high: float, high_in: bool) -> str:
+    if high == math.inf:
+        return f"{'>=' if low_in else '>'} {low:g}"
+    return f"in {'[' if low_in else '('}{low:g}, {high:g}{']' if high_in else ')'}"
+
+
+def _check_range(key: str, value: Any) -> None:
+    low, low_in, high, high_in, hint = _RANGES[key]
+    if value is None:
+        return
+    ok = (value >= low if low_in else value > low) and (value <= high if high_in else value < high)
+    if not ok or (isinstance(value, float) and math.isnan(value)):
+        raise ConfigError(f"Config key {key!r} must be {_interval(low, low_in, high, high_in)} ({hint}), got {value}")
+
+
+def _numbers(key: str, value: list, n: int, low: float, high: float, example: str) -> list[float]:
+    """``value`` as ``n`` numbers in ``[low, high]``, else a ConfigError showing the expected form."""
+    try:
+        numbers = [float(v) for v in value if not isinstance(v, bool)]
+    except (TypeError, ValueError):
+        numbers = []
+    if len(value) != n or len(numbers) != n or any(not low <= v <= high for v in numbers):
+        raise ConfigError(f"Config key {key!r} must be {n} numbers in [{low:g}, {high:g}], e.g. {key}={example}, "
+                          f"got {value}")
+    return numbers
+
+
+def _probe_int(key: str, value: Any, default: int) -> int:
+    value = default if value is None else value
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        value = "x"
+    try:
+        number = int(value) if not isinstance(value, float) or value.is_integer() else None
+    except ValueError:
+        number = None
+    if number is None or number < 1:
+        raise ConfigError(f"probes.{key} must be an integer >= 1, got {value!r}; e.g. probes.{key}={default}")
+    return number
+
+
 def _validate(cfg: TrainConfig) -> None:
+    """Every value in range and every combination possible, before any work starts (one-line errors)."""
     for key, choices in CHOICES.items():
         if getattr(cfg, key) not in choices:
             raise ConfigError(f"Config key {key!r} is {getattr(cfg, key)!r}; valid choices: {', '.join(choices)}")
-    for key in ("epochs", "batch_size"):
-        if getattr(cfg, key) < 1:
-            raise ConfigError(f"Config key {key!r} must be >= 1, got {getattr(cfg, key)}")
-    if cfg.lr <= 0:
-        raise ConfigError(f"Config key 'lr' must be > 0, got {cfg.lr}")
-    if cfg.repeated_aug < 0:
-        raise ConfigError(f"Config key 'repeated_aug' must be >= 0 (0 or 1 disables it; DeiT uses 3), "
-                          f"got {cfg.repeated_aug}")
-    if cfg.sam_rho < 0:
-        raise ConfigError(f"Config key 'sam_rho' must be >= 0 (0 disables SAM), got {cfg.sam_rho}")
-    if len(cfg.scale) != 2:
-        raise ConfigError(f"Config key 'scale' must be [min, max], got {cfg.scale}")
+    for key in _RANGES:
+        _check_range(key, getattr(cfg, key))
+    cfg.scale = _numbers("scale", cfg.scale, 2, 0, 1, "[0.08,1.0]")
+    if not 0 < cfg.scale[0] <= cfg.scale[1]:
+        raise ConfigError(f"Config key 'scale' must be [min, max] with 0 < min <= max <= 1 (the crop's area "
+                          f"fraction), e.g. scale=[0.08,1.0], got {cfg.scale}")
+    if cfg.opt_betas is not None:
+        cfg.opt_betas = _numbers("opt_betas", cfg.opt_betas, 2, 0, 0.999999, "[0.9,0.999]")
     for key in cfg.probes:
         if key not in PROBE_KEYS:
             raise _unknown("probes key", key, PROBE_KEYS)
@@ -267,14 +345,15 @@ def _validate(cfg: TrainConfig) -> None:
 
         measures = cfg.probes.get("measures", [])
         if isinstance(measures, str):
-            measures = [measures]
+            measures = [m.strip() for m in measures.split(",") if m.strip()]
+        if not isinstance(measures, list):
+            raise ConfigError(f"probes.measures must be a list of probe names, e.g. "
+                              f"probes.measures=[attention_entropy]; got {measures!r}")
         for m in measures:
             if m not in list_probes():
-                raise _unknown("probe measure", m, list_probes())
-        cfg.probes = {"every": int(cfg.probes.get("every", 1)), "measures": list(measures),
-                      "num_images": int(cfg.probes.get("num_images", 32))}
-        if cfg.probes["every"] < 1:
-            raise ConfigError("probes.every must be >= 1 (epochs between probe measurements)")
+                raise _unknown("probe measure", str(m), list_probes())
+        cfg.probes = {"every": _probe_int("every", cfg.probes.get("every"), 1), "measures": list(measures),
+                      "num_images": _probe_int("num_images", cfg.probes.get("num_images"), 32)}
 
 
 def resolve_config(

@@ -476,6 +476,9 @@ def _setup(cfg: TrainConfig, device: torch.device, info: DistInfo, resume: bool)
             "or choose another --out"
         )
     dinfo = data_info(cfg.data, img_size=cfg.img_size, **cfg.data_options)
+    if not all(s > 0 for s in dinfo.std):  # NaN or 0: normalisation would divide by zero
+        raise ValueError(f"data {cfg.data!r} has per-channel std {tuple(dinfo.std)}: its images are constant in a "
+                         "channel, so normalising them divides by zero; check the data set (or its spec options)")
     updates: dict[str, Any] = {}
     if cfg.num_classes is None:
         updates["num_classes"] = dinfo.num_classes
