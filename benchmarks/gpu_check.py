@@ -1,0 +1,261 @@
+"""One prepared GPU check: vitscope next to its peers, side by side in one process, within about 8 minutes.
+
+1. probe / plain forward on ViT-B/16 (timm ``vit_base_patch16_224``, random weights) at batch 128: the cost
+   of every forward measure over a plain ``model.eval()`` forward on the same batches (goal <= 1.5x);
+2. Hessian top-1 eigenvalue on ViT-S/16 (``vit_small_patch16_224``): vitscope (Lanczos, defaults) vs
+   PyHessian (power iteration), same batch and tolerance 1e-3: time, Hessian-vector products, eigenvalues;
+3. training throughput: vitscope's ``train_one_epoch`` vs a plain timm loop (AdamW, cross entropy), both in
+   bf16 autocast with channels-last inputs, on ViT-S/16 at batch 128 (goal: within 5%).
+
+Each pair runs interleaved (the order alternates every repeat) and the median of the paired ratios is
+printed; everything is written to ``--out`` (JSON). ``--tiny`` runs the same code on a CPU with tiny models
+in seconds (what the test suite checks); GPU figures go into benchmarks/README.md ("GPU check").
+
+    python benchmarks/gpu_check.py --out gpu_check.json            # on a GPU (default device: cuda)
+    python benchmarks/gpu_check.py --tiny --device cpu --out /tmp/gpu_check.json
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import vitscope
+from vitscope.curvature import HessianOperator, top_eigenvalues
+from vitscope.io.atomic import atomic_write_json
+from vitscope.training import train_one_epoch
+
+FULL = {"probe_model": "vit_base_patch16_224", "probe_img": 224, "probe_batch": 128, "probe_batches": 4,
+        "hessian_model": "vit_small_patch16_224", "hessian_img": 224, "hessian_batch": 32,
+        "train_model": "vit_small_patch16_224", "train_img": 224, "train_batch": 128, "train_steps": 20,
+        "repeats": 3, "classes": 1000}
+TINY = {"probe_model": "test_vit_cb", "probe_img": 32, "probe_batch": 8, "probe_batches": 2,
+        "hessian_model": "test_vit_cb", "hessian_img": 32, "hessian_batch": 4,
+        "train_model": "test_vit_cb", "train_img": 32, "train_batch": 8, "train_steps": 2,
+        "repeats": 2, "classes": 10}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn: Callable[[], Any], device: torch.device) -> float:
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def _paired(a: Callable[[], Any], b: Callable[[], Any], repeats: int, device: torch.device) -> dict[str, Any]:
+    """Times of ``a`` and ``b`` interleaved (order alternating), after one untimed warm-up of each."""
+    a(), b()
+    ta, tb = [], []
+    for r in range(repeats):
+        if r % 2 == 0:
+            ta.append(_timed(a, device))
+            tb.append(_timed(b, device))
+        else:
+            tb.append(_timed(b, device))
+            ta.append(_timed(a, device))
+    ratios = [y / x for x, y in zip(ta, tb)]
+    return {"a_s": ta, "b_s": tb, "ratio_median": statistics.median(ratios), "ratio_min": min(ratios),
+            "ratio_max": max(ratios)}
+
+
+def _model(name: str, classes: int, device: torch.device) -> nn.Module:
+    torch.manual_seed(0)
+    return vitscope.create_model(name, num_classes=classes).to(device)
+
+
+def _batches(n: int, batch: int, img: int, classes: int, device: torch.device) -> list[tuple[torch.Tensor, ...]]:
+    g = torch.Generator().manual_seed(0)
+    return [(torch.randn(batch, 3, img, img, generator=g).to(device),
+             torch.randint(0, classes, (batch,), generator=g).to(device)) for _ in range(n)]
+
+
+def check_probe(s: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    model = _model(s["probe_model"], s["classes"], device).eval()
+    batches = _batches(s["probe_batches"], s["probe_batch"], s["probe_img"], s["classes"], device)
+
+    def plain() -> None:
+        with torch.no_grad():
+            for x, _ in batches:
+                model(x)
+
+    def probed() -> None:
+        vitscope.probe(model, batches, progress=False)
+
+    res = _paired(plain, probed, s["repeats"], device)
+    out = {"model": s["probe_model"], "batch": s["probe_batch"], "batches": s["probe_batches"],
+           "plain_s": statistics.median(res["a_s"]), "probe_s": statistics.median(res["b_s"]),
+           "probe_over_plain": res["ratio_median"], "ratio_range": [res["ratio_min"], res["ratio_max"]],
+           "goal": "<= 1.5x"}
+    print(f"probe / plain forward on {out['model']} at batch {out['batch']}: {out['probe_over_plain']:.2f}x "
+          f"(plain {out['plain_s']:.3f} s, probe {out['probe_s']:.3f} s; goal <= 1.5x)", flush=True)
+    return out
+
+
+def _pyhessian_top1(model: nn.Module, x: torch.Tensor, y: torch.Tensor, tol: float, seed: int
+                    ) -> tuple[float, float, int]:
+    """PyHessian's ``hessian(...).eigenvalues(top_n=1)`` with its products counted (patched for this call)."""
+    import pyhessian  # noqa: F401  (the package attribute `hessian` is the class: use sys.modules)
+
+    ph = sys.modules["pyhessian.hessian"]
+    count = {"n": 0}
+    original = ph.hessian_vector_product
+
+    def counted(grads, params, v):  # noqa: ANN001, ANN202
+        count["n"] += 1
+        return original(grads, params, v)
+
+    ph.hessian_vector_product = counted
+    torch.manual_seed(seed)  # PyHessian draws its start vector from the global generator
+    try:
+        with vitscope.explicit_attention(model):  # SDPA has no double backward
+            t0 = time.perf_counter()
+            h = ph.hessian(model, F.cross_entropy, data=(x, y), cuda=x.is_cuda)  # includes its backward pass
+            values, _ = h.eigenvalues(maxIter=100, tol=tol, top_n=1)
+            _sync(x.device)
+            elapsed = time.perf_counter() - t0
+    finally:
+        ph.hessian_vector_product = original
+        for p in model.parameters():  # PyHessian leaves graph-carrying .grad behind
+            p.grad = None
+    return float(values[0]), elapsed, count["n"]
+
+
+def check_hessian(s: dict[str, Any], device: torch.device, tol: float = 1e-3) -> dict[str, Any]:
+    model = _model(s["hessian_model"], s["classes"], device).eval()
+    (x, y), = _batches(1, s["hessian_batch"], s["hessian_img"], s["classes"], device)
+    n_params = sum(p.numel() for p in model.parameters())
+    runs: dict[str, list[tuple[float, float, int]]] = {"vitscope": [], "pyhessian": []}
+
+    def ours(seed: int) -> tuple[float, float, int]:
+        _sync(device)
+        t0 = time.perf_counter()
+        op = HessianOperator(model, F.cross_entropy, (x, y))
+        res = top_eigenvalues(model, F.cross_entropy, (x, y), k=1, tol=tol, seed=seed, operator=op)
+        _sync(device)
+        return float(res.eigenvalues[0]), time.perf_counter() - t0, res.n_hvp
+
+    try:
+        import pyhessian  # noqa: F401
+    except ImportError:
+        have_pyhessian = False
+    else:
+        have_pyhessian = True
+    ours(0)  # warm-up (kernels, allocator)
+    for r in range(s["repeats"]):
+        runs["vitscope"].append(ours(r))
+        if have_pyhessian:
+            runs["pyhessian"].append(_pyhessian_top1(model, x, y, tol, r))
+    out: dict[str, Any] = {"model": s["hessian_model"], "params": n_params, "batch": s["hessian_batch"], "tol": tol}
+    for name, rs in runs.items():
+        if rs:
+            out[name] = {"median_s": statistics.median(t for _, t, _ in rs),
+                         "hvps": statistics.median(n for _, _, n in rs), "eigenvalues": [v for v, _, _ in rs]}
+    if have_pyhessian:
+        out["speedup_vs_pyhessian"] = out["pyhessian"]["median_s"] / out["vitscope"]["median_s"]
+        ref = out["pyhessian"]["eigenvalues"][0]
+        out["eigenvalue_rel_diff"] = abs(out["vitscope"]["eigenvalues"][0] - ref) / abs(ref)
+        print(f"Hessian top-1 on {out['model']} ({n_params / 1e6:.1f}M params, batch {out['batch']}): vitscope "
+              f"{out['vitscope']['median_s']:.2f} s / {out['vitscope']['hvps']:.0f} HVPs, PyHessian "
+              f"{out['pyhessian']['median_s']:.2f} s / {out['pyhessian']['hvps']:.0f} HVPs: "
+              f"{out['speedup_vs_pyhessian']:.2f}x faster; eigenvalues differ by {out['eigenvalue_rel_diff']:.1e} "
+              "relative", flush=True)
+    else:
+        out["pyhessian"] = "not installed (pip install pyhessian)"
+        print(f"Hessian top-1 on {out['model']}: vitscope {out['vitscope']['median_s']:.2f} s; PyHessian not "
+              "installed", flush=True)
+    if device.type == "cuda":
+        out["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+    return out
+
+
+def check_training(s: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """vitscope's train_one_epoch vs the plain timm-style loop: the same model, optimizer, batches, bf16."""
+    batches = _batches(s["train_steps"], s["train_batch"], s["train_img"], s["classes"], device)
+    models = {}
+    for who in ("timm", "vitscope"):
+        m = _model(s["train_model"], s["classes"], device).to(memory_format=torch.channels_last).train()
+        models[who] = (m, torch.optim.AdamW(m.parameters(), lr=1e-4))
+    crit = nn.CrossEntropyLoss()
+    bf16 = (lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16))
+
+    def plain() -> None:
+        model, opt = models["timm"]
+        for x, y in batches:
+            x = x.contiguous(memory_format=torch.channels_last)
+            opt.zero_grad(set_to_none=True)
+            with bf16():
+                loss = crit(model(x), y)
+            loss.backward()
+            opt.step()
+
+    def ours() -> None:
+        model, opt = models["vitscope"]
+        train_one_epoch(model, batches, opt, crit, 0, device=device, amp_dtype=torch.bfloat16, channels_last=True)
+
+    res = _paired(plain, ours, s["repeats"], device)
+    images = s["train_batch"] * s["train_steps"]
+    out = {"model": s["train_model"], "batch": s["train_batch"], "steps": s["train_steps"], "amp": "bf16",
+           "channels_last": True, "timm_images_per_s": images / statistics.median(res["a_s"]),
+           "vitscope_images_per_s": images / statistics.median(res["b_s"]),
+           "vitscope_time_over_timm": res["ratio_median"], "ratio_range": [res["ratio_min"], res["ratio_max"]],
+           "goal": "within 5% (<= 1.05x)"}
+    print(f"training on {out['model']} (bf16, channels-last, batch {out['batch']}): vitscope "
+          f"{out['vitscope_images_per_s']:.1f} img/s, plain timm loop {out['timm_images_per_s']:.1f} img/s; time "
+          f"ratio {out['vitscope_time_over_timm']:.3f}x (goal <= 1.05x)", flush=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--tiny", action="store_true", help="tiny models and batches (a CPU smoke run in seconds)")
+    ap.add_argument("--out", default="gpu_check.json", help="JSON file with every figure")
+    ap.add_argument("--only", default="probe,hessian,training", help="comma list of the checks to run")
+    ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False  # float32 means float32 on both sides of each ratio
+        torch.backends.cudnn.allow_tf32 = False
+    elif not args.tiny:
+        print("warning: the full settings (ViT-B/16 at batch 128) on a CPU take far longer than 8 minutes; "
+              "use --tiny", file=sys.stderr)
+    settings = TINY if args.tiny else FULL
+    report: dict[str, Any] = {
+        "device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else
+        "cpu", "torch": torch.__version__, "threads": torch.get_num_threads(), "tiny": args.tiny,
+        "load_average": os.getloadavg()[0], "settings": settings,
+    }
+    start = time.perf_counter()
+    checks = {"probe": check_probe, "hessian": check_hessian, "training": check_training}
+    for name in args.only.split(","):
+        name = name.strip()
+        if name not in checks:
+            raise SystemExit(f"--only: unknown check {name!r}; choose from {', '.join(checks)}")
+        t0 = time.perf_counter()
+        report[name] = checks[name](settings, device)
+        report[name]["wall_s"] = time.perf_counter() - t0
+    report["wall_s"] = time.perf_counter() - start
+    atomic_write_json(args.out, report)
+    print(f"total {report['wall_s']:.1f} s; wrote {args.out}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
