@@ -22,15 +22,30 @@ from vitscope.training.distributed import DistInfo, cleanup_distributed, init_di
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["DistInfo", "init_from_env", "cleanup_distributed", "current", "is_main", "shard_batches",
+__all__ = ["DistInfo", "init_from_env", "rank_device", "cleanup_distributed", "current", "is_main", "shard_batches",
            "global_batch_count", "all_reduce_sum", "all_gather_objects"]
 
 
 def init_from_env(device: str | torch.device | None = None) -> DistInfo:
-    """Join the ``torchrun`` process group (``WORLD_SIZE`` > 1) or the one already open; one process otherwise."""
+    """Join the ``torchrun`` process group (``WORLD_SIZE`` > 1) or the one already open; one process otherwise.
+
+    A group opened here is destroyed when the process exits. On CUDA each rank uses ``cuda:LOCAL_RANK``.
+    """
     device_type = torch.device(device).type if device is not None else ("cuda" if torch.cuda.is_available()
                                                                          else "cpu")
-    return init_distributed(device_type)
+    info = init_distributed(device_type)
+    if info.owns_group:
+        import atexit
+
+        atexit.register(cleanup_distributed, info)
+    return info
+
+
+def rank_device(device: torch.device, info: DistInfo) -> torch.device:
+    """``cuda:LOCAL_RANK`` for a bare ``cuda`` device under torchrun (one GPU per process); ``device`` otherwise."""
+    if info.distributed and device.type == "cuda" and device.index is None:
+        return torch.device("cuda", info.local_rank)
+    return device
 
 
 def current() -> DistInfo:

@@ -349,6 +349,11 @@ class Setup:
     device: Any  # torch.device
     preprocessing: dict[str, Any]  # see resolve_preprocessing
     meta: dict[str, Any] = field(default_factory=dict)  # written into every output
+    dist: Any = None  # vitscope.distributed.DistInfo under torchrun (rank 0 alone writes)
+
+    @property
+    def is_main(self) -> bool:
+        return self.dist is None or self.dist.is_main
 
     @property
     def img_size(self) -> int:
@@ -376,6 +381,10 @@ def build_setup(
         raise CLIError(f"--workers must be >= 0, got {args.workers}")
     check_out(args.out)
     device = resolve_device(args.device)
+    from vitscope.distributed import init_from_env, rank_device
+
+    dist = init_from_env(device)  # torchrun: join the group; the analyses shard batches over it
+    device = rank_device(device, dist)
     info = data_info(args.data)
     model, meta = build_model(args, info.num_classes)
     what = f"--checkpoint {args.checkpoint}" if args.checkpoint else f"model {meta['model']}"
@@ -389,7 +398,8 @@ def build_setup(
                 device=str(device), amp=getattr(args, "amp", "none"), seed=args.seed)
     if mismatch:
         meta["class_mismatch"] = mismatch
-    return Setup(model=model, loader=loader, device=device, preprocessing=pre, meta=meta)
+    meta["world_size"] = dist.world_size
+    return Setup(model=model, loader=loader, device=device, preprocessing=pre, meta=meta, dist=dist)
 
 
 class ToDevice:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 
 from vitscope.cli import CLIError
-from vitscope.cli._common import ToDevice, add_model_options, build_setup, check_positive
+from vitscope.cli._common import add_model_options, build_setup, check_positive
 
 
 def add_common(p: argparse.ArgumentParser) -> None:
@@ -18,6 +18,15 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batches", type=int, default=4, help="number of minibatches to use")
     p.add_argument("--train-mode", action="store_true", help="run the model in train mode (default eval)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _memory(text: str) -> int:
+    from vitscope.curvature.eigen import parse_memory
+
+    try:
+        return parse_memory(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -31,6 +40,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--method", default="lanczos", choices=("lanczos", "power"))
     p.add_argument("--tol", type=float, default=1e-3)
     p.add_argument("--max-iter", type=int, default=100)
+    p.add_argument("--memory-budget", type=_memory, metavar="SIZE",
+                   help="most memory the eigensolver's vectors may take, e.g. 8GB (default: half the device's free "
+                   "memory); Lanczos over it switches to power iteration, with a warning and a note in hessian.json")
     p.add_argument("--backend", default="auto", choices=("auto", "func", "autograd", "cached"),
                    help="Hessian-vector products: double backward through one retained graph per batch "
                    "(cached; auto, the default, picks it), torch.func forward-over-reverse recomputed each "
@@ -67,11 +79,14 @@ def run(args: argparse.Namespace) -> int:
         transform = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, label_smoothing=0.0,
                           num_classes=model.num_classes)
     result = eigenvalue_spectrum(
-        model, ToDevice(loader, device), k=args.k, transform=transform, weight_decay=args.weight_decay,
+        model, loader, k=args.k, transform=transform, weight_decay=args.weight_decay,
         l2_style=args.l2_style, max_batches=args.batches, groups="block" if args.groups == "block" else None,
         train_mode=args.train_mode, method=args.method, tol=args.tol, max_iter=args.max_iter, seed=args.seed,
-        backend=args.backend, progress=not args.no_progress, start=args.start,
+        backend=args.backend, progress=not args.no_progress, start=args.start, shard=True,
+        memory_budget=args.memory_budget,
     )
+    if not setup.is_main:
+        return 0  # torchrun: every rank holds all batches' eigenvalues; rank 0 alone writes
     out = Path(args.out)
     data = result.to_dict()
     data["run"] = {**setup.meta, "batch_size": args.batch_size, "batches": args.batches,

@@ -39,9 +39,11 @@ def run(args: argparse.Namespace) -> int:
 
     forward = [m for m in names if m in PROBE_MEASURES]
     with autocast(args, device):
-        result = probe(model, loader, forward, device=device, max_batches=args.max_batches) if forward \
+        result = probe(model, loader, forward, device=device, max_batches=args.max_batches, shard=True) if forward \
             else ProbeResult()
     result.meta.update(model_name=setup.meta["model"], **{k: v for k, v in setup.meta.items() if k != "model"})
+    if not setup.is_main:
+        return 0  # torchrun: every rank holds the merged result; rank 0 alone writes (and runs lesion/localization)
     out = result.save(args.out)
     extra = {}
     if "lesion" in names:

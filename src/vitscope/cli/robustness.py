@@ -83,6 +83,8 @@ def run(args: argparse.Namespace) -> int:
     synthetic = [s for s in suite if not (s == "corruptions" and args.cifar_c)]
     with autocast(args, device):
         results = _evaluate(args, model, loader, synthetic, corruptions, mean, std, device, img_size, progress)
+    if not setup.is_main:
+        return 0  # torchrun: every rank holds the merged counts; rank 0 alone writes
     meta = {
         **setup.meta, "img_size": img_size, "mean": list(mean), "std": list(std),
         "normalization": setup.preprocessing["source"], "suite": suite,
@@ -112,6 +114,7 @@ def _evaluate(args, model, loader, synthetic, corruptions, mean, std, device, im
         pgd_steps=args.pgd_steps, pgd_alpha=args.pgd_alpha, pgd_random_start=not args.no_random_start,
         freqs=args.freqs or DEFAULT_FREQS, freq_eps=args.freq_eps, freq_width=args.freq_width,
         corruptions=corruptions or CORRUPTIONS, severities=args.severities, seed=args.seed, progress=progress,
+        shard=True,
     )
     if args.cifar_c:
         results["corruptions"] = evaluate_cifar_c(

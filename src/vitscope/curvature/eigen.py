@@ -44,6 +44,13 @@ class EigenResult:
     notes: list[str] = field(default_factory=list)  # e.g. a switch to power iteration for memory
 
 
+_WARNED: set[str] = set()
+
+
+class MemoryBudgetError(MemoryError, ValueError):
+    """The eigensolver's vectors would not fit in the memory budget (a ValueError too: the CLI prints one line)."""
+
+
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 2 ** 10, "m": 1e6, "mb": 1e6, "mib": 2 ** 20,
           "g": 1e9, "gb": 1e9, "gib": 2 ** 30, "t": 1e12, "tb": 1e12, "tib": 2 ** 40}
 
@@ -377,7 +384,8 @@ def top_eigenvalues(
             bytes; default half of the device's free memory, ``available_memory``). Estimated before
             anything is allocated (``solver_memory``: Lanczos keeps up to ``max_iter`` vectors of P float64
             values); over the budget, Lanczos switches to power iteration (k vectors), with a logged
-            warning and a line in ``notes``; when even that does not fit, a ``MemoryError`` names the sizes.
+            warning and a line in ``notes``; when even that does not fit, a ``MemoryBudgetError`` (a
+            ``MemoryError`` and ``ValueError``) names the sizes.
     """
     if k < 1:
         raise ValueError(f"k={k} must be at least 1")
@@ -400,11 +408,13 @@ def top_eigenvalues(
                     f"{op.dim} parameters), over the memory budget of {_size(budget)}: switched to power "
                     f"iteration ({_size(power_need)}); raise memory_budget (--memory-budget) or lower max_iter "
                     "(--max-iter) to keep Lanczos")
-            _logger.warning(note)
+            if note not in _WARNED:  # once per process, not once per batch of a spectrum
+                _WARNED.add(note)
+                _logger.warning(note)
             notes.append(note)
             method, need = "power", power_need
     if need > budget:
-        raise MemoryError(f"the {method} eigensolver needs about {_size(need)} for {op.dim} parameters "
+        raise MemoryBudgetError(f"the {method} eigensolver needs about {_size(need)} for {op.dim} parameters "
                           f"(k={k}, max_iter={max_iter}), over the memory budget of {_size(budget)}; raise "
                           "memory_budget (--memory-budget), lower k / max_iter, or restrict the parameters")
     gen = torch.Generator().manual_seed(seed)

@@ -1,0 +1,98 @@
+"""``torchrun --nproc_per_node 2 -m vitscope probe|hessian|robustness`` on 2 gloo processes writes (rank 0 alone)
+the same tables as one process, with ``world_size`` and ``examples_per_rank`` in the outputs.
+
+One torchrun launch runs the three commands in turn (the process group opened by the first is reused), to
+pay the start-up of two Python processes once.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from vitscope.cli import main
+
+DATA = "fake:n=40,n_eval=37,classes=4,size=32"  # val: 37 examples in batches of 8: ranks get 21 and 16
+COMMANDS = {
+    "probe": ["probe", "--model", "test_vit_cb", "--data", DATA, "--batch-size", "8", "--measures",
+              "attention_entropy,cka,feature_variance"],
+    "hessian": ["hessian", "--model", "test_vit_cb", "--data", DATA, "--batch-size", "8", "--batches", "3",
+                "--k", "2", "--max-iter", "30", "--no-progress"],
+    "robustness": ["robustness", "--model", "test_vit_cb", "--data", DATA, "--split", "val", "--batch-size", "8",
+                   "--suite", "calibration,occlusion,fgsm", "--eps", "2/255", "--no-plots", "--no-progress"],
+}
+DRIVER = """
+import sys
+import torch
+torch.set_num_threads(1)
+from vitscope.cli import main
+out = sys.argv[1]
+commands = {commands!r}
+for name, argv in commands.items():
+    rc = main(argv + ["--out", out + "/" + name])
+    assert rc == 0, (name, rc)
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _close(a, b, path=""):
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for k in a:
+            _close(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, list):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            _close(x, y, f"{path}[{i}]")
+    elif isinstance(a, float):
+        assert b == pytest.approx(a, rel=1e-6, abs=1e-9), path
+    else:
+        assert a == b, path
+
+
+def _load(d, name):
+    return json.loads((d / name).read_text())
+
+
+def test_torchrun_two_processes_write_the_one_process_tables(tmp_path):
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER.format(commands=COMMANDS))
+    ddp = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), str(driver), str(ddp)]
+    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("wrote") == 3  # rank 0 alone reports (and writes)
+    one = tmp_path / "one"
+    for name, argv in COMMANDS.items():
+        assert main(argv + ["--out", str(one / name)]) == 0
+
+    meta = _load(ddp / "probe", "meta.json")
+    assert meta["world_size"] == 2 and meta["examples_per_rank"] == [21, 16] and meta["examples"] == 37
+    single = _load(one / "probe", "meta.json")
+    assert single["world_size"] == 1 and single["examples_per_rank"] == [37]
+    assert meta["accuracy"] == pytest.approx(single["accuracy"]) and meta["nll"] == pytest.approx(single["nll"])
+    _close(_load(one / "probe", "results.json"), _load(ddp / "probe", "results.json"), "probe")
+
+    h1, h2 = _load(one / "hessian", "hessian.json"), _load(ddp / "hessian", "hessian.json")
+    assert h2["config"]["world_size"] == 2 and h2["config"]["examples_per_rank"] == [16, 8]
+    assert h1["batch_sizes"] == h2["batch_sizes"] == [8, 8, 8]
+    np.testing.assert_allclose(h2["groups"]["all"]["eigenvalues"], h1["groups"]["all"]["eigenvalues"], rtol=1e-6)
+
+    r1, r2 = _load(one / "robustness", "results.json"), _load(ddp / "robustness", "results.json")
+    r1 = r1.get("results", r1)
+    r2 = r2.get("results", r2)
+    assert r2["world_size"] == 2 and r2["examples_per_rank"] == [21, 16] and r2["n"] == 37
+    _close({k: v for k, v in r1.items() if k not in ("world_size", "examples_per_rank", "meta")},
+           {k: v for k, v in r2.items() if k not in ("world_size", "examples_per_rank", "meta")}, "robustness")
