@@ -66,16 +66,21 @@ def run(args: argparse.Namespace) -> int:
 
     from vitscope.curvature._io import plot_spectrum, save_figure, write_json
     from vitscope.curvature.spectrum import eigenvalue_spectrum
+    from vitscope.io.atomic import staged_output
 
     check_positive(k=args.k, batches=args.batches, batch_size=args.batch_size, max_iter=args.max_iter)
+    if (args.mixup > 0 or args.cutmix > 0) and args.batch_size % 2:
+        raise CLIError("--mixup/--cutmix need an even --batch-size (timm's Mixup)")
     setup = build_setup(args, augment=args.augment, max_examples=args.batch_size * args.batches)
-    model, loader, device = setup.model, setup.loader, setup.device
+    model, loader = setup.model, setup.loader
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if args.k > n_params:
+        raise CLIError(f"--k {args.k} exceeds the model's {n_params} trainable parameters (a Hessian of that size "
+                       f"has at most {n_params} eigenvalues); use --k <= {n_params}")
     transform = None
     if args.mixup > 0 or args.cutmix > 0:
         from timm.data import Mixup
 
-        if args.batch_size % 2:
-            raise CLIError("--mixup/--cutmix need an even --batch-size (timm's Mixup)")
         transform = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, label_smoothing=0.0,
                           num_classes=model.num_classes)
     result = eigenvalue_spectrum(
@@ -91,9 +96,10 @@ def run(args: argparse.Namespace) -> int:
     data = result.to_dict()
     data["run"] = {**setup.meta, "batch_size": args.batch_size, "batches": args.batches,
                    "img_size": setup.img_size, "mixup": args.mixup, "cutmix": args.cutmix, "augment": args.augment}
-    write_json(out / "hessian.json", data)
     title = f"{setup.meta['model']}: top-{args.k} Hessian eigenvalues"
-    save_figure(plot_spectrum(result, title=title), out / "hessian.png")
+    with staged_output(out) as stage:  # both files appear together, or neither
+        write_json(stage / "hessian.json", data)
+        save_figure(plot_spectrum(result, title=title), stage / "hessian.png")
     parts = [f"{g}: max {v.max():.4g}, min {v.min():.4g}, negative {100 * result.negative_fraction[g]:.1f}%"
              for g, v in result.eigenvalues.items()]
     print(f"wrote {out / 'hessian.json'} and hessian.png ({len(result.batch_sizes)} batches, "

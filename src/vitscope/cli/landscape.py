@@ -34,17 +34,40 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _check_directions_file(path: str, dims: int) -> None:
+    """``--directions`` must be a directions.safetensors of an earlier landscape run with ``dims`` directions."""
+    from vitscope.curvature.landscape import load_directions
+
+    try:
+        dirs, _ = load_directions(path)
+        n = len(dirs)
+        if not all(dirs):
+            raise ValueError("a direction is empty")
+    except FileNotFoundError:
+        raise CLIError(f"--directions {path}: no such file; pass DIR/directions.safetensors of an earlier "
+                       "landscape run") from None
+    except Exception as e:  # safetensors' own errors, bad keys, bad metadata
+        msg = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+        raise CLIError(f"--directions {path} is not a directions file written by `vitscope landscape` ({msg}); "
+                       "pass DIR/directions.safetensors of an earlier run") from None
+    if n != dims:
+        raise CLIError(f"--directions {path} holds {n} direction(s) but --dims is {dims}; pass --dims {n}")
+
+
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from vitscope.curvature._io import plot_landscape, save_figure, write_json
     from vitscope.curvature.landscape import loss_landscape, save_directions
+    from vitscope.io.atomic import staged_output
 
     if args.steps < 1:
         raise CLIError(f"--steps must be a positive integer, got {args.steps}")
     if args.span <= 0:
         raise CLIError(f"--span must be positive, got {args.span}")
     check_positive(batches=args.batches)
+    if args.directions:
+        _check_directions_file(args.directions, args.dims)
     setup = build_setup(args, max_examples=args.batch_size * args.batches)
     model, loader, device = setup.model, setup.loader, setup.device
     result = loss_landscape(
@@ -55,12 +78,13 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     out = Path(args.out)
-    save_directions(out / "directions.safetensors", result.directions, result.policy)
     data = result.to_dict()
     data["run"] = {**setup.meta, "batch_size": args.batch_size, "batches": args.batches,
                    "img_size": setup.img_size, "directions": str(out / "directions.safetensors")}
-    write_json(out / "landscape.json", data)
-    save_figure(plot_landscape(result, title=f"{setup.meta['model']}: loss landscape"), out / "landscape.png")
+    with staged_output(out) as stage:  # the three files appear together, or none
+        save_directions(stage / "directions.safetensors", result.directions, result.policy)
+        write_json(stage / "landscape.json", data)
+        save_figure(plot_landscape(result, title=f"{setup.meta['model']}: loss landscape"), stage / "landscape.png")
     centre = result.loss[(args.steps // 2,) * args.dims]
     print(f"wrote {out / 'landscape.json'}, landscape.png and directions.safetensors "
           f"({result.n_examples} examples; loss at the weights {centre:.4g}, min {result.loss.min():.4g}, "

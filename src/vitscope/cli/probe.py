@@ -24,7 +24,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vitscope.io.atomic import atomic_write_json, json_safe, write_csv
+    from pathlib import Path
+
+    from vitscope.io.atomic import atomic_write_json, json_safe, staged_output, write_csv
     from vitscope.probing import PROBE_MEASURES, ProbeResult, probe
 
     names = [m.strip() for m in args.measures.split(",") if m.strip()]
@@ -44,7 +46,6 @@ def run(args: argparse.Namespace) -> int:
     result.meta.update(model_name=setup.meta["model"], **{k: v for k, v in setup.meta.items() if k != "model"})
     if not setup.is_main:
         return 0  # torchrun: every rank holds the merged result; rank 0 alone writes (and runs lesion/localization)
-    out = result.save(args.out)
     extra = {}
     if "lesion" in names:
         from vitscope.interventions import lesion
@@ -57,11 +58,14 @@ def run(args: argparse.Namespace) -> int:
         with autocast(args, device):
             extra["localization"] = localization_probe(model, loader, device=device,
                                                        max_batches=args.max_batches).to_rows()
-    if extra:
-        merged = {**result.to_dict(), **{k: {"rows": rows} for k, rows in extra.items()}}
-        atomic_write_json(out / "results.json", json_safe(merged))
-        for k, rows in extra.items():
-            write_csv(out / f"{k}.csv", rows)
+    out = Path(args.out)
+    with staged_output(out) as stage:  # results.json with every part, the CSVs and meta.json appear together
+        result.save(stage)
+        if extra:
+            merged = {**result.to_dict(), **{k: {"rows": rows} for k, rows in extra.items()}}
+            atomic_write_json(stage / "results.json", json_safe(merged))
+            for k, rows in extra.items():
+                write_csv(stage / f"{k}.csv", rows)
     acc = result.meta.get("accuracy")
     print(f"wrote {out / 'results.json'} ({', '.join(names)})" + (f"; accuracy {acc:.3f}" if acc is not None else ""))
     return 0

@@ -90,7 +90,10 @@ def run(args: argparse.Namespace) -> int:
         "normalization": setup.preprocessing["source"], "suite": suite,
         "max_batches": args.max_batches, "cifar_c": args.cifar_c,
     }
-    written = save_results(results, args.out, meta, plots=not args.no_plots)
+    from vitscope.io.atomic import staged_output
+
+    with staged_output(args.out) as stage:  # every file appears together, or none
+        written = save_results(results, stage, meta, plots=not args.no_plots)
     line = [f"clean {results['clean']['accuracy']:.3f}"]
     if "calibration" in results:
         line.append(f"ECE {results['calibration']['ece']:.3f}")

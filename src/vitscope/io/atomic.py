@@ -5,12 +5,14 @@ old file or the new one.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
 import os
+import shutil
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -98,3 +100,67 @@ def write_csv(path: str | os.PathLike, rows: Sequence[dict[str, Any]]) -> Path:
             writer.writerows(flat)
 
     return atomic_write(path, write)
+
+
+INCOMPLETE_MARKER = ".vitscope-incomplete"  # present in an output directory while files are moved into it
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _remove_stale(out: Path) -> None:
+    """Staging folders of ``out`` left by killed processes (``.NAME.partial-PID-*`` whose PID is gone)."""
+    prefix = f".{out.name}.partial-"
+    for entry in out.parent.glob(prefix + "*"):
+        pid = entry.name[len(prefix):].split("-", 1)[0]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _move_into(src: Path, dst: Path) -> None:
+    for entry in sorted(src.iterdir()):
+        target = dst / entry.name
+        if entry.is_dir() and target.is_dir():
+            _move_into(entry, target)
+        else:
+            if target.is_dir():
+                shutil.rmtree(target)
+            os.replace(entry, target)
+
+
+@contextlib.contextmanager
+def staged_output(out: str | os.PathLike) -> Iterator[Path]:
+    """A hidden staging folder next to ``out`` that becomes ``out`` when the block ends without an error.
+
+    A new (or empty) ``out`` appears complete in one rename, or not at all. Into an ``out`` that already holds
+    files (e.g. earlier results), the new files are moved one by one with ``INCOMPLETE_MARKER`` present
+    until the last is in place, so a reader (``vitscope report``) can tell a directory a kill cut short.
+    On an error the staging folder is removed; one left by a killed process is removed by the next call.
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale(out)
+    stage = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-{os.getpid()}-"))
+    try:
+        yield stage
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    os.chmod(stage, 0o777 & ~_umask())  # mkdtemp makes 0700 folders
+    if out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
+    if not out.exists():
+        os.rename(stage, out)
+        return
+    marker = out / INCOMPLETE_MARKER
+    atomic_write_text(marker, f"vitscope is moving files into this directory from {stage.name}\n")
+    _move_into(stage, out)
+    shutil.rmtree(stage, ignore_errors=True)
+    os.remove(marker)
