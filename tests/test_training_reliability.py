@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 
 import pytest
 import timm
 import torch
 import torch.nn as nn
+from safetensors.torch import load_file
 
 from vitscope.cli import main as cli_main
 from vitscope.io.weights import load_weights, read_sidecar
@@ -16,10 +18,13 @@ from vitscope.training import NonFiniteLossError, load_run, resolve_config, trai
 from vitscope.training.checkpoint import (
     RunLockedError,
     latest_checkpoint,
+    load_state,
     lock_run,
     read_jsonl,
+    remove_stale_files,
     run_finished,
     run_model_spec,
+    save_checkpoint,
 )
 from vitscope.training.engine import EarlyStop
 
@@ -153,6 +158,26 @@ def test_second_writer_is_refused_and_the_lock_dies_with_its_holder(tmp_path, ca
     train(cfg)  # released: the run starts, and removes what the killed writer left
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["epoch-0000"]
     assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_kill_between_publishing_a_checkpoint_and_tidying_up_is_repaired(tmp_path):
+    run = tmp_path / "run"
+    model = nn.Linear(2, 2)
+    save_checkpoint(run, model, {"epoch": 0, "step": 1})
+    shutil.copytree(run / "checkpoints" / "epoch-0000", tmp_path / "kept")
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    save_checkpoint(run, model, {"epoch": 1, "step": 2})
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["epoch-0001"]
+    # As if killed right after the rename of epoch-0001: epoch-0000 still there, the top-level file its weights.
+    shutil.copytree(tmp_path / "kept", run / "checkpoints" / "epoch-0000")
+    os.unlink(run / "model.safetensors")  # (a hard link of epoch-0001's weights: never write into it)
+    os.link(run / "checkpoints" / "epoch-0000" / "model.safetensors", run / "model.safetensors")
+    assert latest_checkpoint(run).name == "epoch-0001" and load_state(run)["epoch"] == 1
+    assert remove_stale_files(run) == ["checkpoints/epoch-0000"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["epoch-0001"]
+    assert os.path.samefile(run / "model.safetensors", run / "checkpoints" / "epoch-0001" / "model.safetensors")
+    assert torch.equal(load_file(run / "model.safetensors")["weight"], model.weight.detach())
 
 
 def test_checkpoint_spec_rebuilds_the_trained_network(tmp_path):

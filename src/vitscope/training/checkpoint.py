@@ -9,8 +9,9 @@ A run directory holds::
 the manifest ``checkpoint.json``, each fsynced) and renamed into place, so a checkpoint is either complete
 or invisible; the previous one is deleted only after that. The top-level ``model.safetensors`` is a hard
 link to (or copy of) the latest checkpoint's weights, replaced atomically, for tools that take a weights
-file. Its safetensors header carries the network's sidecar (``vitscope.io.read_sidecar``), so
-``vitscope.load_weights`` rebuilds the trained network from the file alone.
+file; the weights files are read-only (replace them, never write into them). Its safetensors header
+carries the network's sidecar (``vitscope.io.read_sidecar``), so ``vitscope.load_weights`` rebuilds the
+trained network from the file alone.
 
 ``state.pt`` holds the optimizer, scheduler, gradient scaler and EMA state, every RNG state (python,
 numpy, torch CPU, CUDA), the epoch, the global step, the early-stopping state and the resolved config;
@@ -156,8 +157,14 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as f:
+    with open(path, "rb") as f:
         os.fsync(f.fileno())
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _epoch_dir_name(epoch: int) -> str:
@@ -232,6 +239,7 @@ def save_checkpoint(run_dir: str | os.PathLike, model: nn.Module, state: dict[st
     try:
         save_file(tensors, tmp / MODEL_FILE, metadata=meta)
         _fsync_file(tmp / MODEL_FILE)
+        os.chmod(tmp / MODEL_FILE, 0o444 & ~_umask())  # read-only: the top-level file is a hard link of it
         torch.save(state, tmp / STATE_FILE)
         _fsync_file(tmp / STATE_FILE)
         manifest = {
@@ -260,8 +268,10 @@ def save_checkpoint(run_dir: str | os.PathLike, model: nn.Module, state: dict[st
 
 
 def remove_stale_files(run_dir: str | os.PathLike) -> list[str]:
-    """Delete what killed writers left behind: temp files (``.model.safetensors.*.tmp``, ...) and partial or
-    discarded checkpoint directories. Call it only while holding the run's lock. Returns the names removed."""
+    """Tidy up after a killed writer: delete temp files (``.model.safetensors.*.tmp``, ...), partial or
+    discarded checkpoint directories and checkpoints older than the latest, and point the top-level
+    ``model.safetensors`` at the latest weights again. Call it only while holding the run's lock. Returns
+    the names removed."""
     run_dir = Path(run_dir)
     removed = []
     if run_dir.is_dir():
@@ -275,6 +285,16 @@ def remove_stale_files(run_dir: str | os.PathLike) -> list[str]:
             if path.name.startswith((_TMP_PREFIX, _OLD_PREFIX)):
                 shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
                 removed.append(f"{CHECKPOINTS_DIR}/{path.name}")
+    dirs = _epoch_dirs(run_dir)
+    for _, path in dirs[:-1]:  # killed after publishing a checkpoint, before removing the previous one
+        _discard(path)
+        removed.append(f"{CHECKPOINTS_DIR}/{path.name}")
+    if dirs:
+        latest, top = dirs[-1][1] / MODEL_FILE, run_dir / MODEL_FILE
+        if latest.is_file() and not (top.is_file() and os.path.samefile(latest, top)):
+            _publish_weights(run_dir, latest)  # killed between the rename and the link (or a copying file system)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(run_dir / STATE_FILE)
     if removed:
         _logger.info("removed what an interrupted run left in %s: %s", run_dir, ", ".join(sorted(removed)))
     return removed
@@ -565,9 +585,13 @@ def lock_run(run_dir: str | os.PathLike) -> Iterator[None]:
         _logger.warning("no fcntl on this platform: %s is not locked against a second writer", run_dir)
         yield
         return
-    run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / LOCK_FILE
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:
+        raise ValueError(f"cannot create the run directory's lock {path} ({type(err).__name__}: {err.strerror}); "
+                         "choose a writable --out that is not under a file") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:

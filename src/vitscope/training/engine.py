@@ -756,7 +756,7 @@ def train(config: TrainConfig | dict[str, Any] | None = None, *, resume: bool = 
         if device.type == "cuda" and info.distributed:
             device = torch.device("cuda", info.local_rank)
         with _locked(Path(cfg.out), info, device):
-            _prepare_run_dir(cfg, info, resume)
+            _prepare_run_dir(cfg, info, device, resume)
             run, state = _setup(cfg, device, info, resume)
             return _fit(run, state)
     finally:
@@ -764,31 +764,36 @@ def train(config: TrainConfig | dict[str, Any] | None = None, *, resume: bool = 
         torch.use_deterministic_algorithms(was_deterministic)
 
 
+def _on_main(info: DistInfo, device: torch.device, fn: Any) -> None:
+    """Run ``fn()`` on rank 0; if it raises, every rank raises (no rank is left waiting in a collective)."""
+    error: Exception | None = None
+    if info.is_main:
+        try:
+            fn()
+        except Exception as e:  # re-raised below, on every rank
+            error = e
+    if info.distributed:
+        failed = all_reduce_sum(torch.tensor([float(error is not None)], device=device), info)
+        if failed.item() and error is None:
+            error = ValueError("rank 0 could not prepare the run directory (its error is in rank 0's output)")
+    if error is not None:
+        raise error
+
+
 @contextlib.contextmanager
 def _locked(run_dir: Path, info: DistInfo, device: torch.device) -> Any:
     """Rank 0 holds the run directory's lock for the whole run; every rank fails together if it is taken."""
     with contextlib.ExitStack() as stack:
-        error: ckpt.RunLockedError | None = None
-        if info.is_main:
-            try:
-                stack.enter_context(ckpt.lock_run(run_dir))
-            except ckpt.RunLockedError as e:
-                error = e
-        if info.distributed:
-            failed = all_reduce_sum(torch.tensor([float(error is not None)], device=device), info)
-            if failed.item() and error is None:
-                error = ckpt.RunLockedError(f"{run_dir} is being trained by another process (rank 0 could not "
-                                            "take its lock); train into another --out")
-        if error is not None:
-            raise error
+        _on_main(info, device, lambda: stack.enter_context(ckpt.lock_run(run_dir)))
         yield
 
 
-def _prepare_run_dir(cfg: TrainConfig, info: DistInfo, resume: bool) -> None:
+def _prepare_run_dir(cfg: TrainConfig, info: DistInfo, device: torch.device, resume: bool) -> None:
     """Under the lock, before any work: refuse to overwrite a run, remove what killed writers left, and
     write ``config.yaml`` (so ``--resume`` can restart a run killed before its first checkpoint)."""
     run_dir = Path(cfg.out)
-    if info.is_main:
+
+    def prepare() -> None:
         latest = ckpt.latest_checkpoint(run_dir)
         if latest is not None and not resume:
             raise ValueError(f"{run_dir} already holds a run (checkpoint {latest}); continue it with "
@@ -796,7 +801,8 @@ def _prepare_run_dir(cfg: TrainConfig, info: DistInfo, resume: bool) -> None:
         ckpt.remove_stale_files(run_dir)
         if latest is None:
             save_config(cfg, run_dir / ckpt.CONFIG_FILE)
-    barrier(info)
+
+    _on_main(info, device, prepare)
 
 
 def strip_timing(record: dict[str, Any]) -> dict[str, Any]:
