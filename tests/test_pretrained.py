@@ -198,3 +198,26 @@ def test_cli_pretrained_offline_uncached_exits_2_in_a_fresh_process(tmp_path):
     assert len(err) == 1 and err[0].startswith("vitscope probe: error: ") and TAG in err[0]
     assert str(tmp_path / "home" / "hub") in err[0] and f"huggingface-cli download {HUB_ID}" in err[0]
     assert not (tmp_path / "o").exists()
+
+
+def test_default_preprocessing_of_a_run_is_what_training_validated_with(hub):
+    """A run (fine-tuned from hub weights or not) is fed the data's statistics at its img_size, as `vitscope train`
+    validated it; a run that recorded its preprocessing gets exactly that; hub weights get the model's."""
+    import argparse
+
+    from vitscope.cli._common import resolve_preprocessing
+    from vitscope.data import data_info
+
+    model = load_model(TAG, pretrained=True)
+    args = argparse.Namespace(preprocess="auto", img_size=None, mean=None, std=None, interpolation=None,
+                              crop_pct=None, data="fake")
+    info = data_info("fake")
+    run = {"pretrained": True, "checkpoint": "runs/ft/model.safetensors", "img_size": 96}
+    pre = resolve_preprocessing(args, model, run, info)
+    assert pre["source"] == "data" and pre["input_size"] == (3, 96, 96) and pre["mean"] == tuple(info.mean)
+    recorded = {"mean": [0.5] * 3, "std": [0.25] * 3, "interpolation": "bicubic", "crop_pct": 0.9}
+    pre = resolve_preprocessing(args, model, {**run, "trained_preprocessing": recorded}, info)
+    assert pre["source"] == "run" and pre["std"] == (0.25,) * 3 and pre["input_size"] == (3, 96, 96)
+    pre = resolve_preprocessing(args, model, {"pretrained": True, "checkpoint": None}, info)
+    assert pre["source"] == "model" and pre == {**resolve_data_config(model=model), "input_size": (3, 160, 160),
+                                                 "source": "model", "overridden": []}

@@ -69,8 +69,9 @@ def add_model_options(
     g.add_argument("--batch-size", type=int, default=batch_size)
     g.add_argument("--workers", type=int, default=0, help="data loader worker processes (default 0)")
     pre = p.add_argument_group(
-        "preprocessing", "auto (default): the model's pretrained_cfg for --pretrained weights (or a run trained "
-        "from them), the data set's size and statistics otherwise; each field can be overridden")
+        "preprocessing", "auto (default): the model's pretrained_cfg for --pretrained hub weights; for a training "
+        "run, what it was validated with (the data set's statistics at the run's img_size); the data set's "
+        "statistics otherwise; each field can be overridden")
     pre.add_argument("--preprocess", default="auto", choices=("auto", "model", "data"),
                      help="model: timm.data.resolve_data_config(model) (size, interpolation, crop_pct, mean/std); "
                      "data: the data set's mean/std at the model's input size")
@@ -260,7 +261,8 @@ def build_model(args: argparse.Namespace, num_data_classes: int) -> tuple[Any, d
         model = _build_from_spec(spec)
         meta = {"model": spec["model"], "model_kwargs": spec.get("model_kwargs") or {},
                 "checkpoint": str(spec["weights"]), "pretrained": bool(spec.get("pretrained", False)),
-                "img_size": spec.get("img_size"), "trained_on": spec.get("data")}
+                "img_size": spec.get("img_size"), "trained_on": spec.get("data"),
+                "trained_preprocessing": spec.get("preprocessing")}
     elif not args.model:
         raise CLIError("--model is required (or --checkpoint RUN_DIR, which names its model)")
     elif args.pretrained:
@@ -297,15 +299,26 @@ def check_classes(model_classes: int, data_classes: int, data: str, what: str) -
 
 def resolve_preprocessing(args: argparse.Namespace, model: Any, model_meta: dict[str, Any], info: Any) -> dict:
     """The eval preprocessing: ``input_size``, ``interpolation``, ``mean``, ``std``, ``crop_pct``, ``crop_mode``
-    and ``source`` (``model``: timm's ``resolve_data_config(model=model)``; ``data``: the data set's
-    statistics at the model's (or the run's) input size), then the user's overrides."""
+    and ``source``, then the user's overrides. ``source`` is ``model`` (timm's ``resolve_data_config(model=model)``,
+    the default for ``--pretrained`` hub weights), ``data`` (the data set's statistics at the model's or the run's
+    input size: the default for a training run, since ``vitscope train`` validates that way, fine-tuned runs
+    included) or ``run`` (a run that recorded its ``preprocessing``)."""
     from timm.data import resolve_data_config
 
     mode = args.preprocess
-    if mode == "auto":
-        mode = "model" if model_meta.get("pretrained") else "data"
     trained = model_meta.get("img_size")  # a checkpoint's network was built for this size
-    if mode == "model":
+    recorded = model_meta.get("trained_preprocessing")  # what a run recorded it trained with, if it did
+    if mode == "auto" and isinstance(recorded, dict) and "mean" in recorded:
+        mode = "run"
+        cfg = {k: recorded[k] for k in PREPROCESS_KEYS if k in recorded}
+        cfg.setdefault("input_size", (3, trained, trained))
+        cfg.setdefault("interpolation", "bilinear")
+        cfg.setdefault("crop_pct", 1.0)
+    elif mode == "auto":  # hub weights: the model's own; a training run: the data's, as vitscope train used
+        mode = "model" if model_meta.get("pretrained") and not model_meta.get("checkpoint") else "data"
+    if mode == "run":
+        pass
+    elif mode == "model":
         cfg = resolve_data_config(model=model)
         cfg = {k: cfg[k] for k in PREPROCESS_KEYS if k in cfg}
         if trained:
