@@ -46,7 +46,7 @@ _logger = logging.getLogger(__name__)
 
 __all__ = [
     "train", "train_one_epoch", "evaluate", "NonFiniteLossError", "build_model", "build_optimizer",
-    "build_scheduler", "build_criterion", "build_mixup", "augment_options", "ECE_BINS",
+    "build_scheduler", "build_criterion", "build_mixup", "augment_options", "ECE_BINS", "EarlyStop",
 ]
 
 ECE_BINS = 10
@@ -737,9 +737,12 @@ def train(config: TrainConfig | dict[str, Any] | None = None, *, resume: bool = 
     """Train ``config`` (a ``TrainConfig``, a mapping of config keys, or defaults + ``overrides``).
 
     Writes ``config.yaml``, ``metrics.jsonl``, ``probes.jsonl`` (when probes are scheduled) and a
-    checkpoint (``model.safetensors`` + ``state.pt``) per epoch into ``config.out``; with
-    ``resume=True`` continues from the checkpoint there. Returns the last epoch's statistics plus
-    ``best_val_top1``, ``run_dir`` and ``epochs``.
+    checkpoint per epoch (``checkpoints/epoch-N``, see ``vitscope.training.checkpoint``) into
+    ``config.out``, which is locked meanwhile (``RunLockedError`` for a second writer); each epoch's
+    lines are written before its checkpoint. With ``resume=True`` continues from the latest complete
+    checkpoint there (from epoch 0 when there is none yet). Returns the last epoch's statistics plus
+    ``best_val_top1``, ``run_dir``, ``epochs``, ``best_epoch`` / ``best_val_nll`` (lowest ``val_nll``
+    by ``early_stop_min_delta`` steps) and ``stopped_early``.
     """
     if isinstance(config, dict):
         config = config_from_dict(config)
