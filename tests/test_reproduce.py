@@ -14,7 +14,7 @@ from vitscope.cli import main
 from vitscope.studies import list_studies, load_study, run_study
 from vitscope.studies.metrics import compute_metric
 from vitscope.studies.runner import StudyError
-from vitscope.studies.verdict import HELD, INCONCLUSIVE, NOT_HELD, Verdict, decide, summarize
+from vitscope.studies.verdict import HELD, INCONCLUSIVE, NOT_HELD, Verdict, decide, holm_adjust, summarize
 
 FINDINGS = {
     "cb-entropy": {8, 9},
@@ -53,11 +53,13 @@ def test_study_runs_at_reduced_size(name, shared_out):
     study = load_study(name)
     assert [v.claim for v in res.verdicts] == [c["claim"] for c in study["claims"]]
     assert [v.finding for v in res.verdicts] == [c["finding"] for c in study["claims"]]
-    for v in res.verdicts:
+    again = holm_adjust([Verdict.build(v.study, v.finding, v.claim, v.a_label, v.b_label, v.expect, v.a_values,
+                                       v.b_values) for v in res.verdicts])  # recomputed, not stored
+    for v, w in zip(res.verdicts, again):
         assert v.verdict in (HELD, NOT_HELD, INCONCLUSIVE)
         assert len(v.a_values) == 2 and all(math.isfinite(x) for x in v.a_values + v.b_values)
         assert v.a_mean == pytest.approx(statistics.mean(v.a_values))
-        assert (v.verdict, v.reason) == decide(v.a_values, v.b_values, v.expect)  # recomputed, not stored
+        assert (v.verdict, v.reason) == (w.verdict, w.reason)
     payload = json.loads(res.files["json"].read_text())
     assert payload["study"] == name and payload["seeds"] == [0, 1]
     assert len(payload["verdicts"]) == len(study["claims"])
@@ -79,9 +81,9 @@ def test_summarize_matches_statistics():
 def test_verdict_rule():
     assert decide([0.9, 0.92, 0.91], [0.7, 0.71, 0.69], "greater")[0] == HELD
     assert decide([0.9, 0.92, 0.91], [0.7, 0.71, 0.69], "less")[0] == NOT_HELD
-    assert decide([0.8, 0.9], [0.85, 0.86], "greater")[0] == INCONCLUSIVE  # spreads overlap
+    assert decide([0.8, 0.9], [0.85, 0.86], "greater")[0] == INCONCLUSIVE  # paired t: p = 0.94
     assert decide([0.2, 0.3, 0.25], [0.0], "greater")[0] == HELD  # against a fixed threshold
-    assert decide([0.9], [0.1], "greater")[0] == INCONCLUSIVE  # one seed: no spread
+    assert decide([0.9], [0.1], "greater")[0] == INCONCLUSIVE  # one seed: no test
     assert decide([float("nan"), 1.0], [0.0, 0.1], "greater")[0] == INCONCLUSIVE
     with pytest.raises(ValueError, match="expect"):
         decide([1.0], [0.0], "bigger")

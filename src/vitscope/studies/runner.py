@@ -6,7 +6,10 @@ A study YAML holds ``name``, ``title``, ``paper``, ``conditions`` (data regimes,
 METHODS.md ("Findings to reproduce") and compares two sides ``a`` and ``b``, each a term:
 ``{model, metric, condition}``, ``{diff: [term, term]}`` (first minus second) or ``{value: number}``,
 with ``expect: greater|less``. The models to train and the analyses to run follow from the terms.
-Verdicts follow ``vitscope.studies.verdict`` (mean +- std over seeds; overlapping spreads: inconclusive).
+Verdicts follow ``vitscope.studies.verdict`` (paired t test over seeds, 95% interval, Holm-corrected over the
+study's claims). A claim may state its data ``regime``: ``large`` (the paper measured it after ImageNet / JFT
+pretraining) or ``small`` (a claim about small data); a ``large`` claim judged on a small data set is still
+measured, and the table says that the regime differs.
 """
 from __future__ import annotations
 
@@ -34,7 +37,7 @@ from vitscope.studies.pipeline import (
     train_spec,
     val_loader,
 )
-from vitscope.studies.verdict import EXPECT, Verdict, to_csv, to_markdown, verdict_rows
+from vitscope.studies.verdict import ALPHA, EXPECT, Verdict, holm_adjust, to_csv, to_markdown, verdict_rows
 from vitscope.studies.zoo import ZOOS, model_spec
 
 _logger = logging.getLogger(__name__)
@@ -44,6 +47,8 @@ __all__ = ["list_studies", "load_study", "run_study", "StudyResult", "SCALES", "
 SCALES = ("quick", "paper")
 _SCALE_KEYS = {"zoo", "data", "data_hint", "recipe", "img_size", "epochs", "batch_size", "seeds", "max_examples",
                "max_val_examples", "eval_examples", "eval_batch_size", "hessian", "frequency", "overrides"}
+REGIMES = {"large": "large data (ImageNet / JFT)", "small": "small data", "any": "any data"}
+_LARGE_DATA = ("imagenet", "imagefolder", "jft")
 _TOP_KEYS = {"name", "title", "paper", "description", "conditions", "claims", "scales", "train_probes"}
 
 
@@ -117,6 +122,8 @@ def _validate(study: Any, where: str) -> None:
                 raise bad(f"claim {i} lacks {key!r}")
         if claim["expect"] not in EXPECT:
             raise bad(f"claim {i}: expect must be one of {list(EXPECT)}")
+        if claim.get("regime", "any") not in REGIMES:
+            raise bad(f"claim {i}: regime must be one of {list(REGIMES)}")
         if not 1 <= int(claim["finding"]) <= 12:
             raise bad(f"claim {i}: finding must be a number 1-12 of METHODS.md's findings")
         for side in ("a", "b"):
@@ -148,6 +155,14 @@ def _label(term: Any) -> str:
         return f"{term['value']:g}"
     cond = term.get("condition", "full")
     return f"{term['metric']}[{term['model']}{'' if cond == 'full' else ', ' + cond}]"
+
+
+def _regime(claim: dict[str, Any], data: str) -> tuple[str, str]:
+    """The claim's data regime and, for a large-data claim measured on a small data set, a note saying so."""
+    regime = claim.get("regime", "any")
+    large_here = str(data).split(":", 1)[0].lower() in _LARGE_DATA
+    note = f"regime differs: measured on {data}" if regime == "large" and not large_here else ""
+    return REGIMES[regime], note
 
 
 def _evaluate(term: Any, analyses: dict[tuple[str, str, int], dict[str, Any]], seeds: list[int]) -> list[float]:
@@ -308,16 +323,20 @@ def run_study(
     for claim in study["claims"]:
         a_vals = _evaluate(claim["a"], analyses, seed_list)
         b_vals = _evaluate(claim["b"], analyses, seed_list)
+        regime, note = _regime(claim, s["data"])
         verdicts.append(Verdict.build(study["name"], int(claim["finding"]), claim["claim"], _label(claim["a"]),
-                                      _label(claim["b"]), claim["expect"], a_vals, b_vals))
+                                      _label(claim["b"]), claim["expect"], a_vals, b_vals, regime, note))
+    holm_adjust(verdicts)
     title = f"{study['name']}: {study.get('title', '')} ({study.get('paper', '')}; {scale} scale, {s['data']})"
     md = to_markdown(verdicts, title)
     payload = {
         "study": study["name"], "title": study.get("title"), "paper": study.get("paper"), "scale": scale,
         "settings": s, "seeds": seed_list, "verdicts": [v.to_dict() for v in verdicts],
         "table": verdict_rows(verdicts), "evaluations": evals, "timing_s": timer.seconds,
-        "verdict_rule": "held / did not hold when the mean +- std intervals of the two sides separate "
-                        "(direction decides); inconclusive when they overlap or with one seed",
+        "verdict_rule": f"paired t test of a - b over seeds (one-sample against a fixed value), two-sided, "
+                        f"Holm-corrected over the study's claims at alpha = {ALPHA}: held / did not hold when "
+                        "significant in / against the paper's direction, else inconclusive (with the 95% interval "
+                        "and the seeds an effect of that size would need)",
     }
     files = {
         "json": atomic_write_json(study_dir / "verdicts.json", payload),
