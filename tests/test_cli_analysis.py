@@ -106,17 +106,29 @@ def test_bad_inputs_refused_before_any_work(tmp_path, capsys, monkeypatch):
         ("probe", ["--device", "cuda:7", "--out", str(tmp_path / "o")], "--device cuda:7"),
         ("probe", ["--device", "gpu", "--out", str(tmp_path / "o")], "is not a device"),
         ("probe", ["--crop-pct", "1.5", "--out", str(tmp_path / "o")], "--crop-pct"),
+        ("robustness", ["--std", "0.2,0,0.2", "--out", str(tmp_path / "o")], "--std must be positive"),
+        ("hessian", ["--img-size", "0", "--out", str(tmp_path / "o")], "--img-size must be a positive"),
     ]
-    real_resolve = common.resolve_preprocessing
     monkeypatch.setattr(common, "build_model", no_model)
     for cmd, extra, msg in cases:
-        if "--crop-pct" in extra:  # checked with the preprocessing, after the model is built
-            monkeypatch.undo()
-            monkeypatch.setattr(common, "resolve_preprocessing", real_resolve)
         rc = main([cmd, "--model", "test_vit_cifar", "--data", "fake", *extra])
         err = capsys.readouterr().err.strip().splitlines()
         assert rc == 2 and len(err) == 1 and msg in err[0], (cmd, extra, err)
     assert not (tmp_path / "o").exists() and afile.read_text() == "x"
+
+
+def test_checkpoint_written_by_save_weights_needs_no_model_name(tmp_path):
+    import vitscope
+
+    torch.manual_seed(0)
+    net = vitscope.create_model("test_vit_cifar", num_classes=3, img_size=16)
+    vitscope.save_weights(net, tmp_path / "w.safetensors", model_kwargs={"num_classes": 3, "img_size": 16})
+    out = tmp_path / "p"
+    assert main(["probe", "--checkpoint", str(tmp_path / "w.safetensors"), "--data", DATA, "--measures",
+                 "attention_entropy", "--out", str(out)]) == 0
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["model_name"] == "test_vit_cifar" and meta["img_size"] == 16 and meta["num_classes"] == 3
+    assert meta["preprocessing"]["input_size"] == [3, 16, 16]
 
 
 def test_hessian_k_above_the_parameter_count_and_landscape_direction_dims(tmp_path, capsys):

@@ -115,6 +115,16 @@ def check_out(out: str) -> Path:
     return path
 
 
+def check_preprocess_options(args: argparse.Namespace) -> None:
+    """``--img-size``, ``--crop-pct`` and ``--std`` in range."""
+    if args.img_size is not None and args.img_size < 1:
+        raise CLIError(f"--img-size must be a positive integer, got {args.img_size}")
+    if args.crop_pct is not None and not 0 < args.crop_pct <= 1:
+        raise CLIError(f"--crop-pct must be in (0, 1], got {args.crop_pct}")
+    if args.std is not None and min(args.std) <= 0:
+        raise CLIError(f"--std must be positive, got {list(args.std)}")
+
+
 def resolve_device(name: str | None) -> Any:
     """``torch.device`` for ``--device`` (default cuda when available); a missing CUDA device is an error."""
     import torch
@@ -331,12 +341,6 @@ def resolve_preprocessing(args: argparse.Namespace, model: Any, model_meta: dict
                  "mean": args.mean, "std": args.std, "interpolation": args.interpolation, "crop_pct": args.crop_pct}
     overridden = sorted(k for k, v in overrides.items() if v is not None)
     cfg.update({k: v for k, v in overrides.items() if v is not None})
-    if args.img_size is not None and args.img_size < 1:
-        raise CLIError(f"--img-size must be a positive integer, got {args.img_size}")
-    if args.crop_pct is not None and not 0 < args.crop_pct <= 1:
-        raise CLIError(f"--crop-pct must be in (0, 1], got {args.crop_pct}")
-    if args.std is not None and min(args.std) <= 0:
-        raise CLIError(f"--std must be positive, got {args.std}")
     cfg = {"input_size": tuple(int(s) for s in cfg["input_size"]), "interpolation": str(cfg["interpolation"]),
            "mean": tuple(float(m) for m in cfg["mean"]), "std": tuple(float(s) for s in cfg["std"]),
            "crop_pct": float(cfg["crop_pct"]), "crop_mode": str(cfg.get("crop_mode", "center"))}
@@ -392,6 +396,7 @@ def build_setup(
     check_positive(batch_size=args.batch_size)
     if args.workers < 0:
         raise CLIError(f"--workers must be >= 0, got {args.workers}")
+    check_preprocess_options(args)
     check_out(args.out)
     device = resolve_device(args.device)
     from vitscope.distributed import init_from_env, rank_device
