@@ -42,7 +42,7 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from vitscope.io.atomic import atomic_write_text
+from vitscope.io.atomic import atomic_write_text, json_safe
 
 _logger = logging.getLogger(__name__)
 
@@ -247,7 +247,7 @@ def save_checkpoint(run_dir: str | os.PathLike, model: nn.Module, state: dict[st
             "spec": {k: v for k, v in (spec or {}).items()}, **(info or {}),
             "files": {name: (tmp / name).stat().st_size for name in (MODEL_FILE, STATE_FILE)},
         }
-        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+        (tmp / MANIFEST_FILE).write_text(json.dumps(json_safe(manifest), indent=1, allow_nan=False), encoding="utf-8")
         _fsync_file(tmp / MANIFEST_FILE)
         _fsync_dir(tmp)
         final = root / _epoch_dir_name(epoch)

@@ -594,7 +594,7 @@ class EarlyStop:
             es.best, es.best_epoch, es.wait = float(saved["best"]), int(saved["best_epoch"]), int(saved["wait"])
         else:
             for r in records:
-                if "val_nll" in r:
+                if isinstance(r.get("val_nll"), (int, float)):
                     es.update(int(r["epoch"]), float(r["val_nll"]))
         return es
 
@@ -617,7 +617,7 @@ def _save(run: _Run, epoch: int, step: int, es: EarlyStop, finished: bool) -> No
         "early_stop": es.state(),
     }
     info = {"total_epochs": run.total_epochs, "finished": finished or es.stop, "stopped_early": es.stop,
-            "best_epoch": es.best_epoch, "best_val_nll": es.best}
+            "best_epoch": es.best_epoch, "best_val_nll": es.best if math.isfinite(es.best) else None}
     ckpt.save_checkpoint(run.run_dir, run.model, state, spec=run.spec, info=info)
 
 
@@ -704,7 +704,7 @@ def _fit(run: _Run, state: dict | None) -> dict[str, Any]:
         if run.probe_images is not None and (epoch + 1) % cfg.probes["every"] == 0:
             probes = run_probes(run.model, run.probe_images, cfg.probes["measures"], epoch)
         es.update(epoch, record["val_nll"])
-        record.update(best_epoch=es.best_epoch, best_val_nll=es.best)
+        record.update(best_epoch=es.best_epoch, best_val_nll=es.best if math.isfinite(es.best) else None)
         if es.stop:
             record["stopped_early"] = True
         if info.is_main:  # the lines first, then the checkpoint that covers them
