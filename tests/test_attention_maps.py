@@ -215,3 +215,59 @@ def test_cli_image_folder_and_errors(tmp_path, capsys):
     assert cli_main(["attention", "--model", "test_vit_cb", "--out", str(tmp_path / "r")]) == 2
     assert "exactly one of --data" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_report_shows_attention_on_images(tmp_path):
+    """An attention-only output directory (the CLI's) gets a section with the image figures; the CSVs are the
+    .npz arrays; a probe directory of the same model and weights shares that section."""
+    import csv
+
+    from vitscope.reports import build_report
+
+    att, vit = tmp_path / "convit", tmp_path / "vit"
+    for name, out in (("test_convit_32", att), ("test_vit_cb", vit)):  # what vitscope attention writes
+        torch.manual_seed(0)
+        maps = vitscope.attention_maps(vitscope.create_model(name, num_classes=10), _images(2))
+        maps.meta = {"model_name": name, "model": name, "checkpoint": None, "labels": ["a", "b"]}
+        maps.save(out / "attention.npz")
+    # the ViT's probe output in the same directory: one section with both
+    torch.manual_seed(0)
+    model = vitscope.create_model("test_vit_cb", num_classes=10)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(_images(4), torch.zeros(4, dtype=torch.long)),
+                                         batch_size=4)
+    result = vitscope.probe(model, loader, ["attention_entropy"], progress=False)
+    result.meta.update(model_name="test_vit_cb")
+    result.save(vit)
+    page = build_report([att, vit], tmp_path / "report.html").read_text()
+    fig = tmp_path / "figures"
+    convit_keys = ["patch_embedding_components", "position_embedding_similarity", "attention_rollout",
+                   "attention_query_maps", "gpsa_positional"]
+    for key in convit_keys:
+        assert f'id="test-convit-32--{key}"' in page, key
+        assert (fig / "test-convit-32" / f"{key}.png").read_bytes().startswith(PNG_MAGIC)
+    for key in ["attention_entropy", *convit_keys[:4]]:
+        assert f'id="test-vit-cb--{key}"' in page, key
+    assert 'id="test-vit-cb--gpsa_positional"' not in page
+    assert "ViT Fig. 7 centre" in page and "ViT Fig. 6" in page and "CONVIT Fig. 5" in page
+
+    def rows(section, key):
+        with open(fig / section / f"{key}.csv", newline="") as f:
+            return list(csv.DictReader(f))
+
+    maps = load_attention_maps(att / "attention.npz")
+    roll = rows("test-convit-32", "attention_rollout")
+    np.testing.assert_array_equal(np.array([float(r["value"]) for r in roll]).reshape(maps.rollout.shape),
+                                  maps.rollout)
+    sim = rows("test-convit-32", "position_embedding_similarity")
+    np.testing.assert_array_equal(np.array([float(r["value"]) for r in sim]).reshape(64, 64),
+                                  maps.position_similarity)
+    assert (int(sim[9]["position"]), int(sim[9]["row"]), int(sim[9]["col"])) == (0, 1, 1)
+    q = rows("test-convit-32", "attention_query_maps")
+    first = [float(r["value"]) for r in q if r["layer"] == maps.layers[0] and r["image"] == "1" and r["head"] == "2"]
+    np.testing.assert_array_equal(np.array(first).reshape(8, 8), maps.query_maps[0][1, 2])
+    gates = {(r["layer"], int(r["head"])): float(r["gate"]) for r in rows("test-convit-32", "gpsa_positional")}
+    assert [gates[(maps.gpsa_layers[i], h)] for i in range(len(maps.gpsa_layers)) for h in range(4)] == \
+        maps.gpsa_gates.ravel().tolist()
+    pc = rows("test-convit-32", "patch_embedding_components")
+    np.testing.assert_array_equal(np.array([float(r["value"]) for r in pc]).reshape(maps.patch_components.shape),
+                                  maps.patch_components)

@@ -79,6 +79,44 @@ CAPTIONS: dict[str, Caption] = {
         "CONVIT: gates start at 0.731 and fall during training; early layers keep larger gates (stay more "
         "local) than late ones.",
     ),
+    "attention_rollout": Caption(
+        "Attention rollout on images",
+        "Attention rollout (Abnar & Zuidema 2020): per layer the head-averaged attention plus the identity, rows "
+        "renormalised, multiplied through the layers; shown is the class token's row over the patches, overlaid on "
+        "each image on one colour scale. Without a class token (pooled ViTs) the mean over patch queries; ConViT: "
+        "the class token's row of its MHSA layers carried through the rollout of its GPSA layers.",
+        "ViT Fig. 6: attention from the output token to the input space concentrates on regions semantically "
+        "relevant for classification.",
+    ),
+    "attention_query_maps": Caption(
+        "Attention of one query patch, per layer and head",
+        "Post-softmax attention row of the outlined query patch for every head (columns) of every attention layer "
+        "(rows), on one power-law colour scale; windowed attention shows the query's window.",
+        "RAGHU and ViT Fig. 7: lower layers mix local heads (mass near the query) with global ones; with little "
+        "data lower layers fail to become local. HDVW: MSAs aggregate (spatially smooth) feature maps.",
+    ),
+    "gpsa_positional": Caption(
+        "ConViT gates and positional attention",
+        "Left: gate g = sigmoid(gating_param) per GPSA layer and head (1 = positional). Right: each head's "
+        "positional attention softmax(pos_proj(r)) of the query patch, before gating, on one colour scale.",
+        "CONVIT Fig. 5: heads start as local, shifted kernels (a k x k grid of centres) and some learn to "
+        "escape locality; gates fall during training, least in the early layers.",
+    ),
+    "patch_embedding_components": Caption(
+        "Patch-embedding principal components",
+        "The D learned patch-embedding filters (C x P x P each), mean-centred, decomposed by SVD; the top "
+        "components (right singular vectors, orthonormal, by explained variance) drawn as images, each scaled "
+        "to its own range.",
+        "ViT Fig. 7 left: the top components of a trained ViT-L/32 resemble plausible basis functions for a "
+        "low-dimensional representation of the fine structure within each patch.",
+    ),
+    "position_embedding_similarity": Caption(
+        "Position-embedding similarity",
+        "Tile (i, j): cosine similarity between the learned position embedding of patch (i, j) and that of every "
+        "other patch (prefix-token entries excluded), on one scale from -1 to 1.",
+        "ViT Fig. 7 centre: closer patches have more similar embeddings, and a row-column structure emerges "
+        "(patches in the same row or column are similar); at random initialisation no such structure exists.",
+    ),
     "train_gpsa_gates": Caption(
         "GPSA gates over training",
         "Mean over heads of g = sigmoid(gating_param) per GPSA layer (line; band = min to max over heads), "

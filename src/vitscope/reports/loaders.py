@@ -11,7 +11,9 @@ A directory may hold any mix of:
 - ``metrics.jsonl``, ``probes.jsonl``, ``config.yaml``: a ``vitscope train`` run;
 - ``hessian.json``: ``vitscope hessian`` (eigenvalues per batch and/or a spectral density);
 - ``landscape.json``: ``vitscope landscape`` (a 1-D curve or a 2-D grid of losses);
-- ``robustness.json``: ``vitscope robustness`` (the dict of ``evaluate_robustness``).
+- ``robustness.json``: ``vitscope robustness`` (the dict of ``evaluate_robustness``);
+- ``attention.npz``: ``vitscope attention`` (attention on images and the embedding figures' arrays, read
+  with ``allow_pickle=False``).
 
 Loaders are tolerant of missing optional fields and strict (``ValueError`` naming the file and the field)
 about the fields a figure needs. Nothing is executed: JSON, JSON lines and ``yaml.safe_load`` only.
@@ -40,6 +42,7 @@ CONFIG_FILE = "config.yaml"
 HESSIAN_FILE = "hessian.json"
 LANDSCAPE_FILE = "landscape.json"
 ROBUSTNESS_FILE = "robustness.json"
+ATTENTION_FILE = "attention.npz"
 
 EXPECTED_FILES = {
     PROBE_FILE: "vitscope probe or vitscope robustness output",
@@ -48,6 +51,7 @@ EXPECTED_FILES = {
     HESSIAN_FILE: "vitscope hessian output",
     LANDSCAPE_FILE: "vitscope landscape output",
     ROBUSTNESS_FILE: "vitscope robustness output",
+    ATTENTION_FILE: "vitscope attention output (attention on images)",
 }
 
 # Per-layer measures of results.json and the row fields each needs.
@@ -89,6 +93,7 @@ class RunData:
     hessian: dict[str, Any] | None = None
     landscape: dict[str, Any] | None = None
     robustness: dict[str, Any] | None = None
+    attention: Any = None  # vitscope.attention_images.AttentionMaps of attention.npz
     files: list[str] = field(default_factory=list)  # recognized files, for the report
     sources: list[tuple[Path, list[str]]] = field(default_factory=list)  # (directory, its files), merged runs
     origin: dict[str, Path] = field(default_factory=dict)  # data field -> the directory it came from
@@ -392,7 +397,18 @@ def load_run(path: str | os.PathLike) -> RunData:
         run.landscape = _load_landscape(path / LANDSCAPE_FILE, _read_json(path / LANDSCAPE_FILE))
     if ROBUSTNESS_FILE in present:
         run.robustness = _load_robustness(path / ROBUSTNESS_FILE, _read_json(path / ROBUSTNESS_FILE))
-    if not (run.probe or run.metrics or run.train_probes or run.hessian or run.landscape or run.robustness):
+    if ATTENTION_FILE in present:
+        from vitscope.attention_images import load_attention_maps
+
+        try:
+            run.attention = load_attention_maps(path / ATTENTION_FILE)
+        except ValueError as e:
+            raise ReportInputError(str(e)) from None
+        if not run.meta:  # an attention-only directory: its model and checkpoint name the section
+            run.meta = {k: run.attention.meta[k] for k in ("model_name", "model", "checkpoint")
+                        if k in run.attention.meta}
+    if not (run.probe or run.metrics or run.train_probes or run.hessian or run.landscape or run.robustness
+            or run.attention):
         raise ReportInputError(f"{path} has {present} but no data in them (empty files?); re-run the vitscope command")
     run.name = _model_name(run.meta, run.config, [run.hessian, run.landscape, run.robustness], path)
     run.sources = [(path, list(run.files))]
@@ -400,7 +416,7 @@ def load_run(path: str | os.PathLike) -> RunData:
     return run
 
 
-DATA_FIELDS = ("probe", "metrics", "train_probes", "hessian", "landscape", "robustness")
+DATA_FIELDS = ("probe", "metrics", "train_probes", "hessian", "landscape", "robustness", "attention")
 
 
 def merge_runs(runs: list[RunData]) -> list[RunData]:
