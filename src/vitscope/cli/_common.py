@@ -257,10 +257,9 @@ def build_model(args: argparse.Namespace, num_data_classes: int) -> tuple[Any, d
     if spec is None and args.checkpoint:  # a save_weights file knows its model too
         side = read_sidecar(args.checkpoint)
         if side and side.get("model_name"):
-            spec = {"model": side["model_name"], "model_kwargs": dict(side.get("model_kwargs") or {}),
-                    "weights": Path(args.checkpoint).expanduser()}
-            spec["num_classes"] = spec["model_kwargs"].pop("num_classes", None)
-            spec["img_size"] = spec["model_kwargs"].pop("img_size", None)
+            kwargs = dict(side.get("model_kwargs") or {})
+            spec = {"model": side["model_name"], "model_kwargs": kwargs, "img_size": kwargs.get("img_size"),
+                    "weights": Path(args.checkpoint).expanduser(), "sidecar": True}
     if spec is not None:
         if args.model and _arch(args.model) != _arch(spec["model"]):
             raise CLIError(f"--model {args.model} contradicts --checkpoint {args.checkpoint}, which holds a "
@@ -268,7 +267,12 @@ def build_model(args: argparse.Namespace, num_data_classes: int) -> tuple[Any, d
         if args.img_size and spec.get("img_size") and args.img_size != spec["img_size"]:
             raise CLIError(f"--img-size {args.img_size} contradicts --checkpoint {args.checkpoint}, trained at "
                            f"{spec['img_size']} px; drop --img-size")
-        model = _build_from_spec(spec)
+        if spec.get("sidecar"):
+            from vitscope.io.weights import load_weights
+
+            model = load_weights(spec["weights"])  # rebuilt from the sidecar, head inferred when not recorded
+        else:
+            model = _build_from_spec(spec)
         meta = {"model": spec["model"], "model_kwargs": spec.get("model_kwargs") or {},
                 "checkpoint": str(spec["weights"]), "pretrained": bool(spec.get("pretrained", False)),
                 "img_size": spec.get("img_size"), "trained_on": spec.get("data"),
