@@ -5,8 +5,11 @@ import csv
 import datetime
 import io
 import logging
+import multiprocessing
 import os
-from collections.abc import Sequence
+import sys
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +19,7 @@ from vitscope.io.atomic import atomic_write_bytes
 from vitscope.reports import figures as F
 from vitscope.reports.captions import caption
 from vitscope.reports.html import figure_html, render_page, table_html
-from vitscope.reports.loaders import load_runs
+from vitscope.reports.loaders import RunData, load_runs
 from vitscope.reports.sections import Section, comparison_section, run_section, summary_rows
 
 _logger = logging.getLogger(__name__)
@@ -49,14 +52,68 @@ def _unique(name: str, taken: set[str]) -> str:
     return out
 
 
+_RUNS: list[RunData] = []  # the loaded runs while a report is built; forked render workers inherit them
+
+
+def _render_section(task: int) -> tuple[Section, list[tuple[bytes, bytes, bytes]]] | None:
+    """Build section ``task`` (-1: the comparison across runs, else run ``task``) and encode its figures.
+
+    Returns the section (its items keep key, caption and note; figure and rows are dropped, they are not
+    needed once encoded) and per item its PNG, SVG and CSV bytes, or None when there is no such section.
+    """
+    sec = comparison_section(_RUNS) if task < 0 else run_section(_RUNS[task])
+    if sec is None:
+        return None
+    files = []
+    for item in sec.items:
+        png, svg = F.render(item.figure)
+        files.append((png, svg, csv_bytes(item.rows)))
+        item.figure.clear()
+        item.figure, item.rows = None, []  # type: ignore[assignment]  # encoded: nothing left to send back
+    return sec, files
+
+
+def _worker_init() -> None:
+    torch = sys.modules.get("torch")
+    if torch is not None:  # a forked child must not enter the parent's OpenMP pool (as DataLoader workers do)
+        torch.set_num_threads(1)
+
+
+def _default_workers(n_tasks: int) -> int:
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(n_tasks, cpus))
+
+
+def _rendered_sections(tasks: list[int], workers: int, bar) -> Iterator[tuple[Section, list] | None]:
+    """``_render_section`` of every task, in order: in ``workers`` forked processes (Linux), else here."""
+    if workers > 1 and len(tasks) > 1 and sys.platform.startswith("linux"):
+        ctx = multiprocessing.get_context("fork")  # workers inherit the loaded runs and the imported modules
+        with ctx.Pool(min(workers, len(tasks)), initializer=_worker_init) as pool:
+            for res in pool.imap(_render_section, tasks):
+                bar.update(1)
+                yield res
+    else:
+        for t in tasks:
+            res = _render_section(t)
+            bar.update(1)
+            yield res
+
+
 def build_report(run_dirs: Sequence[str | os.PathLike], out_html: str | os.PathLike,
-                 title: str = "vitscope report") -> Path:
+                 title: str = "vitscope report", workers: int | None = None) -> Path:
     """Write one self-contained HTML report of every output directory in ``run_dirs`` to ``out_html``.
 
-    Each directory may hold ``vitscope probe``, ``train``, ``hessian``, ``landscape`` and ``robustness``
-    outputs (see ``vitscope.reports.loaders``); a figure is drawn only for data that is present. Every
-    figure is also written as ``figures/<model>/<figure>.png``, ``.svg`` and ``.csv`` (the plotted numbers)
-    next to the page, plus ``figures/summary.csv``. All files are written atomically.
+    Each directory may hold ``vitscope probe``, ``train``, ``hessian``, ``landscape``, ``robustness`` and
+    ``attention`` outputs (see ``vitscope.reports.loaders``); a figure is drawn only for data that is present.
+    Every figure is also written as ``figures/<model>/<figure>.png``, ``.svg`` and ``.csv`` (the plotted
+    numbers) next to the page, plus ``figures/summary.csv``. All files are written atomically.
+
+    Args:
+        workers: processes that draw the sections (one per model, plus the comparison) in parallel; default
+            one per available CPU, at most one per section. 1 draws everything in this process.
 
     Returns:
         The path of the HTML page.
@@ -68,42 +125,50 @@ def build_report(run_dirs: Sequence[str | os.PathLike], out_html: str | os.PathL
     out = Path(out_html)
     if out.is_dir():
         raise ValueError(f"--out {out} is a directory; give the HTML file to write, e.g. {out / 'report.html'}")
+    if workers is not None and workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
     run_dirs = list(run_dirs)
     runs = load_runs(run_dirs)
     fig_root = out.parent / FIGURES_DIR
-    sections: list[Section] = [run_section(r) for r in runs]
-    comparison = comparison_section(runs)
-    if comparison is not None:
-        sections.insert(0, comparison)
+    tasks = [-1] + list(range(len(runs))) if len(runs) > 1 else [0]  # the comparison first, as on the page
     taken: set[str] = {"summary", FIGURES_DIR}
     page_sections = []
-    total = sum(len(s.items) for s in sections)
-    bar = tqdm(total=total, desc="report", disable=None, leave=False)
-    for sec in sections:
-        sec.slug = _unique(sec.slug, taken)
-        figs, keys = [], set()
-        for item in sec.items:
-            key = _unique(item.key, keys)
-            anchor = f"{sec.slug}--{key}"
-            base = fig_root / sec.slug / key
-            png = F.to_bytes(item.figure, "png")
-            item.figure.set_layout_engine("none")  # keep the layout of the PNG draw; the SVG need not redo it
-            atomic_write_bytes(base.with_suffix(".png"), png)
-            atomic_write_bytes(base.with_suffix(".svg"), F.to_bytes(item.figure, "svg"))
-            atomic_write_bytes(base.with_suffix(".csv"), csv_bytes(item.rows))
-            rel = f"{FIGURES_DIR}/{sec.slug}/{key}"
-            links = {"PNG": rel + ".png", "SVG": rel + ".svg", "CSV": rel + ".csv"}
-            alt = f"{sec.title}: {item.caption.title}"
-            figs.append((anchor, item.caption.title,
-                         figure_html(anchor, png, item.caption.title, item.caption.definition, item.caption.finding,
-                                     item.note, links, alt)))
-            item.figure.clear()
-            bar.update(1)
-        page_sections.append({"anchor": sec.slug, "title": sec.title, "source": sec.path, "figures": figs,
-                              "notes": sec.notes})
-    bar.close()
-    rows = summary_rows(runs)
-    atomic_write_bytes(fig_root / "summary.csv", csv_bytes(rows))
+    total = 0
+    bar = tqdm(total=len(tasks), desc="report", unit="section", disable=None, leave=False)
+    _RUNS[:] = runs
+    # Files are written by threads while the figures are drawn: each atomic write waits on its fsync, and
+    # many fsyncs in flight share the file system's journal commits.
+    with ThreadPoolExecutor(max_workers=8) as writer:
+        writes = []
+        try:
+            for res in _rendered_sections(tasks, workers or _default_workers(len(tasks)), bar):
+                if res is None:
+                    continue
+                sec, files = res
+                sec.slug = _unique(sec.slug, taken)
+                figs, keys = [], set()
+                for item, (png, svg, csv_data) in zip(sec.items, files):
+                    key = _unique(item.key, keys)
+                    anchor = f"{sec.slug}--{key}"
+                    base = fig_root / sec.slug / key
+                    for suffix, data in ((".png", png), (".svg", svg), (".csv", csv_data)):
+                        writes.append(writer.submit(atomic_write_bytes, base.with_suffix(suffix), data))
+                    rel = f"{FIGURES_DIR}/{sec.slug}/{key}"
+                    links = {"PNG": rel + ".png", "SVG": rel + ".svg", "CSV": rel + ".csv"}
+                    alt = f"{sec.title}: {item.caption.title}"
+                    figs.append((anchor, item.caption.title,
+                                 figure_html(anchor, png, item.caption.title, item.caption.definition,
+                                             item.caption.finding, item.note, links, alt)))
+                total += len(figs)
+                page_sections.append({"anchor": sec.slug, "title": sec.title, "source": sec.path, "figures": figs,
+                                      "notes": sec.notes})
+            rows = summary_rows(runs)
+            writes.append(writer.submit(atomic_write_bytes, fig_root / "summary.csv", csv_bytes(rows)))
+        finally:
+            _RUNS.clear()
+            bar.close()
+            for w in writes:  # every write finishes (or fails) before the page is written
+                w.result()
     cap = caption("summary")
     summary = (table_html(rows, SUMMARY_COLUMNS) if rows else "<p>No accuracy recorded in these outputs.</p>")
     summary += (f'<p class="caption">{cap.definition} <em>Paper:</em> {cap.finding} '

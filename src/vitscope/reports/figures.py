@@ -21,7 +21,7 @@ _logger = logging.getLogger(__name__)
 
 __all__ = [
     "new_figure", "heatmap", "per_head", "lines", "shaded_depth", "colored_curves", "band_lines", "bars",
-    "eigen_density", "contour", "reliability", "panels", "to_bytes",
+    "eigen_density", "contour", "reliability", "panels", "to_bytes", "render",
 ]
 
 SIZE = (4.8, 3.2)
@@ -59,6 +59,22 @@ def to_bytes(fig: Figure, fmt: str, dpi: int = 130) -> bytes:
     meta = {"Software": None} if fmt == "png" else {"Date": None}
     fig.savefig(buf, format=fmt, dpi=dpi, metadata=meta)
     return buf.getvalue()
+
+
+def render(fig: Figure, dpi: int = 130) -> tuple[bytes, bytes]:
+    """The figure as PNG and SVG bytes, laid out once.
+
+    The PNG draw runs the layout engine (constrained layout) and places the titles; the SVG draw then reuses
+    that layout instead of recomputing it: the layout engine is switched off and each title keeps the position
+    the PNG draw gave it (both are in figure/axes fractions, so they do not depend on the dpi). Each of these
+    passes measures every tick label again, which is most of a figure's cost.
+    """
+    png = to_bytes(fig, "png", dpi)
+    fig.set_layout_engine("none")
+    for ax in fig.axes:
+        if hasattr(ax, "_autotitlepos"):  # matplotlib's flag for "place the title above top-side tick labels"
+            ax._autotitlepos = False
+    return png, to_bytes(fig, "svg", dpi)
 
 
 def _title(ax, title: str) -> None:
