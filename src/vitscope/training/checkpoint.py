@@ -32,6 +32,7 @@ import pickle
 import random
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -373,7 +374,9 @@ def _read_state(path: Path) -> dict[str, Any]:
     from vitscope.io.weights import CheckpointError
 
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about foreign pickle protocols before refusing them
+            warnings.simplefilter("ignore", UserWarning)
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         raise CheckpointError(
             f"Refused to load {path}: it holds Python objects outside torch's weights-only allowlist, and "
