@@ -209,3 +209,28 @@ def test_amp_bf16_on_the_cpu_is_close_to_float32(tmp_path):
     assert r16["meta"]["amp"] == "bf16" and r16["n"] == r32["n"] == 32
     assert abs(r16["clean"]["accuracy"] - r32["clean"]["accuracy"]) <= 2 / 32
     assert r16["calibration"]["nll"] == pytest.approx(r32["calibration"]["nll"], rel=3e-2)
+
+
+def test_sigkill_while_writing_leaves_no_output_and_the_next_run_cleans_up(tmp_path):
+    """A real SIGKILL inside the staged block: ``--out`` never appears; the next run removes the staging folder."""
+    import subprocess
+    import sys
+
+    import vitscope.io.atomic as atomic
+
+    out = tmp_path / "res"
+    script = (
+        "import importlib.util, os, signal, sys\n"
+        f"spec = importlib.util.spec_from_file_location('atomic', {atomic.__file__!r})\n"
+        "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
+        f"with m.staged_output({str(out)!r}) as stage:\n"
+        "    m.atomic_write_text(stage / 'results.json', '{}')\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=60)
+    assert r.returncode == -9
+    left = [p.name for p in tmp_path.iterdir()]
+    assert not out.exists() and len(left) == 1 and left[0].startswith(".res.partial-")
+    with atomic.staged_output(out) as stage:
+        atomic.atomic_write_text(stage / "results.json", "[]")
+    assert [p.name for p in tmp_path.iterdir()] == ["res"] and (out / "results.json").read_text() == "[]"
