@@ -475,7 +475,8 @@ def run_model_spec(run_dir: str | os.PathLike) -> dict[str, Any]:
     ``run_dir`` is a run directory, or a weights file of one (``RUN/model.safetensors``,
     ``RUN/checkpoints/epoch-N/model.safetensors``; that file is then the one returned). Returns
     ``{"model": str, "model_kwargs": dict, "img_size": int | None, "num_classes": int, "data": str | None,
-    "data_options": dict, "create_kwargs": dict, "weights": Path, "epoch": int | None}``; ``create_kwargs``
+    "data_options": dict, "create_kwargs": dict, "pretrained": bool, "weights": Path, "epoch": int | None}``
+    (``pretrained``: the run started from timm's hub weights); ``create_kwargs``
     are the keyword arguments of ``vitscope.create_model(model, **create_kwargs)`` that build the trained
     network (``model_kwargs`` plus ``num_classes``, and ``img_size`` when the model takes one).
 
@@ -515,7 +516,8 @@ def run_model_spec(run_dir: str | os.PathLike) -> dict[str, Any]:
     epoch = _weights_metadata(weights).get("epoch")
     return {"model": cfg["model"], "model_kwargs": kwargs, "img_size": cfg.get("img_size"),
             "num_classes": num_classes, "data": cfg.get("data"), "data_options": dict(cfg.get("data_options") or {}),
-            "create_kwargs": create, "weights": weights, "epoch": int(epoch) if epoch is not None else None}
+            "create_kwargs": create, "pretrained": bool(cfg.get("pretrained", False)), "weights": weights,
+            "epoch": int(epoch) if epoch is not None else None}
 
 
 def _head_classes(weights: Path) -> int | None:

@@ -490,7 +490,7 @@ def _setup(cfg: TrainConfig, device: torch.device, info: DistInfo, resume: bool)
         cfg = dataclasses.replace(cfg, img_size=int(model.pretrained_cfg.get("input_size", (3, 224, 224))[-1]))
     spec = {"model": cfg.model, "model_kwargs": dict(cfg.model_kwargs), "img_size": cfg.img_size,
             "num_classes": cfg.num_classes, "data": cfg.data, "data_options": dict(cfg.data_options),
-            "create_kwargs": create_kwargs}
+            "create_kwargs": create_kwargs, "pretrained": cfg.pretrained}
     model.to(device)
     channels_last = cfg.channels_last and device.type == "cuda"
     if channels_last:
