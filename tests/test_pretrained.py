@@ -221,3 +221,15 @@ def test_default_preprocessing_of_a_run_is_what_training_validated_with(hub):
     pre = resolve_preprocessing(args, model, {"pretrained": True, "checkpoint": None}, info)
     assert pre["source"] == "model" and pre == {**resolve_data_config(model=model), "input_size": (3, 160, 160),
                                                  "source": "model", "overridden": []}
+
+
+def test_truncated_cached_weights_say_so(hub):
+    from huggingface_hub import constants
+
+    snap = Path(constants.HF_HUB_CACHE) / ("models--" + HUB_ID.replace("/", "--")) / "snapshots" / COMMIT
+    data = (snap / "model.safetensors").read_bytes()
+    (snap / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError) as err:
+        load_model(TAG, pretrained=True)
+    msg = str(err.value)
+    assert "probably truncated" in msg and f"huggingface-cli download {HUB_ID}" in msg and "\n" not in msg

@@ -578,13 +578,28 @@ def _load_pretrained(name: str, **kwargs: Any) -> nn.Module:
         if source != "hf-hub":
             raise CheckpointError(f"Cannot load timm's pretrained weights for {name!r} from {location} "
                                   f"({_short(err)})") from None
-        how = (f"fetch them once online with `huggingface-cli download {hub_id}` (or `hf download {hub_id}`), "
-               f"or run once without HF_HUB_OFFLINE=1; the cache is HF_HUB_CACHE / HF_HOME")
-        state = "HF_HUB_OFFLINE=1 is set and they are not cached" if _hub_offline() else \
-            "they are not cached and the download failed"
-        raise CheckpointError(
-            f"Pretrained weights for {name!r} (hub id {hub_id}): {state} in {cache} ({_short(err)}); {how}."
-        ) from None
+        raise CheckpointError(_hub_failure(name, hub_id, cache, err)) from None
+
+
+def _hub_failure(name: str, hub_id: str, cache: str, err: BaseException) -> str:
+    """One line saying why hub weights did not load and how to get them."""
+    from huggingface_hub import try_to_load_from_cache
+
+    repo = hub_id.split("@", 1)[0]
+    cached = [f for f in ("model.safetensors", "pytorch_model.bin")
+              if isinstance(try_to_load_from_cache(repo, f, cache_dir=cache), str)]
+    where = f"the Hugging Face cache {cache}"
+    if cached:
+        return (f"Pretrained weights {name!r} ({hub_id}) are in {where} but cannot be loaded ({_short(err)}); "
+                f"the cached {cached[0]} is probably truncated: delete {cache}/models--{repo.replace('/', '--')} "
+                f"and fetch it again with `huggingface-cli download {repo}`")
+    if _hub_offline():
+        return (f"Pretrained weights {name!r} ({hub_id}) are not in {where} and HF_HUB_OFFLINE=1 forbids downloading "
+                f"them; fetch them once online with `huggingface-cli download {repo}` (or `hf download {repo}`) "
+                "into the same HF_HOME / HF_HUB_CACHE, or run once without HF_HUB_OFFLINE=1")
+    return (f"Pretrained weights {name!r} ({hub_id}) are not in {where} and downloading them failed "
+            f"({_short(err)[:160]}); check the network, or fetch them on a connected machine with "
+            f"`huggingface-cli download {repo}` and copy its cache (HF_HOME / HF_HUB_CACHE) here")
 
 
 def read_sidecar(path: _PathLike) -> dict[str, Any] | None:
