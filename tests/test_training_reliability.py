@@ -236,3 +236,15 @@ def test_early_stopping_ends_the_run_and_survives_resume(tmp_path):
                   resume=True)  # requeued: nothing left to do
     assert again["stopped_early"] and again["epoch"] == 2 and len(read_jsonl(run / "metrics.jsonl")) == 3
     assert math.isfinite(again["best_val_nll"])
+
+
+def test_auto_resume_starts_a_run_then_continues_it_with_the_same_command(tmp_path, capsys):
+    run = tmp_path / "run"
+    argv = ["train", "--config", "cpu-quick", "--model", "test_vit_cifar", "--data", "fake:n=64", "--out", str(run),
+            "--auto-resume", "epochs=1", "batch_size=16", "img_size=16", "progress=false"]
+    assert cli_main(argv) == 0  # nothing there: starts the run
+    first = read_jsonl(run / "metrics.jsonl")
+    assert cli_main([*argv, "progress=true"]) == 0  # requeued (a runtime setting may differ): nothing to do
+    assert read_jsonl(run / "metrics.jsonl") == first and latest_checkpoint(run).name == "epoch-0000"
+    _one_line_error(capsys, [*argv, "lr=0.5"], "--auto-resume:", "other settings (lr: 0.001 -> 0.5)")
+    _one_line_error(capsys, [*argv, "--resume", str(run)], "drop --resume")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from typing import Any
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -30,6 +31,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="continue the run in RUN_DIR from its last complete checkpoint (a run killed before its "
                    "first checkpoint starts again from its saved config)")
+    p.add_argument("--auto-resume", action="store_true",
+                   help="with --out: continue the run there if it has started (its settings must be the same), "
+                   "else start it; for job schedulers that requeue the same command line")
     p.add_argument("--pretrained", action="store_true",
                    help="fine-tune: start from timm's hub weights of --model (config key pretrained=true)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. lr=1e-3 epochs=5")
@@ -40,6 +44,9 @@ def run(args: argparse.Namespace) -> int:
     from vitscope.cli import CLIError
     from vitscope.training import NonFiniteLossError, load_config, resolve_config, train
 
+    resume = bool(args.resume)
+    if args.resume and args.auto_resume:
+        raise CLIError("--auto-resume goes with --out RUN_DIR and the run's settings; drop --resume")
     if args.resume:
         if args.config:
             raise CLIError("--resume continues with the run's saved config.yaml; drop --config "
@@ -59,10 +66,33 @@ def run(args: argparse.Namespace) -> int:
             raise CLIError("--out RUN_DIR is required (the run directory to create), or --resume RUN_DIR")
         cfg = resolve_config(args.config, args.overrides, model=args.model, data=args.data, out=args.out,
                              pretrained=True if args.pretrained else None)
+        if args.auto_resume and os.path.isfile(os.path.join(args.out, "config.yaml")):
+            cfg, resume = _same_run(load_config(args.out), cfg, args.out), True
     try:
-        result = train(cfg, resume=bool(args.resume))
+        result = train(cfg, resume=resume)
     except NonFiniteLossError as e:
         raise CLIError(str(e)) from None
     if int(os.environ.get("RANK", 0)) == 0:  # under torchrun, one summary line
         print(json.dumps(result))
     return 0
+
+
+_RUNTIME_KEYS = ("out", "progress", "device", "tensorboard", "num_workers")  # may differ between attempts
+
+
+def _same_run(saved: Any, cfg: Any, out: str) -> Any:
+    """``saved`` (the run's resolved config) when ``cfg`` asks for the same run, else a CLIError naming the
+    settings that differ; ``num_classes`` / ``img_size`` left unset in ``cfg`` take the saved values."""
+    import dataclasses
+
+    from vitscope.cli import CLIError
+    from vitscope.training.config import config_to_dict
+
+    old, new = config_to_dict(saved), config_to_dict(cfg)
+    differ = sorted(k for k in new if k not in _RUNTIME_KEYS and new[k] != old.get(k)
+                    and not (k in ("num_classes", "img_size") and new[k] is None))
+    if differ:
+        shown = ", ".join(f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in differ)
+        raise CLIError(f"--auto-resume: {out} holds a run with other settings ({shown}); use the command that "
+                       "started it, or train into another --out")
+    return dataclasses.replace(saved, **{k: new[k] for k in _RUNTIME_KEYS})
