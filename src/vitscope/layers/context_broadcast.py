@@ -21,13 +21,15 @@ class ContextBroadcast(nn.Module):
         num_prefix_tokens: Number of class/register tokens at the start of the sequence.
         include_prefix: Whether prefix tokens join the mean (the one-line form of the paper includes them).
             Every token, prefix tokens included, receives the mean either way.
+        device, dtype: Where and in which dtype the CBS scale is created (timm's factory kwargs).
     """
 
-    def __init__(self, dim: int, scaled: bool = False, num_prefix_tokens: int = 1, include_prefix: bool = True):
+    def __init__(self, dim: int, scaled: bool = False, num_prefix_tokens: int = 1, include_prefix: bool = True,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
         super().__init__()
         self.num_prefix_tokens = num_prefix_tokens
         self.include_prefix = include_prefix
-        self.scale = nn.Parameter(torch.full((dim,), 0.5)) if scaled else None
+        self.scale = nn.Parameter(torch.full((dim,), 0.5, device=device, dtype=dtype)) if scaled else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (B, N, C)

@@ -13,6 +13,20 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import RelPosBias, use_fused_attn
+from timm.models import register_notrace_function
+
+
+@register_notrace_function  # shape-dependent branch: timm's FX tracer records the call (public name: FX skips _names)
+def check_whole_windows(x: torch.Tensor, window_size: int) -> torch.Tensor:
+    """Raise unless the map (B, C, H, W) is a whole number of windows; returns ``x``."""
+    H, W = x.shape[-2], x.shape[-1]
+    if H % window_size or W % window_size:
+        raise ValueError(
+            f"WindowAttention2d: a {H}x{W} feature map is not a whole number of {window_size}x{window_size} "
+            "windows; use an input size whose stage maps are multiples of the window, or build the model "
+            "with a window_size that divides them"
+        )
+    return x
 
 
 class WindowAttention2d(nn.Module):
@@ -56,14 +70,9 @@ class WindowAttention2d(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, _, H, W = x.shape
         ws, nh, hd = self.window_size, self.num_heads, self.head_dim
-        if H % ws or W % ws:
-            raise ValueError(
-                f"WindowAttention2d: a {H}x{W} feature map is not a whole number of {ws}x{ws} windows; "
-                "use an input size whose stage maps are multiples of the window, or build the model "
-                "with a window_size that divides them"
-            )
+        x = check_whole_windows(x, ws)
+        B, _, H, W = x.shape
         gh, gw = H // ws, W // ws
         n = ws * ws
         qkv = self.qkv(x)  # (B, 3*nh*hd, H, W)

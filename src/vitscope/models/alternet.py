@@ -18,12 +18,17 @@ reproduces it; the default here is the described ReLU), its conv blocks ignore t
 shares one relative-position bias table across heads (so does vitscope, ``rel_pos_per_head=False``).
 At 32 px the stage maps are 32/16/8/4, so the CIFAR model uses 4x4 windows (HDVW's CIFAR Swin uses 4).
 
+Input sizes (by design): window attention needs stage maps made of whole windows. alternet50 (window 7
+on maps of 1/8, 1/16 and 1/32 of the input) runs only at multiples of 224 px; the CIFAR models (window
+4 on maps of 1/2, 1/4 and 1/8) only at multiples of 32 px. Their timm configs say
+``fixed_input_size=True``, as timm's Swin configs do, and ``img_size`` is checked at construction.
+
 Every residual block follows vitscope's capture contract: class attribute ``vitscope_kind``
 (``"conv"``/``"msa"``), submodules ``shortcut`` and ``drop_path``, and a forward ending in
 ``return self.shortcut(x) + self.drop_path(branch)``.
 """
-from __future__ import annotations
-
+# no ``from __future__ import annotations``: FX code generation (then TorchScript) reads the real
+# annotations of AlterNet.forward; deferred (string) ones become an unknown type name there.
 from collections import OrderedDict
 from contextlib import nullcontext
 from functools import partial
@@ -105,6 +110,22 @@ def stage_layout(depth: int, num_msa: int) -> list[str]:
     return ["conv"] * (depth - 2 * num_msa) + ["conv", "msa"] * num_msa
 
 
+def _check_windows_fit(img_size: int | tuple[int, int], cifar_stem: bool, num_msa: tuple[int, ...],
+                       window_size: int) -> None:
+    """Raise unless every stage with MSA blocks sees a map of whole ``window_size`` windows at ``img_size``."""
+    size = tuple(img_size) if isinstance(img_size, (tuple, list)) else (img_size, img_size)
+    maps = size if cifar_stem else tuple(-(-s // 4) for s in size)  # 7x7/2 conv + 3x3/2 pool (padded)
+    for i, m in enumerate(num_msa):
+        if i > 0:
+            maps = tuple(-(-s // 2) for s in maps)  # the stage's first conv has stride 2 (padded)
+        if m and any(s % window_size for s in maps):
+            raise ValueError(
+                f"AlterNet: at img_size={size[0]}x{size[1]} stage {i} maps are {maps[0]}x{maps[1]}, not a whole "
+                f"number of {window_size}x{window_size} attention windows; use an input size whose stage "
+                "maps are multiples of the window (alternet50: multiples of 224) or pass window_size="
+            )
+
+
 class AlterNet(nn.Module):
     """AlterNet: pre-activation bottleneck ResNet with window-MSA blocks at the end of stages.
 
@@ -127,6 +148,9 @@ class AlterNet(nn.Module):
         msa_act_layer: Activation after the MSA block's first BN (default: ``act_layer``; HDVW's code
             uses GELU there).
         rel_pos_per_head: One relative-position table per head instead of one shared table.
+        img_size: Input size the model is built for (timm's ``fixed_input_size`` argument); if given,
+            every stage with MSA blocks must see a map that is a whole number of windows, else
+            ``ValueError``. Other inputs whose maps are whole windows also run.
     """
 
     def __init__(
@@ -148,6 +172,7 @@ class AlterNet(nn.Module):
         act_layer: str | type[nn.Module] = "relu",
         msa_act_layer: str | type[nn.Module] | None = None,
         rel_pos_per_head: bool = False,
+        img_size: int | tuple[int, int] | None = None,
     ):
         super().__init__()
         if not len(layers) == len(num_msa) == len(num_heads) == len(channels):
@@ -189,6 +214,9 @@ class AlterNet(nn.Module):
             stages.append(nn.Sequential(*blocks))
             self.feature_info.append(dict(num_chs=out_chs, reduction=reduction, module=f"stages.{i}"))
         self.stages = nn.Sequential(*stages)
+        if img_size is not None:
+            _check_windows_fit(img_size, cifar_stem, num_msa, window_size)
+        self.img_size = img_size
 
         self.num_features = self.head_hidden_size = in_chs
         self.norm = BatchNormAct2d(in_chs, act_layer=act)  # pre-act nets end with BN-ReLU before the pool
@@ -215,8 +243,10 @@ class AlterNet(nn.Module):
         return self.head.fc
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        ref = self.stem.conv.weight  # the new head joins the model's device and dtype (meta included)
         self.num_classes = num_classes
         self.head.reset(num_classes, global_pool)
+        self.head.to(device=ref.device, dtype=ref.dtype)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)
@@ -274,10 +304,14 @@ class AlterNet(nn.Module):
         return take_indices
 
 
+# fixed_input_size: the window attention needs stage maps that are whole numbers of windows, so
+# alternet50 (window 7, maps 1/8, 1/16, 1/32 of the input) takes multiples of 224 px only and the CIFAR
+# models (window 4, maps 1/2, 1/4, 1/8) multiples of 32 px; timm says so for Swin the same way.
+_ACFG = dict(first_conv="stem.conv", classifier="head.fc", fixed_input_size=True)
 default_cfgs = generate_default_cfgs({
-    "alternet50": cfg(224, first_conv="stem.conv", classifier="head.fc", pool_size=(7, 7)),
-    "alternet50_cifar": cfg(32, first_conv="stem.conv", classifier="head.fc"),
-    "test_alternet": cfg(32, first_conv="stem.conv", classifier="head.fc", num_classes=10),
+    "alternet50": cfg(224, pool_size=(7, 7), **_ACFG),
+    "alternet50_cifar": cfg(32, pool_size=(4, 4), **_ACFG),
+    "test_alternet": cfg(32, pool_size=(4, 4), num_classes=10, **_ACFG),
 })
 
 
@@ -296,13 +330,19 @@ _ALTERNET50 = dict(layers=(3, 4, 6, 4), num_msa=(0, 1, 3, 2), num_heads=(3, 6, 1
 
 @register
 def alternet50(pretrained: bool = False, **kwargs: Any) -> AlterNet:
-    """AlterNet-50 (HDVW): blocks (3, 4, 6, 4), MSA (0, 1, 3, 2), heads (3, 6, 12, 24), window 7, 224 px."""
+    """AlterNet-50 (HDVW): blocks (3, 4, 6, 4), MSA (0, 1, 3, 2), heads (3, 6, 12, 24), window 7, 224 px.
+
+    Fixed input size: the 7x7 windows fit the stage maps only at multiples of 224 px.
+    """
     return _create("alternet50", pretrained, **{**_ALTERNET50, "window_size": 7, **kwargs})
 
 
 @register
 def alternet50_cifar(pretrained: bool = False, **kwargs: Any) -> AlterNet:
-    """AlterNet-50 for 32-px CIFAR: 3x3/1 stem (stage maps 32/16/8/4), window 4, 100 classes."""
+    """AlterNet-50 for 32-px CIFAR: 3x3/1 stem (stage maps 32/16/8/4), window 4, 100 classes.
+
+    Fixed input size: the 4x4 windows fit the stage maps only at multiples of 32 px.
+    """
     args = dict(_ALTERNET50, cifar_stem=True, window_size=4, num_classes=100)
     return _create("alternet50_cifar", pretrained, **dict(args, **kwargs))
 

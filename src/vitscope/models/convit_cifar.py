@@ -14,7 +14,8 @@ from vitscope.models._cfg import cfg
 from vitscope.models._registry import register
 
 default_cfgs = generate_default_cfgs({
-    "convit_tiny_32": cfg(32), "convit_small_32": cfg(32), "test_convit_32": cfg(32),
+    # fixed_input_size: learned position embeddings for one grid, as timm's ConViT configs say
+    n: cfg(32, fixed_input_size=True) for n in ("convit_tiny_32", "convit_small_32", "test_convit_32")
 })
 
 

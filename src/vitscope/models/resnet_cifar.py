@@ -84,11 +84,31 @@ class VitscopeResNet(ResNet):
             x = getattr(self, f"smooth{i + 1}")(x)
         return x
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.maxpool(self.act1(self.bn1(self.conv1(x))))  # (B, C, H, W): H = img for the CIFAR stem
+    @torch.jit.ignore
+    def _stages_checkpointed(self, x: torch.Tensor) -> torch.Tensor:
         for i in range(len(_STAGES)):
             x = self._stage(i, x)
         return x
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.act1(self.bn1(self.conv1(x))))  # (B, C, H, W): H = img for the CIFAR stem
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return self._stages_checkpointed(x)
+        # Written out (no loop over names, no getattr) so that TorchScript compiles it;
+        # ``hasattr`` on a module attribute is resolved when scripting.
+        x = self.layer1(x)
+        if hasattr(self, "smooth1"):
+            x = self.smooth1(x)
+        x = self.layer2(x)
+        if hasattr(self, "smooth2"):
+            x = self.smooth2(x)
+        x = self.layer3(x)
+        if hasattr(self, "smooth3"):
+            x = self.smooth3(x)
+        x = self.layer4(x)
+        if hasattr(self, "smooth4"):
+            x = self.smooth4(x)
+        return x  # (B, C, H/8, W/8) with the CIFAR stem, (B, C, H/32, W/32) with the ImageNet stem
 
     def forward_intermediates(
         self,
@@ -129,7 +149,9 @@ class VitscopeResNet(ResNet):
 
 
 def _rcfg(img_size: int = 32, **kwargs: Any) -> dict:
-    return cfg(img_size, first_conv="conv1", classifier="fc", **kwargs)
+    # pool_size: the final map, img / 8 with the CIFAR stem (32 px), img / 32 with the ImageNet stem (224 px)
+    pool = img_size // 8 if img_size <= 64 else img_size // 32
+    return cfg(img_size, first_conv="conv1", classifier="fc", pool_size=(pool, pool), **kwargs)
 
 
 default_cfgs = generate_default_cfgs({
