@@ -233,3 +233,23 @@ def test_truncated_cached_weights_say_so(hub):
         load_model(TAG, pretrained=True)
     msg = str(err.value)
     assert "probably truncated" in msg and f"huggingface-cli download {HUB_ID}" in msg and "\n" not in msg
+
+
+def test_pretrained_at_another_img_size_resamples_the_position_embedding(hub, tmp_path):
+    """--img-size with hub weights builds the ViT at that size (timm resamples pos_embed from the weights)."""
+    import argparse
+
+    from vitscope.cli import build_parser
+    from vitscope.cli._common import build_setup
+
+    parser: argparse.ArgumentParser = build_parser()
+    s = build_setup(parser.parse_args(["probe", "--model", TAG, "--pretrained", "--img-size", "96", "--data", "fake",
+                                       "--out", str(tmp_path / "o"), "--device", "cpu"]))
+    assert s.preprocessing["input_size"] == (3, 96, 96) and s.preprocessing["overridden"] == ["input_size"]
+    ref = timm.create_model(TAG, pretrained=True, img_size=96).state_dict()
+    got = s.model.state_dict()
+    assert got["pos_embed"].shape == ref["pos_embed"].shape != hub["pos_embed"].shape
+    for k in ref:
+        assert torch.equal(got[k], ref[k]), k
+    x, _ = next(iter(s.loader))
+    assert x.shape[-1] == 96 and torch.isfinite(s.model(x)).all()

@@ -239,6 +239,19 @@ def _build_from_spec(spec: dict[str, Any]) -> Any:
     return load_checkpoint(model, spec["weights"], strict=True)
 
 
+def _with_img_size(build: Any, img_size: int | None) -> Any:
+    """``build(img_size=...)`` for a user's ``--img-size`` (a ViT's position embedding is resampled from the
+    weights by timm's checkpoint filter), ``build()`` for models that take any input size."""
+    if img_size is None:
+        return build()
+    try:
+        return build(img_size=img_size)
+    except TypeError as e:
+        if "img_size" not in str(e):
+            raise
+        return build()
+
+
 def _arch(name: str) -> str:
     return name.split(".", 1)[0]
 
@@ -280,13 +293,14 @@ def build_model(args: argparse.Namespace, num_data_classes: int) -> tuple[Any, d
     elif not args.model:
         raise CLIError("--model is required (or --checkpoint RUN_DIR, which names its model)")
     elif args.pretrained:
-        model = load_model(args.model, pretrained=True)
+        model = _with_img_size(lambda **kw: load_model(args.model, pretrained=True, **kw), args.img_size)
         meta = {"model": args.model, "pretrained": True, "checkpoint": None,
                 "hf_hub_id": model.pretrained_cfg.get("hf_hub_id")}
     else:
         torch.manual_seed(args.seed)  # a model without weights gets the same random weights every run
         kwargs = {} if args.checkpoint else {"num_classes": num_data_classes}
-        model = load_model(args.model, checkpoint=args.checkpoint, **kwargs)
+        model = _with_img_size(lambda **kw: load_model(args.model, checkpoint=args.checkpoint, **kwargs, **kw),
+                               args.img_size)
         meta = {"model": args.model, "pretrained": False, "checkpoint": args.checkpoint}
     meta["num_classes"] = int(getattr(model, "num_classes", 0) or 0)
     return model.eval(), meta

@@ -574,6 +574,8 @@ def _load_pretrained(name: str, **kwargs: Any) -> nn.Module:
     cache = _hub_cache_dir(kwargs.get("cache_dir"))
     try:
         return create_model(name, pretrained=True, **kwargs)
+    except TypeError:  # a keyword the architecture does not take (e.g. img_size for a CNN): the caller's
+        raise
     except Exception as err:  # hub errors: offline and not cached, no network, no such repo, truncated file
         if source != "hf-hub":
             raise CheckpointError(f"Cannot load timm's pretrained weights for {name!r} from {location} "
