@@ -47,7 +47,8 @@ __all__ = ["DemoSize", "DEMO_SIZES", "DEMO_MODELS", "CROSS_CKA", "run_demo"]
 
 DEMO_MODELS = ("vit", "vit_cb", "convit", "resnet", "alternet")
 CROSS_CKA = {"vit": "resnet", "vit_cb": "vit", "convit": "vit", "alternet": "resnet", "resnet": "alternet"}
-STAGES = ("evaluate", "probe", "lesion", "localization", "hessian", "landscape", "robustness")
+STAGES = ("evaluate", "probe", "lesion", "localization", "attention", "hessian", "landscape", "robustness")
+ATTENTION_IMAGES = 4  # the first test images get attention drawn on them (attention.npz, report figures)
 
 
 @dataclass(frozen=True)
@@ -244,6 +245,17 @@ def _run(out: Path, size: str, data: str, img_size: int, models: tuple[str, ...]
             result.meta.update(model_name=spec.label, registry_name=spec.model, data=data, split="test")
             result.save(run_dir)
             entry["probe"] = _short_probe(result.to_dict())
+            with step("attention"):  # ViT Fig. 6/7 and ConViT's gates on a few fixed test images
+                if has_attention(model, images):
+                    x, y = next(iter(test))
+                    maps = vitscope.attention_maps(model, x[:ATTENTION_IMAGES], mean=info.mean, std=info.std)
+                    names = list(getattr(info, "class_names", None) or [])
+                    maps.meta = {"model_name": spec.label, "data": data, "split": "test",
+                                 "labels": [names[int(t)] if names else str(int(t)) for t in y[:ATTENTION_IMAGES]]}
+                    maps.save(run_dir / "attention.npz")
+                    entry["attention"] = {"images": len(x[:ATTENTION_IMAGES]), "rollout": maps.rollout_source,
+                                          "layers": len(maps.layers)}
+            bar.update(1)
             with step("hessian"):
                 from vitscope.data import create_loader
                 from vitscope.training import augment_options, load_config
