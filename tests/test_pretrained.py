@@ -253,3 +253,24 @@ def test_pretrained_at_another_img_size_resamples_the_position_embedding(hub, tm
         assert torch.equal(got[k], ref[k]), k
     x, _ = next(iter(s.loader))
     assert x.shape[-1] == 96 and torch.isfinite(s.model(x)).all()
+
+
+def test_robustness_pretrained_normalizes_with_the_models_statistics(hub, tmp_path):
+    """robustness reads [0, 1] pixels cropped as the model says and normalizes inside with its mean/std: the clean
+    logits equal the model on timm's own transform of the same images."""
+    from vitscope.io.weights import load_model as load
+
+    items = _image_folder(tmp_path / "imgs")
+    out = tmp_path / "rob"
+    assert main(["robustness", "--model", TAG, "--pretrained", "--data", f"imagefolder:{tmp_path / 'imgs'}",
+                 "--split", "val", "--suite", "calibration", "--no-plots", "--no-progress", "--device", "cpu",
+                 "--batch-size", "4", "--out", str(out)]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["meta"]["mean"] == [0.5, 0.5, 0.5] and res["meta"]["normalization"] == "model" and res["n"] == 8
+    model = load(TAG, pretrained=True).eval()
+    tf = create_transform(**resolve_data_config(model=model))
+    x = torch.stack([tf(Image.open(p).convert("RGB")) for p, _ in items])
+    y = torch.tensor([c for _, c in items])
+    with torch.no_grad():
+        nll = torch.nn.functional.cross_entropy(model(x), y).item()
+    assert res["calibration"]["nll"] == pytest.approx(nll, rel=1e-4)
