@@ -77,6 +77,8 @@ def run(args: argparse.Namespace) -> int:
         l2_style=args.l2_style, directions=args.directions, train_mode=args.train_mode,
         progress=not args.no_progress,
     )
+    if not setup.is_main:
+        return 0  # torchrun: the landscape is not sharded (every rank computes it); rank 0 alone writes
     out = Path(args.out)
     data = result.to_dict()
     data["run"] = {**setup.meta, "batch_size": args.batch_size, "batches": args.batches,
