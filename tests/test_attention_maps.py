@@ -271,3 +271,16 @@ def test_report_shows_attention_on_images(tmp_path):
     pc = rows("test-convit-32", "patch_embedding_components")
     np.testing.assert_array_equal(np.array([float(r["value"]) for r in pc]).reshape(maps.patch_components.shape),
                                   maps.patch_components)
+
+
+def test_report_names_a_bad_attention_file(tmp_path):
+    from vitscope.reports import ReportInputError, build_report
+
+    d = tmp_path / "att"
+    d.mkdir()
+    (d / "attention.npz").write_bytes(b"PK\x03\x04 torn")
+    with pytest.raises(ReportInputError, match="attention.npz"):
+        build_report([d], tmp_path / "r.html")
+    np.savez(d / "attention.npz", images=np.zeros((1, 8, 8, 3)))  # a .npz, but not of vitscope attention
+    with pytest.raises(ReportInputError, match=r"lacks \['query'"):
+        build_report([d], tmp_path / "r.html")

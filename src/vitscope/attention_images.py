@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -132,7 +133,7 @@ def load_attention_maps(path: str | os.PathLike) -> AttentionMaps:
     try:
         with np.load(path, allow_pickle=False) as z:
             d = {k: z[k] for k in z.files}
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise ValueError(f"{path} is not a readable attention .npz ({e}); re-create it with vitscope attention") \
             from None
     need = ("images", "query", "query_grid", "query_box", "layers", "kinds", "query_cells")
@@ -273,7 +274,7 @@ def attention_maps(
         mean, std: the normalisation the loader applied, to show the images as they were.
         head_fusion, discard_ratio: passed to ``measures.attention_rollout``.
         embeddings: also compute patch-embedding components and position-embedding similarity when present.
-        device: run the model here (default: where its parameters are).
+        device: where the model's parameters are, to send ``images`` there (default: read from the model).
 
     Raises:
         ValueError: the model has no attention layer, or ``query`` lies outside the grid.
