@@ -62,7 +62,8 @@ def test_maps_do_not_depend_on_the_batch(vit):
     """Each image's maps are its own: two batches give what one batch gives."""
     x = _images(5)
     whole = vitscope.attention_maps(vit, x, embeddings=False)
-    parts = [vitscope.attention_maps(vit, x[:2], embeddings=False), vitscope.attention_maps(vit, x[2:], embeddings=False)]
+    parts = [vitscope.attention_maps(vit, x[:2], embeddings=False),
+             vitscope.attention_maps(vit, x[2:], embeddings=False)]
     np.testing.assert_allclose(np.concatenate([p.rollout for p in parts]), whole.rollout, atol=1e-6)
     for i in range(len(whole.query_maps)):
         np.testing.assert_allclose(np.concatenate([p.query_maps[i] for p in parts]), whole.query_maps[i], atol=1e-6)
@@ -138,7 +139,8 @@ def test_windowed_attention_query_maps():
         ws = info.grid[0]
         H, W = m.shape[-2:]
         assert (H, W) == (32 // info.patch_size, 32 // info.patch_size)
-        win = a.reshape(2, H // ws, W // ws, a.shape[1], ws * ws, ws * ws)[:, r // ws, c // ws, :, (r % ws) * ws + c % ws]
+        windows = a.reshape(2, H // ws, W // ws, a.shape[1], ws * ws, ws * ws)  # row-major windows
+        win = windows[:, r // ws, c // ws, :, (r % ws) * ws + c % ws]
         block = m[:, :, r // ws * ws:(r // ws + 1) * ws, c // ws * ws:(c // ws + 1) * ws]
         np.testing.assert_allclose(block.reshape(win.shape), win.numpy(), atol=1e-7)
         np.testing.assert_allclose(m.sum((2, 3)), 1.0, atol=1e-5)  # zero outside the query's window
