@@ -32,8 +32,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                    "positional maps, patch- and position-embedding figures; writes DIR/*.png "
                                    "and DIR/attention.npz.")
     add_model_options(p, data_default="", split_default="test", batch_size=4, amp=False)
-    p.add_argument("--images", metavar="DIR", help="a folder of image files (instead of --data); "
-                   "preprocessed as the model's pretrained_cfg says unless overridden")
+    p.add_argument("--images", metavar="DIR", help="a folder of image files (instead of --data); preprocessed "
+                   "with the statistics of the data a --checkpoint run was trained on, else as the model's "
+                   "pretrained_cfg says; --mean/--std/--img-size override")
     p.add_argument("--num-images", type=int, default=4, help="how many images (the first of the split or folder)")
     p.add_argument("--query", type=_query, help="ROW,COL of the query patch (default: the centre patch)")
     p.add_argument("--head-fusion", default="mean", choices=("mean", "max", "min"), help="rollout head fusion")
@@ -58,8 +59,25 @@ def _folder_images(args: argparse.Namespace, model, meta: dict) -> tuple[object,
     if args.preprocess == "data":
         raise CLIError("--preprocess data needs --data (a folder of images has no data set statistics); "
                        "use --preprocess model or --mean/--std")
-    args.preprocess = "model"
-    pre = resolve_preprocessing(args, model, meta, None)
+    pre = None
+    trained_on = meta.get("trained_on")
+    if args.preprocess == "auto" and isinstance(trained_on, str) and trained_on and not meta.get("pretrained"):
+        # a run trained from scratch: the statistics of the data it was trained on
+        from vitscope.data import data_info
+
+        try:
+            info = data_info(trained_on)
+        except (ValueError, FileNotFoundError, OSError):
+            info = None  # that data set is not on this machine: fall back to the model's pretrained_cfg
+        if info is not None:
+            args.data, args.preprocess = trained_on, "data"
+            try:
+                pre = resolve_preprocessing(args, model, meta, info)
+            finally:
+                args.data = ""
+    if pre is None:
+        args.preprocess = "model"
+        pre = resolve_preprocessing(args, model, meta, None)
     tf = create_transform(pre["input_size"], is_training=False, interpolation=pre["interpolation"],
                           mean=pre["mean"], std=pre["std"], crop_pct=pre["crop_pct"], crop_mode=pre["crop_mode"])
     images = []
