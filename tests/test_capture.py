@@ -148,7 +148,8 @@ def test_resnet_blocks_skip_and_branch():
     with torch.no_grad(), vitscope.capture(model) as cap:
         model(x)
     assert len(cap.records) == 8 and not cap.attentions
-    assert all(i.kind == "conv" for i in cap.layout)
+    # the first block of stages 2-4 halves the map: kind "downsample" (HDVW treats subsampling apart)
+    assert [i.kind for i in cap.layout] == ["conv", "conv", "downsample", "conv"] * 1 + ["downsample", "conv"] * 2
     for r in cap.records:
         torch.testing.assert_close(F.relu(r.shortcut + r.branch), r.z_out)
     blk = model.layer2[0]  # a downsampling block: shortcut = downsample(z)

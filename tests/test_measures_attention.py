@@ -174,8 +174,8 @@ def test_streaming_unequal_batches_lists_and_layout():
     a2 = random_attention(9, 2, 9, seed=2)  # layer 1: 3x3 grid, no prefix, 2 heads
     layout = [SimpleNamespace(grid=(4, 4), num_prefix_tokens=1, patch_size=8),
               SimpleNamespace(grid=(3, 3), num_prefix_tokens=0, patch_size=4)]
-    measures = [AttentionEntropy(), AttentionDistance(), Nonlocality(), RelativeDistance(),
-                AttentionDistance(renormalize=True)]
+    measures = [AttentionEntropy(), AttentionDistance(renormalize=False), Nonlocality(), RelativeDistance(),
+                AttentionDistance()]  # renormalized by default
     for b1, b2 in zip(split(a1, [1, 5, 3]), split(a2, [1, 5, 3])):
         for m in measures:
             m.update([b1, b2], layout=layout)

@@ -36,7 +36,7 @@ def test_shipped_studies_and_their_findings():
         assert study["scales"]["quick"]["data"] == "elpv"
 
 
-LIGHT = {"eval_examples": 32, "hessian": {"k": 1, "max_batches": 1, "max_iter": 2, "batch_size": 8},
+LIGHT = {"eval_examples": 32, "hessian": {"k": 1, "max_batches": 1, "max_iter": 40, "batch_size": 8},
          "frequency": {"freqs": [0.0, 0.8, 1.0]}}
 
 
@@ -66,7 +66,10 @@ def test_study_runs_at_reduced_size(name, shared_out):
     rows = list(csv.DictReader(res.files["csv"].open()))
     assert [r["verdict"] for r in rows] == [v.verdict for v in res.verdicts]
     md = res.files["md"].read_text()
-    assert md.count("\n| ") == len(study["claims"]) + 1  # header + one row per claim
+    table, training = md.split("\n| model | condition |")
+    assert table.count("\n| ") == len(study["claims"]) + 1  # header + one row per claim
+    assert "p (Holm)" in table and "effect a − b [95% CI]" in table
+    assert training.count("\n| ") == len({(e["model"], e["condition"]) for e in payload["evaluations"]})
     for v in res.verdicts:
         assert v.claim in md
 

@@ -233,7 +233,12 @@ class _Recorder:
             slot["sum"] = args[0].clone()  # the activation is usually in-place
 
         def block_out(_m, _args, out):
-            self.emit(site.name, kind, i, {**slot, "z_out": out})
+            z_in = slot.get("z_in")
+            sub = kind
+            if kind == "conv" and isinstance(z_in, torch.Tensor) and z_in.ndim == 4 and out.ndim == 4 \
+                    and out.shape[-2:] != z_in.shape[-2:]:
+                sub = "downsample"  # a strided (subsampling) conv block: HDVW shades these apart
+            self.emit(site.name, sub, i, {**slot, "z_out": out})
             slot.clear()
 
         self.hook(b, block_in, pre=True)

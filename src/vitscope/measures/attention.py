@@ -135,15 +135,17 @@ def attention_entropy(attn: Tensor) -> Tensor:
 
 
 def attention_distance(
-    attn: Tensor, grid: Any, patch_size: float, num_prefix_tokens: int = 1, renormalize: bool = False
+    attn: Tensor, grid: Any, patch_size: float, num_prefix_tokens: int = 1, renormalize: bool = True
 ) -> Tensor:
     """Mean attention distance per head in pixels (ViT paper Fig. 7; RAGHU).
 
     For each spatial query i: ``sum_j A_ij d_ij``, d the Euclidean distance between patch centres in patch
     units times ``patch_size``; averaged over spatial queries and the batch. Prefix-token rows and columns
-    are dropped; with ``renormalize`` each row is rescaled to sum to 1 over the spatial keys (a row with no
-    spatial mass then contributes 0), otherwise the remaining weights are used as they are (common
-    practice).
+    are dropped. With ``renormalize`` (default) each row is rescaled to sum to 1 over the spatial keys (a row
+    with no spatial mass then contributes 0): the distance of the attention paid to patches, so weight on
+    the class token does not make a head look local. ``renormalize=False`` uses the remaining weights as they
+    are (common practice, e.g. the ViT paper's Fig. 7 code): a head that attends mostly to the class token
+    then reads as near 0 pixels.
 
     Args:
         attn: Post-softmax attention (B, H, N, N).
@@ -264,7 +266,7 @@ class AttentionDistance(_AttentionMeasure):
 
     def __init__(
         self, grid: Any = None, patch_size: float | None = None, num_prefix_tokens: int | None = None,
-        renormalize: bool = False,
+        renormalize: bool = True,
     ) -> None:
         self.patch_size = patch_size
         self.renormalize = renormalize

@@ -49,7 +49,8 @@ CAPTIONS: dict[str, Caption] = {
     "attention_distance": Caption(
         "Mean attention distance per head",
         "For each query patch sum_j A_ij d_ij with d the Euclidean distance between patch centres in pixels; "
-        "mean over queries and images, one dot per head, against depth (class token dropped).",
+        "mean over queries and images, one dot per head, against depth (class-token row and column dropped, each "
+        "row renormalized over the patches, so attention to the class token does not read as local).",
         "ViT Fig. 7 / RAGHU: lower layers mix local and global heads, higher layers are all global; with "
         "little training data the lower-layer heads fail to become local.",
     ),
@@ -139,7 +140,7 @@ CAPTIONS: dict[str, Caption] = {
     "train_attention_distance": Caption(
         "Mean attention distance over training",
         "Mean attention distance (pixels) per layer on a fixed probe batch, mean over heads, against epochs "
-        "trained (0 = initial weights).",
+        "trained (0 = initial weights); class token dropped, rows renormalized over the patches.",
         "RAGHU: with enough data lower layers learn local heads; with little data they stay global.",
     ),
     "train_probe": Caption(
@@ -182,7 +183,8 @@ CAPTIONS: dict[str, Caption] = {
         "minibatches (Lanczos or power iteration with deflation, model in eval mode); the fraction of negative "
         "eigenvalues is shown in the legend.",
         "HDVW: ViTs have small-magnitude Hessian eigenvalues and, at small data, many negative ones (a "
-        "non-convex loss); more data or MSAs' inductive bias suppress the negative eigenvalues.",
+        "non-convex loss), which the weak inductive bias of MSAs produces; strong inductive biases (convs) and "
+        "more data suppress them.",
     ),
     "landscape": Caption(
         "Loss landscape",

@@ -62,14 +62,27 @@ def _entropy_rel(a: dict[str, Any], arg: str) -> float:
     return _mean([r["value"] / r["max_entropy"] for r in rows], "attention entropy / ln N")
 
 
+KINDS = ("msa", "gpsa", "mlp", "conv", "downsample", "smoothing")
+
+
 def _changes(rows: list[dict[str, Any]], kind: str, log: bool) -> list[float]:
     """Change of a per-sub-layer value across each sub-layer of ``kind`` (its output minus its input, the
-    previous sub-layer's output); sub-layers whose input was not recorded are skipped."""
+    previous sub-layer's output). ``kind`` is a capture kind (``msa``, ``gpsa``, ``mlp``, ``conv`` = conv blocks
+    that keep the map size, ``downsample`` = strided / pooling blocks, ``smoothing``), optionally with
+    ``_early`` / ``_late`` (normalized depth < / >= 0.5: HDVW notes early MSAs can act unlike late ones).
+    The first sub-layer has no recorded input (the stem's output is not captured) and is never counted;
+    a sub-layer whose input map is 1 x 1 (absent from the probe) neither."""
+    base, _, half = kind.partition("_")
+    if base not in KINDS or half not in ("", "early", "late"):
+        raise ValueError(f"sub-layer kind must be one of {', '.join(KINDS)}, optionally with _early or _late; "
+                         f"got {kind!r}")
     by_depth = {r["depth"]: r for r in rows}
     out = []
     for d, r in sorted(by_depth.items()):
         prev = by_depth.get(d - 1)
-        if r["kind"] != kind or prev is None or r["value"] is None or prev["value"] is None:
+        if r["kind"] != base or prev is None or r["value"] is None or prev["value"] is None:
+            continue
+        if half and (r["normalized_depth"] < 0.5) != (half == "early"):
             continue
         if log:
             if r["value"] <= 0 or prev["value"] <= 0:
@@ -96,9 +109,17 @@ def _high_freq_drop(a: dict[str, Any], arg: str) -> float:
 
 
 def _cka_offdiag(a: dict[str, Any], arg: str) -> float:
+    """Mean CKA between distinct layers; ``blocks``: only block outputs (a transformer's MLP sub-layer outputs,
+    every CNN block), so a ViT and a ResNet are compared at one granularity (RAGHU compares blocks)."""
     mat = a["probe"]["cka"]["matrix"]
     n = len(mat)
-    return _mean([mat[i][j] for i in range(n) for j in range(n) if i != j], "off-diagonal CKA")
+    keep = list(range(n))
+    if arg == "blocks":
+        kinds = {r["depth"]: r["kind"] for r in _rows(a, "cka")}
+        keep = [i for i in range(n) if kinds.get(i) not in ("msa", "gpsa")]
+    elif arg:
+        raise ValueError(f"cka_offdiag takes no argument or 'blocks', got {arg!r}")
+    return _mean([mat[i][j] for i in keep for j in keep if i != j], "off-diagonal CKA")
 
 
 def _attn_distance(a: dict[str, Any], arg: str) -> float:
@@ -167,7 +188,7 @@ METRICS: dict[str, Metric] = {
                               "mean log ratio of feature-map variance (output / input) across sub-layers of a kind"),
     "high_freq_drop": Metric(_high_freq_drop, ("frequency",),
                              "accuracy drop under band noise at normalized frequency >= arg (default 0.7)"),
-    "cka_offdiag": Metric(_cka_offdiag, ("probe:cka",), "mean CKA between distinct sub-layer outputs"),
+    "cka_offdiag": Metric(_cka_offdiag, ("probe:cka",), "mean CKA between distinct sub-layer outputs [:blocks]"),
     "attn_distance": Metric(_attn_distance, ("probe:attention_distance",),
                             "mean attention distance in pixels [:first|early|late]"),
     "head_spread": Metric(_head_spread, ("probe:attention_distance",),

@@ -28,7 +28,7 @@ from vitscope.studies.zoo import ModelSpec
 _logger = logging.getLogger(__name__)
 
 __all__ = [
-    "TrainRequest", "train_spec", "run_finished", "evaluate_classifier", "has_attention", "probe_measures",
+    "TrainRequest", "train_spec", "run_finished", "training_summary", "evaluate_classifier", "has_attention", "probe_measures",
     "run_probe", "run_lesion", "run_localization", "cross_model_cka", "run_hessian", "run_landscape",
     "run_robustness", "atomic_write_json", "Timer", "val_loader",
 ]
@@ -114,6 +114,32 @@ def run_finished(run_dir: str | os.PathLike) -> bool:
     return checkpoint_finished(run_dir)
 
 
+def training_summary(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """How a run's training ended: epochs trained of the cap, the best validation NLL and its epoch, and
+    ``converged``: True when early stopping ended it (validation NLL had not improved for
+    ``early_stop_patience`` epochs), False when it used every epoch of the cap (it may still have been
+    improving), None when the run had no early stopping."""
+    from vitscope.training import load_config
+
+    run_dir = Path(run_dir)
+    cfg = load_config(run_dir)
+    recs = []
+    with open(run_dir / "metrics.jsonl") as f:
+        for line in f:
+            with contextlib.suppress(json.JSONDecodeError, ValueError, TypeError):
+                rec = json.loads(line)
+                if int(rec.get("epoch", -1)) >= 0:
+                    recs.append(rec)
+    nll = [(float(r["val_nll"]), int(r["epoch"])) for r in recs if r.get("val_nll") is not None]
+    best_nll, best_epoch = min(nll) if nll else (None, None)
+    stopped = any(bool(r.get("stopped_early")) for r in recs)
+    patience = getattr(cfg, "early_stop_patience", None)
+    return {"epochs_trained": len({int(r["epoch"]) for r in recs}), "epoch_cap": cfg.epochs,
+            "early_stop_patience": patience, "best_val_nll": best_nll, "best_epoch": best_epoch,
+            "last_val_top1": recs[-1].get("val_top1") if recs else None,
+            "stopped_early": stopped, "converged": stopped if patience else None}
+
+
 def train_spec(req: TrainRequest, runs_root: str | os.PathLike, run_dir: str | os.PathLike | None = None) -> Path:
     """Train ``req`` into ``run_dir`` (default ``runs_root/<run_name>``) unless a finished run is there.
 
@@ -129,6 +155,10 @@ def train_spec(req: TrainRequest, runs_root: str | os.PathLike, run_dir: str | o
         old, new = (
             {k: v for k, v in config_to_dict(c).items() if k not in ignore} for c in (load_config(run_dir), cfg)
         )
+        for k in ("preprocess", "mean", "std", "crop_pct", "eval_interpolation"):  # resolved when training
+            if new.get(k) in (None, "auto"):
+                old.pop(k, None)
+                new.pop(k, None)
         if old != new:
             changed = sorted(k for k in new if old.get(k) != new[k])
             raise ValueError(f"{run_dir} holds a run with other settings ({', '.join(changed)}); "
@@ -347,17 +377,38 @@ def cross_model_cka(model_x: nn.Module, model_y: nn.Module, loader: Iterable, ma
 
 
 def run_hessian(model: nn.Module, loader: Iterable, k: int = 5, max_batches: int = 2, max_iter: int = 30,
-                progress: bool = True, name: str = "") -> dict[str, Any]:
+                progress: bool = True, name: str = "", **options: Any) -> dict[str, Any]:
     """HDVW's Hessian eigenvalue spectrum: top-``k`` eigenvalues (largest magnitude, Lanczos) per batch;
-    ``hessian.json`` content for the report."""
+    ``hessian.json`` content for the report.
+
+    ``options`` go to ``eigenvalue_spectrum``: HDVW's protocol takes the training loss, i.e. ``loss_fn`` (the
+    run's criterion), ``weight_decay`` (its L2 term) and ``transform`` (its mixup / cutmix). Fractions and
+    extremes count only the eigenvalues that converged (``converged`` per batch and eigenvalue;
+    ``n_converged`` of ``n_eigenvalues``); ``negative_fraction`` is NaN when none did.
+    """
+    import numpy as np
+
     from vitscope.curvature import eigenvalue_spectrum
 
-    res = eigenvalue_spectrum(model, loader, k=k, max_batches=max_batches, max_iter=max_iter, progress=progress)
+    res = eigenvalue_spectrum(model, loader, k=k, max_batches=max_batches, max_iter=max_iter, progress=progress,
+                              **options)
     eig = res.eigenvalues["all"]  # (n_batches, k)
+    conv = np.asarray(res.converged["all"], dtype=bool)  # (n_batches, k)
+    good = eig[conv]
+    nan = float("nan")
     return {
-        "model": name, "eigenvalues": eig.tolist(), "negative_fraction": res.negative_fraction["all"],
-        "max_abs_eigenvalue": float(abs(eig).max()), "max_eigenvalue": float(eig.max()),
-        "min_eigenvalue": float(eig.min()), "converged": res.converged["all"].tolist(),
+        "model": name, "eigenvalues": eig.tolist(),
+        "negative_fraction": float((good < 0).mean()) if good.size else nan,
+        "negative_fraction_all": float(res.negative_fraction["all"]),
+        "max_abs_eigenvalue": float(abs(good).max()) if good.size else nan,
+        "max_eigenvalue": float(good.max()) if good.size else nan,
+        "min_eigenvalue": float(good.min()) if good.size else nan,
+        "converged": conv.tolist(), "n_converged": int(conv.sum()), "n_eigenvalues": int(conv.size),
+        "loss": {"weight_decay": float(options.get("weight_decay", 0.0)),
+                 "l2_style": options.get("l2_style", "half_sq"),
+                 "augmentation": type(options["transform"]).__name__ if options.get("transform") else None,
+                 "criterion": type(options["loss_fn"]).__name__ if options.get("loss_fn") is not None else
+                 "cross_entropy"},
         "density": {"grid": res.grid["all"].tolist(), "density": res.density["all"].tolist()},
         "batch_sizes": res.batch_sizes, "n_hvp": res.n_hvp, "config": res.config,
     }

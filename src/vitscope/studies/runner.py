@@ -35,6 +35,7 @@ from vitscope.studies.pipeline import (
     run_probe,
     run_robustness,
     train_spec,
+    training_summary,
     val_loader,
 )
 from vitscope.studies.verdict import ALPHA, EXPECT, Verdict, holm_adjust, to_csv, to_markdown, verdict_rows
@@ -248,8 +249,14 @@ def _analyze(run_dir: Path, needs: set[str], s: dict[str, Any], progress: bool, 
         train = create_loader(cfg.data, "train", batch_size=h.pop("batch_size", 64), img_size=cfg.img_size,
                               augment=augment_options(cfg), seed=cfg.seed, shuffle=True,
                               fraction=cfg.data_fraction, max_examples=cfg.max_examples)
+        # HDVW's protocol: the training loss (the run's criterion + its L2 term) on augmented batches (the run's
+        # mixup / cutmix), model in eval mode; only converged eigenvalues count (run_hessian)
+        from vitscope.training import build_criterion, build_mixup
+
+        h.setdefault("weight_decay", cfg.weight_decay)
         torch.manual_seed(cfg.seed)
-        out["hessian"] = run_hessian(model, train, progress=progress, name=cfg.model, **h)
+        out["hessian"] = run_hessian(model, train, progress=progress, name=cfg.model, loss_fn=build_criterion(cfg),
+                                     transform=build_mixup(cfg), **h)
     if "frequency" in needs:
         info = data_info(cfg.data, img_size=cfg.img_size)
         pix = val_loader(cfg.data, cfg.img_size, eval_bs, s.get("eval_examples"), normalize=False, split="test",
@@ -257,6 +264,22 @@ def _analyze(run_dir: Path, needs: set[str], s: dict[str, Any], progress: bool, 
         out["robustness"] = run_robustness(model, pix, info.mean, info.std, {"suite": ["frequency"],
                                            **(s.get("frequency") or {})}, progress=progress, name=cfg.model)
     return out
+
+
+def _training_table(evals: list[dict[str, Any]]) -> str:
+    """Per model and condition: seeds whose training converged (early stopping on validation NLL) of all."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for e in evals:
+        groups.setdefault((e["model"], e["condition"]), []).append(e["training"])
+    lines = ["", "| model | condition | converged (val NLL stopped improving) | epochs trained | best val NLL |",
+             "|---|---|---|---|---|"]
+    for (model, cond), ts in groups.items():
+        conv = [t["converged"] for t in ts]
+        conv_txt = "no early stopping" if all(c is None for c in conv) else f"{sum(bool(c) for c in conv)} of {len(ts)}"
+        epochs = ", ".join(f"{t['epochs_trained']}/{t['epoch_cap']}" for t in ts)
+        nll = ", ".join("n/a" if t["best_val_nll"] is None else f"{t['best_val_nll']:.3g}" for t in ts)
+        lines.append(f"| {model} | {cond} | {conv_txt} | {epochs} | {nll} |")
+    return "\n".join(lines) + "\n"
 
 
 def run_study(
@@ -317,7 +340,9 @@ def run_study(
                 a = _analyze(run_dir, need, s, progress, device)
             atomic_write_json(study_dir / "analysis" / f"{run_dir.name}.json", a)
             analyses[(key, cond, seed)] = a
-            evals.append({"model": key, "condition": cond, "seed": seed, "run_dir": str(run_dir), **a["eval"]})
+            a["training"] = training_summary(run_dir)
+            evals.append({"model": key, "condition": cond, "seed": seed, "run_dir": str(run_dir), **a["eval"],
+                          "training": a["training"]})
 
     verdicts = []
     for claim in study["claims"]:
@@ -328,7 +353,7 @@ def run_study(
                                       _label(claim["b"]), claim["expect"], a_vals, b_vals, regime, note))
     holm_adjust(verdicts)
     title = f"{study['name']}: {study.get('title', '')} ({study.get('paper', '')}; {scale} scale, {s['data']})"
-    md = to_markdown(verdicts, title)
+    md = to_markdown(verdicts, title) + _training_table(evals)
     payload = {
         "study": study["name"], "title": study.get("title"), "paper": study.get("paper"), "scale": scale,
         "settings": s, "seeds": seed_list, "verdicts": [v.to_dict() for v in verdicts],

@@ -1,12 +1,21 @@
 """The model sizes the demo and the study recipes train, per scale.
 
 ``quick``: narrow, shallow variants of each family for a few CPU minutes at 32 px (ViT / ViT+CB / ConViT
-with patch 4, i.e. an 8 x 8 token grid, 64-d, 4 blocks; vitscope's tiny CIFAR ResNet and AlterNet).
-``paper``: the papers' CIFAR-size models (HDVW's ViT-Ti with patch 2, ConViT-Ti, ResNet-18, AlterNet-50).
+with patch 4, i.e. an 8 x 8 token grid, 64-d, 4 blocks; a narrow ResNet-18-shaped CIFAR ResNet (2 blocks per
+stage, so each stage has a conv block that keeps the map size besides its downsampling block); AlterNet).
+``paper``: the papers' CIFAR-size models (HDVW's ViT-Ti with patch 2, ConViT-Ti, ResNet-50, AlterNet-50).
 ``test``: the registry's tiny ``test_*`` models, for the test suite.
 
-``preact_resnet`` is AlterNet's own pre-activation ResNet backbone with no MSA block (``num_msa`` all 0):
-HDVW's like-for-like baseline for AlterNet.
+Like for like (METHODS.md, "Judging a finding"): every comparison a study makes uses models of one patch size,
+width and depth unless the paper's claim is about that difference.
+
+- ``vit_p4``: the ViT a ConViT is compared with: ConViT's patch size (4) and width (DeiT-Ti vs ConViT-Ti,
+  192-d, as in the ConViT paper). At quick scale it is the quick ViT itself (same run).
+- ``vit_heads``: a ViT with enough heads for RAGHU's head-spread claim (quick: 8 heads of 8 dims instead of
+  4; paper: ViT-S, 6 heads).
+- ``resnet``: HDVW compares ViT and AlterNet-50 with ResNet-50 (paper zoo).
+- ``preact_resnet`` is AlterNet's own pre-activation ResNet backbone with no MSA block (``num_msa`` all 0):
+  HDVW's like-for-like baseline for AlterNet.
 """
 from __future__ import annotations
 
@@ -30,34 +39,41 @@ class ModelSpec:
 
 
 FAMILY_LABELS = {"vit": "ViT", "vit_cb": "ViT+CB", "convit": "ConViT", "resnet": "ResNet", "alternet": "AlterNet",
-                 "preact_resnet": "pre-act ResNet"}
+                 "preact_resnet": "pre-act ResNet", "vit_p4": "ViT (patch 4)", "vit_heads": "ViT (more heads)"}
 
 _QUICK_VIT = dict(patch_size=4, embed_dim=64, depth=4, num_heads=4, mlp_ratio=2.0)
 _NO_MSA = dict(num_msa=[0, 0, 0, 0])
+_QUICK_VIT_SPEC = ModelSpec("vit", "test_vit_cifar", _QUICK_VIT)  # also the quick "vit_p4": one run serves both
 
 ZOOS: dict[str, dict[str, ModelSpec]] = {
     "quick": {
-        "vit": ModelSpec("vit", "test_vit_cifar", _QUICK_VIT),
+        "vit": _QUICK_VIT_SPEC,
+        "vit_p4": _QUICK_VIT_SPEC,
+        "vit_heads": ModelSpec("vit_heads", "test_vit_cifar", {**_QUICK_VIT, "num_heads": 8}),
         "vit_cb": ModelSpec("vit_cb", "test_vit_cb", _QUICK_VIT),
         "convit": ModelSpec("convit", "test_convit_32", dict(patch_size=4, embed_dim=16, depth=4, num_heads=4,
                                                              local_up_to_layer=3, mlp_ratio=2.0)),
-        "resnet": ModelSpec("resnet", "test_resnet_cifar"),
+        "resnet": ModelSpec("resnet", "test_resnet_cifar", dict(layers=[2, 2, 2, 2])),
         "alternet": ModelSpec("alternet", "test_alternet"),
         "preact_resnet": ModelSpec("preact_resnet", "test_alternet", _NO_MSA),
     },
     "paper": {
         "vit": ModelSpec("vit", "vit_tiny_patch2_32"),
+        "vit_p4": ModelSpec("vit_p4", "vit_tiny_patch4_32"),
+        "vit_heads": ModelSpec("vit_heads", "vit_small_patch2_32"),
         "vit_cb": ModelSpec("vit_cb", "vit_tiny_cb_patch2_32"),
         "convit": ModelSpec("convit", "convit_tiny_32"),
-        "resnet": ModelSpec("resnet", "resnet18_cifar"),
+        "resnet": ModelSpec("resnet", "resnet50_cifar"),
         "alternet": ModelSpec("alternet", "alternet50_cifar"),
         "preact_resnet": ModelSpec("preact_resnet", "alternet50_cifar", _NO_MSA),
     },
-    "test": {
-        "vit": ModelSpec("vit", "test_vit_cifar"),
+    "test": {  # depth 4 / a second block in stage 2: every sub-layer kind the study claims group by is present
+        "vit": ModelSpec("vit", "test_vit_cifar", dict(depth=4)),
+        "vit_p4": ModelSpec("vit", "test_vit_cifar", dict(depth=4)),
+        "vit_heads": ModelSpec("vit", "test_vit_cifar", dict(depth=4)),
         "vit_cb": ModelSpec("vit_cb", "test_vit_cb"),
         "convit": ModelSpec("convit", "test_convit_32"),
-        "resnet": ModelSpec("resnet", "test_resnet_cifar"),
+        "resnet": ModelSpec("resnet", "test_resnet_cifar", dict(layers=[1, 2, 1, 1])),
         "alternet": ModelSpec("alternet", "test_alternet"),
         "preact_resnet": ModelSpec("preact_resnet", "test_alternet", _NO_MSA),
     },
@@ -65,7 +81,8 @@ ZOOS: dict[str, dict[str, ModelSpec]] = {
 
 
 def model_spec(zoo: str, key: str) -> ModelSpec:
-    """The spec of model ``key`` (vit, vit_cb, convit, resnet, alternet, preact_resnet) in ``zoo``."""
+    """The spec of model ``key`` (vit, vit_p4, vit_heads, vit_cb, convit, resnet, alternet, preact_resnet) in
+    ``zoo``."""
     if zoo not in ZOOS:
         raise ValueError(f"unknown model zoo {zoo!r}; valid: {', '.join(ZOOS)}")
     if key not in ZOOS[zoo]:
