@@ -49,7 +49,7 @@ def test_checkpoint_builds_exactly_the_trained_network(run_dir, tmp_path):
         meta = json.loads((out / "meta.json").read_text())
         assert meta["model_name"] == "test_vit_cb" and meta["img_size"] == 16 and meta["num_classes"] == 3
         assert meta["model_kwargs"] == {"cb_placement": "attn", "cb_from_block": 1}
-        assert meta["preprocessing"]["input_size"] == [3, 16, 16] and meta["preprocessing"]["source"] == "data"
+        assert meta["preprocessing"]["input_size"] == [3, 16, 16] and meta["preprocessing"]["source"] == "run"
         assert meta["examples"] == m["val_n"] == 12
         assert 100 * meta["accuracy"] == pytest.approx(m["val_top1"], abs=1e-9)
         assert meta["nll"] == pytest.approx(m["val_nll"], rel=1e-5)

@@ -201,8 +201,9 @@ def test_cli_pretrained_offline_uncached_exits_2_in_a_fresh_process(tmp_path):
 
 
 def test_default_preprocessing_of_a_run_is_what_training_validated_with(hub):
-    """A run (fine-tuned from hub weights or not) is fed the data's statistics at its img_size, as `vitscope train`
-    validated it; a run that recorded its preprocessing gets exactly that; hub weights get the model's."""
+    """A run that recorded no preprocessing (older vitscope; fine-tuned or not) is fed the data's statistics at its
+    img_size, as `vitscope train` then validated it; a run that recorded its preprocessing gets exactly that; hub
+    weights get the model's."""
     import argparse
 
     from vitscope.cli._common import resolve_preprocessing
@@ -274,3 +275,131 @@ def test_robustness_pretrained_normalizes_with_the_models_statistics(hub, tmp_pa
     with torch.no_grad():
         nll = torch.nn.functional.cross_entropy(model(x), y).item()
     assert res["calibration"]["nll"] == pytest.approx(nll, rel=1e-4)
+
+
+def _spy_models(monkeypatch) -> list[tuple[torch.nn.Module, list[tuple[bool, torch.Tensor]]]]:
+    """Every network ``vitscope.models.create_model`` builds, with the (training?, input) of each of its forwards."""
+    import vitscope.models as models
+
+    built: list[tuple[torch.nn.Module, list[tuple[bool, torch.Tensor]]]] = []
+    real = models.create_model
+
+    def spying(*a, **kw):
+        m = real(*a, **kw)
+        seen: list[tuple[bool, torch.Tensor]] = []
+        m.register_forward_pre_hook(lambda mod, inp: seen.append((mod.training, inp[0].detach().clone())))
+        built.append((m, seen))
+        return m
+
+    monkeypatch.setattr(models, "create_model", spying)
+    return built
+
+
+# train: one deterministic training view (resize + center crop, no flip) so its tensors can be recomputed
+_FINE_TUNE = ["epochs=1", "batch_size=4", "warmup_epochs=0", "train_crop=resize", "hflip=0", "progress=false"]
+
+
+def _train_tensors_match(seen, paths, mean, std):
+    """Each training input is one of the training images, resized + center-cropped and normalized by mean/std."""
+    from torchvision import transforms
+
+    tf = transforms.Compose([transforms.Resize(160), transforms.CenterCrop(160), transforms.ToTensor(),
+                             transforms.Normalize(mean, std)])
+    refs = [tf(Image.open(p).convert("RGB")) for p in paths]
+    xs = torch.cat([x for training, x in seen if training])
+    assert len(xs) == len(refs) == 4
+    for x in xs:
+        assert min((x - r).abs().max().item() for r in refs) == 0
+
+
+def test_train_pretrained_feeds_the_models_preprocessing_and_records_it(hub, tmp_path, monkeypatch):
+    """`train --pretrained` normalizes train and val with the model's pretrained_cfg and crops val as it says (timm's
+    train.py); the run records it, and `probe --checkpoint RUN` feeds the same tensors: it reproduces the val top-1
+    and NLL of training."""
+    from vitscope.training.checkpoint import run_model_spec
+
+    items = _image_folder(tmp_path / "imgs")
+    data = f"imagefolder:{tmp_path / 'imgs'}"
+    built = _spy_models(monkeypatch)
+    run = tmp_path / "ft"
+    assert main(["train", "--model", TAG, "--pretrained", "--data", data, "--out", str(run), *_FINE_TUNE]) == 0
+    model, seen = built[0]
+    cfg = resolve_data_config(model=model)
+    assert cfg["mean"] != pytest.approx((0.485, 0.456, 0.406))  # the data's own statistics differ from the model's
+    ref = torch.stack([create_transform(**cfg)(Image.open(p).convert("RGB")) for p, _ in items])
+    val = torch.cat([x for training, x in seen if not training])
+    assert val.shape == ref.shape == (8, 3, 160, 160)
+    torch.testing.assert_close(val, ref, rtol=0, atol=0)
+    _train_tensors_match(seen, sorted((tmp_path / "imgs" / "train").glob("*/*.png")), cfg["mean"], cfg["std"])
+
+    expected = {"input_size": [3, 160, 160], "interpolation": cfg["interpolation"], "mean": list(cfg["mean"]),
+                "std": list(cfg["std"]), "crop_pct": cfg["crop_pct"], "crop_mode": cfg["crop_mode"],
+                "source": "model", "overridden": []}
+    assert run_model_spec(run)["preprocessing"] == expected
+    assert run_model_spec(run / "model.safetensors")["preprocessing"] == expected
+    assert "preprocess: model" in (run / "config.yaml").read_text()
+
+    m = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
+    out = tmp_path / "probe"
+    assert main(["probe", "--checkpoint", str(run), "--data", data, "--measures", "attention_entropy",
+                 "--batch-size", "3", "--device", "cpu", "--out", str(out)]) == 0
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["preprocessing"] == {**expected, "source": "run"}
+    assert meta["examples"] == m["val_n"] == 8
+    assert 100 * meta["accuracy"] == pytest.approx(m["val_top1"], abs=1e-9)
+    assert meta["nll"] == pytest.approx(m["val_nll"], rel=1e-5)
+    probed = torch.cat([x for _, x in built[-1][1]])  # the rebuilt network saw training's val tensors
+    torch.testing.assert_close(probed, ref, rtol=0, atol=0)
+
+
+def test_train_preprocessing_overrides_and_data_statistics(hub, tmp_path, monkeypatch):
+    """Config keys mean/std/crop_pct/eval_interpolation override the model's; preprocess=data keeps the data set's
+    statistics and crop (vitscope's behaviour before), also for a fine-tuned run."""
+    from vitscope.data import data_info
+    from vitscope.training.checkpoint import run_model_spec
+
+    items = _image_folder(tmp_path / "imgs")
+    data = f"imagefolder:{tmp_path / 'imgs'}"
+    built = _spy_models(monkeypatch)
+    run = tmp_path / "over"
+    assert main(["train", "--model", TAG, "--pretrained", "--data", data, "--out", str(run), *_FINE_TUNE,
+                 "mean=[0.1,0.2,0.3]", "std=[0.5,0.4,0.3]", "crop_pct=1", "eval_interpolation=bilinear"]) == 0
+    pre = run_model_spec(run)["preprocessing"]
+    assert pre["source"] == "model" and pre["overridden"] == ["crop_pct", "interpolation", "mean", "std"]
+    cfg = dict(input_size=(3, 160, 160), interpolation="bilinear", mean=(0.1, 0.2, 0.3), std=(0.5, 0.4, 0.3),
+               crop_pct=1.0, crop_mode="center")
+    ref = torch.stack([create_transform(**cfg)(Image.open(p).convert("RGB")) for p, _ in items])
+    torch.testing.assert_close(torch.cat([x for t, x in built[0][1] if not t]), ref, rtol=0, atol=0)
+    _train_tensors_match(built[0][1], sorted((tmp_path / "imgs" / "train").glob("*/*.png")), cfg["mean"], cfg["std"])
+
+    run = tmp_path / "data"
+    assert main(["train", "--model", TAG, "--pretrained", "--data", data, "--out", str(run), *_FINE_TUNE,
+                 "preprocess=data"]) == 0
+    info = data_info(data)
+    cfg = dict(input_size=(3, 160, 160), interpolation="bilinear", mean=info.mean, std=info.std, crop_pct=0.875,
+               crop_mode="center")
+    ref = torch.stack([create_transform(**cfg)(Image.open(p).convert("RGB")) for p, _ in items])
+    torch.testing.assert_close(torch.cat([x for t, x in built[-1][1] if not t]), ref, rtol=0, atol=0)
+    pre = run_model_spec(run)["preprocessing"]
+    assert pre["source"] == "data" and pre["mean"] == pytest.approx(info.mean) and pre["crop_pct"] == 0.875
+
+
+def test_preprocess_auto_resolution_and_resume_of_older_runs():
+    """auto: the model's for pretrained runs, the data's otherwise; a checkpoint saved before the key existed keeps
+    the data's on resume; --auto-resume accepts auto against the resolved saved value."""
+    from vitscope.cli.train import _same_run
+    from vitscope.training import resolve_config
+    from vitscope.training.engine import preprocess_mode
+
+    ft = resolve_config(model=TAG, data="fake", pretrained=True)
+    assert preprocess_mode(ft) == "model"
+    assert preprocess_mode(resolve_config(model=TAG, data="fake")) == "data"
+    assert preprocess_mode(ft, {"model": TAG}) == "data"  # an older run's saved config: no `preprocess` key
+    assert preprocess_mode(ft, {"model": TAG, "preprocess": "model"}) == "model"
+    assert preprocess_mode(resolve_config(model=TAG, data="fake", pretrained=True, preprocess="data")) == "data"
+    saved = resolve_config(model=TAG, data="fake", pretrained=True, preprocess="model", out="r")
+    assert _same_run(saved, resolve_config(model=TAG, data="fake", pretrained=True, out="r"), "r") == saved
+    from vitscope.cli import CLIError
+
+    with pytest.raises(CLIError, match="preprocess: 'model' -> 'data'"):
+        _same_run(saved, resolve_config(model=TAG, data="fake", pretrained=True, preprocess="data", out="r"), "r")

@@ -86,6 +86,11 @@ def test_config_precedence_defaults_recipe_overrides(tmp_path):
      r"Unknown probe measure 'entropy'.*attention_entropy"),
     (lambda: resolve_config(overrides=["probes.often=1"]), r"Unknown probes key 'often'.*every, measures"),
     (lambda: train(epochs="x"), r"'epochs' expects int, got 'x'"),
+    (lambda: resolve_config(overrides=["preprocess=timm"]), r"'preprocess' is 'timm'; valid choices: auto, model"),
+    (lambda: resolve_config(overrides=["std=[0.2,0,0.2]"]), r"'std' must be 3 positive numbers"),
+    (lambda: resolve_config(overrides=["mean=[0.5,0.5]"]), r"'mean' must be 3 numbers in \[0, 1\]"),
+    (lambda: resolve_config(overrides=["crop_pct=0"]), r"'crop_pct' must be in \(0, 1\]"),
+    (lambda: resolve_config(overrides=["eval_interpolation=cubic"]), r"valid choices: bilinear, bicubic"),
 ])
 def test_config_errors_list_the_choices(call, match):
     with pytest.raises(ConfigError, match=match):

@@ -70,8 +70,9 @@ def add_model_options(
     g.add_argument("--workers", type=int, default=0, help="data loader worker processes (default 0)")
     pre = p.add_argument_group(
         "preprocessing", "auto (default): the model's pretrained_cfg for --pretrained hub weights; for a training "
-        "run, what it was validated with (the data set's statistics at the run's img_size); the data set's "
-        "statistics otherwise; each field can be overridden")
+        "run, what it recorded it was validated with (a fine-tuned run: the model's pretrained_cfg; runs of older "
+        "vitscope versions: the data set's statistics at the run's img_size); the data set's statistics otherwise; "
+        "each field can be overridden")
     pre.add_argument("--preprocess", default="auto", choices=("auto", "model", "data"),
                      help="model: timm.data.resolve_data_config(model) (size, interpolation, crop_pct, mean/std); "
                      "data: the data set's mean/std at the model's input size")
@@ -329,8 +330,8 @@ def resolve_preprocessing(args: argparse.Namespace, model: Any, model_meta: dict
     """The eval preprocessing: ``input_size``, ``interpolation``, ``mean``, ``std``, ``crop_pct``, ``crop_mode``
     and ``source``, then the user's overrides. ``source`` is ``model`` (timm's ``resolve_data_config(model=model)``,
     the default for ``--pretrained`` hub weights), ``data`` (the data set's statistics at the model's or the run's
-    input size: the default for a training run, since ``vitscope train`` validates that way, fine-tuned runs
-    included) or ``run`` (a run that recorded its ``preprocessing``)."""
+    input size: the default for a run that recorded no preprocessing, as older ``vitscope train`` validated) or
+    ``run`` (the ``preprocessing`` a run recorded: what ``vitscope train`` validated it with)."""
     from timm.data import resolve_data_config
 
     mode = args.preprocess
@@ -342,7 +343,7 @@ def resolve_preprocessing(args: argparse.Namespace, model: Any, model_meta: dict
         cfg.setdefault("input_size", (3, trained, trained))
         cfg.setdefault("interpolation", "bilinear")
         cfg.setdefault("crop_pct", 1.0)
-    elif mode == "auto":  # hub weights: the model's own; a training run: the data's, as vitscope train used
+    elif mode == "auto":  # hub weights: the model's own; a run without a record: the data's, as it was trained
         mode = "model" if model_meta.get("pretrained") and not model_meta.get("checkpoint") else "data"
     if mode == "run":
         pass

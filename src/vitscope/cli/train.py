@@ -82,7 +82,8 @@ _RUNTIME_KEYS = ("out", "progress", "device", "tensorboard", "num_workers")  # m
 
 def _same_run(saved: Any, cfg: Any, out: str) -> Any:
     """``saved`` (the run's resolved config) when ``cfg`` asks for the same run, else a CLIError naming the
-    settings that differ; ``num_classes`` / ``img_size`` left unset in ``cfg`` take the saved values."""
+    settings that differ; ``num_classes`` / ``img_size`` left unset and ``preprocess=auto`` in ``cfg`` take the
+    saved values."""
     import dataclasses
 
     from vitscope.cli import CLIError
@@ -90,7 +91,8 @@ def _same_run(saved: Any, cfg: Any, out: str) -> Any:
 
     old, new = config_to_dict(saved), config_to_dict(cfg)
     differ = sorted(k for k in new if k not in _RUNTIME_KEYS and new[k] != old.get(k)
-                    and not (k in ("num_classes", "img_size") and new[k] is None))
+                    and not (k in ("num_classes", "img_size") and new[k] is None)
+                    and not (k == "preprocess" and new[k] == "auto"))  # the saved one is auto resolved
     if differ:
         shown = ", ".join(f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in differ)
         raise CLIError(f"--auto-resume: {out} holds a run with other settings ({shown}); use the command that "

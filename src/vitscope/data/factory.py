@@ -117,6 +117,16 @@ def data_info(spec: str, img_size: int | None = None, **spec_options: Any) -> Da
     return _info(r, _native(r))
 
 
+def data_preprocessing(spec: str, img_size: int | None = None, **spec_options: Any) -> dict[str, Any]:
+    """The data set's own eval preprocessing in timm's data-config keys (``input_size``, ``interpolation``,
+    ``mean``, ``std``, ``crop_pct``, ``crop_mode``): what ``create_dataset`` uses when given no ``preprocessing``."""
+    r = _resolve(spec, img_size, spec_options)
+    native = _native(r)
+    info = _info(r, native)
+    return {"input_size": (3, info.img_size, info.img_size), "interpolation": "bilinear", "mean": tuple(info.mean),
+            "std": tuple(info.std), "crop_pct": float(native["crop_pct"]), "crop_mode": "center"}
+
+
 def dataset_targets(ds: Dataset) -> list[int]:
     """Integer labels of ``ds`` (a vitscope/torchvision data set or a ``Subset`` of one) without loading images."""
     if isinstance(ds, Subset):

@@ -33,7 +33,9 @@ CHOICES = {
     "clip_mode": ("norm", "value", "agc"),
     "device": ("auto", "cpu", "cuda"),
     "mixup_mode": ("batch", "pair", "elem"),
+    "preprocess": ("auto", "model", "data"),
 }
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos", "box", "hamming")
 
 
 class ConfigError(ValueError):
@@ -117,6 +119,13 @@ class TrainConfig:
     early_stop_patience: int | None = None  # stop after this many epochs without an improvement
     early_stop_min_delta: float = 0.0  # an improvement lowers the best val_nll by more than this
     pretrained: bool = False  # start from timm's hub weights (fine-tuning); the head is re-initialised
+    # Preprocessing (timm train.py: resolve_data_config). The input size is img_size; the training augmentation
+    # keeps its own settings above and takes only mean/std from here.
+    preprocess: str = "auto"  # model: the model's pretrained_cfg; data: the data set's; auto: model if pretrained
+    mean: list | None = None  # normalization mean (train and val); None: from `preprocess`
+    std: list | None = None  # normalization std (train and val); None: from `preprocess`
+    crop_pct: float | None = None  # validation center-crop fraction; None: from `preprocess`
+    eval_interpolation: str | None = None  # validation resize interpolation; None: from `preprocess`
 
 
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -281,6 +290,7 @@ _RANGES: dict[str, tuple[float, bool, float, bool, str]] = {
     "img_size": (1, True, math.inf, False, "input size in pixels; null uses the model's"),
     "early_stop_patience": (1, True, math.inf, False, "epochs without improvement; null disables early stopping"),
     "early_stop_min_delta": (0, True, math.inf, False, "smallest val_nll decrease that counts, e.g. 0.001"),
+    "crop_pct": (0, False, 1, True, "validation center-crop fraction, e.g. 0.875; null: from `preprocess`"),
 }
 
 
@@ -337,6 +347,16 @@ def _validate(cfg: TrainConfig) -> None:
                           f"fraction), e.g. scale=[0.08,1.0], got {cfg.scale}")
     if cfg.opt_betas is not None:
         cfg.opt_betas = _numbers("opt_betas", cfg.opt_betas, 2, 0, 0.999999, "[0.9,0.999]")
+    if cfg.mean is not None:
+        cfg.mean = _numbers("mean", cfg.mean, 3, 0, 1, "[0.485,0.456,0.406]")
+    if cfg.std is not None:
+        cfg.std = _numbers("std", cfg.std, 3, 0, math.inf, "[0.229,0.224,0.225]")
+        if min(cfg.std) <= 0:
+            raise ConfigError(f"Config key 'std' must be 3 positive numbers, e.g. std=[0.229,0.224,0.225], "
+                              f"got {cfg.std}")
+    if cfg.eval_interpolation is not None and cfg.eval_interpolation not in INTERPOLATIONS:
+        raise ConfigError(f"Config key 'eval_interpolation' is {cfg.eval_interpolation!r}; valid choices: "
+                          f"{', '.join(INTERPOLATIONS)} (or null: from `preprocess`)")
     for key in cfg.probes:
         if key not in PROBE_KEYS:
             raise _unknown("probes key", key, PROBE_KEYS)

@@ -396,10 +396,48 @@ def _seed_worker(worker_id: int) -> None:
     random.seed(seed)
 
 
-def _datasets(cfg: TrainConfig) -> tuple[Dataset, Dataset]:
+def preprocess_mode(cfg: TrainConfig, saved_config: dict[str, Any] | None = None) -> str:
+    """``model`` or ``data``: ``cfg.preprocess`` with ``auto`` resolved (``model`` for pretrained weights, as timm's
+    train.py). A run resumed from a checkpoint whose ``saved_config`` predates the key keeps the data's."""
+    if cfg.preprocess != "auto":
+        return cfg.preprocess
+    if saved_config is not None and "preprocess" not in saved_config:
+        return "data"  # written before vitscope trained with the model's preprocessing: keep what it used
+    return "model" if cfg.pretrained else "data"
+
+
+def resolve_preprocessing(cfg: TrainConfig, model: nn.Module) -> dict[str, Any]:
+    """The run's preprocessing in timm's data-config keys plus ``source`` and ``overridden``.
+
+    ``cfg.preprocess`` (resolved, see ``preprocess_mode``) ``model``: ``timm.data.resolve_data_config(model=model)``
+    (interpolation, mean/std, crop_pct, crop_mode of its ``pretrained_cfg``); ``data``: the data set's statistics
+    and crop (``vitscope.data.factory.data_preprocessing``). Then the config's ``mean``, ``std``, ``crop_pct`` and
+    ``eval_interpolation``. The input size is ``cfg.img_size``. Validation uses all of it; training uses mean/std,
+    its augmentation keeping its own crop and interpolation.
+    """
+    from vitscope.data.factory import data_preprocessing
+
+    if cfg.preprocess == "model":
+        from timm.data import resolve_data_config
+
+        base = resolve_data_config(model=model)
+    elif cfg.preprocess == "data":
+        base = data_preprocessing(cfg.data, img_size=cfg.img_size, **cfg.data_options)
+    else:
+        raise ValueError(f"preprocess must be resolved to 'model' or 'data' first, got {cfg.preprocess!r}")
+    overrides = {"mean": cfg.mean, "std": cfg.std, "crop_pct": cfg.crop_pct, "interpolation": cfg.eval_interpolation}
+    pre = {**base, **{k: v for k, v in overrides.items() if v is not None}}
+    size = int(cfg.img_size) if cfg.img_size is not None else int(base["input_size"][-1])
+    return {"input_size": [3, size, size], "interpolation": str(pre["interpolation"]),
+            "mean": [float(m) for m in pre["mean"]], "std": [float(s) for s in pre["std"]],
+            "crop_pct": float(pre.get("crop_pct") or 1.0), "crop_mode": str(pre.get("crop_mode") or "center"),
+            "source": cfg.preprocess, "overridden": sorted(k for k, v in overrides.items() if v is not None)}
+
+
+def _datasets(cfg: TrainConfig, preprocessing: dict[str, Any]) -> tuple[Dataset, Dataset]:
     from vitscope.data import create_loader
 
-    common = dict(img_size=cfg.img_size, seed=cfg.seed, **cfg.data_options)
+    common = dict(img_size=cfg.img_size, seed=cfg.seed, preprocessing=preprocessing, **cfg.data_options)
     train = create_loader(cfg.data, "train", batch_size=1, augment=augment_options(cfg),
                           max_examples=cfg.max_examples, fraction=cfg.data_fraction, **common)
     val = create_loader(cfg.data, "val", batch_size=1, augment=False, max_examples=cfg.max_val_examples, **common)
@@ -476,7 +514,8 @@ def _setup(cfg: TrainConfig, device: torch.device, info: DistInfo, resume: bool)
             "or choose another --out"
         )
     dinfo = data_info(cfg.data, img_size=cfg.img_size, **cfg.data_options)
-    if not all(s > 0 for s in dinfo.std):  # NaN or 0: normalisation would divide by zero
+    cfg = dataclasses.replace(cfg, preprocess=preprocess_mode(cfg, state["config"] if state is not None else None))
+    if cfg.preprocess == "data" and cfg.std is None and not all(s > 0 for s in dinfo.std):  # NaN or 0: x / 0
         raise ValueError(f"data {cfg.data!r} has per-channel std {tuple(dinfo.std)}: its images are constant in a "
                          "channel, so normalising them divides by zero; check the data set (or its spec options)")
     updates: dict[str, Any] = {}
@@ -491,12 +530,14 @@ def _setup(cfg: TrainConfig, device: torch.device, info: DistInfo, resume: bool)
     spec = {"model": cfg.model, "model_kwargs": dict(cfg.model_kwargs), "img_size": cfg.img_size,
             "num_classes": cfg.num_classes, "data": cfg.data, "data_options": dict(cfg.data_options),
             "create_kwargs": create_kwargs, "pretrained": cfg.pretrained}
+    preprocessing = resolve_preprocessing(cfg, model)
+    spec["preprocessing"] = preprocessing  # what the analyses feed the trained network (cli._common)
     model.to(device)
     channels_last = cfg.channels_last and device.type == "cuda"
     if channels_last:
         model.to(memory_format=torch.channels_last)
 
-    train_ds, val_ds = _datasets(cfg)
+    train_ds, val_ds = _datasets(cfg, preprocessing)
     train_loader, val_loader = _loaders(cfg, train_ds, val_ds, info, device)
     optimizer = build_optimizer(model, cfg)
     scheduler, total_epochs = build_scheduler(optimizer, cfg, len(train_loader))
