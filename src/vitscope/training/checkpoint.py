@@ -476,7 +476,9 @@ def run_model_spec(run_dir: str | os.PathLike) -> dict[str, Any]:
     ``RUN/checkpoints/epoch-N/model.safetensors``; that file is then the one returned). Returns
     ``{"model": str, "model_kwargs": dict, "img_size": int | None, "num_classes": int, "data": str | None,
     "data_options": dict, "create_kwargs": dict, "pretrained": bool, "weights": Path, "epoch": int | None}``
-    (``pretrained``: the run started from timm's hub weights); ``create_kwargs``
+    (``pretrained``: the run started from timm's hub weights), plus ``preprocessing`` for runs that recorded it:
+    the validation preprocessing in timm's data-config keys with ``source`` and ``overridden``
+    (``vitscope.training.engine.resolve_preprocessing``); ``create_kwargs``
     are the keyword arguments of ``vitscope.create_model(model, **create_kwargs)`` that build the trained
     network (``model_kwargs`` plus ``num_classes``, and ``img_size`` when the model takes one).
 
