@@ -1,8 +1,9 @@
 """Figures drawn on images (ViT Fig. 6 and 7, CONVIT Fig. 5): ``AttentionMaps`` in, a matplotlib ``Figure`` out.
 
-Many small maps are packed into one mosaic array drawn by a single ``imshow`` (grey gaps between tiles), so a
-figure of 12 layers x 12 heads costs one image, not 144 axes. Every mosaic of one figure shares one colour
-scale, shown by its colour bar; the query patch is outlined in white on the image and on every map.
+Every figure is one axes showing one RGB canvas: many small maps packed into a mosaic (white gaps between
+tiles), colour bars drawn as gradients in the same axes, labels as texts (an axes with ticks costs more to
+draw than all these pixels). Every mosaic of one figure shares one colour scale, shown by its colour bar;
+the query patch is outlined in white on the image and on every map.
 """
 from __future__ import annotations
 
@@ -34,26 +35,62 @@ def _figure(size: tuple[float, float]) -> Figure:
     return fig
 
 
+def _canvas_axes(canvas: np.ndarray, px_in: float, extra: tuple[float, float] = (1.3, 0.8),
+                 most: float = 16.0) -> tuple[Figure, object]:
+    """One figure, one axes without ticks, one RGB image: ``px_in`` inches per canvas pixel (capped so the
+    figure is at most ``most`` inches wide), ``extra`` inches around it for labels. Every figure here is drawn
+    this way: an axes costs more than all the pixels of these images, a matplotlib colour bar as much again."""
+    H, W = canvas.shape[:2]
+    px_in = min(px_in, (most - extra[0]) / W)
+    fig = _figure((W * px_in + extra[0], H * px_in + extra[1]))
+    ax = fig.add_subplot()
+    ax.imshow(canvas, interpolation="nearest")
+    ax.set_axis_off()
+    return fig, ax
+
+
+def _rgb(values: np.ndarray, cmap, norm) -> np.ndarray:
+    """Values (..., h, w) -> RGB (..., h, w, 3) through ``cmap(norm(.))``; NaN (gaps) white."""
+    from matplotlib import colormaps
+
+    cm = colormaps[cmap] if isinstance(cmap, str) else cmap
+    out = cm(norm(np.nan_to_num(values, nan=norm.vmin)))[..., :3]
+    out[np.isnan(values)] = 1.0
+    return out
+
+
+def _paste(canvas: np.ndarray, block: np.ndarray, y: int, x: int) -> None:
+    canvas[y:y + block.shape[0], x:x + block.shape[1]] = block
+
+
+def _colour_bar(ax, cmap, norm, y: int, height: int, x: int, width: int, label: str,
+                ticks: Sequence[float] | None = None, fontsize: float = 6) -> None:
+    """A colour bar drawn into ``ax`` at canvas pixels (y, x) of size (height, width): a 256-step gradient image
+    (largest value on top, evenly spaced in ``norm``'s scale) with text ticks and a rotated label. Keeps the
+    figure at one axes: matplotlib's ``colorbar`` adds a full axis, about half the cost of these figures."""
+    xlim, ylim = ax.get_xlim(), ax.get_ylim()
+    values = np.asarray(norm.inverse(np.linspace(1, 0, 256)), dtype=float)[:, None]  # (256, 1), top = max
+    ax.imshow(_rgb(values, cmap, norm), extent=(x - 0.5, x + width - 0.5, y + height - 0.5, y - 0.5),
+              interpolation="nearest", aspect="auto")
+    ax.set_xlim(xlim)
+    ax.set_ylim(ylim)
+    lo, hi = float(norm.vmin), float(norm.vmax)
+    if ticks is None:
+        ticks = [lo + (hi - lo) * f for f in ((0.0, 0.05, 0.25, 1.0) if isinstance(norm, PowerNorm)
+                                              else (0.0, 0.5, 1.0))]
+    right = x + width - 0.5
+    for t in ticks:
+        ax.text(right, y - 0.5 + height * (1 - float(norm(t))), f" {t:.3g}", ha="left", va="center",
+                fontsize=fontsize)
+    if label:
+        ax.annotate(label, (right, y - 0.5 + height / 2), xytext=(30, 0), textcoords="offset points", ha="left",
+                    va="center", rotation=90, fontsize=fontsize + 1)
+
+
 def _bare(ax, title: str = "") -> None:
     ax.set_axis_off()  # no ticks: matplotlib's tick objects cost more than the images
     if title:
         ax.set_title(title, fontsize=8)
-
-
-def _labels_at(ax, positions: Sequence[float], labels: Sequence[str], axis: str, fontsize: float = 6,
-               top: bool = False) -> None:
-    """Tick-like labels as plain texts (an axis of 48 ticks costs ~0.1 s to draw, texts almost nothing)."""
-    for p, text in zip(positions, labels):
-        if axis == "x":
-            ax.text(p, 1.01 if top else -0.01, text, transform=ax.get_xaxis_transform(), ha="center",
-                    va="bottom" if top else "top", fontsize=fontsize)
-        else:
-            ax.text(-0.01, p, text, transform=ax.get_yaxis_transform(), ha="right", va="center", fontsize=fontsize)
-
-
-def _thin(n: int, most: int = 16) -> list[int]:
-    step = max(1, -(-n // most))
-    return list(range(0, n, step))
 
 
 def _resize_nearest(m: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -86,14 +123,30 @@ def _tile_x(j: int, tw: int, group: int = 0, group_gap: int = 4) -> int:
     return j * (tw + GAP) + ((j // group) * group_gap if group else 0)
 
 
-def _cell_boxes(cells: Sequence[tuple[int, int, int, int, int, int]], th: int, tw: int,
-                group: int = 0) -> PatchCollection:
+def _cell_boxes(cells: Sequence[tuple[int, int, int, int, int, int]], th: int, tw: int, group: int = 0,
+                dy: float = 0.0, dx: float = 0.0) -> PatchCollection:
     """White outlines of the query cell (row, col) of a (h, w) grid inside mosaic tile (i, j)."""
     rects = []
     for i, j, r, c, h, w in cells:
         ch, cw = th / h, tw / w
-        rects.append(Rectangle((_tile_x(j, tw, group) + c * cw - 0.5, i * (th + GAP) + r * ch - 0.5), cw, ch))
+        rects.append(Rectangle((dx + _tile_x(j, tw, group) + c * cw - 0.5, dy + i * (th + GAP) + r * ch - 0.5),
+                               cw, ch))
     return PatchCollection(rects, facecolor="none", edgecolor="white", linewidth=0.7)
+
+
+def _labels_at(ax, positions: Sequence[float], labels: Sequence[str], axis: str, at: float,
+               fontsize: float = 6) -> None:
+    """Tick-like labels as plain texts in data pixels: along x at height ``at``, or along y left of ``at``."""
+    for p, text in zip(positions, labels):
+        if axis == "x":
+            ax.text(p, at, text, ha="center", va="bottom" if at < 0 else "top", fontsize=fontsize)
+        else:
+            ax.text(at, p, text + " ", ha="right", va="center", fontsize=fontsize)
+
+
+def _thin(n: int, most: int = 16) -> list[int]:
+    step = max(1, -(-n // most))
+    return list(range(0, n, step))
 
 
 def _image_strip(images: np.ndarray, gap: int) -> np.ndarray:
@@ -127,38 +180,32 @@ def _image_names(maps: AttentionMaps, images: Sequence[int]) -> list[str]:
     return [labels[b] if b < len(labels) else f"image {b}" for b in images]
 
 
-def _name_images(ax, names: Sequence[str], width: int, gap: int) -> None:
-    ax.set_axis_off()
-    _labels_at(ax, [b * (width + gap) + width / 2 for b in range(len(names))], list(names), "x", 7, top=True)
+def _suptitle(fig: Figure, title: str) -> None:
+    fig.suptitle(textwrap.fill(title, max(40, int(fig.get_figwidth() * 12))), fontsize=9)
 
 
 def rollout_figure(maps: AttentionMaps, title: str = "") -> Figure:
     """Each image above its rollout overlay (patch blocks, 65% opacity over the grey image); one colour scale
-    (smallest .. largest weight over all images). Drawn as one composite image."""
-    from matplotlib import colormaps
-
+    (smallest .. largest weight over all images)."""
     if maps.rollout is None:
         raise ValueError(f"no rollout: {maps.rollout_source or 'not computed'}")
     B, H, W, _ = maps.images.shape
     lo, hi = float(np.nanmin(maps.rollout)), float(np.nanmax(maps.rollout))
     norm = Normalize(lo, hi if hi > lo else lo + 1e-12)  # one scale for all images
-    cmap = colormaps[MAP_CMAP]
     gap = max(2, W // 16)
     over = np.empty_like(maps.images, dtype=np.float64)
     for b in range(B):
-        heat = cmap(norm(_resize_nearest(maps.rollout[b], (H, W))))[..., :3]  # (H, W, 3)
-        grey = maps.images[b].mean(-1, keepdims=True)
-        over[b] = 0.35 * grey + 0.65 * heat
+        heat = _rgb(_resize_nearest(maps.rollout[b], (H, W)), MAP_CMAP, norm)  # (H, W, 3)
+        over[b] = 0.35 * maps.images[b].mean(-1, keepdims=True) + 0.65 * heat
     top, bottom = _image_strip(maps.images, gap), _image_strip(over, gap)
-    comp = np.concatenate([top, np.ones((gap, top.shape[1], 3)), bottom])  # (2H + gap, ..., 3)
-    fig = _figure((min(16.0, 1.2 * B + 1.1), 2.9))
-    ax = fig.add_subplot()
-    ax.imshow(comp, interpolation="nearest")
-    _name_images(ax, _image_names(maps, range(B)), W, gap)
-    from matplotlib.cm import ScalarMappable
-
-    fig.colorbar(ScalarMappable(norm, cmap), ax=ax, shrink=0.5, anchor=(0.0, 0.0), label="rollout weight")
-    fig.suptitle(textwrap.fill(title or f"Attention rollout ({maps.rollout_source})", 70), fontsize=9)
+    bar_w = max(2, W // 12)
+    canvas = np.ones((2 * H + gap, top.shape[1] + 2 * gap + bar_w, 3))
+    _paste(canvas, top, 0, 0)
+    _paste(canvas, bottom, H + gap, 0)
+    fig, ax = _canvas_axes(canvas, 1.15 / W, (1.3, 0.7))
+    _colour_bar(ax, MAP_CMAP, norm, H + gap, H, top.shape[1] + 2 * gap, bar_w, "rollout weight")
+    _labels_at(ax, [b * (W + gap) + W / 2 for b in range(B)], _image_names(maps, range(B)), "x", -1, 7)
+    _suptitle(fig, title or f"Attention rollout ({maps.rollout_source})")
     return fig
 
 
@@ -175,66 +222,72 @@ def query_maps_figure(maps: AttentionMaps, images: Sequence[int] | None = None, 
     mos = mosaic(tiles, group=heads)
     th = max(m.shape[2] for m in maps.query_maps)
     tw = max(m.shape[3] for m in maps.query_maps)
-    group_w = _tile_x(heads, tw, heads) - 4  # width of one image's heads in the mosaic
-    # images scaled to their group's width, so each sits above its own heads
+    side = heads * (tw + GAP)  # one image's heads, so each image sits above its own heads
     H, W = maps.images.shape[1:3]
-    side = max(group_w, 1)
     pics = np.stack([_resize_nearest(maps.images[b], (int(round(side * H / W)), side)) for b in images])
-    scale = side / W
-    box = tuple(v * scale for v in maps.query_box)
     strip = _image_strip(pics, 4)
-    width = min(16.0, max(4.8, 0.42 * heads * n + 1.8))
-    fig = _figure((width, width * (strip.shape[0] + mos.shape[0]) / max(mos.shape[1], 1) * 0.8 + 1.0))
-    ax_img, ax = fig.subplots(2, 1, height_ratios=[strip.shape[0], mos.shape[0]])
-    ax_img.imshow(strip, interpolation="nearest")
-    for r in _query_boxes(box, n, side, 4):
-        ax_img.add_patch(r)
-    _name_images(ax_img, _image_names(maps, images), side, 4)
-    vmax = float(np.nanmax(mos)) or 1.0
-    im = ax.imshow(mos, cmap=MAP_CMAP, norm=PowerNorm(gamma, 0.0, vmax), interpolation="nearest")
+    norm = PowerNorm(gamma, 0.0, float(np.nanmax(mos)) or 1.0)
+    sep = max(2, th // 2)
+    bar_w = max(1, tw // 3)
+    top = strip.shape[0] + sep
+    canvas = np.ones((top + mos.shape[0], max(strip.shape[1], mos.shape[1]) + 2 * GAP + bar_w + 1, 3))
+    _paste(canvas, strip, 0, 0)
+    _paste(canvas, _rgb(mos, MAP_CMAP, norm), top, 0)
+    fig, ax = _canvas_axes(canvas, 0.42 / (tw + GAP), (1.8, 0.9))
+    for r in _query_boxes(tuple(v * side / W for v in maps.query_box), n, side, 4):
+        ax.add_patch(r)
     cells = [(i, k * heads + h, *maps.query_cells[i], *maps.query_maps[i].shape[2:]) for i in range(L)
              for k in range(n) for h in range(maps.query_maps[i].shape[1])]
-    ax.add_collection(_cell_boxes(cells, th, tw, heads))
-    ax.set_axis_off()
-    _labels_at(ax, [i * (th + GAP) + th / 2 for i in range(L)],
+    ax.add_collection(_cell_boxes(cells, th, tw, heads, dy=top))
+    _labels_at(ax, [top + i * (th + GAP) + th / 2 for i in range(L)],
                [f"{name.removeprefix('blocks.').removesuffix('.attn')} {kind}"
-                for name, kind in zip(maps.layers, maps.kinds)], "y")
+                for name, kind in zip(maps.layers, maps.kinds)], "y", -0.5)
     cols = [(k, h) for k in range(n) for h in range(heads)]
     _labels_at(ax, [_tile_x(j, tw, heads) + tw / 2 for j in range(len(cols))], [f"h{h}" for _, h in cols], "x",
-               5 if len(cols) > 24 else 6)
-    fig.colorbar(im, ax=[ax_img, ax], shrink=0.6, label=f"attention (power {gamma:g})")
-    title = title or f"Attention of query patch {maps.query}: layers (rows) x heads (columns) per image"
-    fig.suptitle(textwrap.fill(title, int(width * 11)), fontsize=9)
+               canvas.shape[0], 5 if len(cols) > 24 else 6)
+    _labels_at(ax, [k * (side + 4) + side / 2 for k in range(n)], _image_names(maps, images), "x", -1, 7)
+    _colour_bar(ax, MAP_CMAP, norm, top, mos.shape[0], mos.shape[1] + 2, bar_w, f"attention (power {gamma:g})")
+    _suptitle(fig, title or f"Attention of query patch {maps.query}: layers (rows) x heads (columns) per image")
     return fig
 
 
 def gpsa_figure(maps: AttentionMaps, title: str = "", gamma: float = 0.5) -> Figure:
-    """ConViT: the gates sigmoid(lambda) per GPSA layer and head, and each head's positional attention of the
-    query patch (before gating); one colour scale for all positional maps."""
+    """ConViT: the gates sigmoid(lambda) per GPSA layer and head (left), and each head's positional attention of
+    the query patch before gating (right), on one colour scale for all positional maps."""
     if maps.gpsa_gates is None or maps.gpsa_positional is None:
         raise ValueError("no GPSA layer in these maps (not a ConViT)")
     gates, pos = maps.gpsa_gates, maps.gpsa_positional  # (L, heads), (L, heads, h, w)
     L, heads, h, w = pos.shape
-    fig = _figure((1.4 + 0.5 * heads + 0.6 * heads + 1.2, max(2.4, 0.5 * L + 0.8)))
-    ax_g, ax_p = fig.subplots(1, 2, width_ratios=[max(1.0, 0.5 * heads), max(1.0, 0.6 * heads)])
-    img = ax_g.imshow(gates, cmap="viridis", vmin=0, vmax=1, aspect="auto", interpolation="nearest")
+    t = max(h, w)
+    gate_norm = Normalize(0.0, 1.0)
+    pos_norm = PowerNorm(gamma, 0.0, float(np.nanmax(pos)) or 1.0)
+    left = mosaic([[np.full((t, t), g) for g in row] for row in gates], (t, t))
+    right = mosaic([[pos[i, j] for j in range(heads)] for i in range(L)], (t, t))
+    bar_w = max(1, t // 3)
+    gx = left.shape[1] + 2                               # gate bar
+    px = gx + bar_w + 2 * t + 2                           # positional mosaic, after room for the bar's ticks
+    canvas = np.ones((left.shape[0], px + right.shape[1] + 2 + bar_w, 3))
+    _paste(canvas, _rgb(left, "viridis", gate_norm), 0, 0)
+    _paste(canvas, _rgb(right, MAP_CMAP, pos_norm), 0, px)
+    fig, ax = _canvas_axes(canvas, 0.45 / (t + GAP), (1.6, 1.0))
     for i in range(L):
         for j in range(heads):
-            ax_g.text(j, i, f"{gates[i, j]:.2f}", ha="center", va="center", fontsize=6,
-                      color="white" if gates[i, j] < 0.6 else "black")
-    ax_g.set_axis_off()
-    _labels_at(ax_g, range(heads), [f"h{j}" for j in range(heads)], "x")
-    _labels_at(ax_g, range(L), [f"GPSA {i}" for i in range(L)], "y")
-    ax_g.set_title("gate sigmoid(λ): 1 = positional", fontsize=8)
-    fig.colorbar(img, ax=ax_g, shrink=0.8)
-    mos = mosaic([[pos[i, j] for j in range(heads)] for i in range(L)])
-    im = ax_p.imshow(mos, cmap=MAP_CMAP, norm=PowerNorm(gamma, 0.0, float(np.nanmax(mos)) or 1.0),
-                     interpolation="nearest")
+            ax.text(_tile_x(j, t) + t / 2 - 0.5, i * (t + GAP) + t / 2 - 0.5, f"{gates[i, j]:.2f}", ha="center",
+                    va="center", fontsize=6, color="white" if gates[i, j] < 0.6 else "black")
     r, c = maps.query_cells[maps.kinds.index("gpsa")] if "gpsa" in maps.kinds else maps.query
-    ax_p.add_collection(_cell_boxes([(i, j, r, c, h, w) for i in range(L) for j in range(heads)], h, w))
-    _bare(ax_p, f"positional attention of patch {(r, c)}")
-    fig.colorbar(im, ax=ax_p, shrink=0.8, label=f"positional attention (power {gamma:g})")
-    fig.suptitle(title or "ConViT GPSA gates and positional attention", fontsize=9)
+    ax.add_collection(_cell_boxes([(i, j, r, c, h, w) for i in range(L) for j in range(heads)], t, t, dx=px))
+    names = [f"GPSA {i}" for i in range(L)]
+    _labels_at(ax, [i * (t + GAP) + t / 2 for i in range(L)], names, "y", -0.5)
+    _labels_at(ax, [_tile_x(j, t) + t / 2 for j in range(heads)], [f"h{j}" for j in range(heads)], "x",
+               canvas.shape[0], 6)
+    _labels_at(ax, [px + _tile_x(j, t) + t / 2 for j in range(heads)], [f"h{j}" for j in range(heads)], "x",
+               canvas.shape[0], 6)
+    _labels_at(ax, [left.shape[1] / 2, px + right.shape[1] / 2],
+               ["gate sigmoid(λ): 1 = positional", f"positional attention of patch {(r, c)}"], "x", -1, 7)
+    _colour_bar(ax, "viridis", gate_norm, 0, left.shape[0], gx, bar_w, "", ticks=(0.0, 0.5, 1.0))
+    _colour_bar(ax, MAP_CMAP, pos_norm, 0, right.shape[0], px + right.shape[1] + 2, bar_w,
+                f"positional (power {gamma:g})")
+    _suptitle(fig, title or "ConViT GPSA gates and positional attention")
     return fig
 
 
@@ -256,13 +309,10 @@ def patch_components_figure(maps: AttentionMaps, title: str = "", cols: int = 7)
     scale = max(1, 16 // P)  # draw tiny patches at least 16 px
     mos = mosaic(rows, (P * scale, P * scale))
     mos = np.where(np.isnan(mos), 1.0, mos)  # white gaps in an RGB image
-    fig = _figure((0.55 * cols + 0.4, 0.6 * len(rows) + 0.6))
-    ax = fig.add_subplot()
-    ax.imshow(mos, interpolation="nearest")
-    _bare(ax)
+    fig, ax = _canvas_axes(mos, 0.5 / (P * scale + GAP), (0.4, 0.6))
     expl = maps.patch_explained
     share = f"; together {100 * float(expl.sum()):.0f}% of the variance" if expl is not None else ""
-    ax.set_title(title or f"Patch-embedding filters: first {k} principal components{share}", fontsize=8)
+    _suptitle(fig, title or f"Patch-embedding filters: first {k} principal components{share}")
     return fig
 
 
@@ -274,17 +324,20 @@ def position_similarity_figure(maps: AttentionMaps, title: str = "") -> Figure:
     h, w = maps.position_grid
     sim = maps.position_similarity.reshape(h, w, h, w)
     mos = mosaic([[sim[i, j] for j in range(w)] for i in range(h)])
-    fig = _figure((4.2, 3.7))
-    ax = fig.add_subplot()
-    im = ax.imshow(mos, cmap="viridis", vmin=-1, vmax=1, interpolation="nearest")
-    ax.set_axis_off()
-    _labels_at(ax, [j * (w + GAP) + w / 2 for j in _thin(w)], [str(j) for j in _thin(w)], "x", 5)
-    _labels_at(ax, [i * (h + GAP) + h / 2 for i in _thin(h)], [str(i) for i in _thin(h)], "y", 5)
-    ax.text(0.5, -0.06, "input patch column", transform=ax.transAxes, ha="center", va="top", fontsize=8)
-    ax.text(-0.07, 0.5, "input patch row", transform=ax.transAxes, ha="right", va="center", rotation=90,
+    norm = Normalize(-1.0, 1.0)
+    bar_w = max(2, mos.shape[1] // 30)
+    canvas = np.ones((mos.shape[0], mos.shape[1] + 2 * GAP + 2 + bar_w, 3))
+    _paste(canvas, _rgb(mos, "viridis", norm), 0, 0)
+    fig, ax = _canvas_axes(canvas, 3.0 / canvas.shape[1], (1.4, 0.9))
+    _labels_at(ax, [j * (w + GAP) + w / 2 for j in _thin(w)], [str(j) for j in _thin(w)], "x", canvas.shape[0], 5)
+    _labels_at(ax, [i * (h + GAP) + h / 2 for i in _thin(h)], [str(i) for i in _thin(h)], "y", -0.5, 5)
+    ax.text(mos.shape[1] / 2, canvas.shape[0] + 0.06 * canvas.shape[0], "input patch column", ha="center",
+            va="top", fontsize=8)
+    ax.text(-0.08 * mos.shape[1], mos.shape[0] / 2, "input patch row", ha="right", va="center", rotation=90,
             fontsize=8)
-    fig.colorbar(im, ax=ax, shrink=0.85, label="cosine similarity")
-    ax.set_title(title or "Position-embedding similarity", fontsize=9)
+    _colour_bar(ax, "viridis", norm, 0, mos.shape[0], mos.shape[1] + 4, bar_w, "cosine similarity",
+                ticks=(-1.0, -0.5, 0.0, 0.5, 1.0))
+    _suptitle(fig, title or "Position-embedding similarity")
     return fig
 
 
