@@ -403,3 +403,24 @@ def test_preprocess_auto_resolution_and_resume_of_older_runs():
 
     with pytest.raises(CLIError, match="preprocess: 'model' -> 'data'"):
         _same_run(saved, resolve_config(model=TAG, data="fake", pretrained=True, preprocess="data", out="r"), "r")
+
+
+def test_resumed_fine_tuning_keeps_the_models_preprocessing(hub, tmp_path, monkeypatch):
+    """--resume (no download: the network is rebuilt from the checkpoint) and --auto-resume of a fine-tuned run go on
+    with the preprocessing it started with."""
+    from vitscope.training.checkpoint import read_jsonl, run_model_spec
+
+    items = _image_folder(tmp_path / "imgs")
+    data = f"imagefolder:{tmp_path / 'imgs'}"
+    run = tmp_path / "ft"
+    argv = ["train", "--model", TAG, "--pretrained", "--data", data, "--out", str(run), "--auto-resume", *_FINE_TUNE]
+    assert main(argv) == 0
+    first = run_model_spec(run)["preprocessing"]
+    built = _spy_models(monkeypatch)
+    assert main(["train", "--resume", str(run), "epochs=2"]) == 0
+    cfg = resolve_data_config(model=built[0][0])
+    ref = torch.stack([create_transform(**cfg)(Image.open(p).convert("RGB")) for p, _ in items])
+    torch.testing.assert_close(torch.cat([x for t, x in built[0][1] if not t]), ref, rtol=0, atol=0)
+    assert run_model_spec(run)["preprocessing"] == first and first["source"] == "model"
+    assert main([*argv[:-len(_FINE_TUNE)], *[a if a != "epochs=1" else "epochs=2" for a in _FINE_TUNE]]) == 0
+    assert [r["epoch"] for r in read_jsonl(run / "metrics.jsonl")] == [0, 1]  # the finished run was accepted as is
