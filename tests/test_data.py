@@ -326,6 +326,12 @@ def test_imagefolder_skips_non_image_and_corrupt_files_with_a_count(tmp_path, ca
         x, y = _all_batches(create_loader(spec, split="val", img_size=8, batch_size=4))  # no crash mid-run
     assert x.shape == (6, 3, 8, 8) and y.tolist() == [0, 0, 0, 1, 1, 1]
     assert "skipped unreadable image" in caplog.text and "truncated.png" in caplog.text
+    unchecked = f"{spec},check=false"  # no header scan: the bad files fail when loaded, and are dropped then
+    assert len(create_dataset(unchecked, split="val", img_size=8)) == 9
+    x, y = _all_batches(create_loader(unchecked, split="val", img_size=8, batch_size=5))
+    assert y.tolist() == [0, 0, 0, 1, 1, 1]
+    with pytest.raises(ValueError, match="every image of a batch of 1 was unreadable"):  # nothing left to yield
+        _all_batches(create_loader(unchecked, split="val", img_size=8, batch_size=1))
 
 
 def test_imagefolder_class_order_is_timms_imagenet_order(tmp_path):

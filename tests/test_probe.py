@@ -150,7 +150,7 @@ def test_probe_cka_over_unequal_batches_equals_minibatch_cka():
 
 
 _MEMORY_SCRIPT = """
-import json, resource, sys, torch
+import json, sys, torch
 import vitscope
 from torch.utils.data import DataLoader, TensorDataset
 torch.set_num_threads(1)
@@ -159,7 +159,9 @@ model = vitscope.create_model("test_vit_cb").eval()
 g = torch.Generator().manual_seed(0)
 ds = TensorDataset(torch.randn(20 * 64, 3, 32, 32, generator=g), torch.randint(0, 10, (20 * 64,), generator=g))
 loader = DataLoader(ds, batch_size=64)
-peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+def peak():  # VmHWM: this process image's peak RSS (ru_maxrss would keep the parent's peak across fork + exec)
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
 vitscope.probe(model, loader, max_batches=2, progress=False)
 after2 = peak()
 vitscope.probe(model, loader, max_batches=20, progress=False)
@@ -174,7 +176,7 @@ json.dump({"after2": after2, "after20": after20, "leaked": leaked, "control": pe
 
 
 def test_probe_peak_memory_does_not_grow_with_batches():
-    """Peak RSS (getrusage, sees torch's allocations) after 20 batches equals that after 2 within noise; the
+    """Peak RSS (VmHWM, sees torch's allocations) after 20 batches equals that after 2 within noise; the
     control (the same probe leaking every module's output, ~7 MB a batch) shows that such a leak is seen."""
     import subprocess
     import sys
