@@ -190,7 +190,9 @@ def check_training(s: dict[str, Any], device: torch.device) -> dict[str, Any]:
         m = _model(s["train_model"], s["classes"], device).to(memory_format=torch.channels_last).train()
         models[who] = (m, torch.optim.AdamW(m.parameters(), lr=1e-4))
     crit = nn.CrossEntropyLoss()
-    bf16 = (lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16))
+
+    def bf16() -> torch.autocast:
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
     def plain() -> None:
         model, opt = models["timm"]

@@ -22,9 +22,9 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from vitscope.curvature.eigen import top_eigenvalues
+from vitscope.curvature.hvp import HessianOperator, LossFn, cross_entropy, l2_penalty, select_params
 from vitscope.distributed import all_gather_objects, global_batch_count, shard_batches
 from vitscope.distributed import current as dist_current
-from vitscope.curvature.hvp import HessianOperator, LossFn, cross_entropy, l2_penalty, select_params
 
 _logger = logging.getLogger(__name__)
 
