@@ -227,6 +227,10 @@ def _rollout(layers: list[_Layer], model: nn.Module, head_fusion: str,
     """(B, h, w) rollout read-out and its source, or (None, why not)."""
     if any(layer.window for layer in layers):
         return None, "none: windowed attention has no rollout across layers"
+    from vitscope.capture._sites import find_blocks
+
+    if any(b.family not in ("vit", "convit") for b in find_blocks(model)):
+        return None, "none: convolution blocks between the attention layers are not attention"
     # Runs of consecutive layers over the same token sequence.
     groups: list[list[_Layer]] = []
     for layer in layers:
