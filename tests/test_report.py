@@ -389,3 +389,65 @@ def test_negative_fraction_of_a_density_crossing_zero():
     slq = {"density": {"grid": [0, 1], "density": [1, 1], "nodes": [[-1, 1], [2, 3]],
                        "weights": [[0.25, 0.75], [0, 0]]}}
     assert negative_fraction(slq) == 0.25  # the probe with zero total weight is skipped, not a division by zero
+
+
+def _svg_norm(text: str) -> str:
+    """An SVG with matplotlib's random element ids (clip paths, markers, images) numbered in order of use."""
+    ids: dict[str, str] = {}
+    return re.sub(r"\b(p|m|image|h)[0-9a-f]{10}\b", lambda m: ids.setdefault(m.group(0), f"id{len(ids)}"), text)
+
+
+def test_parallel_build_writes_the_same_files_as_a_serial_one(dirs, tmp_path):
+    """Sections drawn in worker processes (build_report's default) give the files one process gives, byte for
+    byte (SVG up to matplotlib's random ids), and the same page."""
+    pages = {}
+    for workers in (1, 3):
+        out = build_report([dirs["convit"], dirs["train"]], tmp_path / f"w{workers}" / "report.html", workers=workers)
+        pages[workers] = re.sub(r"generated [^<]*", "", out.read_text())
+    a, b = tmp_path / "w1" / "figures", tmp_path / "w3" / "figures"
+    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
+    n = 4 + 4  # ConViT probe, training run; no comparison: no probe measure in common (a task that yields None)
+    assert {p.suffix for p in files} == {".png", ".svg", ".csv"} and len(files) == 3 * n + 1
+    for p in files:
+        if p.suffix == ".svg":
+            assert _svg_norm((a / p).read_text()) == _svg_norm((b / p).read_text()), p
+        else:
+            assert (a / p).read_bytes() == (b / p).read_bytes(), p
+    assert pages[1] == pages[3] and pages[1].count("<img") == n
+
+
+def test_render_gives_savefig_bytes():
+    """F.render (layout once, each format drawn once) against two plain savefig calls on an identical figure:
+    the same PNG bytes and the same SVG; figures with a colourbar, a wrapped title and a y-axis offset text
+    (1e-7 scale, next to which matplotlib may move the title)."""
+    from vitscope.reports import figures as F
+
+    def make(kind):
+        if kind == "heatmap":
+            return F.heatmap([[0.1, 0.5], [0.9, 0.3]], ["a", "b"], ["c", "dddddddddddddddddddddd"], "CKA " * 20)
+        return F.lines({"tiny": ([0, 1, 2], [1e-7, 3e-7, 2e-7]), "tinier": ([0, 1, 2], [2e-7, 1e-7, None])},
+                       "a long title that matplotlib wraps over two lines " * 2, "step", "value", logy=False)
+
+    for kind in ("heatmap", "lines"):
+        fig = make(kind)
+        png, svg = F.to_bytes(fig, "png"), None
+        fig.set_layout_engine("none")
+        svg = F.to_bytes(fig, "svg")
+        png2, svg2 = F.render(make(kind))
+        assert png2 == png and _svg_norm(svg2.decode()) == _svg_norm(svg.decode()), kind
+        assert fig.get_layout_engine() is not None  # the reference really ran the layout engine
+
+
+def test_worker_errors_reach_the_caller(dirs, tmp_path, monkeypatch):
+    import vitscope.reports.build as B
+
+    def broken(run):
+        raise RuntimeError(f"cannot draw {run.name}")
+
+    monkeypatch.setattr(B, "run_section", broken)  # forked workers inherit the patched module
+    with pytest.raises(RuntimeError, match="cannot draw"):
+        build_report([dirs["convit"], dirs["curv"]], tmp_path / "r.html", workers=2)
+    assert not (tmp_path / "r.html").exists()
+    with pytest.raises(ValueError, match="workers must be >= 1"):
+        build_report([dirs["convit"]], tmp_path / "r.html", workers=0)
