@@ -37,6 +37,7 @@ from vitscope.studies.pipeline import (
     run_probe,
     run_robustness,
     train_spec,
+    training_summary,
     val_loader,
 )
 from vitscope.studies.zoo import model_spec
@@ -56,7 +57,8 @@ class DemoSize:
     """How much work each stage of the demo does."""
 
     zoo: str = "quick"
-    epochs: int = 12
+    epochs: int = 12  # the cap: training stops earlier when validation NLL stops improving (early_stop_patience)
+    early_stop_patience: int | None = 3  # epochs without a lower val NLL; None: train every epoch of the cap
     batch_size: int = 64
     train_examples: int | None = None  # None: the whole training split (1,836 images)
     eval_examples: int | None = None  # None: the whole test split (394 images)
@@ -201,7 +203,8 @@ def _run(out: Path, size: str, data: str, img_size: int, models: tuple[str, ...]
             req = TrainRequest(spec, data, recipe="cpu-quick", seed=0, img_size=img_size, epochs=sz.epochs,
                                batch_size=sz.batch_size, max_examples=sz.train_examples,
                                max_val_examples=sz.eval_examples, device=device, progress=progress,
-                               probes={"every": 1, "measures": probes, "num_images": 32} if probes else None)
+                               probes={"every": 1, "measures": probes, "num_images": 32} if probes else None,
+                               overrides={"early_stop_patience": sz.early_stop_patience})
             bar.set_postfix_str(f"train {spec.label}")
             with timer.stage(f"train {key}"):
                 run_dirs[key] = train_spec(req, out / "models", run_dir=out / "models" / key)
@@ -212,7 +215,8 @@ def _run(out: Path, size: str, data: str, img_size: int, models: tuple[str, ...]
         pixels = val_loader(data, img_size, sz.eval_batch_size, sz.robustness_examples, normalize=False, split="test")
         for key in models:
             model, spec, run_dir = loaded[key], model_spec(sz.zoo, key), run_dirs[key]
-            entry: dict[str, Any] = {"label": spec.label, "model": spec.model, "kwargs": spec.kwargs,
+            entry: dict[str, Any] = {"training": training_summary(run_dir),  # converged: early stopping ended it
+                                     "label": spec.label, "model": spec.model, "kwargs": spec.kwargs,
                                      "params": sum(p.numel() for p in model.parameters()), "run_dir": str(run_dir)}
 
             def step(name: str, key: str = key, label: str = spec.label) -> Any:
@@ -304,7 +308,7 @@ def _run(out: Path, size: str, data: str, img_size: int, models: tuple[str, ...]
                                "class_names": list(getattr(info, "class_names", []) or []),
                                "test_examples": first["n"], "test_support": first["support"],
                                "majority_accuracy": first["majority_accuracy"]},
-        "settings": {"epochs": sz.epochs, "batch_size": sz.batch_size, "zoo": sz.zoo, "recipe": "cpu-quick",
+        "settings": {"epochs": sz.epochs, "early_stop_patience": sz.early_stop_patience, "batch_size": sz.batch_size, "zoo": sz.zoo, "recipe": "cpu-quick",
                      "train_examples": sz.train_examples, "eval_examples": sz.eval_examples},
         "models": summary,
         "timing_s": {**{k: round(v, 2) for k, v in timer.seconds.items()},
