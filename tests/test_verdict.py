@@ -19,8 +19,8 @@ from vitscope.studies.verdict import (
     holm_adjust,
     paired_test,
     seeds_needed,
-    t_power,
     t_cdf,
+    t_power,
     t_ppf,
     to_markdown,
 )

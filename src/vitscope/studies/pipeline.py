@@ -28,7 +28,8 @@ from vitscope.studies.zoo import ModelSpec
 _logger = logging.getLogger(__name__)
 
 __all__ = [
-    "TrainRequest", "train_spec", "run_finished", "training_summary", "evaluate_classifier", "has_attention", "probe_measures",
+    "TrainRequest", "train_spec", "run_finished", "training_summary", "evaluate_classifier", "has_attention",
+    "probe_measures",
     "run_probe", "run_lesion", "run_localization", "cross_model_cka", "run_hessian", "run_landscape",
     "run_robustness", "atomic_write_json", "Timer", "val_loader",
 ]

@@ -38,8 +38,8 @@ from typing import Any
 import numpy as np
 
 __all__ = ["Verdict", "TestResult", "summarize", "decide", "paired_test", "holm", "holm_adjust", "t_cdf", "t_ppf",
-           "seeds_needed", "t_power", "verdict_rows", "to_markdown", "to_csv", "HELD", "NOT_HELD", "INCONCLUSIVE", "EXPECT",
-           "ALPHA"]
+           "seeds_needed", "t_power", "verdict_rows", "to_markdown", "to_csv", "HELD", "NOT_HELD", "INCONCLUSIVE",
+           "EXPECT", "ALPHA"]
 
 HELD, NOT_HELD, INCONCLUSIVE = "held", "did not hold", "inconclusive"
 EXPECT = {"greater": ">", "less": "<"}
