@@ -543,3 +543,28 @@ def test_k_above_parameter_count_is_refused(mlp_case):
         top_eigenvalues(m, F.cross_entropy, (x, y), k=161)
     with pytest.raises(ValueError, match="k=161 exceeds the 160 parameters of group 'all'"):
         eigenvalue_spectrum(m, _loader(x, y, 5), k=161)  # before any batch is drawn
+
+
+def test_hessian_cli_memory_budget(tmp_path, capsys):
+    """``vitscope hessian --memory-budget``: a budget that fits power iteration only switches (noted in
+    hessian.json); one that fits nothing is a one-line error (exit 2) and writes nothing; a bad size too."""
+    import json
+
+    from vitscope.cli import main
+    from vitscope.curvature.eigen import solver_memory
+
+    torch.manual_seed(0)
+    dim = sum(p.numel() for p in vitscope.create_model("test_vit_cifar", num_classes=10).parameters())
+    common = ["hessian", "--model", "test_vit_cifar", "--data", "fake", "--k", "1", "--batches", "1",
+              "--batch-size", "4", "--max-iter", "20", "--no-progress"]
+    power = solver_memory("power", dim, 1, 20)
+    assert main(common + ["--memory-budget", str(power), "--out", str(tmp_path / "ok")]) == 0
+    data = json.loads((tmp_path / "ok" / "hessian.json").read_text())
+    assert "switched to power iteration" in data["config"]["notes"][0]
+    capsys.readouterr()
+    assert main(common + ["--memory-budget", str(power - 1), "--out", str(tmp_path / "no")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "over the memory budget" in err[0] and not (tmp_path / "no").exists()
+    with pytest.raises(SystemExit):
+        main(common + ["--memory-budget", "lots", "--out", str(tmp_path / "bad")])
+    assert "is not a size like 8GB" in capsys.readouterr().err
