@@ -5,12 +5,14 @@
 composition and its global index (per-batch seeds, minibatch CKA's per-batch HSIC, one Hessian spectrum
 per batch), no example is counted twice (no ``DistributedSampler`` padding) and none is dropped. The
 additive states are then summed over the ranks (``StreamingMeasure.sync``, ``all_reduce_sum``) or gathered
-(``all_gather_objects``), and rank 0 alone writes. Process-group set-up reuses
-``vitscope.training.distributed.init_distributed`` (gloo on a CPU, NCCL on CUDA).
+(``all_gather_objects``), and rank 0 alone writes. Process-group set-up: gloo on a CPU
+(``vitscope.training.distributed.init_distributed``); on CUDA one group with NCCL for CUDA tensors and gloo for
+CPU ones (a measure's Python-number counts live on the CPU). The CUDA path has not run yet (no GPU so far).
 """
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterable, Iterator, Sized
 from typing import Any
 
@@ -33,7 +35,15 @@ def init_from_env(device: str | torch.device | None = None) -> DistInfo:
     """
     device_type = torch.device(device).type if device is not None else ("cuda" if torch.cuda.is_available()
                                                                          else "cpu")
-    info = init_distributed(device_type)
+    if device_type != "cuda" or dist.is_initialized() or int(os.environ.get("WORLD_SIZE", 1)) <= 1:
+        info = init_distributed(device_type)
+    else:  # NCCL for CUDA tensors and gloo for the CPU ones (counts, Python-number states) in one group
+        rank, world, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), \
+            int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend="cpu:gloo,cuda:nccl")
+        _logger.info("distributed: rank %d of %d (gloo + nccl)", rank, world)
+        info = DistInfo(rank, world, local_rank, owns_group=True)
     if info.owns_group:
         import atexit
 
