@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import vitscope
 from vitscope.curvature import eigenvalue_spectrum
 from vitscope.distributed import shard_batches
-from vitscope.robustness import evaluate_robustness
+from vitscope.robustness import evaluate_cifar_c, evaluate_robustness
 from vitscope.training.distributed import DistInfo
 
 N, BATCH = 37, 8
@@ -37,23 +37,33 @@ def _loader(shuffle=False):
     return DataLoader(ds, batch_size=BATCH, shuffle=shuffle, generator=torch.Generator().manual_seed(5))
 
 
-def _analyses():
+def _cifar_c(path):
+    rng = np.random.default_rng(0)
+    np.save(os.path.join(path, "fog.npy"), rng.integers(0, 256, size=(5 * 7, 32, 32, 3), dtype=np.uint8))
+    np.save(os.path.join(path, "labels.npy"), rng.integers(0, 4, size=5 * 7).astype(np.uint8))
+
+
+def _analyses(path):
     model = _model()
     probe = vitscope.probe(model, _loader(), PROBE, progress=False, shard=True)
     spec = eigenvalue_spectrum(model, _loader(shuffle=True), k=2, max_batches=4, max_iter=30, shard=True)
     rob = evaluate_robustness(model, _loader(), ("calibration", "occlusion", "fgsm", "pgd", "frequency"),
                               mean=(0.5,) * 3, std=(0.25,) * 3, eps=(2 / 255,), pgd_steps=2, freqs=(0.0, 0.5, 1.0),
                               progress=False, shard=True)
-    return probe, spec, rob
+    one_batch = evaluate_robustness(model, _loader(), ("calibration", "occlusion"), mean=(0.5,) * 3, std=(0.25,) * 3,
+                                    max_batches=1, progress=False, shard=True)  # rank 1 gets no batch
+    cifar_c = evaluate_cifar_c(model, path, ["fog"], (1, 3), mean=(0.5,) * 3, std=(0.25,) * 3, batch_size=3,
+                               progress=False, shard=True)  # 3 batches (3, 3, 1) per severity
+    return probe, spec, rob, one_batch, cifar_c
 
 
 def _worker(rank: int, path: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{path}/store", rank=rank, world_size=2)
     try:
-        probe, spec, rob = _analyses()
+        probe, spec, rob, one_batch, cifar_c = _analyses(path)
         with open(os.path.join(path, f"out{rank}.pkl"), "wb") as f:
-            pickle.dump((probe.to_dict(), probe.meta, spec.to_dict(), rob), f)
+            pickle.dump((probe.to_dict(), probe.meta, spec.to_dict(), rob, one_batch, cifar_c), f)
     finally:
         dist.destroy_process_group()
 
@@ -75,16 +85,17 @@ def _close(a, b, path=""):
 
 
 def test_two_ranks_equal_one_process(tmp_path):
+    _cifar_c(tmp_path)
     # fork: the workers inherit the imported modules (spawn would import torch, timm and vitscope twice more)
     mp.start_processes(_worker, args=(str(tmp_path),), nprocs=2, join=True, start_method="fork")
     outs = [pickle.loads((tmp_path / f"out{r}.pkl").read_bytes()) for r in (0, 1)]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        probe, spec, rob = _analyses()  # no process group: one process, every batch
+        probe, spec, rob, one_batch, cifar_c = _analyses(str(tmp_path))  # no process group: one process
     finally:
         torch.set_num_threads(threads)
-    for probe_d, meta, spec_d, rob_d in outs:  # every rank holds the merged result
+    for probe_d, meta, spec_d, rob_d, one_batch_d, cifar_c_d in outs:  # every rank holds the merged result
         assert meta["world_size"] == 2 and meta["examples_per_rank"] == [21, 16] and meta["examples"] == N
         assert probe.meta["world_size"] == 1 and probe.meta["examples_per_rank"] == [N]
         _close(probe.to_dict(), probe_d, "probe")
@@ -104,6 +115,10 @@ def test_two_ranks_equal_one_process(tmp_path):
         assert rob_d["world_size"] == 2 and rob_d["examples_per_rank"] == [21, 16] and rob_d["n"] == N
         _close({k: v for k, v in rob.items() if k not in ("world_size", "examples_per_rank")},
                {k: v for k, v in rob_d.items() if k not in ("world_size", "examples_per_rank")}, "robustness")
+        assert one_batch_d["examples_per_rank"] == [8, 0] and one_batch_d["n"] == one_batch["n"] == 8
+        _close({k: v for k, v in one_batch.items() if k not in ("world_size", "examples_per_rank")},
+               {k: v for k, v in one_batch_d.items() if k not in ("world_size", "examples_per_rank")}, "one batch")
+        _close(cifar_c, cifar_c_d, "cifar_c")
 
 
 def test_shard_batches_counts_each_batch_once():

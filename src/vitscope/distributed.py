@@ -97,8 +97,8 @@ def global_batch_count(loader: Iterable, max_batches: int | None = None) -> int 
     return n
 
 
-def shard_batches(loader: Iterable, max_batches: int | None = None, info: DistInfo | None = None
-                  ) -> Iterator[tuple[int, Any]]:
+def shard_batches(loader: Iterable, max_batches: int | None = None, info: DistInfo | None = None,
+                  every_rank: bool = True) -> Iterator[tuple[int, Any]]:
     """Yield ``(global batch index, batch)`` for this rank's share of ``loader``'s first ``max_batches``.
 
     With one process: every batch. With ``W`` ranks: rank ``r`` gets batches ``r, r + W, ...``. A
@@ -106,7 +106,8 @@ def shard_batches(loader: Iterable, max_batches: int | None = None, info: DistIn
     batches; any other iterable is walked in full and the other ranks' batches are skipped.
 
     Raises:
-        ValueError: fewer global batches than ranks (a rank would get nothing to merge).
+        ValueError: fewer global batches than ranks when ``every_rank`` (a measure whose merge needs every rank
+            to have seen a batch, as ``StreamingMeasure.sync`` does); ``every_rank=False`` lets a rank get none.
     """
     info = info or current()
     if max_batches is not None and max_batches < 1:
@@ -119,7 +120,7 @@ def shard_batches(loader: Iterable, max_batches: int | None = None, info: DistIn
         return
     rank, world = info.rank, info.world_size
     n = global_batch_count(loader, max_batches)
-    if n is not None and n < world:
+    if every_rank and n is not None and n < world:
         raise ValueError(f"{n} batch(es) for {world} processes: every process needs at least one batch; "
                          f"use at most {n} processes (--nproc_per_node) or a smaller --batch-size")
     if isinstance(loader, DataLoader) and loader.batch_sampler is not None:

@@ -123,6 +123,6 @@ def _evaluate(args, model, loader, synthetic, corruptions, mean, std, device, im
         results["corruptions"] = evaluate_cifar_c(
             model, args.cifar_c, corruptions, args.severities, clean_accuracy=results["clean"]["accuracy"],
             mean=mean, std=std, device=device, batch_size=args.batch_size,
-            max_batches=args.max_batches, img_size=img_size, progress=progress,
+            max_batches=args.max_batches, img_size=img_size, progress=progress, shard=True,
         )
     return results

@@ -167,7 +167,7 @@ def eigenvalue_spectrum(
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     info = dist_current()
     if shard:
-        batches = shard_batches(loader, max_batches, info)
+        batches = shard_batches(loader, max_batches, info, every_rank=False)  # a rank may get no batch
     else:
         batches = ((b, batch) for b, batch in enumerate(loader) if max_batches is None or b < max_batches)
     total = global_batch_count(loader, max_batches)

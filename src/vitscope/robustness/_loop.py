@@ -43,7 +43,7 @@ def batches(
     if shard:
         if total is not None:
             total = len(range(info.rank, total, info.world_size))
-        items = shard_batches(loader, max_batches, info)
+        items = shard_batches(loader, max_batches, info, every_rank=False)  # counts merge with zeros too
     else:
         items = enumerate(loader)
     bar = tqdm(total=total, desc=desc, disable=not progress or not info.is_main, leave=False)

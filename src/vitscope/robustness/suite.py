@@ -230,6 +230,7 @@ def evaluate_cifar_c(
     max_batches: int | None = None,
     img_size: int | None = None,
     progress: bool | None = None,
+    shard: bool = False,
 ) -> dict[str, Any]:
     """Accuracy on the released CIFAR-10-C / CIFAR-100-C files in ``path`` (``load_cifar_c``).
 
@@ -238,6 +239,7 @@ def evaluate_cifar_c(
 
     ``names`` defaults to every CIFAR-C corruption whose ``.npy`` is present. Returns the same layout
     as ``evaluate_robustness(...)["corruptions"]`` (error_increase only when ``clean_accuracy`` is given).
+    ``shard=True``: under torch.distributed each rank takes every W-th batch of each file and the hits are summed.
     """
     import os
 
@@ -254,20 +256,20 @@ def evaluate_cifar_c(
             )
     dev = resolve_device(model, device)
     net = pixel_model(model, mean, std).to(dev)
-    acc: dict[str, list[float]] = {}
+    counts = torch.zeros(len(names), len(severities), 2, dtype=torch.int64)  # (corruption, severity, [hits, n])
     with _EvalMode(net):
-        for name in names:
-            acc[name] = []
-            for s in severities:
+        for i, name in enumerate(names):
+            for j, s in enumerate(severities):
                 loader = DataLoader(load_cifar_c(path, name, s), batch_size=batch_size)
-                hit = n = 0
-                for _, x, y in batches(loader, dev, max_batches, desc=f"{name} s{s}", progress=progress):
+                for _, x, y in batches(loader, dev, max_batches, desc=f"{name} s{s}", progress=progress, shard=shard):
                     if img_size is not None and tuple(x.shape[-2:]) != (img_size, img_size):
                         x = F.interpolate(x, size=(img_size, img_size), mode="bilinear", antialias=True)
                         x = x.clamp(0.0, 1.0)
-                    hit += int((net(x).argmax(dim=1) == y).sum())
-                    n += x.shape[0]
-                acc[name].append(hit / max(n, 1))
+                    counts[i, j, 0] += int((net(x).argmax(dim=1) == y).sum())
+                    counts[i, j, 1] += x.shape[0]
+    if shard:
+        all_reduce_sum(counts)
+    acc = {name: [int(h) / max(int(m), 1) for h, m in counts[i].tolist()] for i, name in enumerate(names)}
     flat = [a for v in acc.values() for a in v]
     return {
         "severities": [int(s) for s in severities],
