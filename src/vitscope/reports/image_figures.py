@@ -71,7 +71,7 @@ def _colour_bar(ax, cmap, norm, y: int, height: int, x: int, width: int, label: 
     xlim, ylim = ax.get_xlim(), ax.get_ylim()
     values = np.asarray(norm.inverse(np.linspace(1, 0, 256)), dtype=float)[:, None]  # (256, 1), top = max
     ax.imshow(_rgb(values, cmap, norm), extent=(x - 0.5, x + width - 0.5, y + height - 0.5, y - 0.5),
-              interpolation="nearest", aspect="auto")
+              interpolation="nearest")  # default aspect: keeps the canvas' square pixels
     ax.set_xlim(xlim)
     ax.set_ylim(ylim)
     lo, hi = float(norm.vmin), float(norm.vmax)
