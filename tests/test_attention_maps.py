@@ -69,6 +69,21 @@ def test_maps_do_not_depend_on_the_batch(vit):
         np.testing.assert_allclose(np.concatenate([p.query_maps[i] for p in parts]), whole.query_maps[i], atol=1e-6)
 
 
+def test_registers_and_a_non_square_dynamic_size():
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=24, depth=2, num_heads=2,
+                              dynamic_img_size=True, reg_tokens=2).eval()
+    x = torch.randn(2, 3, 48, 64, generator=torch.Generator().manual_seed(1))
+    maps = vitscope.attention_maps(model, x)
+    cap = _captured(model, x)
+    assert maps.query_grid == (6, 8) and maps.query == (3, 4)  # the centre of a 6 x 8 patch grid
+    ref = attention_rollout(cap.attentions)[:, 0, 3:].reshape(2, 6, 8)  # class + 2 registers before the patches
+    np.testing.assert_allclose(maps.rollout, ref.numpy(), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(maps.query_maps[1], cap.attentions[1][:, :, 3 + 3 * 8 + 4, 3:].reshape(2, 2, 6, 8),
+                               atol=1e-7)
+    assert maps.position_grid == (4, 4)  # position embeddings stay on the 32 px grid they were built for
+
+
 def test_pooled_vit_uses_the_mean_over_patch_queries():
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=24, depth=2, num_heads=2,
