@@ -1,8 +1,10 @@
 """Time ``vitscope.reports.build_report`` end to end on the quick demo's outputs, with a per-stage breakdown.
 
 Goal (issue 14): the report of ``vitscope demo --quick`` (every figure as PNG, SVG and CSV, plus the HTML page)
-builds in at most 6 s on 2 cores. The run directories come from one ``vitscope demo --quick`` (about 80 s),
-made once and cached under ``--cache``. Each repeat runs in a fresh Python process (as the demo and
+builds in at most 6 s on 2 cores, with the per-model image figures of issue 14 included. The run directories
+come from one ``vitscope demo --quick`` (about 80 s), made once and cached under ``--cache``; where a model's
+directory lacks ``attention.npz`` (the image figures' data), ``vitscope attention --checkpoint RUN`` on 4 test
+images adds it (CNNs have none). Each repeat runs in a fresh Python process (as the demo and
 ``vitscope report`` do: fonts and caches start cold, imports are done before the clock starts), so repeats do
 not warm each other; wall time, the process CPU time (children included: render workers) and the load average
 are printed per repeat, and the median.
@@ -28,6 +30,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+ATTENTION_IMAGES = 4
 SRC = HERE.parent / "src"
 
 CHILD = r"""
@@ -55,7 +58,21 @@ def demo_runs(cache: Path) -> list[str]:
         subprocess.run([sys.executable, "-m", "vitscope", "demo", "--quick", "--out", str(demo)], check=True,
                        stdout=subprocess.DEVNULL)
     models = json.loads((demo / "results.json").read_text())["models"]
-    return [str(demo / "models" / k) for k in models]
+    runs = [demo / "models" / k for k in models]
+    for run in runs:  # issue 14's per-model image figures: `vitscope attention` output, where the demo lacks it
+        if (run / "attention.npz").is_file() or (run / "no-attention").is_file():
+            continue
+        tmp = cache / f"attention-{run.name}"
+        res = subprocess.run([sys.executable, "-m", "vitscope", "attention", "--checkpoint", str(run), "--data",
+                              "elpv", "--split", "test", "--num-images", str(ATTENTION_IMAGES), "--out", str(tmp)],
+                             capture_output=True, text=True)
+        if res.returncode == 0:
+            for name in ("attention.npz", "attention_meta.json"):
+                shutil.copy(tmp / name, run / name)
+        else:  # a CNN: no attention to draw
+            (run / "no-attention").write_text(res.stderr)
+        shutil.rmtree(tmp, ignore_errors=True)
+    return [str(r) for r in runs]
 
 
 def figure_files(out: Path) -> dict[str, int]:
@@ -74,16 +91,12 @@ def time_build(src: Path, run_dirs: list[str], work: Path) -> dict:
     return stats
 
 
-def timed(name: str, label: str, repeats: int, src: Path, run_dirs: list[str], work: Path) -> list[dict]:
-    print(f"\n{label}: build_report from {src}")
-    runs = []
-    for i in range(repeats):
-        s = time_build(src, run_dirs, work)
-        cpu = s["cpu"] + s["cpu_children"]
-        print(f"  repeat {i + 1}: {s['wall']:6.2f} s wall, {cpu:6.2f} s CPU ({s['cpu_children']:.2f} in workers), "
-              f"load average {s['load'][0]:.2f} -> {s['load'][1]:.2f}; files {s['files']}", flush=True)
-        runs.append(s)
-    return runs
+def timed(label: str, i: int, src: Path, run_dirs: list[str], work: Path) -> list[dict]:
+    s = time_build(src, run_dirs, work)
+    cpu = s["cpu"] + s["cpu_children"]
+    print(f"{label:<14} repeat {i + 1}: {s['wall']:6.2f} s wall, {cpu:6.2f} s CPU ({s['cpu_children']:.2f} in "
+          f"workers), load average {s['load'][0]:.2f} -> {s['load'][1]:.2f}; files {s['files']}", flush=True)
+    return [s]
 
 
 def breakdown(run_dirs: list[str], work: Path) -> None:
@@ -118,6 +131,7 @@ def breakdown(run_dirs: list[str], work: Path) -> None:
     wrap(B, "load_runs", "loading")
     wrap(B, "run_section", "building figures")
     wrap(B, "comparison_section", "building figures")
+    wrap(F, "_lay_out", "layout")
     wrap(F, "to_bytes", fmt_of)
     for attr, stage in (("render_png", "PNG"), ("render_svg", "SVG")):
         wrap(F, attr, stage)
@@ -148,9 +162,13 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(dir=args.cache, prefix="out-"))
     print(f"{len(run_dirs)} run directories: {', '.join(Path(d).name for d in run_dirs)}; {os.cpu_count()} CPUs; "
           f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(f"this checkout: {SRC}" + (f"; old checkout: {args.old}" if args.old else ""))
     try:
-        new = timed("new", "this checkout", args.repeats, SRC, run_dirs, work)
-        old = timed("old", "old checkout", args.repeats, args.old, run_dirs, work) if args.old else None
+        new, old = [], [] if args.old else None
+        for i in range(args.repeats):  # interleaved, so that both see the same load on a shared machine
+            new += timed("this checkout", i, SRC, run_dirs, work)
+            if args.old:
+                old += timed("old checkout", i, args.old, run_dirs, work)
         med = {k: statistics.median(r["wall"] for r in v) for k, v in (("new", new), ("old", old)) if v}
         cpu = {k: statistics.median(r["cpu"] + r["cpu_children"] for r in v)
                for k, v in (("new", new), ("old", old)) if v}
@@ -159,7 +177,8 @@ def main() -> None:
             print(f"median: old checkout  {med['old']:.2f} s wall, {cpu['old']:.2f} s CPU")
             print(f"ratio old / new: {med['old'] / med['new']:.2f}x wall, {cpu['old'] / cpu['new']:.2f}x CPU")
             if old[0]["files"] != new[0]["files"]:
-                print(f"WARNING: file counts differ: old {old[0]['files']}, new {new[0]['files']}")
+                print(f"note: file counts differ (an old checkout without issue 14's image figures draws fewer): "
+                      f"old {old[0]['files']}, this {new[0]['files']}")
         if not args.no_breakdown:
             sys.path.insert(0, str(SRC))
             breakdown(run_dirs, work)

@@ -13,12 +13,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="vitscope output directories (one per model)")
     p.add_argument("--out", default="report.html", help="HTML file to write (default: report.html)")
     p.add_argument("--title", default="vitscope report", help="page title")
+    p.add_argument("--workers", type=int, default=None,
+                   help="processes drawing the figures (default: one per CPU, at most one per model + 1)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from vitscope.reports import build_report
 
-    out = build_report(args.run_dirs, args.out, title=args.title)
+    out = build_report(args.run_dirs, args.out, title=args.title, workers=args.workers)
     print(f"wrote {out} (figures under {out.parent / 'figures'})")
     return 0

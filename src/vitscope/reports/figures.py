@@ -70,6 +70,16 @@ def render(fig: Figure, dpi: int = 130) -> tuple[bytes, bytes]:
     resolution, and is then removed, so each format is drawn once; the SVG also keeps the title positions the
     PNG draw found. Positions are stored as figure and axes fractions, so they do not depend on the dpi.
     """
+    _lay_out(fig, dpi)
+    png = to_bytes(fig, "png", dpi)
+    for ax in fig.axes:
+        if hasattr(ax, "_autotitlepos"):  # matplotlib's flag for "move the title above top-side tick labels"
+            ax._autotitlepos = False
+    return png, to_bytes(fig, "svg", dpi)
+
+
+def _lay_out(fig: Figure, dpi: int) -> None:
+    """Run the figure's layout engine once at ``dpi``, then remove the engine (the layout stays)."""
     engine = fig.get_layout_engine()
     if engine is not None and fig.axes:
         old = fig.get_dpi()
@@ -80,11 +90,6 @@ def render(fig: Figure, dpi: int = 130) -> tuple[bytes, bytes]:
             fig.set_dpi(old)
     with matplotlib.rc_context({"figure.autolayout": False, "figure.constrained_layout.use": False}):
         fig.set_layout_engine(None)  # None, not "none": a placeholder engine would still cost savefig a draw
-    png = to_bytes(fig, "png", dpi)
-    for ax in fig.axes:
-        if hasattr(ax, "_autotitlepos"):  # matplotlib's flag for "move the title above top-side tick labels"
-            ax._autotitlepos = False
-    return png, to_bytes(fig, "svg", dpi)
 
 
 def _title(ax, title: str) -> None:
