@@ -515,10 +515,16 @@ def test_memory_budget_switches_lanczos_to_power_iteration(mlp_case, caplog):
     with caplog.at_level("WARNING"):
         res = top_eigenvalues(m, F.cross_entropy, (x, y), k=2, tol=1e-10, max_iter=600, memory_budget=power_need)
     assert res.method == "power" and len(res.notes) == 1 and "switched to power iteration" in res.notes[0]
-    assert "over the memory budget" in caplog.text
+    assert "fewer than 18 fit" in res.notes[0]  # k + 16 vectors: below that, Lanczos is not worth capping
+    assert "fit in the memory budget" in caplog.text
     torch.testing.assert_close(res.eigenvalues, top_by_magnitude(torch.linalg.eigvalsh(H), 2), rtol=1e-4, atol=0)
     kept = top_eigenvalues(m, F.cross_entropy, (x, y), k=2, max_iter=100, memory_budget=lanczos_need)
     assert kept.method == "lanczos" and kept.notes == []
+    capped = top_eigenvalues(m, F.cross_entropy, (x, y), k=2, tol=1e-9, max_iter=100,
+                             memory_budget=solver_memory("lanczos", 160, 2, 40))  # room for 40 basis vectors
+    assert capped.method == "lanczos" and "capped at 40 vectors" in capped.notes[0] and capped.n_hvp <= 40
+    assert all(capped.converged)
+    torch.testing.assert_close(capped.eigenvalues, top_by_magnitude(torch.linalg.eigvalsh(H), 2), rtol=1e-4, atol=0)
     with pytest.raises(MemoryError, match="over the memory budget of 6.2 KiB"):
         top_eigenvalues(m, F.cross_entropy, (x, y), k=2, memory_budget=power_need - 1)
     loader = _loader(x, y, 5)

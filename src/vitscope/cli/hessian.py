@@ -42,7 +42,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-iter", type=int, default=100)
     p.add_argument("--memory-budget", type=_memory, metavar="SIZE",
                    help="most memory the eigensolver's vectors may take, e.g. 8GB (default: half the device's free "
-                   "memory); Lanczos over it switches to power iteration, with a warning and a note in hessian.json")
+                   "memory); over it Lanczos keeps fewer vectors or switches to power iteration, noted in hessian.json")
     p.add_argument("--backend", default="auto", choices=("auto", "func", "autograd", "cached"),
                    help="Hessian-vector products: double backward through one retained graph per batch "
                    "(cached; auto, the default, picks it), torch.func forward-over-reverse recomputed each "

@@ -45,6 +45,7 @@ class EigenResult:
 
 
 _WARNED: set[str] = set()
+_MIN_EXTRA_VECTORS = 16  # a Lanczos basis capped by memory keeps at least k + 16 vectors, else power iteration
 
 
 class MemoryBudgetError(MemoryError, ValueError):
@@ -381,11 +382,13 @@ def top_eigenvalues(
         backend, train_mode: see ``HessianOperator`` (``"auto"``: one retained graph for one batch).
         operator: a prebuilt ``HessianOperator`` (then model, loss_fn, batch, params are not used).
         memory_budget: most bytes the solver's vectors may take (``8GB``, ``512MiB`` or a number of
-            bytes; default half of the device's free memory, ``available_memory``). Estimated before
-            anything is allocated (``solver_memory``: Lanczos keeps up to ``max_iter`` vectors of P float64
-            values); over the budget, Lanczos switches to power iteration (k vectors), with a logged
-            warning and a line in ``notes``; when even that does not fit, a ``MemoryBudgetError`` (a
-            ``MemoryError`` and ``ValueError``) names the sizes.
+            bytes; default half of the device's free memory, ``available_memory``, leaving the rest to the
+            model's graph). Estimated before anything is allocated (``solver_memory``: Lanczos keeps up to
+            ``max_iter`` vectors of P float64 values). Over the budget, Lanczos is capped at the vectors that
+            fit (``max_iter`` lowered; unconverged values are flagged as usual) when that leaves at least
+            k + 16, else it switches to power iteration (k vectors); either is a logged warning and a line in
+            ``notes``. When even power iteration does not fit, a ``MemoryBudgetError`` (a ``MemoryError`` and
+            ``ValueError``) names the sizes.
     """
     if k < 1:
         raise ValueError(f"k={k} must be at least 1")
@@ -402,21 +405,30 @@ def top_eigenvalues(
     dtype = work_dtype(op.device)
     need = solver_memory(method, op.dim, k, max_iter, dtype)
     if need > budget and method == "lanczos":
+        item = torch.empty(0, dtype=dtype).element_size()
+        fit = (budget // (op.dim * item) - 3) // 8 * 8  # basis vectors that fit, in whole blocks of 8
         power_need = solver_memory("power", op.dim, k, max_iter, dtype)
-        if power_need <= budget and which == "LM":
-            note = (f"Lanczos would keep {_size(need)} of basis vectors ({min(max(max_iter, k), op.dim)} x "
-                    f"{op.dim} parameters), over the memory budget of {_size(budget)}: switched to power "
-                    f"iteration ({_size(power_need)}); raise memory_budget (--memory-budget) or lower max_iter "
-                    "(--max-iter) to keep Lanczos")
+        note = None
+        if fit >= k + _MIN_EXTRA_VECTORS:
+            note = (f"Lanczos would keep up to {_size(need)} of basis vectors (max_iter={max_iter} x {op.dim} "
+                    f"parameters), over the memory budget of {_size(budget)}: capped at {fit} vectors "
+                    "(max_iter); raise memory_budget (--memory-budget) to allow more")
+            max_iter, need = fit, solver_memory("lanczos", op.dim, k, fit, dtype)
+        elif power_need <= budget and which == "LM":
+            note = (f"Lanczos would keep up to {_size(need)} of basis vectors (max_iter={max_iter} x {op.dim} "
+                    f"parameters) and fewer than {k + _MIN_EXTRA_VECTORS} fit in the memory budget of "
+                    f"{_size(budget)}: switched to power iteration ({_size(power_need)}); raise memory_budget "
+                    "(--memory-budget) to keep Lanczos")
+            method, need = "power", power_need
+        if note is not None:
             if note not in _WARNED:  # once per process, not once per batch of a spectrum
                 _WARNED.add(note)
                 _logger.warning(note)
             notes.append(note)
-            method, need = "power", power_need
     if need > budget:
         raise MemoryBudgetError(f"the {method} eigensolver needs about {_size(need)} for {op.dim} parameters "
-                          f"(k={k}, max_iter={max_iter}), over the memory budget of {_size(budget)}; raise "
-                          "memory_budget (--memory-budget), lower k / max_iter, or restrict the parameters")
+                                f"(k={k}, max_iter={max_iter}), over the memory budget of {_size(budget)}; raise "
+                                "memory_budget (--memory-budget), lower k / max_iter, or restrict the parameters")
     gen = torch.Generator().manual_seed(seed)
     start_count = op.n_products
     if method == "power":
