@@ -2,6 +2,7 @@
 evaluation statistics against numpy, training on ``fake`` and ``elpv``, probes, non-finite losses, CLI."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -441,3 +442,27 @@ def test_cli_train_then_resume_extends(tmp_path, capsys):
     assert len(read_jsonl(tmp_path / "cli" / "metrics.jsonl")) == 2
     assert cli_main(["train", "--resume", out, "--model", "test_vit_cifar"]) == 2
     assert "cannot change on resume" in capsys.readouterr().err
+
+
+def test_train_on_a_folder_with_a_truncated_image_skips_it_with_mixup_and_resumes(tmp_path, caplog):
+    """Issue 15: one corrupt image in an image folder must not crash an epoch, nor the resumed run."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            (tmp_path / "imgs" / split / c).mkdir(parents=True)
+            for i in range(8):
+                Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
+                    tmp_path / "imgs" / split / c / f"{i}.png")
+    bad = tmp_path / "imgs" / "train" / "a" / "3.png"
+    bad.write_bytes(bad.read_bytes()[:200])  # the header reads, the pixels are cut off
+    cfg = quick(tmp_path, data=f"imagefolder:{tmp_path / 'imgs'}", img_size=16, epochs=1, batch_size=4,
+                eval_batch_size=8, mixup=0.8, cutmix=0.0)
+    with caplog.at_level("WARNING"):
+        first = train(cfg)
+        assert "skipped unreadable image" in caplog.text and "3.png" in caplog.text
+    assert math.isfinite(first["val_nll"])
+    resumed = train(dataclasses.replace(cfg, epochs=2), resume=True)  # the resumed epoch meets the image again
+    assert [r["epoch"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl")] == [0, 1]
+    assert math.isfinite(resumed["val_nll"])

@@ -36,6 +36,7 @@ from timm.utils import ModelEmaV3, dispatch_clip_grad
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from tqdm import tqdm
 
+from vitscope.data.local import collate_skipping_none
 from vitscope.training import checkpoint as ckpt
 from vitscope.training.config import TrainConfig, config_from_dict, config_to_dict, resolve_config, save_config
 from vitscope.training.distributed import DistInfo, all_reduce_sum, barrier, cleanup_distributed, init_distributed
@@ -247,6 +248,8 @@ def train_one_epoch(
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         if mixup_fn is not None:
+            if images.shape[0] % 2:  # an unreadable image was dropped from the batch; timm's Mixup pairs images
+                images, targets = images[:-1], targets[:-1]
             images, targets = mixup_fn(images, targets)
 
         optimizer.zero_grad(set_to_none=True)
@@ -483,7 +486,8 @@ def _loaders(cfg: TrainConfig, train_ds: Dataset, val_ds: Dataset, info: DistInf
                                      seed=cfg.seed, drop_last=True)
     pin = device.type == "cuda"
     workers = dict(num_workers=cfg.num_workers, worker_init_fn=_seed_worker if cfg.num_workers else None,
-                   persistent_workers=False, pin_memory=pin)
+                   persistent_workers=False, pin_memory=pin,
+                   collate_fn=collate_skipping_none)  # drops images an image folder could not decode
     train = DataLoader(train_ds, batch_size=per_rank, sampler=sampler, drop_last=True,
                        generator=torch.Generator(), **workers)
     eval_bs = max((cfg.eval_batch_size or cfg.batch_size) // info.world_size, 1)
