@@ -131,6 +131,19 @@ def test_cb_placements_match_hand_computation(placement):
     assert model.blocks[0].cb_placement == ""
 
 
+@pytest.mark.parametrize("pass_depth", [True, False])
+def test_cb_from_block_with_and_without_timm_block_index(pass_depth):
+    """timm >= 1.0.24 passes the block index as ``depth=``; older timm does not: the factory counts."""
+    from vitscope.models.vit_cb import CBBlockFactory
+
+    factory = CBBlockFactory(cb_placement="attn", cb_from_block=2, cb_scaled=True)
+    blocks = [factory(dim=8, num_heads=2, **({"depth": i} if pass_depth else {})) for i in range(4)]
+    assert [b.cb_placement for b in blocks] == ["", "", "attn", "attn"]
+    assert [b.cb is None for b in blocks] == [True, True, False, False]
+    assert sum(p.numel() for b in blocks for p in b.parameters()) == 4 * sum(
+        p.numel() for p in blocks[0].parameters()) + 2 * 8  # a CBS scale of dim 8 in blocks 2 and 3
+
+
 def test_cb_bad_placement_and_cb_kwargs_on_plain_model():
     with pytest.raises(ValueError, match="cb_placement"):
         vitscope.create_model("test_vit_cb", cb_placement="nowhere")
