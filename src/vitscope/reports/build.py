@@ -112,8 +112,9 @@ def build_report(run_dirs: Sequence[str | os.PathLike], out_html: str | os.PathL
     numbers) next to the page, plus ``figures/summary.csv``. All files are written atomically.
 
     Args:
-        workers: processes that draw the sections (one per model, plus the comparison) in parallel; default
-            one per available CPU, at most one per section. 1 draws everything in this process.
+        workers: processes that draw the sections (one per model, plus the comparison) in parallel, forked
+            from this one (Linux; elsewhere everything is drawn here); default one per available CPU, at most
+            one per section. 1 draws everything in this process. The files are the same either way.
 
     Returns:
         The path of the HTML page.
