@@ -52,16 +52,16 @@ def _unique(name: str, taken: set[str]) -> str:
     return out
 
 
-_RUNS: list[RunData] = []  # the loaded runs while a report is built; forked render workers inherit them
+_WORKER_RUNS: list[RunData] = []  # in a render worker: the loaded runs, handed over by the fork (no pickling)
 
 
-def _render_section(task: int) -> tuple[Section, list[tuple[bytes, bytes, bytes]]] | None:
+def _render_section(runs: list[RunData], task: int) -> tuple[Section, list[tuple[bytes, bytes, bytes]]] | None:
     """Build section ``task`` (-1: the comparison across runs, else run ``task``) and encode its figures.
 
     Returns the section (its items keep key, caption and note; figure and rows are dropped, they are not
     needed once encoded) and per item its PNG, SVG and CSV bytes, or None when there is no such section.
     """
-    sec = comparison_section(_RUNS) if task < 0 else run_section(_RUNS[task])
+    sec = comparison_section(runs) if task < 0 else run_section(runs[task])
     if sec is None:
         return None
     files = []
@@ -73,7 +73,8 @@ def _render_section(task: int) -> tuple[Section, list[tuple[bytes, bytes, bytes]
     return sec, files
 
 
-def _worker_init() -> None:
+def _worker_init(runs: list[RunData]) -> None:
+    _WORKER_RUNS[:] = runs
     torch = sys.modules.get("torch")
     if torch is not None:  # a forked child must not enter the parent's OpenMP pool (as DataLoader workers do)
         torch.set_num_threads(1)
@@ -87,17 +88,22 @@ def _default_workers(n_tasks: int) -> int:
     return max(1, min(n_tasks, cpus))
 
 
-def _rendered_sections(tasks: list[int], workers: int, bar) -> Iterator[tuple[Section, list] | None]:
+def _worker_task(task: int) -> tuple[Section, list[tuple[bytes, bytes, bytes]]] | None:
+    return _render_section(_WORKER_RUNS, task)
+
+
+def _rendered_sections(runs: list[RunData], tasks: list[int], workers: int,
+                       bar) -> Iterator[tuple[Section, list] | None]:
     """``_render_section`` of every task, in order: in ``workers`` forked processes (Linux), else here."""
     if workers > 1 and len(tasks) > 1 and sys.platform.startswith("linux"):
         ctx = multiprocessing.get_context("fork")  # workers inherit the loaded runs and the imported modules
-        with ctx.Pool(min(workers, len(tasks)), initializer=_worker_init) as pool:
-            for res in pool.imap(_render_section, tasks):
+        with ctx.Pool(min(workers, len(tasks)), initializer=_worker_init, initargs=(runs,)) as pool:
+            for res in pool.imap(_worker_task, tasks):
                 bar.update(1)
                 yield res
     else:
         for t in tasks:
-            res = _render_section(t)
+            res = _render_section(runs, t)
             bar.update(1)
             yield res
 
@@ -136,13 +142,12 @@ def build_report(run_dirs: Sequence[str | os.PathLike], out_html: str | os.PathL
     page_sections = []
     total = 0
     bar = tqdm(total=len(tasks), desc="report", unit="section", disable=None, leave=False)
-    _RUNS[:] = runs
     # Files are written by threads while the figures are drawn: each atomic write waits on its fsync, and
     # many fsyncs in flight share the file system's journal commits.
     with ThreadPoolExecutor(max_workers=8) as writer:
         writes = []
         try:
-            for res in _rendered_sections(tasks, workers or _default_workers(len(tasks)), bar):
+            for res in _rendered_sections(runs, tasks, workers or _default_workers(len(tasks)), bar):
                 if res is None:
                     continue
                 sec, files = res
@@ -166,7 +171,6 @@ def build_report(run_dirs: Sequence[str | os.PathLike], out_html: str | os.PathL
             rows = summary_rows(runs)
             writes.append(writer.submit(atomic_write_bytes, fig_root / "summary.csv", csv_bytes(rows)))
         finally:
-            _RUNS.clear()
             bar.close()
             for w in writes:  # every write finishes (or fails) before the page is written
                 w.result()
