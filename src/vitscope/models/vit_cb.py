@@ -73,7 +73,7 @@ class CBBlock(Block):
         self.cb: nn.Module | None = None
         if not cb_placement:
             return
-        ref = self.norm1.weight  # the CBS scale joins the block's device and dtype (meta included)
+        ref = next(self.parameters())  # the CBS scale joins the block's device and dtype (meta included)
         cb_dim = int(dim * mlp_ratio) if cb_placement == "mlp_mid" else dim
         cb = ContextBroadcast(cb_dim, scaled=cb_scaled, num_prefix_tokens=cb_num_prefix_tokens,
                               include_prefix=cb_include_prefix, device=ref.device, dtype=ref.dtype)
