@@ -188,3 +188,73 @@ def test_probe_peak_memory_does_not_grow_with_batches():
     noise = 4 * 2 ** 20
     assert r["leaked"] > 4 * noise and r["control"] > 2 * noise, r  # the measurement sees a per-batch leak
     assert r["after20"] - r["after2"] < noise, r
+
+
+_SCALAR_READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__")
+
+
+def _count_scalar_reads(monkeypatch, fn):
+    """Calls of the Tensor methods that read a value on the host (on a GPU each waits for the queue to drain)."""
+    calls = []
+    for meth in _SCALAR_READS:
+        orig = getattr(torch.Tensor, meth)
+
+        def counted(self, *args, _orig=orig, _meth=meth, **kwargs):
+            calls.append(_meth)
+            return _orig(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, meth, counted)
+    try:
+        fn()
+    finally:
+        monkeypatch.undo()
+    return calls
+
+
+@pytest.mark.parametrize("model_name", ["test_vit_cb", "test_convit_32"])
+def test_probe_host_syncs_do_not_grow_with_batches(monkeypatch, model_name):
+    """Within the pass no value is read on the host (checks stay on the device, read once at the end): the
+    number of host scalar reads is the same over 2 and 6 batches, and the control (the same counter around a
+    per-batch ``.item()``) shows that per-batch reads are seen."""
+    model = vitscope.create_model(model_name).eval()
+    measures = [n for n, c in vitscope.probing.PROBE_MEASURES.items() if not c.static]
+    counts = {}
+    for n in (2, 6):
+        loader = DataLoader(_data(n=4 * n), batch_size=4)
+        counts[n] = _count_scalar_reads(monkeypatch, lambda: vitscope.probe(model, loader, measures,
+                                                                             progress=False))
+    assert len(counts[2]) == len(counts[6]), (len(counts[2]), len(counts[6]))
+    control = _count_scalar_reads(monkeypatch, lambda: [x.sum().item() for x, _ in DataLoader(_data(8), 4)])
+    assert len(control) >= 2
+
+
+def test_probe_deferred_checks_name_the_batch_and_layer_and_warn_once():
+    """The device-side checks still raise the first failure in pass order with its batch and layer (a NaN
+    pixel in batch 1, batch 0 clean; the first failed check of the first failed batch), and warnings fire
+    once each after the pass."""
+    model = vitscope.create_model("test_vit_cb").eval()
+    x, y = _data(n=8).tensors
+    x = x.clone()
+    x[5, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"^batch 1 holds NaN or infinite pixels"):
+        vitscope.probe(model, DataLoader(TensorDataset(x, y), batch_size=4), ["cka"], progress=False)
+    from vitscope.probing import _DeviceChecks
+    checks = _DeviceChecks()
+    checks.fail_if(torch.tensor(False), "batch {b}: fine")
+    checks.end_batch(0)
+    checks.fail_if(torch.tensor(False), "batch {b}: fine")
+    checks.fail_if(torch.tensor(True), "batch {b}: the map of blocks.3.attn is bad")
+    checks.end_batch(1)
+    checks.fail_if(torch.tensor(True), "batch {b}: later")
+    checks.end_batch(2)
+    checks.warn_if(torch.tensor(True), "a zero branch")
+    with pytest.raises(ValueError, match=r"^batch 1: the map of blocks\.3\.attn is bad$"):
+        checks.raise_first()
+    only_warn = _DeviceChecks()
+    only_warn.fail_if(torch.tensor(False), "batch {b}: fine")
+    only_warn.end_batch(0)
+    only_warn.warn_if(torch.tensor(False), "never")
+    only_warn.warn_if(torch.tensor(True), "a zero branch")
+    with pytest.warns(RuntimeWarning, match="a zero branch") as rec:
+        only_warn.raise_first()
+    assert [str(w.message) for w in rec] == ["a zero branch"]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +32,7 @@ from vitscope.capture._sites import find_blocks, is_attention_module
 from vitscope.distributed import all_gather_objects, all_reduce_sum, global_batch_count, shard_batches
 from vitscope.distributed import current as dist_current
 from vitscope.io.atomic import atomic_write_json, json_safe, write_csv
-from vitscope.measures._validate import all_finite, check_attention, raise_non_finite
+from vitscope.measures._validate import check_attention, raise_non_finite
 from vitscope.measures.cka import linear_gram
 from vitscope.runtime import keep_freed_memory
 
@@ -52,12 +53,89 @@ def _heads(values: torch.Tensor) -> dict[str, Any]:
     return {"value": sum(v) / len(v), "heads": v}
 
 
-def _check_attentions(cap: Capture, batch: int) -> None:
+class _DeviceChecks:
+    """The probe's checks (NaN/Inf, probability rows, zero norms), kept on the model's device and read once.
+
+    Each check is a 0-d bool tensor (True: failed) with the message it raises; ``end_batch`` folds a batch's
+    checks into the first failure so far (device scalars, constant memory), and ``raise_first`` reads them with
+    one device-to-host transfer for the whole pass. On a GPU a check read per tensor (``if not finite(t)``) would
+    wait for the queue to drain several times per sub-layer and expose the kernel-launch latency in between;
+    here no value crosses to the host within the pass. Messages hold ``{b}`` for the batch number.
+    """
+
+    def __init__(self) -> None:
+        self.flags: list[torch.Tensor] = []
+        self.messages: list[tuple[str, str]] = []  # (kind, template): kind "non_finite" or "value"
+        self.layouts: list[tuple[int, list[tuple[str, str]]]] = []  # (first batch, messages) when they change
+        self.first: torch.Tensor | None = None  # (3,) int64: found, batch, index into that batch's messages
+        self.warn: dict[str, torch.Tensor] = {}  # warning -> device bool (raised in any batch)
+
+    def fail_if(self, flag: torch.Tensor, template: str, kind: str = "value") -> None:
+        self.flags.append(flag)
+        self.messages.append((kind, template))
+
+    def non_finite_if(self, flag: torch.Tensor, template: str) -> None:
+        self.fail_if(flag, template, "non_finite")
+
+    def warn_if(self, flag: torch.Tensor, message: str) -> None:
+        self.warn[message] = flag if message not in self.warn else self.warn[message] | flag
+
+    def end_batch(self, b: int) -> None:
+        if not self.flags:
+            return
+        if not self.layouts or self.layouts[-1][1] != self.messages:
+            self.layouts.append((b, self.messages))
+        bad = torch.stack(self.flags)  # (K,) bool
+        now = torch.stack([bad.any().long(), torch.full_like(bad, b, dtype=torch.long)[0],
+                           bad.to(torch.uint8).argmax().long()])  # (3,) found, batch, first index
+        self.first = now if self.first is None else torch.where(self.first[0].bool(), self.first, now)
+        self.flags, self.messages = [], []
+
+    def raise_first(self) -> None:
+        """Raise the first failed check (in pass order); emit the warnings that fired. One host sync."""
+        warn = list(self.warn)
+        parts = [self.first.cpu()] if self.first is not None else []
+        if warn:
+            parts.append(torch.stack([self.warn[w] for w in warn]).long().cpu())
+        if not parts:
+            return
+        values = torch.cat([p.flatten() for p in parts]).tolist()
+        if self.first is not None:
+            found, b, k = values[:3]
+            values = values[3:]
+            if found:
+                kind, template = next(m for first, m in reversed(self.layouts) if first <= b)[k]
+                message = template.replace("{b}", str(b))
+                if kind == "non_finite":
+                    raise_non_finite(message)
+                raise ValueError(message)
+        for message, fired in zip(warn, values):
+            if fired:
+                warnings.warn(message, RuntimeWarning, stacklevel=4)  # the caller of probe
+
+
+def _check_attentions(cap: Capture, checks: _DeviceChecks) -> None:
     """Check every captured attention map once (finite, rows are probabilities), so the four attention
-    measures can skip their own scans (``validate=False``); maps are replaced by ``check_attention``'s result
-    (round-off below 0 clamped)."""
+    measures can skip their own scans (``validate=False``): the checks stay on the device (``_DeviceChecks``),
+    and maps are clamped at 0 (a no-op for softmax outputs; ``check_attention`` clamps round-off below 0)."""
     for i, (attn, info) in enumerate(zip(cap.attentions, cap.attention_layout)):
-        cap.attentions[i] = check_attention(attn, f"batch {batch}: the attention map of {info.name}")
+        name = f"batch {{b}}: the attention map of {info.name}"
+        a = check_attention(attn, name, validate=False)  # (B, H, N, N); half precision upcast
+        tol = 1e-3 if a.dtype in (torch.float32, torch.float64) else 1e-2
+        rows = a.sum(-1)  # (B, H, N); NaN/Inf anywhere in a row shows here
+        checks.non_finite_if(~torch.isfinite(rows).all(), name)
+        dev, low = (rows - 1).abs().amax(), a.amin()
+        checks.fail_if((dev > tol) | (low < -tol),
+                       f"{name} rows must be probabilities summing to 1 (max deviation above {tol:g} or an entry "
+                       f"below {-tol:g}); pass post-softmax attention maps, not logits")
+        cap.attentions[i] = a.clamp_min_(0) if a is not attn else a.clamp_min(0)
+
+
+def _not_finite(t: torch.Tensor) -> torch.Tensor:
+    """0-d bool on t's device: whether t holds a NaN or Inf (min and max of one pass: NaN propagates, an Inf
+    is the min or the max; exact, unlike a sum, which large finite values can overflow)."""
+    low, high = torch.aminmax(t)
+    return ~(torch.isfinite(low) & torch.isfinite(high))
 
 
 def _same(t: torch.Tensor) -> tuple:
@@ -70,8 +148,8 @@ class _RecordFeeder:
     skipped when it is the previous record's output, already scanned), converts the output to float64 once
     for every adapter that reads it so, and hands the record to the stream adapters."""
 
-    def __init__(self, adapters: list[Any], batch: int) -> None:
-        self.adapters, self.batch = adapters, batch
+    def __init__(self, adapters: list[Any], checks: _DeviceChecks) -> None:
+        self.adapters, self.checks = adapters, checks
         self.need64 = any(a.needs_float64 for a in adapters)
         self.last: torch.Tensor | None = None  # held so that its memory cannot be reused by a later tensor
 
@@ -83,12 +161,11 @@ class _RecordFeeder:
             if key in seen:
                 continue
             seen.add(key)
-            if not all_finite(t):
-                raise_non_finite(f"batch {self.batch}: the {what} of sub-layer {rec.info.name}")
+            self.checks.non_finite_if(_not_finite(t), f"batch {{b}}: the {what} of sub-layer {rec.info.name}")
         self.last = rec.z_out
         z64 = rec.z_out.to(torch.float64) if self.need64 else None
         for a in self.adapters:
-            a.add(rec, z64)
+            a.add(rec, z64, self.checks)
 
 
 class _ProbeMeasure:
@@ -176,7 +253,7 @@ class _StreamProbe(_ProbeMeasure):
         self.parts: list[Any] = []
         self.infos: list[LayerInfo] = []
 
-    def add(self, rec: Any, z64: torch.Tensor | None) -> None:
+    def add(self, rec: Any, z64: torch.Tensor | None, checks: _DeviceChecks) -> None:
         raise NotImplementedError
 
     def end(self) -> None:
@@ -189,7 +266,7 @@ class _CKA(_StreamProbe):
         super().__init__()
         self.measure: M.MinibatchCKA | None = None
 
-    def add(self, rec: Any, z64: torch.Tensor | None) -> None:
+    def add(self, rec: Any, z64: torch.Tensor | None, checks: _DeviceChecks) -> None:
         self.infos.append(rec.info)
         self.parts.append(linear_gram(rec.z_out, rec.info.name, validate=False, float32=True))  # (B, B) float64
 
@@ -235,7 +312,7 @@ class _MapProbe(_StreamProbe):
         self.count = 0
         self.depths_now: list[int] = []
 
-    def add(self, rec: Any, z64: torch.Tensor | None) -> None:
+    def add(self, rec: Any, z64: torch.Tensor | None, checks: _DeviceChecks) -> None:
         info, depth = rec.info, self.count
         self.count += 1
         if info.grid and info.grid[0] * info.grid[1] > 1:
@@ -280,10 +357,10 @@ class _RatioOfNorms(_StreamProbe):
         super().__init__()
         self.measure = M.RatioOfNorms()
 
-    def add(self, rec: Any, z64: torch.Tensor | None) -> None:
+    def add(self, rec: Any, z64: torch.Tensor | None, checks: _DeviceChecks) -> None:
         self.infos.append(rec.info)
         self.parts.append(self.measure.layer_sums(rec.shortcut, rec.branch, rec.info, 0, f" of {rec.info.name}",
-                                                  validate=False))
+                                                  validate=False, checks=checks))
 
     def end(self) -> None:
         if self.layout is None:
@@ -392,6 +469,20 @@ def _model_device(model: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
+def _add_accuracy(stats: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+    """Add (correct, NLL sum, labelled examples) of one batch to ``stats`` (3,) on the device, without reading
+    a value on the host: a batch whose labels fall outside [0, classes) adds nothing (labels of another label
+    space)."""
+    if labels.ndim != 1 or logits.ndim != 2 or labels.shape[0] != logits.shape[0] or labels.is_floating_point():
+        return
+    C = logits.shape[1]
+    ok = ((labels.min() >= 0) & (labels.max() < C)).double()  # 0-d, 1 when every label is a class index
+    safe = labels.clamp(0, C - 1)  # in range whatever ok says (no device assert on a GPU)
+    correct = (logits.argmax(1) == safe).sum()
+    nll = F.cross_entropy(logits.float(), safe, reduction="sum")
+    stats += torch.stack([correct.double(), nll.double(), torch.full_like(nll, labels.numel(), dtype=torch.float64)]) * ok
+
+
 @torch.no_grad()
 def probe(
     model: nn.Module,
@@ -438,7 +529,9 @@ def probe(
     attention_adapters = [a for a in adapters.values() if a.needs_attention]
     stream_adapters = [a for a in adapters.values() if isinstance(a, _StreamProbe)]
     need_attn, need_streams = bool(attention_adapters), bool(stream_adapters)
-    stats = torch.zeros(4, dtype=torch.float64)  # correct, nll sum, labelled examples, examples
+    stats = torch.zeros(3, dtype=torch.float64, device=device)  # correct, nll sum, labelled examples
+    examples = 0
+    checks = _DeviceChecks()  # read once after the pass: no host sync within it (see _DeviceChecks)
     info = dist_current()
     if shard:
         total = global_batch_count(loader, max_batches)
@@ -454,9 +547,8 @@ def probe(
                 break
             images, labels = (batch[0], batch[1]) if isinstance(batch, (list, tuple)) else (batch, None)
             images = images.to(device)
-            if not torch.isfinite(images).all():
-                raise ValueError(f"batch {b} holds NaN or infinite pixels; check the data pipeline")
-            feed = _RecordFeeder(stream_adapters, b)
+            checks.fail_if(_not_finite(images), "batch {b} holds NaN or infinite pixels; check the data pipeline")
+            feed = _RecordFeeder(stream_adapters, checks)
             for a in stream_adapters:
                 a.begin()
             with capture(model, attention=need_attn, residual=need_streams, branches=need_streams,
@@ -465,20 +557,19 @@ def probe(
             for a in stream_adapters:
                 a.end()
             if need_attn:
-                _check_attentions(cap, b)
+                _check_attentions(cap, checks)
                 for a in attention_adapters:
                     a.update(cap)
-            stats[3] += images.shape[0]
+            examples += images.shape[0]
             if labels is not None:
-                labels = labels.to(device)
-                if labels.ndim == 1 and logits.ndim == 2 and int(labels.max()) < logits.shape[1]:
-                    stats[0] += (logits.argmax(1) == labels).sum().item()
-                    stats[1] += F.cross_entropy(logits.float(), labels, reduction="sum").item()
-                    stats[2] += labels.numel()
+                _add_accuracy(stats, logits, labels.to(device))
+            checks.end_batch(b)
     finally:
         model.train(was_training)
-    if stats[3] == 0:
+    if examples == 0:
         raise ValueError("the loader gave no batch; check the data spec, split and max_batches")
+    checks.raise_first()
+    stats = torch.cat([stats.cpu(), torch.tensor([float(examples)], dtype=torch.float64)])  # + examples
     per_rank = [int(n) for n in all_gather_objects(int(stats[3]))]
     if info.distributed:
         for a in adapters.values():

@@ -24,7 +24,8 @@ __all__ = ["ratio_of_norms", "RatioOfNorms"]
 
 
 def _ratio_sums(
-    z: Any, fz: Any, num_prefix_tokens: int, name_z: str = "z", name_fz: str = "fz", validate: bool = True
+    z: Any, fz: Any, num_prefix_tokens: int, name_z: str = "z", name_fz: str = "fz", validate: bool = True,
+    checks: Any = None,
 ) -> dict[str, Tensor]:
     z = check_tensor(z, name_z, (3, 4), "(B, N, D) tokens or (B, C, H, W) maps", finite=validate)
     fz = check_tensor(fz, name_fz, (3, 4), "(B, N, D) tokens or (B, C, H, W) maps", finite=validate)
@@ -43,13 +44,15 @@ def _ratio_sums(
             )
         nz = torch.linalg.vector_norm(z, dim=-1, dtype=torch.float64)  # (B, N)
         nf = torch.linalg.vector_norm(fz, dim=-1, dtype=torch.float64)
-    if (nf == 0).any():
+    both = f"both {name_z} and {name_fz} are exactly zero for some tokens: the ratio is undefined"
+    zero = f"{name_fz} is exactly zero for some tokens/examples (e.g. a zero-initialised branch); their ratio is inf"
+    if checks is not None:  # vitscope.probe: device-side flags, read once after the pass (no host sync here)
+        checks.fail_if(((nf == 0) & (nz == 0)).any(), both)
+        checks.warn_if((nf == 0).any(), zero)
+    elif (nf == 0).any():
         if (nz[nf == 0] == 0).any():
-            raise ValueError(f"both {name_z} and {name_fz} are exactly zero for some tokens: the ratio is undefined")
-        warnings.warn(
-            f"{name_fz} is exactly zero for some tokens/examples (e.g. a zero-initialised branch); their ratio is inf",
-            RuntimeWarning, stacklevel=3,
-        )
+            raise ValueError(both)
+        warnings.warn(zero, RuntimeWarning, stacklevel=3)
     ratio = nz / nf
     B = z.shape[0]
     if z.ndim == 4:
@@ -116,13 +119,15 @@ class RatioOfNorms(StreamingMeasure):
                           for i, (zi, fi) in enumerate(zip(zs, fzs))], single)
 
     def layer_sums(self, z: Any, fz: Any, layout: Any = None, i: int = 0, suffix: str = "",
-                   validate: bool = True) -> dict[str, Tensor]:
+                   validate: bool = True, checks: Any = None) -> dict[str, Tensor]:
         """One layer's additive contribution (the per-layer part of ``update``; ``layout`` a LayerInfo or the
-        list indexed by ``i``). ``vitscope.probe`` adds them layer by layer as the model runs."""
+        list indexed by ``i``). ``vitscope.probe`` adds them layer by layer as the model runs, passing
+        ``checks`` (``fail_if(flag, message)`` / ``warn_if(flag, message)`` with 0-d device bools) so that the
+        zero-norm checks do not read values on the host."""
         if isinstance(z, (tuple, list)):  # an entry of cap.residuals: (z_in, z_out)
             z = z[0]
         prefix = layer_option(self.num_prefix_tokens, layout, i, "num_prefix_tokens")
-        return _ratio_sums(z, fz, 1 if prefix is None else prefix, f"z{suffix}", f"fz{suffix}", validate)
+        return _ratio_sums(z, fz, 1 if prefix is None else prefix, f"z{suffix}", f"fz{suffix}", validate, checks)
 
     def _compute_layer(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
         return _finish(state)
