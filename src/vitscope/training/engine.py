@@ -197,6 +197,55 @@ def _nonfinite(what: str, epoch: int, step: int, value: float | str, run_dir: st
     )
 
 
+NONFINITE_CHECK_EVERY = 25  # steps between the (host-syncing) checks of the training loss
+
+
+class _LossWindow:
+    """The training losses of the last steps, kept on the device until the next check.
+
+    Row ``j`` holds ``(loss * B, B)`` of step ``start + j`` on this process in float64 (``loss`` the
+    process's mean over its ``B`` images). :meth:`check`, called at the same steps on every process,
+    sums the rows over the processes (one all-reduce) and copies them to the host (the only host sync):
+    the first non-finite row names the step, the rest add to the epoch's sums. Between checks the host
+    never waits for the device, so it queues the next steps' kernels while the device computes.
+    """
+
+    def __init__(self, rows: int, device: torch.device, dist_info: DistInfo):
+        self.window = torch.zeros(rows, 2, dtype=torch.float64, device=device)  # (rows, [loss * B, B])
+        self.dist_info = dist_info
+        self.start = 0  # epoch-local index of the step in row 0
+        self.n = 0  # rows filled since the last check
+        self.loss_sum = 0.0  # sum over checked steps and processes of loss * B
+        self.images = 0  # images of the checked steps, all processes
+        self.recent = math.nan  # mean loss over the images of the last checked window
+
+    def add(self, loss: torch.Tensor, batch: int) -> None:
+        row = self.window[self.n]  # (2,) a view: no host sync below
+        row[0].copy_(loss).mul_(batch)
+        row[1].fill_(batch)
+        self.n += 1
+
+    @property
+    def full(self) -> bool:
+        return self.n == self.window.shape[0]
+
+    def check(self, epoch: int, run_dir: str | None) -> None:
+        """Raise :class:`NonFiniteLossError` naming the first non-finite step; else fold the rows into the sums."""
+        if self.n == 0:
+            return
+        rows = all_reduce_sum(self.window[: self.n], self.dist_info).tolist()  # n x [sum loss * B, sum B]: the sync
+        for j, (weighted, batch) in enumerate(rows):
+            if not math.isfinite(weighted):  # NaN/inf on any process makes the sum non-finite
+                raise _nonfinite("training loss", epoch, self.start + j, weighted / batch, run_dir)
+        window_loss = math.fsum(w for w, _ in rows)
+        window_images = int(round(sum(b for _, b in rows)))
+        self.loss_sum += window_loss
+        self.images += window_images
+        self.recent = window_loss / max(window_images, 1)
+        self.start += self.n
+        self.n = 0
+
+
 def _forward_backward(model: nn.Module, criterion: nn.Module, images: torch.Tensor, targets: torch.Tensor,
                       scaler: torch.amp.GradScaler | None, autocast: contextlib.AbstractContextManager
                       ) -> torch.Tensor:
@@ -228,18 +277,25 @@ def train_one_epoch(
     run_dir: str | None = None,
     progress: bool = False,
     step_sleep: float = 0.0,
+    nonfinite_check_every: int = NONFINITE_CHECK_EVERY,
 ) -> dict[str, float]:
     """Train for one pass over ``loader``; returns ``{loss, lr, steps, images, time, images_per_s}``.
 
     ``loss`` is the mean training loss over all images of all processes. ``scheduler`` is stepped per
     update (``step_update``) with the global step ``step_offset + i + 1``; per-epoch schedules are
-    stepped by the caller. Raises :class:`NonFiniteLossError` on a NaN/inf loss.
+    stepped by the caller. Raises :class:`NonFiniteLossError` naming the first step with a NaN/inf loss.
+
+    The losses stay on the device and are checked every ``nonfinite_check_every`` steps and at the end
+    (the only host syncs of the loop, also the only progress-bar updates of the loss), at the same
+    steps on every process, so all stop together. After the error the model and optimizer in memory
+    may hold up to ``nonfinite_check_every`` non-finite updates; no checkpoint of the epoch exists.
     """
+    if nonfinite_check_every < 1:
+        raise ValueError(f"nonfinite_check_every must be >= 1, got {nonfinite_check_every}")
     device = torch.device(device)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    n_images = 0
+    losses = _LossWindow(nonfinite_check_every, device, dist_info)
     start = time.perf_counter()
     bar = tqdm(loader, desc=f"train {epoch}", leave=False, disable=not progress, dynamic_ncols=True)
     for i, (images, targets) in enumerate(bar):
@@ -254,9 +310,7 @@ def train_one_epoch(
 
         optimizer.zero_grad(set_to_none=True)
         loss = _forward_backward(model, criterion, images, targets, scaler, _autocast(device, amp_dtype))
-        summed = all_reduce_sum(loss.double(), dist_info)  # every rank stops together on NaN
-        if not torch.isfinite(summed):
-            raise _nonfinite("training loss", epoch, i, summed.item() / dist_info.world_size, run_dir)
+        losses.add(loss, images.shape[0])  # checked below, every nonfinite_check_every steps
         if sam is not None:
             sam.ascend()
             optimizer.zero_grad(set_to_none=True)
@@ -275,16 +329,18 @@ def train_one_epoch(
             ema.update(ckpt.unwrap_model(model), step=step + 1)
         if scheduler is not None:
             scheduler.step_update(num_updates=step + 1)
-        loss_sum += summed * images.shape[0]  # sum over ranks of each rank's mean loss x per-rank batch
-        n_images += images.shape[0] * dist_info.world_size
-        if progress:
-            bar.set_postfix(loss=f"{summed.item() / dist_info.world_size:.4f}")
+        if losses.full:
+            losses.check(epoch, run_dir)  # a host sync and, with several processes, an all-reduce
+            if progress:
+                bar.set_postfix(loss=f"{losses.recent:.4f}")
         if step_sleep:
             time.sleep(step_sleep)
+    losses.check(epoch, run_dir)
     elapsed = time.perf_counter() - start
     steps = len(loader)
+    n_images = losses.images
     return {
-        "loss": loss_sum.item() / max(n_images, 1),
+        "loss": losses.loss_sum / max(n_images, 1),
         "lr": optimizer.param_groups[0]["lr"],
         "steps": steps,
         "images": n_images,
