@@ -8,7 +8,9 @@ Cost: each sub-layer's residual-stream record is reduced as the forward produces
 once, converted to float64 once for Fourier and variance; CKA Grams of float32 activations by a float32
 matmul after centring over the batch, within ~1e-8 of float64) and then dropped, so a batch's activations
 are never all held; attention maps are checked once per batch and read by the four attention measures
-without re-checking (``validate=False``).
+without re-checking (``validate=False``). No value is read on the host within the pass: the checks are 0-d
+device flags (``_DeviceChecks``) read once at the end, which raises the first failure with its batch and layer
+(so a bad batch is reported after the pass, not at once); on a GPU the queue never drains mid-pass.
 """
 from __future__ import annotations
 
