@@ -338,9 +338,9 @@ def run_study(
                 run_dir = train_spec(req, out / "runs")
             with timer.stage(f"analyze {key}/{cond}/seed {seed}"):
                 a = _analyze(run_dir, need, s, progress, device)
+            a["training"] = training_summary(run_dir)
             atomic_write_json(study_dir / "analysis" / f"{run_dir.name}.json", a)
             analyses[(key, cond, seed)] = a
-            a["training"] = training_summary(run_dir)
             evals.append({"model": key, "condition": cond, "seed": seed, "run_dir": str(run_dir), **a["eval"],
                           "training": a["training"]})
 
