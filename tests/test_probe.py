@@ -258,3 +258,22 @@ def test_probe_deferred_checks_name_the_batch_and_layer_and_warn_once():
     with pytest.warns(RuntimeWarning, match="a zero branch") as rec:
         only_warn.raise_first()
     assert [str(w.message) for w in rec] == ["a zero branch"]
+
+
+def test_probe_reads_its_checks_every_few_batches(monkeypatch):
+    """A long pass over bad data stops at the next periodic read of the checks, not at the end of the loader."""
+    monkeypatch.setattr(vitscope.probing, "_CHECK_EVERY", 2)
+    model = vitscope.create_model("test_vit_cb").eval()
+    taken = []
+
+    def loader():
+        for b in range(10):
+            taken.append(b)
+            x = torch.randn(4, 3, 32, 32)
+            if b == 0:
+                x[0, 0, 0, 0] = float("inf")
+            yield x
+
+    with pytest.raises(ValueError, match=r"^batch 0 holds NaN or infinite pixels"):
+        vitscope.probe(model, loader(), ["attention_entropy"], progress=False)
+    assert taken == [0, 1]

@@ -9,8 +9,9 @@ once, converted to float64 once for Fourier and variance; CKA Grams of float32 a
 matmul after centring over the batch, within ~1e-8 of float64) and then dropped, so a batch's activations
 are never all held; attention maps are checked once per batch and read by the four attention measures
 without re-checking (``validate=False``). No value is read on the host within the pass: the checks are 0-d
-device flags (``_DeviceChecks``) read once at the end, which raises the first failure with its batch and layer
-(so a bad batch is reported after the pass, not at once); on a GPU the queue never drains mid-pass.
+device flags (``_DeviceChecks``) read every 64 batches and at the end, raising the first failure with its batch
+and layer (so a bad batch is reported up to 64 batches later, not at once); on a GPU the queue does not drain
+after every sub-layer.
 """
 from __future__ import annotations
 
@@ -93,6 +94,21 @@ class _DeviceChecks:
         self.first = now if self.first is None else torch.where(self.first[0].bool(), self.first, now)
         self.flags, self.messages = [], []
 
+    def raise_failed(self) -> None:
+        """Raise the first failed check so far, if any (one host sync): called every ``_CHECK_EVERY`` batches, so
+        a long pass over bad data stops early."""
+        if self.first is not None:
+            found, b, k = self.first.tolist()
+            if found:
+                self._raise(b, k)
+
+    def _raise(self, b: int, k: int) -> None:
+        kind, template = next(m for first, m in reversed(self.layouts) if first <= b)[k]
+        message = template.replace("{b}", str(b))
+        if kind == "non_finite":
+            raise_non_finite(message)
+        raise ValueError(message)
+
     def raise_first(self) -> None:
         """Raise the first failed check (in pass order); emit the warnings that fired. One host sync."""
         warn = list(self.warn)
@@ -106,14 +122,13 @@ class _DeviceChecks:
             found, b, k = values[:3]
             values = values[3:]
             if found:
-                kind, template = next(m for first, m in reversed(self.layouts) if first <= b)[k]
-                message = template.replace("{b}", str(b))
-                if kind == "non_finite":
-                    raise_non_finite(message)
-                raise ValueError(message)
+                self._raise(b, k)
         for message, fired in zip(warn, values):
             if fired:
                 warnings.warn(message, RuntimeWarning, stacklevel=4)  # the caller of probe
+
+
+_CHECK_EVERY = 64  # batches between reads of the checks (one host sync each), so that bad data stops a long pass
 
 
 def _check_attentions(cap: Capture, checks: _DeviceChecks) -> None:
@@ -566,6 +581,8 @@ def probe(
             if labels is not None:
                 _add_accuracy(stats, logits, labels.to(device))
             checks.end_batch(b)
+            if (b + 1) % _CHECK_EVERY == 0:
+                checks.raise_failed()
     finally:
         model.train(was_training)
     if examples == 0:
