@@ -547,7 +547,7 @@ def probe(
     stream_adapters = [a for a in adapters.values() if isinstance(a, _StreamProbe)]
     need_attn, need_streams = bool(attention_adapters), bool(stream_adapters)
     stats = torch.zeros(3, dtype=torch.float64, device=device)  # correct, nll sum, labelled examples
-    examples = 0
+    examples = seen = 0
     checks = _DeviceChecks()  # read once after the pass: no host sync within it (see _DeviceChecks)
     info = dist_current()
     if shard:
@@ -581,7 +581,8 @@ def probe(
             if labels is not None:
                 _add_accuracy(stats, logits, labels.to(device))
             checks.end_batch(b)
-            if (b + 1) % _CHECK_EVERY == 0:
+            seen += 1
+            if seen % _CHECK_EVERY == 0:  # this rank's batches (b is global under shard=True)
                 checks.raise_failed()
     finally:
         model.train(was_training)
