@@ -418,25 +418,57 @@ def test_parallel_build_writes_the_same_files_as_a_serial_one(dirs, tmp_path):
 
 
 def test_render_gives_savefig_bytes():
-    """F.render (layout once, each format drawn once) against two plain savefig calls on an identical figure:
-    the same PNG bytes and the same SVG; figures with a colourbar, a wrapped title and a y-axis offset text
-    (1e-7 scale, next to which matplotlib may move the title)."""
+    """F.render (layout once, each format drawn once) against plain savefig calls on an identical figure: with a
+    colour bar (matplotlib's two-pass constrained layout, kept) the same PNG bytes and the same SVG; without
+    (one layout pass, or both when an offset text appears) the same files as savefig on a figure laid out so,
+    and axes within 2 px of matplotlib's two-pass layout. Figures with a wrapped title and a y-axis offset text (1e-7 scale, next to
+    which matplotlib may move the title)."""
     from vitscope.reports import figures as F
 
     def make(kind):
         if kind == "heatmap":
             return F.heatmap([[0.1, 0.5], [0.9, 0.3]], ["a", "b"], ["c", "dddddddddddddddddddddd"], "CKA " * 20)
+        if kind == "bars":  # one layout pass: rotated tick labels, legend
+            return F.bars([f"blocks.{i}.attn" for i in range(9)], [0.1 * i for i in range(9)], "drop " * 15,
+                          "accuracy drop", kinds=["msa", "mlp"] * 4 + ["msa"])
         return F.lines({"tiny": ([0, 1, 2], [1e-7, 3e-7, 2e-7]), "tinier": ([0, 1, 2], [2e-7, 1e-7, None])},
                        "a long title that matplotlib wraps over two lines " * 2, "step", "value", logy=False)
 
-    for kind in ("heatmap", "lines"):
+    for kind in ("heatmap", "lines", "bars"):
         fig = make(kind)
-        png, svg = F.to_bytes(fig, "png"), None
+        png = F.to_bytes(fig, "png")  # savefig runs matplotlib's own (two-pass) layout engine
+        assert fig.get_layout_engine() is not None
+        if kind != "heatmap":
+            two = np.array([ax.get_position().bounds for ax in fig.axes])
+            fig = make(kind)
+            F._lay_out(fig, 130)  # one pass, engine removed
+            one = np.array([ax.get_position().bounds for ax in fig.axes])
+            assert np.abs(one - two).max() * 130 * 4.8 < 2.0
+            png = F.to_bytes(fig, "png")
         fig.set_layout_engine("none")
         svg = F.to_bytes(fig, "svg")
         png2, svg2 = F.render(make(kind))
         assert png2 == png and _svg_norm(svg2.decode()) == _svg_norm(svg.decode()), kind
-        assert fig.get_layout_engine() is not None  # the reference really ran the layout engine
+        assert "<text" in svg2.decode() and "<text" in svg.decode()  # svg.fonttype none: text stays text
+
+
+def test_report_figures_stay_on_the_canvas(dirs):
+    """After F.render's layout (one pass without colour bar, else matplotlib's two), every figure of a report
+    has its titles, tick labels, colour bars and legends inside the canvas."""
+    from vitscope.reports import figures as F
+    from vitscope.reports.loaders import load_runs
+    from vitscope.reports.sections import comparison_section, run_section
+
+    runs = load_runs([dirs["vit"], dirs["convit"], dirs["train"], dirs["curv"]])
+    items = [it for sec in [comparison_section(runs)] + [run_section(r) for r in runs] if sec for it in sec.items]
+    assert len(items) > 20
+    for it in items:
+        fig = it.figure
+        F._lay_out(fig, 130)
+        fig.set_dpi(130)
+        box = fig.get_tightbbox(fig.canvas.get_renderer())  # inches
+        w, h = fig.get_size_inches()
+        assert box.x0 > -0.01 and box.y0 > -0.01 and box.x1 < w + 0.01 and box.y1 < h + 0.01, (it.key, box)
 
 
 def test_worker_errors_reach_the_caller(dirs, tmp_path, monkeypatch):
