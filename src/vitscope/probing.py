@@ -134,7 +134,8 @@ _CHECK_EVERY = 64  # batches between reads of the checks (one host sync each), s
 def _check_attentions(cap: Capture, checks: _DeviceChecks) -> None:
     """Check every captured attention map once (finite, rows are probabilities), so the four attention
     measures can skip their own scans (``validate=False``): the checks stay on the device (``_DeviceChecks``),
-    and maps are clamped at 0 (a no-op for softmax outputs; ``check_attention`` clamps round-off below 0)."""
+    and maps are clamped at 0 in place (a no-op for softmax outputs; round-off below 0, as ``check_attention``).
+    """
     for i, (attn, info) in enumerate(zip(cap.attentions, cap.attention_layout)):
         name = f"batch {{b}}: the attention map of {info.name}"
         a = check_attention(attn, name, validate=False)  # (B, H, N, N); half precision upcast
@@ -145,7 +146,8 @@ def _check_attentions(cap: Capture, checks: _DeviceChecks) -> None:
         checks.fail_if((dev > tol) | (low < -tol),
                        f"{name} rows must be probabilities summing to 1 (max deviation above {tol:g} or an entry "
                        f"below {-tol:g}); pass post-softmax attention maps, not logits")
-        cap.attentions[i] = a.clamp_min_(0) if a is not attn else a.clamp_min(0)
+        # in place (the forward is done with the map; no new memory) unless the map is not a plain dense tensor
+        cap.attentions[i] = a.clamp_min_(0) if a is not attn or a.is_contiguous() else a.clamp_min(0)
 
 
 def _not_finite(t: torch.Tensor) -> torch.Tensor:
