@@ -107,10 +107,13 @@ def check_probe(s: dict[str, Any], device: torch.device) -> dict[str, Any]:
            "plain_s": statistics.median(res["a_s"]), "probe_s": statistics.median(res["b_s"]),
            "probe_over_plain": res["ratio_median"], "ratio_range": [res["ratio_min"], res["ratio_max"]],
            "explicit_attention_s": statistics.median(floor["b_s"]),
-           "explicit_attention_over_plain": floor["ratio_median"], "goal": "<= 1.5x"}
+           "explicit_attention_over_plain": floor["ratio_median"], "goal": "<= 1.5x",
+           # after the timings: host waits of one pass each (the probe reads its checks once, at the end)
+           "host_syncs": {"plain": _host_syncs(plain, device), "probe": _host_syncs(probed, device)}}
     print(f"probe / plain forward on {out['model']} at batch {out['batch']}: {out['probe_over_plain']:.2f}x "
           f"(plain {out['plain_s']:.3f} s, probe {out['probe_s']:.3f} s; goal <= 1.5x); the forward with "
-          f"explicit attention alone (the floor) {out['explicit_attention_over_plain']:.2f}x", flush=True)
+          f"explicit attention alone (the floor) {out['explicit_attention_over_plain']:.2f}x; host syncs "
+          f"{out['host_syncs']}", flush=True)
     return out
 
 
