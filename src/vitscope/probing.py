@@ -55,7 +55,7 @@ def _layer_row(info: LayerInfo, i: int, n: int) -> dict[str, Any]:
 
 
 def _heads(values: torch.Tensor) -> dict[str, Any]:
-    v = [float(x) for x in values.flatten()]
+    v = values.flatten().tolist()  # one read per layer (not one per head)
     return {"value": sum(v) / len(v), "heads": v}
 
 
@@ -302,7 +302,7 @@ class _CKA(_StreamProbe):
         return [self.measure]
 
     def _matrix(self) -> torch.Tensor:
-        return self.measure.compute()
+        return self.measure.compute().cpu()  # one read (not one per pair of layers)
 
     def rows(self) -> list[dict[str, Any]]:
         mat = self._matrix()
@@ -367,7 +367,8 @@ class _Fourier(_MapProbe):
     measure_cls = M.FourierLogAmplitude
 
     def value(self, v: torch.Tensor) -> dict[str, Any]:
-        return {"value": float(v[-1]), "curve": [float(x) for x in v]}
+        curve = v.tolist()
+        return {"value": curve[-1], "curve": curve}
 
 
 class _Variance(_MapProbe):
