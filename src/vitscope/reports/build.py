@@ -103,7 +103,12 @@ def _rendered_sections(runs: list[RunData], tasks: list[int], workers: int,
         gc.freeze()
         try:
             with ctx.Pool(min(workers, len(tasks)), initializer=_worker_init, initargs=(runs,)) as pool:
-                for res in pool.imap(_worker_task, tasks):
+                # Largest sections first (by the files found; the comparison last), so that the last one to
+                # start is small and the workers finish together; results are still taken in page order.
+                order = sorted(tasks, key=lambda t: -1 if t < 0 else len(runs[t].files), reverse=True)
+                pending = {t: pool.apply_async(_worker_task, (t,)) for t in order}
+                for t in tasks:
+                    res = pending[t].get()
                     bar.update(1)
                     yield res
         finally:
