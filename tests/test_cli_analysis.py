@@ -16,14 +16,6 @@ from vitscope.cli import main
 DATA = "fake:n=48,classes=3"  # 12 val examples
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     """A CB run trained with non-default model_kwargs at a non-default input size (the issue-15 case)."""

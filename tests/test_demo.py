@@ -59,7 +59,7 @@ def test_demo_tiny_end_to_end(tmp_path, capsys):
         if key == "convit":
             assert probe["gpsa_gates"]["rows"]
         if key != "resnet":  # attention drawn on the fixed test images, shown in the report
-            assert (run / "attention.npz").is_file() and f'--attention_query_maps"' in html
+            assert (run / "attention.npz").is_file() and '--attention_query_maps"' in html
         cross = probe["cka_cross"]
         assert len(cross["matrix"]) == len(cross["layers"]) and len(cross["matrix"][0]) == len(cross["other_layers"])
         hess = json.loads((run / "hessian.json").read_text())

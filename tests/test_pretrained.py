@@ -51,14 +51,6 @@ def hub(tmp_path, monkeypatch):
     return state
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_load_model_pretrained_reads_the_cached_weights(hub):
     model = load_model(TAG, pretrained=True)
     got = model.state_dict()

@@ -221,8 +221,8 @@ def test_probe_host_syncs_do_not_grow_with_batches(monkeypatch, model_name):
     counts = {}
     for n in (2, 6):
         loader = DataLoader(_data(n=4 * n), batch_size=4)
-        counts[n] = _count_scalar_reads(monkeypatch, lambda: vitscope.probe(model, loader, measures,
-                                                                             progress=False))
+        counts[n] = _count_scalar_reads(monkeypatch, lambda loader=loader: vitscope.probe(model, loader, measures,
+                                                                                           progress=False))
     assert len(counts[2]) == len(counts[6]), (len(counts[2]), len(counts[6]))
     control = _count_scalar_reads(monkeypatch, lambda: [x.sum().item() for x, _ in DataLoader(_data(8), 4)])
     assert len(control) >= 2

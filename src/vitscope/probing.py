@@ -503,7 +503,8 @@ def _add_accuracy(stats: torch.Tensor, logits: torch.Tensor, labels: torch.Tenso
     safe = labels.clamp(0, C - 1)  # in range whatever ok says (no device assert on a GPU)
     correct = (logits.argmax(1) == safe).sum()
     nll = F.cross_entropy(logits.float(), safe, reduction="sum")
-    stats += torch.stack([correct.double(), nll.double(), torch.full_like(nll, labels.numel(), dtype=torch.float64)]) * ok
+    count = torch.full_like(nll, labels.numel(), dtype=torch.float64)
+    stats += torch.stack([correct.double(), nll.double(), count]) * ok
 
 
 @torch.no_grad()

@@ -11,8 +11,8 @@ def add_parser(sub: Any) -> None:
     p = sub.add_parser(
         "reproduce", help="reproduce a group of the papers' findings and print a verdict table",
         description="Train and probe what a study recipe needs over several seeds and end with a verdict table "
-                    "(the paper's claim, the measured values, the paired difference with its 95% interval and p, and the "
-                    "Holm-corrected verdict held / did not hold / inconclusive), "
+                    "(the paper's claim, the measured values, the paired difference with its 95% interval and p, "
+                    "and the Holm-corrected verdict held / did not hold / inconclusive), "
                     "saved as verdicts.json, .csv and .md under OUT/STUDY/. Studies: " + ", ".join(list_studies()),
     )
     p.add_argument("study", help="study name (" + ", ".join(list_studies()) + ") or a study YAML file")
