@@ -62,26 +62,16 @@ def _render_section(runs: list[RunData], task: int) -> tuple[Section, list[tuple
     Returns the section (its items keep key, caption and note; figure and rows are dropped, they are not
     needed once encoded) and per item its PNG, SVG and CSV bytes, or None when there is no such section.
     """
-    # The section's figures all live until they are encoded, so the garbage collector's passes over them
-    # while drawing free nothing (6% of the CPU time here): it is off until the section is done, then one
-    # collection frees the figures' reference cycles.
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        sec = comparison_section(runs) if task < 0 else run_section(runs[task])
-        if sec is None:
-            return None
-        files = []
-        for item in sec.items:
-            png, svg = F.render(item.figure)
-            files.append((png, svg, csv_bytes(item.rows)))
-            # No ``figure.clear()``: it clears every axes first (re-creating their ticks), a third of a draw.
-            item.figure, item.rows = None, []  # type: ignore[assignment]  # encoded: nothing left to send back
-        return sec, files
-    finally:
-        if was_enabled:
-            gc.enable()
-            gc.collect(0)  # all of the section's objects are still in the youngest generation
+    sec = comparison_section(runs) if task < 0 else run_section(runs[task])
+    if sec is None:
+        return None
+    files = []
+    for item in sec.items:
+        png, svg = F.render(item.figure)
+        files.append((png, svg, csv_bytes(item.rows)))
+        # No ``figure.clear()``: it clears every axes first (re-creating their ticks), a third of a draw's cost.
+        item.figure, item.rows = None, []  # type: ignore[assignment]  # encoded: nothing left to send back
+    return sec, files
 
 
 def _worker_init(runs: list[RunData]) -> None:
