@@ -421,8 +421,8 @@ def test_render_gives_savefig_bytes():
     """F.render (layout once, each format drawn once) against plain savefig calls on an identical figure: with a
     colour bar (matplotlib's two-pass constrained layout, kept) the same PNG bytes and the same SVG; without
     (one layout pass, or both when an offset text appears) the same files as savefig on a figure laid out so,
-    and axes within 2 px of matplotlib's two-pass layout. Figures with a wrapped title and a y-axis offset text (1e-7 scale, next to
-    which matplotlib may move the title)."""
+    and axes within 2 px of matplotlib's two-pass layout. Figures with a wrapped title and a y-axis offset text
+    (1e-7 scale, next to which matplotlib may move the title)."""
     from vitscope.reports import figures as F
 
     def make(kind):

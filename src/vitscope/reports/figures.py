@@ -59,7 +59,8 @@ def to_bytes(fig: Figure, fmt: str, dpi: int = 130) -> bytes:
     """The figure encoded as ``png`` or ``svg``."""
     buf = io.BytesIO()
     if fmt == "png":
-        fig.savefig(buf, format="png", dpi=dpi, metadata={"Software": None}, pil_kwargs={"compress_level": PNG_COMPRESS})
+        fig.savefig(buf, format="png", dpi=dpi, metadata={"Software": None},
+                    pil_kwargs={"compress_level": PNG_COMPRESS})
     else:  # text as <text> elements (browsers and editors render it), not as glyph paths: 3-4x faster, smaller
         with matplotlib.rc_context({"svg.fonttype": "none"}):
             fig.savefig(buf, format=fmt, dpi=dpi, metadata={"Date": None})
