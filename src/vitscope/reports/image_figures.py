@@ -79,11 +79,12 @@ def _colour_bar(ax, cmap, norm, y: int, height: int, x: int, width: int, label: 
         ticks = [lo + (hi - lo) * f for f in ((0.0, 0.05, 0.25, 1.0) if isinstance(norm, PowerNorm)
                                               else (0.0, 0.5, 1.0))]
     right = x + width - 0.5
-    for t in ticks:
-        ax.text(right, y - 0.5 + height * (1 - float(norm(t))), f" {t:.3g}", ha="left", va="center",
-                fontsize=fontsize)
-    if label:
-        ax.annotate(label, (right, y - 0.5 + height / 2), xytext=(30, 0), textcoords="offset points", ha="left",
+    texts = [f" {t:.3g}" for t in ticks]
+    for t, text in zip(ticks, texts):
+        ax.text(right, y - 0.5 + height * (1 - float(norm(t))), text, ha="left", va="center", fontsize=fontsize)
+    if label:  # clear of the widest tick text (a digit is about 0.6 em wide)
+        pad = max(30.0, 4 + 0.62 * fontsize * max(len(text) for text in texts))
+        ax.annotate(label, (right, y - 0.5 + height / 2), xytext=(pad, 0), textcoords="offset points", ha="left",
                     va="center", rotation=90, fontsize=fontsize + 1)
 
 
