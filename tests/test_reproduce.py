@@ -150,3 +150,11 @@ def test_paper_scale_needs_data_and_bad_options_fail(tmp_path, capsys):
                    "expect: greater}]\nscales: {quick: {data: fake}}\n")
     with pytest.raises(StudyError, match="unknown model 'swin'"):
         load_study(str(bad))
+
+
+def test_reproduce_under_torchrun_is_refused_with_one_line(monkeypatch, capsys):
+    """Studies run single-process: under torchrun every rank would train (and lock) the same runs."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["reproduce", "cb-entropy"]) == 2
+    err = capsys.readouterr().err
+    assert "not under torchrun" in err and err.count("\n") == 1

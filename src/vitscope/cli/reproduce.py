@@ -30,9 +30,16 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import os
     import sys
 
+    from vitscope.cli import CLIError
     from vitscope.studies import run_study
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every rank would train and lock the same runs
+        raise CLIError("reproduce runs as one process, not under torchrun (yet); run `vitscope reproduce` "
+                       "plainly, or train a study's runs with `torchrun ... -m vitscope train` and analyse them "
+                       "with `torchrun ... -m vitscope probe|hessian|robustness --checkpoint RUN_DIR`")
 
     res = run_study(args.study, data=args.data, scale=args.scale, out=args.out, seeds=args.seeds,
                     epochs=args.epochs, max_examples=args.max_examples, zoo=args.zoo, device=args.device,
