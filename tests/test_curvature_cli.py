@@ -5,18 +5,9 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from vitscope.cli import main
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_hessian_cli_writes_json_and_png(tmp_path, capsys):

@@ -12,14 +12,6 @@ import vitscope
 from vitscope.curvature import load_directions, loss_landscape, random_directions, save_directions
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _vit() -> nn.Module:
     torch.manual_seed(0)
     return vitscope.create_model("test_vit_cifar", num_classes=4)

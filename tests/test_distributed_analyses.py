@@ -17,6 +17,7 @@ import torch.multiprocessing as mp
 from torch.utils.data import DataLoader, TensorDataset
 
 import vitscope
+from _compare import assert_close_tree
 from vitscope.curvature import eigenvalue_spectrum
 from vitscope.distributed import shard_batches
 from vitscope.robustness import evaluate_cifar_c, evaluate_robustness
@@ -68,22 +69,6 @@ def _worker(rank: int, path: str) -> None:
         dist.destroy_process_group()
 
 
-def _close(a, b, path=""):
-    """Nested dicts/lists equal, numbers to float round-off."""
-    if isinstance(a, dict):
-        assert a.keys() == b.keys(), path
-        for k in a:
-            _close(a[k], b[k], f"{path}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            _close(x, y, f"{path}[{i}]")
-    elif isinstance(a, float):
-        assert b == pytest.approx(a, rel=1e-6, abs=1e-9), path
-    else:
-        assert a == b, path
-
-
 def test_two_ranks_equal_one_process(tmp_path):
     _cifar_c(tmp_path)
     # fork: the workers inherit the imported modules (spawn would import torch, timm and vitscope twice more)
@@ -98,7 +83,7 @@ def test_two_ranks_equal_one_process(tmp_path):
     for probe_d, meta, spec_d, rob_d, one_batch_d, cifar_c_d in outs:  # every rank holds the merged result
         assert meta["world_size"] == 2 and meta["examples_per_rank"] == [21, 16] and meta["examples"] == N
         assert probe.meta["world_size"] == 1 and probe.meta["examples_per_rank"] == [N]
-        _close(probe.to_dict(), probe_d, "probe")
+        assert_close_tree(probe.to_dict(), probe_d, "probe")
         assert meta["accuracy"] == pytest.approx(probe.meta["accuracy"])
         assert meta["nll"] == pytest.approx(probe.meta["nll"], rel=1e-9)
         assert probe_d["cka"]["examples"] == N
@@ -110,15 +95,15 @@ def test_two_ranks_equal_one_process(tmp_path):
         for g in one["groups"]:
             np.testing.assert_allclose(spec_d["groups"][g]["eigenvalues"], one["groups"][g]["eigenvalues"],
                                        rtol=1e-6)  # batch order kept: row i is global batch i
-            _close(one["groups"][g]["density"], spec_d["groups"][g]["density"])
+            assert_close_tree(one["groups"][g]["density"], spec_d["groups"][g]["density"])
 
         assert rob_d["world_size"] == 2 and rob_d["examples_per_rank"] == [21, 16] and rob_d["n"] == N
-        _close({k: v for k, v in rob.items() if k not in ("world_size", "examples_per_rank")},
+        assert_close_tree({k: v for k, v in rob.items() if k not in ("world_size", "examples_per_rank")},
                {k: v for k, v in rob_d.items() if k not in ("world_size", "examples_per_rank")}, "robustness")
         assert one_batch_d["examples_per_rank"] == [8, 0] and one_batch_d["n"] == one_batch["n"] == 8
-        _close({k: v for k, v in one_batch.items() if k not in ("world_size", "examples_per_rank")},
+        assert_close_tree({k: v for k, v in one_batch.items() if k not in ("world_size", "examples_per_rank")},
                {k: v for k, v in one_batch_d.items() if k not in ("world_size", "examples_per_rank")}, "one batch")
-        _close(cifar_c, cifar_c_d, "cifar_c")
+        assert_close_tree(cifar_c, cifar_c_d, "cifar_c")
 
 
 def test_shard_batches_counts_each_batch_once():

@@ -15,6 +15,7 @@ import sys
 import numpy as np
 import pytest
 
+from _compare import assert_close_tree
 from vitscope.cli import main
 
 DATA = "fake:n=40,n_eval=37,classes=4,size=32"  # val: 37 examples in batches of 8: ranks get 21 and 16
@@ -45,21 +46,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _close(a, b, path=""):
-    if isinstance(a, dict):
-        assert a.keys() == b.keys(), path
-        for k in a:
-            _close(a[k], b[k], f"{path}.{k}")
-    elif isinstance(a, list):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            _close(x, y, f"{path}[{i}]")
-    elif isinstance(a, float):
-        assert b == pytest.approx(a, rel=1e-6, abs=1e-9), path
-    else:
-        assert a == b, path
-
-
 def _load(d, name):
     return json.loads((d / name).read_text())
 
@@ -83,7 +69,7 @@ def test_torchrun_two_processes_write_the_one_process_tables(tmp_path):
     single = _load(one / "probe", "meta.json")
     assert single["world_size"] == 1 and single["examples_per_rank"] == [37]
     assert meta["accuracy"] == pytest.approx(single["accuracy"]) and meta["nll"] == pytest.approx(single["nll"])
-    _close(_load(one / "probe", "results.json"), _load(ddp / "probe", "results.json"), "probe")
+    assert_close_tree(_load(one / "probe", "results.json"), _load(ddp / "probe", "results.json"), "probe")
 
     h1, h2 = _load(one / "hessian", "hessian.json"), _load(ddp / "hessian", "hessian.json")
     assert h2["config"]["world_size"] == 2 and h2["config"]["examples_per_rank"] == [16, 8]
@@ -94,5 +80,6 @@ def test_torchrun_two_processes_write_the_one_process_tables(tmp_path):
     r1 = r1.get("results", r1)
     r2 = r2.get("results", r2)
     assert r2["world_size"] == 2 and r2["examples_per_rank"] == [21, 16] and r2["n"] == 37
-    _close({k: v for k, v in r1.items() if k not in ("world_size", "examples_per_rank", "meta")},
-           {k: v for k, v in r2.items() if k not in ("world_size", "examples_per_rank", "meta")}, "robustness")
+    skip = ("world_size", "examples_per_rank", "meta")
+    assert_close_tree({k: v for k, v in r1.items() if k not in skip}, {k: v for k, v in r2.items() if k not in skip},
+                      "robustness")

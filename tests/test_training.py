@@ -39,15 +39,6 @@ from vitscope.training import (
 from vitscope.training.checkpoint import load_state, read_jsonl
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on the shared 2-core machine two threads run several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def quick(tmp_path, name="run", **kw):
     """cpu-quick on fake with a tiny ViT; keyword arguments override."""
     args = dict(model="test_vit_cifar", data="fake", out=str(tmp_path / name), epochs=3, progress=False)

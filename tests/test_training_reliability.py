@@ -29,14 +29,6 @@ from vitscope.training.checkpoint import (
 from vitscope.training.engine import EarlyStop
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def quick(tmp_path, name="run", **kw):
     args = dict(model="test_vit_cifar", data="fake:n=64", out=str(tmp_path / name), epochs=2, batch_size=16,
                 progress=False, img_size=16)

@@ -49,14 +49,6 @@ sys.exit(main(["train", *sys.argv[1:]]))
 """
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _vitscope(*args: str, sleep: float = 0.0, script: str | None = None) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "VITSCOPE_TEST_STEP_SLEEP": str(sleep)}
     cmd = [sys.executable, "-c", script, *args] if script else [sys.executable, "-m", "vitscope", "train", *args]

@@ -29,14 +29,6 @@ from vitscope.training.engine import NONFINITE_CHECK_EVERY
 HOST_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def host_reads(monkeypatch):
     """Counts every call of a host-reading Tensor method (from any code: torch, timm, vitscope)."""
