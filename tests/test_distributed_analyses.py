@@ -17,7 +17,7 @@ import torch.multiprocessing as mp
 from torch.utils.data import DataLoader, TensorDataset
 
 import vitscope
-from _compare import assert_close_tree
+from _helpers import assert_close_tree
 from vitscope.curvature import eigenvalue_spectrum
 from vitscope.distributed import shard_batches
 from vitscope.robustness import evaluate_cifar_c, evaluate_robustness

@@ -15,7 +15,7 @@ import sys
 import numpy as np
 import pytest
 
-from _compare import assert_close_tree
+from _helpers import assert_close_tree
 from vitscope.cli import main
 
 DATA = "fake:n=40,n_eval=37,classes=4,size=32"  # val: 37 examples in batches of 8: ranks get 21 and 16

@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file
 
+from _helpers import one_line_error
 from vitscope.cli import main as cli_main
 from vitscope.io.weights import load_weights, read_sidecar
 from vitscope.training import NonFiniteLossError, load_run, resolve_config, train
@@ -34,15 +35,6 @@ def quick(tmp_path, name="run", **kw):
                 progress=False, img_size=16)
     args.update(kw)
     return resolve_config("cpu-quick", **args)
-
-
-def _one_line_error(capsys, argv: list[str], *patterns: str) -> str:
-    assert cli_main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
-    for pattern in patterns:
-        assert pattern in err, err
-    return err
 
 
 # ------------------------------------------------------------------------------------------ bad values
@@ -74,7 +66,7 @@ def _one_line_error(capsys, argv: list[str], *patterns: str) -> str:
 def test_bad_setting_is_one_line_before_any_work(tmp_path, capsys, override, expected):
     out = tmp_path / "run"
     argv = ["train", "--config", "cpu-quick", "--model", "test_vit_cifar", "--data", "fake", "--out", str(out)]
-    _one_line_error(capsys, [*argv, override], expected)
+    one_line_error(capsys, [*argv, override], expected)
     assert not out.exists()  # nothing was written
 
 
@@ -103,9 +95,9 @@ def test_zero_std_data_names_the_spec(tmp_path, monkeypatch):
 def test_pretrained_without_hub_weights_is_one_line(tmp_path, capsys):
     argv = ["train", "--config", "cpu-quick", "--model", "test_vit_cifar", "--data", "fake:n=64", "--pretrained",
             "--out", str(tmp_path / "run"), "img_size=16"]
-    _one_line_error(capsys, argv, "Cannot load timm's pretrained weights of 'test_vit_cifar'",
+    one_line_error(capsys, argv, "Cannot load timm's pretrained weights of 'test_vit_cifar'",
                     "No pretrained weights exist", "drop pretrained=true")
-    _one_line_error(capsys, ["train", "--resume", str(tmp_path / "run"), "--pretrained"], "--pretrained applies")
+    one_line_error(capsys, ["train", "--resume", str(tmp_path / "run"), "--pretrained"], "--pretrained applies")
 
 
 def _nan_model(**kwargs):
@@ -238,5 +230,5 @@ def test_auto_resume_starts_a_run_then_continues_it_with_the_same_command(tmp_pa
     first = read_jsonl(run / "metrics.jsonl")
     assert cli_main([*argv, "progress=true"]) == 0  # requeued (a runtime setting may differ): nothing to do
     assert read_jsonl(run / "metrics.jsonl") == first and latest_checkpoint(run).name == "epoch-0000"
-    _one_line_error(capsys, [*argv, "lr=0.5"], "--auto-resume:", "other settings (lr: 0.001 -> 0.5)")
-    _one_line_error(capsys, [*argv, "--resume", str(run)], "drop --resume")
+    one_line_error(capsys, [*argv, "lr=0.5"], "--auto-resume:", "other settings (lr: 0.001 -> 0.5)")
+    one_line_error(capsys, [*argv, "--resume", str(run)], "drop --resume")

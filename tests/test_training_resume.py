@@ -16,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from _helpers import one_line_error
 from vitscope.cli import main as cli_main
 from vitscope.training import load_run, resolve_config, train
 from vitscope.training.checkpoint import (
@@ -70,7 +71,7 @@ def test_sigkills_before_and_inside_a_checkpoint_then_resume_matches_uninterrupt
     try:
         _wait_for(lambda: (run / "config.yaml").is_file(), first, "the first run to start")
         # The second writer is this test process: refused while the first holds the run's lock.
-        _one_line_error(capsys, ["train", "--resume", str(run)], f"{run} is being trained by process {first.pid}")
+        one_line_error(capsys, ["train", "--resume", str(run)], f"{run} is being trained by process {first.pid}")
         assert first.poll() is None and latest_checkpoint(run) is None
         os.kill(first.pid, signal.SIGKILL)
         first.wait(timeout=30)
@@ -150,15 +151,6 @@ def test_run_of_the_older_top_level_layout_loads_and_resumes(tmp_path):
     assert [r["epoch"] for r in read_jsonl(run / "metrics.jsonl")] == [0, 1] and run_finished(run)
 
 
-def _one_line_error(capsys, argv: list[str], *patterns: str) -> str:
-    assert cli_main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
-    for pattern in patterns:
-        assert pattern in err, err
-    return err
-
-
 class _Payload:
     def __reduce__(self):
         return (os.system, (f"touch {self.marker}",))
@@ -175,7 +167,7 @@ def test_damaged_or_unsafe_checkpoints_are_one_line_errors(tmp_path, capsys):
     good = state.read_bytes()
 
     state.write_bytes(good[: len(good) // 2])  # truncated: caught by the manifest's sizes
-    _one_line_error(capsys, resume, "state.pt is truncated or missing", "another --out")
+    one_line_error(capsys, resume, "state.pt is truncated or missing", "another --out")
     manifest = json.loads((ckpt_dir / "checkpoint.json").read_text())
 
     def with_size(data: bytes) -> None:  # a file of the right size, so torch.load itself reads it
@@ -184,15 +176,15 @@ def test_damaged_or_unsafe_checkpoints_are_one_line_errors(tmp_path, capsys):
         (ckpt_dir / "checkpoint.json").write_text(json.dumps(manifest))
 
     with_size(good[: len(good) // 2])
-    _one_line_error(capsys, resume, "Cannot read", "truncated, corrupt or not a vitscope state")
+    one_line_error(capsys, resume, "Cannot read", "truncated, corrupt or not a vitscope state")
     marker = tmp_path / "payload-ran"
     payload = _Payload()
     payload.marker = marker
     with_size(pickle.dumps({"epoch": 0, "x": payload}))
-    _one_line_error(capsys, resume, "Refused to load", "weights-only allowlist")
+    one_line_error(capsys, resume, "Refused to load", "weights-only allowlist")
     torch.save({"epoch": 0, "x": payload}, state)  # the same in torch's zip format
     with_size(state.read_bytes())
-    _one_line_error(capsys, resume, "Refused to load")
+    one_line_error(capsys, resume, "Refused to load")
     assert not marker.exists()  # the payload never ran
 
     with_size(good)
@@ -201,7 +193,7 @@ def test_damaged_or_unsafe_checkpoints_are_one_line_errors(tmp_path, capsys):
     weights.write_bytes(weights_good[:100])
     manifest["files"]["model.safetensors"] = 100
     (ckpt_dir / "checkpoint.json").write_text(json.dumps(manifest))
-    _one_line_error(capsys, resume, "model.safetensors as safetensors", "truncated or corrupt")
+    one_line_error(capsys, resume, "model.safetensors as safetensors", "truncated or corrupt")
     (ckpt_dir / "checkpoint.json").write_text("{")
-    _one_line_error(capsys, resume, "checkpoint.json is missing or unreadable")
-    _one_line_error(capsys, ["train", "--resume", str(tmp_path / "nothing")], "not a vitscope run directory")
+    one_line_error(capsys, resume, "checkpoint.json is missing or unreadable")
+    one_line_error(capsys, ["train", "--resume", str(tmp_path / "nothing")], "not a vitscope run directory")

@@ -1,4 +1,4 @@
-"""Shared test helper: nested results (dicts, lists, numbers) equal to float round-off."""
+"""Helpers shared by several test modules."""
 from __future__ import annotations
 
 import pytest
@@ -19,3 +19,15 @@ def assert_close_tree(a, b, path: str = "") -> None:
         assert b == pytest.approx(a, rel=1e-6, abs=1e-9), path
     else:
         assert a == b, path
+
+
+def one_line_error(capsys, argv: list[str], *patterns: str) -> str:
+    """``vitscope ARGV`` exits 2 with one stderr line (no traceback) containing every pattern; returns it."""
+    from vitscope.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    for pattern in patterns:
+        assert pattern in err, err
+    return err
