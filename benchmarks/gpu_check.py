@@ -8,7 +8,8 @@
    bf16 autocast with channels-last inputs, on ViT-S/16 at batch 128 (goal: within 5%).
 
 Each pair runs interleaved (the order alternates every repeat) and the median of the paired ratios is
-printed; everything is written to ``--out`` (JSON). ``--tiny`` runs the same code on a CPU with tiny models
+printed with the geometric mean and its 95% t interval over the repeats; the training goal is called met only
+when the whole interval is at or under 1.05x, not met when it is wholly above, else inconclusive; everything is written to ``--out`` (JSON). ``--tiny`` runs the same code on a CPU with tiny models
 in seconds (what the test suite checks); GPU figures go into benchmarks/README.md ("GPU check").
 
     python benchmarks/gpu_check.py --out gpu_check.json            # on a GPU (default device: cuda)
@@ -17,6 +18,7 @@ in seconds (what the test suite checks); GPU figures go into benchmarks/README.m
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import sys
@@ -36,12 +38,12 @@ from vitscope.training import train_one_epoch
 
 FULL = {"probe_model": "vit_base_patch16_224", "probe_img": 224, "probe_batch": 128, "probe_batches": 4,
         "hessian_model": "vit_small_patch16_224", "hessian_img": 224, "hessian_batch": 32,
-        "train_model": "vit_small_patch16_224", "train_img": 224, "train_batch": 128, "train_steps": 50,
-        "train_repeats": 5, "repeats": 3, "classes": 1000}
+        "train_model": "vit_small_patch16_224", "train_img": 224, "train_batch": 128, "train_steps": 30,
+        "train_repeats": 16, "repeats": 3, "classes": 1000}
 TINY = {"probe_model": "test_vit_cb", "probe_img": 32, "probe_batch": 8, "probe_batches": 2,
         "hessian_model": "test_vit_cb", "hessian_img": 32, "hessian_batch": 4,
         "train_model": "test_vit_cb", "train_img": 32, "train_batch": 8, "train_steps": 2,
-        "train_repeats": 2, "repeats": 2, "classes": 10}
+        "train_repeats": 3, "repeats": 2, "classes": 10}
 
 
 def _sync(device: torch.device) -> None:
@@ -70,7 +72,29 @@ def _paired(a: Callable[[], Any], b: Callable[[], Any], repeats: int, device: to
             ta.append(_timed(a, device))
     ratios = [y / x for x, y in zip(ta, tb)]
     return {"a_s": ta, "b_s": tb, "ratio_median": statistics.median(ratios), "ratio_min": min(ratios),
-            "ratio_max": max(ratios)}
+            "ratio_max": max(ratios), **_ratio_interval(ratios)}
+
+
+def _ratio_interval(ratios: list[float], level: float = 0.95) -> dict[str, Any]:
+    """Geometric mean of paired time ratios with its t interval (on the log ratios, one per repeat)."""
+    from scipy import stats
+
+    logs = [math.log(r) for r in ratios]
+    n = len(logs)
+    mean = statistics.fmean(logs)
+    if n < 2:
+        return {"ratio_geomean": math.exp(mean), "ratio_ci95": [math.nan, math.nan]}
+    half = stats.t.ppf(0.5 + level / 2, n - 1) * statistics.stdev(logs) / math.sqrt(n)
+    return {"ratio_geomean": math.exp(mean), "ratio_ci95": [math.exp(mean - half), math.exp(mean + half)]}
+
+
+def _goal_verdict(ci: list[float], goal: float) -> str:
+    """'met' when the whole 95% interval of the time ratio is at or under ``goal``, 'not met' when it is wholly
+    above, else 'inconclusive' (more repeats needed)."""
+    lo, hi = ci
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return "inconclusive"
+    return "met" if hi <= goal else "not met" if lo > goal else "inconclusive"
 
 
 def _model(name: str, classes: int, device: torch.device) -> nn.Module:
@@ -254,12 +278,16 @@ def check_training(s: dict[str, Any], device: torch.device) -> dict[str, Any]:
            "timm_images_per_s": images / statistics.median(res["a_s"]),
            "vitscope_images_per_s": images / statistics.median(res["b_s"]),
            "vitscope_time_over_timm": res["ratio_median"], "ratio_range": [res["ratio_min"], res["ratio_max"]],
-           "goal": "within 5% (<= 1.05x)", "last_epoch_loss": dict(losses),
+           "ratio_geomean": res["ratio_geomean"], "ratio_ci95": res["ratio_ci95"],
+           "goal": "within 5% (<= 1.05x)", "goal_verdict": _goal_verdict(res["ratio_ci95"], 1.05),
+           "last_epoch_loss": dict(losses),
            "loss_rel_diff": abs(losses["vitscope"] - losses["timm"]) / max(abs(losses["timm"]), 1e-12)}
     out["host_syncs_per_epoch"] = {"timm": _host_syncs(plain, device), "vitscope": _host_syncs(ours, device)}
     print(f"training on {out['model']} (bf16, channels-last, batch {out['batch']}, {out['steps']} steps): vitscope "
           f"{out['vitscope_images_per_s']:.1f} img/s, plain timm loop {out['timm_images_per_s']:.1f} img/s; time "
-          f"ratio {out['vitscope_time_over_timm']:.3f}x (goal <= 1.05x); last epoch loss {losses['vitscope']:.4f} vs "
+          f"ratio {out['vitscope_time_over_timm']:.3f}x median, geometric mean {out['ratio_geomean']:.3f}x, 95% CI "
+          f"{out['ratio_ci95'][0]:.3f}-{out['ratio_ci95'][1]:.3f} over {out['repeats']} paired repeats (goal <= 1.05x: "
+          f"{out['goal_verdict']}); last epoch loss {losses['vitscope']:.4f} vs "
           f"{losses['timm']:.4f}; host syncs per epoch {out['host_syncs_per_epoch']}", flush=True)
     return out
 

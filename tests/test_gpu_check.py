@@ -37,5 +37,22 @@ def test_gpu_check_tiny_on_cpu(gpu_check, tmp_path, capsys):
         assert h["eigenvalue_rel_diff"] < 0.05 and h["speedup_vs_pyhessian"] > 0
     t = report["training"]
     assert t["amp"] == "bf16" and t["channels_last"] and t["vitscope_images_per_s"] > 0 and t["timm_images_per_s"] > 0
+    lo, hi = t["ratio_ci95"]
+    assert lo <= t["ratio_geomean"] <= hi and t["goal_verdict"] in ("met", "not met", "inconclusive")
     with pytest.raises(SystemExit, match="unknown check"):
         gpu_check.main(["--tiny", "--device", "cpu", "--only", "bogus", "--out", str(tmp_path / "x.json")])
+
+
+def test_ratio_interval_and_goal_verdict(gpu_check):
+    from scipy import stats
+
+    ratios = [1.02, 0.98, 1.04, 1.01, 0.99]
+    got = gpu_check._ratio_interval(ratios)
+    logs = [math.log(r) for r in ratios]
+    lo, hi = stats.t.interval(0.95, len(logs) - 1, loc=sum(logs) / len(logs), scale=stats.sem(logs))
+    assert got["ratio_ci95"] == pytest.approx([math.exp(lo), math.exp(hi)], rel=1e-12)
+    assert got["ratio_geomean"] == pytest.approx(math.exp(sum(logs) / len(logs)), rel=1e-12)
+    assert gpu_check._goal_verdict(got["ratio_ci95"], 1.05) == "met"  # upper bound ~1.03
+    assert gpu_check._goal_verdict([1.06, 1.10], 1.05) == "not met"
+    assert gpu_check._goal_verdict([0.89, 1.14], 1.05) == "inconclusive"  # the first H200 run's spread
+    assert gpu_check._goal_verdict(gpu_check._ratio_interval([1.0])["ratio_ci95"], 1.05) == "inconclusive"
