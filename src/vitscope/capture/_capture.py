@@ -37,7 +37,9 @@ def explicit_attention(model: nn.Module) -> Iterator[nn.Module]:
 
 @dataclass
 class SubLayerRecord:
-    """The residual stream around one sub-layer: ``z_out = shortcut + branch`` (+ activation for ResNets)."""
+    """The residual stream around one sub-layer: ``z_out = shortcut + branch`` (+ activation for ResNets).
+
+    A smoothing layer has no skip path: its shortcut is ``z_in`` and its branch ``z_out - z_in``."""
 
     info: LayerInfo
     z_in: torch.Tensor
@@ -257,6 +259,23 @@ class _Recorder:
     def _install_vitscope(self, i: int, site: BlockSite) -> None:
         b = site.module
         self._install_block(i, site, type(b).vitscope_kind, b.shortcut, b.drop_path, None)
+
+    def _install_smoothing(self, i: int, site: BlockSite) -> None:
+        """A spatial-smoothing layer (no skip path): recorded as ``z_out = z_in + (smooth(z_in) - z_in)``, i.e.
+        shortcut = z_in and branch = the change the blur makes, so ``z_out = shortcut + branch`` holds."""
+        slot = self.pending.setdefault(site.name, {})
+        if not self.keep(site.name):
+            return
+
+        def smooth_in(_m, args):
+            slot["z_in"] = args[0]
+
+        def smooth_out(_m, _args, out):
+            z_in = slot.pop("z_in")
+            self.emit(site.name, "smoothing", i, {"z_in": z_in, "shortcut": z_in, "branch": out - z_in, "z_out": out})
+
+        self.hook(site.module, smooth_in, pre=True)
+        self.hook(site.module, smooth_out)
 
     def _install_attention(self) -> None:
         for name, m in self.model.named_modules():

@@ -13,9 +13,11 @@ class LayerInfo:
     Attributes:
         name: Module path of the sub-layer (``blocks.3.attn``, ``blocks.3.mlp``, ``layer2.1``).
         kind: ``msa`` (self-attention), ``gpsa`` (ConViT gated positional attention), ``mlp``, ``conv`` (a
-            residual conv block that keeps the map size) or ``downsample`` (a conv block whose output map is
-            smaller than its input: stride or pooling; HDVW treats subsampling apart, it lowers variance).
-        block: Index of the residual block in depth order (0-based).
+            residual conv block that keeps the map size), ``downsample`` (a conv block whose output map is
+            smaller than its input: stride or pooling; HDVW treats subsampling apart, it lowers variance) or
+            ``smoothing`` (a spatial-smoothing layer, e.g. the blur between ResNet stages; "Blurs Behave Like
+            Ensembles": like subsampling, it lowers variance).
+        block: Index of the block (residual block or smoothing layer) in forward order (0-based).
         num_prefix_tokens: Class/register tokens before the spatial tokens (0 for maps and windows).
         grid: Spatial token grid (h, w), or the feature-map size for CNN blocks.
         patch_size: Pixels per token (or per feature-map cell) along one side, when known.

@@ -3,7 +3,8 @@
 Supported: timm's VisionTransformer/DeiT ``Block`` (and vitscope's ``CBBlock``), ConViT's ``Block``
 with GPSA/MHSA, timm ResNet ``BasicBlock``/``Bottleneck``, and any block following vitscope's
 contract (``vitscope_kind`` class attribute, ``shortcut`` and ``drop_path`` submodules, forward ending
-in ``return self.shortcut(x) + self.drop_path(branch)``), which AlterNet's blocks do.
+in ``return self.shortcut(x) + self.drop_path(branch)``), which AlterNet's blocks do; and the spatial
+smoothing layers (``SpatialSmoothing`` / ``Blur``, "Blurs Behave Like Ensembles") between ResNet stages.
 """
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from dataclasses import dataclass
 import torch.nn as nn
 from timm.models import convit, resnet, vision_transformer
 
+from vitscope.layers.blur import Blur, SpatialSmoothing
+
 
 @dataclass
 class BlockSite:
@@ -19,14 +22,26 @@ class BlockSite:
 
     name: str
     module: nn.Module
-    family: str  # "vit" | "convit" | "resnet" | "vitscope"
+    family: str  # "vit" | "convit" | "resnet" | "vitscope" | "smoothing"
+
+
+def _inside(name: str, sites: list[BlockSite]) -> bool:
+    return any(name.startswith(s.name + ".") for s in sites)
 
 
 def find_blocks(model: nn.Module) -> list[BlockSite]:
-    """Residual blocks of ``model`` in registration (depth) order."""
-    sites = []
+    """Residual blocks and spatial-smoothing layers of ``model`` in registration order.
+
+    Registration order is forward order for every supported model (vitscope's smoothing ResNets register
+    ``smoothN`` right after ``layerN``); tests check it against forward hooks. A smoothing layer
+    (``SpatialSmoothing``, or a ``Blur`` outside one) is a site of its own unless it sits inside a block.
+    """
+    sites: list[BlockSite] = []
     for name, m in model.named_modules():
-        if isinstance(m, vision_transformer.Block):
+        if isinstance(m, (SpatialSmoothing, Blur)):
+            if not _inside(name, sites):
+                sites.append(BlockSite(name, m, "smoothing"))
+        elif isinstance(m, vision_transformer.Block):
             sites.append(BlockSite(name, m, "vit"))
         elif isinstance(m, convit.Block):
             sites.append(BlockSite(name, m, "convit"))

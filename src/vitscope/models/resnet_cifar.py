@@ -9,8 +9,9 @@ Spatial smoothing (Park & Kim 2022, "Blurs Behave Like Ensembles", companion of 
 ``SpatialSmoothing`` block (``blur(relu(10 * tanh(x / 10)))``, 2x2 box blur, stride 1) after every
 stage, i.e. before each downsampling (the next stage's strided conv, or the global average pool
 after the last stage), as the official ``resnet_dnn_smoothing`` models place ``smooth1..smooth4``.
-The smoothing modules are ``smooth1..smooth4``, siblings of ``layer1..layer4``, so every child of a
-``layerN`` is still a residual block.
+The smoothing modules are ``smooth1..smooth4``, siblings of ``layer1..layer4`` registered right after
+them (forward order: ``layer1, smooth1, layer2, ...``), so every child of a ``layerN`` is still a residual
+block and module traversal meets each smoothing where it runs.
 """
 from __future__ import annotations
 
@@ -72,6 +73,23 @@ class VitscopeResNet(ResNet):
             for i in range(1, len(_STAGES) + 1):
                 self.add_module(f"smooth{i}", SpatialSmoothing(temp=smooth_temp, relu=smooth_relu))
                 self.feature_info[i]["module"] = f"smooth{i}"  # a stage's feature is taken after its blur
+            self._interleave_smoothing()
+
+    def _interleave_smoothing(self) -> None:
+        """Register ``smoothN`` right after ``layerN``, so that ``named_modules()`` lists modules in forward order
+        (``vitscope.capture`` numbers blocks in that order). Smoothing has no parameters or buffers, so the
+        state_dict keys and weight loading are unchanged."""
+        children = dict(self._modules)
+        order: dict[str, nn.Module | None] = {}
+        for name, module in children.items():
+            if name.startswith("smooth"):
+                continue
+            order[name] = module
+            if name in _STAGES:
+                smooth = f"smooth{_STAGES.index(name) + 1}"
+                order[smooth] = children[smooth]
+        self._modules.clear()
+        self._modules.update(order)
 
     def _stage(self, i: int, x: torch.Tensor) -> torch.Tensor:
         """Stage ``i`` (0-based) followed by its smoothing block when present."""

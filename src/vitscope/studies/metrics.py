@@ -68,10 +68,14 @@ KINDS = ("msa", "gpsa", "mlp", "conv", "downsample", "smoothing")
 def _changes(rows: list[dict[str, Any]], kind: str, log: bool) -> list[float]:
     """Change of a per-sub-layer value across each sub-layer of ``kind`` (its output minus its input, the
     previous sub-layer's output). ``kind`` is a capture kind (``msa``, ``gpsa``, ``mlp``, ``conv`` = conv blocks
-    that keep the map size, ``downsample`` = strided / pooling blocks, ``smoothing``), optionally with
-    ``_early`` / ``_late`` (normalized depth < / >= 0.5: HDVW notes early MSAs can act unlike late ones).
-    The first sub-layer has no recorded input (the stem's output is not captured) and is never counted;
-    a sub-layer whose input map is 1 x 1 (absent from the probe) neither."""
+    that keep the map size, ``downsample`` = strided / pooling blocks, ``smoothing`` = spatial-smoothing layers,
+    e.g. the blurs between the stages of a smoothing ResNet), optionally with ``_early`` / ``_late``
+    (normalized depth < / >= 0.5: HDVW notes early MSAs can act unlike late ones).
+
+    Only two cases leave a row of ``kind`` out, both because its input was not measured: the first sub-layer
+    (the stem's output is not captured) and a sub-layer whose input map is 1 x 1 (absent from the probe).
+    Any other row of ``kind`` that cannot be used (a missing value, or a variance <= 0 for the log ratio)
+    raises ``ValueError`` naming it, rather than being dropped silently."""
     base, _, half = kind.partition("_")
     if base not in KINDS or half not in ("", "early", "late"):
         raise ValueError(f"sub-layer kind must be one of {', '.join(KINDS)}, optionally with _early or _late; "
@@ -79,14 +83,20 @@ def _changes(rows: list[dict[str, Any]], kind: str, log: bool) -> list[float]:
     by_depth = {r["depth"]: r for r in rows}
     out = []
     for d, r in sorted(by_depth.items()):
-        prev = by_depth.get(d - 1)
-        if r["kind"] != base or prev is None or r["value"] is None or prev["value"] is None:
+        if r["kind"] != base:
             continue
         if half and (r["normalized_depth"] < 0.5) != (half == "early"):
             continue
+        prev = by_depth.get(d - 1)
+        if prev is None:  # its input was not measured (first sub-layer, or a 1 x 1 input map)
+            continue
+        name = r.get("layer", f"depth {d}")
+        for row in (r, prev):
+            v = row["value"]
+            if v is None or not math.isfinite(float(v)) or (log and float(v) <= 0):
+                raise ValueError(f"sub-layer {row.get('layer', row['depth'])!r} has value {v!r}, so the change across "
+                                 f"{kind} sub-layer {name!r} is undefined; check the probe's rows")
         if log:
-            if r["value"] <= 0 or prev["value"] <= 0:
-                continue
             out.append(math.log(r["value"] / prev["value"]))
         else:
             out.append(r["value"] - prev["value"])

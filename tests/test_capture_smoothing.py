@@ -1,0 +1,140 @@
+"""Spatial-smoothing layers in ``vitscope.capture`` ("Blurs Behave Like Ensembles", HDVW's companion): captured in
+forward order with kind ``smoothing``, and the HDVW metrics' smoothing group against a numpy reference."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import timm
+import torch
+from timm.models.resnet import BasicBlock
+
+import vitscope
+from vitscope.layers.blur import SpatialSmoothing
+from vitscope.studies.metrics import _changes, compute_metric
+
+
+def _model(layers=(2, 1, 2, 1)):
+    torch.manual_seed(0)
+    return timm.create_model("test_resnet_smooth", layers=layers).eval()
+
+
+def _images(n, seed):
+    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def _hook_order(model, x):
+    """(name, input, output) of every residual block and smoothing layer, in the order forward hooks fire."""
+    fired, handles = [], []
+    for name, m in model.named_modules():
+        if isinstance(m, (BasicBlock, SpatialSmoothing)):
+            handles.append(m.register_forward_hook(
+                lambda _m, args, out, name=name: fired.append((name, args[0].clone(), out.clone()))))
+    try:
+        with torch.no_grad():
+            out = model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return fired, out
+
+
+def test_capture_order_is_forward_order_with_smoothing_kind():
+    model = _model()
+    x = _images(3, 0)
+    fired, ref_out = _hook_order(model, x)
+    with torch.no_grad(), vitscope.capture(model) as cap:
+        out = model(x)
+    torch.testing.assert_close(out, ref_out)  # capturing changes nothing
+    names = [r.info.name for r in cap.records]
+    assert names == [n for n, _, _ in fired]  # the order the layers actually ran in
+    assert names == ["layer1.0", "layer1.1", "smooth1", "layer2.0", "smooth2", "layer3.0", "layer3.1", "smooth3",
+                     "layer4.0", "smooth4"]
+    assert [r.info.block for r in cap.records] == list(range(len(names)))
+    kinds = dict(zip(names, (r.info.kind for r in cap.records)))
+    assert kinds == {"layer1.0": "conv", "layer1.1": "conv", "smooth1": "smoothing", "layer2.0": "downsample",
+                     "smooth2": "smoothing", "layer3.0": "downsample", "layer3.1": "conv", "smooth3": "smoothing",
+                     "layer4.0": "downsample", "smooth4": "smoothing"}
+    for rec, (_name, z_in, z_out) in zip(cap.records, fired):
+        torch.testing.assert_close(rec.z_out, z_out)
+        if rec.info.kind == "smoothing":
+            torch.testing.assert_close(rec.z_in, z_in)
+            torch.testing.assert_close(rec.shortcut + rec.branch, rec.z_out)  # z_out = z_in + (blur(z_in) - z_in)
+            assert rec.info.grid == tuple(z_out.shape[-2:])
+    for prev, cur in zip(cap.records, cap.records[1:]):
+        torch.testing.assert_close(cur.z_in, prev.z_out)  # each sub-layer's input is the previous one's output
+
+
+def test_smoothing_registration_keeps_weights_and_forward():
+    smooth, plain = _model(), timm.create_model("test_resnet_cifar", layers=(2, 1, 2, 1))
+    assert list(smooth.state_dict()) == list(plain.state_dict())  # same keys, same order
+    plain.load_state_dict(smooth.state_dict())
+    children = [n for n, _ in smooth.named_children()]
+    assert children.index("smooth1") == children.index("layer1") + 1
+    assert children.index("smooth4") == children.index("layer4") + 1 < children.index("global_pool")
+    with vitscope.capture(smooth, names="smooth*") as cap, torch.no_grad():
+        smooth(_images(2, 1))
+    assert [r.info.name for r in cap.records] == ["smooth1", "smooth2", "smooth3", "smooth4"]
+
+
+def _np_log_amplitude_last(z):
+    """HDVW's delta log amplitude at the highest frequency of maps z (B, C, h, w), numpy FFT."""
+    z = z.astype(np.float64)
+    amp = np.log(np.abs(np.fft.fft2(z)) + 1e-6)
+    amp = np.fft.fftshift(amp, axes=(-2, -1)).mean((0, 1))  # (h, w)
+    h, w = amp.shape
+    n = min(h - h // 2, w - w // 2)
+    diag = np.array([amp[h // 2 + k, w // 2 + k] for k in range(n)])
+    return diag[-1] - diag[0]
+
+
+def _np_variance(z):
+    return z.astype(np.float64).reshape(*z.shape[:2], -1).var(-1, ddof=1).mean()
+
+
+def test_metrics_smoothing_group_equals_numpy_reference():
+    model = _model()
+    batches = [_images(3, 2), _images(2, 3)]  # unequal batches
+    res = vitscope.probe(model, batches, ["fourier", "feature_variance"], progress=False)
+    analysis = {"probe": res.to_dict()}
+    ins: dict[str, list[np.ndarray]] = {}
+    outs: dict[str, list[np.ndarray]] = {}
+    for x in batches:
+        with torch.no_grad(), vitscope.capture(model, attention=False) as cap:
+            model(x)
+        for r in cap.records:
+            if r.info.kind == "smoothing":
+                ins.setdefault(r.info.name, []).append(r.z_in.numpy())
+                outs.setdefault(r.info.name, []).append(r.z_out.numpy())
+    assert list(ins) == ["smooth1", "smooth2", "smooth3", "smooth4"]
+    f_ref, v_ref = [], []
+    for name in ins:
+        z_in, z_out = np.concatenate(ins[name]), np.concatenate(outs[name])
+        f_ref.append(_np_log_amplitude_last(z_out) - _np_log_amplitude_last(z_in))
+        v_ref.append(math.log(_np_variance(z_out) / _np_variance(z_in)))
+    rows = analysis["probe"]["feature_variance"]["rows"]
+    assert [r["layer"] for r in rows if r["kind"] == "smoothing"] == list(ins)
+    assert len(_changes(rows, "smoothing", log=True)) == 4  # every smoothing row counted
+    assert compute_metric("fourier_change:smoothing", analysis) == pytest.approx(np.mean(f_ref), rel=1e-9, abs=1e-9)
+    assert compute_metric("variance_change:smoothing", analysis) == pytest.approx(np.mean(v_ref), rel=1e-9)
+    assert np.mean(v_ref) < 0  # the blur lowers variance (it averages neighbours), as the paper says
+    # early / late halves split the same four rows
+    early = compute_metric("variance_change:smoothing_early", analysis)
+    late = compute_metric("variance_change:smoothing_late", analysis)
+    depth = {r["layer"]: r["normalized_depth"] for r in rows}
+    n_early = sum(depth[n] < 0.5 for n in ins)
+    assert (early * n_early + late * (4 - n_early)) / 4 == pytest.approx(np.mean(v_ref), rel=1e-9)
+
+
+def test_changes_never_drop_a_row_silently():
+    rows = [{"layer": f"l{i}", "kind": k, "depth": i, "normalized_depth": i / 3, "value": v}
+            for i, (k, v) in enumerate([("conv", 2.0), ("smoothing", 1.0), ("downsample", 3.0), ("smoothing", 0.0)])]
+    with pytest.raises(ValueError, match="'l3' has value 0.0"):
+        compute_metric("variance_change:smoothing", {"probe": {"feature_variance": {"rows": rows}}})
+    rows[3]["value"] = None
+    with pytest.raises(ValueError, match="'l3' has value None"):
+        compute_metric("fourier_change:smoothing", {"probe": {"fourier": {"rows": rows}}})
+    rows[3]["value"] = 1.5
+    assert compute_metric("variance_change:smoothing", {"probe": {"feature_variance": {"rows": rows}}}) == \
+        pytest.approx((math.log(0.5) + math.log(0.5)) / 2)
