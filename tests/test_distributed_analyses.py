@@ -1,5 +1,6 @@
-"""The analyses on two gloo ranks: probe, the Hessian spectrum over batches and the robustness suite with
-``shard=True`` equal one process on the same loader (to float round-off), every example counted once.
+"""The analyses on two gloo ranks: probe, the Hessian spectrum over batches, the robustness suite and the loss
+landscape with ``shard=True`` equal one process on the same loader (to float round-off), every example counted
+once.
 
 37 examples in batches of 8 (8, 8, 8, 8, 5): rank 0 takes global batches 0, 2, 4 (21 examples), rank 1
 takes 1, 3 (16), so the shares are unequal and the short batch sits on one rank only.
@@ -18,7 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import vitscope
 from _helpers import assert_close_tree
-from vitscope.curvature import eigenvalue_spectrum
+from vitscope.curvature import eigenvalue_spectrum, loss_landscape
 from vitscope.distributed import shard_batches
 from vitscope.robustness import evaluate_cifar_c, evaluate_robustness
 from vitscope.training.distributed import DistInfo
@@ -55,16 +56,32 @@ def _analyses(path):
                                     max_batches=1, progress=False, shard=True)  # rank 1 gets no batch
     cifar_c = evaluate_cifar_c(model, path, ["fog"], (1, 3), mean=(0.5,) * 3, std=(0.25,) * 3, batch_size=3,
                                progress=False, shard=True)  # 3 batches (3, 3, 1) per severity
-    return probe, spec, rob, one_batch, cifar_c
+    land = loss_landscape(model, None, _loader(shuffle=True), dims=2, steps=3, span=0.5, weight_decay=0.01,
+                          shard=True).to_dict()
+    return probe, spec, rob, one_batch, cifar_c, land
+
+
+def _nan_on_rank_1():
+    """Only global batch 1 (rank 1's) has NaN inputs: both ranks must raise, neither may hang."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(16, 3, 32, 32, generator=g)
+    x[8:] = float("nan")
+    loader = DataLoader(TensorDataset(x, torch.randint(0, 4, (16,), generator=g)), batch_size=8)
+    try:
+        loss_landscape(_model(), None, loader, steps=1, shard=True)
+    except ValueError as e:
+        return str(e)
+    return None
 
 
 def _worker(rank: int, path: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{path}/store", rank=rank, world_size=2)
     try:
-        probe, spec, rob, one_batch, cifar_c = _analyses(path)
+        probe, spec, rob, one_batch, cifar_c, land = _analyses(path)
+        nan_error = _nan_on_rank_1()
         with open(os.path.join(path, f"out{rank}.pkl"), "wb") as f:
-            pickle.dump((probe.to_dict(), probe.meta, spec.to_dict(), rob, one_batch, cifar_c), f)
+            pickle.dump((probe.to_dict(), probe.meta, spec.to_dict(), rob, one_batch, cifar_c, land, nan_error), f)
     finally:
         dist.destroy_process_group()
 
@@ -77,10 +94,12 @@ def test_two_ranks_equal_one_process(tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        probe, spec, rob, one_batch, cifar_c = _analyses(str(tmp_path))  # no process group: one process
+        probe, spec, rob, one_batch, cifar_c, land = _analyses(str(tmp_path))  # no process group: one process
     finally:
         torch.set_num_threads(threads)
-    for probe_d, meta, spec_d, rob_d, one_batch_d, cifar_c_d in outs:  # every rank holds the merged result
+    assert "non-finite loss" in outs[1][-1] and "batch 1" in outs[1][-1]  # the rank that met it
+    assert "another process met a non-finite loss" in outs[0][-1]
+    for probe_d, meta, spec_d, rob_d, one_batch_d, cifar_c_d, land_d, _ in outs:  # every rank: the merged result
         assert meta["world_size"] == 2 and meta["examples_per_rank"] == [21, 16] and meta["examples"] == N
         assert probe.meta["world_size"] == 1 and probe.meta["examples_per_rank"] == [N]
         assert_close_tree(probe.to_dict(), probe_d, "probe")
@@ -104,6 +123,14 @@ def test_two_ranks_equal_one_process(tmp_path):
         assert_close_tree({k: v for k, v in one_batch.items() if k not in ("world_size", "examples_per_rank")},
                {k: v for k, v in one_batch_d.items() if k not in ("world_size", "examples_per_rank")}, "one batch")
         assert_close_tree(cifar_c, cifar_c_d, "cifar_c")
+
+        assert land_d["world_size"] == 2 and land_d["examples_per_rank"] == [21, 16] and land_d["n_examples"] == N
+        assert land["world_size"] == 1 and land["examples_per_rank"] == [N]
+        np.testing.assert_allclose(land_d["loss"], land["loss"], rtol=1e-12)  # (3, 3): only the sum order differs
+        assert land_d["accuracy"] == land["accuracy"]  # hit counts / N: exact
+        skip = ("world_size", "examples_per_rank", "loss")
+        assert_close_tree({k: v for k, v in land.items() if k not in skip},
+                          {k: v for k, v in land_d.items() if k not in skip}, "landscape")
 
 
 def test_shard_batches_counts_each_batch_once():

@@ -1,5 +1,5 @@
-"""``torchrun --nproc_per_node 2 -m vitscope probe|hessian|robustness`` on 2 gloo processes writes (rank 0 alone)
-the same tables as one process, with ``world_size`` and ``examples_per_rank`` in the outputs.
+"""``torchrun --nproc_per_node 2 -m vitscope probe|hessian|robustness|landscape`` on 2 gloo processes writes
+(rank 0 alone) the same tables as one process, with ``world_size`` and ``examples_per_rank`` in the outputs.
 
 One torchrun launch runs the three commands in turn (the process group opened by the first is reused), to
 pay the start-up of two Python processes once.
@@ -26,6 +26,8 @@ COMMANDS = {
                 "--k", "2", "--max-iter", "30", "--no-progress"],
     "robustness": ["robustness", "--model", "test_vit_cb", "--data", DATA, "--split", "val", "--batch-size", "8",
                    "--suite", "calibration,occlusion,fgsm", "--eps", "2/255", "--no-plots", "--no-progress"],
+    "landscape": ["landscape", "--model", "test_vit_cb", "--data", DATA, "--split", "val", "--batch-size", "8",
+                  "--batches", "5", "--dims", "1", "--steps", "3", "--no-progress"],
 }
 DRIVER = """
 import sys
@@ -59,7 +61,7 @@ def test_torchrun_two_processes_write_the_one_process_tables(tmp_path):
     proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("wrote") == 3  # rank 0 alone reports (and writes)
+    assert proc.stdout.count("wrote") == len(COMMANDS)  # rank 0 alone reports (and writes)
     one = tmp_path / "one"
     for name, argv in COMMANDS.items():
         assert main(argv + ["--out", str(one / name)]) == 0
@@ -83,3 +85,9 @@ def test_torchrun_two_processes_write_the_one_process_tables(tmp_path):
     skip = ("world_size", "examples_per_rank", "meta")
     assert_close_tree({k: v for k, v in r1.items() if k not in skip}, {k: v for k, v in r2.items() if k not in skip},
                       "robustness")
+
+    l1, l2 = _load(one / "landscape", "landscape.json"), _load(ddp / "landscape", "landscape.json")
+    assert l2["world_size"] == l2["run"]["world_size"] == 2 and l2["examples_per_rank"] == [21, 16]
+    assert l1["examples_per_rank"] == [37] and l1["n_examples"] == l2["n_examples"] == 37
+    np.testing.assert_allclose(l2["loss"], l1["loss"], rtol=1e-12)
+    assert l2["accuracy"] == l1["accuracy"]

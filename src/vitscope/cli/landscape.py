@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 
 from vitscope.cli import CLIError
-from vitscope.cli._common import ToDevice, build_setup, check_positive
+from vitscope.cli._common import build_setup, check_positive
 from vitscope.cli.hessian import add_common
 
 
@@ -17,7 +17,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "landscape", help="loss landscape along random filter-normalized directions",
         description="Loss (and accuracy) on a 1-D or 2-D grid around the weights along random directions "
         "normalized per filter (Li et al. 2018) or HDVW's way; writes DIR/landscape.json, DIR/landscape.png "
-        "and DIR/directions.safetensors.",
+        "and DIR/directions.safetensors. Under torchrun (torchrun --nproc_per_node N -m vitscope landscape ...) "
+        "the batches are split over the processes (each example counted once) and rank 0 alone writes.",
     )
     add_common(p)
     p.add_argument("--dims", type=int, default=2, choices=(1, 2))
@@ -69,16 +70,16 @@ def run(args: argparse.Namespace) -> int:
     if args.directions:
         _check_directions_file(args.directions, args.dims)
     setup = build_setup(args, max_examples=args.batch_size * args.batches)
-    model, loader, device = setup.model, setup.loader, setup.device
+    model, loader = setup.model, setup.loader  # loss_landscape moves each batch to the model's device
     result = loss_landscape(
-        model, None, ToDevice(loader, device), dims=args.dims, steps=args.steps, span=args.span,
+        model, None, loader, dims=args.dims, steps=args.steps, span=args.span,
         normalization=args.normalization, ignore=None if args.ignore == "none" else args.ignore,
         tokens=args.tokens, seed=args.seed, max_batches=args.batches, weight_decay=args.weight_decay,
         l2_style=args.l2_style, directions=args.directions, train_mode=args.train_mode,
-        progress=not args.no_progress,
+        progress=not args.no_progress, shard=True,
     )
     if not setup.is_main:
-        return 0  # torchrun: the landscape is not sharded (every rank computes it); rank 0 alone writes
+        return 0  # torchrun: the batches were split over the ranks and the sums merged; rank 0 alone writes
     out = Path(args.out)
     data = result.to_dict()
     data["run"] = {**setup.meta, "batch_size": args.batch_size, "batches": args.batches,

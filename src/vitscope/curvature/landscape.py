@@ -17,7 +17,10 @@ Direction policy, per parameter ``w`` with Gaussian direction ``d``:
 
 The loss at each grid point is averaged over every example of the loader (batches weighted by their
 size), optionally plus an L2 term (``hdvw``: ``wd * sum ||p||`` over all parameters, unsquared, as
-HDVW plotted it; it dominated their plots, so it is off by default).
+HDVW plotted it; it dominated their plots, so it is off by default). With ``shard=True`` under
+torch.distributed (``torchrun ... -m vitscope landscape``) rank r evaluates the grid on the global batches
+r, r + W, ... and the per-point loss sums, hit counts and example counts are summed over the ranks, so every
+example counts once and every rank returns the one-process landscape (to float round-off).
 """
 from __future__ import annotations
 
@@ -130,6 +133,8 @@ class LandscapeResult:
     directions: Directions = field(default_factory=list, repr=False)
     policy: dict[str, Any] = field(default_factory=dict)
     n_examples: int = 0
+    world_size: int = 1  # processes that shared the batches (shard=True)
+    examples_per_rank: list[int] | None = None  # set when shard=True
 
     def to_dict(self) -> dict[str, Any]:
         def clean(a: np.ndarray | None) -> Any:
@@ -138,6 +143,8 @@ class LandscapeResult:
         out = {"x": self.x.tolist(), "y": None if self.y is None else self.y.tolist(),
                "loss": clean(self.loss), "accuracy": clean(self.accuracy),
                "policy": self.policy, "n_examples": self.n_examples}
+        if self.examples_per_rank is not None:
+            out.update(world_size=self.world_size, examples_per_rank=self.examples_per_rank)
         return json.loads(json.dumps(out).replace("NaN", "null"))
 
 
@@ -175,6 +182,7 @@ def loss_landscape(
     params: ParamSpec = None,
     train_mode: bool = False,
     progress: bool = False,
+    shard: bool = False,
 ) -> LandscapeResult:
     """Loss on ``w + a d_1 (+ b d_2)`` for a, b in ``linspace(-span, span, steps)``.
 
@@ -185,7 +193,13 @@ def loss_landscape(
         loss_fn: mean loss ``(outputs, targets) -> scalar``; None means cross entropy (soft targets too).
         directions: reuse saved directions (list of dicts or a ``.safetensors`` path) instead of drawing.
         weight_decay, l2_style: optional L2 term over all parameters (see module docstring).
+        shard: under torch.distributed, rank r takes the global batches r, r + W, ...
+            (``vitscope.distributed.shard_batches``; a rank may get none) and the sums are all-reduced; the
+            result records ``world_size`` and ``examples_per_rank``. The directions are drawn from a CPU
+            generator seeded by ``seed``, so every rank perturbs the weights alike.
     """
+    from vitscope.distributed import all_gather_objects, all_reduce_sum, current, global_batch_count, shard_batches
+
     if dims not in (1, 2):
         raise ValueError(f"dims={dims} must be 1 or 2")
     if steps < 1:
@@ -208,15 +222,20 @@ def loss_landscape(
     has_acc = True
     n_total = 0
     origin = {n: p.detach().clone() for n, p in chosen.items()}
-    batches = 0
+    info = current()
+    error: ValueError | None = None
     try:
         with torch.no_grad(), analysis_mode(model, train_mode, explicit=False):
-            n_batches = len(loader) if hasattr(loader, "__len__") else max_batches  # type: ignore[arg-type]
-            if max_batches is not None and n_batches is not None:
-                n_batches = min(n_batches, max_batches)
-            bar = tqdm(total=None if n_batches is None else n_batches * len(points), disable=not progress,
-                       desc="landscape", unit="eval")
-            for bi, batch in enumerate(loader):
+            n_batches = global_batch_count(loader, max_batches)
+            if shard:
+                batches = shard_batches(loader, max_batches, info, every_rank=False)  # a rank may get none
+                if n_batches is not None:
+                    n_batches = len(range(info.rank, n_batches, info.world_size))
+            else:
+                batches = enumerate(loader)  # stopped at max_batches below
+            bar = tqdm(total=None if n_batches is None else n_batches * len(points),
+                       disable=not progress or not info.is_main, desc="landscape", unit="eval")
+            for bi, batch in batches:
                 if max_batches is not None and bi >= max_batches:
                     break
                 x, y = batch[0], batch[1]
@@ -232,8 +251,9 @@ def loss_landscape(
                     out = model(x)
                     loss = float(loss_fn(out, y))
                     if all(c == 0.0 for c in coef) and not np.isfinite(loss):
-                        raise ValueError(f"non-finite loss ({loss}) at the unperturbed weights on batch {bi}: "
-                                         "check that batch's inputs and the checkpoint")
+                        error = ValueError(f"non-finite loss ({loss}) at the unperturbed weights on batch {bi}: "
+                                           "check that batch's inputs and the checkpoint")
+                        break
                     loss_sum[pi] += loss * n
                     if out.dim() == 2 and has_acc:
                         labels = y.argmax(-1) if y.dim() == 2 else y
@@ -241,13 +261,26 @@ def loss_landscape(
                     else:
                         has_acc = False
                     bar.update(1)
+                if error is not None:
+                    break
                 n_total += n
-                batches += 1
             bar.close()
     finally:
         with torch.no_grad():
             for name, p in chosen.items():
                 p.copy_(origin[name])
+    per_rank = [n_total]
+    if shard and info.distributed:  # every rank reaches this (an error is raised after, on every rank)
+        flags = [n_total, float(not has_acc), float(error is not None)]
+        sums = torch.tensor(np.concatenate([loss_sum, correct, flags]), dtype=torch.float64)  # (2 P + 3,)
+        all_reduce_sum(sums)
+        per_rank = [int(k) for k in all_gather_objects(n_total)]
+        loss_sum, correct = sums[:len(points)].numpy(), sums[len(points):2 * len(points)].numpy()
+        n_total, has_acc = int(sums[-3]), bool(sums[-2] == 0)
+        if error is None and sums[-1] > 0:
+            error = ValueError("another process met a non-finite loss at the unperturbed weights (see its output)")
+    if error is not None:
+        raise error
     if n_total == 0:
         raise ValueError("the loader yielded no examples; pass a non-empty loader (check split and max_examples)")
     loss = loss_sum / n_total
@@ -266,4 +299,5 @@ def loss_landscape(
     return LandscapeResult(
         x=coords, y=coords.copy() if dims == 2 else None, loss=loss.reshape(shape),
         accuracy=None if acc is None else acc.reshape(shape), directions=dirs, policy=policy, n_examples=n_total,
+        world_size=info.world_size if shard else 1, examples_per_rank=per_rank if shard else None,
     )
