@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from vitscope.io.atomic import atomic_write_bytes
 from vitscope.reports import figures as F
+from vitscope.reports._text_cache import text_caches
 from vitscope.reports.captions import caption
 from vitscope.reports.html import figure_html, render_page, table_html
 from vitscope.reports.loaders import RunData, load_runs
@@ -62,15 +63,16 @@ def _render_section(runs: list[RunData], task: int) -> tuple[Section, list[tuple
     Returns the section (its items keep key, caption and note; figure and rows are dropped, they are not
     needed once encoded) and per item its PNG, SVG and CSV bytes, or None when there is no such section.
     """
-    sec = comparison_section(runs) if task < 0 else run_section(runs[task])
-    if sec is None:
-        return None
-    files = []
-    for item in sec.items:
-        png, svg = F.render(item.figure)
-        files.append((png, svg, csv_bytes(item.rows)))
-        # No ``figure.clear()``: it clears every axes first (re-creating their ticks), a third of a draw's cost.
-        item.figure, item.rows = None, []  # type: ignore[assignment]  # encoded: nothing left to send back
+    with text_caches():  # the same texts recur in every figure: measure each once (the same bytes)
+        sec = comparison_section(runs) if task < 0 else run_section(runs[task])
+        if sec is None:
+            return None
+        files = []
+        for item in sec.items:
+            png, svg = F.render(item.figure)
+            files.append((png, svg, csv_bytes(item.rows)))
+            # No ``figure.clear()``: it clears every axes first (re-creating their ticks), a third of a draw.
+            item.figure, item.rows = None, []  # type: ignore[assignment]  # encoded: nothing left to send back
     return sec, files
 
 
