@@ -403,6 +403,50 @@ def test_eigenvalue_spectrum_per_batch_and_l2_terms(mlp_case):
     assert m.training  # mode restored
 
 
+@pytest.mark.parametrize("style", ["half_sq", "hdvw"])
+def test_l2_term_hessian_closed_form(mlp_case, style):
+    """The Hessian of NLL + L2 term, as the spectrum's operator applies it, column by column, equals the plain
+    NLL Hessian (dense reference) plus the term's Hessian in closed form: wd * I for wd/2 * sum ||p||^2, and
+    wd * (I / ||p|| - p p^T / ||p||^3) per tensor for HDVW's unsquared wd * sum ||p||."""
+    from vitscope.curvature import l2_penalty
+
+    m, x, y, H = mlp_case
+    wd = 0.05
+    op = HessianOperator(m, F.cross_entropy, (x, y), extra=lambda ps: l2_penalty(ps.values(), wd, style))
+    eye = torch.eye(op.dim, dtype=torch.float64)
+    H_op = torch.stack([op.matvec(eye[i]) for i in range(op.dim)], 1)  # (P, P): column i = H e_i
+    if style == "half_sq":
+        closed = wd * eye
+    else:
+        blocks = []
+        for p in m.parameters():
+            v = p.detach().reshape(-1).double()
+            n = v.norm()
+            blocks.append(wd * (torch.eye(len(v), dtype=torch.float64) / n - torch.outer(v, v) / n**3))
+        closed = torch.block_diag(*blocks)
+    torch.testing.assert_close(H_op, H + closed, rtol=1e-8, atol=1e-10)
+    if style == "half_sq":  # every eigenvalue shifted by wd exactly
+        torch.testing.assert_close(torch.linalg.eigvalsh(H_op), torch.linalg.eigvalsh(H) + wd, rtol=0, atol=1e-10)
+
+
+def test_run_hessian_records_the_l2_term(mlp_case):
+    """The study's analysis states the L2 term it used, and its eigenvalues are those of NLL Hessian + wd * I."""
+    from vitscope.studies.pipeline import run_hessian
+
+    m, _, _, _ = mlp_case
+    x, y = _data("mlp", 8, seed=11)
+    wd = 0.05
+    out = run_hessian(m, _loader(x, y, 4), k=2, max_batches=2, max_iter=160, progress=False, weight_decay=wd,
+                      tol=1e-9)
+    assert out["loss"]["weight_decay"] == wd and out["loss"]["l2_style"] == "half_sq"
+    assert out["loss"]["l2_term"] == "weight_decay / 2 * sum ||p||^2: Hessian + weight_decay * I"
+    assert out["n_converged"] == out["n_eigenvalues"] == 4
+    for b in range(2):
+        xb, yb = x[4 * b: 4 * b + 4], y[4 * b: 4 * b + 4]
+        ref = top_by_magnitude(torch.linalg.eigvalsh(dense_hessian(m, xb, yb)) + wd, 2).numpy()
+        np.testing.assert_allclose(out["eigenvalues"][b], ref, rtol=1e-4)
+
+
 def test_eigenvalue_spectrum_soft_target_transform(mlp_case):
     m, _, _, _ = mlp_case
     x, y = _data("mlp", 6, seed=9)

@@ -5,8 +5,13 @@ Protocol: for each minibatch of training data, apply the training transform (e.g
 which returns soft targets: the loss is then soft-target cross entropy), run the model in an
 explicit mode (eval by default: BatchNorm uses running statistics, dropout off), take
 ``loss = NLL + L2 term`` and its top-k eigenvalues (largest magnitude, as PyHessian's power
-iteration finds them). The L2 term is ``half_sq``: ``wd/2 * sum ||p||^2`` (adds ``wd`` to every
-eigenvalue), or ``hdvw``: ``wd * sum ||p||`` unsquared, as HDVW's code did.
+iteration finds them). The L2 term is ``half_sq``: ``wd/2 * sum ||p||^2`` (its Hessian is ``wd * I``: it adds
+``wd`` to every eigenvalue), or ``hdvw``: ``wd * sum ||p||`` unsquared per tensor, the one L2 term HDVW's
+released code computes (``ops/norm.py``, added to its loss-landscape plots); its Hessian
+``wd * (I - p p^T / ||p||^2) / ||p||`` per tensor grows without bound as a tensor's norm goes to 0.
+HDVW's Hessian code itself was never released (xxxnell/how-do-vits-work issue #12: PyHessian with a
+``weight_decay`` argument on augmented batches, the form of the term not given), so ``half_sq``, the term
+whose gradient is the weight-decay step ``wd * p``, is the default.
 """
 from __future__ import annotations
 

@@ -383,7 +383,17 @@ def run_hessian(model: nn.Module, loader: Iterable, k: int = 5, max_batches: int
     ``hessian.json`` content for the report.
 
     ``options`` go to ``eigenvalue_spectrum``: HDVW's protocol takes the training loss, i.e. ``loss_fn`` (the
-    run's criterion), ``weight_decay`` (its L2 term) and ``transform`` (its mixup / cutmix). Fractions and
+    run's criterion), ``weight_decay`` (its L2 term) and ``transform`` (its mixup / cutmix).
+
+    The L2 term, HDVW's "NLL + L2": coefficient = the run's (optimizer's) ``weight_decay``, as HDVW's code
+    takes its optimizer's weight decay as the L2 coefficient; form ``l2_style="half_sq"``, wd/2 * sum ||p||^2,
+    whose Hessian is wd * I (every eigenvalue + wd, so an NLL eigenvalue counts as negative only below -wd).
+    HDVW's Hessian code was never released (xxxnell/how-do-vits-work issue #12 gives PyHessian with a
+    ``weight_decay`` argument, not the form of the term); the only L2 term its released code computes is
+    wd * sum ||p|| unsquared (``ops/norm.py``, for the loss-landscape plots), offered as ``l2_style="hdvw"`` but
+    not the default: its Hessian wd (I - p p^T / ||p||^2) / ||p|| blows up for tensors of small norm. Under
+    AdamW (decoupled decay) no loss term reproduces the update; wd/2 ||p||^2 is the one whose gradient is the
+    decay direction wd * p (and it is exactly SGD's coupled weight decay, HDVW's ResNet recipe). Fractions and
     extremes count only the eigenvalues that converged (``converged`` per batch and eigenvalue;
     ``n_converged`` of ``n_eigenvalues``); ``negative_fraction`` is NaN when none did.
     """
@@ -407,6 +417,9 @@ def run_hessian(model: nn.Module, loader: Iterable, k: int = 5, max_batches: int
         "converged": conv.tolist(), "n_converged": int(conv.sum()), "n_eigenvalues": int(conv.size),
         "loss": {"weight_decay": float(options.get("weight_decay", 0.0)),
                  "l2_style": options.get("l2_style", "half_sq"),
+                 "l2_term": {"half_sq": "weight_decay / 2 * sum ||p||^2: Hessian + weight_decay * I",
+                             "hdvw": "weight_decay * sum ||p|| (HDVW's landscape code)"}.get(
+                                 options.get("l2_style", "half_sq"), ""),
                  "augmentation": type(options["transform"]).__name__ if options.get("transform") else None,
                  "criterion": type(options["loss_fn"]).__name__ if options.get("loss_fn") is not None else
                  "cross_entropy"},
