@@ -152,9 +152,13 @@ def test_paper_scale_needs_data_and_bad_options_fail(tmp_path, capsys):
         load_study(str(bad))
 
 
-def test_reproduce_under_torchrun_is_refused_with_one_line(monkeypatch, capsys):
-    """Studies run single-process: under torchrun every rank would train (and lock) the same runs."""
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    assert main(["reproduce", "cb-entropy"]) == 2
-    err = capsys.readouterr().err
-    assert "not under torchrun" in err and err.count("\n") == 1
+def test_more_processes_than_test_batches_is_refused_before_training():
+    """Under torchrun the probe needs a test batch per rank (tests/test_distributed_reproduce.py runs 2 ranks)."""
+    from vitscope.studies.runner import _check_eval_batches
+
+    study = load_study("cb-entropy")
+    s = {"data": "fake:n=16,n_eval=12,classes=4", "img_size": 32, "eval_batch_size": 8}  # 2 test batches
+    _check_eval_batches(study, s, 2)
+    with pytest.raises(StudyError, match="2 batch\\(es\\) of 8 for 3 processes.*--nproc_per_node 2 or fewer"):
+        _check_eval_batches(study, s, 3)
+    _check_eval_batches(load_study("hdvw-hessian"), s, 3)  # no probe: a rank may get no batch

@@ -13,7 +13,10 @@ def add_parser(sub: Any) -> None:
         description="Train and probe what a study recipe needs over several seeds and end with a verdict table "
                     "(the paper's claim, the measured values, the paired difference with its 95% interval and p, "
                     "and the Holm-corrected verdict held / did not hold / inconclusive), "
-                    "saved as verdicts.json, .csv and .md under OUT/STUDY/. Studies: " + ", ".join(list_studies()),
+                    "saved as verdicts.json, .csv and .md under OUT/STUDY/. Under torchrun "
+                    "(torchrun --nproc_per_node N -m vitscope reproduce STUDY ...) every process trains each run "
+                    "with DDP (--batch-size must be a multiple of N), the analyses are split over the processes "
+                    "(each example counted once) and rank 0 alone writes. Studies: " + ", ".join(list_studies()),
     )
     p.add_argument("study", help="study name (" + ", ".join(list_studies()) + ") or a study YAML file")
     p.add_argument("--data", default=None, help="data spec (quick: elpv by default; paper: e.g. cifar100:PATH)")
@@ -30,21 +33,20 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import os
     import sys
 
-    from vitscope.cli import CLIError
+    from vitscope.cli._common import resolve_device
+    from vitscope.distributed import init_from_env
     from vitscope.studies import run_study
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every rank would train and lock the same runs
-        raise CLIError("reproduce runs as one process, not under torchrun (yet); run `vitscope reproduce` "
-                       "plainly, or train a study's runs with `torchrun ... -m vitscope train` and analyse them "
-                       "with `torchrun ... -m vitscope probe|hessian|robustness --checkpoint RUN_DIR`")
-
+    # torchrun: join the process group (train_spec trains with DDP in it, _analyze shards over it)
+    info = init_from_env(resolve_device(None if args.device == "auto" else args.device))
     res = run_study(args.study, data=args.data, scale=args.scale, out=args.out, seeds=args.seeds,
                     epochs=args.epochs, max_examples=args.max_examples, zoo=args.zoo, device=args.device,
                     batch_size=args.batch_size,
                     progress=sys.stderr.isatty())
+    if not info.is_main:
+        return 0  # rank 0 alone prints and writes
     print(res.markdown)
     print("files: " + ", ".join(str(p) for p in res.files.values()))
     return 0

@@ -144,13 +144,73 @@ def training_summary(run_dir: str | os.PathLike) -> dict[str, Any]:
 def train_spec(req: TrainRequest, runs_root: str | os.PathLike, run_dir: str | os.PathLike | None = None) -> Path:
     """Train ``req`` into ``run_dir`` (default ``runs_root/<run_name>``) unless a finished run is there.
 
-    A run killed half-way is resumed from its last checkpoint.
+    A run killed half-way is resumed from its last checkpoint. Under an open ``torch.distributed`` group
+    (``torchrun ... -m vitscope reproduce``) every rank takes part in the training (DDP, as ``vitscope train``
+    under torchrun), while rank 0 alone checks the directory and holds its lock; the other ranks wait for its
+    decision (train, resume or reuse) and every rank raises when rank 0's check fails. (While rank 0 waits for
+    another process that trains the same run, the other ranks wait in a collective, which times out after the
+    process group's timeout, 30 minutes by default.)
     """
-    from vitscope.training import load_config, train
-    from vitscope.training.config import config_to_dict
+    from vitscope.distributed import current
 
     run_dir = Path(run_dir) if run_dir is not None else Path(runs_root) / req.run_name()
     cfg = req.config(out=str(run_dir))
+    info = current()
+    if not info.distributed:
+        return _train_locked(req, cfg, run_dir)
+    import torch.distributed as dist
+
+    with contextlib.ExitStack() as stack:
+        decision: list[Any] = [None]  # rank 0's: "reuse", "resume", "new", or ("error", its message)
+        error: Exception | None = None
+        if info.is_main:
+            try:
+                _check_same_config(run_dir, cfg)
+                stack.enter_context(_run_lock(run_dir))  # the others wait below meanwhile
+                decision[0] = "reuse" if run_finished(run_dir) else \
+                    "resume" if (run_dir / "config.yaml").is_file() else "new"
+            except Exception as e:  # sent to every rank: none is left waiting in a collective
+                error, decision[0] = e, ("error", str(e))
+        dist.broadcast_object_list(decision, src=0)
+        if isinstance(decision[0], tuple):
+            raise error if error is not None else ValueError(decision[0][1])
+        if decision[0] == "reuse":
+            _logger.info("reusing the finished run %s", run_dir)
+        else:
+            from vitscope.training import train
+
+            _log_training(req, cfg, run_dir)
+            train(cfg, resume=decision[0] == "resume")  # every rank: DDP; rank 0 writes the run's files
+        dist.barrier()  # rank 0 keeps the lock until every rank is done with the run
+    return run_dir
+
+
+def _log_training(req: TrainRequest, cfg: Any, run_dir: Path) -> None:
+    _logger.info("training %s (%s %s) on %s, seed %d, %d epochs%s -> %s", req.spec.label, req.spec.model,
+                 req.spec.kwargs or "", req.data, req.seed, cfg.epochs,
+                 f", {req.data_fraction:g} of the data" if req.data_fraction else "", run_dir)
+
+
+def _train_locked(req: TrainRequest, cfg: Any, run_dir: Path) -> Path:
+    """One process: train (or resume) ``run_dir`` under its lock unless it is finished."""
+    from vitscope.training import train
+
+    _check_same_config(run_dir, cfg)
+    with _run_lock(run_dir):
+        if run_finished(run_dir):
+            _logger.info("reusing the finished run %s", run_dir)
+            return run_dir
+        resume = (run_dir / "config.yaml").is_file()  # a checkpoint, or a run killed before its first one
+        _log_training(req, cfg, run_dir)
+        train(cfg, resume=resume)
+    return run_dir
+
+
+def _check_same_config(run_dir: Path, cfg: Any) -> None:
+    """A run already in ``run_dir`` must have ``cfg``'s settings (ValueError naming those that differ)."""
+    from vitscope.training import load_config
+    from vitscope.training.config import config_to_dict
+
     if (run_dir / "config.yaml").is_file():
         ignore = ("out", "progress", "device", "tensorboard", "num_classes")
         old, new = (
@@ -164,16 +224,6 @@ def train_spec(req: TrainRequest, runs_root: str | os.PathLike, run_dir: str | o
             changed = sorted(k for k in new if old.get(k) != new[k])
             raise ValueError(f"{run_dir} holds a run with other settings ({', '.join(changed)}); "
                              "choose another --out or delete that directory")
-    with _run_lock(run_dir):
-        if run_finished(run_dir):
-            _logger.info("reusing the finished run %s", run_dir)
-            return run_dir
-        resume = (run_dir / "config.yaml").is_file()  # a checkpoint, or a run killed before its first one
-        _logger.info("training %s (%s %s) on %s, seed %d, %d epochs%s -> %s", req.spec.label, req.spec.model,
-                     req.spec.kwargs or "", req.data, req.seed, cfg.epochs,
-                     f", {req.data_fraction:g} of the data" if req.data_fraction else "", run_dir)
-        train(cfg, resume=resume)
-    return run_dir
 
 
 @contextlib.contextmanager
@@ -235,19 +285,26 @@ def val_loader(data: str, img_size: int | None, batch_size: int = 64, max_exampl
 
 
 @torch.no_grad()
-def evaluate_classifier(model: nn.Module, loader: Iterable, num_classes: int) -> dict[str, Any]:
+def evaluate_classifier(model: nn.Module, loader: Iterable, num_classes: int, shard: bool = False
+                        ) -> dict[str, Any]:
     """Top-1, balanced accuracy (mean per-class recall) and the majority-class baseline on ``loader``.
 
     On an imbalanced set (ELPV's defect labels: 69% functional) top-1 alone flatters a model that predicts
-    the majority class; balanced accuracy is 1/num_classes for any constant prediction.
+    the majority class; balanced accuracy is 1/num_classes for any constant prediction. ``shard=True``: under
+    torch.distributed rank r takes the global batches r, r + W, ... (``vitscope.distributed.shard_batches``) and
+    the confusion matrix and NLL sum are summed over the ranks, so every rank returns the one-process result,
+    with ``world_size`` and ``examples_per_rank``.
     """
+    from vitscope.distributed import all_gather_objects, all_reduce_sum, current, shard_batches
+
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)  # (true, predicted)
     nll = 0.0
+    batches = shard_batches(loader, every_rank=False) if shard else enumerate(loader)
     try:
-        for images, labels in loader:
+        for _, (images, labels) in batches:
             logits = model(images.to(device)).float()  # (B, C)
             labels = labels.to(device)
             nll += F.cross_entropy(logits, labels, reduction="sum").item()
@@ -256,7 +313,14 @@ def evaluate_classifier(model: nn.Module, loader: Iterable, num_classes: int) ->
                                         minlength=num_classes * num_classes).view(num_classes, num_classes)
     finally:
         model.train(was_training)
-    return classification_stats(confusion, nll)
+    if not shard:
+        return classification_stats(confusion, nll)
+    info = current()
+    per_rank = [int(n) for n in all_gather_objects(int(confusion.sum()))]
+    if info.distributed:
+        all_reduce_sum(confusion)
+        nll = float(all_reduce_sum(torch.tensor([nll], dtype=torch.float64))[0])
+    return {**classification_stats(confusion, nll), "world_size": info.world_size, "examples_per_rank": per_rank}
 
 
 def classification_stats(confusion: torch.Tensor, nll_sum: float | None = None) -> dict[str, Any]:
@@ -315,10 +379,10 @@ def probe_measures(model: nn.Module, attention: bool) -> list[str]:
 
 
 def run_probe(model: nn.Module, loader: Iterable, measures: Sequence[str], max_batches: int | None = None,
-              progress: bool = True) -> Any:
+              progress: bool = True, shard: bool = False) -> Any:
     import vitscope
 
-    return vitscope.probe(model, loader, measures, max_batches=max_batches, progress=progress)
+    return vitscope.probe(model, loader, measures, max_batches=max_batches, progress=progress, shard=shard)
 
 
 def run_lesion(model: nn.Module, loader: Iterable, max_batches: int | None = None, progress: bool = True
@@ -377,8 +441,26 @@ def cross_model_cka(model_x: nn.Module, model_y: nn.Module, loader: Iterable, ma
             "other_model": name_y, "examples": measure.num_examples}
 
 
+class _InOrderBatches:
+    """The first ``max_batches`` batches of ``loader``, each through ``transform`` (e.g. timm's ``Mixup``), in
+    order. Under torch.distributed every rank walks all of them (``shard_batches`` then skips the other ranks'),
+    so the random augmentation and mixup draws of global batch i are those of one process."""
+
+    def __init__(self, loader: Iterable, max_batches: int, transform: Any = None) -> None:
+        self.loader, self.max_batches, self.transform = loader, max_batches, transform
+
+    def __len__(self) -> int:
+        return min(len(self.loader), self.max_batches)  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for i, (x, y) in enumerate(self.loader):
+            if i >= self.max_batches:
+                return
+            yield self.transform(x, y) if self.transform is not None else (x, y)
+
+
 def run_hessian(model: nn.Module, loader: Iterable, k: int = 5, max_batches: int = 2, max_iter: int = 30,
-                progress: bool = True, name: str = "", **options: Any) -> dict[str, Any]:
+                progress: bool = True, name: str = "", shard: bool = False, **options: Any) -> dict[str, Any]:
     """HDVW's Hessian eigenvalue spectrum: top-``k`` eigenvalues (largest magnitude, Lanczos) per batch;
     ``hessian.json`` content for the report.
 
@@ -395,14 +477,23 @@ def run_hessian(model: nn.Module, loader: Iterable, k: int = 5, max_batches: int
     AdamW (decoupled decay) no loss term reproduces the update; wd/2 ||p||^2 is the one whose gradient is the
     decay direction wd * p (and it is exactly SGD's coupled weight decay, HDVW's ResNet recipe). Fractions and
     extremes count only the eigenvalues that converged (``converged`` per batch and eigenvalue;
-    ``n_converged`` of ``n_eigenvalues``); ``negative_fraction`` is NaN when none did.
+    ``n_converged`` of ``n_eigenvalues``); ``negative_fraction`` is NaN when none did. ``shard=True``: under
+    torch.distributed each rank computes the spectra of the global batches r, r + W, ... (every rank still
+    loads and transforms every batch in order, so a batch's augmentation is that of one process; the
+    eigensolver draws from its own generators) and all ranks get every batch's eigenvalues.
     """
     import numpy as np
 
     from vitscope.curvature import eigenvalue_spectrum
 
+    transform = options.get("transform")
+    if shard:  # the transform is applied in _InOrderBatches, before sharding
+        loader = _InOrderBatches(loader, max_batches, options.pop("transform", None))
     res = eigenvalue_spectrum(model, loader, k=k, max_batches=max_batches, max_iter=max_iter, progress=progress,
-                              **options)
+                              shard=shard, **options)
+    if shard and transform is not None:
+        res.config["transform"] = type(transform).__name__
+    options["transform"] = transform
     eig = res.eigenvalues["all"]  # (n_batches, k)
     conv = np.asarray(res.converged["all"], dtype=bool)  # (n_batches, k)
     good = eig[conv]
@@ -444,11 +535,12 @@ def run_landscape(model: nn.Module, loader: Iterable, steps: int = 11, span: flo
 
 def run_robustness(model: nn.Module, pixel_loader: Iterable, mean: Sequence[float], std: Sequence[float],
                    options: dict[str, Any], max_batches: int | None = None, progress: bool = True,
-                   name: str = "") -> dict[str, Any]:
-    """Calibration and the robustness suite (``vitscope.robustness.evaluate_robustness``) on [0, 1] pixels."""
+                   name: str = "", shard: bool = False) -> dict[str, Any]:
+    """Calibration and the robustness suite (``vitscope.robustness.evaluate_robustness``) on [0, 1] pixels;
+    ``shard``: see ``evaluate_robustness``."""
     from vitscope.robustness import evaluate_robustness
 
     out = evaluate_robustness(model, pixel_loader, mean=mean, std=std, max_batches=max_batches, progress=progress,
-                              **options)
+                              shard=shard, **options)
     out["model"] = name
     return out

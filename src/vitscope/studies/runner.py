@@ -225,21 +225,27 @@ def _needs(study: dict[str, Any]) -> dict[tuple[str, str], set[str]]:
 
 def _analyze(run_dir: Path, needs: set[str], s: dict[str, Any], progress: bool, device: str = "auto"
              ) -> dict[str, Any]:
+    """Every analysis of ``needs`` on the test split (the Hessian on training batches). Each one runs sharded
+    (``shard=True``): under torch.distributed rank r takes the global batches r, r + W, ..., the states are
+    merged, every example counts once and every rank returns the one-process result."""
     import torch
 
     from vitscope.data import create_loader, data_info
+    from vitscope.distributed import current, rank_device
     from vitscope.training import augment_options, load_run
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, cfg = load_run(run_dir, device=device)
+    model, cfg = load_run(run_dir, device=rank_device(torch.device(device), current()))
     eval_bs = s.get("eval_batch_size", 64)
     loader = val_loader(cfg.data, cfg.img_size, eval_bs, s.get("eval_examples"), split="test", seed=cfg.seed)
     out: dict[str, Any] = {"run_dir": str(run_dir), "model": cfg.model}
-    out["eval"] = evaluate_classifier(model, loader, cfg.num_classes)
+    out["eval"] = evaluate_classifier(model, loader, cfg.num_classes, shard=True)
+    out["world_size"] = out["eval"].pop("world_size")
+    out["examples_per_rank"] = out["eval"].pop("examples_per_rank")
     measures = sorted(n.split(":", 1)[1] for n in needs if n.startswith("probe:"))
     if measures:
-        out["probe"] = run_probe(model, loader, measures, progress=progress).to_dict()
+        out["probe"] = run_probe(model, loader, measures, progress=progress, shard=True).to_dict()
     if "train_probes" in needs:
         path = run_dir / "probes.jsonl"
         out["train_probes"] = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] \
@@ -256,13 +262,14 @@ def _analyze(run_dir: Path, needs: set[str], s: dict[str, Any], progress: bool, 
         h.setdefault("weight_decay", cfg.weight_decay)
         torch.manual_seed(cfg.seed)
         out["hessian"] = run_hessian(model, train, progress=progress, name=cfg.model, loss_fn=build_criterion(cfg),
-                                     transform=build_mixup(cfg), **h)
+                                     transform=build_mixup(cfg), shard=True, **h)
     if "frequency" in needs:
         info = data_info(cfg.data, img_size=cfg.img_size)
         pix = val_loader(cfg.data, cfg.img_size, eval_bs, s.get("eval_examples"), normalize=False, split="test",
                          seed=cfg.seed)
         out["robustness"] = run_robustness(model, pix, info.mean, info.std, {"suite": ["frequency"],
-                                           **(s.get("frequency") or {})}, progress=progress, name=cfg.model)
+                                           **(s.get("frequency") or {})}, progress=progress, name=cfg.model,
+                                           shard=True)
     return out
 
 
@@ -301,13 +308,24 @@ def run_study(
     Training runs go to ``out/runs/`` (shared by studies: a finished run with the same config is reused);
     the study's analyses and ``verdicts.{json,csv,md}`` go to ``out/<study>/``. ``settings`` overrides keys
     of the scale (``eval_examples``, ``hessian``, ``frequency``, ...).
+
+    Under an open torch.distributed group (``torchrun ... -m vitscope reproduce``; every rank calls this):
+    every rank trains each run with DDP while rank 0 alone holds its lock and writes it (``train_spec``),
+    every analysis is sharded over the ranks (``_analyze``: each example counted once, the one-process
+    numbers to float round-off) and rank 0 alone writes the analyses and verdicts (every rank returns them).
+    ``verdicts.json`` records ``world_size``.
     """
+    from vitscope.distributed import current
+
     study = load_study(name)
     s = _settings(study, scale, data, seeds, epochs, max_examples, zoo, batch_size)
     for key, value in (settings or {}).items():  # e.g. smaller analyses for smoke tests
         if key not in _SCALE_KEYS:
             raise StudyError(f"unknown study setting {key!r}; valid: {sorted(_SCALE_KEYS)}")
         s[key] = value
+    info = current()
+    if info.distributed:
+        _check_eval_batches(study, s, info.world_size)
     out = Path(out)
     study_dir = out / study["name"]
     timer = Timer()
@@ -339,7 +357,8 @@ def run_study(
             with timer.stage(f"analyze {key}/{cond}/seed {seed}"):
                 a = _analyze(run_dir, need, s, progress, device)
             a["training"] = training_summary(run_dir)
-            atomic_write_json(study_dir / "analysis" / f"{run_dir.name}.json", a)
+            if info.is_main:
+                atomic_write_json(study_dir / "analysis" / f"{run_dir.name}.json", a)
             analyses[(key, cond, seed)] = a
             evals.append({"model": key, "condition": cond, "seed": seed, "run_dir": str(run_dir), **a["eval"],
                           "training": a["training"]})
@@ -356,16 +375,31 @@ def run_study(
     md = to_markdown(verdicts, title) + _training_table(evals)
     payload = {
         "study": study["name"], "title": study.get("title"), "paper": study.get("paper"), "scale": scale,
-        "settings": s, "seeds": seed_list, "verdicts": [v.to_dict() for v in verdicts],
+        "settings": s, "seeds": seed_list, "world_size": info.world_size, "verdicts": [v.to_dict() for v in verdicts],
         "table": verdict_rows(verdicts), "evaluations": evals, "timing_s": timer.seconds,
         "verdict_rule": f"paired t test of a - b over seeds (one-sample against a fixed value), two-sided, "
                         f"Holm-corrected over the study's claims at alpha = {ALPHA}: held / did not hold when "
                         "significant in / against the paper's direction, else inconclusive (with the 95% interval "
                         "and the seeds an effect of that size would need)",
     }
-    files = {
-        "json": atomic_write_json(study_dir / "verdicts.json", payload),
-        "csv": atomic_write_text(study_dir / "verdicts.csv", to_csv(verdicts)),
-        "md": atomic_write_text(study_dir / "verdicts.md", md),
-    }
+    files = {k: study_dir / f"verdicts.{k}" for k in ("json", "csv", "md")}
+    if info.is_main:  # torchrun: every rank holds the same verdicts; rank 0 alone writes them
+        atomic_write_json(files["json"], payload)
+        atomic_write_text(files["csv"], to_csv(verdicts))
+        atomic_write_text(files["md"], md)
+    if info.distributed:
+        import torch.distributed as dist
+
+        dist.barrier()  # the files exist when any rank returns
     return StudyResult(study["name"], verdicts, study_dir, files, md)
+
+
+def _check_eval_batches(study: dict[str, Any], s: dict[str, Any], world_size: int) -> None:
+    """Under torchrun the probe needs a test batch per rank: refuse before training when there are fewer."""
+    if not any(n.startswith("probe:") for need in _needs(study).values() for n in need):
+        return
+    eval_bs = s.get("eval_batch_size", 64)
+    n = len(val_loader(s["data"], s.get("img_size"), eval_bs, s.get("eval_examples"), split="test"))
+    if n < world_size:
+        raise StudyError(f"the test split gives {n} batch(es) of {eval_bs} for {world_size} processes; the probe "
+                         f"needs one per process: use --nproc_per_node {n} or fewer")
