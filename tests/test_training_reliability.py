@@ -61,6 +61,8 @@ def quick(tmp_path, name="run", **kw):
     ("model_ema_decay=1", "'model_ema_decay' must be in (0, 1)"),
     ("early_stop_patience=0", "'early_stop_patience' must be >= 1"),
     ("early_stop_min_delta=-1", "'early_stop_min_delta' must be >= 0"),
+    ("early_stop_lr_fraction=0", "'early_stop_lr_fraction' must be in (0, 1]"),
+    ("early_stop_lr_fraction=1.5", "'early_stop_lr_fraction' must be in (0, 1]"),
     ("num_workers=-1", "'num_workers' must be >= 0"),
 ])
 def test_bad_setting_is_one_line_before_any_work(tmp_path, capsys, override, expected):
@@ -201,6 +203,54 @@ def test_early_stop_counts_epochs_without_an_improvement_larger_than_min_delta()
     assert stops == [False, False, False, False, True, False]
     assert (es.best, es.best_epoch) == (0.7, 5)
     assert not EarlyStop(patience=None).stop
+
+
+def test_early_stop_counts_stalls_only_after_warmup_once_the_lr_has_decayed():
+    es = EarlyStop(patience=2, lr_fraction=0.5, warmup_epochs=1)
+    # (val_nll, lr / peak): epoch 0 is warm-up, epochs 1-3 run at a high lr, so their stalls do not count.
+    history = [(1.0, 0.1), (1.1, 1.0), (1.2, 0.9), (0.9, 0.7), (0.95, 0.5), (0.92, 0.3), (0.8, 0.2), (0.85, 0.1),
+               (0.9, 0.05)]
+    stops, waits = [], []
+    for epoch, (loss, ratio) in enumerate(history):
+        es.update(epoch, loss, ratio)
+        stops.append(es.stop)
+        waits.append(es.wait)
+    assert waits == [0, 0, 0, 0, 1, 2, 0, 1, 2]
+    assert stops == [False] * 5 + [True, False, False, True]  # the engine stops at the first True (epoch 5)
+    assert (es.best, es.best_epoch, es.counting_from) == (0.8, 6, 4)
+    # The old rule (lr_fraction=None) stops the same history after epoch 2, at the peak learning rate.
+    old = EarlyStop(patience=2)
+    first_stop = next(e for e, (loss, ratio) in enumerate(history) if (old.update(e, loss, ratio), old.stop)[1])
+    assert first_stop == 2 and old.counting_from == 0
+
+
+def test_early_stop_rule_from_config_and_old_checkpoint_state():
+    cfg = resolve_config("cpu-quick", early_stop_patience=3)
+    es = EarlyStop.from_config(cfg)
+    assert (es.patience, es.lr_fraction, es.warmup_epochs) == (3, 0.5, 1)  # the default fraction
+    # A schedule that never decays to the fraction counts from the end of the warm-up instead of never.
+    assert EarlyStop.from_config(resolve_config("cpu-quick", sched="constant")).lr_fraction == 1.0
+    assert EarlyStop.from_config(resolve_config("cpu-quick", lr=1e-3, min_lr=6e-4)).lr_fraction == 1.0
+    assert EarlyStop.from_config(resolve_config("cpu-quick", ["early_stop_lr_fraction=null"])).lr_fraction is None
+    # A checkpoint written before the gate existed ({best, best_epoch, wait}) restores; counting_from unknown.
+    old = EarlyStop.restore(cfg, {"best": 0.5, "best_epoch": 2, "wait": 1}, [])
+    assert (old.best, old.best_epoch, old.wait, old.counting_from) == (0.5, 2, 1, -1)
+    # No saved state: the metrics lines are replayed, each epoch's recorded lr against the peak (cfg.lr).
+    records = [{"epoch": e, "val_nll": v, "train_lr": lr} for e, (v, lr) in
+               enumerate([(0.6, 1e-4), (0.7, 1e-3), (0.7, 6e-4), (0.7, 5e-4), (0.7, 4e-4)])]
+    replayed = EarlyStop.restore(cfg, None, records)
+    assert (replayed.best_epoch, replayed.wait, replayed.counting_from) == (0, 2, 3)
+
+
+def test_early_stopping_waits_for_the_lr_to_decay_in_a_run(tmp_path):
+    # min_delta 100: only epoch 0 improves; stalls count from the first epoch past the warm-up whose last
+    # update's lr is at most half the peak, so the run ends `patience` counted epochs after that one.
+    result = train(quick(tmp_path, epochs=8, early_stop_patience=2, early_stop_min_delta=100.0))
+    records = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    counted = [r["epoch"] for r in records if r["epoch"] >= 1 and r["train_lr"] <= 0.5 * 1e-3]
+    assert result["stopped_early"] and counted[0] >= 3  # cosine over 8 epochs: lr > 0.5 peak until epoch 3
+    assert result["epoch"] == counted[1] == records[-1]["epoch"] and result["early_stop_counting_from"] == counted[0]
+    assert [r["early_stop_wait"] for r in records] == [0] * (counted[0]) + [1, 2]
 
 
 def test_early_stopping_ends_the_run_and_survives_resume(tmp_path):

@@ -115,9 +115,14 @@ class TrainConfig:
     progress: bool = True  # tqdm bars (on a terminal, rank 0)
     tensorboard: bool = False  # also log to TensorBoard when it is installed
     probes: dict = field(default_factory=dict)  # {every: 1, measures: [...], num_images: 32}
-    # Early stopping on the validation loss (val_nll); None: train every epoch.
-    early_stop_patience: int | None = None  # stop after this many epochs without an improvement
+    # Early stopping on the validation loss (val_nll); None: train every epoch. An epoch without an improvement
+    # counts against the patience only after the warm-up and once the learning rate has decayed to
+    # early_stop_lr_fraction of its peak (engine.EarlyStop): a noisy plateau at a high learning rate is not
+    # convergence (on ELPV, patience 3 counted from epoch 0 stopped small ViTs after 4-5 epochs of 20, LR still
+    # at 0.9 of its peak, attention entropy 0.9999 ln N). null counts every epoch (the rule before this key).
+    early_stop_patience: int | None = None  # stop after this many counted epochs without an improvement
     early_stop_min_delta: float = 0.0  # an improvement lowers the best val_nll by more than this
+    early_stop_lr_fraction: float | None = 0.5  # count stalls once lr <= this fraction of the peak; null: always
     pretrained: bool = False  # start from timm's hub weights (fine-tuning); the head is re-initialised
     # Preprocessing (timm train.py: resolve_data_config). The input size is img_size; the training augmentation
     # keeps its own settings above and takes only mean/std from here.
@@ -290,6 +295,8 @@ _RANGES: dict[str, tuple[float, bool, float, bool, str]] = {
     "img_size": (1, True, math.inf, False, "input size in pixels; null uses the model's"),
     "early_stop_patience": (1, True, math.inf, False, "epochs without improvement; null disables early stopping"),
     "early_stop_min_delta": (0, True, math.inf, False, "smallest val_nll decrease that counts, e.g. 0.001"),
+    "early_stop_lr_fraction": (0, False, 1, True, "stalls count once lr <= this fraction of its peak, e.g. 0.5; "
+                                                   "1: from the end of the warm-up; null: from the first epoch"),
     "crop_pct": (0, False, 1, True, "validation center-crop fraction, e.g. 0.875; null: from `preprocess`"),
 }
 

@@ -665,18 +665,41 @@ def _gather_rng(info: DistInfo) -> list[dict[str, Any]]:
 
 @dataclasses.dataclass
 class EarlyStop:
-    """Early stopping on the validation loss: ``wait`` epochs since ``best`` fell by more than ``min_delta``."""
+    """Early stopping on the validation loss: ``wait`` epochs since ``best`` fell by more than ``min_delta``.
+
+    An epoch without an improvement counts against ``patience`` only once training could have converged:
+    after the warm-up (``epoch >= warmup_epochs``) and once the epoch's learning rate (its last update's) has
+    decayed to ``lr_fraction`` of the peak or below. A plateau at a high learning rate is not convergence:
+    small ViTs on a few thousand images sit on a noisy validation-loss plateau for the first epochs and then
+    improve as the cosine decays (measured on ELPV: README, "Quick start"). ``lr_fraction=None`` counts from
+    the first epoch (the rule before it existed). An improvement always resets ``wait`` and updates ``best``.
+    """
 
     patience: int | None
     min_delta: float = 0.0
     best: float = math.inf
     best_epoch: int = -1
     wait: int = 0
+    lr_fraction: float | None = None
+    warmup_epochs: int = 0
+    counting_from: int = -1  # the first epoch whose stall could count against patience (-1: none yet)
 
-    def update(self, epoch: int, val_loss: float) -> None:
+    def counts(self, epoch: int, lr_ratio: float | None) -> bool:
+        """Whether an epoch without an improvement counts: past the warm-up and the learning rate decayed."""
+        if self.lr_fraction is None:
+            return True
+        if epoch < self.warmup_epochs:
+            return False
+        return lr_ratio is None or lr_ratio <= self.lr_fraction + 1e-12
+
+    def update(self, epoch: int, val_loss: float, lr_ratio: float | None = None) -> None:
+        """Record ``epoch``'s validation loss; ``lr_ratio``: its learning rate / the peak (None: unknown)."""
+        counting = self.counts(epoch, lr_ratio)
+        if counting and self.counting_from < 0:
+            self.counting_from = epoch
         if val_loss < self.best - self.min_delta:
             self.best, self.best_epoch, self.wait = val_loss, epoch, 0
-        else:
+        elif counting:
             self.wait += 1
 
     @property
@@ -684,19 +707,39 @@ class EarlyStop:
         return self.patience is not None and self.wait >= self.patience
 
     def state(self) -> dict[str, Any]:
-        return {"best": self.best, "best_epoch": self.best_epoch, "wait": self.wait}
+        return {"best": self.best, "best_epoch": self.best_epoch, "wait": self.wait,
+                "counting_from": self.counting_from}
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig) -> EarlyStop:
+        """The rule of ``cfg``. A schedule that never decays to the fraction (``constant`` / ``none``, or a
+        ``min_lr`` not below it) counts from the end of the warm-up instead of never."""
+        fraction = cfg.early_stop_lr_fraction
+        if fraction is not None:
+            peak = base_lr(cfg)
+            floor = cfg.min_lr / peak if peak > 0 else 1.0
+            fraction = 1.0 if cfg.sched in ("constant", "none") or floor >= fraction else fraction
+        return cls(cfg.early_stop_patience, cfg.early_stop_min_delta, lr_fraction=fraction,
+                   warmup_epochs=cfg.warmup_epochs)
 
     @classmethod
     def restore(cls, cfg: TrainConfig, saved: dict[str, Any] | None, records: list[dict[str, Any]]
                 ) -> EarlyStop:
-        """From a checkpoint's state, else by replaying the metrics lines (runs saved before early stopping)."""
-        es = cls(cfg.early_stop_patience, cfg.early_stop_min_delta)
+        """From a checkpoint's state, else by replaying the metrics lines (runs saved before early stopping).
+
+        Checkpoints written before ``counting_from`` existed restore with it unknown (-1), which only affects
+        the report, not the rule (``wait`` is saved)."""
+        es = cls.from_config(cfg)
         if saved is not None:
             es.best, es.best_epoch, es.wait = float(saved["best"]), int(saved["best_epoch"]), int(saved["wait"])
+            es.counting_from = int(saved.get("counting_from", -1))
         else:
+            peak = base_lr(cfg)
             for r in records:
                 if isinstance(r.get("val_nll"), (int, float)):
-                    es.update(int(r["epoch"]), float(r["val_nll"]))
+                    lr = r.get("train_lr")
+                    es.update(int(r["epoch"]), float(r["val_nll"]),
+                              float(lr) / peak if isinstance(lr, (int, float)) and peak > 0 else None)
         return es
 
 
@@ -766,6 +809,7 @@ def _fit(run: _Run, state: dict | None) -> dict[str, Any]:
     last: dict[str, Any] = earlier[-1] if earlier else {}  # returned as is when no epoch is left to train
     best = max((r.get("val_top1", -math.inf) for r in earlier), default=-math.inf)
     es = EarlyStop.restore(cfg, state.get("early_stop") if state is not None else None, earlier)
+    peak_lr = base_lr(cfg)
     # Probes run on every rank (a forward pass may resize buffers, e.g. ConViT's rel_indices, and DDP
     # broadcasts buffers), but only rank 0 writes. Epoch -1 holds the initial weights.
     if run.probe_images is not None and start_epoch == 0:
@@ -804,8 +848,10 @@ def _fit(run: _Run, state: dict | None) -> dict[str, Any]:
         probes = []
         if run.probe_images is not None and (epoch + 1) % cfg.probes["every"] == 0:
             probes = run_probes(run.model, run.probe_images, cfg.probes["measures"], epoch)
-        es.update(epoch, record["val_nll"])
+        es.update(epoch, record["val_nll"], train_stats["lr"] / peak_lr if peak_lr > 0 else None)
         record.update(best_epoch=es.best_epoch, best_val_nll=es.best if math.isfinite(es.best) else None)
+        if es.patience is not None:
+            record["early_stop_wait"] = es.wait  # epochs without an improvement that counted
         if es.stop:
             record["stopped_early"] = True
         if info.is_main:  # the lines first, then the checkpoint that covers them
@@ -830,7 +876,8 @@ def _fit(run: _Run, state: dict | None) -> dict[str, Any]:
         writer.close()
     return {**last, "best_val_top1": best if best > -math.inf else None, "run_dir": str(run.run_dir),
             "epochs": run.total_epochs, "best_epoch": es.best_epoch if es.best_epoch >= 0 else None,
-            "best_val_nll": es.best if es.best_epoch >= 0 else None, "stopped_early": es.stop}
+            "best_val_nll": es.best if es.best_epoch >= 0 else None, "stopped_early": es.stop,
+            "early_stop_counting_from": es.counting_from if es.counting_from >= 0 else None}
 
 
 def train(config: TrainConfig | dict[str, Any] | None = None, *, resume: bool = False, **overrides: Any
@@ -843,7 +890,8 @@ def train(config: TrainConfig | dict[str, Any] | None = None, *, resume: bool = 
     lines are written before its checkpoint. With ``resume=True`` continues from the latest complete
     checkpoint there (from epoch 0 when there is none yet). Returns the last epoch's statistics plus
     ``best_val_top1``, ``run_dir``, ``epochs``, ``best_epoch`` / ``best_val_nll`` (lowest ``val_nll``
-    by ``early_stop_min_delta`` steps) and ``stopped_early``.
+    by ``early_stop_min_delta`` steps), ``stopped_early`` and ``early_stop_counting_from`` (the first epoch
+    whose stall could count against the patience: past the warm-up, lr <= ``early_stop_lr_fraction`` of its peak).
     """
     if isinstance(config, dict):
         config = config_from_dict(config)
