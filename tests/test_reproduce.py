@@ -153,12 +153,18 @@ def test_paper_scale_needs_data_and_bad_options_fail(tmp_path, capsys):
 
 
 def test_more_processes_than_test_batches_is_refused_before_training():
-    """Under torchrun the probe needs a test batch per rank (tests/test_distributed_reproduce.py runs 2 ranks)."""
-    from vitscope.studies.runner import _check_eval_batches
+    """Under torchrun DDP splits the training batch and the probe needs a test batch per rank (2 ranks run in
+    tests/test_distributed_reproduce.py)."""
+    from vitscope.studies.runner import _check_processes
 
     study = load_study("cb-entropy")
-    s = {"data": "fake:n=16,n_eval=12,classes=4", "img_size": 32, "eval_batch_size": 8}  # 2 test batches
-    _check_eval_batches(study, s, 2)
+    s = {"data": "fake:n=16,n_eval=12,classes=4", "img_size": 32, "eval_batch_size": 8, "zoo": "test",
+         "recipe": "cpu-quick", "batch_size": 6}  # 2 test batches
+    _check_processes(study, s, 2)
     with pytest.raises(StudyError, match="2 batch\\(es\\) of 8 for 3 processes.*--nproc_per_node 2 or fewer"):
-        _check_eval_batches(study, s, 3)
-    _check_eval_batches(load_study("hdvw-hessian"), s, 3)  # no probe: a rank may get no batch
+        _check_processes(study, s, 3)
+    _check_processes(load_study("hdvw-hessian"), s, 3)  # no probe: a rank may get no batch
+    with pytest.raises(StudyError, match="training batch \\(6\\) .* 4 processes.*multiple of 4"):
+        _check_processes(study, s, 4)
+    with pytest.raises(StudyError, match="training batch \\(32\\)"):  # the recipe's batch size
+        _check_processes(study, {**s, "batch_size": None}, 3)

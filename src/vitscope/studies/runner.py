@@ -325,7 +325,7 @@ def run_study(
         s[key] = value
     info = current()
     if info.distributed:
-        _check_eval_batches(study, s, info.world_size)
+        _check_processes(study, s, info.world_size)
     out = Path(out)
     study_dir = out / study["name"]
     timer = Timer()
@@ -394,8 +394,15 @@ def run_study(
     return StudyResult(study["name"], verdicts, study_dir, files, md)
 
 
-def _check_eval_batches(study: dict[str, Any], s: dict[str, Any], world_size: int) -> None:
-    """Under torchrun the probe needs a test batch per rank: refuse before training when there are fewer."""
+def _check_processes(study: dict[str, Any], s: dict[str, Any], world_size: int) -> None:
+    """Under torchrun, before any run is trained: the training batch must split evenly over the ranks (DDP) and
+    the probe needs a test batch per rank."""
+    model = next(iter(_needs(study)))[0]
+    bs = TrainRequest(model_spec(s["zoo"], model), s["data"], recipe=s["recipe"], batch_size=s.get("batch_size"),
+                      overrides=dict(s.get("overrides") or {})).config().batch_size
+    if bs % world_size:
+        raise StudyError(f"the training batch ({bs}) is split over the {world_size} processes: pass a --batch-size "
+                         f"that is a multiple of {world_size}")
     if not any(n.startswith("probe:") for need in _needs(study).values() for n in need):
         return
     eval_bs = s.get("eval_batch_size", 64)
