@@ -6,7 +6,8 @@ What is compared: DDP training on 2 ranks is not bit-equal to one process (each 
 augmentation stream), so the one-process check re-runs the study on the *same* trained runs (its
 ``runs/`` is the 2-rank one; finished runs are reused, not retrained) and its analyses and verdict table
 must equal the 2-rank ones to float round-off. The study covers every sharded analysis: the test-split
-evaluation, the probe, the Hessian spectrum on augmented training batches and the band-noise robustness.
+evaluation, the probe, the Hessian spectrum on training batches with the run's augmentation and mixup (HDVW's
+protocol: random draws per batch) and the band-noise robustness.
 """
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ claims:
 scales:
   quick: {zoo: test, data: "fake:n=48,n_eval=37,classes=4", recipe: cpu-quick, img_size: 32, seeds: 2,
           eval_examples: 37, eval_batch_size: 8, hessian: {k: 2, max_batches: 3, max_iter: 30, batch_size: 8},
-          frequency: {freqs: [0.0, 0.8, 1.0]}}
+          frequency: {freqs: [0.0, 0.8, 1.0]}, overrides: {mixup: 0.8}}
 """
 # 37 test examples in batches of 8: rank 0 takes global batches 0, 2, 4 (21 examples), rank 1 takes 1, 3 (16)
 ARGS = ["--epochs", "1", "--batch-size", "8"]  # per-rank training batch 4 under 2 ranks
@@ -137,6 +138,7 @@ def test_reproduce_on_two_ranks_equals_one_process_on_the_same_runs(tmp_path, ca
         assert a2["world_size"] == 2 and a2["examples_per_rank"] == [21, 16] and a2["eval"]["n"] == 37
         assert a1["world_size"] == 1 and a1["examples_per_rank"] == [37]
         assert a2["hessian"]["config"]["examples_per_rank"] == [16, 8]  # batches 0, 2 | 1
+        assert a2["hessian"]["loss"]["augmentation"] == a2["hessian"]["config"]["transform"] == "Mixup"
         assert a2["robustness"]["examples_per_rank"] == [21, 16]
         assert a1.pop("run_dir") == str(one / "runs" / r.name) and a2.pop("run_dir") == str(r)
         assert_close_tree(_strip(a1), _strip(a2), r.name)  # eval, probe, hessian, robustness, training

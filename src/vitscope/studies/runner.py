@@ -228,6 +228,9 @@ def _analyze(run_dir: Path, needs: set[str], s: dict[str, Any], progress: bool, 
     """Every analysis of ``needs`` on the test split (the Hessian on training batches). Each one runs sharded
     (``shard=True``): under torch.distributed rank r takes the global batches r, r + W, ..., the states are
     merged, every example counts once and every rank returns the one-process result."""
+    import random
+
+    import numpy as np
     import torch
 
     from vitscope.data import create_loader, data_info
@@ -260,6 +263,10 @@ def _analyze(run_dir: Path, needs: set[str], s: dict[str, Any], progress: bool, 
         from vitscope.training import build_criterion, build_mixup
 
         h.setdefault("weight_decay", cfg.weight_decay)
+        # the augmentation (torch, Python random) and timm's Mixup (numpy) draw from the global generators: seed
+        # all three, so the batches do not depend on what ran before (training, rank) and every rank draws alike
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed % 2**32)
         torch.manual_seed(cfg.seed)
         out["hessian"] = run_hessian(model, train, progress=progress, name=cfg.model, loss_fn=build_criterion(cfg),
                                      transform=build_mixup(cfg), shard=True, **h)
