@@ -403,6 +403,20 @@ def test_eigenvalue_spectrum_per_batch_and_l2_terms(mlp_case):
     assert m.training  # mode restored
 
 
+def test_eigenvalue_spectrum_stops_loading_at_max_batches(mlp_case):
+    m, _, _, _ = mlp_case
+    x, y = _data("mlp", 12, seed=3)
+    drawn = []
+
+    def loader():  # a stream that records every batch taken from it
+        for b in range(6):
+            drawn.append(b)
+            yield x[2 * b:2 * b + 2], y[2 * b:2 * b + 2]
+
+    res = eigenvalue_spectrum(m, loader(), k=1, max_batches=2, tol=1e-6, max_iter=60)
+    assert res.batch_sizes == [2, 2] and drawn == [0, 1]
+
+
 @pytest.mark.parametrize("style", ["half_sq", "hdvw"])
 def test_l2_term_hessian_closed_form(mlp_case, style):
     """The Hessian of NLL + L2 term, as the spectrum's operator applies it, column by column, equals the plain

@@ -1,8 +1,8 @@
 """The analyses on ``torch.distributed``: rank / world size, batch sharding, and gathers.
 
-``torchrun --nproc_per_node N -m vitscope probe|hessian|robustness`` gives each rank the *global* batches
-``rank, rank + N, rank + 2N, ...`` of the one-process loader (``shard_batches``): a batch keeps its
-composition and its global index (per-batch seeds, minibatch CKA's per-batch HSIC, one Hessian spectrum
+``torchrun --nproc_per_node N -m vitscope probe|hessian|robustness|landscape`` (and ``reproduce``) gives each
+rank the *global* batches ``rank, rank + N, rank + 2N, ...`` of the one-process loader (``shard_batches``): a
+batch keeps its composition and its global index (per-batch seeds, minibatch CKA's per-batch HSIC, one Hessian spectrum
 per batch), no example is counted twice (no ``DistributedSampler`` padding) and none is dropped. The
 additive states are then summed over the ranks (``StreamingMeasure.sync``, ``all_reduce_sum``) or gathered
 (``all_gather_objects``), and rank 0 alone writes. Process-group set-up: gloo on a CPU

@@ -15,6 +15,7 @@ whose gradient is the weight-decay step ``wd * p``, is the default.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -174,7 +175,7 @@ def eigenvalue_spectrum(
     if shard:
         batches = shard_batches(loader, max_batches, info, every_rank=False)  # a rank may get no batch
     else:
-        batches = ((b, batch) for b, batch in enumerate(loader) if max_batches is None or b < max_batches)
+        batches = enumerate(itertools.islice(loader, max_batches))  # stops loading at max_batches
     total = global_batch_count(loader, max_batches)
     if shard and total is not None:
         total = len(range(info.rank, total, info.world_size))
