@@ -57,8 +57,12 @@ class DemoSize:
     """How much work each stage of the demo does."""
 
     zoo: str = "quick"
-    epochs: int = 12  # the cap: training stops earlier when validation NLL stops improving (early_stop_patience)
-    early_stop_patience: int | None = 3  # epochs without a lower val NLL; None: train every epoch of the cap
+    epochs: int = 12  # the cap (cosine over it): training stops earlier when validation NLL stops improving
+    early_stop_patience: int | None = 3  # counted epochs without a lower val NLL; None: every epoch of the cap
+    # cpu-quick with the learning rate doubled and no random shift (crop_padding 0; flips kept): measured on ELPV,
+    # the 4-pixel shift kept the quick ViT's train loss at 0.52 and its attention at 0.999 ln N after 12 epochs
+    # (val top-1 77%); without it, 12 epochs reach train loss 0.40, val top-1 83%, last-layer entropy 0.55 ln N.
+    train_overrides: dict[str, Any] = field(default_factory=lambda: {"lr": 2e-3, "crop_padding": 0})
     batch_size: int = 64
     train_examples: int | None = None  # None: the whole training split (1,836 images)
     eval_examples: int | None = None  # None: the whole test split (394 images)
@@ -204,7 +208,7 @@ def _run(out: Path, size: str, data: str, img_size: int, models: tuple[str, ...]
                                batch_size=sz.batch_size, max_examples=sz.train_examples,
                                max_val_examples=sz.eval_examples, device=device, progress=progress,
                                probes={"every": 1, "measures": probes, "num_images": 32} if probes else None,
-                               overrides={"early_stop_patience": sz.early_stop_patience})
+                               overrides={**sz.train_overrides, "early_stop_patience": sz.early_stop_patience})
             bar.set_postfix_str(f"train {spec.label}")
             with timer.stage(f"train {key}"):
                 run_dirs[key] = train_spec(req, out / "models", run_dir=out / "models" / key)
@@ -309,7 +313,7 @@ def _run(out: Path, size: str, data: str, img_size: int, models: tuple[str, ...]
                                "test_examples": first["n"], "test_support": first["support"],
                                "majority_accuracy": first["majority_accuracy"]},
         "settings": {"epochs": sz.epochs, "early_stop_patience": sz.early_stop_patience, "batch_size": sz.batch_size,
-                     "zoo": sz.zoo, "recipe": "cpu-quick",
+                     "zoo": sz.zoo, "recipe": "cpu-quick", "overrides": dict(sz.train_overrides),
                      "train_examples": sz.train_examples, "eval_examples": sz.eval_examples},
         "models": summary,
         "timing_s": {**{k: round(v, 2) for k, v in timer.seconds.items()},
