@@ -20,6 +20,7 @@ from vitscope.studies.pipeline import (
     train_spec,
 )
 from vitscope.studies.zoo import model_spec
+from vitscope.training import load_config
 
 
 @pytest.mark.slow
@@ -44,6 +45,9 @@ def test_demo_tiny_end_to_end(tmp_path, capsys):
         tr = m["training"]  # how training ended: 1 epoch with patience 3 cannot have converged
         assert tr["epochs_trained"] == tr["epoch_cap"] == 1 and tr["converged"] is False
         assert tr["early_stop_patience"] == res["settings"]["early_stop_patience"] == 3
+        cfg = load_config(out / "models" / key)  # the demo's training settings reach the run
+        assert {k: getattr(cfg, k) for k in res["settings"]["overrides"]} == res["settings"]["overrides"]
+        assert cfg.crop_padding == 0 and cfg.early_stop_lr_fraction == 0.5
         assert sum(t["support"]) == t["n"] == res["data"]["test_examples"]
         run = out / "models" / key
         for name in ("config.yaml", "metrics.jsonl", "model.safetensors", "results.json", "hessian.json",

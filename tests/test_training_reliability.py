@@ -10,6 +10,7 @@ import pytest
 import timm
 import torch
 import torch.nn as nn
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from _helpers import one_line_error
@@ -251,6 +252,19 @@ def test_early_stopping_waits_for_the_lr_to_decay_in_a_run(tmp_path):
     assert result["stopped_early"] and counted[0] >= 3  # cosine over 8 epochs: lr > 0.5 peak until epoch 3
     assert result["epoch"] == counted[1] == records[-1]["epoch"] and result["early_stop_counting_from"] == counted[0]
     assert [r["early_stop_wait"] for r in records] == [0] * (counted[0]) + [1, 2]
+    # The run ends with epoch 0's weights (the best); without restoring, with the last epoch's.
+    assert records[-1]["weights_epoch"] == 0 and "weights_epoch" not in records[-2]
+    last = train(quick(tmp_path, "last", epochs=8, early_stop_patience=2, early_stop_min_delta=100.0,
+                       early_stop_restore_best=False))
+    assert last["epoch"] == result["epoch"]
+    assert "weights_epoch" not in read_jsonl(tmp_path / "last" / "metrics.jsonl")[-1]
+    assert not (tmp_path / "last" / "best.safetensors").exists()
+    best0, kept, last_w = (load_file(tmp_path / name / f) for name, f in (
+        ("run", "best.safetensors"), ("run", "model.safetensors"), ("last", "model.safetensors")))
+    with safe_open(str(tmp_path / "run" / "best.safetensors"), framework="pt") as f:
+        assert f.metadata()["epoch"] == "0"
+    assert all(torch.equal(best0[k], kept[k]) for k in best0)
+    assert not all(torch.equal(kept[k], last_w[k]) for k in kept)
 
 
 def test_early_stopping_ends_the_run_and_survives_resume(tmp_path):
@@ -265,6 +279,7 @@ def test_early_stopping_ends_the_run_and_survives_resume(tmp_path):
     assert cli_main(["train", "--resume", str(run), "epochs=5"]) == 0
     records = read_jsonl(run / "metrics.jsonl")
     assert [r["epoch"] for r in records] == [0, 1, 2] and records[-1]["stopped_early"] is True
+    assert records[1]["weights_epoch"] == records[2]["weights_epoch"] == 0  # best.safetensors outlived the restart
     assert run_finished(run) and latest_checkpoint(run).name == "epoch-0002"
     again = train(resolve_config(base=quick(tmp_path, epochs=5, early_stop_patience=2, early_stop_min_delta=100.0)),
                   resume=True)  # requeued: nothing left to do

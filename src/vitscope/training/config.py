@@ -118,11 +118,12 @@ class TrainConfig:
     # Early stopping on the validation loss (val_nll); None: train every epoch. An epoch without an improvement
     # counts against the patience only after the warm-up and once the learning rate has decayed to
     # early_stop_lr_fraction of its peak (engine.EarlyStop): a noisy plateau at a high learning rate is not
-    # convergence (on ELPV, patience 3 counted from epoch 0 stopped small ViTs after 4-5 epochs of 20, LR still
-    # at 0.9 of its peak, attention entropy 0.9999 ln N). null counts every epoch (the rule before this key).
+    # convergence (on ELPV, patience 3 counted from epoch 0 stopped small ViTs after 4-5 epochs, LR still at
+    # 0.6-0.9 of its peak, attention entropy 0.9999 ln N). null counts every epoch (the rule before this key).
     early_stop_patience: int | None = None  # stop after this many counted epochs without an improvement
     early_stop_min_delta: float = 0.0  # an improvement lowers the best val_nll by more than this
     early_stop_lr_fraction: float | None = 0.5  # count stalls once lr <= this fraction of the peak; null: always
+    early_stop_restore_best: bool = True  # end with the weights of the lowest val_nll (kept in best.safetensors)
     pretrained: bool = False  # start from timm's hub weights (fine-tuning); the head is re-initialised
     # Preprocessing (timm train.py: resolve_data_config). The input size is img_size; the training augmentation
     # keeps its own settings above and takes only mean/std from here.

@@ -671,8 +671,10 @@ class EarlyStop:
     after the warm-up (``epoch >= warmup_epochs``) and once the epoch's learning rate (its last update's) has
     decayed to ``lr_fraction`` of the peak or below. A plateau at a high learning rate is not convergence:
     small ViTs on a few thousand images sit on a noisy validation-loss plateau for the first epochs and then
-    improve as the cosine decays (measured on ELPV: README, "Quick start"). ``lr_fraction=None`` counts from
+    improve as the cosine decays (measured on ELPV: README, "Command line"). ``lr_fraction=None`` counts from
     the first epoch (the rule before it existed). An improvement always resets ``wait`` and updates ``best``.
+    With ``early_stop_restore_best`` the run ends (stopped or at the cap) with the best epoch's weights, so
+    waiting for the decay costs time, not accuracy (a small-data run may overfit meanwhile).
     """
 
     patience: int | None
@@ -741,6 +743,41 @@ class EarlyStop:
                     es.update(int(r["epoch"]), float(r["val_nll"]),
                               float(lr) / peak if isinstance(lr, (int, float)) and peak > 0 else None)
         return es
+
+
+BEST_FILE = "best.safetensors"  # early stopping: the weights of the epoch with the lowest val_nll so far
+
+
+def _save_best(run: _Run, epoch: int) -> None:
+    """Rank 0 writes the current weights as ``best.safetensors`` (atomically; metadata: the epoch)."""
+    if not run.dist.is_main:
+        return
+    from safetensors.torch import save_file
+
+    from vitscope.io.atomic import atomic_write
+
+    model = ckpt.unwrap_model(run.model)
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    atomic_write(run.run_dir / BEST_FILE, lambda tmp: save_file(tensors, tmp, metadata={"epoch": str(epoch)}))
+
+
+def _restore_best(run: _Run, es: EarlyStop) -> bool:
+    """Load ``best.safetensors`` into the model on every rank if it holds epoch ``es.best_epoch``."""
+    from safetensors import safe_open
+
+    barrier(run.dist)
+    path = run.run_dir / BEST_FILE
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            epoch = int((f.metadata() or {}).get("epoch", -1))
+    except (OSError, ValueError):
+        epoch = -2
+    if epoch != es.best_epoch:  # a run started before best weights were kept: keep the last ones
+        _logger.warning("%s does not hold the best epoch %d's weights; the run keeps its last epoch's", path,
+                        es.best_epoch)
+        return False
+    ckpt.load_model_weights(ckpt.unwrap_model(run.model), path)
+    return True
 
 
 def _save(run: _Run, epoch: int, step: int, es: EarlyStop, finished: bool) -> None:
@@ -850,10 +887,16 @@ def _fit(run: _Run, state: dict | None) -> dict[str, Any]:
             probes = run_probes(run.model, run.probe_images, cfg.probes["measures"], epoch)
         es.update(epoch, record["val_nll"], train_stats["lr"] / peak_lr if peak_lr > 0 else None)
         record.update(best_epoch=es.best_epoch, best_val_nll=es.best if math.isfinite(es.best) else None)
+        keep_best = es.patience is not None and cfg.early_stop_restore_best
         if es.patience is not None:
             record["early_stop_wait"] = es.wait  # epochs without an improvement that counted
+        if keep_best and es.best_epoch == epoch:
+            _save_best(run, epoch)
         if es.stop:
             record["stopped_early"] = True
+        if keep_best and (es.stop or epoch == run.total_epochs - 1) and es.best_epoch not in (-1, epoch):
+            if _restore_best(run, es):  # the run ends with its best epoch's weights (checkpoint, model.safetensors)
+                record["weights_epoch"] = es.best_epoch
         if info.is_main:  # the lines first, then the checkpoint that covers them
             ckpt.append_jsonl(run.run_dir / ckpt.METRICS_FILE, record)
             for p in probes:
