@@ -483,3 +483,76 @@ def test_worker_errors_reach_the_caller(dirs, tmp_path, monkeypatch):
     assert not (tmp_path / "r.html").exists()
     with pytest.raises(ValueError, match="workers must be >= 1"):
         build_report([dirs["convit"]], tmp_path / "r.html", workers=0)
+
+
+def test_png_bytes_decode_to_the_pixels_pil_writes():
+    """figures.png_bytes (unfiltered rows) against PIL's PNG of the same RGBA: the same pixels (alpha included)
+    and dpi when decoded by PIL (which checks every chunk's CRC), for random pixels and for a drawn figure."""
+    import io
+
+    from PIL import Image
+
+    from vitscope.reports import figures as F
+
+    rng = np.random.default_rng(0)
+    fig = F.lines({"a": ([0, 1, 2], [1.0, 3.0, 2.0])}, "t", "x", "y")
+    fig.savefig(io.BytesIO(), format="raw", dpi=130)
+    drawn = np.asarray(fig.canvas.buffer_rgba()).copy()
+    for rgba in (rng.integers(0, 256, (7, 5, 4), dtype=np.uint8), drawn):
+        pil = io.BytesIO()
+        Image.fromarray(rgba).save(pil, format="png", dpi=(130, 130))
+        ours, theirs = Image.open(io.BytesIO(F.png_bytes(rgba, 130))), Image.open(pil)
+        assert ours.mode == theirs.mode == "RGBA" and ours.info["dpi"] == theirs.info["dpi"]
+        assert np.array_equal(np.asarray(ours), np.asarray(theirs)) and np.array_equal(np.asarray(ours), rgba)
+    assert F.to_bytes(fig, "png").startswith(PNG_MAGIC)
+    with pytest.raises(ValueError, match="uint8"):
+        F.png_bytes(np.zeros((2, 2, 3), np.uint8), 130)
+
+
+def test_text_caches_draw_the_same_bytes(dirs, monkeypatch):
+    """The report's figures (rotated tick labels, log axes, colour bars, legends, a mathtext label) drawn one
+    after another with the text caches on give the PNG and SVG that matplotlib draws without them; most text
+    layouts come from the cache (shared across figures and formats), and matplotlib's own functions are back
+    afterwards."""
+    import matplotlib.text as mtext
+    from matplotlib.backends.backend_agg import RendererAgg
+
+    from vitscope.reports import _text_cache as T
+    from vitscope.reports import figures as F
+    from vitscope.reports.loaders import load_runs
+    from vitscope.reports.sections import run_section
+
+    def figures():
+        out = [it.figure for it in run_section(load_runs([dirs["curv"]])[0]).items]
+        out += [F.heatmap([[0.1, 0.5], [0.9, 0.3]], ["a", "b"], ["c", "d" * 22], "CKA"),
+                F.bars([f"blocks.{i}.attn" for i in range(9)], [0.1 * i for i in range(9)], "drop", "accuracy drop",
+                       kinds=["msa", "mlp"] * 4 + ["msa"]),
+                F.lines({"a": ([1, 2, 3], [1e-3, 1.0, 30.0]), "b": ([1, 2, 3], [2.0, 0.5, 1.0])}, "log", "x", "y")]
+        out[0].axes[0].set_xlabel(r"$\lambda_{\max}$ / $10^{-3}$")
+        out[0].axes[0].set_title("rotated", rotation=7)
+        return out
+
+    calls = {"plain": 0, "computed": 0}
+    originals = (mtext.Text._get_layout, mtext._get_text_metrics_with_cache, RendererAgg.draw_text)
+
+    def counted(key):
+        def layout(self, renderer):
+            calls[key] += 1
+            return originals[0](self, renderer)
+        return layout
+
+    with monkeypatch.context() as m:
+        m.setattr(mtext.Text, "_get_layout", counted("plain"))
+        plain = [F.render(f) for f in figures()]
+    monkeypatch.setattr(T, "_ORIGINAL_LAYOUT", counted("computed"))  # what the cache computes (its misses)
+    T._CACHES.state = None  # start empty
+    with T.text_caches():
+        assert mtext.Text._get_layout is T._cached_layout
+        with T.text_caches():  # nested: harmless
+            cached = [F.render(f) for f in figures()]
+    assert mtext.Text._get_layout is T._ORIGINAL_LAYOUT  # restored (here: the counting stand-in)
+    assert (mtext._get_text_metrics_with_cache, RendererAgg.draw_text) == originals[1:]
+    assert len(plain) == len(cached) == 9
+    for (png, svg), (png2, svg2) in zip(plain, cached):
+        assert png == png2 and _svg_norm(svg.decode()) == _svg_norm(svg2.decode())
+    assert 0 < calls["computed"] < calls["plain"] / 5 and len(T._CACHES.glyphs) > 0

@@ -16,9 +16,8 @@ drawing path it mirrors (``RendererAgg._draw_text_glyphs_and_boxes``); any other
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
-
 import math
+from collections.abc import Iterator
 
 import matplotlib
 import numpy as np

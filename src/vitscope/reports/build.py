@@ -39,10 +39,9 @@ def csv_bytes(rows: Sequence[dict[str, Any]]) -> bytes:
     for r in rows:
         columns += [k for k in r if k not in columns]
     buf = io.StringIO(newline="")
-    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    for r in rows:
-        writer.writerow({k: ("" if v is None else v) for k, v in r.items()})
+    writer = csv.writer(buf, lineterminator="\n")  # writes None (and a missing key) as an empty cell
+    writer.writerow(columns)
+    writer.writerows([r.get(k) for k in columns] for r in rows)
     return buf.getvalue().encode("utf-8")
 
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 import io
 import logging
 import math
+import struct
 import textwrap
+import zlib
 from collections.abc import Mapping, Sequence
 
 import matplotlib
@@ -16,13 +18,20 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
-from matplotlib.ticker import FormatStrFormatter, MaxNLocator
+from matplotlib.ticker import (
+    AutoLocator,
+    FixedFormatter,
+    FixedLocator,
+    FormatStrFormatter,
+    MaxNLocator,
+    ScalarFormatter,
+)
 
 _logger = logging.getLogger(__name__)
 
 __all__ = [
     "new_figure", "heatmap", "per_head", "lines", "shaded_depth", "colored_curves", "band_lines", "bars",
-    "eigen_density", "contour", "reliability", "panels", "to_bytes", "render",
+    "eigen_density", "contour", "reliability", "panels", "to_bytes", "render", "png_bytes",
 ]
 
 SIZE = (4.8, 3.2)
@@ -30,7 +39,7 @@ COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e3
           "#bcbd22"]
 KIND_COLORS = {"msa": "#d62728", "gpsa": "#ff7f0e", "mlp": "#1f77b4", "conv": "#2ca02c"}
 SHADE = "#f4c7c3"
-PNG_COMPRESS = 1  # zlib level of the PNG files: 1 takes 40% less time than PIL's default 6, files ~9% larger
+PNG_COMPRESS = 3  # zlib level of the PNG files (unfiltered rows): as fast as 1 here, 7% smaller files
 
 
 def new_figure(size: tuple[float, float] = SIZE) -> tuple[Figure, object]:
@@ -58,13 +67,36 @@ def _style(ax) -> None:
 def to_bytes(fig: Figure, fmt: str, dpi: int = 130) -> bytes:
     """The figure encoded as ``png`` or ``svg``."""
     buf = io.BytesIO()
-    if fmt == "png":
-        fig.savefig(buf, format="png", dpi=dpi, metadata={"Software": None},
-                    pil_kwargs={"compress_level": PNG_COMPRESS})
-    else:  # text as <text> elements (browsers and editors render it), not as glyph paths: 3-4x faster, smaller
-        with matplotlib.rc_context({"svg.fonttype": "none"}):
-            fig.savefig(buf, format=fmt, dpi=dpi, metadata={"Date": None})
+    if fmt == "png":  # matplotlib's draw into an RGBA buffer (as for its PNG), encoded by ``png_bytes``
+        fig.savefig(buf, format="raw", dpi=dpi)
+        shape = fig.canvas.buffer_rgba().shape  # (H, W, 4) of the renderer savefig drew with
+        return png_bytes(np.frombuffer(buf.getbuffer(), np.uint8).reshape(shape), dpi)
+    # text as <text> elements (browsers and editors render it), not as glyph paths: 3-4x faster, smaller
+    with matplotlib.rc_context({"svg.fonttype": "none"}):
+        fig.savefig(buf, format=fmt, dpi=dpi, metadata={"Date": None})
     return buf.getvalue()
+
+
+def png_bytes(rgba: np.ndarray, dpi: float) -> bytes:
+    """An (H, W, 4) uint8 image as PNG: 8-bit RGBA, rows unfiltered, zlib level ``PNG_COMPRESS``, the dpi noted.
+
+    The same pixels as PIL's PNG (which matplotlib's ``savefig`` uses) in a third of the time: PIL tries all
+    five row filters of the format on every row to pick one (60% of its time at zlib level 1); plain rows
+    compress nearly as well for plots, which are mostly flat colour (the demo's PNGs: 2% larger than PIL's at
+    level 1, 2.3 ms per figure instead of ~7)."""
+    h, w, c = rgba.shape
+    if c != 4 or rgba.dtype != np.uint8:
+        raise ValueError(f"png_bytes wants an (H, W, 4) uint8 image, got {rgba.shape} {rgba.dtype}")
+    rows = np.zeros((h, 1 + 4 * w), np.uint8)  # each row: filter type 0 (none), then its pixels
+    rows[:, 1:] = rgba.reshape(h, 4 * w)
+    ppm = int(dpi / 0.0254 + 0.5)  # pixels per metre, rounded as PIL rounds it
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 6, 0, 0, 0))
+            + chunk(b"pHYs", struct.pack(">IIB", ppm, ppm, 1)) + chunk(b"IDAT", zlib.compress(rows, PNG_COMPRESS))
+            + chunk(b"IEND", b""))
 
 
 def render(fig: Figure, dpi: int = 130) -> tuple[bytes, bytes]:
@@ -79,7 +111,36 @@ def render(fig: Figure, dpi: int = 130) -> tuple[bytes, bytes]:
     for ax in fig.axes:  # the layout placed the titles (above any top-side tick labels): keep them there
         if hasattr(ax, "_autotitlepos"):  # matplotlib's flag for "move the title above top-side tick labels"
             ax._autotitlepos = False
+    _pin_ticks(fig, dpi)
     return to_bytes(fig, "png", dpi), to_bytes(fig, "svg", dpi)
+
+
+def _pin_ticks(fig: Figure, dpi: int) -> None:
+    """Pin each linear axis' automatic ticks to the locations and labels they have once the figure is laid out.
+
+    Each draw asks every axis' locator and formatter again, several times (for the axis, for its label's
+    position, for the sibling axes' labels), and again for each format; with the axes placed, they can only
+    give these values, which the draws then take as they are (``FixedLocator``/``FixedFormatter``, the
+    formatter's offset text kept). Colour bars and log axes keep their own.
+    """
+    old = fig.get_dpi()
+    fig.set_dpi(dpi)  # as in the PNG's draw
+    try:
+        for ax in fig.axes:
+            if hasattr(ax, "_colorbar"):
+                continue
+            for axis in (ax.xaxis, ax.yaxis):
+                loc, fmt = axis.get_major_locator(), axis.get_major_formatter()
+                if (type(loc) not in (AutoLocator, MaxNLocator) or type(fmt) is not ScalarFormatter
+                        or axis.get_scale() != "linear"):
+                    continue
+                locs = axis.get_majorticklocs()
+                fixed = FixedFormatter(fmt.format_ticks(locs))
+                fixed.set_offset_string(fmt.get_offset())
+                axis.set_major_locator(FixedLocator(locs))
+                axis.set_major_formatter(fixed)
+    finally:
+        fig.set_dpi(old)
 
 
 def _lay_out(fig: Figure, dpi: int) -> None:
