@@ -511,9 +511,9 @@ def test_png_bytes_decode_to_the_pixels_pil_writes():
 
 def test_text_caches_draw_the_same_bytes(dirs, monkeypatch):
     """The report's figures (rotated tick labels, log axes, colour bars, legends, a mathtext label) drawn one
-    after another with the text caches on give the PNG and SVG that matplotlib draws without them; most text
-    layouts come from the cache (shared across figures and formats), and matplotlib's own functions are back
-    afterwards."""
+    after another with the text caches and figure templates on give the PNG and SVG that matplotlib draws
+    without them; most text layouts come from the cache (shared across figures and formats), and matplotlib's
+    own functions are back afterwards."""
     import matplotlib.text as mtext
     from matplotlib.backends.backend_agg import RendererAgg
 
@@ -546,10 +546,12 @@ def test_text_caches_draw_the_same_bytes(dirs, monkeypatch):
         plain = [F.render(f) for f in figures()]
     monkeypatch.setattr(T, "_ORIGINAL_LAYOUT", counted("computed"))  # what the cache computes (its misses)
     T._CACHES.state = None  # start empty
-    with T.text_caches():
+    with T.text_caches(), F.figure_templates():
         assert mtext.Text._get_layout is T._cached_layout
-        with T.text_caches():  # nested: harmless
+        with T.text_caches(), F.figure_templates():  # nested: harmless
             cached = [F.render(f) for f in figures()]
+        assert len(F._TEMPLATES) >= 2  # blank figures by size: later figures are copies
+    assert F._TEMPLATES is None
     assert mtext.Text._get_layout is T._ORIGINAL_LAYOUT  # restored (here: the counting stand-in)
     assert (mtext._get_text_metrics_with_cache, RendererAgg.draw_text) == originals[1:]
     assert len(plain) == len(cached) == 9

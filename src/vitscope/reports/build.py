@@ -66,7 +66,8 @@ def _render_section(runs: list[RunData], task: int,
     garbage collection (``gc.freeze``), which otherwise walks all of them again and again while they are drawn
     (0.1 s per section here); they are freed with the worker, their pixel buffers when drawn.
     """
-    with text_caches():  # the same texts recur in every figure: measure each once (the same bytes)
+    # The same texts recur in every figure: measure each once; blank figures are built once and copied.
+    with text_caches(), F.figure_templates():
         sec = comparison_section(runs) if task < 0 else run_section(runs[task])
         if sec is None:
             return None
