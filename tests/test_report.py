@@ -546,12 +546,13 @@ def test_text_caches_draw_the_same_bytes(dirs, monkeypatch):
         plain = [F.render(f) for f in figures()]
     monkeypatch.setattr(T, "_ORIGINAL_LAYOUT", counted("computed"))  # what the cache computes (its misses)
     T._CACHES.state = None  # start empty
+    F._TEMPLATES.clear()
     with T.text_caches(), F.figure_templates():
         assert mtext.Text._get_layout is T._cached_layout
         with T.text_caches(), F.figure_templates():  # nested: harmless
             cached = [F.render(f) for f in figures()]
         assert len(F._TEMPLATES) >= 2  # blank figures by size: later figures are copies
-    assert F._TEMPLATES is None
+    assert not F._TEMPLATES_ON
     assert mtext.Text._get_layout is T._ORIGINAL_LAYOUT  # restored (here: the counting stand-in)
     assert (mtext._get_text_metrics_with_cache, RendererAgg.draw_text) == originals[1:]
     assert len(plain) == len(cached) == 9
