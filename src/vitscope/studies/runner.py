@@ -285,14 +285,19 @@ def _training_table(evals: list[dict[str, Any]]) -> str:
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for e in evals:
         groups.setdefault((e["model"], e["condition"]), []).append(e["training"])
-    lines = ["", "| model | condition | converged (val NLL stopped improving) | epochs trained | best val NLL |",
+    lines = ["", "| model | condition | converged (val NLL stopped improving) | epochs trained (best) | best val NLL |",
              "|---|---|---|---|---|"]
     for (model, cond), ts in groups.items():
         conv = [t["converged"] for t in ts]
         conv_txt = "no early stopping" if all(c is None for c in conv) else f"{sum(bool(c) for c in conv)} of {len(ts)}"
-        epochs = ", ".join(f"{t['epochs_trained']}/{t['epoch_cap']}" for t in ts)
+        epochs = ", ".join(f"{t['epochs_trained']}/{t['epoch_cap']}"
+                           + ("" if t.get("best_epoch") is None else f" ({t['best_epoch'] + 1})") for t in ts)
         nll = ", ".join("n/a" if t["best_val_nll"] is None else f"{t['best_val_nll']:.3g}" for t in ts)
         lines.append(f"| {model} | {cond} | {conv_txt} | {epochs} | {nll} |")
+    if any(t.get("early_stop_patience") for ts in groups.values() for t in ts):
+        lines.append("\nEpochs count from 1; best: the epoch of the lowest validation NLL, whose weights early "
+                     "stopping restores (early_stop_restore_best). Patience counts only after the warm-up, once the "
+                     "learning rate has decayed to early_stop_lr_fraction of its peak.")
     return "\n".join(lines) + "\n"
 
 
