@@ -168,3 +168,21 @@ def test_more_processes_than_test_batches_is_refused_before_training():
         _check_processes(study, s, 4)
     with pytest.raises(StudyError, match="training batch \\(32\\)"):  # the recipe's batch size
         _check_processes(study, {**s, "batch_size": None}, 3)
+
+
+def test_training_summary_reports_the_epoch_whose_weights_the_run_kept(tmp_path):
+    import json
+
+    from vitscope.studies.pipeline import training_summary
+    from vitscope.training.config import resolve_config, save_config
+
+    cfg = resolve_config(overrides={"epochs": 8, "early_stop_patience": 2})
+    save_config(cfg, tmp_path / "config.yaml")
+    nll = [0.9, 0.6, 0.5, 0.7, 0.8]
+    lines = [{"epoch": e, "val_nll": v, "val_top1": 50.0 + e} for e, v in enumerate(nll)]
+    lines[-1].update(stopped_early=True, weights_epoch=2)
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    s = training_summary(tmp_path)
+    assert (s["best_epoch"], s["best_val_nll"], s["epochs_trained"], s["epoch_cap"]) == (2, 0.5, 5, 8)
+    assert (s["weights_epoch"], s["weights_val_top1"], s["last_val_top1"]) == (2, 52.0, 54.0)
+    assert s["converged"] is True

@@ -119,7 +119,9 @@ def training_summary(run_dir: str | os.PathLike) -> dict[str, Any]:
     """How a run's training ended: epochs trained of the cap, the best validation NLL and its epoch, and
     ``converged``: True when early stopping ended it (validation NLL had not improved for
     ``early_stop_patience`` epochs), False when it used every epoch of the cap (it may still have been
-    improving), None when the run had no early stopping."""
+    improving), None when the run had no early stopping. ``weights_epoch`` is the epoch whose weights the run
+    ended with (the best one when early stopping restored it), ``weights_val_top1`` that epoch's validation top-1;
+    ``last_val_top1`` is the last epoch's."""
     from vitscope.training import load_config
 
     run_dir = Path(run_dir)
@@ -135,9 +137,14 @@ def training_summary(run_dir: str | os.PathLike) -> dict[str, Any]:
     best_nll, best_epoch = min(nll) if nll else (None, None)
     stopped = any(bool(r.get("stopped_early")) for r in recs)
     patience = getattr(cfg, "early_stop_patience", None)
+    by_epoch = {int(r["epoch"]): r for r in recs}  # a resumed epoch's later line wins
+    weights_epoch = None
+    if recs:
+        weights_epoch = int(recs[-1].get("weights_epoch", recs[-1]["epoch"]))
     return {"epochs_trained": len({int(r["epoch"]) for r in recs}), "epoch_cap": cfg.epochs,
             "early_stop_patience": patience, "best_val_nll": best_nll, "best_epoch": best_epoch,
             "last_val_top1": recs[-1].get("val_top1") if recs else None,
+            "weights_epoch": weights_epoch, "weights_val_top1": by_epoch.get(weights_epoch, {}).get("val_top1"),
             "stopped_early": stopped, "converged": stopped if patience else None}
 
 
