@@ -87,6 +87,10 @@ def _render_section(runs: list[RunData], task: int,
 
 def _worker_init(runs: list[RunData]) -> None:
     _WORKER_RUNS[:] = runs
+    # Drawing makes and drops artists by the thousand: a young-generation collection every 20,000 allocations
+    # instead of 700 finds most of them already freed (0.35 s -> 0.10 s of collections on the demo, same peak
+    # memory). Only in the worker, which exits after the build.
+    gc.set_threshold(20_000, 20, 100)
     torch = sys.modules.get("torch")
     if torch is not None:  # a forked child must not enter the parent's OpenMP pool (as DataLoader workers do)
         torch.set_num_threads(1)
