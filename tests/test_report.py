@@ -559,3 +559,7 @@ def test_text_caches_draw_the_same_bytes(dirs, monkeypatch):
     for (png, svg), (png2, svg2) in zip(plain, cached):
         assert png == png2 and _svg_norm(svg.decode()) == _svg_norm(svg2.decode())
     assert 0 < calls["computed"] < calls["plain"] / 5 and len(T._CACHES.glyphs) > 0
+    import matplotlib
+
+    with matplotlib.rc_context({"text.kerning_factor": 1}), T.text_caches():  # what sizes depend on changed
+        assert not T._CACHES.layout and not T._CACHES.glyphs

@@ -30,7 +30,7 @@ from matplotlib.transforms import Bbox
 __all__ = ["text_caches"]
 
 _MAX_ENTRIES = 50_000  # per cache; then it starts afresh (the report needs a few thousand)
-_RC_KEYS = ("text.hinting", "text.hinting_factor", "text.kerning_factor", "text.antialiased")
+_RC_PREFIXES = ("text.", "mathtext.", "font.")  # rcParams that text sizes and glyphs depend on (stored values)
 
 
 def _renderer_kind(renderer) -> type | None:
@@ -56,7 +56,8 @@ class _Caches:
 
     def check(self) -> None:
         """Start afresh when anything the cached values depend on globally has changed (rcParams, version)."""
-        state = (matplotlib.__version__, tuple(matplotlib.rcParams[k] for k in _RC_KEYS))
+        state = (matplotlib.__version__, repr(sorted((k, v) for k, v in dict.items(matplotlib.rcParams)
+                                                    if k.startswith(_RC_PREFIXES))))
         caches = (self.layout, self.metrics, self.shaped, self.glyphs)
         if state != self.state or any(len(c) > _MAX_ENTRIES for c in caches):
             for c in caches:
