@@ -29,6 +29,10 @@ from matplotlib.transforms import Bbox
 
 __all__ = ["text_caches"]
 
+# The matplotlib releases whose private text path (``Text._get_layout``, ``_get_text_metrics_with_cache``, the
+# Agg glyph drawing) these caches mirror and were checked against (same bytes); any other draws as before.
+_CHECKED_MINOR_VERSIONS = ((3, 11),)
+_SUPPORTED = tuple(int(v) for v in matplotlib.__version__.split(".")[:2]) in _CHECKED_MINOR_VERSIONS
 _MAX_ENTRIES = 50_000  # per cache; then it starts afresh (the report needs a few thousand)
 _RC_PREFIXES = ("text.", "mathtext.", "font.")  # rcParams that text sizes and glyphs depend on (stored values)
 
@@ -146,7 +150,7 @@ def _cached_draw_text(self: RendererAgg, gc, x, y, s, prop, angle, ismath=False,
 @contextlib.contextmanager
 def text_caches() -> Iterator[None]:
     """While active, text layouts and sizes are memoized across figures, renderers and draws (see module)."""
-    if mtext.Text._get_layout is _cached_layout:  # nested: the outer one restores
+    if not _SUPPORTED or mtext.Text._get_layout is _cached_layout:  # unchecked matplotlib; or nested
         yield
         return
     _CACHES.check()
