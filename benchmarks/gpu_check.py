@@ -9,8 +9,10 @@
 
 Each pair runs interleaved (the order alternates every repeat) and the median of the paired ratios is
 printed with the geometric mean and its 95% t interval over the repeats; the training goal is called met only
-when the whole interval is at or under 1.05x, not met when it is wholly above, else inconclusive; everything is written to ``--out`` (JSON). ``--tiny`` runs the same code on a CPU with tiny models
-in seconds (what the test suite checks); GPU figures go into benchmarks/README.md ("GPU check").
+when the whole interval is at or under 1.05x, not met when it is wholly above, else inconclusive; everything is
+written to ``--out`` (JSON). ``--tiny`` runs the same code on a CPU with tiny models in seconds (what the test
+suite checks); ``--cpu-training`` sizes the training check for a CPU (ViT-Ti/16 at 112 px, batch 32: a real
+model, minutes on 2 cores). GPU figures go into benchmarks/README.md ("GPU check").
 
     python benchmarks/gpu_check.py --out gpu_check.json            # on a GPU (default device: cuda)
     python benchmarks/gpu_check.py --tiny --device cpu --out /tmp/gpu_check.json
@@ -40,6 +42,8 @@ FULL = {"probe_model": "vit_base_patch16_224", "probe_img": 224, "probe_batch": 
         "hessian_model": "vit_small_patch16_224", "hessian_img": 224, "hessian_batch": 32,
         "train_model": "vit_small_patch16_224", "train_img": 224, "train_batch": 128, "train_steps": 30,
         "train_repeats": 16, "repeats": 3, "classes": 1000}
+CPU_TRAINING = {"train_model": "vit_tiny_patch16_224", "train_kwargs": {"img_size": 112}, "train_img": 112,
+                "train_batch": 32, "train_steps": 4, "train_repeats": 16, "classes": 10}
 TINY = {"probe_model": "test_vit_cb", "probe_img": 32, "probe_batch": 8, "probe_batches": 2,
         "hessian_model": "test_vit_cb", "hessian_img": 32, "hessian_batch": 4,
         "train_model": "test_vit_cb", "train_img": 32, "train_batch": 8, "train_steps": 2,
@@ -97,9 +101,9 @@ def _goal_verdict(ci: list[float], goal: float) -> str:
     return "met" if hi <= goal else "not met" if lo > goal else "inconclusive"
 
 
-def _model(name: str, classes: int, device: torch.device) -> nn.Module:
+def _model(name: str, classes: int, device: torch.device, **kwargs: Any) -> nn.Module:
     torch.manual_seed(0)
-    return vitscope.create_model(name, num_classes=classes).to(device)
+    return vitscope.create_model(name, num_classes=classes, **kwargs).to(device)
 
 
 def _batches(n: int, batch: int, img: int, classes: int, device: torch.device) -> list[tuple[torch.Tensor, ...]]:
@@ -244,7 +248,8 @@ def check_training(s: dict[str, Any], device: torch.device) -> dict[str, Any]:
     batches = _batches(s["train_steps"], s["train_batch"], s["train_img"], s["classes"], device)
     models = {}
     for who in ("timm", "vitscope"):
-        m = _model(s["train_model"], s["classes"], device).to(memory_format=torch.channels_last).train()
+        m = _model(s["train_model"], s["classes"], device, **s.get("train_kwargs", {}))
+        m = m.to(memory_format=torch.channels_last).train()
         models[who] = (m, torch.optim.AdamW(m.parameters(), lr=1e-4))
     crit = nn.CrossEntropyLoss()
     losses: dict[str, float] = {}
@@ -296,6 +301,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--tiny", action="store_true", help="tiny models and batches (a CPU smoke run in seconds)")
+    ap.add_argument("--cpu-training", action="store_true",
+                    help="with --tiny: the training check on ViT-Ti/16 at 112 px, batch 32 (a CPU measurement)")
     ap.add_argument("--out", default="gpu_check.json", help="JSON file with every figure")
     ap.add_argument("--only", default="probe,hessian,training", help="comma list of the checks to run")
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
@@ -310,6 +317,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print("warning: the full settings (ViT-B/16 at batch 128) on a CPU take far longer than 8 minutes; "
               "use --tiny", file=sys.stderr)
     settings = TINY if args.tiny else FULL
+    if args.cpu_training:
+        if not args.tiny:
+            raise SystemExit("--cpu-training goes with --tiny (the other checks' CPU sizes)")
+        settings = {**TINY, **CPU_TRAINING}
     report: dict[str, Any] = {
         "device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else
         "cpu", "torch": torch.__version__, "threads": torch.get_num_threads(), "tiny": args.tiny,
