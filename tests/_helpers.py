@@ -31,3 +31,36 @@ def one_line_error(capsys, argv: list[str], *patterns: str) -> str:
     for pattern in patterns:
         assert pattern in err, err
     return err
+
+
+def register_nan_model(nan_after: int) -> str:
+    """Register (once) and name a timm model: a linear head on the mean image that returns NaN from its
+    ``nan_after + 1``-th training forward on (eval forwards stay finite)."""
+    import timm
+    import torch.nn as nn
+
+    name = f"_vitscope_test_nan_after_{nan_after}"
+    if timm.is_model(name):
+        return name
+
+    def create(pretrained=False, num_classes=10, **kwargs):
+        class NanAfter(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.head = nn.Linear(3, num_classes)
+                self.calls = 0
+                self.pretrained_cfg = {"input_size": (3, 32, 32)}
+
+            def forward(self, x):
+                out = self.head(x.mean((2, 3)))  # (B, C)
+                if self.training:
+                    self.calls += 1
+                    if self.calls > nan_after:
+                        out = out * float("nan")
+                return out
+
+        return NanAfter()
+
+    create.__name__ = name
+    timm.models.register_model(create)
+    return name

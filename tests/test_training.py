@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
+from _helpers import register_nan_model
 from vitscope.cli import main as cli_main
 from vitscope.data import create_dataset, create_loader
 from vitscope.training import (
@@ -366,32 +367,8 @@ def test_sam_ema_and_probes_in_a_run(tmp_path):
     assert not torch.equal(ema_model.head.weight, model.head.weight)
 
 
-def _nan_after(pretrained=False, num_classes=10, nan_after=12, **kwargs):
-    """A linear model that returns NaN from its ``nan_after + 1``-th training forward on."""
-
-    class NanAfter(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.head = nn.Linear(3, num_classes)
-            self.calls = 0
-            self.pretrained_cfg = {"input_size": (3, 32, 32)}
-
-        def forward(self, x):
-            out = self.head(x.mean((2, 3)))  # (B, C)
-            if self.training:
-                self.calls += 1
-                if self.calls > nan_after:
-                    out = out * float("nan")
-            return out
-
-    return NanAfter()
-
-
 def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
-    if not timm.is_model("_vitscope_test_nan_after"):
-        _nan_after.__name__ = "_vitscope_test_nan_after"
-        timm.models.register_model(_nan_after)
-    cfg = quick(tmp_path, model="_vitscope_test_nan_after", epochs=3)  # 8 steps per epoch: NaN at epoch 1 step 4
+    cfg = quick(tmp_path, model=register_nan_model(12), epochs=3)  # 8 steps per epoch: NaN at epoch 1 step 4
     with pytest.raises(NonFiniteLossError, match=r"epoch 1, step 4.*last good checkpoint \(.*epoch-0000\) is kept"):
         train(cfg)
     run = tmp_path / "run"

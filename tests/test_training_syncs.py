@@ -12,7 +12,6 @@ import os
 import socket
 
 import pytest
-import timm
 import torch
 import torch.multiprocessing as mp
 import torch.nn as nn
@@ -20,6 +19,7 @@ import torch.nn.functional as F
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 
+from _helpers import register_nan_model
 from vitscope.training import NonFiniteLossError, resolve_config, train, train_one_epoch
 from vitscope.training.checkpoint import latest_checkpoint, read_jsonl
 from vitscope.training.distributed import DistInfo
@@ -124,31 +124,9 @@ def test_bad_check_interval_is_refused():
                         nn.CrossEntropyLoss(), 0, nonfinite_check_every=0)
 
 
-def _nan_at_step_3(pretrained=False, num_classes=10, **kwargs):
-    class NanAtStep3(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.head = nn.Linear(3, num_classes)
-            self.calls = 0
-            self.pretrained_cfg = {"input_size": (3, 32, 32)}
-
-        def forward(self, x):
-            out = self.head(x.mean((2, 3)))  # (B, C)
-            if self.training:
-                self.calls += 1
-                if self.calls > 3:  # training steps 3, 4, ... of epoch 0
-                    out = out * float("nan")
-            return out
-
-    return NanAtStep3()
-
-
 def test_train_reports_nan_at_step_3_and_saves_nothing(tmp_path):
     """fake:n=320 at batch 32: 10 steps per epoch; the NaN at step 3 is found at the end-of-epoch check."""
-    if not timm.is_model("_vitscope_test_nan_at_step_3"):
-        _nan_at_step_3.__name__ = "_vitscope_test_nan_at_step_3"
-        timm.models.register_model(_nan_at_step_3)
-    cfg = resolve_config("cpu-quick", model="_vitscope_test_nan_at_step_3", data="fake:n=320,n_eval=8",
+    cfg = resolve_config("cpu-quick", model=register_nan_model(3), data="fake:n=320,n_eval=8",
                          out=str(tmp_path / "run"), epochs=2, progress=False)
     with pytest.raises(NonFiniteLossError, match=r"epoch 0, step 3;.*No checkpoint was written"):
         train(cfg)
