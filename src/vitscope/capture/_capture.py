@@ -148,7 +148,8 @@ class _Recorder:
             patch = self.image_hw[0] // grid[0] if self.image_hw else None
         info = LayerInfo(name, kind, block, prefix, grid, patch, num_heads)
         shortcut = parts.get("shortcut", z_in)
-        branch = parts["branch"] if "branch" in parts else parts["sum"] - shortcut
+        # the branch: recorded, else (the sum before a post-add activation, else the output) - shortcut
+        branch = parts["branch"] if "branch" in parts else parts.get("sum", z_out) - shortcut
         self.deliver(SubLayerRecord(info, self.out(z_in), self.out(branch), self.out(shortcut), self.out(z_out)))
 
     # -- installation ---------------------------------------------------------------------------
@@ -216,7 +217,7 @@ class _Recorder:
                        branch: nn.Module | None, pre_activation: nn.Module | None) -> None:
         """A block recorded whole: z_in at its input, z_out at its output, the skip path's output from
         ``shortcut`` (z_in when None), and the branch from ``branch``'s output or, for a block that
-        activates after the add, as (input of ``pre_activation``) - shortcut."""
+        activates after the add, as (input of ``pre_activation``) - shortcut, else as z_out - shortcut."""
         b = site.module
         slot = self.pending.setdefault(site.name, {})
         if not self.keep(site.name):
@@ -263,19 +264,7 @@ class _Recorder:
     def _install_smoothing(self, i: int, site: BlockSite) -> None:
         """A spatial-smoothing layer (no skip path): recorded as ``z_out = z_in + (smooth(z_in) - z_in)``, i.e.
         shortcut = z_in and branch = the change the blur makes, so ``z_out = shortcut + branch`` holds."""
-        slot = self.pending.setdefault(site.name, {})
-        if not self.keep(site.name):
-            return
-
-        def smooth_in(_m, args):
-            slot["z_in"] = args[0]
-
-        def smooth_out(_m, _args, out):
-            z_in = slot.pop("z_in")
-            self.emit(site.name, "smoothing", i, {"z_in": z_in, "shortcut": z_in, "branch": out - z_in, "z_out": out})
-
-        self.hook(site.module, smooth_in, pre=True)
-        self.hook(site.module, smooth_out)
+        self._install_block(i, site, "smoothing", None, None, None)
 
     def _install_attention(self) -> None:
         for name, m in self.model.named_modules():
