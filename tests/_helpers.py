@@ -64,3 +64,20 @@ def register_nan_model(nan_after: int) -> str:
     create.__name__ = name
     timm.models.register_model(create)
     return name
+
+
+def count_host_reads(monkeypatch, methods: tuple[str, ...]) -> list[str]:
+    """Wrap the Tensor ``methods`` that read device data on the host (each a sync on a GPU) so that every call,
+    from any code (torch, timm, vitscope), is appended to the returned list; ``monkeypatch`` undoes it."""
+    import torch
+
+    calls: list[str] = []
+    for name in methods:
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _name=name, _original=original, **kwargs):
+            calls.append(_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    return calls

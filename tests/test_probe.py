@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 import vitscope
+from _helpers import count_host_reads
 from vitscope import measures as M
 
 
@@ -195,15 +196,7 @@ _SCALAR_READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index_
 
 def _count_scalar_reads(monkeypatch, fn):
     """Calls of the Tensor methods that read a value on the host (on a GPU each waits for the queue to drain)."""
-    calls = []
-    for meth in _SCALAR_READS:
-        orig = getattr(torch.Tensor, meth)
-
-        def counted(self, *args, _orig=orig, _meth=meth, **kwargs):
-            calls.append(_meth)
-            return _orig(self, *args, **kwargs)
-
-        monkeypatch.setattr(torch.Tensor, meth, counted)
+    calls = count_host_reads(monkeypatch, _SCALAR_READS)
     try:
         fn()
     finally:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 
-from _helpers import register_nan_model
+from _helpers import count_host_reads, register_nan_model
 from vitscope.training import NonFiniteLossError, resolve_config, train, train_one_epoch
 from vitscope.training.checkpoint import latest_checkpoint, read_jsonl
 from vitscope.training.distributed import DistInfo
@@ -32,16 +32,7 @@ HOST_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int_
 @pytest.fixture
 def host_reads(monkeypatch):
     """Counts every call of a host-reading Tensor method (from any code: torch, timm, vitscope)."""
-    calls: list[str] = []
-    for name in HOST_READS:
-        original = getattr(torch.Tensor, name)
-
-        def counted(self, *args, _name=name, _original=original, **kwargs):
-            calls.append(_name)
-            return _original(self, *args, **kwargs)
-
-        monkeypatch.setattr(torch.Tensor, name, counted)
-    return calls
+    return count_host_reads(monkeypatch, HOST_READS)
 
 
 def _batches(n: int, batch: int = 4, last: int | None = None, seed: int = 0) -> list[tuple[torch.Tensor, ...]]:
