@@ -117,7 +117,7 @@ def _image_folder(root: Path) -> list[tuple[Path, int]]:
 def test_probe_pretrained_feeds_the_models_own_preprocessing(hub, tmp_path, monkeypatch):
     """The tensors the model receives equal timm's create_transform(**resolve_data_config(model=model)) on the
     same images; the preprocessing is written into the output's metadata."""
-    import vitscope.io.weights as weights
+    import vitscope.io.checkpoints as weights
 
     items = _image_folder(tmp_path / "imgs")
     seen: list[torch.Tensor] = []

@@ -162,95 +162,14 @@ def autocast(args: argparse.Namespace, device: Any) -> Any:
 
 
 def run_spec(checkpoint: str) -> dict[str, Any] | None:
-    """What builds the network of a training run (``model``, ``model_kwargs``, ``img_size``, ``num_classes``,
-    ``data``, ``pretrained``, ``weights``) for ``--checkpoint`` = the run directory or a weights file in it
-    (``vitscope.training.checkpoint.run_model_spec``); ``None`` for a weights file outside a run directory."""
-    from vitscope.training import checkpoint as ckpt
+    """What builds the network of a training run for ``--checkpoint`` = the run directory or a weights file in
+    it (``vitscope.io.runs.find_run_spec``); ``None`` for a weights file outside a run directory."""
+    from vitscope.io.runs import find_run_spec
 
-    path = Path(checkpoint).expanduser()
-    run_dir = path
-    if not path.is_dir():
-        run_dir = path.parent.parent.parent if path.parent.parent.name == "checkpoints" else path.parent
-    if not (run_dir / ckpt.CONFIG_FILE).is_file():
-        if path.is_dir():
-            raise CLIError(f"--checkpoint {checkpoint} is a directory without {ckpt.CONFIG_FILE}: pass a vitscope "
-                           "training run directory or a weights file (.safetensors, .bin, .pth)")
-        return None
-    if not path.is_dir() and path.suffix != ".safetensors":
-        return None  # another file that happens to sit in a run directory
-    reader = getattr(ckpt, "run_model_spec", None)
-    spec = dict(reader(path)) if reader is not None else _read_run_config(run_dir, path)
-    if "pretrained" not in spec:
-        spec["pretrained"] = bool(_run_config(run_dir).get("pretrained", False))
-    return spec
-
-
-def _run_config(run_dir: Path) -> dict[str, Any]:
-    import yaml
-
-    from vitscope.training import checkpoint as ckpt
-
-    path = run_dir / ckpt.CONFIG_FILE
     try:
-        cfg = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as e:
-        raise CLIError(f"cannot read {path} ({type(e).__name__}); it is not a vitscope run's config") from None
-    if not isinstance(cfg, dict):
-        raise CLIError(f"{path} is not a mapping of config keys; it is not a vitscope run's config")
-    return cfg
-
-
-def _read_run_config(run_dir: Path, given: Path) -> dict[str, Any]:
-    """A run's spec from its ``config.yaml`` (for a vitscope without ``run_model_spec``)."""
-    from vitscope.training import checkpoint as ckpt
-
-    cfg = _run_config(run_dir)
-    if not isinstance(cfg.get("model"), str):
-        raise CLIError(f"{run_dir / ckpt.CONFIG_FILE} names no model; it is not a vitscope run's config")
-    weights = given if given.is_file() else run_dir / ckpt.MODEL_FILE
-    if not weights.is_file():
-        raise CLIError(f"--checkpoint {given}: the run has no {ckpt.MODEL_FILE} yet (it ended before its first "
-                       "checkpoint); train it first")
-    return {
-        "model": cfg["model"], "model_kwargs": dict(cfg.get("model_kwargs") or {}),
-        "img_size": cfg.get("img_size"), "num_classes": cfg.get("num_classes"), "data": cfg.get("data"),
-        "pretrained": bool(cfg.get("pretrained", False)), "weights": weights,
-    }
-
-
-def _build_from_spec(spec: dict[str, Any]) -> Any:
-    """The run's network with its weights: ``create_model(model, **model_kwargs, num_classes, img_size)``."""
-    from vitscope.io.weights import load_checkpoint
-    from vitscope.models import create_model
-
-    kwargs = spec.get("create_kwargs")
-    if kwargs is None:
-        kwargs = dict(spec.get("model_kwargs") or {})
-        kwargs.update(num_classes=spec.get("num_classes"))
-        if spec.get("img_size") is not None:
-            kwargs["img_size"] = spec["img_size"]
-    kwargs = dict(kwargs)
-    try:
-        model = create_model(spec["model"], **kwargs)
-    except TypeError as e:
-        if "img_size" not in kwargs or "img_size" not in str(e):
-            raise ValueError(f"cannot rebuild {spec['model']!r} with {kwargs}: {e}") from None
-        kwargs.pop("img_size")  # CNNs take any input size (as training's build_model)
-        model = create_model(spec["model"], **kwargs)
-    return load_checkpoint(model, spec["weights"], strict=True)
-
-
-def _with_img_size(build: Any, img_size: int | None) -> Any:
-    """``build(img_size=...)`` for a user's ``--img-size`` (a ViT's position embedding is resampled from the
-    weights by timm's checkpoint filter), ``build()`` for models that take any input size."""
-    if img_size is None:
-        return build()
-    try:
-        return build(img_size=img_size)
-    except TypeError as e:
-        if "img_size" not in str(e):
-            raise
-        return build()
+        return find_run_spec(checkpoint)
+    except (FileNotFoundError, ValueError) as err:
+        raise CLIError(f"--checkpoint {checkpoint}: {err}") from None
 
 
 def _arch(name: str) -> str:
@@ -261,7 +180,8 @@ def build_model(args: argparse.Namespace, num_data_classes: int) -> tuple[Any, d
     """(model in eval mode on the CPU, the meta describing it) for ``--model/--pretrained/--checkpoint``."""
     import torch
 
-    from vitscope.io.weights import load_model, read_sidecar
+    from vitscope.io.checkpoints import load_model
+    from vitscope.io.weights import read_sidecar
 
     spec = run_spec(args.checkpoint) if args.checkpoint else None
     if args.checkpoint and spec is None and not Path(args.checkpoint).expanduser().is_file():
@@ -286,7 +206,9 @@ def build_model(args: argparse.Namespace, num_data_classes: int) -> tuple[Any, d
 
             model = load_weights(spec["weights"])  # rebuilt from the sidecar, head inferred when not recorded
         else:
-            model = _build_from_spec(spec)
+            from vitscope.io.runs import load_run_model
+
+            model, _ = load_run_model(spec)
         meta = {"model": spec["model"], "model_kwargs": spec.get("model_kwargs") or {},
                 "checkpoint": str(spec["weights"]), "pretrained": bool(spec.get("pretrained", False)),
                 "img_size": spec.get("img_size"), "trained_on": spec.get("data"),
@@ -294,14 +216,13 @@ def build_model(args: argparse.Namespace, num_data_classes: int) -> tuple[Any, d
     elif not args.model:
         raise CLIError("--model is required (or --checkpoint RUN_DIR, which names its model)")
     elif args.pretrained:
-        model = _with_img_size(lambda **kw: load_model(args.model, pretrained=True, **kw), args.img_size)
+        model = load_model(args.model, pretrained=True, img_size=args.img_size)  # a ViT's grid resampled by timm
         meta = {"model": args.model, "pretrained": True, "checkpoint": None,
                 "hf_hub_id": model.pretrained_cfg.get("hf_hub_id")}
     else:
         torch.manual_seed(args.seed)  # a model without weights gets the same random weights every run
         kwargs = {} if args.checkpoint else {"num_classes": num_data_classes}
-        model = _with_img_size(lambda **kw: load_model(args.model, checkpoint=args.checkpoint, **kwargs, **kw),
-                               args.img_size)
+        model = load_model(args.model, checkpoint=args.checkpoint, img_size=args.img_size, **kwargs)
         meta = {"model": args.model, "pretrained": False, "checkpoint": args.checkpoint}
     meta["num_classes"] = int(getattr(model, "num_classes", 0) or 0)
     return model.eval(), meta

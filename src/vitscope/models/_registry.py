@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import fnmatch
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -9,6 +10,7 @@ import timm
 import torch.nn as nn
 from timm.models import register_model
 
+_logger = logging.getLogger(__name__)
 _VITSCOPE_MODELS: list[str] = []
 
 
@@ -30,6 +32,9 @@ def list_models(pattern: str = "") -> list[str]:
 def create_model(name: str, **kwargs: Any) -> nn.Module:
     """Build any vitscope or timm model by name; ``None`` kwargs are dropped (timm's convention).
 
+    ``img_size`` is passed to the models that take one (ViTs: it sets their token grid) and dropped for the
+    ones whose constructor does not (CNNs take any input size), so one call builds either from a run's record.
+
     Raises:
         ValueError: the name is unknown to both vitscope and timm; lists close matches.
     """
@@ -40,4 +45,11 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
             f"`timm.list_models()` for timm's. Similar names: {close or 'none'}"
         )
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    try:
+        return timm.create_model(name, **kwargs)
+    except TypeError as err:
+        if "img_size" not in kwargs or "img_size" not in str(err):
+            raise
+    _logger.debug("%s takes no img_size (any input size): building it without img_size=%s", name, kwargs["img_size"])
+    kwargs.pop("img_size")
     return timm.create_model(name, **kwargs)

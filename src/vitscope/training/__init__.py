@@ -15,7 +15,7 @@ directory holds ``config.yaml``, ``metrics.jsonl`` (one line per epoch: ``train_
 ``val_nll``, ``val_ece``, ``val_brier``, ``val_ema_*``, ``best_epoch``/``best_val_nll`` and, when
 ``early_stop_patience`` ended the run, ``stopped_early``), ``probes.jsonl`` (``probes: {every, measures,
 num_images}``), the latest complete checkpoint (``checkpoints/epoch-N/``: ``model.safetensors``,
-``state.pt``, ``checkpoint.json``) and ``model.safetensors`` (its weights). ``checkpoint.run_model_spec``
+``state.pt``, ``checkpoint.json``) and ``model.safetensors`` (its weights). ``vitscope.io.runs.run_model_spec``
 says what builds the trained network; ``--resume`` continues after a kill at any moment.
 """
 from __future__ import annotations
@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch.nn as nn
 
+from vitscope.io.runs import load_run_model
 from vitscope.training import checkpoint
 from vitscope.training.config import (
     ConfigError,
@@ -70,16 +71,9 @@ def load_config(run_dir: str | os.PathLike) -> TrainConfig:
 def load_run(run_dir: str | os.PathLike, ema: bool = False, device: str = "cpu") -> tuple[nn.Module, TrainConfig]:
     """``(model, config)`` of a finished or running training run, in eval mode.
 
-    Weights come from the latest complete checkpoint (``checkpoint.run_model_spec(run_dir)["weights"]``)
-    or, with ``ema=True``, the EMA weights in its ``state.pt`` (read with ``weights_only=True``).
+    The network is rebuilt by ``vitscope.io.runs.load_run_model`` from the latest complete checkpoint
+    (or, with ``ema=True``, its EMA weights in ``state.pt``, read with ``weights_only=True``).
     """
     cfg = load_config(run_dir)
-    model = build_model(cfg, pretrained=False)
-    if ema:
-        state = checkpoint.load_state(run_dir)
-        if state.get("ema") is None:
-            raise ValueError(f"{run_dir} was trained without EMA (model_ema=false); load it with ema=False")
-        model.load_state_dict({k.removeprefix("module."): v for k, v in state["ema"].items()})
-    else:
-        checkpoint.load_model_weights(model, checkpoint.run_model_spec(run_dir)["weights"])
-    return model.to(device).eval(), cfg
+    model, _ = load_run_model(run_dir, ema=ema, device=device)
+    return model, cfg

@@ -1,4 +1,4 @@
-"""Run checkpoints: one directory per epoch, made visible by one rename, plus the run's lock.
+"""Writing a run: checkpoints, one directory per epoch made visible by one rename, and the run's lock.
 
 A run directory holds::
 
@@ -19,7 +19,8 @@ it contains only tensors and plain Python containers, so it is read back with
 ``torch.load(weights_only=True)`` and loading a run never executes code from the file.
 
 Runs written before this layout (``model.safetensors`` + ``state.pt`` at the top level) still load and
-resume; their first new checkpoint moves them to the new layout.
+resume; their first new checkpoint moves them to the new layout. Reading a run (finding, checking and
+loading checkpoints, rebuilding the network) is ``vitscope.io.runs``; its names are re-exported here.
 """
 from __future__ import annotations
 
@@ -28,11 +29,9 @@ import datetime
 import json
 import logging
 import os
-import pickle
 import random
 import shutil
 import tempfile
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -40,10 +39,28 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn as nn
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from vitscope.io.atomic import atomic_write_text, json_safe
+from vitscope.io.runs import (
+    CHECKPOINT_FORMAT,
+    CHECKPOINTS_DIR,
+    CONFIG_FILE,
+    EPOCH_PREFIX,
+    LOCK_FILE,
+    MANIFEST_FILE,
+    METRICS_FILE,
+    MODEL_FILE,
+    PROBES_FILE,
+    STATE_FILE,
+    epoch_dirs,
+    latest_checkpoint,
+    load_latest,
+    load_model_weights,
+    load_state,
+    run_finished,
+    run_model_spec,
+)
 
 _logger = logging.getLogger(__name__)
 
@@ -55,16 +72,6 @@ __all__ = [
 ]
 
 
-MODEL_FILE = "model.safetensors"
-STATE_FILE = "state.pt"
-CONFIG_FILE = "config.yaml"
-METRICS_FILE = "metrics.jsonl"
-PROBES_FILE = "probes.jsonl"
-CHECKPOINTS_DIR = "checkpoints"
-MANIFEST_FILE = "checkpoint.json"
-LOCK_FILE = ".lock"
-CHECKPOINT_FORMAT = "vitscope-checkpoint/1"
-_EPOCH_PREFIX = "epoch-"
 _TMP_PREFIX = ".tmp-"
 _OLD_PREFIX = ".old-"
 
@@ -169,7 +176,7 @@ def _umask() -> int:
 
 
 def _epoch_dir_name(epoch: int) -> str:
-    return f"{_EPOCH_PREFIX}{epoch:04d}"
+    return f"{EPOCH_PREFIX}{epoch:04d}"
 
 
 def _sidecar(spec: dict[str, Any], model: nn.Module) -> dict[str, Any]:
@@ -260,7 +267,7 @@ def save_checkpoint(run_dir: str | os.PathLike, model: nn.Module, state: dict[st
         raise
     _fsync_dir(root)
     _publish_weights(run_dir, final / MODEL_FILE)
-    for e, path in _epoch_dirs(run_dir):
+    for e, path in epoch_dirs(run_dir):
         if e != epoch:
             _discard(path)
     with contextlib.suppress(FileNotFoundError):  # a pre-directory-layout run: its pair is superseded
@@ -286,7 +293,7 @@ def remove_stale_files(run_dir: str | os.PathLike) -> list[str]:
             if path.name.startswith((_TMP_PREFIX, _OLD_PREFIX)):
                 shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
                 removed.append(f"{CHECKPOINTS_DIR}/{path.name}")
-    dirs = _epoch_dirs(run_dir)
+    dirs = epoch_dirs(run_dir)
     for _, path in dirs[:-1]:  # killed after publishing a checkpoint, before removing the previous one
         _discard(path)
         removed.append(f"{CHECKPOINTS_DIR}/{path.name}")
@@ -299,275 +306,6 @@ def remove_stale_files(run_dir: str | os.PathLike) -> list[str]:
     if removed:
         _logger.info("removed what an interrupted run left in %s: %s", run_dir, ", ".join(sorted(removed)))
     return removed
-
-
-# ----------------------------------------------------------------------------------------------
-# Finding and reading checkpoints.
-
-
-def _epoch_dirs(run_dir: Path) -> list[tuple[int, Path]]:
-    """``(epoch, directory)`` of every ``checkpoints/epoch-N`` directory, oldest first."""
-    root = Path(run_dir) / CHECKPOINTS_DIR
-    if not root.is_dir():
-        return []
-    found = []
-    for path in root.iterdir():
-        if path.name.startswith(_EPOCH_PREFIX) and path.is_dir():
-            with contextlib.suppress(ValueError):
-                found.append((int(path.name[len(_EPOCH_PREFIX):]), path))
-    return sorted(found)
-
-
-def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
-    """The directory of the run's latest complete checkpoint (``checkpoints/epoch-N``, or the run directory
-    itself for a run of the older top-level layout), or None when no epoch has been checkpointed."""
-    run_dir = Path(run_dir)
-    dirs = _epoch_dirs(run_dir)
-    if dirs:
-        return dirs[-1][1]
-    if (run_dir / STATE_FILE).is_file() and (run_dir / MODEL_FILE).is_file():
-        return run_dir
-    return None
-
-
-def _no_checkpoint(run_dir: Path) -> FileNotFoundError:
-    if (run_dir / CONFIG_FILE).is_file():
-        return FileNotFoundError(
-            f"{run_dir} has no complete checkpoint yet (the run ended before its first epoch finished); "
-            f"resume it with `vitscope train --resume {run_dir}`, which starts it from its saved config"
-        )
-    return FileNotFoundError(
-        f"{run_dir} is not a vitscope run directory (no {CONFIG_FILE} and no {CHECKPOINTS_DIR}/); pass the "
-        "--out directory of a `vitscope train` run"
-    )
-
-
-def _read_manifest(ckpt_dir: Path) -> dict[str, Any]:
-    """The manifest of a checkpoint directory, its files checked against the sizes it records."""
-    path = ckpt_dir / MANIFEST_FILE
-    if not (ckpt_dir.name.startswith(_EPOCH_PREFIX) and ckpt_dir.parent.name == CHECKPOINTS_DIR):
-        return {}  # the older top-level layout has no manifest
-    from vitscope.io.weights import CheckpointError
-
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(manifest, dict) or manifest.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"not a {CHECKPOINT_FORMAT} manifest")
-    except (OSError, ValueError) as err:
-        raise CheckpointError(
-            f"{path} is missing or unreadable ({type(err).__name__}: {str(err)[:200]}); the checkpoint "
-            f"{ckpt_dir} is damaged. Delete that directory to fall back to no checkpoint, or train anew "
-            "into another --out"
-        ) from None
-    for name, size in (manifest.get("files") or {}).items():
-        actual = (ckpt_dir / name).stat().st_size if (ckpt_dir / name).is_file() else None
-        if actual != size:
-            raise CheckpointError(
-                f"{ckpt_dir / name} is truncated or missing ({actual} bytes, the manifest says {size}); the "
-                "checkpoint is damaged (disk full, or the file was changed). Train anew into another --out"
-            )
-    return manifest
-
-
-def _read_state(path: Path) -> dict[str, Any]:
-    """``torch.load(weights_only=True)`` of a ``state.pt``; every failure is one CheckpointError line."""
-    from vitscope.io.weights import CheckpointError
-
-    try:
-        with warnings.catch_warnings():  # torch warns about foreign pickle protocols before refusing them
-            warnings.simplefilter("ignore", UserWarning)
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise CheckpointError(
-            f"Refused to load {path}: it holds Python objects outside torch's weights-only allowlist, and "
-            "unpickling them could run arbitrary code. A vitscope state.pt holds only tensors and plain "
-            "containers; this file was not written by `vitscope train`. Train anew into another --out"
-        ) from None
-    except Exception as err:  # RuntimeError / EOFError / OSError for truncated or foreign files
-        first = (str(err).strip().splitlines() or [""])[0][:200]
-        raise CheckpointError(
-            f"Cannot read {path}: the file is truncated, corrupt or not a vitscope state "
-            f"({type(err).__name__}: {first}). The run cannot resume from it; train anew into another --out"
-        ) from None
-    if not isinstance(state, dict) or "epoch" not in state:
-        raise CheckpointError(f"{path} is not a vitscope training state (no 'epoch'); train anew into another --out")
-    return state
-
-
-def _weights_metadata(path: Path) -> dict[str, str]:
-    from vitscope.io.weights import CheckpointError
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return dict(f.metadata() or {})
-    except Exception as err:
-        raise CheckpointError(
-            f"Cannot read {path} as safetensors: the file is truncated or corrupt ({type(err).__name__}: "
-            f"{str(err)[:200]}). The run cannot resume from it; train anew into another --out"
-        ) from None
-
-
-def load_latest(run_dir: str | os.PathLike) -> tuple[dict[str, Any], Path]:
-    """``(state, weights file)`` of the run's latest complete checkpoint.
-
-    Raises:
-        FileNotFoundError: no checkpoint (the message says whether ``--resume`` can start the run anew).
-        vitscope.io.weights.CheckpointError: a damaged, truncated, foreign or unsafe checkpoint file.
-    """
-    from vitscope.io.weights import CheckpointError
-
-    run_dir = Path(run_dir)
-    ckpt_dir = latest_checkpoint(run_dir)
-    if ckpt_dir is None:
-        raise _no_checkpoint(run_dir)
-    _read_manifest(ckpt_dir)
-    weights = ckpt_dir / MODEL_FILE
-    weights_epoch = _weights_metadata(weights).get("epoch")
-    state = _read_state(ckpt_dir / STATE_FILE)
-    if weights_epoch is not None and int(weights_epoch) != int(state["epoch"]):
-        raise CheckpointError(
-            f"{run_dir}: {MODEL_FILE} is from epoch {weights_epoch} but {STATE_FILE} from epoch "
-            f"{state['epoch']} (an older vitscope was killed between the two renames); the run "
-            "cannot resume. Train anew into another --out"
-        )
-    return state, weights
-
-
-def load_state(run_dir: str | os.PathLike) -> dict[str, Any]:
-    """``state.pt`` of the run's latest complete checkpoint, loaded with ``weights_only=True``."""
-    return load_latest(run_dir)[0]
-
-
-def load_model_weights(model: nn.Module, path: str | os.PathLike, strict: bool = True) -> nn.Module:
-    """Load a safetensors file into ``model`` (on the model's device)."""
-    from safetensors.torch import load_file
-
-    device = next(iter(model.state_dict().values()), torch.empty(0)).device
-    missing, unexpected = model.load_state_dict(load_file(str(path), device=str(device)), strict=strict)
-    if missing or unexpected:
-        _logger.warning("loading %s: missing keys %s, unexpected keys %s", path, missing, unexpected)
-    return model
-
-
-def _run_dir_of(path: Path) -> Path:
-    """The run directory of a run directory or of one of its weights files."""
-    if path.is_file() or path.suffix == ".safetensors":
-        parent = path.parent
-        if parent.parent.name == CHECKPOINTS_DIR:  # RUN/checkpoints/epoch-N/model.safetensors
-            return parent.parent.parent
-        return parent
-    return path
-
-
-def _read_config(run_dir: Path) -> dict[str, Any]:
-    from vitscope.training.config import read_yaml
-
-    path = run_dir / CONFIG_FILE
-    if not path.is_file():
-        return {}
-    data = read_yaml(path)
-    return data if isinstance(data, dict) else {}
-
-
-def run_model_spec(run_dir: str | os.PathLike) -> dict[str, Any]:
-    """What builds the network a run trained, and its latest complete weights.
-
-    ``run_dir`` is a run directory, or a weights file of one (``RUN/model.safetensors``,
-    ``RUN/checkpoints/epoch-N/model.safetensors``; that file is then the one returned). Returns
-    ``{"model": str, "model_kwargs": dict, "img_size": int | None, "num_classes": int, "data": str | None,
-    "data_options": dict, "create_kwargs": dict, "pretrained": bool, "weights": Path, "epoch": int | None}``
-    (``pretrained``: the run started from timm's hub weights), plus ``preprocessing`` for runs that recorded it:
-    the validation preprocessing in timm's data-config keys with ``source`` and ``overridden``
-    (``vitscope.training.engine.resolve_preprocessing``); ``create_kwargs``
-    are the keyword arguments of ``vitscope.create_model(model, **create_kwargs)`` that build the trained
-    network (``model_kwargs`` plus ``num_classes``, and ``img_size`` when the model takes one).
-
-    Raises:
-        FileNotFoundError: not a run directory, or no complete checkpoint yet.
-    """
-    given = Path(run_dir)
-    run = _run_dir_of(given)
-    if given.is_file() and given.suffix != ".safetensors":
-        raise FileNotFoundError(f"{given} is not a run directory nor its model.safetensors; pass the run's --out")
-    if not given.exists():
-        raise FileNotFoundError(f"{given} does not exist; pass the --out directory of a `vitscope train` run")
-    ckpt_dir = latest_checkpoint(run)
-    if ckpt_dir is None:
-        raise _no_checkpoint(run)
-    manifest = _read_manifest(ckpt_dir)
-    weights = given if given.is_file() else ckpt_dir / MODEL_FILE
-    if manifest.get("spec"):
-        spec = dict(manifest["spec"])
-        spec.update(weights=weights, epoch=manifest.get("epoch"))
-        if weights != ckpt_dir / MODEL_FILE:  # a given file: its own epoch
-            with contextlib.suppress(Exception):
-                spec["epoch"] = int(_weights_metadata(weights)["epoch"])
-        return spec
-    # The older top-level layout: the network is described by config.yaml.
-    cfg = _read_config(run)
-    if not cfg.get("model"):
-        raise FileNotFoundError(f"{run} has weights but no readable {CONFIG_FILE} naming the model; it is not "
-                                "a complete vitscope run directory")
-    num_classes = cfg.get("num_classes")
-    if num_classes is None:  # resolved into config.yaml by every vitscope train; read the head otherwise
-        num_classes = _head_classes(weights)
-    kwargs = dict(cfg.get("model_kwargs") or {})
-    create = {**kwargs, "num_classes": num_classes}
-    if cfg.get("img_size") is not None and _takes_img_size(cfg["model"]):
-        create["img_size"] = cfg["img_size"]
-    epoch = _weights_metadata(weights).get("epoch")
-    return {"model": cfg["model"], "model_kwargs": kwargs, "img_size": cfg.get("img_size"),
-            "num_classes": num_classes, "data": cfg.get("data"), "data_options": dict(cfg.get("data_options") or {}),
-            "create_kwargs": create, "pretrained": bool(cfg.get("pretrained", False)), "weights": weights,
-            "epoch": int(epoch) if epoch is not None else None}
-
-
-def _head_classes(weights: Path) -> int | None:
-    with safe_open(str(weights), framework="pt") as f:
-        for key in ("head.weight", "fc.weight", "classifier.weight", "head.fc.weight"):
-            if key in f.keys():
-                return int(f.get_slice(key).get_shape()[0])
-    return None
-
-
-def _takes_img_size(model_name: str) -> bool:
-    """Whether ``vitscope.create_model(model_name, img_size=...)`` is accepted (ViTs yes, CNNs no)."""
-    from vitscope.models import create_model
-
-    try:
-        with torch.device("meta"):
-            create_model(model_name, img_size=224)
-    except TypeError as e:
-        return "img_size" not in str(e)
-    except Exception:
-        return True
-    return True
-
-
-def run_finished(run_dir: str | os.PathLike) -> bool:
-    """True when the run's latest complete checkpoint is of its last epoch, or it stopped early."""
-    run_dir = Path(run_dir)
-    ckpt_dir = latest_checkpoint(run_dir)
-    if ckpt_dir is None:
-        return False
-    try:
-        manifest = _read_manifest(ckpt_dir)
-        epoch = manifest["epoch"] if manifest else int(_weights_metadata(ckpt_dir / MODEL_FILE)["epoch"])
-    except (ValueError, KeyError):
-        return False
-    if manifest.get("stopped_early"):
-        return True
-    try:
-        cfg = _read_config(run_dir)
-    except ValueError:  # an unreadable config.yaml
-        cfg = {}
-    try:
-        total = int(cfg["epochs"]) + (int(cfg.get("warmup_epochs") or 0) if cfg.get("warmup_prefix") else 0)
-    except (KeyError, TypeError, ValueError):
-        total = manifest.get("total_epochs")
-        if total is None:
-            return False
-    return int(epoch) >= int(total) - 1
 
 
 # ----------------------------------------------------------------------------------------------

@@ -87,13 +87,7 @@ def _create(cfg: TrainConfig, pretrained: bool = False) -> tuple[nn.Module, dict
     if pretrained:
         train_only["pretrained"] = True
     try:
-        try:
-            return create_model(cfg.model, **kwargs, **train_only), kwargs
-        except TypeError as e:
-            if "img_size" in kwargs and "img_size" in str(e):  # CNNs take any input size
-                kwargs.pop("img_size")
-                return create_model(cfg.model, **kwargs, **train_only), kwargs
-            raise
+        return create_model(cfg.model, **kwargs, **train_only), kwargs  # (img_size dropped for CNNs there)
     except TypeError as e:
         raise ValueError(f"Model {cfg.model!r} rejected the options {sorted(kwargs)}: {e}") from None
     except Exception as e:
