@@ -233,6 +233,24 @@ def test_update_grams_layer_by_layer_equals_update():
     assert by_layer.num_examples == 15
 
 
+def test_update_grams_of_two_models_equals_update():
+    """vitscope.compare adds the Grams of two models' layers (La x Lb) with update_grams(grams, grams_y): the same
+    sums as update(feats_x, feats_y); mixing the two forms is refused."""
+    from vitscope.measures.cka import linear_gram
+
+    whole, by_layer = MinibatchCKA(4, 2), MinibatchCKA(4, 2)
+    for n, seed in ((9, 50), (6, 51)):
+        xs, ys = make_layers(n, seed), make_layers(n, seed + 10)[:2]
+        whole.update(xs, ys)
+        by_layer.update_grams([linear_gram(f) for f in xs], [linear_gram(f) for f in ys])
+    torch.testing.assert_close(by_layer.compute(), whole.compute(), rtol=0, atol=0)
+    assert by_layer.compute().shape == (4, 2)
+    with pytest.raises(ValueError, match="grams_y has 3 layers"):
+        by_layer.update_grams([linear_gram(f) for f in xs], [linear_gram(f) for f in make_layers(6, 52)[:3]])
+    with pytest.raises(ValueError, match="one Gram per layer"):
+        by_layer.update_grams([linear_gram(f) for f in xs])
+
+
 def test_hsic1_is_exactly_invariant_to_a_common_offset():
     """Exact rational arithmetic: adding one vector to every example leaves HSIC_1 unchanged (U-centring removes
     it), which linear_gram relies on when it centres features over the batch."""

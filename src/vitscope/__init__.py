@@ -24,6 +24,7 @@ _LAZY = {
     "load_checkpoint": "vitscope.io.checkpoints",
     "load_model": "vitscope.io.checkpoints",
     "probe": "vitscope.probing",
+    "compare": "vitscope.comparing",
     "keep_freed_memory": "vitscope.runtime",
     "attention_maps": "vitscope.attention_images",
     "AttentionMaps": "vitscope.attention_images",

@@ -222,21 +222,26 @@ class MinibatchCKA(StreamingMeasure):
         self._cross = ys is not None
         self._add(ux, uy, n)
 
-    def update_grams(self, grams: list[Tensor]) -> None:
-        """Add one batch given as ``linear_gram`` results (one (n, n) Gram per layer, the x layers compared with
-        themselves), centred here all at once. For callers that build the Grams layer by layer as the model
-        runs (``vitscope.probe``), so that no batch of activations is held whole."""
-        if len(grams) != self.num_layers_x or (self.num_layers_y or self.num_layers_x) != self.num_layers_x:
+    def update_grams(self, grams: list[Tensor], grams_y: list[Tensor] | None = None) -> None:
+        """Add one batch given as ``linear_gram`` results: one (n, n) Gram per x layer and, to compare two models
+        (``vitscope.compare``), one per y layer of the same n examples (None: the x layers with themselves),
+        centred here all at once. For callers that build the Grams layer by layer as the model runs
+        (``vitscope.probe``, ``vitscope.compare``), so that no batch of activations is held whole."""
+        ly = self.num_layers_y or self.num_layers_x
+        if len(grams) != self.num_layers_x or (grams_y is None and ly != self.num_layers_x):
             raise ValueError(f"got {len(grams)} layers but MinibatchCKA compares {self.num_layers_x} layers with "
-                             f"{self.num_layers_y or self.num_layers_x}; pass one Gram per layer")
+                             f"{ly}; pass one Gram per layer (and grams_y for the second model)")
+        if grams_y is not None and len(grams_y) != ly:
+            raise ValueError(f"grams_y has {len(grams_y)} layers but num_layers_y={ly}")
         n = grams[0].shape[-1]
-        if any(g.shape != (n, n) for g in grams):
+        if any(g.shape != (n, n) for g in [*grams, *(grams_y or [])]):
             raise ValueError(f"every Gram must be ({n}, {n}) like the first: the layers of a batch hold the same "
                              "examples")
-        self._check_cross(False)
+        self._check_cross(grams_y is not None)
         u = _centred(grams, n)
-        self._cross = False
-        self._add(u, u, n)
+        uy = u if grams_y is None else _centred(grams_y, n)
+        self._cross = grams_y is not None
+        self._add(u, uy, n)
 
     def _check_cross(self, cross: bool) -> None:
         if self._cross is not None and cross != self._cross:

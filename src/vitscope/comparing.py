@@ -1,0 +1,406 @@
+"""``vitscope.compare``: two models layer by layer on the same examples (RAGHU Fig. 2, "ViT against ResNet";
+checkpoint against checkpoint over training), and per-layer few-shot linear probes (RAGHU Sec. 6).
+
+Each batch runs through model A and then model B under ``vitscope.capture``; each selected layer's output is
+turned into its (n, n) float64 Gram as the forward produces it and dropped, so a batch's activations are never
+held whole, and the (La, Lb) minibatch unbiased CKA accumulates in ``MinibatchCKA`` (float64 sums, merged over
+torchrun ranks by summation). The two models may take different inputs: pass ``(loader_a, loader_b)`` yielding
+the same examples in the same order, each through its model's own preprocessing (``vitscope compare`` builds them
+with the analysis commands' resolver), and the labels of every batch are checked to agree.
+
+Layers: block outputs by default, named by the block's module path (``blocks.3``, ``layer2.1``): the residual
+stream leaving the block's last sub-layer. ``layers="sublayers"`` keeps every sub-layer (``blocks.3.attn`` and
+``blocks.3.mlp``: the attention/MLP split). ``names`` is a glob (or list of globs) on those names.
+
+``linear_probe``: per model, per layer, per read-out (class token when the model has one, global average pool),
+a closed-form ridge probe (``vitscope.measures.linear_probe``) fitted on the first ``shots`` examples per class
+of ``fit_loader`` (one short pass that stops once every class has its examples; run whole on every rank, so
+every rank fits the same probe) and scored on the compared examples (held out: another split).
+"""
+from __future__ import annotations
+
+import fnmatch
+import logging
+import os
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from vitscope.capture import LayerInfo, capture
+from vitscope.capture._sites import find_blocks
+from vitscope.distributed import all_reduce_sum, global_batch_count, shard_batches
+from vitscope.distributed import current as dist_current
+from vitscope.io.atomic import atomic_write_json, json_safe, write_csv
+from vitscope.measures._validate import raise_non_finite
+from vitscope.measures.cka import MinibatchCKA, linear_gram
+from vitscope.measures.linear_probe import ProbeAccuracy, RidgeFit, probe_features
+from vitscope.runtime import keep_freed_memory
+
+_logger = logging.getLogger(__name__)
+
+__all__ = ["compare", "CompareResult", "COMPARE_MEASURES", "LAYER_SELECTIONS", "layer_outputs"]
+
+COMPARE_MEASURES = ("cka", "linear_probe")
+LAYER_SELECTIONS = ("blocks", "sublayers")
+DEFAULT_SHOTS = (10, 25)  # RAGHU Sec. 6 / ViT's few-shot protocol: 10 and 25 examples per class
+
+
+# ----------------------------------------------------------------------------------------------
+# Which layers: one small piece, to be swapped for capture's public block-level API once it exists.
+
+
+def layer_outputs(model: nn.Module, layers: str = "blocks", names: str | Sequence[str] | None = None
+                  ) -> Callable[[Callable[[str, torch.Tensor, LayerInfo], None]], Callable[[Any], None]]:
+    """A factory of ``capture(on_record=...)`` callbacks that hand ``emit(name, z_out, info)`` each selected
+    layer's output as the forward produces it, in depth order.
+
+    ``layers="blocks"``: one output per residual block (the stream leaving its last sub-layer), named by the
+    block's module path; ``"sublayers"``: every sub-layer (``blocks.3.attn``, ``blocks.3.mlp``). ``names``: glob(s)
+    on those names. Call the returned callback's ``flush()`` after the forward (the last block is emitted then).
+    """
+    if layers not in LAYER_SELECTIONS:
+        raise ValueError(f"layers must be one of {LAYER_SELECTIONS}, got {layers!r}")
+    patterns = [names] if isinstance(names, str) else list(names or [])
+    keep = (lambda n: any(fnmatch.fnmatchcase(n, p) for p in patterns)) if patterns else (lambda n: True)
+    block_names = [b.name for b in find_blocks(model)]
+
+    def factory(emit: Callable[[str, torch.Tensor, LayerInfo], None]) -> Callable[[Any], None]:
+        pending: list[Any] = []  # the latest record of the current block
+
+        def flush() -> None:
+            if pending:
+                rec = pending.pop()
+                name = block_names[rec.info.block]
+                if keep(name):
+                    emit(name, rec.z_out, rec.info)
+
+        def on_record(rec: Any) -> None:
+            if layers == "sublayers":
+                if keep(rec.info.name):
+                    emit(rec.info.name, rec.z_out, rec.info)
+                return
+            if pending and pending[0].info.block != rec.info.block:
+                flush()
+            pending[:] = [rec]
+
+        on_record.flush = flush  # type: ignore[attr-defined]
+        return on_record
+
+    return factory
+
+
+# ----------------------------------------------------------------------------------------------
+# Result
+
+
+@dataclass
+class CompareResult:
+    """``cka`` (La, Lb) float64 between ``names_a`` and ``names_b``; ``linear_probe`` rows (model, layer,
+    readout, shots, accuracy, alpha); ``meta`` with ``model_a`` / ``model_b`` descriptions."""
+
+    names_a: list[str] = field(default_factory=list)
+    names_b: list[str] = field(default_factory=list)
+    cka: torch.Tensor | None = None
+    linear_probe: list[dict[str, Any]] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def cka_rows(self) -> list[dict[str, Any]]:
+        if self.cka is None:
+            return []
+        la, lb = len(self.names_a), len(self.names_b)
+        return [{"layer_a": a, "depth_a": i, "normalized_depth_a": round(i / max(la - 1, 1), 6),
+                 "layer_b": b, "depth_b": j, "normalized_depth_b": round(j / max(lb - 1, 1), 6),
+                 "value": float(self.cka[i, j])}
+                for i, a in enumerate(self.names_a) for j, b in enumerate(self.names_b)]
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{"cka": {"rows", "layers_a", "layers_b", "matrix", "examples"}, "linear_probe": {"rows"}, "meta"}``."""
+        out: dict[str, Any] = {}
+        if self.cka is not None:
+            out["cka"] = {"rows": self.cka_rows(), "layers_a": self.names_a, "layers_b": self.names_b,
+                          "matrix": self.cka.tolist(), "examples": self.meta.get("examples")}
+        if self.linear_probe:
+            out["linear_probe"] = {"rows": self.linear_probe}
+        out["meta"] = self.meta
+        return json_safe(out)
+
+    def save(self, out_dir: str | os.PathLike) -> Path:
+        """Write ``results.json``, ``meta.json`` and one CSV per measure into ``out_dir`` (each file atomically)."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        content = self.to_dict()
+        atomic_write_json(out / "results.json", content)
+        atomic_write_json(out / "meta.json", content["meta"])
+        for name in COMPARE_MEASURES:
+            if name in content:
+                write_csv(out / f"{name}.csv", content[name]["rows"])
+        return out
+
+
+# ----------------------------------------------------------------------------------------------
+# The pass
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _pairs(loader: Any, max_batches: int | None, shard: bool) -> tuple[Iterable, int | None]:
+    """``((images_a, images_b), labels)`` per batch from one loader (both models see the same tensor) or a pair
+    of loaders over the same examples; this rank's share of them when ``shard``."""
+    info = dist_current()
+    pair = isinstance(loader, (tuple, list)) and len(loader) == 2 and not isinstance(loader[0], torch.Tensor)
+    loaders = list(loader) if pair else [loader]
+    total = global_batch_count(loaders[0], max_batches)
+    if shard:
+        streams = [shard_batches(ld, max_batches, info) for ld in loaders]
+        total = len(range(info.rank, total, info.world_size)) if total is not None else None
+    else:
+        streams = [((b, x) for b, x in enumerate(ld) if max_batches is None or b < max_batches) for ld in loaders]
+
+    def split(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return (batch[0], batch[1]) if isinstance(batch, (list, tuple)) else (batch, None)
+
+    def gen() -> Iterable:
+        if not pair:
+            for b, batch in streams[0]:
+                x, y = split(batch)
+                yield b, (x, x), y
+            return
+        ends = object()
+        it_a, it_b = iter(streams[0]), iter(streams[1])
+        while True:
+            a, b_ = next(it_a, ends), next(it_b, ends)
+            if a is ends or b_ is ends:
+                if a is not b_:
+                    raise ValueError("the two loaders gave different numbers of batches; pass loaders over the "
+                                     "same examples (same data, split, order and batch size)")
+                return
+            (b, batch_a), (_, batch_b) = a, b_
+            (xa, ya), (xb, yb) = split(batch_a), split(batch_b)
+            if xa.shape[0] != xb.shape[0] or (ya is not None and yb is not None and not torch.equal(ya, yb)):
+                raise ValueError(f"batch {b}: the two loaders gave different examples (sizes {xa.shape[0]} and "
+                                 f"{xb.shape[0]}, or other labels); pass loaders over the same examples in the same "
+                                 "order (shuffle off)")
+            yield b, (xa, xb), ya
+
+    return gen(), total
+
+
+class _ModelSide:
+    """One model's per-batch work: the Grams of its selected layers and, for probes, their read-outs."""
+
+    def __init__(self, model: nn.Module, layers: str, names: Any, want_probe: bool, device: torch.device) -> None:
+        self.model, self.device, self.want_probe = model, device, want_probe
+        self.select = layer_outputs(model, layers, names)
+        self.names: list[str] | None = None
+        self.infos: list[LayerInfo] = []
+
+    def run(self, images: torch.Tensor, grams: bool) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
+        out_grams: list[torch.Tensor] = []
+        reads: list[dict[str, torch.Tensor]] = []
+        names: list[str] = []
+        infos: list[LayerInfo] = []
+
+        def emit(name: str, z: torch.Tensor, info: LayerInfo) -> None:
+            names.append(name)
+            infos.append(info)
+            if grams:
+                out_grams.append(linear_gram(z, name, validate=False))  # (n, n) float64
+            if self.want_probe:
+                reads.append(probe_features(z.to(torch.float64), info.num_prefix_tokens))  # GAP summed in float64
+
+        on_record = self.select(emit)
+        with capture(self.model, attention=False, residual=True, branches=True, on_record=on_record):
+            self.model(images.to(self.device))
+        on_record.flush()
+        if not names:
+            raise ValueError(f"no layer of {type(self.model).__name__} matched the layer selection; check --layers "
+                             "and the name filter (block names look like blocks.3 or layer2.1)")
+        if self.names is None:
+            self.names, self.infos = names, infos
+        elif names != self.names:
+            raise ValueError(f"{type(self.model).__name__} gave layers {names[:3]}... in this batch but "
+                             f"{self.names[:3]}... before; the layers must not change between batches")
+        bad = [g for g in out_grams if not torch.isfinite(g).all()] if out_grams else []
+        if bad:
+            raise_non_finite(f"a layer output of {type(self.model).__name__}")
+        return out_grams, reads
+
+
+def _readout_keys(reads: list[dict[str, torch.Tensor]]) -> list[str]:
+    return [k for k in ("cls", "gap") if all(k in r for r in reads)]
+
+
+def _fit_probes(side: _ModelSide, fit_loader: Iterable, which: int, num_classes: int, shots: Sequence[int],
+                ridge: float, progress: bool) -> dict[tuple[str, int], list[dict[str, Any]]]:
+    """Ridge solutions per (readout, shots): the first ``shots`` examples of each class of ``fit_loader``."""
+    top = max(shots)
+    counts = torch.zeros(num_classes, dtype=torch.long)
+    fits: dict[tuple[str, int], RidgeFit] = {}
+    batches, _ = _pairs(fit_loader, None, shard=False)
+    for _, images, labels in tqdm(batches, desc="probe fit", disable=not progress, leave=False):
+        if labels is None:
+            raise ValueError("linear_probe needs labels: the fit loader must yield (images, labels)")
+        labels = labels.cpu()
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+            raise ValueError(f"fit labels must lie in [0, {num_classes})")
+        rank = torch.empty_like(labels)  # within-class rank of each example in loader order
+        for c in labels.unique().tolist():
+            idx = (labels == c).nonzero().flatten()
+            rank[idx] = counts[c] + torch.arange(len(idx))
+            counts[c] += len(idx)
+        if not (rank < top).any():
+            if bool((counts >= top).all()):
+                break
+            continue
+        _, reads = side.run(images[which], grams=False)
+        for key in _readout_keys(reads):
+            for k in shots:
+                keep = rank < k
+                if keep.any():
+                    fit = fits.setdefault((key, k), RidgeFit(num_classes, ridge=ridge))
+                    fit.update([r[key][keep.to(r[key].device)] for r in reads], labels[keep].to(side.device))
+        if bool((counts >= top).all()):
+            break  # every class has its examples: the rest of the fit loader is not read
+    short = [c for c in range(num_classes) if counts[c] < top]
+    if short:
+        _logger.warning("linear_probe: classes %s have fewer than %d fit examples (%s); their probes use what there "
+                        "is", short[:10], top, [int(counts[c]) for c in short[:10]])
+    if not fits:
+        raise ValueError("linear_probe: the fit loader gave no example")
+    return {key: fit.compute() for key, fit in fits.items()}
+
+
+@torch.no_grad()
+def compare(
+    model_a: nn.Module,
+    model_b: nn.Module,
+    loader: Any,
+    measures: Sequence[str] = ("cka",),
+    layers: str = "blocks",
+    names: str | Sequence[str] | None = None,
+    names_b: str | Sequence[str] | None = None,
+    fit_loader: Any = None,
+    num_classes: int | None = None,
+    shots: Sequence[int] = DEFAULT_SHOTS,
+    ridge: float = 1.0,
+    device: torch.device | str | None = None,
+    max_batches: int | None = None,
+    progress: bool = True,
+    shard: bool = False,
+) -> CompareResult:
+    """Compare two models layer by layer on the same examples (RAGHU Fig. 2), in one pass over ``loader``.
+
+    Args:
+        model_a, model_b: Any models ``vitscope.capture`` knows (timm ViT/DeiT, ConViT, ResNet, vitscope's); may be
+            two checkpoints of one architecture.
+        loader: Yields ``(images, labels)`` given to both models, or a pair ``(loader_a, loader_b)`` over the same
+            examples in the same order, each preprocessed for its model (input size, mean/std, crop).
+        measures: ``"cka"`` (La x Lb minibatch unbiased linear CKA, float64) and/or ``"linear_probe"``.
+        layers: ``"blocks"`` (block outputs, named by module path) or ``"sublayers"`` (attention / MLP split).
+        names: Glob(s) on the layer names of model A (and of B unless ``names_b`` is given).
+        fit_loader: For ``linear_probe``: the fit examples (e.g. the train split), one loader or a pair like
+            ``loader``; the first ``max(shots)`` examples of each class are used.
+        num_classes: Classes of the probe's labels (needed for ``linear_probe``).
+        shots: Fit examples per class, one probe each (RAGHU: 10 and 25).
+        ridge: Ridge strength relative to the mean eigenvalue of each layer's centred scatter.
+        device: Where to run both models (default: model A's device).
+        max_batches: Stop after this many batches of ``loader``.
+        progress: Show a progress bar.
+        shard: Under torch.distributed, each rank takes its share of the batches (``vitscope.distributed``); the
+            CKA sums and probe counts are then summed over the ranks, so every rank gets the global result.
+
+    Returns:
+        A :class:`CompareResult`.
+    """
+    measures = list(dict.fromkeys(measures))
+    unknown = [m for m in measures if m not in COMPARE_MEASURES]
+    if unknown or not measures:
+        raise ValueError(f"unknown measure(s) {unknown}; choose from {list(COMPARE_MEASURES)}" if unknown else
+                         f"no measure requested; choose from {list(COMPARE_MEASURES)}")
+    want_cka, want_probe = "cka" in measures, "linear_probe" in measures
+    if want_probe:
+        if fit_loader is None or num_classes is None:
+            raise ValueError("linear_probe needs fit_loader (the fit examples, e.g. the train split) and num_classes")
+        shots = sorted({int(k) for k in shots})
+        if not shots or shots[0] < 1:
+            raise ValueError(f"shots must be positive integers, got {list(shots)}")
+    for m, which in ((model_a, "model_a"), (model_b, "model_b")):
+        if not find_blocks(m):
+            raise ValueError(f"{which} ({type(m).__name__}) has no residual block vitscope knows; compare needs "
+                             "timm ViT/DeiT, ConViT, ResNet or vitscope models")
+    device = torch.device(device) if device is not None else _device_of(model_a)
+    if device.type == "cpu":
+        keep_freed_memory()
+    modes = (model_a.training, model_b.training)
+    model_a.to(device).eval()
+    model_b.to(device).eval()
+    sides = [_ModelSide(model_a, layers, names, want_probe, device),
+             _ModelSide(model_b, layers, names if names_b is None else names_b, want_probe, device)]
+    info = dist_current()
+    measure: MinibatchCKA | None = None
+    fits: list[dict[tuple[str, int], list[dict[str, Any]]]] = []
+    accs: dict[tuple[int, str, int], ProbeAccuracy] = {}
+    examples = 0
+    try:
+        if want_probe:
+            fits = [_fit_probes(s, fit_loader, i, num_classes, shots, ridge, progress and info.is_main)
+                    for i, s in enumerate(sides)]
+        batches, total = _pairs(loader, max_batches, shard)
+        bar = tqdm(batches, total=total, desc="compare", disable=not progress or not info.is_main, leave=False)
+        for _, images, labels in bar:
+            ga, ra = sides[0].run(images[0], want_cka)
+            gb, rb = sides[1].run(images[1], want_cka)
+            if want_cka:
+                if measure is None:
+                    measure = MinibatchCKA(len(ga), len(gb))
+                measure.update_grams(ga, gb)
+            if want_probe:
+                if labels is None:
+                    raise ValueError("linear_probe needs labels: the loader must yield (images, labels)")
+                for i, reads in enumerate((ra, rb)):
+                    for (key, k), sol in fits[i].items():
+                        acc = accs.setdefault((i, key, k), ProbeAccuracy())
+                        acc.update([r[key] for r in reads], labels.to(device), sol)
+            examples += int(images[0].shape[0])
+    finally:
+        model_a.train(modes[0])
+        model_b.train(modes[1])
+    if examples == 0:
+        raise ValueError("the loader gave no batch; check the data spec, split and max_batches")
+    count = torch.tensor([float(examples)], dtype=torch.float64)
+    if info.distributed:
+        for m in ([measure] if measure is not None else []) + list(accs.values()):
+            m.sync()
+        all_reduce_sum(count)
+    result = CompareResult(names_a=list(sides[0].names or []), names_b=list(sides[1].names or []))
+    if measure is not None:
+        result.cka = measure.compute().cpu()  # (La, Lb) float64
+    if want_probe:
+        for (i, key, k), acc in sorted(accs.items()):
+            values = acc.compute()
+            side = sides[i]
+            n = len(values)
+            for d, (name, v, sol) in enumerate(zip(side.names, values, fits[i][(key, k)])):
+                result.linear_probe.append({
+                    "model": "ab"[i], "layer": name, "depth": d, "normalized_depth": round(d / max(n - 1, 1), 6),
+                    "readout": key, "shots": k, "accuracy": float(v), "alpha": sol["alpha"]})
+    result.meta = {
+        "examples": int(count[0]), "measures": measures, "layers": layers, "names": names,
+        "names_b": names_b, "world_size": info.world_size,
+        "model_a": {"class": type(model_a).__name__, "layers": result.names_a},
+        "model_b": {"class": type(model_b).__name__, "layers": result.names_b},
+    }
+    if measure is not None:
+        result.meta["cka_skipped_examples"] = int(measure.state_dict()["layers"][0]["skipped"])
+    if want_probe:
+        result.meta.update(shots=list(shots), ridge=ridge, num_classes=num_classes,
+                           ridge_note="alpha = ridge x tr(Xc'Xc) / D per layer (RAGHU/ViT few-shot ridge)")
+    return result

@@ -1,0 +1,172 @@
+"""vitscope.compare: cross-model CKA of a 32 px ViT and a 24 px ResNet on the same examples (each through its own
+input) against a numpy computation on features taken by plain forward hooks, split across batches with a short
+last batch; block / sub-layer selection and the glob filter; the linear probe against scikit-learn."""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from sklearn.linear_model import RidgeClassifier
+
+import vitscope
+from vitscope.comparing import CompareResult
+
+
+def np_hsic1(K, L):
+    """METHODS.md's unbiased HSIC_1, term by term."""
+    n = K.shape[0]
+    K, L = K.copy(), L.copy()
+    np.fill_diagonal(K, 0.0)
+    np.fill_diagonal(L, 0.0)
+    one = np.ones(n)
+    t = np.trace(K @ L) + (one @ K @ one) * (one @ L @ one) / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * (one @ K @ L @ one)
+    return t / (n * (n - 3))
+
+
+def np_minibatch_cka(fa, fb):
+    """fa, fb: list over batches of list over layers of (n, D) float64 arrays; batches of n <= 3 skipped."""
+    La, Lb = len(fa[0]), len(fb[0])
+    xy, xx, yy = np.zeros((La, Lb)), np.zeros(La), np.zeros(Lb)
+    for ba, bb in zip(fa, fb):
+        if ba[0].shape[0] <= 3:
+            continue
+        Ks = [f @ f.T for f in ba]
+        Ls = [f @ f.T for f in bb]
+        for i in range(La):
+            xx[i] += np_hsic1(Ks[i], Ks[i])
+            for j in range(Lb):
+                xy[i, j] += np_hsic1(Ks[i], Ls[j])
+        for j in range(Lb):
+            yy[j] += np_hsic1(Ls[j], Ls[j])
+    return xy / np.sqrt(np.outer(xx, yy))
+
+
+def hooked(model, modules, x):
+    """Outputs of ``modules`` for input x by plain forward hooks (independent of vitscope.capture)."""
+    out = []
+    hs = [m.register_forward_hook(lambda _m, _i, o: out.append(o.detach().double().flatten(1).numpy()))
+          for m in modules]
+    with torch.no_grad():
+        model(x)
+    for h in hs:
+        h.remove()
+    return out
+
+
+@pytest.fixture(scope="module")
+def pair():
+    torch.manual_seed(0)
+    vit = vitscope.create_model("test_vit_cifar", num_classes=3).eval()  # 32 px, 2 blocks
+    cnn = vitscope.create_model("test_resnet_cifar", num_classes=3).eval()  # any size; 24 px here
+    g = torch.Generator().manual_seed(1)
+    images = torch.randn(23, 3, 32, 32, generator=g)
+    labels = torch.arange(23) % 3
+    sizes = [8, 8, 4, 3]  # the short last batch of 3 is undefined for unbiased HSIC and is skipped
+    batches_a, batches_b, start = [], [], 0
+    for s in sizes:
+        x, y = images[start:start + s], labels[start:start + s]
+        batches_a.append((x, y))
+        batches_b.append((F.interpolate(x, size=24, mode="bilinear", align_corners=False), y))
+        start += s
+    return vit, cnn, batches_a, batches_b
+
+
+def test_cross_model_cka_equals_numpy_on_different_input_sizes(pair):
+    vit, cnn, ba, bb = pair
+    with pytest.warns(RuntimeWarning, match="skipped a batch of n=3"):
+        res = vitscope.compare(vit, cnn, (ba, bb), progress=False)
+    assert res.names_a == ["blocks.0", "blocks.1"]
+    assert res.names_b == ["layer1.0", "layer2.0", "layer3.0", "layer4.0"]
+    assert res.cka.dtype == torch.float64 and res.cka.shape == (2, 4)
+    fa = [hooked(vit, list(vit.blocks), x) for x, _ in ba]
+    fb = [hooked(cnn, [cnn.layer1[0], cnn.layer2[0], cnn.layer3[0], cnn.layer4[0]], x) for x, _ in bb]
+    ref = np_minibatch_cka(fa, fb)
+    # float64 throughout: the sums of <= 8 x 8 Gram products agree to a few ulps of values ~1 (1e-12 is ample)
+    np.testing.assert_allclose(res.cka.numpy(), ref, rtol=0, atol=1e-12)
+    assert res.meta["examples"] == 23 and res.meta["cka_skipped_examples"] == 3
+
+
+def test_same_model_twice_gives_symmetric_cka_with_unit_diagonal(pair):
+    vit, _, ba, _ = pair
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        res = vitscope.compare(vit, vit, ba, layers="sublayers", progress=False)
+    assert res.names_a == ["blocks.0.attn", "blocks.0.mlp", "blocks.1.attn", "blocks.1.mlp"]
+    np.testing.assert_allclose(res.cka.numpy(), res.cka.numpy().T, atol=1e-14)
+    np.testing.assert_allclose(np.diag(res.cka.numpy()), 1.0, atol=1e-14)
+
+
+def test_glob_filter_and_errors(pair, tmp_path):
+    vit, cnn, ba, bb = pair
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        res = vitscope.compare(vit, cnn, (ba, bb), names="blocks.1", names_b="layer[34].*", progress=False)
+    assert res.names_a == ["blocks.1"] and res.names_b == ["layer3.0", "layer4.0"]
+    out = res.save(tmp_path / "cmp")
+    assert {p.name for p in out.iterdir()} == {"results.json", "meta.json", "cka.csv"}
+    with pytest.raises(ValueError, match="no layer of VisionTransformer matched"):
+        vitscope.compare(vit, cnn, (ba, bb), names="nothing*", progress=False)
+    swapped = [(x, (y + 1) % 3) for x, y in bb]
+    with pytest.raises(ValueError, match="different examples"):
+        vitscope.compare(vit, cnn, (ba, swapped), progress=False)
+    with pytest.raises(ValueError, match="different numbers of batches"):
+        vitscope.compare(vit, cnn, (ba, bb[:-1]), progress=False)
+    with pytest.raises(ValueError, match="unknown measure"):
+        vitscope.compare(vit, cnn, ba, measures=["nope"])
+    with pytest.raises(ValueError, match="needs fit_loader"):
+        vitscope.compare(vit, cnn, ba, measures=["linear_probe"])
+
+
+def test_linear_probe_equals_sklearn_on_block_features(pair):
+    """The probe of every block (class token and GAP) equals RidgeClassifier fitted on the same first k examples
+    per class of the fit loader and scored on the held-out loader."""
+    vit, cnn, _, _ = pair
+    g = torch.Generator().manual_seed(5)
+    fit_x, fit_y = torch.randn(30, 3, 32, 32, generator=g), torch.arange(30) % 3  # 10 per class
+    test_x, test_y = torch.randn(21, 3, 32, 32, generator=g), torch.randint(0, 3, (21,), generator=g)
+    fit_loader = [(fit_x[i:i + 7], fit_y[i:i + 7]) for i in range(0, 30, 7)]  # 7, 7, 7, 7, 2
+    loader = [(test_x[i:i + 8], test_y[i:i + 8]) for i in range(0, 21, 8)]  # 8, 8, 5
+    res = vitscope.compare(vit, cnn, loader, measures=["linear_probe"], fit_loader=fit_loader, num_classes=3,
+                           shots=(2, 10), ridge=0.3, progress=False)
+    assert res.cka is None
+    rows = res.linear_probe
+    assert {(r["model"], r["readout"], r["shots"]) for r in rows} == {
+        ("a", "cls", 2), ("a", "cls", 10), ("a", "gap", 2), ("a", "gap", 10), ("b", "gap", 2), ("b", "gap", 10)}
+    with torch.no_grad():
+        for model, modules, tag in ((vit, list(vit.blocks), "a"), (cnn, [cnn.layer1[0], cnn.layer4[0]], "b")):
+            outs_fit, outs_test = [], []
+            for batches, outs in ((fit_loader, outs_fit), (loader, outs_test)):  # the same batches (float32 sums)
+                got = [[] for _ in modules]
+                hs = [m.register_forward_hook(lambda _m, _i, o, k=k, got=got: got[k].append(o.double()))
+                      for k, m in enumerate(modules)]
+                for xs, _ in batches:
+                    model(xs)
+                for h in hs:
+                    h.remove()
+                outs.extend(torch.cat(g) for g in got)
+            names = ["blocks.0", "blocks.1"] if tag == "a" else ["layer1.0", "layer4.0"]
+            for name, zf, zt in zip(names, outs_fit, outs_test):
+                for readout in (("cls", "gap") if tag == "a" else ("gap",)):
+                    pick = (lambda z: z[:, 0]) if readout == "cls" else \
+                        ((lambda z: z[:, 1:].mean(1)) if tag == "a" else (lambda z: z.mean((2, 3))))
+                    for k in (2, 10):
+                        first = torch.cat([torch.nonzero(fit_y == c).flatten()[:k] for c in range(3)]).sort().values
+                        xf = pick(zf)[first].numpy()
+                        row = next(r for r in rows if (r["model"], r["layer"], r["readout"], r["shots"]) ==
+                                   (tag, name, readout, k))
+                        xc = xf - xf.mean(0)
+                        alpha = 0.3 * float((xc**2).sum()) / xf.shape[1]
+                        assert row["alpha"] == pytest.approx(alpha, rel=1e-10)
+                        ref = RidgeClassifier(alpha=alpha, solver="cholesky").fit(xf, fit_y[first].numpy())
+                        assert row["accuracy"] == ref.score(pick(zt).numpy(), test_y.numpy())
+
+
+def test_result_round_trip_rows():
+    res = CompareResult(names_a=["x0", "x1"], names_b=["y0"], cka=torch.tensor([[0.5], [0.25]], dtype=torch.float64),
+                        meta={"examples": 9})
+    d = res.to_dict()
+    assert d["cka"]["matrix"] == [[0.5], [0.25]] and d["cka"]["examples"] == 9
+    assert [r["value"] for r in d["cka"]["rows"]] == [0.5, 0.25]
