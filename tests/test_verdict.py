@@ -23,6 +23,7 @@ from vitscope.studies.verdict import (
     t_power,
     t_ppf,
     to_markdown,
+    welch_power,
 )
 
 
@@ -56,18 +57,26 @@ def test_paired_and_one_sample_tests_equal_scipy():
 
 
 def test_pairing_by_seed_matters():
-    # a seed-shared offset dominates: unpaired spreads overlap, the paired differences are all +0.01
+    # a seed-shared offset dominates: unpaired spreads overlap, the paired differences are all about +0.01
+    # (issue 20: with exactly equal differences t is undefined and the exact test decides, so they vary a little)
     base = [0.1, 0.5, 0.9, 0.3]
-    a = [x + 0.01 for x in base]
+    a = [x + e for x, e in zip(base, (0.01, 0.011, 0.012, 0.0105))]
     assert decide(a, base, "greater")[0] == HELD
     assert decide(a, base, "less")[0] == NOT_HELD
+    assert decide(a, base, "greater", paired=False)[0] == INCONCLUSIVE  # Welch: the seed offsets are noise
 
 
 def test_decide_edge_cases():
     assert decide([0.9], [0.1], "greater")[0] == INCONCLUSIVE  # one seed
     assert "one seed" in decide([0.9], [0.1], "greater")[1]
     assert decide([float("nan"), 1.0], [0.0, 0.1], "greater")[0] == INCONCLUSIVE
-    assert decide([0.3, 0.3, 0.3], [0.0], "greater")[0] == HELD  # no spread, nonzero effect
+    # no spread (issue 20: was "held" with t = inf, p = 0): the exact sign-flip test decides, 0.25 at 3 seeds
+    verdict, reason = decide([0.3, 0.3, 0.3], [0.0], "greater")
+    assert verdict == INCONCLUSIVE and "exact sign-flip" in reason and "no distribution-free test" in reason
+    assert decide([1 / 6] * 3, [0.0], "greater")[0] == INCONCLUSIVE  # the issue's example
+    assert decide([1 / 6] * 3, [1 / 6 - 1e-17] * 3, "greater")[0] == INCONCLUSIVE  # rounding-level spread
+    assert decide([0.3] * 6, [0.0], "greater")[0] == HELD  # 2 / 2^6 = 0.031 < 0.05
+    assert paired_test([0.3] * 6, [0.0]).p == pytest.approx(2 / 64)
     with pytest.raises(ValueError, match="expect"):
         decide([1.0, 2.0], [0.0], "bigger")
     with pytest.raises(ValueError, match="equal numbers of seeds"):
@@ -131,6 +140,76 @@ def test_table_shows_effect_interval_p_and_corrected_decision():
                       regime_note="here: ELPV"),
     ])
     md = to_markdown(vs, "t")
-    assert "effect a − b [95% CI]" in md and "p (Holm)" in md and "ImageNet (here: ELPV)" in md
+    assert "effect a − b [Holm-adjusted CI]" in md and "p (Holm)" in md and "ImageNet (here: ELPV)" in md
     assert vs[0].verdict == HELD and vs[0].p_holm == pytest.approx(2 * vs[0].p)
     assert vs[1].verdict == INCONCLUSIVE and vs[1].p_holm == pytest.approx(max(vs[1].p, vs[0].p_holm))
+
+
+def test_welch_and_exact_permutation_equal_scipy():
+    rng = np.random.default_rng(3)
+    for na, nb in ((3, 3), (5, 5), (4, 6)):
+        a, b = rng.normal(0.5, 1, na), rng.normal(0, 2, nb)
+        res = paired_test(a.tolist(), b.tolist(), paired=False)
+        ref = stats.ttest_ind(a, b, equal_var=False)
+        ci = ref.confidence_interval(0.95)
+        assert res.method == "Welch t" and not res.paired
+        assert res.p == pytest.approx(ref.pvalue, rel=1e-9) and res.df == pytest.approx(ref.df, rel=1e-12)
+        assert (res.ci_low, res.ci_high) == pytest.approx((ci.low, ci.high), rel=1e-9)
+        perm = stats.permutation_test((a, b), lambda x, y: np.mean(x) - np.mean(y), permutation_type="independent",
+                                      n_resamples=np.inf, alternative="two-sided")
+        assert res.p_exact == pytest.approx(perm.pvalue, rel=1e-9)
+    assert paired_test([1.0, 2.0], [0.0, 1.0, 2.0], paired=False).method == "Welch t"  # unequal seeds allowed
+
+
+def test_holm_adjusted_interval_matches_the_decision_and_scipy():
+    rng = np.random.default_rng(4)
+    for _ in range(40):
+        vs = holm_adjust([Verdict.build("s", 1, f"c{i}", "a", "b", "greater", rng.normal(mu, 1, 4).tolist(), [0.0])
+                          for i, mu in enumerate((0.2, 1.5, 3.0, 5.0))])
+        for v in vs:
+            decided = v.verdict != INCONCLUSIVE
+            assert decided == (v.ci_low > 0 or v.ci_high < 0), (v.p_holm, v.ci_low, v.ci_high)
+            ci = stats.ttest_1samp(v.a_values, 0.0).confidence_interval(v.ci_level)
+            assert (v.ci_low, v.ci_high) == pytest.approx((ci.low, ci.high), rel=1e-8)
+            assert v.ci_level >= 0.95
+    one = holm_adjust([Verdict.build("s", 1, "c", "a", "b", "greater", [0.1, 0.3, 0.2], [0.0])])[0]
+    assert one.ci_level == pytest.approx(0.95)  # a study of one claim: the plain 95% interval
+
+
+def test_seeds_needed_at_the_holm_level_and_with_the_direction():
+    for es in (0.8, 2.0):
+        for m in (3, 8):
+            n = seeds_needed(es, 1.0, alpha=0.05 / m)
+            assert t_power(es, n, 0.05 / m) >= 0.8 > t_power(es, n - 1, 0.05 / m)
+            assert n > seeds_needed(es, 1.0)
+    rng = np.random.default_rng(5)
+    a = [0.4, 0.9, 0.2]  # pointing the other way for "less"
+    vs = holm_adjust([Verdict.build("s", 1, "c1", "a", "0", "less", a, [0.0]),
+                      Verdict.build("s", 1, "c2", "a", "0", "greater", [0.01, 0.02, 0.015], [0.0]),
+                      Verdict.build("s", 1, "c3", "a", "0", "greater", [0.2, -0.1, 0.3], [0.0])])
+    assert vs[0].verdict == INCONCLUSIVE and vs[0].direction == "against" and "AGAINST" in vs[0].reason
+    test = paired_test(a, [0.0])
+    assert vs[0].seeds_needed == seeds_needed(test.effect, test.sd, alpha=0.05 / 3)
+    # 3 seeds under Holm: no exact test can decide, and the reason says so
+    assert "no distribution-free test can reach p < 0.017" in vs[1].reason
+    assert "seeds per side" not in to_markdown(vs)
+    # Welch: per-side seeds from the Welch power, checked by simulation with scipy's Welch test
+    n = seeds_needed(1.0, 0.8, sd_b=0.6)
+    assert welch_power(1.0, 0.8, 0.6, n) >= 0.8 > welch_power(1.0, 0.8, 0.6, n - 1)
+    sims = [stats.ttest_ind(rng.normal(1.0, 0.8, n), rng.normal(0, 0.6, n), equal_var=False).pvalue < 0.05
+            for _ in range(3000)]
+    assert abs(np.mean(sims) - welch_power(1.0, 0.8, 0.6, n)) < 4 * math.sqrt(0.25 / 3000)  # 4 binomial SEs
+
+
+def test_simulation_discrete_metric_without_spread_is_not_proof():
+    # a discrete metric (fraction of negative eigenvalues) that is +-1/6 with equal odds: mean 0 (no effect), yet
+    # 1 in 4 draws of 3 seeds are all equal; the old rule (t = inf, p = 0) decided those
+    rng = np.random.default_rng(6)
+    wrong = sum(decide(rng.choice([-1 / 6, 1 / 6], 3).tolist(), [0.0], "greater")[0] != INCONCLUSIVE
+                for _ in range(800))
+    assert wrong / 800 <= 0.05
+    for n in (4, 6):  # Welch under the null, with seed offsets that do not pair across architectures
+        counts = {HELD: 0, NOT_HELD: 0, INCONCLUSIVE: 0}
+        for _ in range(800):
+            counts[decide(rng.normal(0, 1, n).tolist(), rng.normal(0, 2, n).tolist(), "greater", paired=False)[0]] += 1
+        assert counts[HELD] / 800 <= 0.05 and counts[NOT_HELD] / 800 <= 0.05, counts

@@ -6,10 +6,12 @@ A study YAML holds ``name``, ``title``, ``paper``, ``conditions`` (data regimes,
 METHODS.md ("Findings to reproduce") and compares two sides ``a`` and ``b``, each a term:
 ``{model, metric, condition}``, ``{diff: [term, term]}`` (first minus second) or ``{value: number}``,
 with ``expect: greater|less``. The models to train and the analyses to run follow from the terms.
-Verdicts follow ``vitscope.studies.verdict`` (paired t test over seeds, 95% interval, Holm-corrected over the
-study's claims). A claim may state its data ``regime``: ``large`` (the paper measured it after ImageNet / JFT
-pretraining) or ``small`` (a claim about small data); a ``large`` claim judged on a small data set is still
-measured, and the table says that the regime differs.
+Verdicts follow ``vitscope.studies.verdict`` (paired t where the seeds pair, i.e. both sides measure the same
+models, Welch's t between independent architectures, or a claim's own ``paired: true|false``; Holm-corrected
+over the study's claims). A claim may state its data ``regime``: ``large`` (the paper measured it on ImageNet),
+``jft`` (ImageNet / JFT pretraining, RAGHU), ``imagenet224`` (ImageNet at 224 px: HDVW's Fourier and variance
+plots) or ``small`` (a claim about small data); a claim of a large-data regime judged on a small data set is
+still measured, and the table says that the regime differs.
 """
 from __future__ import annotations
 
@@ -48,7 +50,9 @@ __all__ = ["list_studies", "load_study", "run_study", "StudyResult", "SCALES", "
 SCALES = ("quick", "paper")
 _SCALE_KEYS = {"zoo", "data", "data_hint", "recipe", "img_size", "epochs", "batch_size", "seeds", "max_examples",
                "max_val_examples", "eval_examples", "eval_batch_size", "hessian", "frequency", "overrides"}
-REGIMES = {"large": "large data (ImageNet / JFT)", "small": "small data", "any": "any data"}
+REGIMES = {"large": "ImageNet", "jft": "ImageNet / JFT", "imagenet224": "ImageNet, 224 px", "small": "small data",
+           "any": "any data"}
+_LARGE_REGIMES = ("large", "jft", "imagenet224")
 _LARGE_DATA = ("imagenet", "imagefolder", "jft")
 _TOP_KEYS = {"name", "title", "paper", "description", "conditions", "claims", "scales", "train_probes"}
 
@@ -125,6 +129,8 @@ def _validate(study: Any, where: str) -> None:
             raise bad(f"claim {i}: expect must be one of {list(EXPECT)}")
         if claim.get("regime", "any") not in REGIMES:
             raise bad(f"claim {i}: regime must be one of {list(REGIMES)}")
+        if not isinstance(claim.get("paired", True), bool):
+            raise bad(f"claim {i}: paired must be true or false")
         if not 1 <= int(claim["finding"]) <= 12:
             raise bad(f"claim {i}: finding must be a number 1-12 of METHODS.md's findings")
         for side in ("a", "b"):
@@ -158,11 +164,21 @@ def _label(term: Any) -> str:
     return f"{term['metric']}[{term['model']}{'' if cond == 'full' else ', ' + cond}]"
 
 
+def _paired(claim: dict[str, Any]) -> bool:
+    """Whether the seeds pair the two sides: yes when both sides measure the same models (one model's layers or
+    its runs on a subset and on all of the data, where seed i fixes the same initial weights), no between
+    independent architectures (Welch), unless the claim says ``paired``."""
+    if "paired" in claim:
+        return bool(claim["paired"])
+    models = [{t["model"] for t in _terms(claim[side])} for side in ("a", "b")]
+    return not all(models) or models[0] == models[1]
+
+
 def _regime(claim: dict[str, Any], data: str) -> tuple[str, str]:
     """The claim's data regime and, for a large-data claim measured on a small data set, a note saying so."""
     regime = claim.get("regime", "any")
     large_here = str(data).split(":", 1)[0].lower() in _LARGE_DATA
-    note = f"regime differs: measured on {data}" if regime == "large" and not large_here else ""
+    note = f"regime differs: measured on {data}" if regime in _LARGE_REGIMES and not large_here else ""
     return REGIMES[regime], note
 
 
@@ -381,7 +397,8 @@ def run_study(
         b_vals = _evaluate(claim["b"], analyses, seed_list)
         regime, note = _regime(claim, s["data"])
         verdicts.append(Verdict.build(study["name"], int(claim["finding"]), claim["claim"], _label(claim["a"]),
-                                      _label(claim["b"]), claim["expect"], a_vals, b_vals, regime, note))
+                                      _label(claim["b"]), claim["expect"], a_vals, b_vals, regime, note,
+                                      paired=_paired(claim)))
     holm_adjust(verdicts)
     title = f"{study['name']}: {study.get('title', '')} ({study.get('paper', '')}; {scale} scale, {s['data']})"
     md = to_markdown(verdicts, title) + _training_table(evals)
@@ -389,10 +406,13 @@ def run_study(
         "study": study["name"], "title": study.get("title"), "paper": study.get("paper"), "scale": scale,
         "settings": s, "seeds": seed_list, "world_size": info.world_size, "verdicts": [v.to_dict() for v in verdicts],
         "table": verdict_rows(verdicts), "evaluations": evals, "timing_s": timer.seconds,
-        "verdict_rule": f"paired t test of a - b over seeds (one-sample against a fixed value), two-sided, "
+        "verdict_rule": f"paired t test of a - b over seeds where the seeds pair (one model; one-sample against a "
+                        f"fixed value), Welch's t between independent architectures; the exact sign-flip / "
+                        f"permutation p beside it, deciding alone when the values have no spread; two-sided, "
                         f"Holm-corrected over the study's claims at alpha = {ALPHA}: held / did not hold when "
-                        "significant in / against the paper's direction, else inconclusive (with the 95% interval "
-                        "and the seeds an effect of that size would need)",
+                        "significant in / against the paper's direction, else inconclusive (with the interval at "
+                        "the level Holm tested the claim at, the direction of the measured effect and the seeds an "
+                        "effect of that size would need at Holm's strictest level)",
     }
     files = {k: study_dir / f"verdicts.{k}" for k in ("json", "csv", "md")}
     if info.is_main:  # torchrun: every rank holds the same verdicts; rank 0 alone writes them
