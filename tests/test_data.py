@@ -334,6 +334,62 @@ def test_imagefolder_skips_non_image_and_corrupt_files_with_a_count(tmp_path, ca
         _all_batches(create_loader(unchecked, split="val", img_size=8, batch_size=1))
 
 
+def test_imagefolder_directory_links_are_followed_once_loops_and_links_across_classes_refused(tmp_path, caplog):
+    """12 PNGs in a/ and b/; `b/up -> ..` (a loop) and `b/alias -> ../a` (a link across classes) add nothing and
+    relabel nothing; a link to a folder outside the tree is read once, as the class it sits in."""
+    root, outside = tmp_path / "data", tmp_path / "outside"
+    _write_flat(root, ("a", "b"), per_class=6, value=lambda c: 40 if c == "a" else 200)
+    _write_flat(outside, ("extra",), per_class=2, value=lambda c: 120)
+    os.symlink("..", root / "b" / "up")  # the loop of the adversarial test: read as 492 examples before
+    os.symlink("../a", root / "b" / "alias")
+    os.symlink(outside / "extra", root / "a" / "more")  # a data set assembled with a link: followed
+    os.symlink(outside / "extra", root / "b" / "again")  # the same folder a second time: refused
+    spec = f"imagefolder:{root},crop_pct=1.0"
+    with caplog.at_level("WARNING"):
+        ds = create_dataset(spec, split="val", img_size=8)
+    assert len(ds) == 14 and sum(1 for _, y in ds.samples if y == 0) == 8
+    assert all(("/b/" in p) == (y == 1) and "/up/" not in p and "/alias/" not in p for p, y in ds.samples)
+    assert "did not follow 3 directory link(s)" in caplog.text
+    x, y = _all_batches(create_loader(spec, split="val", img_size=8, batch_size=5, normalize=False))
+    values = (x[:, 0, 0, 0] * 255).round().long().tolist()
+    assert y.tolist() == [0] * 8 + [1] * 6 and sorted(set(values[8:])) == [200]  # class b holds only b's images
+
+
+def _png_claiming(path, width, height):
+    """A tiny PNG (a few hundred bytes) whose header declares width x height pixels: a decompression bomb."""
+    import struct
+    import zlib
+
+    Image.fromarray(np.zeros((4, 4, 3), dtype=np.uint8)).save(path)
+    data = bytearray(path.read_bytes())
+    ihdr = 8 + 8  # signature, then the IHDR chunk's length and type
+    data[ihdr:ihdr + 8] = struct.pack(">II", width, height)
+    data[ihdr + 13:ihdr + 17] = struct.pack(">I", zlib.crc32(bytes(data[ihdr - 4:ihdr + 13])))
+    path.write_bytes(bytes(data))
+
+
+def test_imagefolder_skips_decompression_bombs_and_images_over_max_pixels(tmp_path, caplog):
+    _write_flat(tmp_path, ("a", "b"), per_class=2, size=8)
+    _png_claiming(tmp_path / "a" / "bomb.png", 60000, 60000)
+    assert (tmp_path / "a" / "bomb.png").stat().st_size < 1000
+    Image.fromarray(np.zeros((16, 16, 3), dtype=np.uint8)).save(tmp_path / "b" / "big.png")  # 256 pixels
+    spec = f"imagefolder:{tmp_path},crop_pct=1.0"
+    with caplog.at_level("WARNING"):
+        ds = create_dataset(spec, split="val", img_size=8)
+        assert len(ds) == 5 and "1 unreadable image(s); e.g." in caplog.text and "bomb.png" in caplog.text
+        caplog.clear()
+        ds = create_dataset(f"{spec},max_pixels=100", split="val", img_size=8)  # the 16 x 16 image is over it
+        assert len(ds) == 4 and "2 unreadable image(s)" in caplog.text
+        assert any("max_pixels=100" in why for _, why in ds.skipped)
+        caplog.clear()
+        x, y = _all_batches(create_loader(f"{spec},max_pixels=100,check=false", split="val", img_size=8,
+                                          batch_size=3))  # no header scan: refused when loaded, and dropped
+    assert y.tolist() == [0, 0, 1, 1] and caplog.text.count("skipped unreadable image") == 2
+    for bad in ("max_pixels=0", "max_pixels=1.5", "max_pixels=x"):
+        with pytest.raises(ValueError, match="max_pixels must be a positive integer"):
+            create_dataset(f"{spec},{bad}", split="val", img_size=8)
+
+
 def test_imagefolder_class_order_is_timms_imagenet_order(tmp_path):
     """Sorted synset folders = timm's ImageNet-1k indices (all 1000); labels=imagenet maps a subset to them, so
     a 1000-class model's top-1 on such a folder counts against the right indices."""

@@ -45,10 +45,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def _folder_images(args: argparse.Namespace, model, meta: dict) -> tuple[object, list[str], dict]:
     """(images (N, 3, S, S), file names, preprocessing) from ``--images DIR``."""
     import torch
-    from PIL import Image
     from timm.data import create_transform
 
     from vitscope.cli._common import resolve_preprocessing
+    from vitscope.data.local import default_max_pixels, load_rgb
 
     folder = Path(args.images).expanduser()
     if not folder.is_dir():
@@ -82,10 +82,9 @@ def _folder_images(args: argparse.Namespace, model, meta: dict) -> tuple[object,
                           mean=pre["mean"], std=pre["std"], crop_pct=pre["crop_pct"], crop_mode=pre["crop_mode"])
     images = []
     for f in files[:args.num_images]:
-        try:
-            with Image.open(f) as im:
-                images.append(tf(im.convert("RGB")))
-        except OSError as e:
+        try:  # the pixel budget of image folders (PIL's decompression-bomb limit) holds here too
+            images.append(tf(load_rgb(str(f), default_max_pixels())))
+        except (OSError, ValueError) as e:
             raise CLIError(f"cannot read image {f} ({e}); remove it or convert it to PNG/JPEG") from None
     return torch.stack(images), [f.name for f in files[:args.num_images]], pre
 

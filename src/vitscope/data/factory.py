@@ -4,8 +4,9 @@ See ``vitscope.data.specs`` for the syntax and ``vitscope.data.local``/``elpv``/
 Options common to the path sets: ``val_fraction`` (default 0: ``val`` is the official test set;
 ``F > 0``: ``val`` is a seeded per-class ``F`` slice of the train set, removed from ``train``) and
 ``split_seed`` (0). ``cifar100`` also takes ``labels=coarse``; ``imagefolder`` takes ``crop_pct`` and
-``labels=imagenet`` (synset folders get their ImageNet-1k indices) and ``check=false`` (no header scan of every
-image up front, ~0.1 ms a file; see ``vitscope.data.local``).
+``labels=imagenet`` (synset folders get their ImageNet-1k indices), ``check=false`` (no header scan of every
+image up front, ~0.1 ms a file; see ``vitscope.data.local``) and ``max_pixels=N`` (images declaring more pixels
+are skipped and counted with the unreadable ones; default PIL's ``Image.MAX_IMAGE_PIXELS``, 89,478,485).
 Every spec accepts ``img_size=S`` in place of the ``img_size`` argument.
 """
 from __future__ import annotations
@@ -97,11 +98,19 @@ def _native(r: _Resolved) -> dict[str, Any]:
                     defaults={**SMALL_DEFAULTS, "hflip": 0.0} if mnist else SMALL_DEFAULTS, crop_pct=1.0)
     if name == "imagefolder":
         opts = check_options(name, opts, {**_PATH_OPTIONS, "crop_pct": 0.875, "labels": "folders",
-                                               "check": True})
+                                               "check": True, "max_pixels": None})
+        _check_max_pixels(opts["max_pixels"])
         classes = local.imagefolder_classes(r.spec.path, opts["labels"])
         return dict(num_classes=len(classes), img_size=None, mean=local.IMAGENET_MEAN, std=local.IMAGENET_STD,
                     class_names=tuple(classes), defaults=IMAGEFOLDER_DEFAULTS, crop_pct=opts["crop_pct"])
     raise AssertionError(name)  # parse_spec rejects unknown names
+
+
+def _check_max_pixels(value: Any) -> int | None:
+    """The imagefolder option ``max_pixels``: a positive integer (None: PIL's ``Image.MAX_IMAGE_PIXELS``)."""
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        raise ValueError(f"imagefolder: max_pixels must be a positive integer (pixels per image), got {value!r}")
+    return value
 
 
 def _info(r: _Resolved, native: dict[str, Any]) -> DataInfo:
@@ -164,7 +173,8 @@ def _base_dataset(r: _Resolved, split: str, download: bool) -> Dataset:
         if download:
             raise ValueError("imagefolder cannot be downloaded; point the spec at a local folder")
         ds = local.make_imagefolder(path, "train" if holdout else split, labels=opts.get("labels", "folders"),
-                                    check=bool(opts.get("check", True)))
+                                    check=bool(opts.get("check", True)),
+                                    max_pixels=_check_max_pixels(opts.get("max_pixels")))
     if not holdout:
         return ds
     targets = dataset_targets(ds)

@@ -12,7 +12,11 @@ Splits: ``train`` is the official train set, ``val`` and ``test`` the official t
 ``PATH/test`` when it exists, else ``PATH/val``. A PATH whose class folders sit directly under it (an
 ImageNet validation folder) is one split, used for every split asked for. Class indices follow the sorted
 folder names (timm's ImageNet-1k order for the 1000 synset folders; ``labels=imagenet`` maps a subset of
-synset folders to their ImageNet-1k indices). Non-image and unreadable files are skipped with a warning.
+synset folders to their ImageNet-1k indices). Non-image and unreadable files are skipped with a warning, and so
+are images over a pixel budget (``max_pixels``, default PIL's ``Image.MAX_IMAGE_PIXELS``: decompression bombs).
+Directory symlinks under a class folder are followed once: a link back into the split folder (a loop, or a
+link into another class) or to a directory already read is refused with a warning, so every example's label is
+the class folder it is read under and no file is read twice through links (``docs/data.md``).
 """
 from __future__ import annotations
 
@@ -21,6 +25,8 @@ import io
 import logging
 import os
 import pickle
+import warnings
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -235,36 +241,83 @@ def _is_image_file(path: str) -> bool:
     return path.lower().endswith(datasets.folder.IMG_EXTENSIONS)
 
 
+def default_max_pixels() -> int:
+    """PIL's decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``, 89,478,485 by default): the default budget."""
+    from PIL import Image
+
+    return int(Image.MAX_IMAGE_PIXELS or 0) or 2**62
+
+
+class ImageTooLarge(ValueError):
+    """An image whose header declares more pixels than the budget (it is skipped, never decoded)."""
+
+
+def _open_checked(fp: Any, max_pixels: int) -> Any:
+    """``PIL.Image.open(fp)`` with its size checked against ``max_pixels`` before any pixel is decoded.
+
+    PIL's own bomb check (a warning past ``Image.MAX_IMAGE_PIXELS``, an error past twice that) is folded into one
+    ``ImageTooLarge``, so a bomb is an unreadable file like any other, never a traceback or a stray warning.
+    """
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # judged below against max_pixels
+        try:
+            img = Image.open(fp)
+        except Image.DecompressionBombError as e:
+            raise ImageTooLarge(f"over PIL's decompression-bomb limit ({e})") from None
+    width, height = img.size
+    if width * height > max_pixels:
+        img.close()
+        raise ImageTooLarge(f"{width}x{height} = {width * height} pixels, over the budget max_pixels={max_pixels}")
+    return img
+
+
+def load_rgb(path: str, max_pixels: int) -> Any:
+    """The image at ``path`` as an RGB ``PIL.Image``; ``ImageTooLarge`` over ``max_pixels`` pixels."""
+    with open(path, "rb") as f, _open_checked(f, max_pixels) as img:
+        return img.convert("RGB")
+
+
 class CheckedImageFolder(datasets.ImageFolder):
     """torchvision's ImageFolder that skips what it cannot read instead of failing mid-run.
 
     At construction, files without an image extension are counted, and every image's header is opened with
-    PIL (cheap: no pixel is decoded); unreadable ones are dropped. A file that passes the header check but
-    fails to decode later (a truncated JPEG) yields ``None``, which ``collate_skipping_none`` drops from its
-    batch. Each skip is logged as a warning with a running count.
+    PIL (cheap: no pixel is decoded); unreadable ones, and images over ``max_pixels`` pixels, are dropped. A file
+    that passes the header check but fails to decode later (a truncated JPEG) yields ``None``, which
+    ``collate_skipping_none`` drops from its batch. Each skip is logged as a warning with a running count.
+    Directory symlinks are followed once, loops and links back into the folder refused (``make_dataset``).
     """
 
-    def __init__(self, root: str, labels: str = "folders", check: bool = True, **kwargs: Any) -> None:
+    def __init__(self, root: str, labels: str = "folders", check: bool = True, max_pixels: int | None = None,
+                 **kwargs: Any) -> None:
         self.labels, self.check = labels, check
+        self.max_pixels = int(max_pixels) if max_pixels is not None else default_max_pixels()
         self.skipped: list[tuple[str, str]] = []  # (path, reason), at construction
+        self.refused_links: list[tuple[str, str]] = []  # (link, reason): directory links not followed
+        self.non_images: list[str] = []
         self.skipped_at_load = 0
-        super().__init__(root, **kwargs)
-        others = [os.path.join(d, f) for d, _, files in os.walk(root) for f in files
-                  if not _is_image_file(f) and not f.startswith(".")]
+        super().__init__(root, loader=partial(load_rgb, max_pixels=self.max_pixels), **kwargs)
         if check:
             kept = []
             for path, target in self.samples:
-                reason = _unreadable(path)
+                reason = _unreadable(path, self.max_pixels)
                 if reason is None:
                     kept.append((path, target))
                 else:
                     self.skipped.append((path, reason))
             self.samples = self.imgs = kept
             self.targets = [t for _, t in kept]
+        others = self.non_images
         if others or self.skipped:
             example = f"; e.g. {self.skipped[0][0]}: {self.skipped[0][1]}" if self.skipped else ""
-            _logger.warning("imagefolder %s: skipped %d non-image file(s) (e.g. %s) and %d unreadable image(s)%s",
-                            root, len(others), others[0] if others else "-", len(self.skipped), example)
+            _logger.warning("imagefolder %s: skipped %d non-image file(s)%s and %d unreadable image(s)%s", root,
+                            len(others), f" (e.g. {others[0]})" if others else "", len(self.skipped), example)
+        if self.refused_links:
+            link, why = self.refused_links[0]
+            _logger.warning("imagefolder %s: did not follow %d directory link(s) (e.g. %s: %s); labels come from "
+                            "the class folder a file is read under, and no directory is read twice",
+                            root, len(self.refused_links), link, why)
         if not self.samples:
             raise FileNotFoundError(f"imagefolder: no readable image in {root}")
 
@@ -272,23 +325,76 @@ class CheckedImageFolder(datasets.ImageFolder):
         mapping = _class_to_idx(directory, self.labels)
         return sorted(mapping), mapping
 
+    def make_dataset(  # type: ignore[override]
+        self, directory: str, class_to_idx: dict[str, int], extensions: Any = None, is_valid_file: Any = None,
+        allow_empty: bool = False,
+    ) -> list[tuple[str, int]]:
+        """``(path, class index)`` of every image under each class folder, directory links followed once.
+
+        A directory link is followed unless its target is inside ``directory`` (a loop such as ``b/up -> ..``, or
+        a link into another class, whose files would take the link's class) or a directory already read (a cycle
+        outside the folder, or a second link to one place); refused links are recorded in ``refused_links``. A
+        class folder that is itself a link to a directory outside ``directory`` is read as that class.
+        """
+        top = os.path.realpath(directory)
+        seen: set[str] = set()
+        instances: list[tuple[str, int]] = []
+        empty: list[str] = []
+        for name in sorted(class_to_idx):
+            class_dir = os.path.join(directory, name)
+            real = os.path.realpath(class_dir)
+            if os.path.islink(class_dir) and (_inside(real, top) or real in seen):
+                self.refused_links.append((class_dir, f"a class folder linking to {real}, read elsewhere"))
+                empty.append(name)
+                continue
+            seen.add(real)
+            files: list[str] = []
+            for dirpath, dirnames, fnames in os.walk(class_dir, followlinks=True):
+                keep = []
+                for d in sorted(dirnames):
+                    sub = os.path.join(dirpath, d)
+                    target = os.path.realpath(sub)
+                    if os.path.islink(sub) and _inside(target, top):
+                        self.refused_links.append((sub, f"a link back into the image folder ({target})"))
+                    elif target in seen:
+                        self.refused_links.append((sub, f"a directory already read ({target}): a loop or a "
+                                                   "second link to it"))
+                    else:
+                        seen.add(target)
+                        keep.append(d)
+                dirnames[:] = keep
+                for f in fnames:
+                    if not f.startswith("."):
+                        (files if _is_image_file(f) else self.non_images).append(os.path.join(dirpath, f))
+            instances.extend((path, class_to_idx[name]) for path in sorted(files))
+            if not files:
+                empty.append(name)
+        if empty and not allow_empty:
+            raise FileNotFoundError(f"imagefolder {directory}: no image file in the class folder(s) {empty}")
+        return instances
+
     def __getitem__(self, index: int) -> Any:
         try:
             return super().__getitem__(index)
-        except (OSError, SyntaxError, ValueError) as e:  # PIL's errors for a truncated or corrupt image
+        except (OSError, SyntaxError, ValueError) as e:  # PIL's errors for a truncated or corrupt image; too large
             self.skipped_at_load += 1
             _logger.warning("imagefolder: skipped unreadable image %s (%s: %s); %d skipped while loading so far in "
                             "this process", self.samples[index][0], type(e).__name__, e, self.skipped_at_load)
             return None
 
 
-def _unreadable(path: str) -> str | None:
-    """Why PIL cannot identify ``path`` as an image (header only), or None."""
-    from PIL import Image, UnidentifiedImageError
+def _inside(path: str, folder: str) -> bool:
+    """Whether real path ``path`` is ``folder`` or below it."""
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _unreadable(path: str, max_pixels: int | None = None) -> str | None:
+    """Why PIL cannot identify ``path`` as an image within ``max_pixels`` pixels (header only), or None."""
+    from PIL import UnidentifiedImageError
 
     try:
-        with Image.open(path) as img:
-            img.size  # noqa: B018 - parsed from the header
+        with _open_checked(path, default_max_pixels() if max_pixels is None else max_pixels):
+            pass
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         return f"{type(e).__name__}: {e}"
     return None
@@ -305,13 +411,15 @@ def collate_skipping_none(batch: list[Any]) -> Any:
     return default_collate(kept)
 
 
-def make_imagefolder(root: str, split: str, labels: str = "folders", check: bool = True) -> CheckedImageFolder:
+def make_imagefolder(root: str, split: str, labels: str = "folders", check: bool = True,
+                     max_pixels: int | None = None) -> CheckedImageFolder:
     """An ImageFolder on ``root/<split>`` (or on ``root`` itself when its class folders sit directly under it:
     one split, used for every split asked for); its classes must match ``imagefolder_classes(root)``.
 
     Class ``i`` is the ``i``-th class folder in sorted order (timm's ImageNet-1k order when the folders are all
     1000 synsets), or with ``labels="imagenet"`` each synset folder's ImageNet-1k index. Unreadable files are
-    skipped with a warning (``CheckedImageFolder``; ``check=False`` skips the header scan).
+    skipped with a warning, as are images over ``max_pixels`` pixels (``CheckedImageFolder``; ``check=False`` skips
+    the header scan, and the budget is then enforced as each image is loaded).
     """
     dirs = imagefolder_dirs(root)
     if dirs[split] == root:
@@ -323,7 +431,7 @@ def make_imagefolder(root: str, split: str, labels: str = "folders", check: bool
             f"imagefolder: missing folder {dirs[split]}; expected {root}/train/<class>/*.png and "
             f"{root}/val/<class>/*.png, or the class folders directly under {root}"
         )
-    ds = CheckedImageFolder(dirs[split], labels=labels, check=check)
+    ds = CheckedImageFolder(dirs[split], labels=labels, check=check, max_pixels=max_pixels)
     if labels == "folders":
         classes = imagefolder_classes(root)
         if ds.classes != classes:
