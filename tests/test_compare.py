@@ -170,3 +170,72 @@ def test_result_round_trip_rows():
     d = res.to_dict()
     assert d["cka"]["matrix"] == [[0.5], [0.25]] and d["cka"]["examples"] == 9
     assert [r["value"] for r in d["cka"]["rows"]] == [0.5, 0.25]
+
+
+def test_cli_compare_vit_32px_with_resnet_176px(tmp_path, capsys):
+    """Two models of different input sizes on the same fake examples: each is fed through its own preprocessing
+    (32 px from the data set, 176 px from resnet10t's pretrained_cfg with --preprocess model)."""
+    import json
+
+    from vitscope.cli import main
+
+    out = tmp_path / "cmp"
+    rc = main(["compare", "test_vit_cifar", "resnet10t", "--data", "fake:n=48,classes=3", "--batch-size", "5",
+               "--measures", "cka,linear_probe", "--shots", "2,4", "--preprocess", "model", "--device", "cpu",
+               "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    res = json.loads((out / "results.json").read_text())
+    meta = res["meta"]
+    assert meta["model_a"]["preprocessing"]["input_size"] == [3, 32, 32]
+    assert meta["model_b"]["preprocessing"]["input_size"] == [3, 176, 176]
+    assert res["cka"]["layers_a"] == ["blocks.0", "blocks.1"]
+    assert res["cka"]["layers_b"] == ["layer1.0", "layer2.0", "layer3.0", "layer4.0"]
+    assert len(res["cka"]["matrix"]) == 2 and len(res["cka"]["matrix"][0]) == 4
+    assert meta["examples"] == 12  # 12 val examples in batches of 5, 5, 2 (the last skipped by CKA)
+    assert meta["cka_skipped_examples"] == 2
+    assert {r["shots"] for r in res["linear_probe"]["rows"]} == {2, 4}
+    assert (out / "cka.csv").is_file() and (out / "linear_probe.csv").is_file()
+
+
+def test_cli_compare_errors(tmp_path, capsys):
+    from tests._helpers import one_line_error
+
+    one_line_error(capsys, ["compare", "test_vit_cifar", "no/such/run", "--data", "fake", "--out", str(tmp_path)],
+                   "no such run directory")
+    one_line_error(capsys, ["compare", "test_vit_cifar", "test_vit_cifar", "--data", "fake", "--measures", "x",
+                            "--out", str(tmp_path)], "--measures: unknown ['x']")
+    one_line_error(capsys, ["compare", "test_vit_cifar", str(tmp_path) + "@3", "--data", "fake",
+                            "--out", str(tmp_path / "o")], "not a vitscope run directory")
+
+
+def test_cli_compare_one_run_at_two_epochs(tmp_path, capsys):
+    """keep_epochs=1 keeps each epoch's weights; RUN@0 against RUN@last compares the run over training, each side
+    rebuilt from the run (16 px, its recorded preprocessing); a run against itself at one epoch gives CKA 1."""
+    import json
+
+    from vitscope.cli import main
+    from vitscope.io.runs import epoch_weights
+
+    run = tmp_path / "run"
+    assert main(["train", "--config", "cpu-quick", "--model", "test_vit_cifar", "--data", "fake:n=48,classes=3",
+                 "--out", str(run), "epochs=2", "batch_size=16", "img_size=16", "keep_epochs=1", "progress=false",
+                 "lr=3e-3"]) == 0
+    assert sorted(p.name for p in (run / "checkpoints" / "kept").iterdir()) == \
+        ["epoch-0000.safetensors", "epoch-0001.safetensors"]
+    assert epoch_weights(run, "last").samefile(epoch_weights(run, 1))
+    with pytest.raises(FileNotFoundError, match=r"holds epochs \[0, 1\]"):
+        epoch_weights(run, 7)
+    out = tmp_path / "over-training"
+    assert main(["compare", f"{run}@0", f"{run}@last", "--data", "fake:n=48,classes=3", "--batch-size", "6",
+                 "--device", "cpu", "--out", str(out)]) == 0, capsys.readouterr().err
+    res = json.loads((out / "results.json").read_text())
+    a, b = res["meta"]["model_a"], res["meta"]["model_b"]
+    assert a["checkpoint"].endswith("epoch-0000.safetensors") and b["checkpoint"].endswith("model.safetensors")
+    assert a["preprocessing"]["input_size"] == [3, 16, 16] == b["preprocessing"]["input_size"]
+    m = np.array(res["cka"]["matrix"])
+    assert m.shape == (2, 2) and not np.allclose(np.diag(m), 1.0, atol=1e-9)  # the weights changed
+    same = tmp_path / "same"
+    assert main(["compare", f"{run}@1", str(run), "--data", "fake:n=48,classes=3", "--batch-size", "6",
+                 "--device", "cpu", "--out", str(same)]) == 0
+    np.testing.assert_allclose(np.diag(json.loads((same / "results.json").read_text())["cka"]["matrix"]), 1.0,
+                               atol=1e-12)

@@ -13,7 +13,7 @@ import sys
 
 COMMANDS = (
     "models", "probe", "train", "hessian", "landscape", "robustness", "demo", "report", "reproduce",
-    "attention",
+    "attention", "compare",
 )
 
 

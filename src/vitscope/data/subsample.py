@@ -34,6 +34,20 @@ def subsample_per_class(labels: Sequence[int] | np.ndarray, fraction: float, see
     return np.sort(np.concatenate(keep)) if keep else np.zeros(0, dtype=np.int64)
 
 
+def first_per_class(labels: Sequence[int] | np.ndarray, k: int, seed: int = 0) -> np.ndarray:
+    """Sorted indices of ``k`` examples of each class (all of a class with fewer): the first ``k`` of a per-class
+    permutation drawn by ``numpy.random.default_rng(seed)``, as ``subsample_per_class``, so for one seed a smaller
+    ``k`` is a subset of a larger one (few-shot probes with 10 and 25 examples per class, RAGHU Sec. 6)."""
+    if not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+    labels = np.asarray(labels)
+    if labels.ndim != 1:
+        raise ValueError(f"labels must be 1-D, got shape {labels.shape}")
+    rng = np.random.default_rng(seed)
+    keep = [rng.permutation(np.flatnonzero(labels == c))[:k] for c in np.unique(labels)]
+    return np.sort(np.concatenate(keep)) if keep else np.zeros(0, dtype=np.int64)
+
+
 def steps_constant_epochs(base_epochs: int | float, fraction: float) -> int:
     """Epochs on a ``fraction`` of the data with the same number of steps as ``base_epochs`` on all of it.
 

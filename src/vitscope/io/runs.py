@@ -40,6 +40,7 @@ __all__ = [
     "MODEL_FILE", "STATE_FILE", "CONFIG_FILE", "METRICS_FILE", "PROBES_FILE", "CHECKPOINTS_DIR", "MANIFEST_FILE",
     "LOCK_FILE", "CHECKPOINT_FORMAT", "epoch_dirs", "latest_checkpoint", "read_manifest", "load_latest",
     "load_state", "load_model_weights", "run_model_spec", "find_run_spec", "load_run_model", "run_finished",
+    "KEPT_DIR", "BEST_FILE", "epoch_weights",
 ]
 
 MODEL_FILE = "model.safetensors"
@@ -52,6 +53,8 @@ MANIFEST_FILE = "checkpoint.json"
 LOCK_FILE = ".lock"
 CHECKPOINT_FORMAT = "vitscope-checkpoint/1"
 EPOCH_PREFIX = "epoch-"
+KEPT_DIR = "kept"  # checkpoints/kept/epoch-NNNN.safetensors: weights of epochs kept with the keep_epochs setting
+BEST_FILE = "best.safetensors"  # early stopping: the weights of the best validation epoch so far
 
 
 # ----------------------------------------------------------------------------------------------
@@ -359,3 +362,44 @@ def run_finished(run_dir: str | os.PathLike) -> bool:
     return int(epoch) >= int(total) - 1
 
 
+
+
+def epoch_weights(run_dir: str | os.PathLike, epoch: int | str) -> Path:
+    """The weights file of one epoch of a run: ``"last"`` (the latest checkpoint), ``"best"`` (early stopping's
+    ``best.safetensors``) or an epoch number held by ``checkpoints/epoch-N``, ``checkpoints/kept/epoch-N.safetensors``
+    (``keep_epochs``) or ``best.safetensors``. Used to compare a run with itself over training.
+
+    Raises:
+        FileNotFoundError: the run does not hold that epoch (the message lists the epochs it holds).
+    """
+    run = Path(run_dir)
+    if not (run / CONFIG_FILE).is_file():
+        raise FileNotFoundError(f"{run} is not a vitscope run directory (no {CONFIG_FILE})")
+    held: dict[int, Path] = {}
+    kept = run / CHECKPOINTS_DIR / KEPT_DIR
+    if kept.is_dir():
+        for path in kept.glob(f"{EPOCH_PREFIX}*.safetensors"):
+            with contextlib.suppress(ValueError):
+                held[int(path.stem[len(EPOCH_PREFIX):])] = path
+    best = run / BEST_FILE
+    best_epoch = None
+    if best.is_file():
+        with contextlib.suppress(CheckpointError, KeyError, ValueError):
+            best_epoch = int(_weights_metadata(best)["epoch"])
+            held.setdefault(best_epoch, best)
+    for e, path in epoch_dirs(run):
+        held[e] = path / MODEL_FILE
+    if epoch == "last":
+        latest = latest_checkpoint(run)
+        if latest is None:
+            raise _no_checkpoint(run)
+        return latest / MODEL_FILE
+    if epoch == "best":
+        if best_epoch is None:
+            raise FileNotFoundError(f"{run} has no {BEST_FILE} (it is written by early stopping, "
+                                    "early_stop_patience); use RUN@last or an epoch number")
+        return best
+    if int(epoch) not in held:
+        raise FileNotFoundError(f"{run} does not hold the weights of epoch {epoch}; it holds epochs "
+                                f"{sorted(held) or 'none'} (train with keep_epochs=N to keep every N-th epoch)")
+    return held[int(epoch)]

@@ -47,6 +47,7 @@ from vitscope.io.runs import (
     CHECKPOINTS_DIR,
     CONFIG_FILE,
     EPOCH_PREFIX,
+    KEPT_DIR,
     LOCK_FILE,
     MANIFEST_FILE,
     METRICS_FILE,
@@ -221,7 +222,8 @@ def _discard(path: Path) -> None:
 
 
 def save_checkpoint(run_dir: str | os.PathLike, model: nn.Module, state: dict[str, Any],
-                    spec: dict[str, Any] | None = None, info: dict[str, Any] | None = None) -> Path:
+                    spec: dict[str, Any] | None = None, info: dict[str, Any] | None = None,
+                    keep: bool = False) -> Path:
     """Write the checkpoint of ``state["epoch"]`` as ``run_dir/checkpoints/epoch-N`` (one rename) and return it.
 
     ``state`` must contain ``epoch`` (the last completed epoch) and only tensors / plain containers.
@@ -266,6 +268,8 @@ def save_checkpoint(run_dir: str | os.PathLike, model: nn.Module, state: dict[st
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     _fsync_dir(root)
+    if keep:  # keep_epochs: these weights outlive the checkpoint (vitscope compare RUN@N)
+        _keep_weights(root, final / MODEL_FILE, epoch)
     _publish_weights(run_dir, final / MODEL_FILE)
     for e, path in epoch_dirs(run_dir):
         if e != epoch:
@@ -273,6 +277,22 @@ def save_checkpoint(run_dir: str | os.PathLike, model: nn.Module, state: dict[st
     with contextlib.suppress(FileNotFoundError):  # a pre-directory-layout run: its pair is superseded
         os.unlink(run_dir / STATE_FILE)
     return final
+
+
+def _keep_weights(root: Path, weights: Path, epoch: int) -> None:
+    """``root/kept/epoch-N.safetensors``: a hard link to (or a copy of) ``weights``, made visible by one rename."""
+    kept = root / KEPT_DIR
+    kept.mkdir(exist_ok=True)
+    tmp = kept / f"{_TMP_PREFIX}{_epoch_dir_name(epoch)}-{os.getpid()}.safetensors"
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)
+    try:
+        os.link(weights, tmp)
+    except OSError:  # no hard links on this file system: copy
+        shutil.copyfile(weights, tmp)
+        _fsync_file(tmp)
+    os.replace(tmp, kept / f"{_epoch_dir_name(epoch)}.safetensors")
+    _fsync_dir(kept)
 
 
 def remove_stale_files(run_dir: str | os.PathLike) -> list[str]:

@@ -124,6 +124,10 @@ class TrainConfig:
     early_stop_min_delta: float = 0.0  # an improvement lowers the best val_nll by more than this
     early_stop_lr_fraction: float | None = 0.5  # count stalls once lr <= this fraction of the peak; null: always
     early_stop_restore_best: bool = True  # end with the weights of the lowest val_nll (kept in best.safetensors)
+    # Also keep the weights of every N-th epoch (epoch % N == 0) and of the last one as
+    # checkpoints/kept/epoch-N.safetensors (a hard link, no extra space while the checkpoint exists), so that
+    # `vitscope compare RUN@2 RUN@last` compares a run with itself over training; 0 keeps only the latest.
+    keep_epochs: int = 0
     pretrained: bool = False  # start from timm's hub weights (fine-tuning); the head is re-initialised
     # Preprocessing (timm train.py: resolve_data_config). The input size is img_size; the training augmentation
     # keeps its own settings above and takes only mean/std from here.
@@ -294,6 +298,7 @@ _RANGES: dict[str, tuple[float, bool, float, bool, str]] = {
     "data_fraction": (0, False, 1, True, "fraction of every class kept, e.g. 0.1; null keeps all"),
     "num_classes": (1, True, math.inf, False, "null takes it from the data"),
     "img_size": (1, True, math.inf, False, "input size in pixels; null uses the model's"),
+    "keep_epochs": (0, True, math.inf, False, "keep every N-th epoch's weights, e.g. 1; 0 keeps only the latest"),
     "early_stop_patience": (1, True, math.inf, False, "epochs without improvement; null disables early stopping"),
     "early_stop_min_delta": (0, True, math.inf, False, "smallest val_nll decrease that counts, e.g. 0.001"),
     "early_stop_lr_fraction": (0, False, 1, True, "stalls count once lr <= this fraction of its peak, e.g. 0.5; "

@@ -774,7 +774,7 @@ def _restore_best(run: _Run, es: EarlyStop) -> bool:
     return True
 
 
-def _save(run: _Run, epoch: int, step: int, es: EarlyStop, finished: bool) -> None:
+def _save(run: _Run, epoch: int, step: int, es: EarlyStop, finished: bool, keep: bool = False) -> None:
     rng = _gather_rng(run.dist)  # a collective: every rank takes part
     if not run.dist.is_main:
         return
@@ -793,7 +793,7 @@ def _save(run: _Run, epoch: int, step: int, es: EarlyStop, finished: bool) -> No
     }
     info = {"total_epochs": run.total_epochs, "finished": finished or es.stop, "stopped_early": es.stop,
             "best_epoch": es.best_epoch, "best_val_nll": es.best if math.isfinite(es.best) else None}
-    ckpt.save_checkpoint(run.run_dir, run.model, state, spec=run.spec, info=info)
+    ckpt.save_checkpoint(run.run_dir, run.model, state, spec=run.spec, info=info, keep=keep)
 
 
 def _tensorboard(run: _Run) -> Any:
@@ -895,7 +895,11 @@ def _fit(run: _Run, state: dict | None) -> dict[str, Any]:
             ckpt.append_jsonl(run.run_dir / ckpt.METRICS_FILE, record)
             for p in probes:
                 ckpt.append_jsonl(run.run_dir / ckpt.PROBES_FILE, p)
-        _save(run, epoch, step, es, finished=epoch == run.total_epochs - 1)
+        finished = epoch == run.total_epochs - 1
+        # keep_epochs: every N-th epoch's weights and the last epoch's (not when the best epoch's were restored)
+        keep = cfg.keep_epochs > 0 and "weights_epoch" not in record and \
+            (epoch % cfg.keep_epochs == 0 or finished or es.stop)
+        _save(run, epoch, step, es, finished=finished, keep=keep)
         if info.is_main:
             if es.stop:
                 _logger.info("early stop after epoch %d: val_nll has not improved by more than %g for %d epochs "
