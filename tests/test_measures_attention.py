@@ -14,6 +14,7 @@ from vitscope.measures import (
     Nonlocality,
     RelativeDistance,
     attention_distance,
+    class_token_mass,
     attention_entropy,
     nonlocality,
     relative_distance,
@@ -105,6 +106,13 @@ def ref_relative(a, hw, p, renorm):
     return out
 
 
+def ref_prefix_mass(a, p):
+    a = np.asarray(a)
+    B, H, N, _ = a.shape
+    return np.array([sum(a[b, hd, i, :p].sum() for b in range(B) for i in range(p, N)) / (B * (N - p))
+                     for hd in range(H)])
+
+
 # ------------------------------------------------------------------------------------------- tests
 @pytest.mark.parametrize("hw,p", [((4, 4), 1), ((3, 5), 0), ((2, 3), 2)])
 def test_functions_match_numpy(hw, p):
@@ -174,8 +182,9 @@ def test_streaming_unequal_batches_lists_and_layout():
     a2 = random_attention(9, 2, 9, seed=2)  # layer 1: 3x3 grid, no prefix, 2 heads
     layout = [SimpleNamespace(grid=(4, 4), num_prefix_tokens=1, patch_size=8),
               SimpleNamespace(grid=(3, 3), num_prefix_tokens=0, patch_size=4)]
-    measures = [AttentionEntropy(), AttentionDistance(renormalize=False), Nonlocality(), RelativeDistance(),
-                AttentionDistance()]  # renormalized by default
+    # issue 20: the default is the literature's (not renormalized); renormalization is the option
+    measures = [AttentionEntropy(), AttentionDistance(), Nonlocality(), RelativeDistance(),
+                AttentionDistance(renormalize=True)]
     for b1, b2 in zip(split(a1, [1, 5, 3]), split(a2, [1, 5, 3])):
         for m in measures:
             m.update([b1, b2], layout=layout)
@@ -186,6 +195,7 @@ def test_streaming_unequal_batches_lists_and_layout():
         np.testing.assert_allclose(dist_r[layer].numpy(), ref_distance(a, hw, ps, p, True), rtol=1e-10)
         np.testing.assert_allclose(nl[layer].numpy(), ref_nonlocality(a, hw, p), rtol=1e-10)
         np.testing.assert_allclose(rel[layer].numpy(), ref_relative(a, hw, p, True), rtol=1e-10)
+        np.testing.assert_allclose(measures[1].class_token_mass()[layer].numpy(), ref_prefix_mass(a, p), rtol=1e-10)
 
 
 def test_streaming_merge_state_dict_and_sync_single_rank(tmp_path):
@@ -257,3 +267,22 @@ def test_validate_false_same_values_shapes_still_checked():
         cls().update([a * 2], layout, validate=False)  # the caller vouched for the values
         with pytest.raises(ValueError, match="4-D"):
             cls().update([a[0]], layout, validate=False)
+
+
+def test_distance_default_is_the_literatures_and_class_token_mass_beside_it():
+    """Issue 20: class-token rows and columns dropped WITHOUT renormalizing (probing-vits' / Kornblith's code, the
+    ViT paper's Fig. 7); with a mass c on the class token in every row the distance is (1 - c) times the
+    renormalized one (36% -> the renormalized number is 1 / 0.64 = 1.56 times it)."""
+    a = random_attention(3, 2, 17, seed=7)
+    torch.testing.assert_close(attention_distance(a, 4, 16), attention_distance(a, 4, 16, renormalize=False))
+    np.testing.assert_allclose(class_token_mass(a).numpy(), ref_prefix_mass(a, 1), rtol=1e-10)
+    np.testing.assert_allclose(class_token_mass(a, 2).numpy(), ref_prefix_mass(a, 2), rtol=1e-10)
+    spatial = random_attention(3, 2, 16, seed=8)  # (B, H, 16, 16) rows summing to 1
+    c = 0.36
+    mixed = torch.zeros(3, 2, 17, 17, dtype=torch.float64)
+    mixed[..., 1:, 0] = c
+    mixed[..., 1:, 1:] = (1 - c) * spatial
+    mixed[..., 0, :] = 1.0 / 17
+    torch.testing.assert_close(class_token_mass(mixed), torch.full((2,), c, dtype=torch.float64))
+    torch.testing.assert_close(attention_distance(mixed, 4, 16), (1 - c) * attention_distance(spatial, 4, 16, 0))
+    torch.testing.assert_close(attention_distance(mixed, 4, 16, renormalize=True), attention_distance(spatial, 4, 16, 0))

@@ -46,6 +46,9 @@ def test_probe_streams_to_whole_set_values(name):
         assert row["layer"] == info.name and row["kind"] == info.kind
         dist = M.attention_distance(attn, info.grid, info.patch_size, info.num_prefix_tokens)
         np.testing.assert_allclose(result["attention_distance"][i]["heads"], dist.numpy(), rtol=1e-6)
+        cls_mass = a[:, :, info.num_prefix_tokens:, :info.num_prefix_tokens].sum(-1).mean((0, 2))  # numpy
+        np.testing.assert_allclose(result["attention_distance"][i]["class_token_mass_heads"], cls_mass, rtol=1e-6)
+        assert result["attention_distance"][i]["renormalized"] is False  # the literature's definition
     for i, (rec, row) in enumerate(zip(cap.records, result["ratio_of_norms"])):
         ref = M.ratio_of_norms(rec.z_in, rec.branch, rec.info.num_prefix_tokens)
         assert row["spatial"] == pytest.approx(float(ref["spatial"]), rel=1e-6)

@@ -253,7 +253,18 @@ class _Entropy(_AttentionProbe):
 
 
 class _Distance(_AttentionProbe):
+    """Mean attention distance, the literature's definition (class token dropped, rows not renormalized), with
+    the mass of the spatial queries on the class token per head beside it (what the distance leaves out)."""
+
     measure_cls = M.AttentionDistance
+
+    def rows(self) -> list[dict[str, Any]]:
+        rows = super().rows()
+        for row, mass in zip(rows, self.measure.class_token_mass()):
+            m = _heads(mass)
+            row["class_token_mass"], row["class_token_mass_heads"] = m["value"], m["heads"]
+            row["renormalized"] = self.measure.renormalize
+        return rows
 
 
 class _Nonlocality(_AttentionProbe):

@@ -9,6 +9,7 @@ from vitscope.measures.attention import (
     RelativeDistance,
     attention_distance,
     attention_entropy,
+    class_token_mass,
     nonlocality,
     relative_distance,
 )
@@ -38,7 +39,7 @@ from vitscope.measures.spectral import (
 
 __all__ = [
     "StreamingMeasure",
-    "attention_entropy", "attention_distance", "nonlocality", "relative_distance",
+    "attention_entropy", "attention_distance", "class_token_mass", "nonlocality", "relative_distance",
     "AttentionEntropy", "AttentionDistance", "Nonlocality", "RelativeDistance",
     "cka", "hsic1", "MinibatchCKA",
     "ratio_of_norms", "RatioOfNorms",

@@ -26,7 +26,7 @@ from vitscope.measures._validate import as_list, check_attention, check_grid, pa
 Tensor = torch.Tensor
 
 __all__ = [
-    "attention_entropy", "attention_distance", "nonlocality", "relative_distance",
+    "attention_entropy", "attention_distance", "class_token_mass", "nonlocality", "relative_distance",
     "AttentionEntropy", "AttentionDistance", "Nonlocality", "RelativeDistance",
 ]
 
@@ -73,14 +73,16 @@ def _distance_sums(
     B, H, N, _ = a.shape
     h, w = check_grid(grid, N, num_prefix_tokens)
     ps = _patch_size(patch_size)
+    # mass the spatial queries put on the prefix (class) tokens, summed over the batch and queries: (H,)
+    prefix = a[..., num_prefix_tokens:, :num_prefix_tokens].sum((0, 2, 3), dtype=torch.float64)
     a = a[..., num_prefix_tokens:, num_prefix_tokens:]  # (B, H, S, S) view
     dist = pairwise_distance(h, w, a.device) * ps  # (S, S) pixels, float64
     count = _count(a, B * h * w)
     if not renormalize:  # linear in A: sum over the batch first
-        return {"sum": _weighted_mass(a, dist), "count": count}
+        return {"sum": _weighted_mass(a, dist), "count": count, "prefix": prefix}
     per_query = (a * dist.to(a.dtype)).sum(-1).double()  # (B, H, S)
     per_query = per_query / a.sum(-1).double().clamp_min(1e-300)  # rows with no spatial mass stay 0
-    return {"sum": per_query.sum((0, 2)), "count": count}
+    return {"sum": per_query.sum((0, 2)), "count": count, "prefix": prefix}
 
 
 def _nonlocality_sums(
@@ -135,29 +137,50 @@ def attention_entropy(attn: Tensor) -> Tensor:
 
 
 def attention_distance(
-    attn: Tensor, grid: Any, patch_size: float, num_prefix_tokens: int = 1, renormalize: bool = True
+    attn: Tensor, grid: Any, patch_size: float, num_prefix_tokens: int = 1, renormalize: bool = False
 ) -> Tensor:
     """Mean attention distance per head in pixels (ViT paper Fig. 7; RAGHU).
 
     For each spatial query i: ``sum_j A_ij d_ij``, d the Euclidean distance between patch centres in patch
     units times ``patch_size``; averaged over spatial queries and the batch. Prefix-token rows and columns
-    are dropped. With ``renormalize`` (default) each row is rescaled to sum to 1 over the spatial keys (a row
-    with no spatial mass then contributes 0): the distance of the attention paid to patches, so weight on
-    the class token does not make a head look local. ``renormalize=False`` uses the remaining weights as they
-    are (common practice, e.g. the ViT paper's Fig. 7 code): a head that attends mostly to the class token
-    then reads as near 0 pixels.
+    are dropped and, by default, the remaining weights are used as they are: the literature's number
+    (Kornblith's code as used by probing-vits for RAGHU; the ViT paper's Fig. 7), so a head that puts mass on
+    the class token reads as more local (``class_token_mass`` gives that mass, reported beside it by
+    ``vitscope.probe``). ``renormalize=True`` rescales each row to sum to 1 over the spatial keys (a row with
+    no spatial mass then contributes 0): the distance of the attention paid to patches alone; with 36% of the
+    mass on the class token the two differ by about 55%.
 
     Args:
         attn: Post-softmax attention (B, H, N, N).
         grid: Spatial token grid (h, w) (or an int for a square grid), h * w = N - num_prefix_tokens.
         patch_size: Pixels per token side.
         num_prefix_tokens: Class/register tokens before the spatial tokens.
-        renormalize: Rescale the spatial part of each row to sum to 1.
+        renormalize: Rescale the spatial part of each row to sum to 1 (not the literature's default).
 
     Returns:
         (H,) float64, pixels.
     """
     return _mean(_distance_sums(attn, grid, patch_size, num_prefix_tokens, renormalize))
+
+
+def class_token_mass(attn: Tensor, num_prefix_tokens: int = 1) -> Tensor:
+    """Per head, the attention mass spatial queries put on the prefix (class / register) tokens,
+    ``sum_{j < p} A_ij`` averaged over spatial queries and the batch: what ``attention_distance`` drops
+    without renormalizing (its value is the distance of the remaining ``1 - mass``).
+
+    Args:
+        attn: Post-softmax attention (B, H, N, N).
+        num_prefix_tokens: Class/register tokens before the spatial tokens.
+
+    Returns:
+        (H,) float64, in [0, 1].
+    """
+    a = check_attention(attn, "attn")  # (B, H, N, N)
+    B, _, N, _ = a.shape
+    if not 0 <= num_prefix_tokens < N:
+        raise ValueError(f"num_prefix_tokens must be in [0, {N}), got {num_prefix_tokens}")
+    return a[..., num_prefix_tokens:, :num_prefix_tokens].sum((0, 2, 3), dtype=torch.float64) / (
+        B * (N - num_prefix_tokens))
 
 
 def nonlocality(attn: Tensor, grid: Any, num_prefix_tokens: int = 0) -> Tensor:
@@ -262,11 +285,12 @@ class AttentionEntropy(_AttentionMeasure):
 
 
 class AttentionDistance(_AttentionMeasure):
-    """Streaming ``attention_distance`` (pixels): sums of per-query distances and query counts."""
+    """Streaming ``attention_distance`` (pixels): sums of per-query distances, of the mass on the prefix tokens
+    and query counts; ``compute()`` the distance, ``class_token_mass()`` the mass beside it."""
 
     def __init__(
         self, grid: Any = None, patch_size: float | None = None, num_prefix_tokens: int | None = None,
-        renormalize: bool = True,
+        renormalize: bool = False,
     ) -> None:
         self.patch_size = patch_size
         self.renormalize = renormalize
@@ -279,6 +303,13 @@ class AttentionDistance(_AttentionMeasure):
         grid, prefix = self._layer_args(layout, i)
         patch_size = layer_option(self.patch_size, layout, i, "patch_size")
         return _distance_sums(attn, grid, patch_size, prefix, self.renormalize, name, validate)
+
+    def class_token_mass(self) -> Tensor | list[Tensor]:
+        """Per layer, (H,) mass of the spatial queries on the prefix tokens (``class_token_mass``)."""
+        if self._states is None:
+            raise ValueError("AttentionDistance.class_token_mass() called before any update()")
+        out = [s["prefix"] / s["count"] for s in self._states]
+        return out[0] if self._single else out
 
 
 class Nonlocality(_AttentionMeasure):

@@ -49,8 +49,9 @@ CAPTIONS: dict[str, Caption] = {
     "attention_distance": Caption(
         "Mean attention distance per head",
         "For each query patch sum_j A_ij d_ij with d the Euclidean distance between patch centres in pixels; "
-        "mean over queries and images, one dot per head, against depth (class-token row and column dropped, each "
-        "row renormalized over the patches, so attention to the class token does not read as local).",
+        "mean over queries and images, one dot per head, against depth (class-token row and column dropped without "
+        "renormalizing, as in the ViT paper and RAGHU's code: a head's mass on the class token, reported beside "
+        "it as class_token_mass, counts as distance 0).",
         "ViT Fig. 7 / RAGHU: lower layers mix local and global heads, higher layers are all global; with "
         "little training data the lower-layer heads fail to become local.",
     ),
@@ -140,7 +141,7 @@ CAPTIONS: dict[str, Caption] = {
     "train_attention_distance": Caption(
         "Mean attention distance over training",
         "Mean attention distance (pixels) per layer on a fixed probe batch, mean over heads, against epochs "
-        "trained (0 = initial weights); class token dropped, rows renormalized over the patches.",
+        "trained (0 = initial weights); class token dropped without renormalizing (the literature's definition).",
         "RAGHU: with enough data lower layers learn local heads; with little data they stay global.",
     ),
     "train_probe": Caption(
