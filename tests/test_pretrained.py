@@ -416,3 +416,55 @@ def test_resumed_fine_tuning_keeps_the_models_preprocessing(hub, tmp_path, monke
     assert run_model_spec(run)["preprocessing"] == first and first["source"] == "model"
     assert main([*argv[:-len(_FINE_TUNE)], *[a if a != "epochs=1" else "epochs=2" for a in _FINE_TUNE]]) == 0
     assert [r["epoch"] for r in read_jsonl(run / "metrics.jsonl")] == [0, 1]  # the finished run was accepted as is
+
+
+def _write_hub_repo(cache: Path, repo: str, state: dict[str, torch.Tensor]) -> None:
+    """A community repository as timm's push_to_hf_hub writes it: config.json with the architecture and the
+    pretrained_cfg (here TAG's, so the preprocessing is known), model.safetensors."""
+    _write_hub_cache(cache, repo, state)
+    cfg = {k: v for k, v in timm.models.get_pretrained_cfg(TAG).to_dict().items() if not k.startswith("hf_hub")}
+    config = {"architecture": TAG.split(".")[0], "num_classes": 1000, "pretrained_cfg": cfg}
+    snap = cache / ("models--" + repo.replace("/", "--")) / "snapshots" / COMMIT
+    (snap / "config.json").write_text(json.dumps(config))
+
+
+def test_hf_hub_names_load_everywhere_a_model_is_named(hub, tmp_path):
+    """``hf-hub:ORG/NAME`` (timm's name for a hub repository) with --pretrained: load_model, probe, train and the
+    trained run read back, offline from the cache; its config's preprocessing is the model's."""
+    from huggingface_hub import constants
+
+    torch.manual_seed(11)
+    other = timm.create_model(TAG).state_dict()
+    _write_hub_repo(Path(constants.HF_HUB_CACHE), "someone/my-test-vit", other)
+    name = "hf-hub:someone/my-test-vit"
+    model = load_model(name, pretrained=True)
+    for k, v in other.items():
+        assert torch.equal(model.state_dict()[k], v), k
+    assert model.pretrained_cfg["hf_hub_id"] == "someone/my-test-vit"
+
+    _image_folder(tmp_path / "imgs")
+    data = f"imagefolder:{tmp_path / 'imgs'}"
+    out = tmp_path / "probe"
+    assert main(["probe", "--model", name, "--pretrained", "--data", data, "--measures", "attention_entropy",
+                 "-b", "4", "-j", "0", "--out", str(out)]) == 0
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["model_name"] == name and meta["hf_hub_id"] == "someone/my-test-vit" and meta["weights"] == "pretrained"
+    assert meta["preprocessing"]["input_size"] == [3, 160, 160] and meta["preprocessing"]["source"] == "model"
+    run = tmp_path / "ft"
+    assert main(["train", "--model", name, "--pretrained", "--data", data, "--out", str(run), *_FINE_TUNE]) == 0
+    out = tmp_path / "probe-run"
+    assert main(["probe", "--checkpoint", str(run), "--data", data, "--measures", "attention_entropy", "-b", "4",
+                 "-j", "0", "--out", str(out)]) == 0
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["model_name"] == name and meta["weights"] == "checkpoint" and meta["examples"] == 8
+
+
+def test_hf_hub_names_not_cached_offline_are_one_line(hub, tmp_path, capsys):
+    with pytest.raises(CheckpointError, match=r"someone/absent.*huggingface-cli download someone/absent"):
+        load_model("hf-hub:someone/absent", pretrained=True)
+    with pytest.raises(ValueError, match="not a hub name"):
+        load_model("hf-hub:no-org", pretrained=True)
+    assert main(["probe", "--model", "hf-hub:someone/absent", "--pretrained", "--data", "fake", "--out",
+                 str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "someone/absent" in err[0] and "HF_HUB_OFFLINE=1" in err[0]

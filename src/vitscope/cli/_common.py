@@ -44,30 +44,51 @@ def _triple(text: str) -> tuple[float, float, float]:
     return (values[0], values[1], values[2])
 
 
+def _default_workers() -> int:
+    """timm's train.py / validate.py default (-j 4), at most the CPUs this process may use (torch's suggested
+    maximum: more workers than CPUs only contend)."""
+    import os
+
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(4, cpus)
+
+
+WORKERS = _default_workers()
+
+
 def add_model_options(
     p: argparse.ArgumentParser,
     *,
-    data_default: str | None = None,
+    data_required: bool = True,
     split_default: str = "val",
     batch_size: int = 64,
     amp: bool = True,
 ) -> None:
-    """Register ``--model --pretrained --checkpoint --data --split --batch-size --workers``, the preprocessing
-    overrides, ``--device`` (and ``--amp`` when the command's work is forward passes), ``--seed`` and ``--out``."""
+    """Register ``--model --pretrained --checkpoint --use-ema --data --split -b/--batch-size -j/--workers``, the
+    preprocessing overrides (``--img-size`` or timm's ``--input-size C H W``), ``--device`` (and ``--amp``
+    ``--amp-dtype`` when the command's work is forward passes), ``--seed`` and ``--out``. ``--data`` has no default
+    (what is measured on is always said); ``data_required=False`` for a command with another image source."""
     g = p.add_argument_group("model and data")
-    g.add_argument("--model", help="model name: vitscope's (`vitscope models`) or timm's, with a pretrained tag "
-                   "if wanted (vit_base_patch16_224.augreg2_in21k_ft_in1k); optional with --checkpoint RUN_DIR")
+    g.add_argument("--model", help="model name: vitscope's (`vitscope models`), timm's with a pretrained tag if "
+                   "wanted (vit_base_patch16_224.augreg2_in21k_ft_in1k), or a hub repository hf-hub:ORG/NAME; "
+                   "optional with --checkpoint RUN_DIR. Without --pretrained or --checkpoint its weights are "
+                   "random (said on stderr, recorded as weights: random)")
     g.add_argument("--pretrained", action="store_true",
                    help="load timm's pretrained weights for --model from the Hugging Face hub cache "
                    "(downloaded on first use; HF_HUB_OFFLINE=1 uses the cache only)")
     g.add_argument("--checkpoint", metavar="RUN_DIR|FILE",
                    help="a vitscope training run directory (or its model.safetensors: the network is rebuilt "
                    "exactly as trained), or local weights (.safetensors, .bin, .pth) for --model")
-    g.add_argument("--data", required=data_default is None, default=data_default,
-                   help="data spec: fake, elpv, cifar10:PATH, imagefolder:PATH ...")
+    g.add_argument("--use-ema", action="store_true",
+                   help="load the checkpoint's EMA weights (a run trained with model_ema=true, a timm checkpoint's "
+                   "state_dict_ema) instead of its raw ones, as timm's validate.py --use-ema; recorded as ema")
+    g.add_argument("--data", required=data_required,
+                   help="data spec: elpv (embedded solar-cell images), fake, cifar10:PATH, imagefolder:PATH ...")
     g.add_argument("--split", default=split_default, choices=SPLITS)
-    g.add_argument("--batch-size", type=int, default=batch_size)
-    g.add_argument("--workers", type=int, default=0, help="data loader worker processes (default 0)")
+    g.add_argument("-b", "--batch-size", type=int, default=batch_size)
+    g.add_argument("-j", "--workers", type=int, default=WORKERS,
+                   help="data loader worker processes (default: 4 as timm, at most the CPUs available; 0 loads in the "
+                   "main process)")
     pre = p.add_argument_group(
         "preprocessing", "auto (default): the model's pretrained_cfg for --pretrained hub weights; for a training "
         "run, what it recorded it was validated with (a fine-tuned run: the model's pretrained_cfg; runs of older "
@@ -77,16 +98,22 @@ def add_model_options(
                      help="model: timm.data.resolve_data_config(model) (size, interpolation, crop_pct, mean/std); "
                      "data: the data set's mean/std at the model's input size")
     pre.add_argument("--img-size", type=int, help="input size (default: the run's or the model's)")
+    pre.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"),
+                     help="timm's spelling of the input size: 3 S S (square RGB inputs)")
     pre.add_argument("--mean", type=_triple, help="normalization mean, e.g. 0.485,0.456,0.406")
     pre.add_argument("--std", type=_triple, help="normalization std, e.g. 0.229,0.224,0.225")
     pre.add_argument("--interpolation", choices=INTERPOLATIONS, help="resize interpolation")
     pre.add_argument("--crop-pct", type=float, help="center-crop fraction (resize to size / crop_pct, then crop)")
     dev = p.add_argument_group("device")
-    dev.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    dev.add_argument("--device", default="auto", help="auto (default: cuda if available, else cpu), cpu, cuda, "
+                     "cuda:1 ...")
     if amp:
-        dev.add_argument("--amp", default="none", choices=("none", "bf16"),
-                         help="bf16: run the forward passes under torch.autocast (CUDA or CPU); the measures "
-                         "themselves are reduced in float32/64")
+        dev.add_argument("--amp", nargs="?", const="bf16", default="none", choices=("none", "bf16"),
+                         help="run the forward passes under torch.autocast in bfloat16 (CUDA or CPU); the measures "
+                         "themselves are reduced in float32/64. --amp alone or --amp bf16")
+        dev.add_argument("--amp-dtype", choices=("bfloat16",),
+                         help="timm's spelling: --amp-dtype bfloat16 turns --amp on (float16 is not offered: "
+                         "without loss scaling the attacks' input gradients underflow)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output directory")
 
@@ -117,7 +144,18 @@ def check_out(out: str) -> Path:
 
 
 def check_preprocess_options(args: argparse.Namespace) -> None:
-    """``--img-size``, ``--crop-pct`` and ``--std`` in range."""
+    """``--img-size`` (or ``--input-size``, folded into it), ``--crop-pct`` and ``--std`` in range; ``--amp-dtype``
+    folded into ``--amp``."""
+    size = getattr(args, "input_size", None)
+    if size is not None:
+        c, h, w = size
+        if c != 3 or h != w:
+            raise CLIError(f"--input-size {c} {h} {w}: vitscope takes square RGB inputs, 3 S S")
+        if args.img_size is not None and args.img_size != h:
+            raise CLIError(f"--input-size {c} {h} {w} contradicts --img-size {args.img_size}; pass one of them")
+        args.img_size = h
+    if getattr(args, "amp_dtype", None):
+        args.amp = "bf16"
     if args.img_size is not None and args.img_size < 1:
         raise CLIError(f"--img-size must be a positive integer, got {args.img_size}")
     if args.crop_pct is not None and not 0 < args.crop_pct <= 1:
@@ -127,10 +165,11 @@ def check_preprocess_options(args: argparse.Namespace) -> None:
 
 
 def resolve_device(name: str | None) -> Any:
-    """``torch.device`` for ``--device`` (default cuda when available); a missing CUDA device is an error."""
+    """``torch.device`` for ``--device`` (``auto`` or None: cuda when available); a missing CUDA device is an
+    error."""
     import torch
 
-    if name is None:
+    if name is None or name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
@@ -204,11 +243,14 @@ def build_model(args: argparse.Namespace, num_data_classes: int) -> tuple[Any, d
         if spec.get("sidecar"):
             from vitscope.io.weights import load_weights
 
+            if args.use_ema:
+                raise CLIError(f"--use-ema: {args.checkpoint} is a save_weights file, which holds one set of weights; "
+                               "drop --use-ema")
             model = load_weights(spec["weights"])  # rebuilt from the sidecar, head inferred when not recorded
         else:
             from vitscope.io.runs import load_run_model
 
-            model, _ = load_run_model(spec)
+            model, _ = load_run_model(spec, ema=args.use_ema)
         meta = {"model": spec["model"], "model_kwargs": spec.get("model_kwargs") or {},
                 "checkpoint": str(spec["weights"]), "pretrained": bool(spec.get("pretrained", False)),
                 "img_size": spec.get("img_size"), "trained_on": spec.get("data"),
@@ -216,14 +258,21 @@ def build_model(args: argparse.Namespace, num_data_classes: int) -> tuple[Any, d
     elif not args.model:
         raise CLIError("--model is required (or --checkpoint RUN_DIR, which names its model)")
     elif args.pretrained:
+        if args.use_ema:
+            raise CLIError("--use-ema chooses among a --checkpoint's weights; hub weights are one set: drop --use-ema")
         model = load_model(args.model, pretrained=True, img_size=args.img_size)  # a ViT's grid resampled by timm
         meta = {"model": args.model, "pretrained": True, "checkpoint": None,
                 "hf_hub_id": model.pretrained_cfg.get("hf_hub_id")}
     else:
         torch.manual_seed(args.seed)  # a model without weights gets the same random weights every run
         kwargs = {} if args.checkpoint else {"num_classes": num_data_classes}
-        model = load_model(args.model, checkpoint=args.checkpoint, img_size=args.img_size, **kwargs)
+        if args.use_ema and not args.checkpoint:
+            raise CLIError("--use-ema chooses among a --checkpoint's weights; there is none")
+        model = load_model(args.model, checkpoint=args.checkpoint, img_size=args.img_size, use_ema=args.use_ema,
+                           **kwargs)  # no checkpoint: random weights, said on stderr by load_model
         meta = {"model": args.model, "pretrained": False, "checkpoint": args.checkpoint}
+    meta["weights"] = "checkpoint" if meta["checkpoint"] else "pretrained" if meta["pretrained"] else "random"
+    meta["ema"] = bool(args.use_ema)
     meta["num_classes"] = int(getattr(model, "num_classes", 0) or 0)
     return model.eval(), meta
 
@@ -353,7 +402,7 @@ def build_setup(
                            num_workers=args.workers, preprocessing=pre)
     model = model.to(device)
     meta.update(data=args.data, split=args.split, data_classes=info.num_classes, preprocessing=pre,
-                device=str(device), amp=getattr(args, "amp", "none"), seed=args.seed)
+                device=str(device), amp=getattr(args, "amp", "none"), seed=args.seed, workers=args.workers)
     if mismatch:
         meta["class_mismatch"] = mismatch
     meta["world_size"] = dist.world_size

@@ -31,7 +31,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                    "substitute), per-layer per-head maps of a query patch, ConViT gates and "
                                    "positional maps, patch- and position-embedding figures; writes DIR/*.png "
                                    "and DIR/attention.npz.")
-    add_model_options(p, data_default="", split_default="test", batch_size=4, amp=False)
+    add_model_options(p, data_required=False, split_default="test", batch_size=4, amp=False)
     p.add_argument("--images", metavar="DIR", help="a folder of image files (instead of --data); preprocessed "
                    "with the statistics of the data a --checkpoint run was trained on, else as the model's "
                    "pretrained_cfg says; --mean/--std/--img-size override")
@@ -91,7 +91,14 @@ def _folder_images(args: argparse.Namespace, model, meta: dict) -> tuple[object,
 
 def run(args: argparse.Namespace) -> int:
     from vitscope.attention_images import ATTENTION_FILE, attention_maps
-    from vitscope.cli._common import build_model, build_setup, check_out, check_positive, resolve_device
+    from vitscope.cli._common import (
+        build_model,
+        build_setup,
+        check_out,
+        check_positive,
+        check_preprocess_options,
+        resolve_device,
+    )
     from vitscope.io.atomic import atomic_write_json, json_safe
     from vitscope.reports.image_figures import save_attention_figures
 
@@ -100,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError("give exactly one of --data SPEC (a data split) or --images DIR (a folder of image files)")
     if not 0.0 <= args.discard_ratio < 1.0:
         raise CLIError(f"--discard-ratio must be in [0, 1), got {args.discard_ratio}")
+    check_preprocess_options(args)
     out = check_out(args.out)
     if args.images:
         device = resolve_device(args.device)

@@ -15,7 +15,7 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("--quick", action="store_true", help="fewer epochs and smaller analyses (about 2 minutes)")
     p.add_argument("--out", default="vitscope-demo", help="output directory (default: vitscope-demo)")
-    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--device", default="auto", help="auto (default: cuda if available, else cpu), cpu or cuda")
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op CPU threads (default 1: tiny models gain little from more)")
     p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # test suite: tiny models, few images
@@ -30,7 +30,9 @@ def run(args: argparse.Namespace) -> int:
     size = "tiny" if args.tiny else "quick" if args.quick else "full"
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
-    res = run_demo(args.out, size=size, device=args.device, progress=sys.stderr.isatty(), threads=args.threads)
+    from vitscope.cli._common import resolve_device
+
+    res = run_demo(args.out, size=size, device=str(resolve_device(args.device)), progress=sys.stderr.isatty(), threads=args.threads)
     print(f"{'model':<10} {'params':>8} {'top-1':>6} {'balanced':>8} {'ECE':>6}")
     for m in res["models"].values():
         t = m["test"]

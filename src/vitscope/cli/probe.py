@@ -15,7 +15,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("probe", help="measure attention, CKA, ratio of norms, Fourier, variance ... on a model",
                        description="Run forward measures in one pass per batch and write DIR/results.json "
                                    "plus one CSV per measure.")
-    add_model_options(p, data_default="elpv", split_default="val", batch_size=64)
+    add_model_options(p, split_default="val", batch_size=64)
     p.add_argument("--measures", default="attention_entropy,attention_distance,cka,ratio_of_norms,fourier,"
                                          "feature_variance",
                    help=f"comma-separated: {', '.join(sorted(PROBE_MEASURES))}, {', '.join(INTERVENTIONS)}")

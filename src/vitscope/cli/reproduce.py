@@ -28,7 +28,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--max-examples", type=int, default=None, help="train on a random subset (for smoke tests)")
     p.add_argument("--batch-size", type=int, default=None, help="override the training batch size")
     p.add_argument("--zoo", default=None, choices=("quick", "paper", "test"), help="override the model sizes")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--device", default="auto", help="auto (default: cuda if available, else cpu), cpu or cuda")
     p.set_defaults(func=run)
 
 
@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     from vitscope.studies import run_study
 
     # torchrun: join the process group (train_spec trains with DDP in it, _analyze shards over it)
-    info = init_from_env(resolve_device(None if args.device == "auto" else args.device))
+    info = init_from_env(resolve_device(args.device))
     res = run_study(args.study, data=args.data, scale=args.scale, out=args.out, seeds=args.seeds,
                     epochs=args.epochs, max_examples=args.max_examples, zoo=args.zoo, device=args.device,
                     batch_size=args.batch_size,

@@ -36,7 +36,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "Fourier-band noise (HDVW) and common corruptions in one pass over the test split; writes "
         "DIR/results.json, CSV tables and PNG figures.",
     )
-    add_model_options(p, data_default="elpv", split_default="test", batch_size=64)
+    add_model_options(p, split_default="test", batch_size=64)
     p.add_argument("--suite", default=",".join(SUITE), help=f"comma-separated subset of {','.join(SUITE)}")
     p.add_argument("--max-batches", type=int, help="stop after N batches (quick looks)")
     p.add_argument("--eps", type=_floats, default=None, help="L-inf radii for FGSM/PGD, e.g. 1/255,2/255,4/255,8/255")

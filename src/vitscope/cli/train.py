@@ -36,14 +36,52 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "else start it; for job schedulers that requeue the same command line")
     p.add_argument("--pretrained", action="store_true",
                    help="fine-tune: start from timm's hub weights of --model (config key pretrained=true)")
+    t = p.add_argument_group("timm train.py's spellings of config keys (the same key as key=value is an error)")
+    t.add_argument("-b", "--batch-size", type=int, help="global batch: batch_size=N")
+    t.add_argument("-j", "--workers", type=int, help="data loader workers: num_workers=N (the recipe's, else 0)")
+    t.add_argument("--img-size", type=int, help="img_size=S")
+    t.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"), help="3 S S: img_size=S")
+    t.add_argument("--amp", action="store_true", help="mixed precision in --amp-dtype (CUDA): amp=fp16 or bf16")
+    t.add_argument("--amp-dtype", choices=("float16", "bfloat16"), default="float16",
+                   help="with --amp (default float16, as timm)")
+    t.add_argument("--device", help="auto (the config's default: cuda if available), cpu, cuda: device=NAME")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. lr=1e-3 epochs=5")
     p.set_defaults(func=run)
+
+
+def _flag_overrides(args: argparse.Namespace) -> list[str]:
+    """``key=value`` for timm's flags; a key given both ways is a CLIError."""
+    from vitscope.cli import CLIError
+
+    keys: dict[str, str] = {}
+    if args.batch_size is not None:
+        keys["batch_size"] = str(args.batch_size)
+    if args.workers is not None:
+        keys["num_workers"] = str(args.workers)
+    size = args.img_size
+    if args.input_size is not None:
+        c, h, w = args.input_size
+        if c != 3 or h != w or (size is not None and size != h):
+            raise CLIError(f"--input-size {c} {h} {w}: vitscope trains on square RGB inputs, 3 S S (S = --img-size)")
+        size = h
+    if size is not None:
+        keys["img_size"] = str(size)
+    if args.amp:
+        keys["amp"] = {"float16": "fp16", "bfloat16": "bf16"}[args.amp_dtype]
+    if args.device is not None:
+        keys["device"] = args.device
+    given = {o.split("=", 1)[0].strip() for o in args.overrides if "=" in o}
+    both = sorted(given & set(keys))
+    if both:
+        raise CLIError(f"{', '.join(both)} given both as a flag and as key=value; pass it once")
+    return [f"{k}={v}" for k, v in keys.items()]
 
 
 def run(args: argparse.Namespace) -> int:
     from vitscope.cli import CLIError
     from vitscope.training import NonFiniteLossError, load_config, resolve_config, train
 
+    args.overrides = list(args.overrides) + _flag_overrides(args)
     resume = bool(args.resume)
     if args.resume and args.auto_resume:
         raise CLIError("--auto-resume goes with --out RUN_DIR and the run's settings; drop --resume")

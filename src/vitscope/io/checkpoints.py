@@ -341,7 +341,7 @@ def _checkpoint_num_classes(model: nn.Module, state_dict: dict[str, torch.Tensor
 
 def load_model(
     name: str, checkpoint: _PathLike | None = None, *, pretrained: bool = False, strict: bool = True,
-    **kwargs: Any,
+    use_ema: bool = True, **kwargs: Any,
 ) -> nn.Module:
     """Build ``name`` with ``vitscope.create_model(name, **kwargs)`` and load a local checkpoint if given.
 
@@ -356,6 +356,11 @@ def load_model(
     gives a freshly initialized head (timm's rule); the preprocessing the weights expect is
     ``timm.data.resolve_data_config(model=model)``.
 
+    ``name`` may be timm's ``hf-hub:ORG/NAME`` (the repository's ``config.json`` names the architecture). Without
+    ``pretrained`` or ``checkpoint`` the weights are random: a one-line ``random weights`` warning is logged.
+    ``use_ema`` prefers a checkpoint's EMA weights (``state_dict_ema``, ``model_ema``; timm's ``load_checkpoint``
+    rule; the command line makes it opt-in with ``--use-ema``, as timm's ``validate.py``).
+
     Raises:
         ValueError: unknown model name.
         CheckpointError: the checkpoint cannot be read or does not fit; ``pretrained=True`` for a model
@@ -368,9 +373,11 @@ def load_model(
         return _load_pretrained(name, **kwargs)
     model = create_model(name, **kwargs)
     if checkpoint is None:
+        _logger.warning("random weights: %s is built without pretrained weights or a checkpoint, so what is measured "
+                        "is an untrained network (pass --pretrained / pretrained=True or a checkpoint)", name)
         return model
     path = Path(checkpoint)
-    raw = read_state_dict(path)
+    raw = read_state_dict(path, use_ema=use_ema)
     state_dict = _apply_filter(raw, model, path)
     if kwargs.get("num_classes") is None:
         n = _checkpoint_num_classes(model, state_dict)
@@ -401,15 +408,20 @@ def _load_pretrained(name: str, **kwargs: Any) -> nn.Module:
     from timm.models import get_pretrained_cfg, split_model_name_tag
     from timm.models._builder import _resolve_pretrained_source
 
-    arch, tag = split_model_name_tag(name)
-    if not timm.is_model(arch):
-        create_model(name)  # raises the "unknown model" ValueError with close names
-    try:
-        cfg = get_pretrained_cfg(name, allow_unregistered=False)
-    except RuntimeError:  # timm: "Invalid pretrained tag"
-        cfg = None
-    overlay = kwargs.get("pretrained_cfg_overlay") or {}
-    source, location = _resolve_pretrained_source({**cfg.to_dict(), **overlay}) if cfg else ("", "")
+    from vitscope.models._registry import hub_repo, is_hub_name
+
+    if is_hub_name(name):  # hf-hub:ORG/NAME: config.json and weights from that repository
+        source, location = "hf-hub", hub_repo(name)
+    else:
+        arch, tag = split_model_name_tag(name)
+        if not timm.is_model(arch):
+            create_model(name)  # raises the "unknown model" ValueError with close names
+        try:
+            cfg = get_pretrained_cfg(name, allow_unregistered=False)
+        except RuntimeError:  # timm: "Invalid pretrained tag"
+            cfg = None
+        overlay = kwargs.get("pretrained_cfg_overlay") or {}
+        source, location = _resolve_pretrained_source({**cfg.to_dict(), **overlay}) if cfg else ("", "")
     if not source:
         tags = timm.list_pretrained(f"{arch}.*")
         raise CheckpointError(

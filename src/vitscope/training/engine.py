@@ -419,7 +419,9 @@ def check_names(cfg: TrainConfig) -> None:
     from vitscope.data import parse_spec
     from vitscope.models import list_models
 
-    if not timm.is_model(cfg.model):
+    from vitscope.models._registry import is_hub_name
+
+    if not timm.is_model(cfg.model) and not is_hub_name(cfg.model):  # hf-hub:ORG/NAME is read when it is built
         close = difflib.get_close_matches(cfg.model, sorted(set(timm.list_models())), n=5)
         raise ValueError(
             f"Unknown model {cfg.model!r}" + (f" (did you mean {', '.join(close)}?)" if close else "")
