@@ -105,7 +105,7 @@ def breakdown(run_dirs: list[str], work: Path) -> None:
     import inspect
 
     import vitscope.reports.build as B
-    from vitscope.reports import figures as F
+    from vitscope.reports import render as R
 
     totals: dict[str, float] = {}
     counts: dict[str, int] = {}
@@ -132,11 +132,8 @@ def breakdown(run_dirs: list[str], work: Path) -> None:
     wrap(B, "load_runs", "loading")
     wrap(B, "run_section", "building figures")
     wrap(B, "comparison_section", "building figures")
-    wrap(F, "_lay_out", "layout")
-    wrap(F, "to_bytes", fmt_of)
-    for attr, stage in (("render_png", "PNG"), ("render_svg", "SVG")):
-        wrap(F, attr, stage)
-    wrap(F, "png_bytes", "PNG encoding")  # inside "PNG" (which is matplotlib's draw plus this)
+    wrap(R, "lay_out", "layout")
+    wrap(R, "to_bytes", fmt_of)
     wrap(B, "csv_bytes", "CSV")
     wrap(B, "figure_html", "HTML")
     wrap(B, "render_page", "HTML")
@@ -150,7 +147,7 @@ def breakdown(run_dirs: list[str], work: Path) -> None:
     print(f"\nper-stage CPU time, one in-process build {kwargs or ''} ({wall:.2f} s wall, {cpu:.2f} s CPU):")
     for name, sec in totals.items():
         print(f"  {name:<17} {sec:6.2f} s  ({counts[name]} calls)")
-    print(f"  {'rest':<17} {cpu - sum(t for k, t in totals.items() if k != 'PNG encoding'):6.2f} s  "
+    print(f"  {'rest':<17} {cpu - sum(totals.values()):6.2f} s  "
           "(writing files, layout outside the stages, ...)")
 
 

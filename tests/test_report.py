@@ -118,7 +118,7 @@ def dirs(tmp_path_factory):
 @pytest.fixture(scope="module")
 def report(dirs, tmp_path_factory):
     out = tmp_path_factory.mktemp("report") / "report.html"
-    path = build_report([dirs["vit"], dirs["convit"], dirs["train"], dirs["curv"]], out)
+    path = build_report([dirs["vit"], dirs["convit"], dirs["train"], dirs["curv"]], out, svg=True)
     return path, path.read_text()
 
 
@@ -252,6 +252,8 @@ def test_probe_only_dir_and_1d_landscape(dirs, tmp_path):
     out = build_report([dirs["convit"]], tmp_path / "r" / "one.html")
     page = out.read_text()
     assert page.count("<img") == 4 and "comparison" not in page  # gpsa gates, entropy, fourier, fourier curves
+    files = [p for p in (out.parent / "figures").rglob("*") if p.is_file()]  # SVG only on request
+    assert {p.suffix for p in files} == {".png", ".csv"} and ".svg" not in page
     d = tmp_path / "land"
     d.mkdir()
     (d / "landscape.json").write_text(json.dumps({"alphas": [-1, 0, 1], "loss": [3.0, 1.0, 2.5], "model": "m"}))
@@ -309,7 +311,8 @@ def test_cli_writes_the_report(tmp_path, capsys):
     d = tmp_path / "hess"
     d.mkdir()
     (d / "hessian.json").write_text(json.dumps({"density": {"grid": [-1, 0, 1, 2], "density": [0.1, 0.5, 0.3, 0.1]}}))
-    assert cli_main(["report", str(d), "--out", str(tmp_path / "cli.html"), "--title", "T"]) == 0
+    assert cli_main(["report", str(d), "--out", str(tmp_path / "cli.html"), "--title", "T", "--svg"]) == 0
+    assert (tmp_path / "figures" / "hess" / "hessian.svg").read_text().lstrip().startswith("<?xml")
     assert "wrote" in capsys.readouterr().out
     page = (tmp_path / "cli.html").read_text()
     assert "<title>T</title>" in page and page.count("<img") == 1
@@ -402,7 +405,8 @@ def test_parallel_build_writes_the_same_files_as_a_serial_one(dirs, tmp_path):
     byte (SVG up to matplotlib's random ids), and the same page."""
     pages = {}
     for workers in (1, 3):
-        out = build_report([dirs["convit"], dirs["train"]], tmp_path / f"w{workers}" / "report.html", workers=workers)
+        out = build_report([dirs["convit"], dirs["train"]], tmp_path / f"w{workers}" / "report.html", workers=workers,
+                           svg=True)
         pages[workers] = re.sub(r"generated [^<]*", "", out.read_text())
     a, b = tmp_path / "w1" / "figures", tmp_path / "w3" / "figures"
     files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
@@ -418,17 +422,18 @@ def test_parallel_build_writes_the_same_files_as_a_serial_one(dirs, tmp_path):
 
 
 def test_render_gives_savefig_bytes():
-    """F.render (layout once, each format drawn once) against plain savefig calls on an identical figure: with a
-    colour bar (matplotlib's two-pass constrained layout, kept) the same PNG bytes and the same SVG; without
-    (one layout pass, or both when an offset text appears) the same files as savefig on a figure laid out so,
-    and axes within 2 px of matplotlib's two-pass layout. Figures with a wrapped title and a y-axis offset text
-    (1e-7 scale, next to which matplotlib may move the title)."""
+    """R.render (layout once, each format drawn once) against plain savefig calls on an identical figure: with a
+    colour bar and without, the same PNG bytes and the same SVG as savefig on a figure laid out by matplotlib's
+    own engine (axes within 2 px of savefig's layout), titles and ticks pinned where the layout left them.
+    Figures with a wrapped title and a y-axis offset text (1e-7 scale, next to which matplotlib may move the
+    title)."""
     from vitscope.reports import figures as F
+    from vitscope.reports import render as R
 
     def make(kind):
         if kind == "heatmap":
             return F.heatmap([[0.1, 0.5], [0.9, 0.3]], ["a", "b"], ["c", "dddddddddddddddddddddd"], "CKA " * 20)
-        if kind == "bars":  # one layout pass: rotated tick labels, legend
+        if kind == "bars":  # rotated tick labels, legend
             return F.bars([f"blocks.{i}.attn" for i in range(9)], [0.1 * i for i in range(9)], "drop " * 15,
                           "accuracy drop", kinds=["msa", "mlp"] * 4 + ["msa"])
         return F.lines({"tiny": ([0, 1, 2], [1e-7, 3e-7, 2e-7]), "tinier": ([0, 1, 2], [2e-7, 1e-7, None])},
@@ -436,26 +441,28 @@ def test_render_gives_savefig_bytes():
 
     for kind in ("heatmap", "lines", "bars"):
         fig = make(kind)
-        png = F.to_bytes(fig, "png")  # savefig runs matplotlib's own (two-pass) layout engine
+        png = R.to_bytes(fig, "png")  # savefig runs matplotlib's own (two-pass) layout engine
         assert fig.get_layout_engine() is not None
         if kind != "heatmap":
             two = np.array([ax.get_position().bounds for ax in fig.axes])
             fig = make(kind)
-            F._lay_out(fig, 130)  # one pass, engine removed
+            R.lay_out(fig, 130)  # engine run once, then removed
+            assert fig.get_layout_engine() is None
             one = np.array([ax.get_position().bounds for ax in fig.axes])
             assert np.abs(one - two).max() * 130 * 4.8 < 2.0
-            png = F.to_bytes(fig, "png")
+            png = R.to_bytes(fig, "png")
         fig.set_layout_engine("none")
-        svg = F.to_bytes(fig, "svg")
-        png2, svg2 = F.render(make(kind))
+        svg = R.to_bytes(fig, "svg")
+        png2, svg2 = R.render(make(kind))
         assert png2 == png and _svg_norm(svg2.decode()) == _svg_norm(svg.decode()), kind
         assert "<text" in svg2.decode() and "<text" in svg.decode()  # svg.fonttype none: text stays text
+    assert R.render(make("bars"), svg=False)[1] is None
 
 
 def test_report_figures_stay_on_the_canvas(dirs):
-    """After F.render's layout (one pass without colour bar, else matplotlib's two), every figure of a report
-    has its titles, tick labels, colour bars and legends inside the canvas."""
-    from vitscope.reports import figures as F
+    """After R.render's layout (matplotlib's engine, run once), every figure of a report has its titles, tick
+    labels, colour bars and legends inside the canvas."""
+    from vitscope.reports import render as R
     from vitscope.reports.loaders import load_runs
     from vitscope.reports.sections import comparison_section, run_section
 
@@ -464,7 +471,7 @@ def test_report_figures_stay_on_the_canvas(dirs):
     assert len(items) > 20
     for it in items:
         fig = it.figure
-        F._lay_out(fig, 130)
+        R.lay_out(fig, 130)
         fig.set_dpi(130)
         box = fig.get_tightbbox(fig.canvas.get_renderer())  # inches
         w, h = fig.get_size_inches()
@@ -485,41 +492,34 @@ def test_worker_errors_reach_the_caller(dirs, tmp_path, monkeypatch):
         build_report([dirs["convit"]], tmp_path / "r.html", workers=0)
 
 
-def test_png_bytes_decode_to_the_pixels_pil_writes():
-    """figures.png_bytes (unfiltered rows) against PIL's PNG of the same RGBA: the same pixels (alpha included)
-    and dpi when decoded by PIL (which checks every chunk's CRC), for random pixels and for a drawn figure."""
+def test_png_decodes_to_the_pixels_drawn():
+    """R.to_bytes' PNG (matplotlib's writer at zlib level 1) against the RGBA matplotlib draws: the same pixels
+    (alpha included) and dpi when decoded by PIL (which checks every chunk's CRC); other formats are refused."""
     import io
 
     from PIL import Image
 
     from vitscope.reports import figures as F
+    from vitscope.reports import render as R
 
-    rng = np.random.default_rng(0)
     fig = F.lines({"a": ([0, 1, 2], [1.0, 3.0, 2.0])}, "t", "x", "y")
+    R.lay_out(fig, 130)
     fig.savefig(io.BytesIO(), format="raw", dpi=130)
     drawn = np.asarray(fig.canvas.buffer_rgba()).copy()
-    for rgba in (rng.integers(0, 256, (7, 5, 4), dtype=np.uint8), drawn):
-        pil = io.BytesIO()
-        Image.fromarray(rgba).save(pil, format="png", dpi=(130, 130))
-        ours, theirs = Image.open(io.BytesIO(F.png_bytes(rgba, 130))), Image.open(pil)
-        assert ours.mode == theirs.mode == "RGBA" and ours.info["dpi"] == theirs.info["dpi"]
-        assert np.array_equal(np.asarray(ours), np.asarray(theirs)) and np.array_equal(np.asarray(ours), rgba)
-    assert F.to_bytes(fig, "png").startswith(PNG_MAGIC)
-    with pytest.raises(ValueError, match="uint8"):
-        F.png_bytes(np.zeros((2, 2, 3), np.uint8), 130)
+    data = R.to_bytes(fig, "png")
+    assert data.startswith(PNG_MAGIC)
+    ours = Image.open(io.BytesIO(data))
+    assert ours.mode == "RGBA" and ours.info["dpi"] == pytest.approx((130, 130), abs=0.01)
+    assert np.array_equal(np.asarray(ours), drawn)
+    with pytest.raises(ValueError, match="png or svg"):
+        R.to_bytes(fig, "jpg")
 
 
-def test_text_caches_draw_the_same_bytes(dirs, monkeypatch):
+def test_figure_templates_draw_the_same_bytes(dirs):
     """The report's figures (rotated tick labels, log axes, colour bars, legends, a mathtext label) drawn one
-    after another with the text caches and figure templates on give the PNG and SVG that matplotlib draws
-    without them; most text layouts come from the cache (shared across figures and formats), and matplotlib's
-    own functions are back afterwards."""
-    import matplotlib
-    import matplotlib.text as mtext
-    from matplotlib.backends.backend_agg import RendererAgg
-
-    from vitscope.reports import _text_cache as T
+    after another from figure templates give the PNG and SVG that freshly built figures give."""
     from vitscope.reports import figures as F
+    from vitscope.reports import render as R
     from vitscope.reports.loaders import load_runs
     from vitscope.reports.sections import run_section
 
@@ -533,48 +533,23 @@ def test_text_caches_draw_the_same_bytes(dirs, monkeypatch):
         out[0].axes[0].set_title("rotated", rotation=7)
         return out
 
-    if not T._SUPPORTED:
-        pytest.skip(f"the text caches are off on matplotlib {matplotlib.__version__} (checked: "
-                    f"{T._CHECKED_MINOR_VERSIONS}); the report draws as matplotlib does")
-    calls = {"plain": 0, "computed": 0}
-    originals = (mtext.Text._get_layout, mtext._get_text_metrics_with_cache, RendererAgg.draw_text)
-
-    def counted(key):
-        def layout(self, renderer):
-            calls[key] += 1
-            return originals[0](self, renderer)
-        return layout
-
-    with monkeypatch.context() as m:
-        m.setattr(mtext.Text, "_get_layout", counted("plain"))
-        plain = [F.render(f) for f in figures()]
-    monkeypatch.setattr(T, "_ORIGINAL_LAYOUT", counted("computed"))  # what the cache computes (its misses)
-    T._CACHES.state = None  # start empty
-    F._TEMPLATES.clear()
-    with T.text_caches(), F.figure_templates():
-        assert mtext.Text._get_layout is T._cached_layout
-        with T.text_caches(), F.figure_templates():  # nested: harmless
-            cached = [F.render(f) for f in figures()]
-        assert len(F._TEMPLATES) >= 2  # blank figures by size: later figures are copies
-    assert not F._TEMPLATES_ON
-    assert mtext.Text._get_layout is T._ORIGINAL_LAYOUT  # restored (here: the counting stand-in)
-    assert (mtext._get_text_metrics_with_cache, RendererAgg.draw_text) == originals[1:]
+    plain = [R.render(f) for f in figures()]
+    R._TEMPLATES.clear()
+    with R.figure_templates():
+        with R.figure_templates():  # nested: harmless
+            cached = [R.render(f) for f in figures()]
+        assert len(R._TEMPLATES) >= 2  # blank figures by size: later figures are copies
+    assert not R._TEMPLATES_ON
     assert len(plain) == len(cached) == 9
     for (png, svg), (png2, svg2) in zip(plain, cached):
         assert png == png2 and _svg_norm(svg.decode()) == _svg_norm(svg2.decode())
-    assert 0 < calls["computed"] < calls["plain"] / 5
-    with matplotlib.rc_context({"text.kerning_factor": 1}), T.text_caches():  # what sizes depend on changed
-        assert not T._CACHES.layout and not T._CACHES.metrics
 
 
-def test_text_caches_leave_an_unchecked_matplotlib_alone(monkeypatch):
-    """On a matplotlib release whose private text path was not checked, nothing is patched."""
-    import matplotlib.text as mtext
-    from matplotlib.backends.backend_agg import RendererAgg
-
-    from vitscope.reports import _text_cache as T
-
-    originals = (mtext.Text._get_layout, mtext._get_text_metrics_with_cache, RendererAgg.draw_text)
-    monkeypatch.setattr(T, "_SUPPORTED", False)
-    with T.text_caches():
-        assert (mtext.Text._get_layout, mtext._get_text_metrics_with_cache, RendererAgg.draw_text) == originals
+def test_no_private_matplotlib_api():
+    """The package draws through matplotlib's public API only (no private module, attribute or pyplot)."""
+    src = Path(vitscope.__file__).parent
+    private = re.compile(r"matplotlib\._|\._(autotitlepos|suptitle|lastKey|get_layout|colorbar|compress|autopos)\b"
+                         r"|_get_text_metrics|_get_renderer\(|import matplotlib\.pyplot|from matplotlib import pyplot")
+    hits = [f"{p.relative_to(src)}:{i}" for p in src.rglob("*.py")
+            for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1) if private.search(line)]
+    assert hits == []

@@ -1,4 +1,4 @@
-"""The curvature outputs: JSON and figures, written atomically (``vitscope.io.atomic``)."""
+"""The curvature outputs: JSON (``vitscope.io.atomic``) and figures (``vitscope.reports.render``), atomically."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from vitscope.io.atomic import atomic_write, atomic_write_json
+from vitscope.io.atomic import atomic_write_json
 
 
 def write_json(path: str | Path, data: Any) -> Path:
@@ -15,23 +15,19 @@ def write_json(path: str | Path, data: Any) -> Path:
 
 
 def save_figure(fig: Any, path: str | Path) -> Path:
-    import matplotlib.pyplot as plt
+    """The figure as PNG (``vitscope.reports.render.save``: atomic), cropped to its content."""
+    from vitscope.reports.render import save
 
-    try:
-        return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
-    finally:
-        plt.close(fig)
+    return save(fig, path, dpi=120, bbox_inches="tight")
 
 
 def plot_spectrum(result: Any, title: str = "") -> Any:
     """Eigenvalue density (KDE) per group, one panel each, with the negative fraction and every value."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    from vitscope.reports.render import figure
 
     groups = list(result.eigenvalues)
-    fig, axes = plt.subplots(len(groups), 1, figsize=(5, 0.4 + 2.6 * len(groups)), squeeze=False)
+    fig = figure((5, 0.4 + 2.6 * len(groups)), layout=None)
+    axes = fig.subplots(len(groups), 1, squeeze=False)
     for ax, g in zip(axes[:, 0], groups):
         ax.plot(result.grid[g], result.density[g], label=f"{g}: negative {100 * result.negative_fraction[g]:.1f}%")
         ax.plot(result.eigenvalues[g].ravel(), np.zeros(result.eigenvalues[g].size), "|", color="k", alpha=0.5)
@@ -46,12 +42,10 @@ def plot_spectrum(result: Any, title: str = "") -> Any:
 
 def plot_landscape(result: Any, title: str = "") -> Any:
     """1-D loss (and accuracy) curve, or 2-D loss contour."""
-    import matplotlib
+    from vitscope.reports.render import figure
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 4))
+    fig = figure((5, 4), layout=None)
+    ax = fig.subplots()
     loss = np.where(np.isfinite(result.loss), result.loss, np.nan)
     if result.y is None:
         ax.plot(result.x, loss, "o-", ms=3, label="loss")

@@ -2,7 +2,7 @@
 
 ``build_report(run_dirs, out_html)`` reads ``vitscope probe`` / ``train`` / ``hessian`` / ``landscape`` /
 ``robustness`` outputs and writes one self-contained HTML page with every figure their data supports, each
-captioned with its measure's definition and the paper's finding, plus PNG, SVG and CSV files per figure.
+captioned with its measure's definition and the paper's finding, plus PNG and CSV files per figure (and SVG on request).
 """
 from vitscope.reports.build import build_report
 from vitscope.reports.captions import CAPTIONS, Caption, caption

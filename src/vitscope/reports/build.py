@@ -1,4 +1,4 @@
-"""``build_report``: output directories in, one self-contained HTML page plus PNG/SVG/CSV per figure out."""
+"""``build_report``: output directories in, one self-contained HTML page plus PNG/CSV (and SVG) per figure out."""
 from __future__ import annotations
 
 import csv
@@ -17,8 +17,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from vitscope.io.atomic import atomic_write_bytes
-from vitscope.reports import figures as F
-from vitscope.reports._text_cache import text_caches
+from vitscope.reports import render as R
 from vitscope.reports.captions import caption
 from vitscope.reports.html import figure_html, render_page, table_html
 from vitscope.reports.loaders import RunData, load_runs
@@ -54,20 +53,21 @@ def _unique(name: str, taken: set[str]) -> str:
 
 
 _WORKER_RUNS: list[RunData] = []  # in a render worker: the loaded runs, handed over by the fork (no pickling)
+_WORKER_SVG = [False]  # in a render worker: whether to draw SVG too
 
 
-def _render_section(runs: list[RunData], task: int,
-                    freeze: bool = False) -> tuple[Section, list[tuple[bytes, bytes, bytes]]] | None:
+def _render_section(runs: list[RunData], task: int, freeze: bool = False,
+                    svg: bool = False) -> tuple[Section, list[tuple[bytes, bytes | None, bytes]]] | None:
     """Build section ``task`` (-1: the comparison across runs, else run ``task``) and encode its figures.
 
     Returns the section (its items keep key, caption and note; figure and rows are dropped, they are not
-    needed once encoded) and per item its PNG, SVG and CSV bytes, or None when there is no such section.
+    needed once encoded) and per item its PNG, SVG (None unless ``svg``) and CSV bytes, or None when there is no
+    such section.
     ``freeze`` (a render worker, which exits after the build): the built figures are left out of every later
     garbage collection (``gc.freeze``), which otherwise walks all of them again and again while they are drawn
     (0.1 s per section here); they are freed with the worker, their pixel buffers when drawn.
     """
-    # The same texts recur in every figure: measure each once; blank figures are built once and copied.
-    with text_caches(), F.figure_templates():
+    with R.figure_templates():  # blank figures are built once and copied
         sec = comparison_section(runs) if task < 0 else run_section(runs[task])
         if sec is None:
             return None
@@ -75,18 +75,18 @@ def _render_section(runs: list[RunData], task: int,
             gc.freeze()
         files = []
         for item in sec.items:
-            png, svg = F.render(item.figure)
-            files.append((png, svg, csv_bytes(item.rows)))
+            png, svg_data = R.render(item.figure, svg=svg)
+            files.append((png, svg_data, csv_bytes(item.rows)))
             # No ``figure.clear()``: it clears every axes first (re-creating their ticks), a third of a draw.
             if freeze:  # a frozen figure is never collected: release its pixel buffer (the Agg renderer) now
-                item.figure.canvas.__dict__.pop("renderer", None)
-                item.figure.canvas._lastKey = None
+                R.release(item.figure)
             item.figure, item.rows = None, []  # type: ignore[assignment]  # encoded: nothing left to send back
     return sec, files
 
 
-def _worker_init(runs: list[RunData]) -> None:
+def _worker_init(runs: list[RunData], svg: bool) -> None:
     _WORKER_RUNS[:] = runs
+    _WORKER_SVG[0] = svg
     # Drawing makes and drops artists by the thousand: a young-generation collection every 20,000 allocations
     # instead of 700 finds most of them already freed (0.35 s -> 0.10 s of collections on the demo, same peak
     # memory). Only in the worker, which exits after the build.
@@ -105,11 +105,11 @@ def _default_workers(n_tasks: int) -> int:
 
 
 def _worker_task(task: int) -> tuple[Section, list[tuple[bytes, bytes, bytes]]] | None:
-    return _render_section(_WORKER_RUNS, task, freeze=True)
+    return _render_section(_WORKER_RUNS, task, freeze=True, svg=_WORKER_SVG[0])
 
 
-def _rendered_sections(runs: list[RunData], tasks: list[int], workers: int,
-                       bar) -> Iterator[tuple[Section, list] | None]:
+def _rendered_sections(runs: list[RunData], tasks: list[int], workers: int, bar,
+                       svg: bool) -> Iterator[tuple[Section, list] | None]:
     """``_render_section`` of every task, in order: in ``workers`` forked processes (Linux), else here."""
     if workers > 1 and len(tasks) > 1 and sys.platform.startswith("linux"):
         ctx = multiprocessing.get_context("fork")  # workers inherit the loaded runs and the imported modules
@@ -117,7 +117,8 @@ def _rendered_sections(runs: list[RunData], tasks: list[int], workers: int,
         # copy-on-write) every object inherited from this process: 12% less CPU in the workers here.
         gc.freeze()
         try:
-            with ctx.Pool(min(workers, len(tasks)), initializer=_worker_init, initargs=(runs,)) as pool:
+            with ctx.Pool(min(workers, len(tasks)), initializer=_worker_init,
+                          initargs=(runs, svg)) as pool:
                 # Largest sections first (by the files found; the comparison last), so that the last one to
                 # start is small and the workers finish together; results are still taken in page order.
                 order = sorted(tasks, key=lambda t: -1 if t < 0 else len(runs[t].files), reverse=True)
@@ -130,24 +131,25 @@ def _rendered_sections(runs: list[RunData], tasks: list[int], workers: int,
             gc.unfreeze()
     else:
         for t in tasks:
-            res = _render_section(runs, t)
+            res = _render_section(runs, t, svg=svg)
             bar.update(1)
             yield res
 
 
 def build_report(run_dirs: Sequence[str | os.PathLike], out_html: str | os.PathLike,
-                 title: str = "vitscope report", workers: int | None = None) -> Path:
+                 title: str = "vitscope report", workers: int | None = None, svg: bool = False) -> Path:
     """Write one self-contained HTML report of every output directory in ``run_dirs`` to ``out_html``.
 
     Each directory may hold ``vitscope probe``, ``train``, ``hessian``, ``landscape``, ``robustness`` and
     ``attention`` outputs (see ``vitscope.reports.loaders``); a figure is drawn only for data that is present.
-    Every figure is also written as ``figures/<model>/<figure>.png``, ``.svg`` and ``.csv`` (the plotted
-    numbers) next to the page, plus ``figures/summary.csv``. All files are written atomically.
+    Every figure is also written as ``figures/<model>/<figure>.png`` and ``.csv`` (the plotted numbers) next to
+    the page, plus ``figures/summary.csv``; with ``svg`` also as ``.svg``. All files are written atomically.
 
     Args:
         workers: processes that draw the sections (one per model, plus the comparison) in parallel, forked
             from this one (Linux; elsewhere everything is drawn here); default one per available CPU, at most
             one per section. 1 draws everything in this process. The files are the same either way.
+        svg: also write each figure as SVG (text kept as text; drawing it costs about a third of the build).
 
     Returns:
         The path of the HTML page.
@@ -174,20 +176,23 @@ def build_report(run_dirs: Sequence[str | os.PathLike], out_html: str | os.PathL
     with ThreadPoolExecutor(max_workers=8) as writer:
         writes = []
         try:
-            for res in _rendered_sections(runs, tasks, workers or _default_workers(len(tasks)), bar):
+            for res in _rendered_sections(runs, tasks, workers or _default_workers(len(tasks)), bar, svg):
                 if res is None:
                     continue
                 sec, files = res
                 sec.slug = _unique(sec.slug, taken)
                 figs, keys = [], set()
-                for item, (png, svg, csv_data) in zip(sec.items, files):
+                for item, (png, svg_data, csv_data) in zip(sec.items, files):
                     key = _unique(item.key, keys)
                     anchor = f"{sec.slug}--{key}"
                     base = fig_root / sec.slug / key
-                    for suffix, data in ((".png", png), (".svg", svg), (".csv", csv_data)):
-                        writes.append(writer.submit(atomic_write_bytes, base.with_suffix(suffix), data))
                     rel = f"{FIGURES_DIR}/{sec.slug}/{key}"
                     links = {"PNG": rel + ".png", "SVG": rel + ".svg", "CSV": rel + ".csv"}
+                    for (name, link), data in zip(list(links.items()), (png, svg_data, csv_data)):
+                        if data is None:  # no SVG drawn
+                            del links[name]
+                        else:
+                            writes.append(writer.submit(atomic_write_bytes, base.with_suffix("." + name.lower()), data))
                     alt = f"{sec.title}: {item.caption.title}"
                     figs.append((anchor, item.caption.title,
                                  figure_html(anchor, png, item.caption.title, item.caption.definition,

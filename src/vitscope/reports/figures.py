@@ -1,39 +1,28 @@
 """The papers' figure types, one function each: plain numbers in, a matplotlib ``Figure`` out.
 
-Figures are built with ``matplotlib.figure.Figure`` (Agg canvas), never pyplot, so no global state or GUI
-backend is touched and figures are garbage-collected like any object.
+Figures are built and encoded by ``vitscope.reports.render`` (``matplotlib.figure.Figure`` with an Agg canvas,
+never pyplot).
 """
 from __future__ import annotations
 
-import contextlib
-import io
 import logging
 import math
-import pickle
-import struct
 import textwrap
-import zlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import matplotlib
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
-from matplotlib.ticker import (
-    AutoLocator,
-    FixedFormatter,
-    FixedLocator,
-    FormatStrFormatter,
-    MaxNLocator,
-    ScalarFormatter,
-)
+from matplotlib.ticker import FormatStrFormatter, MaxNLocator
+
+from vitscope.reports.render import blank
 
 _logger = logging.getLogger(__name__)
 
 __all__ = [
     "new_figure", "heatmap", "per_head", "lines", "shaded_depth", "colored_curves", "band_lines", "bars",
-    "eigen_density", "contour", "reliability", "panels", "to_bytes", "render", "png_bytes",
+    "eigen_density", "contour", "reliability", "panels",
 ]
 
 SIZE = (4.8, 3.2)
@@ -41,216 +30,12 @@ COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e3
           "#bcbd22"]
 KIND_COLORS = {"msa": "#d62728", "gpsa": "#ff7f0e", "mlp": "#1f77b4", "conv": "#2ca02c"}
 SHADE = "#f4c7c3"
-PNG_COMPRESS = 3  # zlib level of the PNG files (unfiltered rows): as fast as 1 here, 7% smaller files
 
 
 def new_figure(size: tuple[float, float] = SIZE) -> tuple[Figure, object]:
     """A figure with one axes and the report's style."""
-    fig = _blank(size, 1)
+    fig = blank(size, 1)
     return fig, fig.axes[0]
-
-
-_TEMPLATES: dict[tuple, bytes] = {}  # pickled blank figures by (size, number of axes), for the rcParams below
-_TEMPLATES_RC: str | None = None
-_TEMPLATES_ON = False
-TEMPLATE_TICKS = 8  # major ticks per axis in a template (an axis makes more when it needs them)
-
-
-@contextlib.contextmanager
-def figure_templates() -> Iterator[None]:
-    """While active, each blank figure (size, number of axes) is built and styled once, then copied.
-
-    A figure and its axes take ~4 ms to build (the axes' spines, axis objects and their first ticks, each from
-    rcParams), each further tick ~0.45 ms (five artists); unpickling a pickled blank figure that already has
-    ``TEMPLATE_TICKS`` ticks per axis takes ~2.5 ms (matplotlib supports pickling figures; the copies draw the
-    same bytes: ticks an axis does not use are not drawn). The templates are kept for the next context (the
-    next section) unless matplotlib's rcParams have changed in between."""
-    global _TEMPLATES_ON, _TEMPLATES_RC
-    if _TEMPLATES_ON:  # nested
-        yield
-        return
-    rc = repr(sorted(dict.items(matplotlib.rcParams)))  # the stored values (reading "backend" would pick one)
-    if rc != _TEMPLATES_RC or len(_TEMPLATES) > 64:
-        _TEMPLATES.clear()
-        _TEMPLATES_RC = rc
-    _TEMPLATES_ON = True
-    try:
-        yield
-    finally:
-        _TEMPLATES_ON = False
-
-
-def _blank(size: tuple[float, float], n_axes: int) -> Figure:
-    """A figure of ``n_axes`` axes side by side in the report's style, with an Agg canvas."""
-    key = (tuple(size), n_axes)
-    if _TEMPLATES_ON and key in _TEMPLATES:
-        fig = pickle.loads(_TEMPLATES[key])  # our own bytes, made below in this process
-        FigureCanvasAgg(fig)
-        return fig
-    fig = Figure(figsize=size, dpi=100, layout="constrained")
-    FigureCanvasAgg(fig)
-    for k in range(n_axes):
-        _style(fig.add_subplot(1, n_axes, k + 1) if n_axes > 1 else fig.add_subplot())
-    if not _TEMPLATES_ON:
-        return fig
-    for ax in fig.axes:  # the ticks an axis usually draws, made here once (as matplotlib makes them, from the
-        for axis in (ax.xaxis, ax.yaxis):  # first tick): ~0.1 ms each to unpickle, ~0.45 ms to make
-            axis.get_major_ticks(TEMPLATE_TICKS)
-    _TEMPLATES[key] = pickle.dumps(fig)
-    return _blank(size, n_axes)
-
-
-def _style(ax) -> None:
-    ax.grid(True, alpha=0.3, linewidth=0.6)
-    for side in ("top", "right"):
-        ax.spines[side].set_visible(False)
-    ax.tick_params(labelsize=8)
-    ax.xaxis.label.set_size(9)
-    ax.yaxis.label.set_size(9)
-    try:
-        ax.ticklabel_format(useOffset=False)
-    except AttributeError:  # log or categorical axes
-        pass
-
-
-def to_bytes(fig: Figure, fmt: str, dpi: int = 130) -> bytes:
-    """The figure encoded as ``png`` or ``svg``."""
-    buf = io.BytesIO()
-    if fmt == "png":  # matplotlib's draw into an RGBA buffer (as for its PNG), encoded by ``png_bytes``
-        fig.savefig(buf, format="raw", dpi=dpi)
-        shape = fig.canvas.buffer_rgba().shape  # (H, W, 4) of the renderer savefig drew with
-        return png_bytes(np.frombuffer(buf.getbuffer(), np.uint8).reshape(shape), dpi)
-    # text as <text> elements (browsers and editors render it), not as glyph paths: 3-4x faster, smaller
-    with matplotlib.rc_context({"svg.fonttype": "none"}):
-        fig.savefig(buf, format=fmt, dpi=dpi, metadata={"Date": None})
-    return buf.getvalue()
-
-
-def png_bytes(rgba: np.ndarray, dpi: float) -> bytes:
-    """An (H, W, 4) uint8 image as PNG: 8-bit RGBA, rows unfiltered, zlib level ``PNG_COMPRESS``, the dpi noted.
-
-    The same pixels as PIL's PNG (which matplotlib's ``savefig`` uses) in a third of the time: PIL tries all
-    five row filters of the format on every row to pick one (60% of its time at zlib level 1); plain rows
-    compress nearly as well for plots, which are mostly flat colour (the demo's PNGs: 2% larger than PIL's at
-    level 1, 2.3 ms per figure instead of ~7)."""
-    h, w, c = rgba.shape
-    if c != 4 or rgba.dtype != np.uint8:
-        raise ValueError(f"png_bytes wants an (H, W, 4) uint8 image, got {rgba.shape} {rgba.dtype}")
-    rows = np.zeros((h, 1 + 4 * w), np.uint8)  # each row: filter type 0 (none), then its pixels
-    rows[:, 1:] = rgba.reshape(h, 4 * w)
-    ppm = int(dpi / 0.0254 + 0.5)  # pixels per metre, rounded as PIL rounds it
-
-    def chunk(tag: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
-
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 6, 0, 0, 0))
-            + chunk(b"pHYs", struct.pack(">IIB", ppm, ppm, 1)) + chunk(b"IDAT", zlib.compress(rows, PNG_COMPRESS))
-            + chunk(b"IEND", b""))
-
-
-def render(fig: Figure, dpi: int = 130) -> tuple[bytes, bytes]:
-    """The figure as PNG and SVG bytes, laid out once; the same bytes as ``to_bytes`` for each, at half the cost.
-
-    ``savefig`` on a figure with a layout engine draws the whole figure twice: once with rendering disabled to
-    run the layout, then for real (and again twice for the SVG). Here the layout engine runs once, at the PNG's
-    resolution, and is then removed, so each format is drawn once; both draws keep the title positions
-    the layout found. Positions are stored as figure and axes fractions, so they do not depend on the dpi.
-    """
-    _lay_out(fig, dpi)
-    for ax in fig.axes:  # the layout placed the titles (above any top-side tick labels): keep them there
-        if hasattr(ax, "_autotitlepos"):  # matplotlib's flag for "move the title above top-side tick labels"
-            ax._autotitlepos = False
-    _pin_ticks(fig, dpi)
-    return to_bytes(fig, "png", dpi), to_bytes(fig, "svg", dpi)
-
-
-def _pin_ticks(fig: Figure, dpi: int) -> None:
-    """Pin each linear axis' automatic ticks to the locations and labels they have once the figure is laid out.
-
-    Each draw asks every axis' locator and formatter again, several times (for the axis, for its label's
-    position, for the sibling axes' labels), and again for each format; with the axes placed, they can only
-    give these values, which the draws then take as they are (``FixedLocator``/``FixedFormatter``, the
-    formatter's offset text kept). Colour bars and log axes keep their own.
-    """
-    old = fig.get_dpi()
-    fig.set_dpi(dpi)  # as in the PNG's draw
-    try:
-        for ax in fig.axes:
-            if hasattr(ax, "_colorbar"):
-                continue
-            for axis in (ax.xaxis, ax.yaxis):
-                loc, fmt = axis.get_major_locator(), axis.get_major_formatter()
-                if (type(loc) not in (AutoLocator, MaxNLocator) or type(fmt) is not ScalarFormatter
-                        or axis.get_scale() != "linear"):
-                    continue
-                locs = axis.get_majorticklocs()
-                fixed = FixedFormatter(fmt.format_ticks(locs))
-                fixed.set_offset_string(fmt.get_offset())
-                axis.set_major_locator(FixedLocator(locs))
-                axis.set_major_formatter(fixed)
-    finally:
-        fig.set_dpi(old)
-
-
-def _lay_out(fig: Figure, dpi: int) -> None:
-    """Run the figure's layout engine once at ``dpi``, then remove the engine (the layout stays)."""
-    engine = fig.get_layout_engine()
-    if engine is not None and fig.axes:
-        old = fig.get_dpi()
-        fig.set_dpi(dpi)  # savefig would lay the figure out at the dpi it writes
-        try:
-            if not (LAYOUT_PASSES == 1 and _constrained_once(fig, engine)):
-                engine.execute(fig)
-        finally:
-            fig.set_dpi(old)
-    with matplotlib.rc_context({"figure.autolayout": False, "figure.constrained_layout.use": False}):
-        fig.set_layout_engine(None)  # None, not "none": a placeholder engine would still cost savefig a draw
-
-
-LAYOUT_PASSES = 1  # constrained-layout iterations; matplotlib's engine runs 2
-
-
-def _constrained_once(fig: Figure, engine) -> bool:
-    """One iteration of matplotlib's constrained layout (``_constrained_layout.do_constrained_layout`` runs the
-    same steps twice, the second for tick labels that change once the axes moved); False when not applicable.
-
-    Each iteration measures every text of the figure, which makes the layout cost as much as two draws. The
-    axes here change size by a few percent at most, so the second pass moves them by under a pixel in all
-    but rare cases (``tests/test_report.py`` checks the report's figures: nothing leaves the canvas).
-    """
-    from matplotlib import _constrained_layout as cl
-    from matplotlib.layout_engine import ConstrainedLayoutEngine
-
-    if (type(engine) is not ConstrainedLayoutEngine or engine._compress or fig.subfigs
-            or any(hasattr(ax, "_colorbar") or ax.get_aspect() != "auto" for ax in fig.axes)):
-        # a colour bar or a fixed-aspect axes (images) still moves in the second pass
-        return False
-    try:
-        par = engine.get()
-        width, height = fig.get_size_inches()
-        pads = {"w_pad": par["w_pad"] / width, "h_pad": par["h_pad"] / height}
-        spaces = {"hspace": par["hspace"], "wspace": par["wspace"]}
-        renderer = fig._get_renderer()
-        grids = cl.make_layoutgrids(fig, None, rect=par["rect"])
-        if not grids["hasgrids"]:
-            return False
-        cl.make_layout_margins(grids, fig, renderer, **pads, **spaces)
-        cl.make_margin_suptitles(grids, fig, renderer, **pads)
-        cl.match_submerged_margins(grids, fig)
-        grids[fig].update_variables()
-        if not cl.check_no_collapsed_axes(grids, fig):
-            return False
-        cl.reposition_axes(grids, fig, renderer, **pads, **spaces)
-        sup = fig._suptitle
-        if sup is not None and sup.get_in_layout() and sup._autopos:
-            sup.set_position((sup.get_position()[0], grids[fig].get_inner_bbox().y1 + pads["h_pad"]))
-            sup.set_verticalalignment("bottom")
-        cl.reset_margins(grids, fig)
-    except (AttributeError, TypeError, KeyError, ImportError):  # another matplotlib's internals
-        return False
-    # An axis offset text ("1e-7") can push the title up in one pass and not the next: the full layout then
-    # runs as well (rare: offsets are off, only scientific notation has one).
-    return not any(a.offsetText.get_text() for ax in fig.axes for a in (ax.xaxis, ax.yaxis))
 
 
 def _title(ax, title: str) -> None:
@@ -364,7 +149,7 @@ def lines(series: Mapping[str, tuple[Sequence[float], Sequence[float | None]]], 
 def panels(specs: Sequence[tuple[Mapping[str, tuple[Sequence[float], Sequence[float | None]]], str]],
            title: str, xlabel: str) -> Figure:
     """Side-by-side panels sharing x, each ``(series, ylabel)`` (e.g. accuracy and NLL over epochs)."""
-    fig = _blank((2.5 * len(specs) + 0.4, 3.2), len(specs))
+    fig = blank((2.5 * len(specs) + 0.4, 3.2), len(specs))
     for k, (series, ylabel) in enumerate(specs):
         ax = fig.axes[k]
         for i, (label, (x, y)) in enumerate(series.items()):

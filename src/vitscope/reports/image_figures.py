@@ -7,32 +7,25 @@ the query patch is outlined in white on the image and on every map.
 """
 from __future__ import annotations
 
-import io
 import os
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.collections import PatchCollection
 from matplotlib.colors import Normalize, PowerNorm
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from vitscope.attention_images import AttentionMaps
+from vitscope.reports import render as R
 
 __all__ = ["rollout_figure", "query_maps_figure", "gpsa_figure", "patch_components_figure",
            "position_similarity_figure", "save_attention_figures"]
 
 MAP_CMAP = "inferno"
 GAP = 1  # pixels of gap between mosaic tiles
-
-
-def _figure(size: tuple[float, float]) -> Figure:
-    fig = Figure(figsize=size, dpi=100, layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
 
 
 def _canvas_axes(canvas: np.ndarray, px_in: float, extra: tuple[float, float] = (1.3, 0.8),
@@ -42,7 +35,7 @@ def _canvas_axes(canvas: np.ndarray, px_in: float, extra: tuple[float, float] = 
     this way: an axes costs more than all the pixels of these images, a matplotlib colour bar as much again."""
     H, W = canvas.shape[:2]
     px_in = min(px_in, (most - extra[0]) / W)
-    fig = _figure((W * px_in + extra[0], H * px_in + extra[1]))
+    fig = R.figure((W * px_in + extra[0], H * px_in + extra[1]))
     ax = fig.add_subplot()
     ax.imshow(canvas, interpolation="nearest")
     ax.set_axis_off()
@@ -342,17 +335,9 @@ def position_similarity_figure(maps: AttentionMaps, title: str = "") -> Figure:
     return fig
 
 
-def _png(fig: Figure, dpi: int = 130) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi, metadata={"Software": None})
-    return buf.getvalue()
-
-
 def save_attention_figures(maps: AttentionMaps, out_dir: str | os.PathLike, prefix: str = "") -> list[Path]:
     """Write every figure the maps support as PNG into ``out_dir`` (atomically): ``rollout.png``,
     ``query_maps_<i>.png`` per image, ``gpsa.png``, ``patch_embedding.png``, ``position_embedding.png``."""
-    from vitscope.io.atomic import atomic_write_bytes
-
     out = Path(out_dir)
     figs: list[tuple[str, Figure]] = []
     if maps.rollout is not None:
@@ -370,7 +355,6 @@ def save_attention_figures(maps: AttentionMaps, out_dir: str | os.PathLike, pref
     paths = []
     for name, fig in figs:
         path = out / f"{name}.png"
-        atomic_write_bytes(path, _png(fig))
-        fig.clear()
+        R.save(fig, path)
         paths.append(path)
     return paths

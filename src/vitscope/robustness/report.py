@@ -6,13 +6,12 @@ accuracy per corruption and severity.
 """
 from __future__ import annotations
 
-import io
 import logging
 import os
 from pathlib import Path
 from typing import Any
 
-from vitscope.io.atomic import atomic_write_bytes, atomic_write_json, json_safe, write_csv
+from vitscope.io.atomic import atomic_write_json, json_safe, write_csv
 
 _logger = logging.getLogger(__name__)
 
@@ -62,14 +61,14 @@ def result_tables(results: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
 
 
 def figures(results: dict[str, Any], title: str = "") -> dict[str, Any]:
-    """Matplotlib figures (``matplotlib.figure.Figure``, no pyplot state) for the measures present."""
-    from matplotlib.figure import Figure
+    """Matplotlib figures (``vitscope.reports.render.figure``: no pyplot state) for the measures present."""
+    from vitscope.reports.render import figure
 
     figs: dict[str, Any] = {}
     if "calibration" in results:
         cal = results["calibration"]
         rows = cal["reliability"]
-        fig = Figure(figsize=(9, 4))
+        fig = figure((9, 4), layout=None)
         ax_h, ax_r = fig.subplots(1, 2)
         lo = [r["lower"] for r in rows]
         width = [r["upper"] - r["lower"] for r in rows]
@@ -86,7 +85,7 @@ def figures(results: dict[str, Any], title: str = "") -> dict[str, Any]:
         figs["reliability"] = fig
     if "frequency" in results:
         fr = results["frequency"]
-        fig = Figure(figsize=(5, 4))
+        fig = figure((5, 4), layout=None)
         ax = fig.subplots()
         ax.plot(fr["freqs"], fr["accuracy"], marker="o", label="noisy")
         ax.axhline(results["clean"]["accuracy"], linestyle="--", color="gray", label="clean")
@@ -97,7 +96,7 @@ def figures(results: dict[str, Any], title: str = "") -> dict[str, Any]:
         figs["frequency"] = fig
     attacks = [a for a in ("fgsm", "pgd") if a in results]
     if attacks:
-        fig = Figure(figsize=(5, 4))
+        fig = figure((5, 4), layout=None)
         ax = fig.subplots()
         for a in attacks:
             eps = [0.0] + [e * 255 for e in results[a]["eps"]]
@@ -110,7 +109,7 @@ def figures(results: dict[str, Any], title: str = "") -> dict[str, Any]:
         co = results["corruptions"]
         names = list(co["accuracy"])
         sev = co["severities"]
-        fig = Figure(figsize=(max(6, 0.9 * len(names) + 2), 4))
+        fig = figure((max(6, 0.9 * len(names) + 2), 4), layout=None)
         ax = fig.subplots()
         w = 0.8 / max(len(sev), 1)
         for j, s in enumerate(sev):
@@ -139,11 +138,9 @@ def save_results(
         write_csv(path, rows)
         written.append(path)
     if plots:
+        from vitscope.reports.render import save
+
         for name, fig in figures(results, title=str((meta or {}).get("model", ""))).items():
-            buf = io.BytesIO()
-            fig.savefig(buf, format="png", dpi=120)
-            path = out / f"{name}.png"
-            atomic_write_bytes(path, buf.getvalue())
-            written.append(path)
+            written.append(save(fig, out / f"{name}.png", dpi=120))
     _logger.info("wrote %d files to %s", len(written), out)
     return written
