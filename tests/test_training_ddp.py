@@ -162,6 +162,6 @@ def test_two_process_gloo_matches_one_process(tmp_path):
     assert sorted(p.name for p in ddp_dir.iterdir()) == [".lock", "checkpoints", "config.yaml", "metrics.jsonl",
                                                           "model.safetensors", "probes.jsonl"]
     assert sorted(p.name for p in single_dir.iterdir()) == sorted(p.name for p in ddp_dir.iterdir())
-    assert [p.name for p in (ddp_dir / "checkpoints").iterdir()] == ["epoch-0001"]  # the previous one removed
+    assert sorted(p.name for p in (ddp_dir / "checkpoints").iterdir()) == ["epoch-0000", "epoch-0001"]  # last two
     single_p = read_jsonl(single_dir / "probes.jsonl")
     assert [(p["epoch"], p["measure"]) for p in ddp_p] == [(p["epoch"], p["measure"]) for p in single_p]

@@ -155,15 +155,16 @@ def test_a_kill_between_publishing_a_checkpoint_and_tidying_up_is_repaired(tmp_p
     with torch.no_grad():
         model.weight.add_(1.0)
     save_checkpoint(run, model, {"epoch": 1, "step": 2})
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["epoch-0001"]
-    # As if killed right after the rename of epoch-0001: epoch-0000 still there, the top-level file its weights.
+    save_checkpoint(run, model, {"epoch": 2, "step": 3})
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["epoch-0001", "epoch-0002"]  # the last two
+    # As if killed right after the rename of epoch-0002: epoch-0000 still there, the top-level file its weights.
     shutil.copytree(tmp_path / "kept", run / "checkpoints" / "epoch-0000")
-    os.unlink(run / "model.safetensors")  # (a hard link of epoch-0001's weights: never write into it)
+    os.unlink(run / "model.safetensors")  # (a hard link of epoch-0002's weights: never write into it)
     os.link(run / "checkpoints" / "epoch-0000" / "model.safetensors", run / "model.safetensors")
-    assert latest_checkpoint(run).name == "epoch-0001" and load_state(run)["epoch"] == 1
+    assert latest_checkpoint(run).name == "epoch-0002" and load_state(run)["epoch"] == 2
     assert remove_stale_files(run) == ["checkpoints/epoch-0000"]
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["epoch-0001"]
-    assert os.path.samefile(run / "model.safetensors", run / "checkpoints" / "epoch-0001" / "model.safetensors")
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["epoch-0001", "epoch-0002"]
+    assert os.path.samefile(run / "model.safetensors", run / "checkpoints" / "epoch-0002" / "model.safetensors")
     assert torch.equal(load_file(run / "model.safetensors")["weight"], model.weight.detach())
 
 

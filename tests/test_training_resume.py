@@ -4,6 +4,7 @@ between the files of a checkpoint; a second writer is refused while a run trains
 (CPU, deterministic mode)."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -94,7 +95,7 @@ def test_sigkills_before_and_inside_a_checkpoint_then_resume_matches_uninterrupt
 
     # 3. --resume continues from epoch 0's checkpoint and removes what the kill left behind.
     assert cli_main(["train", "--resume", str(run)]) == 0
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["epoch-0002"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["epoch-0001", "epoch-0002"]  # the last two
     assert not [p for p in run.iterdir() if p.name.endswith(".tmp")] and run_finished(run)
 
     reference = tmp_path / "reference"  # the same run, uninterrupted (in this process)
@@ -170,9 +171,9 @@ def test_damaged_or_unsafe_checkpoints_are_one_line_errors(tmp_path, capsys):
     one_line_error(capsys, resume, "state.pt is truncated or missing", "another --out")
     manifest = json.loads((ckpt_dir / "checkpoint.json").read_text())
 
-    def with_size(data: bytes) -> None:  # a file of the right size, so torch.load itself reads it
+    def with_size(data: bytes) -> None:  # a file of the recorded size and hash, so torch.load itself reads it
         state.write_bytes(data)
-        manifest["files"]["state.pt"] = len(data)
+        manifest["files"]["state.pt"] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
         (ckpt_dir / "checkpoint.json").write_text(json.dumps(manifest))
 
     with_size(good[: len(good) // 2])
@@ -191,7 +192,7 @@ def test_damaged_or_unsafe_checkpoints_are_one_line_errors(tmp_path, capsys):
     weights = ckpt_dir / "model.safetensors"
     weights_good = weights.read_bytes()
     weights.write_bytes(weights_good[:100])
-    manifest["files"]["model.safetensors"] = 100
+    manifest["files"]["model.safetensors"] = {"bytes": 100, "sha256": hashlib.sha256(weights_good[:100]).hexdigest()}
     (ckpt_dir / "checkpoint.json").write_text(json.dumps(manifest))
     one_line_error(capsys, resume, "model.safetensors as safetensors", "truncated or corrupt")
     (ckpt_dir / "checkpoint.json").write_text("{")

@@ -31,6 +31,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="continue the run in RUN_DIR from its last complete checkpoint (a run killed before its "
                    "first checkpoint starts again from its saved config)")
+    p.add_argument("--resume-epoch", type=int, metavar="N",
+                   help="with --resume: continue from the kept checkpoint of epoch N (the run keeps its last two; "
+                   "use the previous one when the newest is damaged); newer checkpoints are removed")
     p.add_argument("--auto-resume", action="store_true",
                    help="with --out: continue the run there if it has started (its settings must be the same), "
                    "else start it; for job schedulers that requeue the same command line")
@@ -83,6 +86,8 @@ def run(args: argparse.Namespace) -> int:
 
     args.overrides = list(args.overrides) + _flag_overrides(args)
     resume = bool(args.resume)
+    if args.resume_epoch is not None and (not args.resume or args.resume_epoch < 0):
+        raise CLIError("--resume-epoch N goes with --resume RUN_DIR and names a kept checkpoint (N >= 0)")
     if args.resume and args.auto_resume:
         raise CLIError("--auto-resume goes with --out RUN_DIR and the run's settings; drop --resume")
     if args.resume:
@@ -107,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
         if args.auto_resume and os.path.isfile(os.path.join(args.out, "config.yaml")):
             cfg, resume = _same_run(load_config(args.out), cfg, args.out), True
     try:
-        result = train(cfg, resume=resume)
+        result = train(cfg, resume=resume, resume_epoch=args.resume_epoch)
     except NonFiniteLossError as e:
         raise CLIError(str(e)) from None
     if int(os.environ.get("RANK", 0)) == 0:  # under torchrun, one summary line

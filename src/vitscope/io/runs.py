@@ -18,6 +18,7 @@ the network described by ``config.yaml``) still load. Nothing here runs code fro
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -32,7 +33,7 @@ import yaml
 from safetensors import safe_open
 
 from vitscope import models
-from vitscope.io.checkpoints import CheckpointError, load_checkpoint
+from vitscope.io.checkpoints import CheckpointError, _load_into, read_state_dict
 
 _logger = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ __all__ = [
     "LOCK_FILE", "CHECKPOINT_FORMAT", "epoch_dirs", "latest_checkpoint", "read_manifest", "load_latest",
     "load_state", "load_model_weights", "run_model_spec", "find_run_spec", "load_run_model", "run_finished",
     "KEPT_DIR", "BEST_FILE", "epoch_weights",
+    "sha256_file", "verify_weights", "checkpoint_of_epoch",
 ]
 
 MODEL_FILE = "model.safetensors"
@@ -51,7 +53,8 @@ PROBES_FILE = "probes.jsonl"
 CHECKPOINTS_DIR = "checkpoints"
 MANIFEST_FILE = "checkpoint.json"
 LOCK_FILE = ".lock"
-CHECKPOINT_FORMAT = "vitscope-checkpoint/1"
+CHECKPOINT_FORMAT = "vitscope-checkpoint/2"  # files: {name: {"bytes": n, "sha256": hex}}
+_OLD_FORMATS = ("vitscope-checkpoint/1",)  # files: {name: n}: sizes only
 EPOCH_PREFIX = "epoch-"
 KEPT_DIR = "kept"  # checkpoints/kept/epoch-NNNN.safetensors: weights of epochs kept with the keep_epochs setting
 BEST_FILE = "best.safetensors"  # early stopping: the weights of the best validation epoch so far
@@ -98,29 +101,191 @@ def _no_checkpoint(run_dir: Path) -> FileNotFoundError:
     )
 
 
-def read_manifest(ckpt_dir: Path) -> dict[str, Any]:
-    """The manifest of a checkpoint directory, its files checked against the sizes it records."""
-    path = ckpt_dir / MANIFEST_FILE
+def sha256_file(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's bytes, as 64 hex digits (read in 1 MiB blocks)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _epoch_of(ckpt_dir: Path) -> int | None:
+    with contextlib.suppress(ValueError):
+        return int(ckpt_dir.name[len(EPOCH_PREFIX):])
+    return None
+
+
+def _remedy(ckpt_dir: Path, resuming: bool) -> str:
+    """What to do about a damaged checkpoint: the previous complete one when the run kept it, else train anew."""
+    run = ckpt_dir.parent.parent
+    older = [p for e, p in epoch_dirs(run) if e < (_epoch_of(ckpt_dir) or 0)]
+    for prev in reversed(older):
+        try:
+            read_manifest(prev, _remedy_of=False)
+        except CheckpointError:
+            continue
+        e = _epoch_of(prev)
+        if resuming:
+            return (f"the previous checkpoint {prev} is intact: continue from it with `vitscope train --resume {run} "
+                    f"--resume-epoch {e}` (the damaged one is then removed)")
+        return f"the previous checkpoint {prev} is intact: read it with --checkpoint {prev / MODEL_FILE}"
+    return "no intact earlier checkpoint is kept; train anew into another --out"
+
+
+def _damaged(ckpt_dir: Path, what: str, resuming: bool = True) -> CheckpointError:
+    """One line: what is wrong with a checkpoint, and the previous checkpoint to use instead (if any)."""
+    if not (ckpt_dir.name.startswith(EPOCH_PREFIX) and ckpt_dir.parent.name == CHECKPOINTS_DIR):
+        return CheckpointError(f"{what}; the run cannot be read from it: train anew into another --out")
+    return CheckpointError(f"{what}; {_remedy(ckpt_dir, resuming)}")
+
+
+def _is_int(value: Any, low: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+_SHA256_DIGITS = set("0123456789abcdef")
+_SPEC_FIELDS: dict[str, tuple[str, Any]] = {  # key -> (what it must be, check)
+    "model": ("a model name (a non-empty string)", lambda v: isinstance(v, str) and bool(v.strip())),
+    "model_kwargs": ("a mapping of create_model keywords", lambda v: isinstance(v, dict)),
+    "create_kwargs": ("a mapping of create_model keywords", lambda v: isinstance(v, dict)),
+    "img_size": ("a positive integer or null", lambda v: v is None or _is_int(v, 1)),
+    "num_classes": ("a non-negative integer or null", lambda v: v is None or _is_int(v)),
+    "data": ("a data spec string or null", lambda v: v is None or isinstance(v, str)),
+    "data_options": ("a mapping", lambda v: isinstance(v, dict)),
+    "pretrained": ("true or false", lambda v: isinstance(v, bool)),
+    "preprocessing": ("a mapping or null", lambda v: v is None or isinstance(v, dict)),
+}
+_INFO_FIELDS: dict[str, tuple[str, Any]] = {
+    "step": ("a non-negative integer", _is_int),
+    "total_epochs": ("a positive integer", lambda v: _is_int(v, 1)),
+    "finished": ("true or false", lambda v: isinstance(v, bool)),
+    "stopped_early": ("true or false", lambda v: isinstance(v, bool)),
+    "best_epoch": ("an integer >= -1", lambda v: _is_int(v, -1)),
+    "best_val_nll": ("a number or null", lambda v: v is None or (isinstance(v, (int, float))
+                                                                  and not isinstance(v, bool))),
+}
+
+
+def _manifest_problem(manifest: Any, ckpt_dir: Path) -> str | None:
+    """What is malformed in a parsed manifest (the first problem, in words), or None when it fits the schema:
+    ``format``; ``epoch`` (that of its directory); ``files``: ``{name: {"bytes": n, "sha256": hex}}`` (format 2) or
+    ``{name: n}`` (format 1) naming the weights and the state; ``spec`` (``_SPEC_FIELDS``); the run's info fields."""
+    if not isinstance(manifest, dict):
+        return f"it holds a {type(manifest).__name__}, not a JSON object"
+    fmt = manifest.get("format")
+    if fmt not in (CHECKPOINT_FORMAT, *_OLD_FORMATS):
+        return f"'format' is {fmt!r}, not {CHECKPOINT_FORMAT!r}"
+    epoch = manifest.get("epoch")
+    if not _is_int(epoch) or epoch != _epoch_of(ckpt_dir):
+        return f"'epoch' is {epoch!r}, not the epoch of its directory ({_epoch_of(ckpt_dir)})"
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not {MODEL_FILE, STATE_FILE} <= set(files):
+        return f"'files' must map {MODEL_FILE} and {STATE_FILE} to their size and SHA-256, got {files!r:.80}"
+    for name, entry in files.items():
+        if not isinstance(name, str) or "/" in name or name.startswith("."):
+            return f"'files' names {name!r}, not a file of the checkpoint"
+        if fmt in _OLD_FORMATS:
+            if not _is_int(entry):
+                return f"'files'[{name!r}] is {entry!r:.60}, not a size in bytes"
+        elif not (isinstance(entry, dict) and _is_int(entry.get("bytes")) and isinstance(entry.get("sha256"), str)
+                  and len(entry["sha256"]) == 64 and set(entry["sha256"]) <= _SHA256_DIGITS):
+            return f"'files'[{name!r}] is {entry!r:.80}, not {{\"bytes\": N, \"sha256\": 64 hex digits}}"
+    spec = manifest.get("spec", {})
+    if not isinstance(spec, dict):
+        return f"'spec' is {spec!r:.60}, not a mapping describing the network"
+    if spec:
+        for key, (what, ok) in _SPEC_FIELDS.items():
+            if key in spec and not ok(spec[key]):
+                return f"'spec.{key}' is {spec[key]!r:.60}, not {what}"
+        if "model" not in spec:
+            return "'spec' names no 'model'"
+        create = spec.get("create_kwargs") or {}
+        for key in ("img_size", "num_classes"):
+            if key in create and spec.get(key) is not None and create[key] != spec[key]:
+                return (f"'spec.create_kwargs.{key}' ({create[key]!r}) contradicts 'spec.{key}' "
+                        f"({spec[key]!r})")
+    for key, (what, ok) in _INFO_FIELDS.items():
+        if key in manifest and not ok(manifest[key]):
+            return f"'{key}' is {manifest[key]!r:.60}, not {what}"
+    return None
+
+
+_NOTED_OLD: set[str] = set()
+
+
+def read_manifest(ckpt_dir: Path, verify: tuple[str, ...] | None = None, *, resuming: bool = True,
+                  _remedy_of: bool = True) -> dict[str, Any]:
+    """The manifest of a checkpoint directory, validated against its schema, and the files in ``verify``
+    (default: every file it lists) checked against the sizes and SHA-256 it recorded when they were written.
+
+    The older top-level layout has no manifest (``{}``). Manifests of format 1 (vitscope before hashes) record
+    sizes only: their files are checked by size, which is said once per checkpoint.
+
+    Raises:
+        CheckpointError: one line naming the malformed field or the damaged file, and the previous checkpoint
+            (how to resume from it, or with ``resuming=False`` how to read it).
+    """
+    ckpt_dir = Path(ckpt_dir)
     if not (ckpt_dir.name.startswith(EPOCH_PREFIX) and ckpt_dir.parent.name == CHECKPOINTS_DIR):
         return {}  # the older top-level layout has no manifest
+    path = ckpt_dir / MANIFEST_FILE
+
+    def damaged(what: str) -> CheckpointError:
+        return _damaged(ckpt_dir, what, resuming) if _remedy_of else CheckpointError(what)
+
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(manifest, dict) or manifest.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"not a {CHECKPOINT_FORMAT} manifest")
     except (OSError, ValueError) as err:
-        raise CheckpointError(
-            f"{path} is missing or unreadable ({type(err).__name__}: {str(err)[:200]}); the checkpoint "
-            f"{ckpt_dir} is damaged. Delete that directory to fall back to no checkpoint, or train anew "
-            "into another --out"
-        ) from None
-    for name, size in (manifest.get("files") or {}).items():
-        actual = (ckpt_dir / name).stat().st_size if (ckpt_dir / name).is_file() else None
+        raise damaged(f"{path} is missing or unreadable ({type(err).__name__}: {str(err)[:120]}): the checkpoint "
+                      f"{ckpt_dir} is damaged") from None
+    problem = _manifest_problem(manifest, ckpt_dir)
+    if problem is not None:
+        raise damaged(f"{path} is malformed: {problem}")
+    files = manifest["files"]
+    old = manifest["format"] in _OLD_FORMATS
+    if old and str(ckpt_dir) not in _NOTED_OLD:
+        _NOTED_OLD.add(str(ckpt_dir))
+        _logger.warning("%s was written by an older vitscope: its manifest records no SHA-256, so its files are "
+                        "checked by size only", ckpt_dir)
+    for name in files if verify is None else verify:
+        if name not in files:
+            continue
+        size = files[name] if old else files[name]["bytes"]
+        file = ckpt_dir / name
+        actual = file.stat().st_size if file.is_file() else None
         if actual != size:
-            raise CheckpointError(
-                f"{ckpt_dir / name} is truncated or missing ({actual} bytes, the manifest says {size}); the "
-                "checkpoint is damaged (disk full, or the file was changed). Train anew into another --out"
-            )
+            raise damaged(f"{file} is truncated or missing ({actual} bytes, the manifest says {size}): the "
+                          "checkpoint is damaged (disk full, or the file was changed)")
+        if not old and sha256_file(file) != files[name]["sha256"]:
+            raise damaged(f"{file} does not match the SHA-256 its manifest recorded when it was written: the file "
+                          "was changed or damaged on disk")
     return manifest
+
+
+def verify_weights(path: str | os.PathLike) -> None:
+    """Check a weights file of a training run against its checkpoint's manifest (size and SHA-256).
+
+    ``RUN/checkpoints/epoch-N/model.safetensors`` is checked against ``epoch-N``'s manifest, the top-level
+    ``RUN/model.safetensors`` (the latest checkpoint's weights) against the latest one's; a file outside a
+    run, or of a run of the older layout, is not checked. Raises ``CheckpointError`` (one line) on a mismatch.
+    """
+    path = Path(path)
+    if path.parent.name.startswith(EPOCH_PREFIX) and path.parent.parent.name == CHECKPOINTS_DIR:
+        read_manifest(path.parent, verify=(path.name,), resuming=False)
+        return
+    if path.name != MODEL_FILE or not (path.parent / CHECKPOINTS_DIR).is_dir():
+        return
+    ckpt_dir = latest_checkpoint(path.parent)
+    if ckpt_dir is None or ckpt_dir == path.parent:
+        return
+    manifest = read_manifest(ckpt_dir, verify=(), resuming=False)
+    entry = manifest["files"][MODEL_FILE]
+    old = manifest["format"] in _OLD_FORMATS
+    size = entry if old else entry["bytes"]
+    if path.stat().st_size != size or (not old and sha256_file(path) != entry["sha256"]):
+        raise _damaged(ckpt_dir, f"{path} does not match the weights its latest checkpoint {ckpt_dir} recorded "
+                       "(size and SHA-256): the file was changed or damaged on disk", resuming=False)
 
 
 def _read_state(path: Path) -> dict[str, Any]:
@@ -130,19 +295,16 @@ def _read_state(path: Path) -> dict[str, Any]:
             warnings.simplefilter("ignore", UserWarning)
             state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
-        raise CheckpointError(
+        raise _damaged(path.parent, (
             f"Refused to load {path}: it holds Python objects outside torch's weights-only allowlist, and "
             "unpickling them could run arbitrary code. A vitscope state.pt holds only tensors and plain "
-            "containers; this file was not written by `vitscope train`. Train anew into another --out"
-        ) from None
+            "containers; this file was not written by `vitscope train`")) from None
     except Exception as err:  # RuntimeError / EOFError / OSError for truncated or foreign files
         first = (str(err).strip().splitlines() or [""])[0][:200]
-        raise CheckpointError(
-            f"Cannot read {path}: the file is truncated, corrupt or not a vitscope state "
-            f"({type(err).__name__}: {first}). The run cannot resume from it; train anew into another --out"
-        ) from None
+        raise _damaged(path.parent, f"Cannot read {path}: the file is truncated, corrupt or not a vitscope state "
+                       f"({type(err).__name__}: {first})") from None
     if not isinstance(state, dict) or "epoch" not in state:
-        raise CheckpointError(f"{path} is not a vitscope training state (no 'epoch'); train anew into another --out")
+        raise _damaged(path.parent, f"{path} is not a vitscope training state (no 'epoch')")
     return state
 
 
@@ -151,21 +313,30 @@ def _weights_metadata(path: Path) -> dict[str, str]:
         with safe_open(str(path), framework="pt") as f:
             return dict(f.metadata() or {})
     except Exception as err:
-        raise CheckpointError(
-            f"Cannot read {path} as safetensors: the file is truncated or corrupt ({type(err).__name__}: "
-            f"{str(err)[:200]}). The run cannot resume from it; train anew into another --out"
-        ) from None
+        raise _damaged(path.parent, f"Cannot read {path} as safetensors: the file is truncated or corrupt "
+                       f"({type(err).__name__}: {str(err)[:200]})") from None
 
 
-def load_latest(run_dir: str | os.PathLike) -> tuple[dict[str, Any], Path]:
-    """``(state, weights file)`` of the run's latest complete checkpoint.
+def checkpoint_of_epoch(run_dir: str | os.PathLike, epoch: int) -> Path:
+    """The directory ``checkpoints/epoch-N`` of ``epoch``; FileNotFoundError naming the kept ones otherwise."""
+    kept = dict(epoch_dirs(Path(run_dir)))
+    if epoch not in kept:
+        raise FileNotFoundError(f"{run_dir} keeps no checkpoint of epoch {epoch} (it keeps: "
+                                f"{sorted(kept) or 'none'}); resume from one of those")
+    return kept[epoch]
+
+
+def load_latest(run_dir: str | os.PathLike, epoch: int | None = None) -> tuple[dict[str, Any], Path]:
+    """``(state, weights file)`` of the run's latest complete checkpoint (or of ``epoch``'s, if kept), its
+    manifest validated and every file checked against the SHA-256 recorded when it was written.
 
     Raises:
         FileNotFoundError: no checkpoint (the message says whether ``--resume`` can start the run anew).
-        CheckpointError: a damaged, truncated, foreign or unsafe checkpoint file.
+        CheckpointError: a damaged, truncated, foreign or unsafe checkpoint file (the message names the
+            previous checkpoint when the run keeps an intact one).
     """
     run_dir = Path(run_dir)
-    ckpt_dir = latest_checkpoint(run_dir)
+    ckpt_dir = latest_checkpoint(run_dir) if epoch is None else checkpoint_of_epoch(run_dir, epoch)
     if ckpt_dir is None:
         raise _no_checkpoint(run_dir)
     read_manifest(ckpt_dir)
@@ -173,11 +344,8 @@ def load_latest(run_dir: str | os.PathLike) -> tuple[dict[str, Any], Path]:
     weights_epoch = _weights_metadata(weights).get("epoch")
     state = _read_state(ckpt_dir / STATE_FILE)
     if weights_epoch is not None and int(weights_epoch) != int(state["epoch"]):
-        raise CheckpointError(
-            f"{run_dir}: {MODEL_FILE} is from epoch {weights_epoch} but {STATE_FILE} from epoch "
-            f"{state['epoch']} (an older vitscope was killed between the two renames); the run "
-            "cannot resume. Train anew into another --out"
-        )
+        raise _damaged(ckpt_dir, f"{run_dir}: {MODEL_FILE} is from epoch {weights_epoch} but {STATE_FILE} from epoch "
+                       f"{state['epoch']} (an older vitscope was killed between the two renames)")
     return state, weights
 
 
@@ -245,7 +413,7 @@ def run_model_spec(run_dir: str | os.PathLike) -> dict[str, Any]:
     ckpt_dir = latest_checkpoint(run)
     if ckpt_dir is None:
         raise _no_checkpoint(run)
-    manifest = read_manifest(ckpt_dir)
+    manifest = read_manifest(ckpt_dir, verify=(), resuming=False)  # the weights are checked when loaded
     weights = given if given.is_file() else ckpt_dir / MODEL_FILE
     if manifest.get("spec"):
         spec = dict(manifest["spec"])
@@ -332,7 +500,14 @@ def load_run_model(path: str | os.PathLike | dict[str, Any], ema: bool = False,
             raise ValueError(f"{run} was trained without EMA (model_ema=false); load it with ema=False")
         model.load_state_dict({k.removeprefix("module."): v for k, v in state["ema"].items()})
     else:
-        load_checkpoint(model, spec["weights"], strict=True)
+        verify_weights(spec["weights"])
+        try:  # exactly the recorded network: no timm filter (it would resample a position embedding to fit)
+            _load_into(model, read_state_dict(spec["weights"]), Path(spec["weights"]), strict=True)
+        except CheckpointError as err:  # the weights contradict the network the run's records describe
+            first = str(err).splitlines()[0]
+            raise CheckpointError(f"{spec['weights']} does not fit the network its run records ({spec['model']} "
+                                  f"with {kwargs}): {first.rstrip(':')}; the run's {MANIFEST_FILE} or "
+                                  f"{CONFIG_FILE} was changed, or the weights are not this run's") from None
     return model.to(device).eval(), spec
 
 
@@ -343,7 +518,7 @@ def run_finished(run_dir: str | os.PathLike) -> bool:
     if ckpt_dir is None:
         return False
     try:
-        manifest = read_manifest(ckpt_dir)
+        manifest = read_manifest(ckpt_dir, verify=(), resuming=False)  # schema only: no file is read here
         epoch = manifest["epoch"] if manifest else int(_weights_metadata(ckpt_dir / MODEL_FILE)["epoch"])
     except (ValueError, KeyError):
         return False

@@ -8,7 +8,6 @@ Foreign timm checkpoints and the hub are ``vitscope.io.checkpoints``; training r
 """
 from __future__ import annotations
 
-import datetime
 import json
 import logging
 import os
@@ -36,13 +35,14 @@ from vitscope.io.checkpoints import (
     load_model,
     read_state_dict,
 )
+from vitscope.io.runs import verify_weights
 from vitscope.models import create_model
 
 _logger = logging.getLogger(__name__)
 
 __all__ = [
     "CheckpointError", "save_weights", "load_weights", "load_checkpoint", "load_model", "read_state_dict",
-    "read_sidecar", "sidecar_path",
+    "read_sidecar", "sidecar_path", "sort_safetensors_header",
 ]
 
 SIDECAR_FORMAT = "vitscope-weights/1"
@@ -107,6 +107,25 @@ def _remove_quietly(path: str) -> None:
         pass
 
 
+def sort_safetensors_header(path: _PathLike) -> None:
+    """Rewrite a safetensors file's JSON header in place with its keys sorted, so equal tensors and metadata give
+    equal bytes (safetensors writes its metadata map in a random order: two saves of one model differ).
+
+    The header keeps its length (the same JSON, reordered; padded with the spaces the format allows), so no
+    tensor byte moves. A header whose sorted form would not fit is left as it is.
+    """
+    with open(path, "r+b") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+        if isinstance(header.get("__metadata__"), dict):
+            header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        text = json.dumps(dict(sorted(header.items())), separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) > size:
+            return
+        f.seek(8)
+        f.write(text + b" " * (size - len(text)))
+
+
 def sidecar_path(path: _PathLike) -> Path:
     """The JSON sidecar of a weights file: ``model.safetensors`` -> ``model.json``."""
     return Path(path).with_suffix(".json")
@@ -158,8 +177,7 @@ def save_weights(
         "vitscope_version": vitscope.__version__,
         "timm_version": timm.__version__,
         "torch_version": torch.__version__,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
+    }  # no timestamp: saving the same weights twice writes the same bytes
     text = json.dumps(info, indent=2, sort_keys=True) + "\n"
     tensors = _tensors_for_safetensors(model.state_dict())
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -167,6 +185,7 @@ def save_weights(
 
     def write_weights(tmp: str) -> None:
         safetensors.torch.save_file(tensors, tmp, metadata={"format": "pt", _METADATA_KEY: json.dumps(info)})
+        sort_safetensors_header(tmp)
 
     def write_sidecar(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as f:
@@ -240,8 +259,9 @@ def load_weights(
         CheckpointError: no sidecar to rebuild from, unreadable file, or weights that do not fit.
     """
     path = Path(path)
+    _check_file(path)
+    verify_weights(path)  # a training run's file: its size and SHA-256 as its checkpoint recorded them
     if model is None:
-        _check_file(path)
         info = read_sidecar(path)
         if not info or not info.get("model_name"):
             raise CheckpointError(

@@ -3,11 +3,13 @@
 A run directory holds::
 
     config.yaml  metrics.jsonl  probes.jsonl  model.safetensors  .lock
-    checkpoints/epoch-0003/  model.safetensors  state.pt  checkpoint.json
+    checkpoints/epoch-0002/  checkpoints/epoch-0003/  (each: model.safetensors  state.pt  checkpoint.json)
 
 ``checkpoints/epoch-N`` is written as ``checkpoints/.tmp-epoch-N-<pid>`` (weights, then ``state.pt``, then
-the manifest ``checkpoint.json``, each fsynced) and renamed into place, so a checkpoint is either complete
-or invisible; the previous one is deleted only after that. The top-level ``model.safetensors`` is a hard
+the manifest ``checkpoint.json`` with each file's size and SHA-256, each fsynced) and renamed into place, so a
+checkpoint is either complete or invisible. The last two complete checkpoints are kept (the one before is
+deleted only after the new one is in place), so a damaged newest checkpoint can be replaced by the previous
+one (``train --resume RUN --resume-epoch N``, ``rewind``). The top-level ``model.safetensors`` is a hard
 link to (or copy of) the latest checkpoint's weights, replaced atomically, for tools that take a weights
 file; the weights files are read-only (replace them, never write into them). Its safetensors header
 carries the network's sidecar (``vitscope.io.read_sidecar``), so ``vitscope.load_weights`` rebuilds the
@@ -25,7 +27,6 @@ loading checkpoints, rebuilding the network) is ``vitscope.io.runs``; its names 
 from __future__ import annotations
 
 import contextlib
-import datetime
 import json
 import logging
 import os
@@ -54,21 +55,25 @@ from vitscope.io.runs import (
     MODEL_FILE,
     PROBES_FILE,
     STATE_FILE,
+    checkpoint_of_epoch,
     epoch_dirs,
     latest_checkpoint,
     load_latest,
     load_model_weights,
     load_state,
+    read_manifest,
     run_finished,
     run_model_spec,
+    sha256_file,
 )
+from vitscope.io.weights import sort_safetensors_header
 
 _logger = logging.getLogger(__name__)
 
 __all__ = [
     "MODEL_FILE", "STATE_FILE", "CONFIG_FILE", "METRICS_FILE", "PROBES_FILE", "CHECKPOINTS_DIR", "MANIFEST_FILE",
     "LOCK_FILE", "RunLockedError", "save_checkpoint", "load_state", "load_latest", "load_model_weights",
-    "latest_checkpoint", "run_model_spec", "run_finished", "lock_run", "remove_stale_files",
+    "latest_checkpoint", "run_model_spec", "run_finished", "lock_run", "remove_stale_files", "rewind",
     "get_rng_state", "set_rng_state", "read_jsonl", "truncate_jsonl", "append_jsonl", "unwrap_model",
 ]
 
@@ -190,8 +195,7 @@ def _sidecar(spec: dict[str, Any], model: nn.Module) -> dict[str, Any]:
         "format": "vitscope-weights/1", "model_name": spec["model"], "model_kwargs": spec["create_kwargs"],
         "num_params": sum(p.numel() for p in model.parameters()), "vitscope_version": vitscope.__version__,
         "timm_version": timm.__version__, "torch_version": torch.__version__,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
+    }  # no timestamp: identical runs write byte-identical weights files
 
 
 def _publish_weights(run_dir: Path, weights: Path) -> None:
@@ -229,8 +233,10 @@ def save_checkpoint(run_dir: str | os.PathLike, model: nn.Module, state: dict[st
     ``state`` must contain ``epoch`` (the last completed epoch) and only tensors / plain containers.
     ``spec`` describes the network (``model``, ``model_kwargs``, ``img_size``, ``num_classes``, ``data``,
     ``create_kwargs``: what ``vitscope.create_model`` takes); ``info`` is copied into the manifest (e.g.
-    ``finished``, ``stopped_early``, ``best_epoch``). Earlier checkpoints are removed once this one is in
-    place, and the top-level ``model.safetensors`` then points at its weights.
+    ``finished``, ``stopped_early``, ``best_epoch``). The manifest records each file's size and SHA-256, taken
+    from the files as written (``vitscope.io.runs.read_manifest`` checks them on every read). Once this checkpoint
+    is in place the top-level ``model.safetensors`` points at its weights, and every checkpoint but this one and
+    the previous one is removed, so a damaged newest checkpoint is not the end of a run.
     """
     run_dir = Path(run_dir)
     model = unwrap_model(model)
@@ -248,6 +254,7 @@ def save_checkpoint(run_dir: str | os.PathLike, model: nn.Module, state: dict[st
         meta["vitscope"] = json.dumps(_sidecar(spec, model))
     try:
         save_file(tensors, tmp / MODEL_FILE, metadata=meta)
+        sort_safetensors_header(tmp / MODEL_FILE)  # identical runs write identical bytes
         _fsync_file(tmp / MODEL_FILE)
         os.chmod(tmp / MODEL_FILE, 0o444 & ~_umask())  # read-only: the top-level file is a hard link of it
         torch.save(state, tmp / STATE_FILE)
@@ -255,7 +262,8 @@ def save_checkpoint(run_dir: str | os.PathLike, model: nn.Module, state: dict[st
         manifest = {
             "format": CHECKPOINT_FORMAT, "epoch": epoch, "step": int(state.get("step", 0)),
             "spec": {k: v for k, v in (spec or {}).items()}, **(info or {}),
-            "files": {name: (tmp / name).stat().st_size for name in (MODEL_FILE, STATE_FILE)},
+            "files": {name: {"bytes": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)}
+                      for name in (MODEL_FILE, STATE_FILE)},
         }
         (tmp / MANIFEST_FILE).write_text(json.dumps(json_safe(manifest), indent=1, allow_nan=False), encoding="utf-8")
         _fsync_file(tmp / MANIFEST_FILE)
@@ -271,8 +279,9 @@ def save_checkpoint(run_dir: str | os.PathLike, model: nn.Module, state: dict[st
     if keep:  # keep_epochs: these weights outlive the checkpoint (vitscope compare RUN@N)
         _keep_weights(root, final / MODEL_FILE, epoch)
     _publish_weights(run_dir, final / MODEL_FILE)
+    older = [e for e, _ in epoch_dirs(run_dir) if e < epoch]
     for e, path in epoch_dirs(run_dir):
-        if e != epoch:
+        if e != epoch and e != max(older, default=None):  # keep this checkpoint and the previous one
             _discard(path)
     with contextlib.suppress(FileNotFoundError):  # a pre-directory-layout run: its pair is superseded
         os.unlink(run_dir / STATE_FILE)
@@ -295,9 +304,27 @@ def _keep_weights(root: Path, weights: Path, epoch: int) -> None:
     _fsync_dir(kept)
 
 
+def rewind(run_dir: str | os.PathLike, epoch: int) -> Path:
+    """Make the kept checkpoint of ``epoch`` the run's latest: every newer checkpoint is removed (a damaged
+    newest one, say) and the top-level ``model.safetensors`` points at its weights. Its files are checked
+    first (``vitscope.io.runs.read_manifest``), so nothing is removed for a checkpoint that cannot be resumed.
+    Call it only while holding the run's lock. Returns the checkpoint's directory."""
+    run_dir = Path(run_dir)
+    target = checkpoint_of_epoch(run_dir, epoch)
+    read_manifest(target)
+    newer = [path for e, path in epoch_dirs(run_dir) if e > epoch]
+    for path in newer:
+        _discard(path)
+    if newer:
+        _logger.warning("resuming %s from epoch %d: removed the newer checkpoint(s) %s", run_dir, epoch,
+                        ", ".join(p.name for p in newer))
+    _publish_weights(run_dir, target / MODEL_FILE)
+    return target
+
+
 def remove_stale_files(run_dir: str | os.PathLike) -> list[str]:
     """Tidy up after a killed writer: delete temp files (``.model.safetensors.*.tmp``, ...), partial or
-    discarded checkpoint directories and checkpoints older than the latest, and point the top-level
+    discarded checkpoint directories and checkpoints older than the latest two, and point the top-level
     ``model.safetensors`` at the latest weights again. Call it only while holding the run's lock. Returns
     the names removed."""
     run_dir = Path(run_dir)
@@ -314,7 +341,7 @@ def remove_stale_files(run_dir: str | os.PathLike) -> list[str]:
                 shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
                 removed.append(f"{CHECKPOINTS_DIR}/{path.name}")
     dirs = epoch_dirs(run_dir)
-    for _, path in dirs[:-1]:  # killed after publishing a checkpoint, before removing the previous one
+    for _, path in dirs[:-2]:  # killed after publishing a checkpoint, before removing the one before the previous
         _discard(path)
         removed.append(f"{CHECKPOINTS_DIR}/{path.name}")
     if dirs:

@@ -923,15 +923,17 @@ def _fit(run: _Run, state: dict | None) -> dict[str, Any]:
             "early_stop_counting_from": es.counting_from if es.counting_from >= 0 else None}
 
 
-def train(config: TrainConfig | dict[str, Any] | None = None, *, resume: bool = False, **overrides: Any
-          ) -> dict[str, Any]:
+def train(config: TrainConfig | dict[str, Any] | None = None, *, resume: bool = False, resume_epoch: int | None = None,
+          **overrides: Any) -> dict[str, Any]:
     """Train ``config`` (a ``TrainConfig``, a mapping of config keys, or defaults + ``overrides``).
 
     Writes ``config.yaml``, ``metrics.jsonl``, ``probes.jsonl`` (when probes are scheduled) and a
     checkpoint per epoch (``checkpoints/epoch-N``, see ``vitscope.training.checkpoint``) into
     ``config.out``, which is locked meanwhile (``RunLockedError`` for a second writer); each epoch's
     lines are written before its checkpoint. With ``resume=True`` continues from the latest complete
-    checkpoint there (from epoch 0 when there is none yet). Returns the last epoch's statistics plus
+    checkpoint there (from epoch 0 when there is none yet); ``resume_epoch=N`` resumes from the kept checkpoint
+    of epoch N instead (the previous one, when the newest is damaged), removing the newer ones. Returns the last
+    epoch's statistics plus
     ``best_val_top1``, ``run_dir``, ``epochs``, ``best_epoch`` / ``best_val_nll`` (lowest ``val_nll``
     by ``early_stop_min_delta`` steps), ``stopped_early`` and ``early_stop_counting_from`` (the first epoch
     whose stall could count against the patience: past the warm-up, lr <= ``early_stop_lr_fraction`` of its peak).
@@ -951,7 +953,7 @@ def train(config: TrainConfig | dict[str, Any] | None = None, *, resume: bool = 
         if device.type == "cuda" and info.distributed:
             device = torch.device("cuda", info.local_rank)
         with _locked(Path(cfg.out), info, device):
-            _prepare_run_dir(cfg, info, device, resume)
+            _prepare_run_dir(cfg, info, device, resume, resume_epoch)
             run, state = _setup(cfg, device, info, resume)
             return _fit(run, state)
     finally:
@@ -983,7 +985,8 @@ def _locked(run_dir: Path, info: DistInfo, device: torch.device) -> Any:
         yield
 
 
-def _prepare_run_dir(cfg: TrainConfig, info: DistInfo, device: torch.device, resume: bool) -> None:
+def _prepare_run_dir(cfg: TrainConfig, info: DistInfo, device: torch.device, resume: bool,
+                     resume_epoch: int | None = None) -> None:
     """Under the lock, before any work: refuse to overwrite a run, remove what killed writers left, and
     write ``config.yaml`` (so ``--resume`` can restart a run killed before its first checkpoint)."""
     run_dir = Path(cfg.out)
@@ -993,6 +996,10 @@ def _prepare_run_dir(cfg: TrainConfig, info: DistInfo, device: torch.device, res
         if latest is not None and not resume:
             raise ValueError(f"{run_dir} already holds a run (checkpoint {latest}); continue it with "
                              f"--resume {run_dir} or choose another --out")
+        if resume_epoch is not None:
+            if not resume:
+                raise ValueError("resume_epoch goes with resume=True (--resume-epoch with --resume RUN_DIR)")
+            ckpt.rewind(run_dir, resume_epoch)
         ckpt.remove_stale_files(run_dir)
         if latest is None:
             save_config(cfg, run_dir / ckpt.CONFIG_FILE)
