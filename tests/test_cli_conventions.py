@@ -110,9 +110,9 @@ def test_use_ema_is_opt_in_and_recorded(tmp_path, capsys):
 
 
 def test_train_takes_timm_spellings(tmp_path, capsys):
-    from vitscope.cli.train import _flag_overrides, add_parser
-
     import argparse
+
+    from vitscope.cli.train import _flag_overrides, add_parser
 
     p = argparse.ArgumentParser()
     add_parser(p.add_subparsers())

@@ -29,6 +29,7 @@ _LAZY = {
     "attention_maps": "vitscope.attention_images",
     "AttentionMaps": "vitscope.attention_images",
     "load_attention_maps": "vitscope.attention_images",
+    "report": "vitscope.notebook",
 }
 _SUBMODULES = (
     "models", "layers", "io", "measures", "interventions", "probing", "curvature",

@@ -87,6 +87,23 @@ class AttentionMaps:
     position_grid: tuple[int, int] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
 
+    def to_pandas(self) -> Any:
+        """Tidy ``pandas.DataFrame`` of every map, as the report's CSVs: one row per figure (``attention_query_maps``,
+        ``attention_rollout``, ``gpsa_positional`` ...), image, layer, head and map cell (``row``, ``col``)."""
+        from vitscope.notebook import report_rows
+
+        return report_rows(self._name(), attention=self)
+
+    def plot(self, key: str | None = None) -> Any:
+        """The report's figure ``key`` (default: the first it draws; ``attention_query_maps``, ``attention_rollout``,
+        ``gpsa_positional``, ``patch_embedding_components``, ``position_embedding_similarity``) as a ``Figure``."""
+        from vitscope.notebook import report_figure
+
+        return report_figure(self._name(), key, attention=self)
+
+    def _name(self) -> str:
+        return str(self.meta.get("model_name") or self.meta.get("model") or "model")
+
     def save(self, path: str | os.PathLike) -> Path:
         """Write every array to one ``.npz`` (atomically; strings as unicode arrays, meta as JSON)."""
         from vitscope.io.atomic import atomic_write_bytes

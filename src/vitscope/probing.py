@@ -468,6 +468,19 @@ class ProbeResult:
         """
         return json_safe({name: {"rows": rows, **self.extras.get(name, {})} for name, rows in self.tables.items()})
 
+    def to_pandas(self) -> Any:
+        """Tidy ``pandas.DataFrame``: one row per measure, layer, head (or curve index) and statistic
+        (``vitscope.notebook.tidy_rows``); CKA's matrix as one row per pair of layers."""
+        from vitscope.notebook import frame, tidy_rows
+
+        return frame([r for name, content in self.to_dict().items() for r in tidy_rows(name, content["rows"])])
+
+    def plot(self, measure: str | None = None) -> Any:
+        """The report's figure of ``measure`` (default: the first the report draws) as a matplotlib ``Figure``."""
+        from vitscope.notebook import report_figure
+
+        return report_figure(str(self.meta.get("model") or "model"), measure, probe=self.to_dict())
+
     def save(self, out_dir: str | os.PathLike) -> Path:
         """Write ``results.json`` (+ ``meta.json``) and one CSV per measure into ``out_dir``, atomically."""
         out = Path(out_dir)

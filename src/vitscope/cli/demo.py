@@ -32,7 +32,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
     from vitscope.cli._common import resolve_device
 
-    res = run_demo(args.out, size=size, device=str(resolve_device(args.device)), progress=sys.stderr.isatty(), threads=args.threads)
+    res = run_demo(args.out, size=size, device=str(resolve_device(args.device)), progress=sys.stderr.isatty(),
+                   threads=args.threads)
     print(f"{'model':<10} {'params':>8} {'top-1':>6} {'balanced':>8} {'ECE':>6}")
     for m in res["models"].values():
         t = m["test"]

@@ -147,6 +147,23 @@ class LandscapeResult:
             out.update(world_size=self.world_size, examples_per_rank=self.examples_per_rank)
         return json.loads(json.dumps(out).replace("NaN", "null"))
 
+    def to_pandas(self) -> Any:
+        """Tidy ``pandas.DataFrame``: one row per grid point (``x``, ``y`` for 2-D, ``loss``, ``accuracy``)."""
+        from vitscope.notebook import frame
+
+        acc = self.accuracy if self.accuracy is not None else np.full_like(self.loss, np.nan)
+        if self.y is None:
+            return frame([{"x": float(x), "loss": float(v), "accuracy": float(a)}
+                          for x, v, a in zip(self.x, self.loss, acc)])
+        return frame([{"x": float(x), "y": float(y), "loss": float(self.loss[j, i]), "accuracy": float(acc[j, i])}
+                      for j, y in enumerate(self.y) for i, x in enumerate(self.x)])
+
+    def plot(self, title: str = "model") -> Any:
+        """The report's loss-landscape figure (curve or contour) as a matplotlib ``Figure``."""
+        from vitscope.notebook import report_figure
+
+        return report_figure(title, "landscape", landscape=self.to_dict())
+
 
 def _check_directions(directions: Directions, params: dict[str, nn.Parameter], dims: int) -> Directions:
     if len(directions) != dims:

@@ -107,6 +107,21 @@ class SpectrumResult:
                            "density": self.density[g].tolist()} for g in self.eigenvalues},
         }
 
+    def to_pandas(self) -> Any:
+        """Tidy ``pandas.DataFrame``: one row per group, batch and eigenvalue (``rank`` 0 = largest found)."""
+        from vitscope.notebook import frame
+
+        return frame([{"group": g, "batch": b, "rank": i, "eigenvalue": float(v), "converged": bool(c)}
+                      for g, vals in self.eigenvalues.items()
+                      for b, (row, conv) in enumerate(zip(vals, self.converged[g]))
+                      for i, (v, c) in enumerate(zip(row, conv))])
+
+    def plot(self, title: str = "model") -> Any:
+        """The report's Hessian figure (eigenvalue density per group) as a matplotlib ``Figure``."""
+        from vitscope.notebook import report_figure
+
+        return report_figure(title, "hessian", hessian=self.to_dict())
+
 
 def eigenvalue_spectrum(
     model: nn.Module,

@@ -26,7 +26,8 @@ from vitscope.robustness.occlusion import occlude_center
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["SUITE", "DEFAULT_EPS", "DEFAULT_FREQS", "evaluate_robustness", "evaluate_cifar_c", "default_freq_eps"]
+__all__ = ["SUITE", "DEFAULT_EPS", "DEFAULT_FREQS", "RobustnessResult", "evaluate_robustness", "evaluate_cifar_c",
+           "default_freq_eps"]
 
 SUITE: tuple[str, ...] = ("calibration", "occlusion", "fgsm", "pgd", "frequency", "corruptions")
 DEFAULT_EPS: tuple[float, ...] = (1 / 255, 2 / 255, 4 / 255, 8 / 255)
@@ -49,6 +50,25 @@ def check_suite(suite: Iterable[str], allow_empty: bool = False) -> list[str]:
 
 
 @torch.no_grad()
+class RobustnessResult(dict):
+    """``evaluate_robustness``'s JSON-ready dict, with a notebook's views of it."""
+
+    def to_pandas(self) -> Any:
+        """Tidy ``pandas.DataFrame`` of what the report plots (its CSVs): one row per figure (``reliability``,
+        ``robustness_eps``, ``robustness_frequency``, ``robustness_corruptions``) and point (bin, attack and eps,
+        frequency, corruption and severity), with the clean accuracy as a row of its own."""
+        from vitscope.notebook import frame, report_rows
+
+        clean = [{"figure": "clean", "accuracy": self["clean"]["accuracy"], "n": self["n"]}]
+        return frame(clean + report_rows("model", robustness=dict(self)).to_dict("records"))
+
+    def plot(self, key: str | None = None, title: str = "model") -> Any:
+        """The report's figure ``key`` (default: the first it draws) as a matplotlib ``Figure``."""
+        from vitscope.notebook import report_figure
+
+        return report_figure(title, key, robustness=dict(self))
+
+
 def evaluate_robustness(
     model: nn.Module,
     loader: Iterable,
@@ -151,7 +171,7 @@ def evaluate_robustness(
         raise ValueError("the loader yielded no examples")
 
     clean = counts["clean"] / n
-    out: dict[str, Any] = {"n": n, "clean": {"accuracy": clean, "n": n}}
+    out = RobustnessResult({"n": n, "clean": {"accuracy": clean, "n": n}})
     if shard:
         out.update(world_size=info.world_size, examples_per_rank=per_rank)
     for name in names:

@@ -418,7 +418,6 @@ def check_names(cfg: TrainConfig) -> None:
 
     from vitscope.data import parse_spec
     from vitscope.models import list_models
-
     from vitscope.models._registry import is_hub_name
 
     if not timm.is_model(cfg.model) and not is_hub_name(cfg.model):  # hf-hub:ORG/NAME is read when it is built
