@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from vitscope.measures import (
     AttentionEntropy,
+    Calibration,
     FeatureVariance,
     MinibatchCKA,
     Nonlocality,
     RatioOfNorms,
     attention_entropy,
     feature_variance,
+    calibration,
     nonlocality,
     ratio_of_norms,
 )
@@ -28,20 +31,26 @@ def data():
     attn = (torch.randn(11, 2, 9, 9, generator=g) * 2).softmax(-1)
     z, fz = torch.randn(11, 5, 4, generator=g), torch.randn(11, 5, 4, generator=g)
     maps = torch.randn(11, 3, 4, 4, generator=g)
-    return attn, z, fz, maps
+    logits, targets = torch.randn(11, 4, generator=g) * 3, torch.randint(0, 4, (11,), generator=g)
+    return attn, z, fz, maps, logits, targets
 
 
 def _worker(rank: int, path: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{path}/store", rank=rank, world_size=2)
     try:
         sl = slice(0, SPLIT) if rank == 0 else slice(SPLIT, None)
-        attn, z, fz, maps = (t[sl] for t in data())
-        ms = [AttentionEntropy(), Nonlocality(grid=3), RatioOfNorms(), FeatureVariance(), MinibatchCKA(2)]
+        attn, z, fz, maps, logits, targets = (t[sl] for t in data())
+        ms = [AttentionEntropy(), Nonlocality(grid=3), RatioOfNorms(), FeatureVariance(), MinibatchCKA(2),
+              Calibration(n_bins=5, seed=rank), Calibration(n_bins=5, max_stored=2, seed=rank), Calibration(5, 0)]
         ms[0].update(attn)
         ms[1].update(attn)
         ms[2].update(z, fz)
         ms[3].update(maps)
         ms[4].update([z, maps])
+        for m in ms[5:7]:
+            m.update(logits, targets)
+        if rank == 1:  # rank 0 saw no batch: it takes part in the sync with zeros
+            ms[7].update(logits, targets)
         out = [m.sync().compute() for m in ms]
         if rank == 0:
             torch.save(out, os.path.join(path, "out.pt"))
@@ -51,8 +60,8 @@ def _worker(rank: int, path: str) -> None:
 
 def test_sync_over_two_ranks(tmp_path):
     mp.spawn(_worker, args=(str(tmp_path),), nprocs=2, join=True)
-    ent, nl, ratio, var, cka_mat = torch.load(tmp_path / "out.pt", weights_only=True)
-    attn, z, fz, maps = data()
+    ent, nl, ratio, var, cka_mat, cal, cal_small, cal_one = torch.load(tmp_path / "out.pt", weights_only=True)
+    attn, z, fz, maps, logits, targets = data()
     torch.testing.assert_close(ent, attention_entropy(attn))
     torch.testing.assert_close(nl, nonlocality(attn, 3))
     ref = ratio_of_norms(z, fz)
@@ -63,3 +72,13 @@ def test_sync_over_two_ranks(tmp_path):
     single = MinibatchCKA(2)
     single.update([z[SPLIT:], maps[SPLIT:]])
     torch.testing.assert_close(cka_mat, single.compute())
+    # calibration: sums all-reduced, adaptive-ECE stores gathered (all 11 kept; 2 of 11 when bounded)
+    ref = calibration(logits, targets, n_bins=5)
+    for key in ("n", "nll", "top1", "top5", "brier", "ece", "signed_ece", "adaptive_ece"):
+        assert cal[key] == pytest.approx(ref[key], abs=1e-12), key
+    assert cal["reliability"] == ref["reliability"] and cal["adaptive_ece_exact"] is True
+    assert cal_small["ece"] == pytest.approx(ref["ece"], abs=1e-12) and cal_small["adaptive_ece_exact"] is False
+    part = calibration(logits[SPLIT:], targets[SPLIT:], n_bins=5)
+    for key in ("n", "nll", "ece", "brier"):
+        assert cal_one[key] == pytest.approx(part[key], abs=1e-12), key
+    assert cal_one["adaptive_ece"] is None

@@ -13,6 +13,7 @@ from vitscope.measures.attention import (
     nonlocality,
     relative_distance,
 )
+from vitscope.measures.calibration import Calibration, calibration
 from vitscope.measures.cka import MinibatchCKA, cka, hsic1
 from vitscope.measures.convit import (
     GPSACentres,
@@ -39,6 +40,7 @@ from vitscope.measures.spectral import (
 
 __all__ = [
     "StreamingMeasure",
+    "Calibration", "calibration",
     "attention_entropy", "attention_distance", "class_token_mass", "nonlocality", "relative_distance",
     "AttentionEntropy", "AttentionDistance", "Nonlocality", "RelativeDistance",
     "cka", "hsic1", "MinibatchCKA",

@@ -188,7 +188,7 @@ def build_report(run_dirs: Sequence[str | os.PathLike], out_html: str | os.PathL
                     base = fig_root / sec.slug / key
                     rel = f"{FIGURES_DIR}/{sec.slug}/{key}"
                     links = {"PNG": rel + ".png", "SVG": rel + ".svg", "CSV": rel + ".csv"}
-                    for (name, link), data in zip(list(links.items()), (png, svg_data, csv_data)):
+                    for name, data in zip(list(links), (png, svg_data, csv_data)):
                         if data is None:  # no SVG drawn
                             del links[name]
                         else:

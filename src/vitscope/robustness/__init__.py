@@ -1,7 +1,8 @@
-"""Robustness and calibration of ViTs and CNNs: calibration metrics (HDVW), center occlusion and
-FGSM (CB), PGD, Fourier-band noise (HDVW) and common corruptions (ImageNet-C / CIFAR-C)."""
+"""Robustness and calibration of ViTs and CNNs: calibration metrics (HDVW; the streaming measure lives in
+``vitscope.measures.calibration`` and is re-exported here), center occlusion and FGSM (CB), PGD, Fourier-band
+noise (HDVW) and common corruptions (ImageNet-C / CIFAR-C)."""
+from vitscope.measures.calibration import Calibration, calibration
 from vitscope.robustness.attacks import Normalized, fgsm, pgd, pixel_model, resolve_normalization
-from vitscope.robustness.calibration import Calibration, calibration
 from vitscope.robustness.corruptions import (
     CIFAR_C_NAMES,
     CORRUPTIONS,

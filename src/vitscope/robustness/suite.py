@@ -17,9 +17,9 @@ import torch.nn.functional as F
 
 from vitscope.distributed import all_gather_objects, all_reduce_sum
 from vitscope.distributed import current as dist_current
+from vitscope.measures.calibration import Calibration
 from vitscope.robustness._loop import batches, resolve_device
 from vitscope.robustness.attacks import _check_eps, _EvalMode, fgsm, pgd, pixel_model
-from vitscope.robustness.calibration import Calibration
 from vitscope.robustness.corruptions import CORRUPTIONS, _canonical, corrupt, corruption_params
 from vitscope.robustness.frequency import frequency_noise
 from vitscope.robustness.occlusion import occlude_center
@@ -213,7 +213,8 @@ def evaluate_robustness(
 
 def _merge_ranks(counts: dict[str, Any], n: int, cal: Calibration | None, freq_eps: float | None,
                  table: str | None) -> tuple[int, list[int], Calibration | None, float | None, str | None]:
-    """Sum the hit counts in place over the ranks; gather n, calibration state, band-noise eps and table."""
+    """Sum the hit counts in place over the ranks and the calibration state (``Calibration.sync``); gather n,
+    band-noise eps and table."""
     flat = [counts["clean"], counts["occlusion"], *counts["fgsm"], *counts["pgd"], *counts["frequency"],
             *(v for c in counts["corruptions"].values() for v in c)]
     total = all_reduce_sum(torch.tensor(flat, dtype=torch.int64)).tolist()
@@ -226,13 +227,11 @@ def _merge_ranks(counts: dict[str, Any], n: int, cal: Calibration | None, freq_e
         m = len(counts["corruptions"][c])
         counts["corruptions"][c] = total[pos:pos + m]
         pos += m
-    parts = all_gather_objects((n, cal, freq_eps, table))
+    parts = all_gather_objects((n, freq_eps, table))
     if cal is not None:
-        cal = Calibration(n_bins=cal.n_bins, max_stored=cal.max_stored, seed=cal.seed)
-        for part in parts:
-            cal.merge(part[1])
+        cal.sync()
     per_rank = [p[0] for p in parts]
-    return sum(per_rank), per_rank, cal, parts[0][2], parts[0][3]
+    return sum(per_rank), per_rank, cal, parts[0][1], parts[0][2]
 
 
 @torch.no_grad()

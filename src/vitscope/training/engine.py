@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from tqdm import tqdm
 
 from vitscope.data.local import collate_skipping_none
+from vitscope.measures.calibration import Calibration
 from vitscope.training import checkpoint as ckpt
 from vitscope.training.config import TrainConfig, config_from_dict, config_to_dict, resolve_config, save_config
 from vitscope.training.distributed import DistInfo, all_reduce_sum, barrier, cleanup_distributed, init_distributed
@@ -356,14 +357,12 @@ def evaluate(
 ) -> dict[str, float]:
     """Top-1 accuracy (in %, as DeiT logs it), NLL, ECE and Brier score over ``loader``, summed over processes.
 
-    The calibration statistics are vitscope's (``vitscope.robustness.Calibration``, HDVW): ECE over
+    The calibration statistics are vitscope's (``vitscope.measures.Calibration``, HDVW): ECE over
     10 equal-width confidence bins with the last bin closed. NaN/inf logits raise ``ValueError``.
     """
-    from vitscope.robustness.calibration import Calibration
-
     device = torch.device(device)
     model.eval()
-    cal = Calibration(n_bins=ECE_BINS, max_stored=1)  # additive sums only; no adaptive-ECE store
+    cal = Calibration(n_bins=ECE_BINS, max_stored=0)  # additive sums only; no adaptive-ECE store
     for images, targets in tqdm(loader, desc="eval", leave=False, disable=not progress, dynamic_ncols=True):
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         if channels_last:
@@ -372,12 +371,7 @@ def evaluate(
             logits = model(images)  # (B, C)
         cal.update(logits, targets)
     if dist_info.distributed:  # the state is additive: all-reduce the sums
-        packed = torch.cat([torch.tensor([cal.n, cal.nll_sum, cal.brier_sum, cal.top5_correct], dtype=torch.float64),
-                            cal.count.double(), cal.correct.double(), cal.conf_sum])
-        packed = all_reduce_sum(packed.to(device), dist_info).cpu()
-        scalars, count, correct, cal.conf_sum = packed.split([4, ECE_BINS, ECE_BINS, ECE_BINS])
-        cal.n, cal.nll_sum, cal.brier_sum, cal.top5_correct = int(scalars[0]), *scalars[1:3].tolist(), int(scalars[3])
-        cal.count, cal.correct = count.round().long(), correct.round().long()
+        cal.sync()
     if cal.n == 0:
         raise ValueError("evaluate() got an empty loader; check the data spec and max_val_examples")
     stats = cal.compute()

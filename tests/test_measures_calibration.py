@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vitscope.robustness import Calibration, calibration
+from vitscope.measures import Calibration, calibration
 
 
 def _reference(logits: np.ndarray, targets: np.ndarray, n_bins: int) -> dict:

@@ -12,11 +12,12 @@ confidence bins, ``ECE = sum_b (n_b / N) |acc_b - conf_b|`` (Guo et al. 2017). C
   result does not depend on the order of the data) and split like ``numpy.array_split``.
 - Top-5 is top-``min(5, C)`` accuracy (1.0 for fewer than 5 classes).
 
-``Calibration`` streams over batches; its state is additive sums (per-bin counts, correct counts,
-confidence sums, NLL and Brier sums), so batches and ranks merge by summation. Adaptive ECE needs the
-confidences themselves: up to ``max_stored`` (confidence, correct) pairs are kept (16 bytes each); beyond
-that a uniform random subset of that size is kept (bottom-k sampling on seeded random keys, which is
-also mergeable) and ``adaptive_ece_exact`` is reported False.
+``Calibration`` is a streaming measure (``vitscope.measures.StreamingMeasure``): its state is float64 sums
+(per-bin counts, correct counts, confidence sums, NLL and Brier sums), so batches and ranks merge by summation
+(``merge`` / ``sync``). Adaptive ECE needs the confidences themselves: up to ``max_stored`` (confidence,
+correct) pairs are kept (16 bytes each); beyond that a uniform random subset of that size is kept (bottom-k
+sampling on seeded random keys, which is also mergeable: ``sync`` gathers the ranks' subsets) and
+``adaptive_ece_exact`` is reported False. ``max_stored=0`` keeps none (adaptive ECE is then None).
 """
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from vitscope.measures._streaming import StreamingMeasure
 
 _logger = logging.getLogger(__name__)
 
@@ -58,41 +61,43 @@ def _check_inputs(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Te
     return logits.detach(), targets.detach().to(device=logits.device, dtype=torch.long)
 
 
-class Calibration:
+class Calibration(StreamingMeasure):
     """Streaming calibration metrics (HDVW): ``update(logits, targets)`` per batch, then ``compute()``.
 
     Args:
         n_bins: number of equal-width confidence bins (and of equal-mass bins for adaptive ECE).
-        max_stored: most (confidence, correct) pairs kept for adaptive ECE; ``None`` keeps all.
+        max_stored: most (confidence, correct) pairs kept for adaptive ECE; ``None`` keeps all, 0 none.
         seed: seed of the random keys used to subsample beyond ``max_stored`` (give each rank its own).
     """
 
     def __init__(self, n_bins: int = 10, max_stored: int | None = 4_000_000, seed: int = 0) -> None:
         if int(n_bins) != n_bins or n_bins < 1:
             raise ValueError(f"n_bins must be a positive integer, got {n_bins!r}")
-        if max_stored is not None and max_stored < 1:
-            raise ValueError(f"max_stored must be positive or None, got {max_stored!r}")
+        if max_stored is not None and max_stored < 0:
+            raise ValueError(f"max_stored must be >= 0 or None, got {max_stored!r}")
         self.n_bins = int(n_bins)
         self.max_stored = max_stored
         self.seed = seed
         # Edges k / n_bins exactly (correctly rounded), not linspace's start + k * step.
         self.edges = torch.arange(self.n_bins + 1, dtype=torch.float64) / self.n_bins  # (n_bins + 1,)
-        self.reset()
+        super().__init__()
 
     def reset(self) -> None:
         """Forget every update."""
-        self.count = torch.zeros(self.n_bins, dtype=torch.int64)  # examples per bin
-        self.correct = torch.zeros(self.n_bins, dtype=torch.int64)  # top-1 correct per bin
-        self.conf_sum = torch.zeros(self.n_bins, dtype=torch.float64)  # sum of confidences per bin
-        self.nll_sum = 0.0
-        self.brier_sum = 0.0
-        self.top5_correct = 0
-        self.n = 0
+        super().reset()
         self.n_seen_stored = 0  # examples offered to the adaptive-ECE store
         self._gen = torch.Generator().manual_seed(self.seed)
         # Stored (key, confidence, correct) chunks, compacted lazily (amortized linear cost).
         self._chunks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self._n_chunked = 0
+
+    def _options(self) -> dict[str, Any]:
+        return {"n_bins": self.n_bins, "max_stored": self.max_stored}
+
+    @property
+    def n(self) -> int:
+        """Examples seen so far."""
+        return 0 if self._states is None else int(self._states[0]["n"])
 
     @torch.no_grad()
     def update(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
@@ -112,14 +117,17 @@ class Calibration:
         # Bin k holds [edge_k, edge_{k+1}); confidences equal to 1.0 fall into the last bin.
         inner = self.edges[1:-1].to(conf.device)
         idx = torch.bucketize(conf, inner, right=True)  # (B,) in [0, n_bins - 1]
-        self.count += torch.bincount(idx, minlength=self.n_bins).cpu()
-        self.correct += torch.bincount(idx, weights=hit.double(), minlength=self.n_bins).round().long().cpu()
-        self.conf_sum += torch.bincount(idx, weights=conf, minlength=self.n_bins).cpu()
-        self.nll_sum += float(-logp.gather(1, targets[:, None]).sum())
-        self.brier_sum += float(brier.sum())
-        self.top5_correct += int(top5.sum())
-        self.n += int(logits.shape[0])
-        self._store(conf.cpu(), hit.cpu())
+        self._accumulate([{
+            "count": torch.bincount(idx, minlength=self.n_bins).double(),  # (n_bins,) examples per bin
+            "correct": torch.bincount(idx, weights=hit.double(), minlength=self.n_bins),  # (n_bins,) top-1 hits
+            "conf_sum": torch.bincount(idx, weights=conf, minlength=self.n_bins),  # (n_bins,) confidences
+            "nll": -logp.gather(1, targets[:, None]).sum(),
+            "brier": brier.sum(),
+            "top5": top5.double().sum(),
+            "n": torch.tensor(float(logits.shape[0]), dtype=torch.float64, device=logits.device),
+        }], True)
+        if self.max_stored != 0:
+            self._store(conf.cpu(), hit.cpu())
 
     def _store(self, conf: torch.Tensor, hit: torch.Tensor) -> None:
         self.n_seen_stored += conf.numel()
@@ -145,27 +153,52 @@ class Calibration:
         self._n_chunked = keys.numel()
         return keys, conf, hit
 
-    def merge(self, other: Calibration) -> Calibration:
+    def state_dict(self) -> dict[str, Any]:
+        """The additive sums (``StreamingMeasure.state_dict``) plus the adaptive-ECE store."""
+        return {**super().state_dict(), "stored": (self.n_seen_stored, self._compact())}
+
+    def merge(self, other: Calibration | dict[str, Any]) -> Calibration:
         """Add another instance's state (e.g. from another rank) into this one; returns self."""
-        if other.n_bins != self.n_bins:
-            raise ValueError(f"cannot merge Calibration with {other.n_bins} bins into one with {self.n_bins}")
-        self.count += other.count
-        self.correct += other.correct
-        self.conf_sum += other.conf_sum
-        self.nll_sum += other.nll_sum
-        self.brier_sum += other.brier_sum
-        self.top5_correct += other.top5_correct
-        self.n += other.n
-        self.n_seen_stored += other.n_seen_stored
-        self._add_chunks(list(other._chunks))
+        state = other.state_dict() if isinstance(other, Calibration) else other
+        super().merge(state)
+        seen, chunk = state.get("stored", (0, None))
+        if chunk is not None and chunk[0].numel():
+            self.n_seen_stored += seen
+            self._add_chunks([chunk])
         return self
 
-    def _adaptive_ece(self) -> tuple[float, int]:
+    def sync(self, group: Any = None) -> Calibration:
+        """Sum the states over all ranks (``StreamingMeasure.sync``) and gather their adaptive-ECE stores (a rank
+        that saw no batch takes part with zeros). No-op when ``torch.distributed`` is not initialized."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return self
+        if self._states is None and not self._synced:  # no batch here: zero sums on the backend's device
+            device = (torch.device("cuda", torch.cuda.current_device())
+                      if dist.get_backend(group) == "nccl" else torch.device("cpu"))
+            zeros = torch.zeros(self.n_bins, dtype=torch.float64, device=device)
+            scalar = torch.zeros((), dtype=torch.float64, device=device)
+            self._accumulate([{"count": zeros, "correct": zeros, "conf_sum": zeros, "nll": scalar,
+                               "brier": scalar, "top5": scalar, "n": scalar}], True)
+        super().sync(group)
+        if self.max_stored != 0:
+            parts: list[Any] = [None] * dist.get_world_size(group)
+            dist.all_gather_object(parts, (self.n_seen_stored, self._compact()), group=group)
+            self._chunks, self._n_chunked, self.n_seen_stored = [], 0, 0
+            for seen, chunk in parts:
+                self.n_seen_stored += seen
+                self._add_chunks([chunk])
+        return self
+
+    def _adaptive_ece(self) -> tuple[float | None, int]:
         _, conf, hit = self._compact()
+        m = conf.numel()
+        if m == 0:  # nothing stored (max_stored=0)
+            return None, 0
         order = torch.sort(hit.to(torch.uint8), stable=True).indices  # tie-break on correctness
         order = order[torch.sort(conf[order], stable=True).indices]  # (M,) by confidence
         conf, hit = conf[order], hit[order].double()
-        m = conf.numel()
         total = 0.0
         for c_bin, h_bin in zip(torch.tensor_split(conf, self.n_bins), torch.tensor_split(hit, self.n_bins)):
             if c_bin.numel():
@@ -179,11 +212,15 @@ class Calibration:
         """
         if self.n == 0:
             raise ValueError("Calibration has no examples: call update(logits, targets) first")
-        n = float(self.n)
-        count = self.count.double()
-        nonempty = self.count > 0
-        acc_b = torch.where(nonempty, self.correct.double() / count.clamp(min=1), torch.zeros_like(count))
-        conf_b = torch.where(nonempty, self.conf_sum / count.clamp(min=1), torch.zeros_like(count))
+        return super().compute()
+
+    def _compute_layer(self, state: dict[str, torch.Tensor]) -> dict[str, Any]:
+        s = {k: v.cpu() for k, v in state.items()}
+        n = float(s["n"])
+        count = s["count"]  # (n_bins,) float64, whole numbers
+        nonempty = count > 0
+        acc_b = torch.where(nonempty, s["correct"] / count.clamp(min=1), torch.zeros_like(count))
+        conf_b = torch.where(nonempty, s["conf_sum"] / count.clamp(min=1), torch.zeros_like(count))
         gap = conf_b - acc_b  # (n_bins,)
         weight = count / n
         adaptive_ece, n_stored = self._adaptive_ece()
@@ -192,24 +229,24 @@ class Calibration:
                 "bin": b,
                 "lower": float(self.edges[b]),
                 "upper": float(self.edges[b + 1]),
-                "count": int(self.count[b]),
+                "count": int(count[b]),
                 "accuracy": float(acc_b[b]) if nonempty[b] else None,
                 "confidence": float(conf_b[b]) if nonempty[b] else None,
             }
             for b in range(self.n_bins)
         ]
         return {
-            "n": self.n,
-            "nll": self.nll_sum / n,
-            "top1": float(self.correct.sum()) / n,
-            "top5": self.top5_correct / n,
-            "brier": self.brier_sum / n,
+            "n": int(n),
+            "nll": float(s["nll"]) / n,
+            "top1": float(s["correct"].sum().round()) / n,
+            "top5": float(s["top5"]) / n,
+            "brier": float(s["brier"]) / n,
             "ece": float((weight * gap.abs()).sum()),
             "signed_ece": float((weight * gap).sum()),
             "mce": float(gap.abs()[nonempty].max()),
             "adaptive_ece": adaptive_ece,
-            "adaptive_ece_exact": self.n_seen_stored == n_stored,
-            "mean_confidence": float(self.conf_sum.sum()) / n,
+            "adaptive_ece_exact": self.max_stored != 0 and self.n_seen_stored == n_stored,
+            "mean_confidence": float(s["conf_sum"].sum()) / n,
             "n_bins": self.n_bins,
             "reliability": table,
         }
