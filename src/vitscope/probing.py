@@ -381,6 +381,16 @@ class _Fourier(_MapProbe):
         curve = v.tolist()
         return {"value": curve[-1], "curve": curve}
 
+    def rows(self) -> list[dict[str, Any]]:
+        """Each row also gives its map ``grid`` and the ``frequencies`` of its curve in units of pi (2k/h), so
+        maps of different sizes can be compared at one normalized frequency."""
+        rows = super().rows()
+        for row, info in zip(rows, self.layout):
+            h, w = info.grid
+            row["grid"] = [int(h), int(w)]
+            row["frequencies"] = (M.fourier_frequencies(h, w) / math.pi).tolist()
+        return rows
+
 
 class _Variance(_MapProbe):
     measure_cls = M.FeatureVariance

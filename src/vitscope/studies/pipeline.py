@@ -31,7 +31,7 @@ __all__ = [
     "TrainRequest", "train_spec", "run_finished", "training_summary", "evaluate_classifier", "has_attention",
     "probe_measures",
     "run_probe", "run_lesion", "run_localization", "cross_model_cka", "run_hessian", "run_landscape",
-    "run_robustness", "atomic_write_json", "Timer", "val_loader",
+    "run_robustness", "frequency_balanced", "atomic_write_json", "Timer", "val_loader",
 ]
 
 
@@ -350,6 +350,44 @@ def classification_stats(confusion: torch.Tensor, nll_sum: float | None = None) 
     if nll_sum is not None:
         out["nll"] = nll_sum / n
     return out
+
+
+@torch.no_grad()
+def frequency_balanced(model: nn.Module, pixel_loader: Iterable, mean: Sequence[float], std: Sequence[float],
+                       num_classes: int, freqs: Sequence[float], width: float = 0.2, seed: int = 0,
+                       shard: bool = False) -> dict[str, Any]:
+    """HDVW Fig. 2c on an imbalanced set: balanced accuracy (mean per-class recall) on [0, 1] images with band
+    noise at each normalized frequency of ``freqs`` (``vitscope.robustness.frequency_noise``, the suite's noise:
+    width ``width``, RMS 0.05 per value, common random numbers over frequencies), and clean. ``drop`` = clean
+    minus noisy balanced accuracy: top-1 on ELPV (69% one class) moves little when a model drifts to the
+    majority class. ``shard``: the confusion matrices are summed over the ranks, as ``evaluate_classifier``."""
+    from vitscope.distributed import all_reduce_sum, current, shard_batches
+    from vitscope.robustness import frequency_noise
+    from vitscope.robustness.attacks import pixel_model
+    from vitscope.robustness.suite import default_freq_eps
+
+    net = pixel_model(model, mean, std)
+    was_training = net.training
+    net.eval()
+    device = next(model.parameters()).device
+    conf = torch.zeros(len(freqs) + 1, num_classes, num_classes, dtype=torch.long)  # (clean + F, true, pred)
+    batches = shard_batches(pixel_loader, every_rank=False) if shard else enumerate(pixel_loader)
+    eps = None
+    try:
+        for i, (x, y) in batches:
+            x = x.to(device)  # (B, C, H, W) in [0, 1]
+            eps = default_freq_eps(x.shape) if eps is None else eps
+            for j, xn in enumerate([x] + [frequency_noise(x, f, width, eps=eps, seed=seed + i) for f in freqs]):
+                pred = net(xn).argmax(1).cpu()
+                conf[j] += torch.bincount(y.cpu() * num_classes + pred, minlength=num_classes ** 2
+                                          ).view(num_classes, num_classes)
+    finally:
+        net.train(was_training)
+    if shard and current().distributed:
+        all_reduce_sum(conf)
+    bal = [classification_stats(c)["balanced_accuracy"] for c in conf]
+    return {"freqs": [float(f) for f in freqs], "clean_balanced_accuracy": bal[0], "balanced_accuracy": bal[1:],
+            "drop": [bal[0] - b for b in bal[1:]], "width": float(width), "n": int(conf[0].sum())}
 
 
 # ----------------------------------------------------------------------------------------------

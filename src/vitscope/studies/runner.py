@@ -33,6 +33,7 @@ from vitscope.studies.pipeline import (
     atomic_write_json,
     atomic_write_text,
     evaluate_classifier,
+    frequency_balanced,
     run_hessian,
     run_probe,
     run_robustness,
@@ -293,6 +294,9 @@ def _analyze(run_dir: Path, needs: set[str], s: dict[str, Any], progress: bool, 
         out["robustness"] = run_robustness(model, pix, info.mean, info.std, {"suite": ["frequency"],
                                            **(s.get("frequency") or {})}, progress=progress, name=cfg.model,
                                            shard=True)
+        freqs = (s.get("frequency") or {}).get("freqs", [i / 10 for i in range(11)])
+        out["frequency_balanced"] = frequency_balanced(model, pix, info.mean, info.std, cfg.num_classes, freqs,
+                                                       shard=True)
     return out
 
 

@@ -13,6 +13,9 @@ width and depth unless the paper's claim is about that difference.
   192-d, as in the ConViT paper). At quick scale it is the quick ViT itself (same run).
 - ``vit_heads``: a ViT with enough heads for RAGHU's head-spread claim (quick: 8 heads of 8 dims instead of
   4; paper: ViT-S, 6 heads).
+- ``vit_fine``: a ViT whose token maps have enough frequencies for HDVW's Fourier claims: 16 x 16 tokens (quick:
+  patch 2 at 32 px, the token grid of HDVW's CIFAR ViT-Ti; paper: that ViT-Ti itself). At patch 4 and 32 px the
+  map is 8 x 8 and has 4 frequencies (0, 0.25, 0.5, 0.75 pi).
 - ``resnet``: HDVW compares ViT and AlterNet-50 with ResNet-50 (paper zoo).
 - ``preact_resnet`` is AlterNet's own pre-activation ResNet backbone with no MSA block (``num_msa`` all 0):
   HDVW's like-for-like baseline for AlterNet.
@@ -39,7 +42,8 @@ class ModelSpec:
 
 
 FAMILY_LABELS = {"vit": "ViT", "vit_cb": "ViT+CB", "convit": "ConViT", "resnet": "ResNet", "alternet": "AlterNet",
-                 "preact_resnet": "pre-act ResNet", "vit_p4": "ViT (patch 4)", "vit_heads": "ViT (more heads)"}
+                 "preact_resnet": "pre-act ResNet", "vit_p4": "ViT (patch 4)", "vit_heads": "ViT (more heads)",
+                 "vit_fine": "ViT (16 x 16 tokens)"}
 
 _QUICK_VIT = dict(patch_size=4, embed_dim=64, depth=4, num_heads=4, mlp_ratio=2.0)
 _NO_MSA = dict(num_msa=[0, 0, 0, 0])
@@ -50,6 +54,7 @@ ZOOS: dict[str, dict[str, ModelSpec]] = {
         "vit": _QUICK_VIT_SPEC,
         "vit_p4": _QUICK_VIT_SPEC,
         "vit_heads": ModelSpec("vit_heads", "test_vit_cifar", {**_QUICK_VIT, "num_heads": 8}),
+        "vit_fine": ModelSpec("vit_fine", "test_vit_cifar", {**_QUICK_VIT, "patch_size": 2}),
         "vit_cb": ModelSpec("vit_cb", "test_vit_cb", _QUICK_VIT),
         "convit": ModelSpec("convit", "test_convit_32", dict(patch_size=4, embed_dim=16, depth=4, num_heads=4,
                                                              local_up_to_layer=3, mlp_ratio=2.0)),
@@ -61,6 +66,7 @@ ZOOS: dict[str, dict[str, ModelSpec]] = {
         "vit": ModelSpec("vit", "vit_tiny_patch2_32"),
         "vit_p4": ModelSpec("vit_p4", "vit_tiny_patch4_32"),
         "vit_heads": ModelSpec("vit_heads", "vit_small_patch2_32"),
+        "vit_fine": ModelSpec("vit", "vit_tiny_patch2_32"),  # the paper zoo's "vit" (same run)
         "vit_cb": ModelSpec("vit_cb", "vit_tiny_cb_patch2_32"),
         "convit": ModelSpec("convit", "convit_tiny_32"),
         "resnet": ModelSpec("resnet", "resnet50_cifar"),
@@ -71,8 +77,9 @@ ZOOS: dict[str, dict[str, ModelSpec]] = {
         "vit": ModelSpec("vit", "test_vit_cifar", dict(depth=4)),
         "vit_p4": ModelSpec("vit", "test_vit_cifar", dict(depth=4)),
         "vit_heads": ModelSpec("vit", "test_vit_cifar", dict(depth=4)),
+        "vit_fine": ModelSpec("vit_fine", "test_vit_cifar", dict(depth=4, patch_size=4)),  # 8 x 8: reaches 0.75 pi
         "vit_cb": ModelSpec("vit_cb", "test_vit_cb"),
-        "convit": ModelSpec("convit", "test_convit_32"),
+        "convit": ModelSpec("convit", "test_convit_32", dict(depth=4, local_up_to_layer=3)),  # GPSA layers 0-2
         "resnet": ModelSpec("resnet", "test_resnet_cifar", dict(layers=[1, 2, 1, 1])),
         "alternet": ModelSpec("alternet", "test_alternet"),
         "preact_resnet": ModelSpec("preact_resnet", "test_alternet", _NO_MSA),
@@ -81,7 +88,7 @@ ZOOS: dict[str, dict[str, ModelSpec]] = {
 
 
 def model_spec(zoo: str, key: str) -> ModelSpec:
-    """The spec of model ``key`` (vit, vit_p4, vit_heads, vit_cb, convit, resnet, alternet, preact_resnet) in
+    """The spec of model ``key`` (vit, vit_p4, vit_heads, vit_fine, vit_cb, convit, resnet, alternet, preact_resnet) in
     ``zoo``."""
     if zoo not in ZOOS:
         raise ValueError(f"unknown model zoo {zoo!r}; valid: {', '.join(ZOOS)}")
