@@ -2,10 +2,14 @@
 import csv
 import json
 import math
+import os
+import threading
+import time
 
 import pytest
 
-from vitscope.io.atomic import atomic_write, atomic_write_json, json_safe, write_csv
+from vitscope.io.atomic import atomic_link, atomic_write, atomic_write_json, json_safe, write_csv
+from vitscope.io.lock import RunLockedError, run_lock
 
 
 def test_failure_mid_write_leaves_old_file_and_no_temp(tmp_path):
@@ -36,3 +40,40 @@ def test_write_csv_flattens_lists_and_unions_columns(tmp_path):
     rows = list(csv.DictReader(path.open()))
     assert rows == [{"layer": "a", "heads_0": "1", "heads_1": "2", "extra": ""},
                     {"layer": "b", "heads_0": "", "heads_1": "", "extra": "3"}]
+
+
+def test_atomic_link_publishes_a_file_in_one_rename(tmp_path):
+    src = tmp_path / "a.bin"
+    src.write_bytes(b"weights")
+    (tmp_path / "top.bin").write_bytes(b"old")
+    atomic_link(src, tmp_path / "top.bin")
+    assert (tmp_path / "top.bin").read_bytes() == b"weights" and os.path.samefile(src, tmp_path / "top.bin")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin", "top.bin"]  # no temp file left
+
+
+def test_run_lock_refuses_or_waits_and_removes_its_file(tmp_path):
+    """One flock per open file: a second locker (a thread here, with its own open file) is refused naming the
+    holder's pid, or waits until the holder is done; ``remove`` leaves no lock file, and a waiter that had
+    opened the removed file locks the file the path names afterwards."""
+    lock = tmp_path / "run.lock"
+    with run_lock(lock, tmp_path / "run"):
+        with pytest.raises(RunLockedError, match=f"is being trained by process {os.getpid()}"):
+            with run_lock(lock, tmp_path / "run"):
+                pass
+    assert lock.read_text() == f"{os.getpid()}\n"  # the training lock stays (its file is never removed)
+    order = []
+    held = threading.Event()
+
+    def waiter():
+        held.wait()
+        with run_lock(lock, wait=True, poll_s=0.01, remove=True):
+            order.append("waiter")
+
+    t = threading.Thread(target=waiter)
+    t.start()
+    with run_lock(lock, wait=True, remove=True):
+        held.set()
+        time.sleep(0.2)
+        order.append("first")
+    t.join(timeout=10)
+    assert order == ["first", "waiter"] and not lock.exists()

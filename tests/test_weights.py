@@ -173,14 +173,14 @@ def test_failure_mid_write_leaves_no_partial_file(tmp_path: Path, monkeypatch: p
 
     # the sidecar's write fails after the weights' temp file is complete: both temps go, nothing moves
     monkeypatch.undo()
-    real = weights_mod._atomic_write
+    real = weights_mod.write_temp
 
     def failing_sidecar(path, write):
         if path.suffix == ".json":
             raise OSError("disk full")
         return real(path, write)
 
-    monkeypatch.setattr(weights_mod, "_atomic_write", failing_sidecar)
+    monkeypatch.setattr(weights_mod, "write_temp", failing_sidecar)
     with pytest.raises(OSError, match="disk full"):
         save_weights(_perturb(vitscope.create_model("test_vit_cb"), 6), dest)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before

@@ -1,7 +1,10 @@
-"""Atomic file writes: a temporary file in the destination's folder, fsynced, then ``os.replace``.
+"""The one atomic writer: a temporary file in the destination's folder, fsynced, then ``os.replace``.
 
 A crash or an exception never leaves a half-written file at the destination, and readers see either the
-old file or the new one.
+old file or the new one. Everything the package writes goes through here: ``atomic_write`` (and its text,
+bytes, JSON and CSV forms), ``write_temp`` where several files are moved into place together (weights and
+their sidecar), ``atomic_link`` to publish an existing file under another name, ``staged_output`` for a
+directory of files that appear together. The run lock is ``vitscope.io.lock``.
 """
 from __future__ import annotations
 
@@ -17,29 +20,82 @@ from pathlib import Path
 from typing import Any
 
 
-def _umask() -> int:
+def file_mode(mode: int = 0o666) -> int:
+    """``mode`` less the process' umask: the permissions ``open()`` would give a new file (``mkstemp`` and
+    ``mkdtemp`` make 0600 / 0700 ones)."""
     mask = os.umask(0o022)
     os.umask(mask)
-    return mask
+    return mode & ~mask
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
-    """Call ``write(tmp_path)`` on a temporary file next to ``path``, fsync it, then move it to ``path``."""
+def fsync_file(path: str | os.PathLike) -> None:
+    """Flush a written file to disk."""
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Flush a folder's entries (renames into it) to disk, where the file system can."""
+    with contextlib.suppress(OSError):  # not every file system can fsync a directory
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def remove_quietly(path: str | os.PathLike) -> None:
+    """Remove a file if it is there (a temporary file after an error)."""
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+
+
+def write_temp(path: str | os.PathLike, write: Callable[[str], None]) -> str:
+    """Call ``write(tmp)`` on a temporary file next to ``path``, give it ``open()``'s permissions and fsync it;
+    return the temporary path, for the caller to ``os.replace`` onto ``path`` (removed here on an error)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        os.chmod(tmp, file_mode())
+        fsync_file(tmp)
+    except BaseException:
+        remove_quietly(tmp)
+        raise
+    return tmp
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+    """Call ``write(tmp_path)`` on a temporary file next to ``path``, fsync it, then move it to ``path``."""
+    path = Path(path)
+    tmp = write_temp(path, write)
+    try:
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        remove_quietly(tmp)
         raise
     return path
+
+
+def atomic_link(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """Make ``dst`` the file ``src`` (a hard link, else a fsynced copy) in one rename."""
+    dst = Path(dst)
+    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        os.unlink(tmp)
+        try:
+            os.link(src, tmp)
+        except OSError:  # no hard links on this file system: copy
+            shutil.copyfile(src, tmp)
+            fsync_file(tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        remove_quietly(tmp)
+        raise
+    return dst
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
@@ -153,7 +209,7 @@ def staged_output(out: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
-    os.chmod(stage, 0o777 & ~_umask())  # mkdtemp makes 0700 folders
+    os.chmod(stage, file_mode(0o777))  # mkdtemp makes 0700 folders
     if out.is_dir() and not any(out.iterdir()):
         out.rmdir()
     if not out.exists():

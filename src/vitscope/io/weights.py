@@ -11,8 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ import torch
 import torch.nn as nn
 
 import vitscope
+from vitscope.io.atomic import remove_quietly, write_temp
 from vitscope.io.checkpoints import (
     CheckpointError,
     _check_file,
@@ -77,34 +77,6 @@ def _tensors_for_safetensors(state_dict: Mapping[str, Any]) -> dict[str, torch.T
             seen.add(ident)
         out[key] = t
     return out
-
-
-def _atomic_write(path: Path, write: Callable[[str], None]) -> str:
-    """Write via ``write(tmp)`` into a temp file next to ``path``; return the temp path (not moved yet)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp (and safetensors) make 0600 files; use open()'s mode
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-    except BaseException:
-        _remove_quietly(tmp)
-        raise
-    return tmp
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _remove_quietly(path: str) -> None:
-    try:
-        os.remove(path)
-    except OSError:
-        pass
 
 
 def sort_safetensors_header(path: _PathLike) -> None:
@@ -191,18 +163,18 @@ def save_weights(
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
 
-    tmp_weights = _atomic_write(path, write_weights)
+    tmp_weights = write_temp(path, write_weights)
     try:
-        tmp_side = _atomic_write(side, write_sidecar)
+        tmp_side = write_temp(side, write_sidecar)
     except BaseException:
-        _remove_quietly(tmp_weights)
+        remove_quietly(tmp_weights)
         raise
     try:
         os.replace(tmp_weights, path)
         os.replace(tmp_side, side)
     finally:
-        _remove_quietly(tmp_weights)
-        _remove_quietly(tmp_side)
+        remove_quietly(tmp_weights)
+        remove_quietly(tmp_side)
     _logger.info("Saved %s (%d tensors) and %s", path, len(tensors), side.name)
     return path
 

@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from vitscope.io.atomic import atomic_write_text, json_safe
+from vitscope.io.lock import run_lock
 from vitscope.studies.zoo import ModelSpec
 
 _logger = logging.getLogger(__name__)
@@ -233,50 +234,11 @@ def _check_same_config(run_dir: Path, cfg: Any) -> None:
                              "choose another --out or delete that directory")
 
 
-@contextlib.contextmanager
-def _run_lock(run_dir: Path, poll_s: float = 5.0) -> Iterator[None]:
-    """Only one process trains a run directory at a time (studies run side by side share runs).
-
-    The lock is ``<run_dir>.lock`` holding the owner's pid; a lock whose process is gone is taken over.
-    """
-    lock = run_dir.with_name(run_dir.name + ".lock")
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    waited = False
-    while True:
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            break
-        except FileExistsError:
-            try:
-                pid = int(lock.read_text().strip() or 0)
-            except (OSError, ValueError):
-                pid = 0
-            alive = pid > 0
-            if pid == 0:  # just created, pid not written yet (or a torn file): wait unless it is old
-                with contextlib.suppress(FileNotFoundError):
-                    alive = time.time() - lock.stat().st_mtime < 60
-            elif alive:
-                try:
-                    os.kill(pid, 0)
-                except ProcessLookupError:
-                    alive = False
-                except PermissionError:
-                    pass
-            if not alive:
-                with contextlib.suppress(FileNotFoundError):
-                    lock.unlink()
-                continue
-            if not waited:
-                _logger.info("waiting for process %d, which is training %s", pid, run_dir)
-                waited = True
-            time.sleep(poll_s)
-    try:
-        os.write(fd, str(os.getpid()).encode())
-        os.close(fd)
-        yield
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            lock.unlink()
+def _run_lock(run_dir: Path) -> contextlib.AbstractContextManager:
+    """Only one process trains a run directory at a time (studies run side by side share runs): the one run lock
+    (``vitscope.io.lock.run_lock``) on ``<run_dir>.lock`` beside it, waiting for the holder. (Beside, not inside:
+    the training takes ``run_dir/.lock`` itself, and two flocks of one process on one file exclude each other.)"""
+    return run_lock(run_dir.with_name(run_dir.name + ".lock"), run_dir, wait=True, poll_s=5.0, remove=True)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -32,8 +32,6 @@ import logging
 import os
 import random
 import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +40,8 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
-from vitscope.io.atomic import atomic_write_text, json_safe
+from vitscope.io.atomic import atomic_link, atomic_write_text, file_mode, fsync_dir, fsync_file, json_safe
+from vitscope.io.lock import RunLockedError, run_lock
 from vitscope.io.runs import (
     CHECKPOINT_FORMAT,
     CHECKPOINTS_DIR,
@@ -161,26 +160,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
 # Writing a checkpoint.
 
 
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):  # not every file system can fsync a directory
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def _epoch_dir_name(epoch: int) -> str:
     return f"{EPOCH_PREFIX}{epoch:04d}"
 
@@ -200,20 +179,7 @@ def _sidecar(spec: dict[str, Any], model: nn.Module) -> dict[str, Any]:
 
 def _publish_weights(run_dir: Path, weights: Path) -> None:
     """Make ``run_dir/model.safetensors`` the file ``weights`` (a hard link, else a copy), atomically."""
-    fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=f".{MODEL_FILE}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        os.unlink(tmp)
-        try:
-            os.link(weights, tmp)
-        except OSError:  # no hard links on this file system: copy
-            shutil.copyfile(weights, tmp)
-            _fsync_file(Path(tmp))
-        os.replace(tmp, run_dir / MODEL_FILE)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    atomic_link(weights, run_dir / MODEL_FILE)
 
 
 def _discard(path: Path) -> None:
@@ -255,10 +221,10 @@ def save_checkpoint(run_dir: str | os.PathLike, model: nn.Module, state: dict[st
     try:
         save_file(tensors, tmp / MODEL_FILE, metadata=meta)
         sort_safetensors_header(tmp / MODEL_FILE)  # identical runs write identical bytes
-        _fsync_file(tmp / MODEL_FILE)
-        os.chmod(tmp / MODEL_FILE, 0o444 & ~_umask())  # read-only: the top-level file is a hard link of it
+        fsync_file(tmp / MODEL_FILE)
+        os.chmod(tmp / MODEL_FILE, file_mode(0o444))  # read-only: the top-level file is a hard link of it
         torch.save(state, tmp / STATE_FILE)
-        _fsync_file(tmp / STATE_FILE)
+        fsync_file(tmp / STATE_FILE)
         manifest = {
             "format": CHECKPOINT_FORMAT, "epoch": epoch, "step": int(state.get("step", 0)),
             "spec": {k: v for k, v in (spec or {}).items()}, **(info or {}),
@@ -266,8 +232,8 @@ def save_checkpoint(run_dir: str | os.PathLike, model: nn.Module, state: dict[st
                       for name in (MODEL_FILE, STATE_FILE)},
         }
         (tmp / MANIFEST_FILE).write_text(json.dumps(json_safe(manifest), indent=1, allow_nan=False), encoding="utf-8")
-        _fsync_file(tmp / MANIFEST_FILE)
-        _fsync_dir(tmp)
+        fsync_file(tmp / MANIFEST_FILE)
+        fsync_dir(tmp)
         final = root / _epoch_dir_name(epoch)
         if final.exists():  # a damaged checkpoint of this epoch (the complete ones are all older)
             _discard(final)
@@ -275,7 +241,7 @@ def save_checkpoint(run_dir: str | os.PathLike, model: nn.Module, state: dict[st
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _fsync_dir(root)
+    fsync_dir(root)
     if keep:  # keep_epochs: these weights outlive the checkpoint (vitscope compare RUN@N)
         _keep_weights(root, final / MODEL_FILE, epoch)
     _publish_weights(run_dir, final / MODEL_FILE)
@@ -292,16 +258,8 @@ def _keep_weights(root: Path, weights: Path, epoch: int) -> None:
     """``root/kept/epoch-N.safetensors``: a hard link to (or a copy of) ``weights``, made visible by one rename."""
     kept = root / KEPT_DIR
     kept.mkdir(exist_ok=True)
-    tmp = kept / f"{_TMP_PREFIX}{_epoch_dir_name(epoch)}-{os.getpid()}.safetensors"
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(tmp)
-    try:
-        os.link(weights, tmp)
-    except OSError:  # no hard links on this file system: copy
-        shutil.copyfile(weights, tmp)
-        _fsync_file(tmp)
-    os.replace(tmp, kept / f"{_epoch_dir_name(epoch)}.safetensors")
-    _fsync_dir(kept)
+    atomic_link(weights, kept / f"{_epoch_dir_name(epoch)}.safetensors")
+    fsync_dir(kept)
 
 
 def rewind(run_dir: str | os.PathLike, epoch: int) -> Path:
@@ -359,46 +317,7 @@ def remove_stale_files(run_dir: str | os.PathLike) -> list[str]:
 # The run's lock.
 
 
-class RunLockedError(ValueError):
-    """Another process is training into this run directory."""
-
-
-@contextlib.contextmanager
-def lock_run(run_dir: str | os.PathLike) -> Iterator[None]:
-    """Hold an exclusive advisory lock (``fcntl.flock``) on ``run_dir/.lock`` while training into ``run_dir``.
-
-    The lock dies with its process (no stale locks after a kill); a second writer gets
-    :class:`RunLockedError` naming the holder's pid. Without ``fcntl`` (Windows) nothing is locked.
-    """
-    run_dir = Path(run_dir)
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX
-        _logger.warning("no fcntl on this platform: %s is not locked against a second writer", run_dir)
-        yield
-        return
-    path = run_dir / LOCK_FILE
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as err:
-        raise ValueError(f"cannot create the run directory's lock {path} ({type(err).__name__}: {err.strerror}); "
-                         "choose a writable --out that is not under a file") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        holder = ""
-        with contextlib.suppress(OSError, ValueError):
-            holder = os.pread(fd, 32, 0).decode().strip()
-        os.close(fd)
-        who = f"process {holder}" if holder else "another process"
-        raise RunLockedError(
-            f"{run_dir} is being trained by {who} (it holds {path}); wait for it to finish or stop it "
-            f"(kill {holder or 'PID'}), or train into another --out"
-        ) from None
-    try:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        yield
-    finally:
-        os.close(fd)  # releases the lock; the file stays (unlinking a flock file races with new lockers)
+def lock_run(run_dir: str | os.PathLike) -> contextlib.AbstractContextManager:
+    """The run lock (``vitscope.io.lock.run_lock``) on ``run_dir/.lock`` while training into ``run_dir``: a second
+    writer gets :class:`RunLockedError` naming the holder's pid."""
+    return run_lock(Path(run_dir) / LOCK_FILE, run_dir)
