@@ -14,8 +14,8 @@ from vitscope.measures import (
     Nonlocality,
     RelativeDistance,
     attention_distance,
-    class_token_mass,
     attention_entropy,
+    class_token_mass,
     nonlocality,
     relative_distance,
 )
@@ -285,4 +285,5 @@ def test_distance_default_is_the_literatures_and_class_token_mass_beside_it():
     mixed[..., 0, :] = 1.0 / 17
     torch.testing.assert_close(class_token_mass(mixed), torch.full((2,), c, dtype=torch.float64))
     torch.testing.assert_close(attention_distance(mixed, 4, 16), (1 - c) * attention_distance(spatial, 4, 16, 0))
-    torch.testing.assert_close(attention_distance(mixed, 4, 16, renormalize=True), attention_distance(spatial, 4, 16, 0))
+    torch.testing.assert_close(attention_distance(mixed, 4, 16, renormalize=True),
+                               attention_distance(spatial, 4, 16, 0))

@@ -23,7 +23,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--scale", default="quick", choices=SCALES,
                    help="quick: small models on CPU; paper: the papers' models and recipes (GPU)")
     p.add_argument("--out", default="runs/reproduce", help="output root; training runs are shared under OUT/runs")
-    p.add_argument("--seeds", type=int, default=None, help="number of seeds (default from the study, 3)")
+    p.add_argument("--seeds", type=int, default=None,
+                   help="number of seeds (default from the study: 4 at quick scale, chosen by power within a "
+                        "60-minute budget; see docs/studies.md)")
     p.add_argument("--epochs", type=int, default=None, help="override the epochs (for smoke tests)")
     p.add_argument("--max-examples", type=int, default=None, help="train on a random subset (for smoke tests)")
     p.add_argument("--batch-size", type=int, default=None, help="override the training batch size")

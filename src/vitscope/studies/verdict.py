@@ -201,7 +201,7 @@ def seeds_needed(effect: float, sd: float, alpha: float = ALPHA, power: float = 
         return t_power(es, n, alpha) if paired else welch_power(effect, sd, sd_b or 0.0, n, alpha)
 
     z = _norm_ppf(1 - alpha / 2) + _norm_ppf(power)  # the normal approximation, then exact steps from there
-    n = max(2, math.ceil((z / es) ** 2 * (1 if paired else 1)))
+    n = max(2, math.ceil((z / es) ** 2))
     if n > max_n:
         return None
     while power_at(n) < power:
@@ -415,7 +415,8 @@ def _outcome(test: TestResult, p: float, expect: str, level: float = ALPHA, m: i
     elif need is None:
         need_txt = f"an effect this small would need more than 10000 seeds to reach {target}"
     elif direction == "paper":
-        need_txt = f"a true effect of this size, in the paper's direction, would need about {need} seeds to reach {target}"
+        need_txt = (f"a true effect of this size, in the paper's direction, would need about {need} seeds to reach "
+                    f"{target}")
     else:
         need_txt = (f"the measured effect points AGAINST the paper; a true effect of this size would need about "
                     f"{need} seeds to reach {target} (as 'did not hold')")
