@@ -37,3 +37,32 @@ def test_cli_and_cpu_probe_call_it(monkeypatch):
     model = vitscope.create_model("test_vit_cifar")
     vitscope.probe(model, [torch.randn(2, 3, 32, 32)], ["feature_variance"], progress=False)
     assert calls == ["cli", "probe"]
+
+
+def test_device_and_autocast_resolvers(monkeypatch):
+    """The one device resolver: auto follows CUDA's availability, bad names and absent CUDA devices are one-line
+    errors naming the option; model_device reads (or moves to) a device; autocast is a no-op without a dtype."""
+    from vitscope.runtime import autocast, model_device, resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == resolve_device(None) == torch.device("cpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="--device 'gpu' is not a device"):
+        resolve_device("gpu", "--device")
+    with pytest.raises(ValueError, match="device cuda:0: torch sees no CUDA device"):
+        resolve_device("cuda:0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert resolve_device("auto") == torch.device("cuda")
+    with pytest.raises(ValueError, match=r"only 1 CUDA device\(s\)"):
+        resolve_device("cuda:3")
+    net = torch.nn.Linear(2, 2).double()
+    assert model_device(net) == torch.device("cpu") and model_device(torch.nn.ReLU()) == torch.device("cpu")
+    assert model_device(net, "meta") == torch.device("meta") and net.weight.device.type == "cpu"  # not moved
+    model_device(net, "meta", move=True)
+    assert net.weight.device.type == "meta"
+    x = torch.ones(2, 2)
+    with autocast("cpu", None):
+        assert (x @ x).dtype == torch.float32
+    with autocast(torch.device("cpu"), torch.bfloat16):
+        assert (x @ x).dtype == torch.bfloat16

@@ -39,7 +39,7 @@ from vitscope.io.atomic import atomic_write_json, json_safe, write_csv
 from vitscope.measures._validate import raise_non_finite
 from vitscope.measures.cka import MinibatchCKA, linear_gram
 from vitscope.measures.linear_probe import ProbeAccuracy, RidgeFit, probe_features
-from vitscope.runtime import keep_freed_memory
+from vitscope.runtime import keep_freed_memory, model_device
 
 _logger = logging.getLogger(__name__)
 
@@ -144,11 +144,6 @@ class CompareResult:
 
 # ----------------------------------------------------------------------------------------------
 # The pass
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
 
 
 def _pairs(loader: Any, max_batches: int | None, shard: bool) -> tuple[Iterable, int | None]:
@@ -336,7 +331,7 @@ def compare(
         if not find_blocks(m):
             raise ValueError(f"{which} ({type(m).__name__}) has no residual block vitscope knows; compare needs "
                              "timm ViT/DeiT, ConViT, ResNet or vitscope models")
-    device = torch.device(device) if device is not None else _device_of(model_a)
+    device = model_device(model_a, device)
     if device.type == "cpu":
         keep_freed_memory()
     modes = (model_a.training, model_b.training)

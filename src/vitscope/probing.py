@@ -40,7 +40,7 @@ from vitscope.distributed import current as dist_current
 from vitscope.io.atomic import atomic_write_json, json_safe, write_csv
 from vitscope.measures._validate import check_attention, raise_non_finite
 from vitscope.measures.cka import linear_gram
-from vitscope.runtime import keep_freed_memory
+from vitscope.runtime import keep_freed_memory, model_device
 
 _logger = logging.getLogger(__name__)
 
@@ -521,11 +521,6 @@ def _resolve_measures(model: nn.Module, names: Iterable[str]) -> list[str]:
     return names
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
 def _add_accuracy(stats: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
     """Add (correct, NLL sum, labelled examples) of one batch to ``stats`` (3,) on the device, without reading
     a value on the host: a batch whose labels fall outside [0, classes) adds nothing (labels of another label
@@ -575,7 +570,7 @@ def probe(
         rank gets the global result.
     """
     names = _resolve_measures(model, measures)
-    device = torch.device(device) if device is not None else _model_device(model)
+    device = model_device(model, device)
     if device.type == "cpu":
         keep_freed_memory()
     was_training = model.training

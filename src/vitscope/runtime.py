@@ -1,4 +1,7 @@
-"""Process-level settings for fast CPU analysis.
+"""Process-level settings: the device and autocast resolvers, and fast CPU analysis.
+
+``resolve_device`` (a name such as ``auto`` or ``cuda:1``), ``model_device`` (where a model lives) and
+``autocast`` (mixed precision or none) are the package's one way to choose where and how it computes.
 
 Capturing activations allocates and frees many tensors of a few MiB per batch. glibc's malloc returns
 such blocks to the operating system on free (``mmap``/trim), so every batch pays fresh page faults: on
@@ -8,11 +11,14 @@ keeps freed memory (jemalloc, tcmalloc); ``keep_freed_memory`` is the glibc equi
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import logging
 import os
 import sys
+
+import torch
 
 _logger = logging.getLogger(__name__)
 
@@ -48,3 +54,41 @@ def keep_freed_memory() -> bool:
     if not ok:
         _logger.debug("mallopt refused the thresholds; the allocator keeps its defaults")
     return ok
+
+
+def resolve_device(name: str | torch.device | None = "auto", what: str = "device") -> torch.device:
+    """The one device resolver: ``auto`` or None is CUDA when available, else CPU; a CUDA device that is not
+    there (or not a device at all) is a one-line ``ValueError`` naming ``what`` (e.g. ``--device``)."""
+    if name is None or name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"{what} {name!r} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{what} {name}: torch sees no CUDA device here; use cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"{what} {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif device.type not in ("cpu", "mps", "xpu"):
+        raise ValueError(f"{what} {name!r}: vitscope runs on cpu or cuda")
+    return device
+
+
+def model_device(model: torch.nn.Module, device: str | torch.device | None = None, move: bool = False) -> torch.device:
+    """``device`` when given (``move``: the model is moved there), else the device of the model's first parameter
+    (CPU for a model without parameters)."""
+    if device is not None:
+        device = torch.device(device)
+        if move:
+            model.to(device)
+        return device
+    p = next(iter(model.parameters()), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def autocast(device: torch.device | str, amp_dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` on ``device``'s type in ``amp_dtype``, or a no-op context for None (full precision)."""
+    if amp_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=amp_dtype)

@@ -165,35 +165,23 @@ def check_preprocess_options(args: argparse.Namespace) -> None:
 
 
 def resolve_device(name: str | None) -> Any:
-    """``torch.device`` for ``--device`` (``auto`` or None: cuda when available); a missing CUDA device is an
-    error."""
-    import torch
+    """``torch.device`` for ``--device`` (``vitscope.runtime.resolve_device``: ``auto`` or None is cuda when
+    available); a missing CUDA device is an error."""
+    from vitscope.runtime import resolve_device as resolve
 
-    if name is None or name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise CLIError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise CLIError(f"--device {name}: torch sees no CUDA device here; use --device cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise CLIError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
-    elif device.type not in ("cpu", "mps", "xpu"):
-        raise CLIError(f"--device {name!r}: vitscope runs on cpu or cuda")
-    return device
+        return resolve(name, "--device")
+    except ValueError as err:
+        raise CLIError(str(err)) from None
 
 
 def autocast(args: argparse.Namespace, device: Any) -> Any:
-    """``torch.autocast(bf16)`` on ``device`` for ``--amp bf16``, a no-op context otherwise."""
-    import contextlib
-
+    """``vitscope.runtime.autocast`` in bf16 on ``device`` for ``--amp bf16``, a no-op context otherwise."""
     import torch
 
-    if getattr(args, "amp", "none") != "bf16":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    from vitscope.runtime import autocast as amp
+
+    return amp(device, torch.bfloat16 if getattr(args, "amp", "none") == "bf16" else None)
 
 
 # ----------------------------------------------------------------------------------------------

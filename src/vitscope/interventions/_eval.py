@@ -71,15 +71,6 @@ def normalized_depth(i: int, n: int) -> float:
     return i / (n - 1) if n > 1 else 0.0
 
 
-def model_device(model: nn.Module, device: torch.device | str | None) -> torch.device:
-    """``device`` (moving the model there), else the device of the model's first parameter (CPU if none)."""
-    if device is not None:
-        model.to(device)
-        return torch.device(device)
-    p = next(iter(model.parameters()), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
 @contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     """Put every module in eval mode (no dropout/drop-path, BatchNorm running stats); restore each

@@ -26,10 +26,10 @@ from vitscope.interventions._eval import (
     InterventionResult,
     eval_mode,
     evaluate,
-    model_device,
     normalized_depth,
     unit_result,
 )
+from vitscope.runtime import model_device
 
 _logger = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def lesion(
     all_units = residual_blocks(model) if targets == "blocks" else residual_sublayers(model)
     chosen = select(all_units, units, targets[:-1].replace("sublayer", "sub-layer"), model)
     remove = remove_block if targets == "blocks" else remove_sublayer
-    dev = model_device(model, device)
+    dev = model_device(model, device, move=True)
     batches = Batches(loader, max_batches)
     with eval_mode(model):
         intact = evaluate(model, batches, dev)

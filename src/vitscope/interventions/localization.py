@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from vitscope.interventions._blocks import residual_blocks, select
-from vitscope.interventions._eval import eval_mode, model_device, normalized_depth
+from vitscope.interventions._eval import eval_mode, normalized_depth
+from vitscope.runtime import model_device
 
 _logger = logging.getLogger(__name__)
 
@@ -188,7 +189,7 @@ def localization_probe(
     all_blocks = residual_blocks(model)
     chosen = select(all_blocks, layers, "block", model)
     grid = grid if grid is not None else _model_grid(model)
-    dev = model_device(model, device)
+    dev = model_device(model, device, move=True)
     feats: dict[int, list[torch.Tensor]] = {blk.index: [] for blk in chosen}
     grids: dict[int, tuple[int, int]] = {}
 

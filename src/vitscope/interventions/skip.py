@@ -30,10 +30,10 @@ from vitscope.interventions._eval import (
     InterventionResult,
     eval_mode,
     evaluate,
-    model_device,
     normalized_depth,
     unit_result,
 )
+from vitscope.runtime import model_device
 
 _logger = logging.getLogger(__name__)
 
@@ -153,7 +153,7 @@ def skip_removal_study(
     """
     all_blocks = residual_blocks(model)
     chosen = select(all_blocks, blocks, "block", model)
-    dev = model_device(model, device)
+    dev = model_device(model, device, move=True)
     batches = Batches(loader, max_batches)
     with eval_mode(model):
         intact = evaluate(model, batches, dev)

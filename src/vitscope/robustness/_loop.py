@@ -1,4 +1,4 @@
-"""The evaluation loop shared by the robustness sweeps: device placement, checks, progress bar."""
+"""The evaluation loop shared by the robustness sweeps: checks, sharding, progress bar."""
 from __future__ import annotations
 
 import sys
@@ -10,14 +10,6 @@ from tqdm.auto import tqdm
 from vitscope.distributed import current as dist_current
 from vitscope.distributed import global_batch_count, shard_batches
 from vitscope.robustness._checks import check_images, check_targets
-
-
-def resolve_device(model: torch.nn.Module, device: str | torch.device | None) -> torch.device:
-    """``device`` if given, else the device of the model's first parameter (CPU for none)."""
-    if device is not None:
-        return torch.device(device)
-    param = next(model.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
 
 
 def batches(

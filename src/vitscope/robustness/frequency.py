@@ -25,8 +25,9 @@ import torch
 import torch.nn as nn
 
 from vitscope.robustness._checks import check_images
-from vitscope.robustness._loop import batches, resolve_device
+from vitscope.robustness._loop import batches
 from vitscope.robustness.attacks import _EvalMode, pixel_model
+from vitscope.runtime import model_device
 
 _logger = logging.getLogger(__name__)
 
@@ -128,7 +129,7 @@ def frequency_sweep(
     noisy accuracy (the increase in top-1 error). ``eps`` (L2 norm per image) defaults to an RMS of
     0.05 per pixel value, ``0.05 * sqrt(C H W)`` (2.77 at 3 x 32 x 32).
     """
-    dev = resolve_device(model, device)
+    dev = model_device(model, device)
     net = pixel_model(model, mean, std).to(dev)
     correct = torch.zeros(len(freqs), dtype=torch.int64)
     clean, n = 0, 0

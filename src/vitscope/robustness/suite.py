@@ -18,11 +18,12 @@ import torch.nn.functional as F
 from vitscope.distributed import all_gather_objects, all_reduce_sum
 from vitscope.distributed import current as dist_current
 from vitscope.measures.calibration import Calibration
-from vitscope.robustness._loop import batches, resolve_device
+from vitscope.robustness._loop import batches
 from vitscope.robustness.attacks import _check_eps, _EvalMode, fgsm, pgd, pixel_model
 from vitscope.robustness.corruptions import CORRUPTIONS, _canonical, corrupt, corruption_params
 from vitscope.robustness.frequency import frequency_noise
 from vitscope.robustness.occlusion import occlude_center
+from vitscope.runtime import model_device
 
 _logger = logging.getLogger(__name__)
 
@@ -119,7 +120,7 @@ def evaluate_robustness(
             corruption_params(c, s, corruption_table or "cifar")
     for e in eps:
         _check_eps(e)
-    dev = resolve_device(model, device)
+    dev = model_device(model, device)
     net = pixel_model(model, mean, std).to(dev)
     cal = Calibration(n_bins=n_bins) if "calibration" in names else None
     counts: dict[str, Any] = {
@@ -273,7 +274,7 @@ def evaluate_cifar_c(
                 f"no CIFAR-C .npy files ({', '.join(CIFAR_C_NAMES[:3])}, ...) in {path}; pass the unpacked "
                 "CIFAR-10-C or CIFAR-100-C folder"
             )
-    dev = resolve_device(model, device)
+    dev = model_device(model, device)
     net = pixel_model(model, mean, std).to(dev)
     counts = torch.zeros(len(names), len(severities), 2, dtype=torch.int64)  # (corruption, severity, [hits, n])
     with _EvalMode(net):

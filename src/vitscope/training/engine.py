@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 from vitscope.data.local import collate_skipping_none
 from vitscope.measures.calibration import Calibration
+from vitscope.runtime import autocast, resolve_device
 from vitscope.training import checkpoint as ckpt
 from vitscope.training.config import TrainConfig, config_from_dict, config_to_dict, resolve_config, save_config
 from vitscope.training.distributed import DistInfo, all_reduce_sum, barrier, cleanup_distributed, init_distributed
@@ -54,10 +55,6 @@ __all__ = [
 ECE_BINS = 10
 _TIME_KEYS = ("time", "images_per_s")  # the only non-reproducible statistics
 SINGLE_PROCESS = DistInfo()
-
-
-def _autocast(device: torch.device, amp_dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
-    return torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -304,12 +301,12 @@ def train_one_epoch(
             images, targets = mixup_fn(images, targets)
 
         optimizer.zero_grad(set_to_none=True)
-        loss = _forward_backward(model, criterion, images, targets, scaler, _autocast(device, amp_dtype))
+        loss = _forward_backward(model, criterion, images, targets, scaler, autocast(device, amp_dtype))
         losses.add(loss, images.shape[0])  # checked below, every nonfinite_check_every steps
         if sam is not None:
             sam.ascend()
             optimizer.zero_grad(set_to_none=True)
-            _forward_backward(model, criterion, images, targets, scaler, _autocast(device, amp_dtype))
+            _forward_backward(model, criterion, images, targets, scaler, autocast(device, amp_dtype))
             sam.restore()
         if clip_grad is not None:
             if scaler is not None:
@@ -367,7 +364,7 @@ def evaluate(
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        with _autocast(device, amp_dtype):
+        with autocast(device, amp_dtype):
             logits = model(images)  # (B, C)
         cal.update(logits, targets)
     if dist_info.distributed:  # the state is additive: all-reduce the sums
@@ -421,14 +418,6 @@ def check_names(cfg: TrainConfig) -> None:
             + f". vitscope's models: {', '.join(list_models())}; any name of timm.list_models() also works"
         )
     parse_spec(cfg.data, **cfg.data_options)
-
-
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device=cuda but no CUDA device is available; use device=cpu or device=auto")
-    return torch.device(name)
 
 
 def _seed_everything(seed: int) -> None:
@@ -935,7 +924,7 @@ def train(config: TrainConfig | dict[str, Any] | None = None, *, resume: bool = 
         config = config_from_dict(config)
     cfg = resolve_config(overrides=overrides, base=config) if overrides or config is None else config
     check_names(cfg)
-    device = _resolve_device(cfg.device)
+    device = resolve_device(cfg.device)
     was_deterministic = torch.are_deterministic_algorithms_enabled()
     if cfg.deterministic:
         if device.type == "cuda":
