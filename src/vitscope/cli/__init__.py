@@ -48,10 +48,12 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+    from vitscope.cli._checks import check_args
     from vitscope.runtime import keep_freed_memory
 
     keep_freed_memory()  # our own process: reuse freed activations' memory (see vitscope.runtime)
     try:
+        check_args(args)  # every number in range and --out writable, before any work
         return int(args.func(args) or 0)
     except BrokenPipeError:  # output piped into `head` and closed early
         return 0

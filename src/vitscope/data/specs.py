@@ -10,6 +10,7 @@ as bool (``true``/``false``), int, float, or left as a string. Examples::
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -90,6 +91,8 @@ def parse_spec(spec: str, **overrides: Any) -> DataSpec:
             if key in options:
                 raise ValueError(f"option {key!r} given twice in data spec {spec!r}")
             options[key] = _parse_value(value)
+            if isinstance(options[key], float) and not math.isfinite(options[key]):
+                raise ValueError(f"option {key}={value.strip()} in data spec {spec!r} must be a finite number")
         elif path is None:
             path = item
         else:

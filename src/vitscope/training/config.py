@@ -304,6 +304,7 @@ _RANGES: dict[str, tuple[float, bool, float, bool, str]] = {
     "early_stop_lr_fraction": (0, False, 1, True, "stalls count once lr <= this fraction of its peak, e.g. 0.5; "
                                                    "1: from the end of the warm-up; null: from the first epoch"),
     "crop_pct": (0, False, 1, True, "validation center-crop fraction, e.g. 0.875; null: from `preprocess`"),
+    "seed": (0, True, 2**32 - 1, True, "an integer seed, e.g. 0 (numpy takes 0 .. 2**32 - 1)"),
 }
 
 
@@ -354,6 +355,10 @@ def _validate(cfg: TrainConfig) -> None:
             raise ConfigError(f"Config key {key!r} is {getattr(cfg, key)!r}; valid choices: {', '.join(choices)}")
     for key in _RANGES:
         _check_range(key, getattr(cfg, key))
+    for key in ("model_kwargs", "data_options"):  # passed on as they are: at least no NaN / infinity in them
+        for name, value in getattr(cfg, key).items():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"Config key '{key}.{name}' must be a finite number, got {value}")
     cfg.scale = _numbers("scale", cfg.scale, 2, 0, 1, "[0.08,1.0]")
     if not 0 < cfg.scale[0] <= cfg.scale[1]:
         raise ConfigError(f"Config key 'scale' must be [min, max] with 0 < min <= max <= 1 (the crop's area "
