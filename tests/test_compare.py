@@ -106,7 +106,7 @@ def test_glob_filter_and_errors(pair, tmp_path):
         res = vitscope.compare(vit, cnn, (ba, bb), names="blocks.1", names_b="layer[34].*", progress=False)
     assert res.names_a == ["blocks.1"] and res.names_b == ["layer3.0", "layer4.0"]
     out = res.save(tmp_path / "cmp")
-    assert {p.name for p in out.iterdir()} == {"results.json", "meta.json", "cka.csv"}
+    assert {p.name for p in out.iterdir()} == {"results.json", "meta.json", "cka_cross.csv"}
     with pytest.raises(ValueError, match="no layer of VisionTransformer matched"):
         vitscope.compare(vit, cnn, (ba, bb), names="nothing*", progress=False)
     swapped = [(x, (y + 1) % 3) for x, y in bb]
@@ -133,10 +133,13 @@ def test_linear_probe_equals_sklearn_on_block_features(pair):
                            shots=(2, 10), ridge=0.3, progress=False)
     assert res.cka is None
     rows = res.linear_probe
+    cnn_name = type(cnn).__name__
     assert {(r["model"], r["readout"], r["shots"]) for r in rows} == {
-        ("a", "cls", 2), ("a", "cls", 10), ("a", "gap", 2), ("a", "gap", 10), ("b", "gap", 2), ("b", "gap", 10)}
+        ("VisionTransformer", "cls", 2), ("VisionTransformer", "cls", 10), ("VisionTransformer", "gap", 2),
+        ("VisionTransformer", "gap", 10), (cnn_name, "gap", 2), (cnn_name, "gap", 10)}
     with torch.no_grad():
-        for model, modules, tag in ((vit, list(vit.blocks), "a"), (cnn, [cnn.layer1[0], cnn.layer4[0]], "b")):
+        for model, modules, tag in ((vit, list(vit.blocks), "VisionTransformer"),
+                                    (cnn, [cnn.layer1[0], cnn.layer4[0]], cnn_name)):
             outs_fit, outs_test = [], []
             for batches, outs in ((fit_loader, outs_fit), (loader, outs_test)):  # the same batches (float32 sums)
                 got = [[] for _ in modules]
@@ -147,11 +150,12 @@ def test_linear_probe_equals_sklearn_on_block_features(pair):
                 for h in hs:
                     h.remove()
                 outs.extend(torch.cat(g) for g in got)
-            names = ["blocks.0", "blocks.1"] if tag == "a" else ["layer1.0", "layer4.0"]
+            names = ["blocks.0", "blocks.1"] if tag == "VisionTransformer" else ["layer1.0", "layer4.0"]
             for name, zf, zt in zip(names, outs_fit, outs_test):
-                for readout in (("cls", "gap") if tag == "a" else ("gap",)):
+                vit_side = tag == "VisionTransformer"
+                for readout in (("cls", "gap") if vit_side else ("gap",)):
                     pick = (lambda z: z[:, 0]) if readout == "cls" else \
-                        ((lambda z: z[:, 1:].mean(1)) if tag == "a" else (lambda z: z.mean((2, 3))))
+                        ((lambda z: z[:, 1:].mean(1)) if vit_side else (lambda z: z.mean((2, 3))))
                     for k in (2, 10):
                         first = torch.cat([torch.nonzero(fit_y == c).flatten()[:k] for c in range(3)]).sort().values
                         xf = pick(zf)[first].numpy()
@@ -168,8 +172,8 @@ def test_result_round_trip_rows():
     res = CompareResult(names_a=["x0", "x1"], names_b=["y0"], cka=torch.tensor([[0.5], [0.25]], dtype=torch.float64),
                         meta={"examples": 9})
     d = res.to_dict()
-    assert d["cka"]["matrix"] == [[0.5], [0.25]] and d["cka"]["examples"] == 9
-    assert [r["value"] for r in d["cka"]["rows"]] == [0.5, 0.25]
+    assert d["cka_cross"]["matrix"] == [[0.5], [0.25]] and d["cka_cross"]["examples"] == 9
+    assert [r["value"] for r in d["cka_cross"]["rows"]] == [0.5, 0.25]
 
 
 def test_cli_compare_vit_32px_with_resnet_176px(tmp_path, capsys):
@@ -185,16 +189,25 @@ def test_cli_compare_vit_32px_with_resnet_176px(tmp_path, capsys):
                "--out", str(out)])
     assert rc == 0, capsys.readouterr().err
     res = json.loads((out / "results.json").read_text())
-    meta = res["meta"]
+    meta = json.loads((out / "meta.json").read_text())
     assert meta["model_a"]["preprocessing"]["input_size"] == [3, 32, 32]
     assert meta["model_b"]["preprocessing"]["input_size"] == [3, 176, 176]
-    assert res["cka"]["layers_a"] == ["blocks.0", "blocks.1"]
-    assert res["cka"]["layers_b"] == ["layer1.0", "layer2.0", "layer3.0", "layer4.0"]
-    assert len(res["cka"]["matrix"]) == 2 and len(res["cka"]["matrix"][0]) == 4
+    assert res["cka_cross"]["layers"] == ["blocks.0", "blocks.1"]
+    assert res["cka_cross"]["other_layers"] == ["layer1.0", "layer2.0", "layer3.0", "layer4.0"]
+    assert len(res["cka_cross"]["matrix"]) == 2 and len(res["cka_cross"]["matrix"][0]) == 4
+    assert (res["cka_cross"]["model"], res["cka_cross"]["other_model"]) == ("test_vit_cifar", "resnet10t")
     assert meta["examples"] == 12  # 12 val examples in batches of 5, 5, 2 (the last skipped by CKA)
     assert meta["cka_skipped_examples"] == 2
     assert {r["shots"] for r in res["linear_probe"]["rows"]} == {2, 4}
-    assert (out / "cka.csv").is_file() and (out / "linear_probe.csv").is_file()
+    assert (out / "cka_cross.csv").is_file() and (out / "linear_probe.csv").is_file()
+    # the report draws the cross-model heatmap and the probe curves, each with its CSV
+    html = tmp_path / "report.html"
+    assert main(["report", str(out), "--out", str(html)]) == 0, capsys.readouterr().err
+    files = {p.name for p in html.parent.rglob("*") if p.is_file()}
+    for key in ("cka_cross", "linear_probe"):
+        assert any(key in f and f.endswith(".csv") for f in files), (key, sorted(files))
+        assert any(key in f and f.endswith(".png") for f in files), (key, sorted(files))
+    assert "test_vit_cifar vs resnet10t" in html.read_text()
 
 
 def test_cli_compare_errors(tmp_path, capsys):
@@ -229,13 +242,30 @@ def test_cli_compare_one_run_at_two_epochs(tmp_path, capsys):
     assert main(["compare", f"{run}@0", f"{run}@last", "--data", "fake:n=48,classes=3", "--batch-size", "6",
                  "--device", "cpu", "--out", str(out)]) == 0, capsys.readouterr().err
     res = json.loads((out / "results.json").read_text())
-    a, b = res["meta"]["model_a"], res["meta"]["model_b"]
+    meta = json.loads((out / "meta.json").read_text())
+    a, b = meta["model_a"], meta["model_b"]
+    assert res["cka_cross"]["over_training"] and (a["label"], b["label"]) == ("run@0", "run@1")
     assert a["checkpoint"].endswith("epoch-0000.safetensors") and b["checkpoint"].endswith("model.safetensors")
     assert a["preprocessing"]["input_size"] == [3, 16, 16] == b["preprocessing"]["input_size"]
-    m = np.array(res["cka"]["matrix"])
+    html = tmp_path / "report.html"
+    assert main(["report", str(out), "--out", str(html)]) == 0, capsys.readouterr().err
+    assert "CKA between two checkpoints of one run" in html.read_text()
+    m = np.array(res["cka_cross"]["matrix"])
     assert m.shape == (2, 2) and not np.allclose(np.diag(m), 1.0, atol=1e-9)  # the weights changed
     same = tmp_path / "same"
     assert main(["compare", f"{run}@1", str(run), "--data", "fake:n=48,classes=3", "--batch-size", "6",
                  "--device", "cpu", "--out", str(same)]) == 0
-    np.testing.assert_allclose(np.diag(json.loads((same / "results.json").read_text())["cka"]["matrix"]), 1.0,
+    np.testing.assert_allclose(np.diag(json.loads((same / "results.json").read_text())["cka_cross"]["matrix"]), 1.0,
                                atol=1e-12)
+
+
+def test_nan_in_a_layer_is_one_error_naming_it(pair):
+    vit, cnn, ba, bb = pair
+    h = cnn.layer3[0].register_forward_hook(lambda _m, _i, o: o * float("nan"))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            with pytest.raises(ValueError, match=r"layer\(s\) \['layer3.0', 'layer4.0'\] of model B contains NaN"):
+                vitscope.compare(vit, cnn, (ba, bb), progress=False)
+    finally:
+        h.remove()

@@ -101,32 +101,37 @@ def layer_outputs(model: nn.Module, layers: str = "blocks", names: str | Sequenc
 @dataclass
 class CompareResult:
     """``cka`` (La, Lb) float64 between ``names_a`` and ``names_b``; ``linear_probe`` rows (model, layer,
-    readout, shots, accuracy, alpha); ``meta`` with ``model_a`` / ``model_b`` descriptions."""
+    readout, shots, accuracy, alpha); ``meta`` with ``model_a`` / ``model_b`` descriptions; ``label_a`` /
+    ``label_b`` name the two models in tables and figures."""
 
     names_a: list[str] = field(default_factory=list)
     names_b: list[str] = field(default_factory=list)
     cka: torch.Tensor | None = None
     linear_probe: list[dict[str, Any]] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
+    label_a: str = "A"
+    label_b: str = "B"
+    over_training: bool = False  # A and B are one run at two epochs (the report's checkpoint-to-checkpoint matrix)
 
     def cka_rows(self) -> list[dict[str, Any]]:
         if self.cka is None:
             return []
         la, lb = len(self.names_a), len(self.names_b)
-        return [{"layer_a": a, "depth_a": i, "normalized_depth_a": round(i / max(la - 1, 1), 6),
-                 "layer_b": b, "depth_b": j, "normalized_depth_b": round(j / max(lb - 1, 1), 6),
-                 "value": float(self.cka[i, j])}
+        return [{"model": self.label_a, "layer": a, "depth": i, "normalized_depth": round(i / max(la - 1, 1), 6),
+                 "other_model": self.label_b, "other_layer": b, "other_depth": j,
+                 "other_normalized_depth": round(j / max(lb - 1, 1), 6), "value": float(self.cka[i, j])}
                 for i, a in enumerate(self.names_a) for j, b in enumerate(self.names_b)]
 
     def to_dict(self) -> dict[str, Any]:
-        """``{"cka": {"rows", "layers_a", "layers_b", "matrix", "examples"}, "linear_probe": {"rows"}, "meta"}``."""
+        """``results.json``: ``{"cka_cross": {"rows", "layers", "other_layers", "matrix", "model", "other_model",
+        "examples", "over_training"}, "linear_probe": {"rows"}}`` (what ``vitscope report`` reads)."""
         out: dict[str, Any] = {}
         if self.cka is not None:
-            out["cka"] = {"rows": self.cka_rows(), "layers_a": self.names_a, "layers_b": self.names_b,
-                          "matrix": self.cka.tolist(), "examples": self.meta.get("examples")}
+            out["cka_cross"] = {"rows": self.cka_rows(), "layers": self.names_a, "other_layers": self.names_b,
+                                "matrix": self.cka.tolist(), "model": self.label_a, "other_model": self.label_b,
+                                "examples": self.meta.get("examples"), "over_training": self.over_training}
         if self.linear_probe:
             out["linear_probe"] = {"rows": self.linear_probe}
-        out["meta"] = self.meta
         return json_safe(out)
 
     def save(self, out_dir: str | os.PathLike) -> Path:
@@ -135,10 +140,9 @@ class CompareResult:
         out.mkdir(parents=True, exist_ok=True)
         content = self.to_dict()
         atomic_write_json(out / "results.json", content)
-        atomic_write_json(out / "meta.json", content["meta"])
-        for name in COMPARE_MEASURES:
-            if name in content:
-                write_csv(out / f"{name}.csv", content[name]["rows"])
+        atomic_write_json(out / "meta.json", json_safe(self.meta))
+        for name, part in content.items():
+            write_csv(out / f"{name}.csv", part["rows"])
         return out
 
 
@@ -223,9 +227,6 @@ class _ModelSide:
         elif names != self.names:
             raise ValueError(f"{type(self.model).__name__} gave layers {names[:3]}... in this batch but "
                              f"{self.names[:3]}... before; the layers must not change between batches")
-        bad = [g for g in out_grams if not torch.isfinite(g).all()] if out_grams else []
-        if bad:
-            raise_non_finite(f"a layer output of {type(self.model).__name__}")
         return out_grams, reads
 
 
@@ -273,6 +274,16 @@ def _fit_probes(side: _ModelSide, fit_loader: Iterable, which: int, num_classes:
     return {key: fit.compute() for key, fit in fits.items()}
 
 
+def _check_finite(measure: MinibatchCKA, names_a: list[str], names_b: list[str]) -> None:
+    """NaN/Inf in any layer output reaches that layer's float64 HSIC sums: one check after the pass (not one host
+    read per layer and batch), naming the layers."""
+    state = measure.state_dict()["layers"][0]
+    for key, names, which in (("hsic_xx", names_a, "A"), ("hsic_yy", names_b, "B")):
+        bad = (~torch.isfinite(state[key])).nonzero().flatten().tolist()
+        if bad:
+            raise_non_finite(f"the output of layer(s) {[names[i] for i in bad][:5]} of model {which}")
+
+
 @torch.no_grad()
 def compare(
     model_a: nn.Module,
@@ -290,6 +301,8 @@ def compare(
     max_batches: int | None = None,
     progress: bool = True,
     shard: bool = False,
+    label_a: str | None = None,
+    label_b: str | None = None,
 ) -> CompareResult:
     """Compare two models layer by layer on the same examples (RAGHU Fig. 2), in one pass over ``loader``.
 
@@ -311,6 +324,8 @@ def compare(
         progress: Show a progress bar.
         shard: Under torch.distributed, each rank takes its share of the batches (``vitscope.distributed``); the
             CKA sums and probe counts are then summed over the ranks, so every rank gets the global result.
+        label_a, label_b: The models' names in tables and figures (default: their class names, with A/B added when
+            they are equal).
 
     Returns:
         A :class:`CompareResult`.
@@ -375,8 +390,14 @@ def compare(
         for m in ([measure] if measure is not None else []) + list(accs.values()):
             m.sync()
         all_reduce_sum(count)
-    result = CompareResult(names_a=list(sides[0].names or []), names_b=list(sides[1].names or []))
+    label_a = label_a or type(model_a).__name__
+    label_b = label_b or type(model_b).__name__
+    if label_a == label_b:
+        label_a, label_b = f"{label_a} (A)", f"{label_b} (B)"
+    result = CompareResult(names_a=list(sides[0].names or []), names_b=list(sides[1].names or []),
+                           label_a=label_a, label_b=label_b)
     if measure is not None:
+        _check_finite(measure, result.names_a, result.names_b)
         result.cka = measure.compute().cpu()  # (La, Lb) float64
     if want_probe:
         for (i, key, k), acc in sorted(accs.items()):
@@ -385,13 +406,13 @@ def compare(
             n = len(values)
             for d, (name, v, sol) in enumerate(zip(side.names, values, fits[i][(key, k)])):
                 result.linear_probe.append({
-                    "model": "ab"[i], "layer": name, "depth": d, "normalized_depth": round(d / max(n - 1, 1), 6),
+                    "model": (label_a, label_b)[i], "layer": name, "depth": d, "normalized_depth": round(d / max(n - 1, 1), 6),
                     "readout": key, "shots": k, "accuracy": float(v), "alpha": sol["alpha"]})
     result.meta = {
         "examples": int(count[0]), "measures": measures, "layers": layers, "names": names,
         "names_b": names_b, "world_size": info.world_size,
-        "model_a": {"class": type(model_a).__name__, "layers": result.names_a},
-        "model_b": {"class": type(model_b).__name__, "layers": result.names_b},
+        "model_a": {"class": type(model_a).__name__, "label": label_a, "layers": result.names_a},
+        "model_b": {"class": type(model_b).__name__, "label": label_b, "layers": result.names_b},
     }
     if measure is not None:
         result.meta["cka_skipped_examples"] = int(measure.state_dict()["layers"][0]["skipped"])

@@ -94,6 +94,25 @@ def model_args(spec: str, args: argparse.Namespace, which: str) -> argparse.Name
     return ns
 
 
+def _label(text: str, ns: argparse.Namespace) -> tuple[str, Path | None]:
+    """(a short name for tables and figures, the run directory when the model comes from a run)."""
+    from vitscope.io.runs import find_run_spec
+
+    if not ns.checkpoint:
+        return text, None
+    m = _EPOCH.match(text)
+    path = Path(m["path"] if m and Path(m["path"]).expanduser().is_dir() else text).expanduser()
+    try:
+        spec = find_run_spec(ns.checkpoint)
+    except (FileNotFoundError, ValueError):
+        spec = None
+    if spec is None:
+        return path.name, None
+    run = path.resolve() if path.is_dir() else None
+    epoch = spec.get("epoch")
+    return (f"{path.name}@{epoch}" if epoch is not None else path.name), run
+
+
 def _few_shot_indices(targets: list[int], k: int, seed: int) -> list[int]:
     from vitscope.data.subsample import first_per_class
 
@@ -154,12 +173,16 @@ def run(args: argparse.Namespace) -> int:
                                        num_workers=args.workers, collate_fn=collate_skipping_none) for ds in dsets)
         _logger.info("linear_probe: %d fit examples (%s per class) from the %s split, ridge %g (relative), scored on "
                      "the %s split", len(idx), max(shots), args.fit_split, args.ridge, args.split)
+    (label_a, run_a), (label_b, run_b) = _label(args.a, specs[0]), _label(args.b, specs[1])
+    if label_a == label_b:
+        label_a, label_b = f"{label_a} (A)", f"{label_b} (B)"
     with autocast(args, device):
-        result = compare(models[0], models[1], loaders,
+        result = compare(models[0], models[1], loaders, label_a=label_a, label_b=label_b,
                          measures=measures, layers=args.layers, names=globs(args.names), names_b=globs(args.names_b),
                          fit_loader=fit_loaders, num_classes=info.num_classes, shots=shots, ridge=args.ridge,
                          device=device, max_batches=args.max_batches, shard=True)
-    result.meta.update(model_a={**metas[0], **result.meta["model_a"]}, model_b={**metas[1], **result.meta["model_b"]},
+    result.over_training = run_a is not None and run_a == run_b
+    result.meta.update(model_name=f"{label_a} vs {label_b}", over_training=result.over_training, model_a={**metas[0], **result.meta["model_a"]}, model_b={**metas[1], **result.meta["model_b"]},
                        data=args.data, split=args.split, fit_split=args.fit_split if fit_loaders else None,
                        data_classes=info.num_classes, device=str(device), amp=args.amp, seed=args.seed)
     if not dist.is_main:

@@ -39,6 +39,21 @@ CAPTIONS: dict[str, Caption] = {
         "RAGHU: ViT representations are much more uniform across layers than ResNet's, whose CKA shows a grid "
         "(stage) pattern with clearly separated lower and higher layers.",
     ),
+    "cka_checkpoints": Caption(
+        "CKA between two checkpoints of one run",
+        "Minibatch linear CKA between every layer of the network at one epoch (rows) and at another (columns) on "
+        "the same images (vitscope compare RUN@a RUN@b); the diagonal is how much each layer changed in between.",
+        "RAGHU compare representations across training and data size: ViT's lower layers need much data (or "
+        "training) to learn local, ResNet-like representations.",
+    ),
+    "linear_probe": Caption(
+        "Few-shot linear probes per layer",
+        "Held-out accuracy of a closed-form ridge classifier onto {-1, 1} targets (ViT's few-shot protocol) fitted "
+        "on k examples per class of frozen features of each block: the class token and the global average pool "
+        "of the spatial tokens (CNNs: of the map); alpha = ridge x mean eigenvalue of the centred features.",
+        "RAGHU Fig. 12-13: class information appears late in ViT's class token but is linearly decodable from "
+        "the average pool much earlier; ResNet's pooled features gain accuracy gradually with depth.",
+    ),
     "cka_cross": Caption(
         "CKA across models",
         "Minibatch linear CKA between every layer of one model (rows) and every layer of another (columns) on "

@@ -68,6 +68,7 @@ LAYER_MEASURES: dict[str, tuple[str, ...]] = {
     "localization": ("name", "block", "accuracy"),
     "cka": (),
     "cka_cross": (),
+    "linear_probe": ("model", "layer", "normalized_depth", "readout", "shots", "accuracy"),
 }
 
 

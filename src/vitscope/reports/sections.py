@@ -81,12 +81,38 @@ def _cka(name: str, res: dict[str, Any]) -> FigureItem:
 
 
 def _cka_cross(name: str, res: dict[str, Any]) -> FigureItem:
-    other = res.get("other_model", "other model")
-    fig = F.heatmap(res["matrix"], res["layers"], res["other_layers"], f"CKA: {name} vs {other}",
-                    xlabel=f"{other} layer", ylabel=f"{name} layer")
-    rows = [{"layer": a, "other_model": other, "other_layer": b, "value": res["matrix"][i][j]}
+    """RAGHU Fig. 2: model A's layers (rows, depth up) against model B's (columns); one run at two epochs is the
+    checkpoint-to-checkpoint matrix (``vitscope compare RUN@a RUN@b``)."""
+    model, other = res.get("model", name), res.get("other_model", "other model")
+    key = "cka_checkpoints" if res.get("over_training") else "cka_cross"
+    title = f"CKA: {model} vs {other}" + (" (one run, two epochs)" if key == "cka_checkpoints" else "")
+    fig = F.heatmap(res["matrix"], res["layers"], res["other_layers"], title, xlabel=f"{other} layer",
+                    ylabel=f"{model} layer")
+    rows = [{"model": model, "layer": a, "other_model": other, "other_layer": b, "value": res["matrix"][i][j]}
             for i, a in enumerate(res["layers"]) for j, b in enumerate(res["other_layers"])]
-    return FigureItem("cka_cross", caption("cka_cross"), fig, rows)
+    examples = res.get("examples")
+    return FigureItem(key, caption(key), fig, rows, f"{examples} examples" if examples else "")
+
+
+def _linear_probe(name: str, rows: list[dict[str, Any]]) -> FigureItem:
+    """RAGHU Fig. 12-13: few-shot probe accuracy against normalized depth, one line per model, read-out and k."""
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    shots = sorted({r["shots"] for r in rows})
+    series: dict[str, tuple[list, list]] = {}
+    styles: dict[str, tuple[int, str]] = {}
+    for r in sorted(rows, key=lambda r: (models.index(r["model"]), r["readout"], r["shots"], r["normalized_depth"])):
+        label = (f"{r['model']} " if len(models) > 1 else "") + f"{r['readout']}, {r['shots']}-shot"
+        xs, ys = series.setdefault(label, ([], []))
+        xs.append(r["normalized_depth"])
+        ys.append(r["accuracy"])
+        # one colour per model and k, solid for the class token, dashed for the average pool
+        styles[label] = (models.index(r["model"]) * len(shots) + shots.index(r["shots"]),
+                         "-" if r["readout"] == "cls" else "--")
+    fig = F.lines(series, f"{name}: few-shot linear probes", "normalized depth", "held-out accuracy", logy=False,
+                  ylim=(0, 1.02), styles=styles)
+    out = [{k: r.get(k) for k in ("model", "layer", "depth", "normalized_depth", "readout", "shots", "accuracy",
+                                  "alpha")} for r in rows]
+    return FigureItem("linear_probe", caption("linear_probe"), fig, out)
 
 
 def _per_head(key: str, name: str, rows: list[dict[str, Any]], ylabel: str, bound: bool = False) -> FigureItem:
@@ -238,11 +264,12 @@ def probe_items(run: RunData, notes: list[str] | None = None) -> list[FigureItem
                                                     "feature map variance")),
         ("lesion", lambda: [_lesion(name, p["lesion"]["rows"])]),
         ("localization", lambda: [_localization(name, p["localization"]["rows"])]),
+        ("linear_probe", lambda: [_linear_probe(name, p["linear_probe"]["rows"])]),
     ]
     for key, build in builders:
         if key in p and (p[key].get("rows") or key.startswith("cka")):
             try:
-                if key not in ("cka", "cka_cross", "ratio_of_norms", "lesion", "localization"):
+                if key not in ("cka", "cka_cross", "ratio_of_norms", "lesion", "localization", "linear_probe"):
                     _check_values(p[key]["rows"])
                 items += build()
             except _Missing as e:

@@ -1,0 +1,173 @@
+"""Cross-model minibatch CKA of a ViT and a ResNet, end to end on the same images: vitscope.compare vs torch-cka's
+``CKA(model1, model2).compare(loader1, loader2)`` and ckatorch's ``CKA(first_model, second_model)``.
+
+Both models are random-init timm models (no download): ``vit_tiny_patch16_224`` at 64 px (12 blocks, 17 x 192
+features) and ``resnet18`` at 48 px (8 blocks); the ViT sees the images at 64 px and the ResNet the same images
+resized to 48 px, through two loaders over one tensor set (torch-cka's ``dataloader2``). Every method runs the
+two forwards itself, so each time includes them; the forwards alone (no hook) are timed too and subtracted to
+give the time each method spends on CKA. Agreement: every matrix against a float64 numpy computation of the
+METHODS.md formula on the block outputs, taken with plain forward hooks.
+
+    python benchmarks/bench_compare.py              # 1,000 images, batches of 100
+    python benchmarks/bench_compare.py --quick      # 300 images
+"""
+from __future__ import annotations
+
+import argparse
+import time
+import warnings
+
+import numpy as np
+import timm
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+import vitscope
+
+
+def build(seed: int) -> tuple[torch.nn.Module, torch.nn.Module]:
+    torch.manual_seed(seed)
+    vit = timm.create_model("vit_tiny_patch16_224", img_size=64).eval()
+    cnn = timm.create_model("resnet18").eval()
+    return vit, cnn
+
+
+def block_names(vit: torch.nn.Module, cnn: torch.nn.Module) -> tuple[list[str], list[str]]:
+    return ([f"blocks.{i}" for i in range(len(vit.blocks))],
+            [f"layer{s}.{b}" for s in range(1, 5) for b in range(len(getattr(cnn, f"layer{s}")))])
+
+
+def loaders(n: int, batch: int, seed: int) -> tuple[DataLoader, DataLoader]:
+    g = torch.Generator().manual_seed(seed)
+    x64 = torch.randn(n, 3, 64, 64, generator=g)
+    x48 = F.interpolate(x64, size=48, mode="bilinear", align_corners=False)
+    y = torch.zeros(n, dtype=torch.long)
+    return (DataLoader(TensorDataset(x64, y), batch_size=batch),
+            DataLoader(TensorDataset(x48, y), batch_size=batch))
+
+
+def features(model: torch.nn.Module, names: list[str], loader: DataLoader) -> list[list[np.ndarray]]:
+    """Per batch, per layer: (n, D) float64 block outputs by plain forward hooks."""
+    out: list[list[np.ndarray]] = []
+    cur: list[np.ndarray] = []
+    hs = [model.get_submodule(n).register_forward_hook(lambda _m, _i, o: cur.append(o.double().flatten(1).numpy()))
+          for n in names]
+    with torch.no_grad():
+        for x, _ in loader:
+            cur = []
+            model(x)
+            out.append(cur)
+    for h in hs:
+        h.remove()
+    return out
+
+
+def reference(fa: list[list[np.ndarray]], fb: list[list[np.ndarray]]) -> np.ndarray:
+    """METHODS.md: per batch unbiased HSIC_1 (term by term), summed, then normalized."""
+    def hsic(K: np.ndarray, L: np.ndarray) -> float:
+        n = K.shape[0]
+        t = (K * L).sum() + K.sum() * L.sum() / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * (K.sum(0) @ L.sum(1))
+        return t / (n * (n - 3))
+
+    La, Lb = len(fa[0]), len(fb[0])
+    xy, xx, yy = np.zeros((La, Lb)), np.zeros(La), np.zeros(Lb)
+    for ba, bb in zip(fa, fb):
+        Ks = [f @ f.T for f in ba]
+        Ls = [f @ f.T for f in bb]
+        for K in Ks + Ls:
+            np.fill_diagonal(K, 0.0)
+        for i in range(La):
+            xx[i] += hsic(Ks[i], Ks[i])
+            for j in range(Lb):
+                xy[i, j] += hsic(Ks[i], Ls[j])
+        for j in range(Lb):
+            yy[j] += hsic(Ls[j], Ls[j])
+    return xy / np.sqrt(np.outer(xx, yy))
+
+
+def run_forwards(vit, cnn, la, lb) -> None:
+    with torch.no_grad():
+        for (xa, _), (xb, _) in zip(la, lb):
+            vit(xa)
+            cnn(xb)
+
+
+def run_vitscope(vit, cnn, la, lb) -> torch.Tensor:
+    return vitscope.compare(vit, cnn, (la, lb), progress=False).cka
+
+
+def run_torch_cka(vit, cnn, la, lb) -> torch.Tensor:
+    from torch_cka import CKA
+
+    na, nb = block_names(vit, cnn)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cka = CKA(vit, cnn, "vit", "resnet", model1_layers=na, model2_layers=nb)
+        with torch.no_grad():
+            cka.compare(la, lb)
+    return cka.export()["CKA"]
+
+
+def run_ckatorch(vit, cnn, la, lb) -> torch.Tensor:
+    """ckatorch's two-model class: one loader for both models (no second loader), so the ResNet gets 64 px here."""
+    from ckatorch import CKA
+
+    na, nb = block_names(vit, cnn)
+    images = DataLoader(TensorDataset(la.dataset.tensors[0]), batch_size=la.batch_size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cka = CKA(vit, cnn, na, nb, first_name="vit", second_name="resnet")
+        return cka(images, epochs=1)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--examples", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--quick", action="store_true", help="300 examples")
+    p.add_argument("--skip", nargs="*", default=[], help="methods to skip: torch-cka ckatorch")
+    args = p.parse_args()
+    n = 300 if args.quick else args.examples
+    if n % args.batch_size:
+        p.error("--examples must be a multiple of --batch-size (torch-cka weights every batch equally)")
+    la, lb = loaders(n, args.batch_size, seed=0)
+    vit, cnn = build(seed=0)
+    na, nb = block_names(vit, cnn)
+    print(f"vit_tiny_patch16_224 @64 px ({len(na)} blocks) vs resnet18 @48 px ({len(nb)} blocks), {n} images in "
+          f"batches of {args.batch_size}; torch {torch.__version__}, {torch.get_num_threads()} threads")
+    t0 = time.perf_counter()
+    ref = reference(features(vit, na, la), features(cnn, nb, lb))
+    print(f"numpy float64 reference in {time.perf_counter() - t0:.1f} s")
+
+    methods = {"forwards only": run_forwards, "vitscope": run_vitscope, "torch-cka": run_torch_cka,
+               "ckatorch": run_ckatorch}
+    results = {}
+    for name, fn in methods.items():
+        if name in args.skip:
+            continue
+        a, b = build(seed=0)  # fresh models: the peers leave their hooks installed
+        t0, c0 = time.perf_counter(), time.process_time()
+        try:
+            out = fn(a, b, la, lb)
+        except Exception as err:  # noqa: BLE001 - a peer that cannot do it is a result
+            print(f"{name:14s} failed: {type(err).__name__}: {str(err).splitlines()[0][:150]}")
+            continue
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        err = None if out is None else float(np.abs(out.double().numpy() - ref).max())
+        results[name] = (wall, cpu)
+        print(f"{name:14s} wall {wall:7.2f} s  cpu {cpu:7.2f} s" +
+              ("" if err is None else f"  max |CKA - ref| = {err:.1e}"))
+    if "vitscope" not in results:
+        return
+    fw, fc = results.get("forwards only", (0.0, 0.0))
+    vw, vc = results["vitscope"]
+    for name, (w, c) in results.items():
+        if name in ("vitscope", "forwards only"):
+            continue
+        print(f"{name} / vitscope: end to end wall {w / vw:.1f}x, cpu {c / vc:.1f}x; CKA part (forwards subtracted) "
+              f"wall {(w - fw) / max(vw - fw, 1e-9):.1f}x, cpu {(c - fc) / max(vc - fc, 1e-9):.1f}x")
+
+
+if __name__ == "__main__":
+    main()
