@@ -184,7 +184,7 @@ def test_cli_compare_vit_32px_with_resnet_176px(tmp_path, capsys):
     from vitscope.cli import main
 
     out = tmp_path / "cmp"
-    rc = main(["compare", "test_vit_cifar", "resnet10t", "--data", "fake:n=48,classes=3", "--batch-size", "5",
+    rc = main(["compare", "test_vit_cifar", "resnet10t", "--data", "fake:n=48,classes=3", "--batch-size", "5", "-j", "0",
                "--measures", "cka,linear_probe", "--shots", "2,4", "--preprocess", "model", "--device", "cpu",
                "--out", str(out)])
     assert rc == 0, capsys.readouterr().err
@@ -231,20 +231,21 @@ def test_cli_compare_one_run_at_two_epochs(tmp_path, capsys):
 
     run = tmp_path / "run"
     assert main(["train", "--config", "cpu-quick", "--model", "test_vit_cifar", "--data", "fake:n=48,classes=3",
-                 "--out", str(run), "epochs=2", "batch_size=16", "img_size=16", "keep_epochs=1", "progress=false",
+                 "--out", str(run), "epochs=3", "batch_size=16", "img_size=16", "keep_epochs=1", "progress=false",
                  "lr=3e-3"]) == 0
     assert sorted(p.name for p in (run / "checkpoints" / "kept").iterdir()) == \
-        ["epoch-0000.safetensors", "epoch-0001.safetensors"]
-    assert epoch_weights(run, "last").samefile(epoch_weights(run, 1))
-    with pytest.raises(FileNotFoundError, match=r"holds epochs \[0, 1\]"):
+        ["epoch-0000.safetensors", "epoch-0001.safetensors", "epoch-0002.safetensors"]
+    assert epoch_weights(run, "last").samefile(epoch_weights(run, 2))
+    assert epoch_weights(run, 0).parent.name == "kept"  # its checkpoint is gone (the last two are kept)
+    with pytest.raises(FileNotFoundError, match=r"holds epochs \[0, 1, 2\]"):
         epoch_weights(run, 7)
     out = tmp_path / "over-training"
-    assert main(["compare", f"{run}@0", f"{run}@last", "--data", "fake:n=48,classes=3", "--batch-size", "6",
+    assert main(["compare", f"{run}@0", f"{run}@last", "--data", "fake:n=48,classes=3", "--batch-size", "6", "-j", "0",
                  "--device", "cpu", "--out", str(out)]) == 0, capsys.readouterr().err
     res = json.loads((out / "results.json").read_text())
     meta = json.loads((out / "meta.json").read_text())
     a, b = meta["model_a"], meta["model_b"]
-    assert res["cka_cross"]["over_training"] and (a["label"], b["label"]) == ("run@0", "run@1")
+    assert res["cka_cross"]["over_training"] and (a["label"], b["label"]) == ("run@0", "run@2")
     assert a["checkpoint"].endswith("epoch-0000.safetensors") and b["checkpoint"].endswith("model.safetensors")
     assert a["preprocessing"]["input_size"] == [3, 16, 16] == b["preprocessing"]["input_size"]
     html = tmp_path / "report.html"
@@ -253,7 +254,7 @@ def test_cli_compare_one_run_at_two_epochs(tmp_path, capsys):
     m = np.array(res["cka_cross"]["matrix"])
     assert m.shape == (2, 2) and not np.allclose(np.diag(m), 1.0, atol=1e-9)  # the weights changed
     same = tmp_path / "same"
-    assert main(["compare", f"{run}@1", str(run), "--data", "fake:n=48,classes=3", "--batch-size", "6",
+    assert main(["compare", f"{run}@2", str(run), "--data", "fake:n=48,classes=3", "--batch-size", "6", "-j", "0",
                  "--device", "cpu", "--out", str(same)]) == 0
     np.testing.assert_allclose(np.diag(json.loads((same / "results.json").read_text())["cka_cross"]["matrix"]), 1.0,
                                atol=1e-12)

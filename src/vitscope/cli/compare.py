@@ -10,6 +10,7 @@ from pathlib import Path
 from vitscope.cli import CLIError
 from vitscope.cli._common import (
     SPLITS,
+    WORKERS,
     autocast,
     build_model,
     check_classes,
@@ -37,10 +38,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "run kept: its latest, @best, or one of checkpoints/kept/ with keep_epochs)")
     p.add_argument("b", metavar="B", help="model B, as A (B = RUN@3 with A = RUN@last compares a run over training)")
     p.add_argument("--pretrained", action="store_true", help="load timm's pretrained weights for A and B given by name")
-    p.add_argument("--data", default="elpv", help="data spec: fake, elpv, cifar10:PATH, imagefolder:PATH ...")
+    p.add_argument("--data", required=True,
+                   help="data spec: elpv (embedded solar-cell images), fake, cifar10:PATH, imagefolder:PATH ...")
     p.add_argument("--split", default="val", choices=SPLITS, help="the compared (held-out) examples")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=0, help="data loader worker processes (default 0)")
+    p.add_argument("-b", "--batch-size", type=int, default=64)
+    p.add_argument("-j", "--workers", type=int, default=WORKERS,
+                   help="data loader worker processes (default: 4 as timm, at most the CPUs available)")
     p.add_argument("--max-batches", type=int)
     p.add_argument("--measures", default="cka", help=f"comma-separated: {', '.join(COMPARE_MEASURES)}")
     p.add_argument("--layers", default="blocks", choices=LAYER_SELECTIONS,
@@ -57,8 +60,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--preprocess", default="auto", choices=("auto", "model", "data"),
                    help="each model's eval preprocessing: auto (hub weights: the model's pretrained_cfg; a run: what "
                    "it recorded; else the data's statistics at the model's input size), model or data")
-    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--amp", default="none", choices=("none", "bf16"), help="bf16: forwards under torch.autocast")
+    p.add_argument("--use-ema", action="store_true", help="the EMA weights of runs trained with model_ema=true")
+    p.add_argument("--device", default="auto", help="auto (default: cuda if available, else cpu), cpu, cuda ...")
+    p.add_argument("--amp", nargs="?", const="bf16", default="none", choices=("none", "bf16"),
+                   help="run the forward passes under torch.autocast in bfloat16; CKA is still reduced in float64")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output directory")
     p.set_defaults(func=run)
@@ -79,7 +84,8 @@ def model_args(spec: str, args: argparse.Namespace, which: str) -> argparse.Name
     commands' ``build_model`` and ``resolve_preprocessing`` (one loader and one resolver for every command)."""
     ns = argparse.Namespace(model=None, pretrained=False, checkpoint=None, img_size=None, mean=None, std=None,
                             interpolation=None, crop_pct=None, preprocess=args.preprocess, seed=args.seed,
-                            data=args.data)
+                            data=args.data, use_ema=args.use_ema, split=args.split, batch_size=args.batch_size,
+                            workers=args.workers, out=args.out, device=args.device)
     m = _EPOCH.match(spec)
     if m and Path(m["path"]).expanduser().is_dir():
         ns.checkpoint = str(_epoch_weights(Path(m["path"]).expanduser(), m["epoch"]))

@@ -273,6 +273,10 @@ def rewind(run_dir: str | os.PathLike, epoch: int) -> Path:
     newer = [path for e, path in epoch_dirs(run_dir) if e > epoch]
     for path in newer:
         _discard(path)
+    for path in (run_dir / CHECKPOINTS_DIR / KEPT_DIR).glob(f"{EPOCH_PREFIX}*.safetensors"):  # keep_epochs
+        with contextlib.suppress(ValueError):
+            if int(path.stem[len(EPOCH_PREFIX):]) > epoch:  # weights of the abandoned epochs
+                path.unlink()
     if newer:
         _logger.warning("resuming %s from epoch %d: removed the newer checkpoint(s) %s", run_dir, epoch,
                         ", ".join(p.name for p in newer))
