@@ -184,9 +184,9 @@ def test_cli_compare_vit_32px_with_resnet_176px(tmp_path, capsys):
     from vitscope.cli import main
 
     out = tmp_path / "cmp"
-    rc = main(["compare", "test_vit_cifar", "resnet10t", "--data", "fake:n=48,classes=3", "--batch-size", "5", "-j", "0",
-               "--measures", "cka,linear_probe", "--shots", "2,4", "--preprocess", "model", "--device", "cpu",
-               "--out", str(out)])
+    rc = main(["compare", "test_vit_cifar", "resnet10t", "--data", "fake:n=48,classes=3", "--batch-size", "5",
+               "-j", "0", "--measures", "cka,linear_probe", "--shots", "2,4", "--preprocess", "model",
+               "--device", "cpu", "--out", str(out)])
     assert rc == 0, capsys.readouterr().err
     res = json.loads((out / "results.json").read_text())
     meta = json.loads((out / "meta.json").read_text())

@@ -140,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
     if unknown or not measures:
         raise CLIError(f"--measures: unknown {unknown}; choose from {list(COMPARE_MEASURES)}" if unknown else
                        f"--measures {args.measures!r} names no measure; choose from {list(COMPARE_MEASURES)}")
-    check_positive(batch_size=args.batch_size, max_batches=args.max_batches)
+    check_positive(batch_size=args.batch_size, max_batches=args.max_batches)  # (--ridge etc.: cli/_checks.py)
     if args.workers < 0:
         raise CLIError(f"--workers must be >= 0, got {args.workers}")
     try:
@@ -149,8 +149,6 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"--shots must be comma-separated positive integers, got {args.shots!r}") from None
     if not shots or shots[0] < 1:
         raise CLIError(f"--shots must be comma-separated positive integers, got {args.shots!r}")
-    if not args.ridge > 0 or args.ridge != args.ridge or args.ridge == float("inf"):
-        raise CLIError(f"--ridge must be a positive finite number, got {args.ridge}")
     check_out(args.out)
     globs = lambda text: [g.strip() for g in text.split(",") if g.strip()] if text else None  # noqa: E731
     specs = [model_args(args.a, args, "A"), model_args(args.b, args, "B")]
@@ -188,7 +186,8 @@ def run(args: argparse.Namespace) -> int:
                          fit_loader=fit_loaders, num_classes=info.num_classes, shots=shots, ridge=args.ridge,
                          device=device, max_batches=args.max_batches, shard=True)
     result.over_training = run_a is not None and run_a == run_b
-    result.meta.update(model_name=f"{label_a} vs {label_b}", over_training=result.over_training, model_a={**metas[0], **result.meta["model_a"]}, model_b={**metas[1], **result.meta["model_b"]},
+    result.meta.update(model_name=f"{label_a} vs {label_b}", over_training=result.over_training,
+                       model_a={**metas[0], **result.meta["model_a"]}, model_b={**metas[1], **result.meta["model_b"]},
                        data=args.data, split=args.split, fit_split=args.fit_split if fit_loaders else None,
                        data_classes=info.num_classes, device=str(device), amp=args.amp, seed=args.seed)
     if not dist.is_main:
