@@ -364,7 +364,7 @@ def paired_test(a: Sequence[float], b: Sequence[float], paired: bool = True) -> 
         min_exact = _min_exact_p(n, False)
         exact_name = "exact permutation"
     if _no_spread(se, vals):
-        p_t = 1.0 if mean == 0 else 0.0  # t is infinite (or 0/0): the exact test decides
+        p_t = nan  # t is infinite (or 0/0): the exact test decides
         p = 1.0 if mean == 0 else exact
         method = f"{exact_name} (no spread)"
         note = "every seed gave the same value: t is undefined, the exact test decides"
