@@ -20,9 +20,8 @@ from torch.utils.data import DataLoader, TensorDataset
 import vitscope
 from _helpers import assert_close_tree
 from vitscope.curvature import eigenvalue_spectrum, loss_landscape
-from vitscope.distributed import shard_batches
+from vitscope.distributed import DistInfo, shard_batches
 from vitscope.robustness import evaluate_cifar_c, evaluate_robustness
-from vitscope.training.distributed import DistInfo
 
 N, BATCH = 37, 8
 PROBE = ["attention_entropy", "attention_distance", "cka", "ratio_of_norms", "fourier", "feature_variance"]

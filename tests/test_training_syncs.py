@@ -20,9 +20,9 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 
 from _helpers import count_host_reads, register_nan_model
+from vitscope.distributed import DistInfo
 from vitscope.training import NonFiniteLossError, resolve_config, train, train_one_epoch
 from vitscope.training.checkpoint import latest_checkpoint, read_jsonl
-from vitscope.training.distributed import DistInfo
 from vitscope.training.engine import NONFINITE_CHECK_EVERY
 
 # Tensor methods that copy device data to the host (each a sync on a GPU).

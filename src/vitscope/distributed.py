@@ -1,4 +1,8 @@
-"""The analyses on ``torch.distributed``: rank / world size, batch sharding, and gathers.
+"""The one layer over ``torch.distributed``: process-group set-up, rank / world size, batch sharding, sums and
+gathers, for the training (DDP) and the analyses.
+
+``torchrun --nproc_per_node N -m vitscope train ...`` sets RANK / WORLD_SIZE / LOCAL_RANK; the training joins
+with ``init_distributed`` (NCCL on CUDA, gloo on CPU) and wraps its model in DDP.
 
 ``torchrun --nproc_per_node N -m vitscope probe|hessian|robustness|landscape`` (and ``reproduce``) gives each
 rank the *global* batches ``rank, rank + N, rank + 2N, ...`` of the one-process loader (``shard_batches``): a
@@ -6,7 +10,7 @@ batch keeps its composition and its global index (per-batch seeds, minibatch CKA
 per batch), no example is counted twice (no ``DistributedSampler`` padding) and none is dropped. The
 additive states are then summed over the ranks (``StreamingMeasure.sync``, ``all_reduce_sum``) or gathered
 (``all_gather_objects``), and rank 0 alone writes. Process-group set-up: gloo on a CPU
-(``vitscope.training.distributed.init_distributed``); on CUDA one group with NCCL for CUDA tensors and gloo for
+(``init_distributed``); on CUDA one group with NCCL for CUDA tensors and gloo for
 CPU ones (a measure's Python-number counts live on the CPU). The CUDA path has not run yet (no GPU so far).
 """
 from __future__ import annotations
@@ -14,18 +18,57 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterable, Iterator, Sized
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Sampler
 
-from vitscope.training.distributed import DistInfo, cleanup_distributed, init_distributed
-
 _logger = logging.getLogger(__name__)
 
-__all__ = ["DistInfo", "init_from_env", "rank_device", "cleanup_distributed", "current", "is_main", "shard_batches",
-           "global_batch_count", "all_reduce_sum", "all_gather_objects"]
+__all__ = ["DistInfo", "init_distributed", "init_from_env", "rank_device", "cleanup_distributed", "current",
+           "is_main", "shard_batches", "global_batch_count", "all_reduce_sum", "all_gather_objects", "barrier"]
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """This process' place in the process group (rank 0 of 1 without one)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    owns_group: bool = False  # this process initialized the group (and must destroy it)
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_type: str) -> DistInfo:
+    """Join the process group described by the ``torchrun`` environment (or the one already open)."""
+    if dist.is_available() and dist.is_initialized():
+        return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if world_size <= 1:
+        return DistInfo()
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0))
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    if device_type == "cuda":
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group(backend=backend)
+    _logger.info("distributed: rank %d of %d (%s)", rank, world_size, backend)
+    return DistInfo(rank, world_size, local_rank, owns_group=True)
+
+
+def cleanup_distributed(info: DistInfo) -> None:
+    """Destroy the process group if this process opened it."""
+    if info.owns_group and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def init_from_env(device: str | torch.device | None = None) -> DistInfo:
@@ -141,9 +184,10 @@ def shard_batches(loader: Iterable, max_batches: int | None = None, info: DistIn
             yield i, batch
 
 
-def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
-    """Sum of ``values`` over the ranks, in place (identity without a process group)."""
-    if not current().distributed:
+def all_reduce_sum(values: torch.Tensor, info: DistInfo | None = None) -> torch.Tensor:
+    """Sum of ``values`` over the ranks, in place (identity without a process group, or when ``info`` says this
+    process runs alone)."""
+    if not (info or current()).distributed:
         return values
     if dist.get_backend() == "nccl" and values.device.type != "cuda":  # NCCL reduces CUDA tensors only
         reduced = values.to(torch.device("cuda", torch.cuda.current_device()))
@@ -162,3 +206,9 @@ def all_gather_objects(obj: Any) -> list[Any]:
     out: list[Any] = [None] * info.world_size
     dist.all_gather_object(out, obj)
     return out
+
+
+def barrier(info: DistInfo | None = None) -> None:
+    """Wait for every rank (nothing to wait for without a process group)."""
+    if (info or current()).distributed:
+        dist.barrier()

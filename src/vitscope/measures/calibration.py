@@ -175,8 +175,8 @@ class Calibration(StreamingMeasure):
         if not (dist.is_available() and dist.is_initialized()):
             return self
         if self._states is None and not self._synced:  # no batch here: zero sums on the backend's device
-            device = (torch.device("cuda", torch.cuda.current_device())
-                      if dist.get_backend(group) == "nccl" else torch.device("cpu"))
+            device = (torch.device("cuda", torch.cuda.current_device())  # as the other ranks' (CUDA) sums
+                      if "nccl" in str(dist.get_backend(group)) else torch.device("cpu"))
             zeros = torch.zeros(self.n_bins, dtype=torch.float64, device=device)
             scalar = torch.zeros((), dtype=torch.float64, device=device)
             self._accumulate([{"count": zeros, "correct": zeros, "conf_sum": zeros, "nll": scalar,

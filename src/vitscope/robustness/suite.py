@@ -50,7 +50,6 @@ def check_suite(suite: Iterable[str], allow_empty: bool = False) -> list[str]:
     return names
 
 
-@torch.no_grad()
 class RobustnessResult(dict):
     """``evaluate_robustness``'s JSON-ready dict, with a notebook's views of it."""
 
@@ -70,6 +69,7 @@ class RobustnessResult(dict):
         return report_figure(title, key, robustness=dict(self))
 
 
+@torch.no_grad()
 def evaluate_robustness(
     model: nn.Module,
     loader: Iterable,

@@ -37,11 +37,11 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from tqdm import tqdm
 
 from vitscope.data.local import collate_skipping_none
+from vitscope.distributed import DistInfo, all_reduce_sum, barrier, cleanup_distributed, init_distributed
 from vitscope.measures.calibration import Calibration
 from vitscope.runtime import autocast, resolve_device
 from vitscope.training import checkpoint as ckpt
 from vitscope.training.config import TrainConfig, config_from_dict, config_to_dict, resolve_config, save_config
-from vitscope.training.distributed import DistInfo, all_reduce_sum, barrier, cleanup_distributed, init_distributed
 from vitscope.training.probes import run_probes
 from vitscope.training.sam import SAM
 
