@@ -641,4 +641,8 @@ def probe(
         extra = a.extra()
         if extra:
             result.extras[name] = extra
+    used = {name: int(extra["examples"]) for name, extra in result.extras.items()
+            if isinstance(extra, dict) and "examples" in extra and int(extra["examples"]) != result.meta["examples"]}
+    if used:  # a measure that skipped batches (CKA: n <= 3) says how many examples it is computed on
+        result.meta["examples_by_measure"] = used
     return result

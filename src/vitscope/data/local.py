@@ -309,10 +309,11 @@ class CheckedImageFolder(datasets.ImageFolder):
             self.samples = self.imgs = kept
             self.targets = [t for _, t in kept]
         others = self.non_images
-        if others or self.skipped:
-            example = f"; e.g. {self.skipped[0][0]}: {self.skipped[0][1]}" if self.skipped else ""
-            _logger.warning("imagefolder %s: skipped %d non-image file(s)%s and %d unreadable image(s)%s", root,
-                            len(others), f" (e.g. {others[0]})" if others else "", len(self.skipped), example)
+        parts = ([f"{len(others)} non-image file(s) (e.g. {others[0]})"] if others else []) + \
+            ([f"{len(self.skipped)} unreadable image(s); e.g. {self.skipped[0][0]}: {self.skipped[0][1]}"]
+             if self.skipped else [])
+        if parts:  # only what was skipped, each with an example
+            _logger.warning("imagefolder %s: skipped %s", root, " and ".join(parts))
         if self.refused_links:
             link, why = self.refused_links[0]
             _logger.warning("imagefolder %s: did not follow %d directory link(s) (e.g. %s: %s); labels come from "

@@ -155,6 +155,7 @@ _SPEC_FIELDS: dict[str, tuple[str, Any]] = {  # key -> (what it must be, check)
     "data_options": ("a mapping", lambda v: isinstance(v, dict)),
     "pretrained": ("true or false", lambda v: isinstance(v, bool)),
     "preprocessing": ("a mapping or null", lambda v: v is None or isinstance(v, dict)),
+    "precision": ("float32, bfloat16 or float16", lambda v: v in ("float32", "bfloat16", "float16")),
 }
 _INFO_FIELDS: dict[str, tuple[str, Any]] = {
     "step": ("a non-negative integer", _is_int),
@@ -394,7 +395,8 @@ def run_model_spec(run_dir: str | os.PathLike) -> dict[str, Any]:
     ``RUN/checkpoints/epoch-N/model.safetensors``; that file is then the one returned). Returns
     ``{"model": str, "model_kwargs": dict, "img_size": int | None, "num_classes": int, "data": str | None,
     "data_options": dict, "create_kwargs": dict, "pretrained": bool, "weights": Path, "epoch": int | None}``
-    (``pretrained``: the run started from timm's hub weights), plus ``preprocessing`` for runs that recorded it:
+    (``pretrained``: the run started from timm's hub weights), plus ``precision`` (what it trained in: float32 when
+    ``amp`` was asked for on a CPU) and ``preprocessing`` for runs that recorded them:
     the validation preprocessing in timm's data-config keys with ``source`` and ``overridden``
     (``vitscope.training.engine.resolve_preprocessing``); ``create_kwargs``
     are the keyword arguments of ``vitscope.create_model(model, **create_kwargs)`` that build the trained

@@ -587,6 +587,7 @@ def _setup(cfg: TrainConfig, device: torch.device, info: DistInfo, resume: bool)
         else:
             amp_dtype = torch.bfloat16 if cfg.amp == "bf16" else torch.float16
             scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
+    spec["precision"] = str(amp_dtype or torch.float32).removeprefix("torch.")  # what it trains in, not asked for
     if cfg.channels_last and device.type != "cuda":
         _logger.warning("channels_last is used on CUDA only; ignored on %s", device)
     if cfg.sam_rho > 0 and scaler is not None:
@@ -900,7 +901,8 @@ def _fit(run: _Run, state: dict | None) -> dict[str, Any]:
     if writer is not None:
         writer.close()
     return {**last, "best_val_top1": best if best > -math.inf else None, "run_dir": str(run.run_dir),
-            "epochs": run.total_epochs, "best_epoch": es.best_epoch if es.best_epoch >= 0 else None,
+            "epochs": run.total_epochs, "precision": run.spec["precision"],
+            "best_epoch": es.best_epoch if es.best_epoch >= 0 else None,
             "best_val_nll": es.best if es.best_epoch >= 0 else None, "stopped_early": es.stop,
             "early_stop_counting_from": es.counting_from if es.counting_from >= 0 else None}
 
