@@ -25,11 +25,13 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import vitscope
 
+CNN = "resnet18"  # --cnn
+
 
 def build(seed: int) -> tuple[torch.nn.Module, torch.nn.Module]:
     torch.manual_seed(seed)
     vit = timm.create_model("vit_tiny_patch16_224", img_size=64).eval()
-    cnn = timm.create_model("resnet18").eval()
+    cnn = timm.create_model(CNN).eval()
     return vit, cnn
 
 
@@ -110,7 +112,8 @@ def run_torch_cka(vit, cnn, la, lb) -> torch.Tensor:
 
 
 def run_ckatorch(vit, cnn, la, lb) -> torch.Tensor:
-    """ckatorch's two-model class: one loader for both models (no second loader), so the ResNet gets 64 px here."""
+    """ckatorch's two-model class: one loader for both models (no second loader), so the ResNet gets 64 px here
+    (its hooks then fail on the ResNet's 4-D outputs: cka_batch takes (batches, n, features))."""
     from ckatorch import CKA
 
     na, nb = block_names(vit, cnn)
@@ -127,14 +130,17 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--quick", action="store_true", help="300 examples")
     p.add_argument("--skip", nargs="*", default=[], help="methods to skip: torch-cka ckatorch")
+    p.add_argument("--cnn", default="resnet18", help="timm ResNet for model B, e.g. resnet50 (16 blocks)")
     args = p.parse_args()
+    global CNN
+    CNN = args.cnn
     n = 300 if args.quick else args.examples
     if n % args.batch_size:
         p.error("--examples must be a multiple of --batch-size (torch-cka weights every batch equally)")
     la, lb = loaders(n, args.batch_size, seed=0)
     vit, cnn = build(seed=0)
     na, nb = block_names(vit, cnn)
-    print(f"vit_tiny_patch16_224 @64 px ({len(na)} blocks) vs resnet18 @48 px ({len(nb)} blocks), {n} images in "
+    print(f"vit_tiny_patch16_224 @64 px ({len(na)} blocks) vs {CNN} @48 px ({len(nb)} blocks), {n} images in "
           f"batches of {args.batch_size}; torch {torch.__version__}, {torch.get_num_threads()} threads")
     t0 = time.perf_counter()
     ref = reference(features(vit, na, la), features(cnn, nb, lb))

@@ -28,6 +28,8 @@ COMMANDS = {
                    "--suite", "calibration,occlusion,fgsm", "--eps", "2/255", "--no-plots", "--no-progress"],
     "landscape": ["landscape", "--model", "test_vit_cb", "--data", DATA, "--split", "val", "--batch-size", "8",
                   "--batches", "5", "--dims", "1", "--steps", "3", "--no-progress"],
+    "compare": ["compare", "test_vit_cb", "test_resnet_cifar", "--data", DATA, "--batch-size", "8", "-j", "0",
+                "--measures", "cka,linear_probe", "--shots", "2"],
 }
 DRIVER = """
 import sys
@@ -91,3 +93,11 @@ def test_torchrun_two_processes_write_the_one_process_tables(tmp_path):
     assert l1["examples_per_rank"] == [37] and l1["n_examples"] == l2["n_examples"] == 37
     np.testing.assert_allclose(l2["loss"], l1["loss"], rtol=1e-12)
     assert l2["accuracy"] == l1["accuracy"]
+
+    # compare: the (La x Lb) HSIC sums and the probes' correct counts add over the ranks (float64 sums in another
+    # order: ~1e-15); every rank fits the same probe on the same fit examples
+    c1, c2 = _load(one / "compare", "results.json"), _load(ddp / "compare", "results.json")
+    m1, m2 = _load(one / "compare", "meta.json"), _load(ddp / "compare", "meta.json")
+    assert m2["world_size"] == 2 and m1["examples"] == m2["examples"] == 37
+    np.testing.assert_allclose(c2["cka_cross"]["matrix"], c1["cka_cross"]["matrix"], rtol=0, atol=1e-12)
+    assert [r["accuracy"] for r in c2["linear_probe"]["rows"]] == [r["accuracy"] for r in c1["linear_probe"]["rows"]]
