@@ -22,6 +22,7 @@ FINDINGS = {
     "hdvw-fourier-variance": {1, 2, 4},
     "hdvw-hessian": {3},
     "raghu-cka-distance": {5, 6, 7},
+    "raghu-localization": {7},
     "alternet-small-data": {12},
 }
 
@@ -37,6 +38,7 @@ def test_shipped_studies_and_their_findings():
 
 
 LIGHT = {"eval_examples": 32, "hessian": {"k": 1, "max_batches": 1, "max_iter": 40, "batch_size": 8},
+         "localization": {"max_batches": 2, "epochs": 5},
          "frequency": {"freqs": [0.2, 0.8, 1.0]}}  # a low and two high bands (freq_drop_balanced)
 
 
@@ -260,6 +262,11 @@ def test_issue20_metrics_by_hand():
                                              for d, v in enumerate([9.0, 1.0, 2.0, 3.0, 4.0])]}}}
     assert (compute_metric("nonlocality:early", nl), compute_metric("nonlocality:late", nl)) == \
         pytest.approx((1.5, 3.5))
+    loc = {"localization": {"rows": [{"block": b, "depth": b / 3, "accuracy": acc, "chance": 1 / 64}
+                                     for b, acc in enumerate([0.9, 0.8, 0.5, 0.3])]}}
+    assert compute_metric("localization:last", loc) == pytest.approx(0.3 - 1 / 64)
+    assert compute_metric("localization:late", loc) == pytest.approx(0.4 - 1 / 64)
+    assert compute_metric("localization:early", loc) == pytest.approx(0.85 - 1 / 64)
     fb = {"frequency_balanced": {"freqs": [0.1, 0.3, 0.5, 0.7, 1.0], "drop": [0.01, 0.03, 0.2, 0.1, 0.3]}}
     assert compute_metric("freq_drop_balanced:high", fb) == pytest.approx(0.2)
     assert compute_metric("freq_drop_balanced:low", fb) == pytest.approx(0.02)

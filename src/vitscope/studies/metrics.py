@@ -21,7 +21,7 @@ __all__ = ["METRICS", "Metric", "compute_metric", "metric_needs", "parse_metric"
 @dataclass(frozen=True)
 class Metric:
     fn: Callable[[dict[str, Any], str], float]
-    needs: tuple[str, ...]  # "eval", "hessian", "frequency", "train_probes", or "probe:<measure>"
+    needs: tuple[str, ...]  # "eval", "hessian", "frequency", "localization", "train_probes", or "probe:<measure>"
     doc: str
 
 
@@ -295,6 +295,21 @@ def _freq_drop_balanced(a: dict[str, Any], arg: str) -> float:
     raise ValueError(f"freq_drop_balanced takes high, low or selectivity, got {arg!r}")
 
 
+def _localization(a: dict[str, Any], arg: str) -> float:
+    """RAGHU's position probe (``run_localization``): held-out accuracy minus chance (1 / positions), at the
+    ``last`` or ``first`` block or averaged over the ``early`` / ``late`` half of the blocks (depth < / >= 0.5)."""
+    rows = sorted(a.get("localization", {}).get("rows", []), key=lambda r: r["block"])
+    if not rows:
+        raise ValueError("the analysis has no localization probe (the study needs 'localization')")
+    if arg in ("last", "first"):
+        rows = [rows[-1] if arg == "last" else rows[0]]
+    elif arg in ("early", "late"):
+        rows = [r for r in rows if (r["depth"] < 0.5) == (arg == "early")]
+    elif arg:
+        raise ValueError(f"localization takes first, last, early or late, got {arg!r}")
+    return _mean([r["accuracy"] - r["chance"] for r in rows], f"position-probe accuracy over chance ({arg})")
+
+
 METRICS: dict[str, Metric] = {
     "accuracy": Metric(_accuracy, ("eval",), "validation top-1 accuracy"),
     "balanced_accuracy": Metric(_balanced, ("eval",), "validation balanced accuracy (mean per-class recall)"),
@@ -316,6 +331,8 @@ METRICS: dict[str, Metric] = {
                           "std over heads of the attention distance [:early|late]"),
     "ratio_of_norms": Metric(_ratio_of_norms, ("probe:ratio_of_norms",),
                              "||z|| / ||f(z)|| of cls or spatial tokens, early or late"),
+    "localization": Metric(_localization, ("localization",),
+                           "position-probe held-out accuracy minus chance: first, last, early or late blocks"),
     "hessian_negative_fraction": Metric(_hessian_neg, ("hessian",), "fraction of negative top eigenvalues"),
     "hessian_max_abs": Metric(_hessian_max_abs, ("hessian",), "largest |eigenvalue| over batches"),
     "gpsa_gates": Metric(_gates, ("train_probes",), "mean GPSA gate at init, best (evaluated) or final epoch"

@@ -35,6 +35,7 @@ from vitscope.studies.pipeline import (
     evaluate_classifier,
     frequency_balanced,
     run_hessian,
+    run_localization,
     run_probe,
     run_robustness,
     train_spec,
@@ -50,7 +51,8 @@ __all__ = ["list_studies", "load_study", "run_study", "StudyResult", "SCALES", "
 
 SCALES = ("quick", "paper")
 _SCALE_KEYS = {"zoo", "data", "data_hint", "recipe", "img_size", "epochs", "batch_size", "seeds", "max_examples",
-               "max_val_examples", "eval_examples", "eval_batch_size", "hessian", "frequency", "overrides"}
+               "max_val_examples", "eval_examples", "eval_batch_size", "hessian", "frequency", "localization",
+               "overrides"}
 REGIMES = {"large": "ImageNet", "jft": "ImageNet / JFT", "imagenet224": "ImageNet, 224 px", "small": "small data",
            "any": "any data"}
 _LARGE_REGIMES = ("large", "jft", "imagenet224")
@@ -287,6 +289,10 @@ def _analyze(run_dir: Path, needs: set[str], s: dict[str, Any], progress: bool, 
         torch.manual_seed(cfg.seed)
         out["hessian"] = run_hessian(model, train, progress=progress, name=cfg.model, loss_fn=build_criterion(cfg),
                                      transform=build_mixup(cfg), shard=True, **h)
+    if "localization" in needs:  # RAGHU's position probe on the first test batches (not sharded: every rank fits it)
+        loc = dict(s.get("localization") or {})
+        out["localization"] = run_localization(model, loader, max_batches=loc.get("max_batches", 4),
+                                               epochs=loc.get("epochs", 30), progress=progress)
     if "frequency" in needs:
         info = data_info(cfg.data, img_size=cfg.img_size)
         pix = val_loader(cfg.data, cfg.img_size, eval_bs, s.get("eval_examples"), normalize=False, split="test",

@@ -16,6 +16,8 @@ width and depth unless the paper's claim is about that difference.
 - ``vit_fine``: a ViT whose token maps have enough frequencies for HDVW's Fourier claims: 16 x 16 tokens (quick:
   patch 2 at 32 px, the token grid of HDVW's CIFAR ViT-Ti; paper: that ViT-Ti itself). At patch 4 and 32 px the
   map is 8 x 8 and has 4 frequencies (0, 0.25, 0.5, 0.75 pi).
+- ``vit_gap``: the quick / paper ViT with global average pooling and no class token (RAGHU's GAP models, for
+  the localization claim).
 - ``resnet``: HDVW compares ViT and AlterNet-50 with ResNet-50 (paper zoo).
 - ``preact_resnet`` is AlterNet's own pre-activation ResNet backbone with no MSA block (``num_msa`` all 0):
   HDVW's like-for-like baseline for AlterNet.
@@ -43,10 +45,11 @@ class ModelSpec:
 
 FAMILY_LABELS = {"vit": "ViT", "vit_cb": "ViT+CB", "convit": "ConViT", "resnet": "ResNet", "alternet": "AlterNet",
                  "preact_resnet": "pre-act ResNet", "vit_p4": "ViT (patch 4)", "vit_heads": "ViT (more heads)",
-                 "vit_fine": "ViT (16 x 16 tokens)"}
+                 "vit_fine": "ViT (16 x 16 tokens)", "vit_gap": "ViT (GAP, no class token)"}
 
 _QUICK_VIT = dict(patch_size=4, embed_dim=64, depth=4, num_heads=4, mlp_ratio=2.0)
 _NO_MSA = dict(num_msa=[0, 0, 0, 0])
+_GAP = dict(class_token=False, global_pool="avg")
 _QUICK_VIT_SPEC = ModelSpec("vit", "test_vit_cifar", _QUICK_VIT)  # also the quick "vit_p4": one run serves both
 
 ZOOS: dict[str, dict[str, ModelSpec]] = {
@@ -55,6 +58,7 @@ ZOOS: dict[str, dict[str, ModelSpec]] = {
         "vit_p4": _QUICK_VIT_SPEC,
         "vit_heads": ModelSpec("vit_heads", "test_vit_cifar", {**_QUICK_VIT, "num_heads": 8}),
         "vit_fine": ModelSpec("vit_fine", "test_vit_cifar", {**_QUICK_VIT, "patch_size": 2}),
+        "vit_gap": ModelSpec("vit_gap", "test_vit_cifar", {**_QUICK_VIT, **_GAP}),
         "vit_cb": ModelSpec("vit_cb", "test_vit_cb", _QUICK_VIT),
         "convit": ModelSpec("convit", "test_convit_32", dict(patch_size=4, embed_dim=16, depth=4, num_heads=4,
                                                              local_up_to_layer=3, mlp_ratio=2.0)),
@@ -67,6 +71,7 @@ ZOOS: dict[str, dict[str, ModelSpec]] = {
         "vit_p4": ModelSpec("vit_p4", "vit_tiny_patch4_32"),
         "vit_heads": ModelSpec("vit_heads", "vit_small_patch2_32"),
         "vit_fine": ModelSpec("vit", "vit_tiny_patch2_32"),  # the paper zoo's "vit" (same run)
+        "vit_gap": ModelSpec("vit_gap", "vit_tiny_patch2_32", _GAP),
         "vit_cb": ModelSpec("vit_cb", "vit_tiny_cb_patch2_32"),
         "convit": ModelSpec("convit", "convit_tiny_32"),
         "resnet": ModelSpec("resnet", "resnet50_cifar"),
@@ -78,6 +83,7 @@ ZOOS: dict[str, dict[str, ModelSpec]] = {
         "vit_p4": ModelSpec("vit", "test_vit_cifar", dict(depth=4)),
         "vit_heads": ModelSpec("vit", "test_vit_cifar", dict(depth=4)),
         "vit_fine": ModelSpec("vit_fine", "test_vit_cifar", dict(depth=4, patch_size=4)),  # 8 x 8: reaches 0.75 pi
+        "vit_gap": ModelSpec("vit_gap", "test_vit_cifar", dict(depth=4, **_GAP)),
         "vit_cb": ModelSpec("vit_cb", "test_vit_cb"),
         "convit": ModelSpec("convit", "test_convit_32", dict(depth=4, local_up_to_layer=3)),  # GPSA layers 0-2
         "resnet": ModelSpec("resnet", "test_resnet_cifar", dict(layers=[1, 2, 1, 1])),
@@ -88,7 +94,7 @@ ZOOS: dict[str, dict[str, ModelSpec]] = {
 
 
 def model_spec(zoo: str, key: str) -> ModelSpec:
-    """The spec of model ``key`` (vit, vit_p4, vit_heads, vit_fine, vit_cb, convit, resnet, alternet, preact_resnet) in
+    """The spec of model ``key`` (vit, vit_p4, vit_heads, vit_fine, vit_gap, vit_cb, convit, resnet, alternet, preact_resnet) in
     ``zoo``."""
     if zoo not in ZOOS:
         raise ValueError(f"unknown model zoo {zoo!r}; valid: {', '.join(ZOOS)}")
