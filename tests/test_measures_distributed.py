@@ -17,8 +17,8 @@ from vitscope.measures import (
     Nonlocality,
     RatioOfNorms,
     attention_entropy,
-    feature_variance,
     calibration,
+    feature_variance,
     nonlocality,
     ratio_of_norms,
 )

@@ -381,7 +381,7 @@ def test_preprocess_auto_resolution_and_resume_of_older_runs():
     the data's on resume; --auto-resume accepts auto against the resolved saved value."""
     from vitscope.cli.train import _same_run
     from vitscope.training import resolve_config
-    from vitscope.training.engine import preprocess_mode
+    from vitscope.training.loaders import preprocess_mode
 
     ft = resolve_config(model=TAG, data="fake", pretrained=True)
     assert preprocess_mode(ft) == "model"

@@ -157,7 +157,7 @@ def test_paper_recipes_run_end_to_end(tmp_path, name):
 def test_repeated_augmentation_sampler_repeats_each_image_and_spreads_copies():
     """DeiT's repeated augmentation through timm's sampler: one epoch as long as a plain one, each drawn
     image three times across two processes, the order set by (seed, epoch)."""
-    from vitscope.training.engine import SeededRepeatAugSampler
+    from vitscope.training.loaders import SeededRepeatAugSampler
 
     ds = list(range(600))
     ranks = [SeededRepeatAugSampler(ds, num_replicas=2, rank=r, num_repeats=3, seed=7) for r in range(2)]

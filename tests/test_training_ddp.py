@@ -30,16 +30,10 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from vitscope.data import create_loader
 from vitscope.training import SAM, build_model, resolve_config, train
+from vitscope.training.builders import augment_options, build_criterion, build_optimizer, build_scheduler
 from vitscope.training.checkpoint import load_state, read_jsonl
-from vitscope.training.engine import (
-    augment_options,
-    build_criterion,
-    build_optimizer,
-    build_scheduler,
-    preprocess_mode,
-    resolve_preprocessing,
-    strip_timing,
-)
+from vitscope.training.engine import strip_timing
+from vitscope.training.loaders import preprocess_mode, resolve_preprocessing
 from vitscope.training.probes import run_probes
 
 # SAM, EMA and probes on ConViT too: a probe forward resizes GPSA's rel_indices buffer, which DDP broadcasts.

@@ -28,7 +28,7 @@ from vitscope.training.checkpoint import (
     run_model_spec,
     save_checkpoint,
 )
-from vitscope.training.engine import EarlyStop
+from vitscope.training.early_stop import EarlyStop
 
 
 def quick(tmp_path, name="run", **kw):

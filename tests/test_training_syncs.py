@@ -23,7 +23,7 @@ from _helpers import count_host_reads, register_nan_model
 from vitscope.distributed import DistInfo
 from vitscope.training import NonFiniteLossError, resolve_config, train, train_one_epoch
 from vitscope.training.checkpoint import latest_checkpoint, read_jsonl
-from vitscope.training.engine import NONFINITE_CHECK_EVERY
+from vitscope.training.loop import NONFINITE_CHECK_EVERY
 
 # Tensor methods that copy device data to the host (each a sync on a GPU).
 HOST_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")

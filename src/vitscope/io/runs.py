@@ -398,7 +398,7 @@ def run_model_spec(run_dir: str | os.PathLike) -> dict[str, Any]:
     (``pretrained``: the run started from timm's hub weights), plus ``precision`` (what it trained in: float32 when
     ``amp`` was asked for on a CPU) and ``preprocessing`` for runs that recorded them:
     the validation preprocessing in timm's data-config keys with ``source`` and ``overridden``
-    (``vitscope.training.engine.resolve_preprocessing``); ``create_kwargs``
+    (``vitscope.training.loaders.resolve_preprocessing``); ``create_kwargs``
     are the keyword arguments of ``vitscope.create_model(model, **create_kwargs)`` that build the trained
     network (``model_kwargs`` plus ``num_classes`` and ``img_size``; ``create_model`` drops ``img_size`` for the
     models that take any input size).

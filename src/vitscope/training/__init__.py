@@ -27,6 +27,14 @@ import torch.nn as nn
 
 from vitscope.io.runs import load_run_model
 from vitscope.training import checkpoint
+from vitscope.training.builders import (
+    augment_options,
+    build_criterion,
+    build_mixup,
+    build_model,
+    build_optimizer,
+    build_scheduler,
+)
 from vitscope.training.config import (
     ConfigError,
     TrainConfig,
@@ -37,18 +45,8 @@ from vitscope.training.config import (
     read_yaml,
     resolve_config,
 )
-from vitscope.training.engine import (
-    NonFiniteLossError,
-    augment_options,
-    build_criterion,
-    build_mixup,
-    build_model,
-    build_optimizer,
-    build_scheduler,
-    evaluate,
-    train,
-    train_one_epoch,
-)
+from vitscope.training.engine import train
+from vitscope.training.loop import NonFiniteLossError, evaluate, train_one_epoch
 from vitscope.training.probes import list_probes, register_probe
 from vitscope.training.sam import SAM
 

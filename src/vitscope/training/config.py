@@ -117,7 +117,7 @@ class TrainConfig:
     probes: dict = field(default_factory=dict)  # {every: 1, measures: [...], num_images: 32}
     # Early stopping on the validation loss (val_nll); None: train every epoch. An epoch without an improvement
     # counts against the patience only after the warm-up and once the learning rate has decayed to
-    # early_stop_lr_fraction of its peak (engine.EarlyStop): a noisy plateau at a high learning rate is not
+    # early_stop_lr_fraction of its peak (early_stop.EarlyStop): a noisy plateau at a high learning rate is not
     # convergence (on ELPV, patience 3 counted from epoch 0 stopped small ViTs after 4-5 epochs, LR still at
     # 0.6-0.9 of its peak, attention entropy 0.9999 ln N). null counts every epoch (the rule before this key).
     early_stop_patience: int | None = None  # stop after this many counted epochs without an improvement

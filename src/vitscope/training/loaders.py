@@ -1,0 +1,130 @@
+"""The run's data: seeding, the preprocessing a run trains and validates with, data sets and loaders (DeiT's repeated
+augmentation with the run's seed mixed in; a ``DistributedSampler`` also with one process, for exact resume)."""
+from __future__ import annotations
+
+import logging
+import random
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+from timm.data.distributed_sampler import RepeatAugSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+
+from vitscope.data.local import collate_skipping_none
+from vitscope.distributed import DistInfo
+from vitscope.training.builders import augment_options
+from vitscope.training.config import TrainConfig
+
+_logger = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def seed_worker(worker_id: int) -> None:
+    """Seed numpy and python in a loader worker from its torch seed (timm's RandAugment uses both)."""
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def preprocess_mode(cfg: TrainConfig, saved_config: dict[str, Any] | None = None) -> str:
+    """``model`` or ``data``: ``cfg.preprocess`` with ``auto`` resolved (``model`` for pretrained weights, as timm's
+    train.py). A run resumed from a checkpoint whose ``saved_config`` predates the key keeps the data's."""
+    if cfg.preprocess != "auto":
+        return cfg.preprocess
+    if saved_config is not None and "preprocess" not in saved_config:
+        return "data"  # written before vitscope trained with the model's preprocessing: keep what it used
+    return "model" if cfg.pretrained else "data"
+
+
+def resolve_preprocessing(cfg: TrainConfig, model: nn.Module) -> dict[str, Any]:
+    """The run's preprocessing in timm's data-config keys plus ``source`` and ``overridden``.
+
+    ``cfg.preprocess`` (resolved, see ``preprocess_mode``) ``model``: ``timm.data.resolve_data_config(model=model)``
+    (interpolation, mean/std, crop_pct, crop_mode of its ``pretrained_cfg``); ``data``: the data set's statistics
+    and crop (``vitscope.data.factory.data_preprocessing``). Then the config's ``mean``, ``std``, ``crop_pct`` and
+    ``eval_interpolation``. The input size is ``cfg.img_size``. Validation uses all of it; training uses mean/std,
+    its augmentation keeping its own crop and interpolation.
+    """
+    from vitscope.data.factory import data_preprocessing
+
+    if cfg.preprocess == "model":
+        from timm.data import resolve_data_config
+
+        base = resolve_data_config(model=model)
+    elif cfg.preprocess == "data":
+        base = data_preprocessing(cfg.data, img_size=cfg.img_size, **cfg.data_options)
+    else:
+        raise ValueError(f"preprocess must be resolved to 'model' or 'data' first, got {cfg.preprocess!r}")
+    overrides = {"mean": cfg.mean, "std": cfg.std, "crop_pct": cfg.crop_pct, "interpolation": cfg.eval_interpolation}
+    pre = {**base, **{k: v for k, v in overrides.items() if v is not None}}
+    size = int(cfg.img_size) if cfg.img_size is not None else int(base["input_size"][-1])
+    return {"input_size": [3, size, size], "interpolation": str(pre["interpolation"]),
+            "mean": [float(m) for m in pre["mean"]], "std": [float(s) for s in pre["std"]],
+            "crop_pct": float(pre.get("crop_pct") or 1.0), "crop_mode": str(pre.get("crop_mode") or "center"),
+            "source": cfg.preprocess, "overridden": sorted(k for k, v in overrides.items() if v is not None)}
+
+
+def build_datasets(cfg: TrainConfig, preprocessing: dict[str, Any]) -> tuple[Dataset, Dataset]:
+    from vitscope.data import create_loader
+
+    common = dict(img_size=cfg.img_size, seed=cfg.seed, preprocessing=preprocessing, **cfg.data_options)
+    train = create_loader(cfg.data, "train", batch_size=1, augment=augment_options(cfg),
+                          max_examples=cfg.max_examples, fraction=cfg.data_fraction, **common)
+    val = create_loader(cfg.data, "val", batch_size=1, augment=False, max_examples=cfg.max_val_examples, **common)
+    return train.dataset, val.dataset
+
+
+class SeededRepeatAugSampler(RepeatAugSampler):
+    """timm's ``RepeatAugSampler`` (DeiT's repeated augmentation, Touvron et al. 2021; Hoffer et al. 2020):
+    each image ``num_repeats`` times per epoch, the copies spread over the processes, an epoch as long as
+    a plain one (rounded down to a multiple of 256 images, as DeiT does). timm shuffles with the epoch
+    as the only seed; here the run's seed is mixed in, so runs with different seeds see different orders."""
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, num_repeats: int, seed: int = 0):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, num_repeats=num_repeats)
+        self.seed = seed
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(self.seed * 1_000_003 + epoch)
+
+
+def build_loaders(cfg: TrainConfig, train_ds: Dataset, val_ds: Dataset, info: DistInfo, device: torch.device
+             ) -> tuple[DataLoader, DataLoader]:
+    """Training batches from a DistributedSampler (also with one process: seed + epoch shuffling);
+    validation split into contiguous-stride shards without padding, so every image counts once."""
+    if cfg.batch_size % info.world_size:
+        raise ValueError(
+            f"batch_size {cfg.batch_size} is the global batch and must divide evenly over "
+            f"{info.world_size} processes; use a multiple of {info.world_size}"
+        )
+    per_rank = cfg.batch_size // info.world_size
+    if cfg.mixup_mode == "batch" and (cfg.mixup > 0 or cfg.cutmix > 0) and per_rank % 2:
+        raise ValueError(f"mixup/cutmix in batch mode need an even per-process batch, got {per_rank}")
+    if len(train_ds) < cfg.batch_size:
+        raise ValueError(
+            f"the training set has {len(train_ds)} examples, fewer than one batch ({cfg.batch_size}); "
+            "lower batch_size or raise max_examples"
+        )
+    if cfg.repeated_aug > 1:
+        sampler = SeededRepeatAugSampler(train_ds, num_replicas=info.world_size, rank=info.rank,
+                                         num_repeats=cfg.repeated_aug, seed=cfg.seed)
+    else:
+        sampler = DistributedSampler(train_ds, num_replicas=info.world_size, rank=info.rank, shuffle=True,
+                                     seed=cfg.seed, drop_last=True)
+    pin = device.type == "cuda"
+    workers = dict(num_workers=cfg.num_workers, worker_init_fn=seed_worker if cfg.num_workers else None,
+                   persistent_workers=False, pin_memory=pin,
+                   collate_fn=collate_skipping_none)  # drops images an image folder could not decode
+    train = DataLoader(train_ds, batch_size=per_rank, sampler=sampler, drop_last=True,
+                       generator=torch.Generator(), **workers)
+    eval_bs = max((cfg.eval_batch_size or cfg.batch_size) // info.world_size, 1)
+    val_shard = Subset(val_ds, range(info.rank, len(val_ds), info.world_size))
+    val = DataLoader(val_shard, batch_size=eval_bs, shuffle=False, **workers)
+    return train, val
