@@ -412,40 +412,14 @@ def run_localization(model: nn.Module, loader: Iterable, max_batches: int | None
 def cross_model_cka(model_x: nn.Module, model_y: nn.Module, loader: Iterable, max_batches: int | None = None,
                     name_y: str = "") -> dict[str, Any]:
     """Minibatch CKA between every sub-layer output of ``model_x`` and of ``model_y`` on the same batches
-    (RAGHU Fig. 1-2); a ``cka_cross`` entry for ``results.json``."""
-    import vitscope
-    from vitscope.measures import MinibatchCKA
+    (RAGHU Fig. 1-2; ``vitscope.compare`` with ``layers="sublayers"``); a ``cka_cross`` entry for ``results.json``."""
+    from vitscope.comparing import compare
 
-    modes = (model_x.training, model_y.training)
-    model_x.eval()
-    model_y.eval()
-    measure = None
-    layers_x: list[str] = []
-    layers_y: list[str] = []
-    try:
-        for b, batch in enumerate(loader):
-            if max_batches is not None and b >= max_batches:
-                break
-            images = batch[0] if isinstance(batch, (list, tuple)) else batch
-            with vitscope.capture(model_x, attention=False, residual=True, branches=False) as cx:
-                model_x(images.to(next(model_x.parameters()).device))
-            with vitscope.capture(model_y, attention=False, residual=True, branches=False) as cy:
-                model_y(images.to(next(model_y.parameters()).device))
-            if measure is None:
-                layers_x = [i.name for i in cx.layout]
-                layers_y = [i.name for i in cy.layout]
-                measure = MinibatchCKA(len(layers_x), len(layers_y))
-            measure.update([z.cpu() for _, z in cx.residuals], [z.cpu() for _, z in cy.residuals])
-    finally:
-        model_x.train(modes[0])
-        model_y.train(modes[1])
-    if measure is None:
-        raise ValueError("the loader gave no batch for the cross-model CKA")
-    matrix = measure.compute()  # (Lx, Ly)
-    rows = [{"layer": a, "depth": i, "other_layer": b, "other_depth": j, "value": float(matrix[i, j])}
-            for i, a in enumerate(layers_x) for j, b in enumerate(layers_y)]
-    return {"rows": rows, "layers": layers_x, "other_layers": layers_y, "matrix": matrix.tolist(),
-            "other_model": name_y, "examples": measure.num_examples}
+    res = compare(model_x, model_y, loader, layers="sublayers", max_batches=max_batches, progress=False)
+    rows = [{"layer": a, "depth": i, "other_layer": b, "other_depth": j, "value": float(res.cka[i, j])}
+            for i, a in enumerate(res.names_a) for j, b in enumerate(res.names_b)]
+    return {"rows": rows, "layers": res.names_a, "other_layers": res.names_b, "matrix": res.cka.tolist(),
+            "other_model": name_y, "examples": res.meta["examples"] - res.meta["cka_skipped_examples"]}
 
 
 class _InOrderBatches:
