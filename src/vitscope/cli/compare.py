@@ -49,8 +49,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--layers", default="blocks", choices=LAYER_SELECTIONS,
                    help="blocks: each residual block's output, named by module path (blocks.3, layer2.1); "
                    "sublayers: the attention / MLP split (blocks.3.attn, blocks.3.mlp)")
-    p.add_argument("--names", help="glob(s) on layer names, comma-separated (e.g. 'blocks.*' or 'layer[34].*')")
-    p.add_argument("--names-b", help="glob(s) for model B when they differ from --names")
+    p.add_argument("--layer-names", metavar="GLOB[,GLOB]",
+                   help="keep only the layers these fnmatch patterns match (as probe), e.g. 'blocks.*' or "
+                   "'layer[34].*'")
+    p.add_argument("--layer-names-b", metavar="GLOB[,GLOB]", help="the patterns for model B when they differ")
     p.add_argument("--shots", default="10,25", help="linear_probe: fit examples per class, comma-separated "
                    "(RAGHU: 10,25)")
     p.add_argument("--ridge", type=float, default=1.0,
@@ -182,7 +184,8 @@ def run(args: argparse.Namespace) -> int:
         label_a, label_b = f"{label_a} (A)", f"{label_b} (B)"
     with autocast(args, device):
         result = compare(models[0], models[1], loaders, label_a=label_a, label_b=label_b,
-                         measures=measures, layers=args.layers, names=globs(args.names), names_b=globs(args.names_b),
+                         measures=measures, layers=args.layers, names=globs(args.layer_names),
+                         names_b=globs(args.layer_names_b),
                          fit_loader=fit_loaders, num_classes=info.num_classes, shots=shots, ridge=args.ridge,
                          device=device, max_batches=args.max_batches, shard=True)
     result.over_training = run_a is not None and run_a == run_b
