@@ -643,3 +643,16 @@ def test_elpv_corrupt_cache_is_rebuilt(elpv_cache, monkeypatch):
     assert small.shape == (2624, 8, 8)
     with np.load(path) as z:
         np.testing.assert_array_equal(z["images"], small)
+
+
+def test_a_parsed_spec_is_taken_as_it_is_and_written_back(tmp_path):
+    """Parse once at the edge: every data function takes the DataSpec, and gives what the string gives."""
+    from vitscope.data import DataSpec, parse_spec
+
+    spec = parse_spec("fake:n=40,classes=4,size=8")
+    assert isinstance(spec, DataSpec) and parse_spec(spec) is spec and str(spec) == "fake:n=40,classes=4,size=8"
+    assert parse_spec(str(spec)) == spec and parse_spec(spec, n=20).options["n"] == 20
+    assert data_info(spec) == data_info("fake:n=40,classes=4,size=8")
+    x, y = _all_batches(create_loader(spec, split="val", batch_size=7))
+    x2, y2 = _all_batches(create_loader(str(spec), split="val", batch_size=7))
+    assert torch.equal(x, x2) and torch.equal(y, y2)

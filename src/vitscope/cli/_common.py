@@ -284,7 +284,8 @@ def check_classes(model_classes: int, data_classes: int, data: str, what: str) -
 # Preprocessing
 
 
-def resolve_preprocessing(args: argparse.Namespace, model: Any, model_meta: dict[str, Any], info: Any) -> dict:
+def resolve_preprocessing(args: argparse.Namespace, model: Any, model_meta: dict[str, Any], info: Any,
+                          data: Any = None) -> dict:
     """The eval preprocessing: ``input_size``, ``interpolation``, ``mean``, ``std``, ``crop_pct``, ``crop_mode``
     and ``source``, then the user's overrides. ``source`` is ``model`` (timm's ``resolve_data_config(model=model)``,
     the default for ``--pretrained`` hub weights), ``data`` (the data set's statistics at the model's or the run's
@@ -313,7 +314,8 @@ def resolve_preprocessing(args: argparse.Namespace, model: Any, model_meta: dict
     else:
         size = trained or model.pretrained_cfg.get("input_size", (3, info.img_size, info.img_size))[-1]
         cfg = {"input_size": (3, size, size), "interpolation": "bilinear", "mean": tuple(info.mean),
-               "std": tuple(info.std), "crop_pct": _native_crop(args.data), "crop_mode": "center"}
+               "std": tuple(info.std), "crop_pct": _native_crop(args.data if data is None else data),
+               "crop_mode": "center"}
     overrides = {"input_size": (3, args.img_size, args.img_size) if args.img_size else None,
                  "mean": args.mean, "std": args.std, "interpolation": args.interpolation, "crop_pct": args.crop_pct}
     overridden = sorted(k for k, v in overrides.items() if v is not None)
@@ -324,7 +326,7 @@ def resolve_preprocessing(args: argparse.Namespace, model: Any, model_meta: dict
     return {**cfg, "source": mode, "overridden": overridden}
 
 
-def _native_crop(data: str) -> float:
+def _native_crop(data: Any) -> float:  # a spec string or a parsed DataSpec
     from vitscope.data.factory import _native, _resolve
 
     return float(_native(_resolve(data, None, {}))["crop_pct"])
@@ -368,7 +370,7 @@ def build_setup(
         normalize: ``False`` gives pixels in [0, 1] (robustness normalizes inside its attacks).
         max_examples: a seeded random subset of this many examples.
     """
-    from vitscope.data import create_loader, data_info
+    from vitscope.data import create_loader, data_info, parse_spec
 
     check_positive(batch_size=args.batch_size)
     if args.workers < 0:
@@ -380,12 +382,13 @@ def build_setup(
 
     dist = init_from_env(device)  # torchrun: join the group; the analyses shard batches over it
     device = rank_device(device, dist)
-    info = data_info(args.data)
+    data = parse_spec(args.data)  # parsed once here; the data functions below take the DataSpec
+    info = data_info(data)
     model, meta = build_model(args, info.num_classes)
     what = f"--checkpoint {args.checkpoint}" if args.checkpoint else f"model {meta['model']}"
     mismatch = check_classes(meta["num_classes"], info.num_classes, args.data, what)
-    pre = resolve_preprocessing(args, model, meta, info)
-    loader = create_loader(args.data, split=args.split, batch_size=args.batch_size, augment=augment,
+    pre = resolve_preprocessing(args, model, meta, info, data)
+    loader = create_loader(data, split=args.split, batch_size=args.batch_size, augment=augment,
                            normalize=normalize, seed=args.seed, max_examples=max_examples,
                            num_workers=args.workers, preprocessing=pre)
     model = model.to(device)

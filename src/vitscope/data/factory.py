@@ -51,7 +51,7 @@ class _Resolved:
     options: dict[str, Any]
 
 
-def _resolve(spec: str, img_size: int | None, spec_options: dict[str, Any]) -> _Resolved:
+def _resolve(spec: str | DataSpec, img_size: int | None, spec_options: dict[str, Any]) -> _Resolved:
     parsed = parse_spec(spec, **spec_options)
     options = dict(parsed.options)
     spec_size = options.pop("img_size", None)
@@ -122,13 +122,13 @@ def _info(r: _Resolved, native: dict[str, Any]) -> DataInfo:
     )
 
 
-def data_info(spec: str, img_size: int | None = None, **spec_options: Any) -> DataInfo:
+def data_info(spec: str | DataSpec, img_size: int | None = None, **spec_options: Any) -> DataInfo:
     """Classes, channels, image size and normalisation of the data set named by ``spec``."""
     r = _resolve(spec, img_size, spec_options)
     return _info(r, _native(r))
 
 
-def data_preprocessing(spec: str, img_size: int | None = None, **spec_options: Any) -> dict[str, Any]:
+def data_preprocessing(spec: str | DataSpec, img_size: int | None = None, **spec_options: Any) -> dict[str, Any]:
     """The data set's own eval preprocessing in timm's data-config keys (``input_size``, ``interpolation``,
     ``mean``, ``std``, ``crop_pct``, ``crop_mode``): what ``create_dataset`` uses when given no ``preprocessing``."""
     r = _resolve(spec, img_size, spec_options)
@@ -186,7 +186,7 @@ def _base_dataset(r: _Resolved, split: str, download: bool) -> Dataset:
 
 
 def create_dataset(
-    spec: str,
+    spec: str | DataSpec,
     split: str = "train",
     img_size: int | None = None,
     augment: bool | dict[str, Any] = False,
@@ -243,7 +243,7 @@ def _check_preprocessing(pre: dict[str, Any] | None, img_size: int | None) -> di
 
 
 def create_loader(
-    spec: str,
+    spec: str | DataSpec,
     split: str = "train",
     batch_size: int = 64,
     img_size: int | None = None,

@@ -29,11 +29,28 @@ DATASET_NAMES: dict[str, bool] = {
 
 @dataclass(frozen=True)
 class DataSpec:
-    """A parsed data spec: ``name``, optional ``path`` and the ``options`` dict."""
+    """A parsed data spec: ``name``, optional ``path`` and the ``options`` dict.
+
+    Parse a spec string once where it enters (``parse_spec``) and pass the ``DataSpec`` on: every function of
+    ``vitscope.data`` takes either. ``str(spec)`` writes it back as a spec string.
+    """
 
     name: str
     path: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
+
+    def with_options(self, **overrides: Any) -> DataSpec:
+        """This spec with ``overrides`` replacing its options (``path=`` replaces the path)."""
+        if not overrides:
+            return self
+        overrides = dict(overrides)
+        path = overrides.pop("path", self.path)
+        path = os.path.expanduser(str(path)) if path is not None else None
+        return DataSpec(name=self.name, path=path, options={**self.options, **overrides})
+
+    def __str__(self) -> str:
+        items = ([self.path] if self.path is not None else []) + [f"{k}={v}" for k, v in self.options.items()]
+        return f"{self.name}:{','.join(items)}" if items else self.name
 
 
 def list_datasets() -> list[str]:
@@ -61,13 +78,15 @@ def _usage(name: str) -> str:
     return f"'{name}:PATH'" if DATASET_NAMES[name] else f"'{name}' or '{name}:key=value,...'"
 
 
-def parse_spec(spec: str, **overrides: Any) -> DataSpec:
-    """Parse ``spec``; keyword ``overrides`` replace options given in the string.
+def parse_spec(spec: str | DataSpec, **overrides: Any) -> DataSpec:
+    """Parse ``spec`` (a ``DataSpec`` is taken as parsed); keyword ``overrides`` replace options given in it.
 
     Raises:
         ValueError: unknown name (the message lists the valid ones), a path-less path set, a path
             given to a set that takes none, or a malformed option.
     """
+    if isinstance(spec, DataSpec):
+        return spec.with_options(**overrides)
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"data spec must be a non-empty string like 'cifar10:PATH' or 'elpv', got {spec!r}")
     name, sep, rest = spec.strip().partition(":")
