@@ -136,9 +136,13 @@ def test_on_record_streams_the_records_instead_of_keeping_them():
     seen = []
     with torch.no_grad(), vitscope.capture(model, attention=False, on_record=seen.append) as streamed:
         model(x)
-    assert streamed.records == [] and [r.info for r in seen] == kept.layout
+    assert streamed.records == [] and [r.info for r in seen] == kept.output_layout
+    assert kept.output_layout[0].kind == "stem" and kept.output_layout[1:] == kept.layout
     for a, b in zip(seen, kept.records):
         for t, u in zip((a.z_in, a.branch, a.shortcut, a.z_out), (b.z_in, b.branch, b.shortcut, b.z_out)):
+            if t is None or u is None:
+                assert t is u is None and a.info.kind == "stem"
+                continue
             torch.testing.assert_close(t, u, rtol=0, atol=0)
 
 
@@ -147,13 +151,14 @@ def test_resnet_blocks_skip_and_branch():
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad(), vitscope.capture(model) as cap:
         model(x)
-    assert len(cap.records) == 8 and not cap.attentions
+    assert len(cap.records) == 9 and len(cap.residual_records) == 8 and not cap.attentions
     # the first block of stages 2-4 halves the map: kind "downsample" (HDVW treats subsampling apart)
     assert [i.kind for i in cap.layout] == ["conv", "conv", "downsample", "conv"] * 1 + ["downsample", "conv"] * 2
-    for r in cap.records:
+    assert [i.stage for i in cap.layout] == [0, 0, 1, 1, 2, 2, 3, 3]
+    for r in cap.residual_records:
         torch.testing.assert_close(F.relu(r.shortcut + r.branch), r.z_out)
     blk = model.layer2[0]  # a downsampling block: shortcut = downsample(z)
-    r = cap.records[2]
+    r = cap.residual_records[2]
     with torch.no_grad():
         torch.testing.assert_close(r.shortcut, blk.downsample(r.z_in))
         torch.testing.assert_close(r.branch, blk.bn2(blk.conv2(blk.act1(blk.bn1(blk.conv1(r.z_in))))))
@@ -195,3 +200,52 @@ def test_tokens_to_map():
     assert vitscope.tokens_to_map(fmap) is fmap
     with pytest.raises(ValueError, match="do not fill"):
         vitscope.tokens_to_map(x, (3, 3), num_prefix_tokens=1)
+
+
+def test_stem_is_the_stream_entering_the_first_block():
+    """Layer 0 (HDVW's latents[0]): the patch embedding with position embedding and class token of a ViT, the
+    stem convolution and pooling of a ResNet; not x + f(x), so it has no branch and no ratio of norms."""
+    vit, cnn = vitscope.create_model("test_vit_cb").eval(), vitscope.create_model("resnet18", num_classes=3).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        for model, expected in ((vit, lambda: vit.norm_pre(vit._pos_embed(vit.patch_embed(x)))),
+                                (cnn, lambda: cnn.maxpool(cnn.act1(cnn.bn1(cnn.conv1(x)))))):
+            with vitscope.capture(model, attention=False) as cap:
+                model(x)
+            stem = cap.records[0]
+            assert (stem.info.name, stem.info.kind, stem.info.block, stem.info.stage) == ("stem", "stem", -1, None)
+            assert stem.branch is None and stem.shortcut is None and not stem.residual
+            assert torch.equal(stem.z_in, x)  # the image
+            torch.testing.assert_close(stem.z_out, expected(), rtol=0, atol=0)
+            torch.testing.assert_close(cap.records[1].z_in, stem.z_out, rtol=0, atol=0)  # the first sub-layer's input
+    assert cap.records[0].info.grid == (8, 8) and cap.records[0].info.patch_size == 4
+
+
+def test_block_layers_equal_timm_forward_intermediates():
+    """layers="blocks": one record per block named by its module path, equal to timm's own extraction
+    (``forward_intermediates``: every block of a ViT, the last block of each ResNet stage)."""
+    vit = vitscope.create_model("test_vit_cb").eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        with vitscope.capture(vit, attention=False, layers="blocks") as cap:
+            vit(x)
+        ref = vit.forward_intermediates(x, norm=False, output_fmt="NLC", intermediates_only=True)  # prefix dropped
+    assert [i.name for i in cap.output_layout] == ["stem", "blocks.0", "blocks.1"]
+    assert [i.kind for i in cap.output_layout] == ["stem", "block", "block"]
+    for rec, want in zip(cap.records[1:], ref):
+        torch.testing.assert_close(rec.z_out[:, rec.info.num_prefix_tokens:], want, rtol=0, atol=0)
+        torch.testing.assert_close(rec.shortcut + rec.branch, rec.z_out)  # a ViT block is x + g(x)
+    cnn = vitscope.create_model("resnet18", num_classes=3).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        with vitscope.capture(cnn, attention=False, layers="blocks", names=["stem", "layer[24].*"]) as c:
+            cnn(x)
+        ref = cnn.forward_intermediates(x, intermediates_only=True)  # act1, layer1 .. layer4
+    assert [i.name for i in c.output_layout] == ["stem", "layer2.0", "layer2.1", "layer4.0", "layer4.1"]
+    assert [i.stage for i in c.output_layout] == [None, 1, 1, 3, 3]
+    torch.testing.assert_close(c.records[2].z_out, ref[2], rtol=0, atol=0)
+    torch.testing.assert_close(c.records[4].z_out, ref[4], rtol=0, atol=0)
+    assert c.records[4].info.grid == (2, 2) and c.records[4].info.patch_size == 32
+    with pytest.raises(ValueError, match="layers must be one of sublayers, blocks"):
+        with vitscope.capture(cnn, layers="heads"):
+            pass

@@ -47,22 +47,25 @@ def test_capture_order_is_forward_order_with_smoothing_kind():
     with torch.no_grad(), vitscope.capture(model) as cap:
         out = model(x)
     torch.testing.assert_close(out, ref_out)  # capturing changes nothing
-    names = [r.info.name for r in cap.records]
+    stem, *records = cap.records
+    assert stem.info.kind == "stem" and stem.branch is None and records == cap.residual_records
+    torch.testing.assert_close(stem.z_out, fired[0][1])  # the stem's output is the first block's input
+    names = [r.info.name for r in records]
     assert names == [n for n, _, _ in fired]  # the order the layers actually ran in
     assert names == ["layer1.0", "layer1.1", "smooth1", "layer2.0", "smooth2", "layer3.0", "layer3.1", "smooth3",
                      "layer4.0", "smooth4"]
-    assert [r.info.block for r in cap.records] == list(range(len(names)))
-    kinds = dict(zip(names, (r.info.kind for r in cap.records)))
+    assert [r.info.block for r in records] == list(range(len(names)))
+    kinds = dict(zip(names, (r.info.kind for r in records)))
     assert kinds == {"layer1.0": "conv", "layer1.1": "conv", "smooth1": "smoothing", "layer2.0": "downsample",
                      "smooth2": "smoothing", "layer3.0": "downsample", "layer3.1": "conv", "smooth3": "smoothing",
                      "layer4.0": "downsample", "smooth4": "smoothing"}
-    for rec, (_name, z_in, z_out) in zip(cap.records, fired):
+    for rec, (_name, z_in, z_out) in zip(records, fired):
         torch.testing.assert_close(rec.z_out, z_out)
         if rec.info.kind == "smoothing":
             torch.testing.assert_close(rec.z_in, z_in)
             torch.testing.assert_close(rec.shortcut + rec.branch, rec.z_out)  # z_out = z_in + (blur(z_in) - z_in)
             assert rec.info.grid == tuple(z_out.shape[-2:])
-    for prev, cur in zip(cap.records, cap.records[1:]):
+    for prev, cur in zip(cap.records, records):
         torch.testing.assert_close(cur.z_in, prev.z_out)  # each sub-layer's input is the previous one's output
 
 
@@ -78,15 +81,17 @@ def test_smoothing_registration_keeps_weights_and_forward():
     assert [r.info.name for r in cap.records] == ["smooth1", "smooth2", "smooth3", "smooth4"]
 
 
-def _np_log_amplitude_last(z):
-    """HDVW's delta log amplitude at the highest frequency of maps z (B, C, h, w), numpy FFT."""
+def _np_log_amplitude_at(z, f=0.75):
+    """HDVW's delta log amplitude of maps z (B, C, h, w) at normalized frequency f (x pi; the half-diagonal's
+    k-th entry is at 2k/h), numpy FFT, linearly interpolated; None when the map cannot represent f."""
     z = z.astype(np.float64)
     amp = np.log(np.abs(np.fft.fft2(z)) + 1e-6)
     amp = np.fft.fftshift(amp, axes=(-2, -1)).mean((0, 1))  # (h, w)
     h, w = amp.shape
     n = min(h - h // 2, w - w // 2)
     diag = np.array([amp[h // 2 + k, w // 2 + k] for k in range(n)])
-    return diag[-1] - diag[0]
+    freqs = 2 * np.arange(n) / h
+    return None if f > freqs[-1] + 1e-9 else float(np.interp(f, freqs, diag - diag[0]))
 
 
 def _np_variance(z):
@@ -111,7 +116,9 @@ def test_metrics_smoothing_group_equals_numpy_reference():
     f_ref, v_ref = [], []
     for name in ins:
         z_in, z_out = np.concatenate(ins[name]), np.concatenate(outs[name])
-        f_ref.append(_np_log_amplitude_last(z_out) - _np_log_amplitude_last(z_in))
+        f_in, f_out = _np_log_amplitude_at(z_in), _np_log_amplitude_at(z_out)
+        if f_in is not None and f_out is not None:  # the metric compares maps at 0.75 pi (studies.metrics)
+            f_ref.append(f_out - f_in)
         v_ref.append(math.log(_np_variance(z_out) / _np_variance(z_in)))
     rows = analysis["probe"]["feature_variance"]["rows"]
     assert [r["layer"] for r in rows if r["kind"] == "smoothing"] == list(ins)

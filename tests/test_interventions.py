@@ -432,7 +432,7 @@ def test_interventions_compose_with_capture(name):
         assert torch.equal(removed[-1].z_out, removed[0].z_in)
     with remove_skip(model, 0), vitscope.capture(model, attention=False) as cap:
         _outputs(model, x)
-    assert len(cap.records) == len(residual_sublayers(model))
+    assert len(cap.residual_records) == len(residual_sublayers(model))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -49,10 +49,12 @@ def test_probe_streams_to_whole_set_values(name):
         cls_mass = a[:, :, info.num_prefix_tokens:, :info.num_prefix_tokens].sum(-1).mean((0, 2))  # numpy
         np.testing.assert_allclose(result["attention_distance"][i]["class_token_mass_heads"], cls_mass, rtol=1e-6)
         assert result["attention_distance"][i]["renormalized"] is False  # the literature's definition
-    for i, (rec, row) in enumerate(zip(cap.records, result["ratio_of_norms"])):
+    assert cap.records[0].info.kind == "stem" and len(result["ratio_of_norms"]) == len(cap.records) - 1
+    for i, (rec, row) in enumerate(zip(cap.records[1:], result["ratio_of_norms"]), start=1):  # no ratio: stem
         ref = M.ratio_of_norms(rec.z_in, rec.branch, rec.info.num_prefix_tokens)
         assert row["spatial"] == pytest.approx(float(ref["spatial"]), rel=1e-6)
-        assert row["depth"] == i and row["normalized_depth"] == pytest.approx(i / (len(cap.records) - 1))
+        assert row["depth"] == i and row["normalized_depth"] == pytest.approx(i / (len(cap.records) - 1), abs=5e-7)  # rounded to 6
+    assert len(result["fourier"]) == len(cap.records) and result["fourier"][0]["layer"] == "stem"
     for rec, f_row, v_row in zip(cap.records, result["fourier"], result["feature_variance"]):
         fmap = vitscope.tokens_to_map(rec.z_out, rec.info.grid, rec.info.num_prefix_tokens)
         np.testing.assert_allclose(f_row["curve"], M.fourier_log_amplitude(fmap).numpy(), rtol=1e-5, atol=1e-8)
@@ -64,7 +66,7 @@ def test_probe_cka_single_batch_equals_cka():
     ds = _data(n=12)
     result = vitscope.probe(model, DataLoader(ds, batch_size=12), ["cka"], progress=False)
     cap, _, _ = _whole(model, ds)
-    feats = [z_out for _, z_out in cap.residuals]
+    feats = cap.outputs  # the stem's output first
     mat = np.array(result.extras["cka"]["matrix"])
     for i in range(len(feats)):
         for j in range(len(feats)):  # float32 features: Gram from a float32 matmul (documented: ~1e-8)
@@ -76,7 +78,7 @@ def test_probe_on_cnn_and_clear_errors():
     model = vitscope.create_model("resnet18", num_classes=10)
     loader = DataLoader(_data(n=8), batch_size=4)
     result = vitscope.probe(model, loader, ["cka", "ratio_of_norms", "fourier", "feature_variance"], progress=False)
-    assert len(result["cka"]) == 8 * 8 and {r["kind"] for r in result["fourier"]} == {"conv", "downsample"}
+    assert len(result["cka"]) == 9 * 9 and {r["kind"] for r in result["fourier"]} == {"stem", "conv", "downsample"}
     with pytest.raises(ValueError, match="'attention_entropy' needs attention maps but ResNet"):
         vitscope.probe(model, loader, ["attention_entropy"])
     with pytest.raises(ValueError, match="unknown measure"):
@@ -113,6 +115,10 @@ def test_cli_probe_writes_json_and_csv(tmp_path, capsys):
     for name in results:
         assert (out / f"{name}.csv").read_text().startswith("layer,kind,block,depth,normalized_depth")
     assert json.loads((out / "meta.json").read_text())["examples"] == 32
+    assert main(["probe", "--model", "test_vit_cb", "--data", "fake", "--measures", "cka", "--batch-size", "8",
+                 "--max-batches", "1", "--layers", "blocks", "--layer-names", "stem, blocks.1", "--out",
+                 str(out)]) == 0
+    assert json.loads((out / "results.json").read_text())["cka"]["layers"] == ["stem", "blocks.1"]
     assert main(["probe", "--model", "test_vit_cb", "--data", "fake", "--measures", "bogus", "--out",
                  str(out)]) == 2
     assert "unknown measure" in capsys.readouterr().err
@@ -139,10 +145,10 @@ def test_probe_cka_over_unequal_batches_equals_minibatch_cka():
     for x, _ in DataLoader(ds, batch_size=5):
         with torch.no_grad(), vitscope.capture(model, attention=False) as cap:  # as probe: no attention measure
             model(x)
-        ref = ref or M.MinibatchCKA(len(cap.layout))
-        ref.update([z_out for _, z_out in cap.residuals])
-        ratio.update(cap.residuals, cap.branches, cap.layout)
-        four.update(cap.residuals, cap.layout)
+        ref = ref or M.MinibatchCKA(len(cap.outputs))
+        ref.update(cap.outputs)  # the stem's output, then every sub-layer's
+        ratio.update(cap.residuals, cap.branches, cap.layout)  # residual sub-layers only
+        four.update(cap.outputs, cap.output_layout)
     # probe's Grams of float32 features come from a float32 matmul (linear_gram(float32=True)): ~1e-8
     np.testing.assert_allclose(np.array(result.extras["cka"]["matrix"]), ref.compute().numpy(), rtol=0, atol=1e-7)
     assert result.extras["cka"]["examples"] == 14
@@ -273,3 +279,19 @@ def test_probe_reads_its_checks_every_few_batches(monkeypatch):
     with pytest.raises(ValueError, match=r"^batch 0 holds NaN or infinite pixels"):
         vitscope.probe(model, loader(), ["attention_entropy"], progress=False)
     assert taken == [0, 1]
+
+
+def test_probe_block_layers_and_name_filter():
+    """layers="blocks" gives one CKA layer per block (Raghu et al.'s granularity), ``names`` keeps the layers a
+    glob matches (attention layers too); both equal capture's own records."""
+    model = vitscope.create_model("test_vit_cb").eval()
+    ds = _data(n=6)
+    result = vitscope.probe(model, DataLoader(ds, batch_size=6), ["cka", "attention_entropy"], progress=False,
+                            layers="blocks", names=["stem", "blocks.1*"])
+    assert result.extras["cka"]["layers"] == ["stem", "blocks.1"]
+    assert [r["layer"] for r in result["attention_entropy"]] == ["blocks.1.attn"]
+    assert result.meta["layers"] == "blocks"
+    with torch.no_grad(), vitscope.capture(model, attention=False, layers="blocks") as cap:
+        model(ds.tensors[0])
+    mat = np.array(result.extras["cka"]["matrix"])
+    assert mat[0, 1] == pytest.approx(float(M.cka(cap.outputs[0], cap.outputs[2])), abs=1e-7)

@@ -80,6 +80,8 @@ def layer_outputs(model: nn.Module, layers: str = "blocks", names: str | Sequenc
                     emit(name, rec.z_out, rec.info)
 
         def on_record(rec: Any) -> None:
+            if rec.info.kind == "stem":  # capture's layer 0 (the stem's output): not compared here
+                return
             if layers == "sublayers":
                 if keep(rec.info.name):
                     emit(rec.info.name, rec.z_out, rec.info)

@@ -179,6 +179,8 @@ class _RecordFeeder:
         seen = {_same(self.last)} if self.last is not None else set()
         for what, t in (("input", rec.z_in), ("skip-path output", rec.shortcut), ("branch output", rec.branch),
                         ("output", rec.z_out)):
+            if t is None:  # not x + f(x) (the stem, a block vitscope cannot split): no skip path or branch
+                continue
             key = _same(t)
             if key in seen:
                 continue
@@ -397,18 +399,34 @@ class _Variance(_MapProbe):
 
 
 class _RatioOfNorms(_StreamProbe):
+    """On the residual records only (``z_out = shortcut + branch``): the stem and blocks vitscope cannot split
+    have no branch, so no ratio; ``depth`` counts every record, as in the other stream measures."""
+
     def __init__(self) -> None:
         super().__init__()
         self.measure = M.RatioOfNorms()
 
+    def begin(self) -> None:
+        super().begin()
+        self.count = 0
+        self.depths_now: list[int] = []
+
     def add(self, rec: Any, z64: torch.Tensor | None, checks: _DeviceChecks) -> None:
+        depth = self.count
+        self.count += 1
+        if rec.branch is None:
+            return
         self.infos.append(rec.info)
+        self.depths_now.append(depth)
         self.parts.append(self.measure.layer_sums(rec.shortcut, rec.branch, rec.info, 0, f" of {rec.info.name}",
                                                   validate=False, checks=checks))
 
     def end(self) -> None:
         if self.layout is None:
-            self.layout = self.infos
+            if not self.parts:
+                raise ValueError("ratio_of_norms needs residual layers (z + f(z)) and none of the recorded layers "
+                                 "is one; drop ratio_of_norms")
+            self.layout, self.depths, self.total = self.infos, self.depths_now, self.count
         self.measure.update_layers(self.parts)
 
     def streaming(self) -> list[M.StreamingMeasure]:
@@ -416,9 +434,8 @@ class _RatioOfNorms(_StreamProbe):
 
     def rows(self) -> list[dict[str, Any]]:
         values = self.measure.compute()
-        n = len(values)
-        return [{**_layer_row(info, i, n), **{k: (None if v is None else float(v)) for k, v in r.items()}}
-                for i, (info, r) in enumerate(zip(self.layout, values))]
+        return [{**_layer_row(info, d, self.total), **{k: (None if v is None else float(v)) for k, v in r.items()}}
+                for d, info, r in zip(self.depths, self.layout, values)]
 
 
 class _GPSAGates(_ProbeMeasure):
@@ -546,6 +563,8 @@ def probe(
     max_batches: int | None = None,
     progress: bool = True,
     shard: bool = False,
+    layers: str = "sublayers",
+    names: str | Sequence[str] | None = None,
 ) -> ProbeResult:
     """Run every requested forward measure in one forward pass per batch, streaming over ``loader``.
 
@@ -563,19 +582,24 @@ def probe(
         shard: Under torch.distributed, give each rank its share of ``loader``'s batches (rank r takes the
             global batches r, r + W, ...; ``vitscope.distributed.shard_batches``), so each example is counted
             once and every batch keeps its one-process composition. Without it, the caller shards.
+        layers: What the stream measures (CKA, Fourier, variance, ratio of norms) see, after the stem:
+            ``sublayers`` (attention and MLP of each transformer block apart, HDVW) or ``blocks`` (one output
+            per block named by its module path, Raghu et al.); see ``vitscope.capture``.
+        names: fnmatch pattern(s) on layer names (``stem``, ``blocks.1*``, ``layers.2.*``) keeping only those
+            layers (attention layers too, by their module path).
 
     Returns:
         A :class:`ProbeResult`; also ``accuracy`` and ``nll`` in ``meta`` when labels are given, and
         ``world_size`` and ``examples_per_rank``. Across torch.distributed ranks, states are summed, so every
         rank gets the global result.
     """
-    names = _resolve_measures(model, measures)
+    measures = _resolve_measures(model, measures)
     device = model_device(model, device)
     if device.type == "cpu":
         keep_freed_memory()
     was_training = model.training
     model.to(device).eval()
-    adapters = {n: PROBE_MEASURES[n]() for n in names}
+    adapters = {n: PROBE_MEASURES[n]() for n in measures}
     for a in adapters.values():
         if a.static:
             a.read(model)
@@ -605,7 +629,7 @@ def probe(
             for a in stream_adapters:
                 a.begin()
             with capture(model, attention=need_attn, residual=need_streams, branches=need_streams,
-                         on_record=feed) as cap:  # each sub-layer reduced as the forward produces it
+                         on_record=feed, layers=layers, names=names) as cap:  # each sub-layer reduced as the forward produces it
                 logits = model(images)
             for a in stream_adapters:
                 a.end()
@@ -632,7 +656,8 @@ def probe(
             for m in a.streaming():
                 m.sync()
         all_reduce_sum(stats)
-    result = ProbeResult(meta={"model": type(model).__name__, "examples": int(stats[3]), "measures": names,
+    result = ProbeResult(meta={"model": type(model).__name__, "examples": int(stats[3]), "measures": measures,
+                               "layers": layers, "names": names,
                                "world_size": info.world_size, "examples_per_rank": per_rank})
     if stats[2] > 0:
         result.meta.update(accuracy=float(stats[0] / stats[2]), nll=float(stats[1] / stats[2]))

@@ -37,15 +37,23 @@ def explicit_attention(model: nn.Module) -> Iterator[nn.Module]:
 
 @dataclass
 class SubLayerRecord:
-    """The residual stream around one sub-layer: ``z_out = shortcut + branch`` (+ activation for ResNets).
+    """The stream around one sub-layer or block: ``z_out = shortcut + branch`` (+ activation for ResNets).
 
-    A smoothing layer has no skip path: its shortcut is ``z_in`` and its branch ``z_out - z_in``."""
+    A smoothing layer has no skip path: its shortcut is ``z_in`` and its branch ``z_out - z_in``. A record that
+    is not ``x + f(x)`` (the stem, whose ``z_in`` is the image; a block vitscope cannot split) has ``branch``
+    and ``shortcut`` None, so no ratio of norms, lesion or skip removal is ever computed on it. Tensors are
+    tokens (B, N, D) or maps (B, C, H, W): channels-last blocks (Swin) are given channels-first (a view)."""
 
     info: LayerInfo
     z_in: torch.Tensor
-    branch: torch.Tensor
-    shortcut: torch.Tensor
+    branch: torch.Tensor | None
+    shortcut: torch.Tensor | None
     z_out: torch.Tensor
+
+    @property
+    def residual(self) -> bool:
+        """Whether the record splits as ``z_out = shortcut + branch``."""
+        return self.branch is not None
 
 
 @dataclass
@@ -57,23 +65,40 @@ class Capture:
     records: list[SubLayerRecord] = field(default_factory=list)
 
     @property
+    def residual_records(self) -> list[SubLayerRecord]:
+        """The records that split as ``z_out = shortcut + branch`` (every record but the stem and the blocks
+        vitscope cannot split), depth order."""
+        return [r for r in self.records if r.branch is not None]
+
+    @property
     def residuals(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(stream entering, stream leaving) per sub-layer, depth order."""
-        return [(r.z_in, r.z_out) for r in self.records]
+        """(stream entering, stream leaving) per residual sub-layer, depth order."""
+        return [(r.z_in, r.z_out) for r in self.residual_records]
 
     @property
     def branches(self) -> list[torch.Tensor]:
-        """Each sub-layer's branch output f(z), aligned with ``residuals``."""
-        return [r.branch for r in self.records]
+        """Each residual sub-layer's branch output f(z), aligned with ``residuals``."""
+        return [r.branch for r in self.residual_records]
 
     @property
     def shortcuts(self) -> list[torch.Tensor]:
-        """Each sub-layer's skip-path output: z itself, or downsample(z) in a ResNet block."""
-        return [r.shortcut for r in self.records]
+        """Each residual sub-layer's skip-path output: z itself, or downsample(z) in a ResNet block."""
+        return [r.shortcut for r in self.residual_records]
 
     @property
     def layout(self) -> list[LayerInfo]:
-        """LayerInfo per sub-layer, aligned with ``residuals`` and ``branches``."""
+        """LayerInfo per residual sub-layer, aligned with ``residuals`` and ``branches``."""
+        return [r.info for r in self.residual_records]
+
+    @property
+    def outputs(self) -> list[torch.Tensor]:
+        """The representation after every recorded layer (stem first, then each sub-layer or block), in forward
+        order: the layers of CKA, Fourier and variance."""
+        return [r.z_out for r in self.records]
+
+    @property
+    def output_layout(self) -> list[LayerInfo]:
+        """LayerInfo per entry of ``outputs`` (names are module paths; ``stem`` for the stem)."""
         return [r.info for r in self.records]
 
     def clear(self) -> None:
@@ -100,16 +125,42 @@ def _patch_size(model: nn.Module) -> tuple[int, int] | None:
     return (ps, ps) if isinstance(ps, int) else (int(ps[0]), int(ps[1]))
 
 
+LAYERS = ("sublayers", "blocks")
+
+
+def _channels_last(t: torch.Tensor, image_hw: tuple[int, int] | None) -> bool:
+    """Whether a 4-D activation is (B, H, W, C) rather than (B, C, H, W): its dims 1-2, not 2-3, form a grid
+    with the image's aspect ratio and an integer stride (Swin, MaxViT partitions, Hiera keep channels last)."""
+    if t.ndim != 4 or image_hw is None:
+        return False
+
+    def grid_like(h: int, w: int) -> bool:
+        return h * image_hw[1] == w * image_hw[0] and image_hw[0] % h == 0 and h > 0
+
+    return not grid_like(t.shape[2], t.shape[3]) and grid_like(t.shape[1], t.shape[2])
+
+
+def _first_tensor(x) -> torch.Tensor | None:
+    """The tensor a block passes on: itself, or the first tensor of a tuple/list output (None if there is none)."""
+    if isinstance(x, torch.Tensor):
+        return x
+    if isinstance(x, (tuple, list)):
+        return next((t for t in x if isinstance(t, torch.Tensor)), None)
+    return None
+
+
 class _Recorder:
     """Installs the hooks of one capture and turns hook calls into records."""
 
     def __init__(self, model: nn.Module, cap: Capture, keep: Callable[[str], bool], device, grad: bool,
-                 attention: bool, streams: bool, on_record: Callable[[SubLayerRecord], None] | None = None):
+                 attention: bool, streams: bool, on_record: Callable[[SubLayerRecord], None] | None = None,
+                 layers: str = "sublayers"):
         self.model, self.cap, self.keep, self.device, self.grad = model, cap, keep, device, grad
         self.deliver = on_record or cap.records.append
-        self.attention, self.streams = attention, streams
+        self.attention, self.streams, self.layers = attention, streams, layers
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
         self.image_hw: tuple[int, int] | None = None
+        self.image: torch.Tensor | None = None
         self.patch = _patch_size(model)
         self.pending: dict[str, dict[str, torch.Tensor]] = {}
         self.block_hw: dict[int, tuple[int, int]] = {}
@@ -118,18 +169,28 @@ class _Recorder:
 
     # -- helpers --------------------------------------------------------------------------------
     def out(self, t: torch.Tensor) -> torch.Tensor:
+        if _channels_last(t, self.image_hw):
+            t = t.permute(0, 3, 1, 2)  # (B, H, W, C) -> (B, C, H, W), a view
         if not self.grad:
             t = t.detach()
         return t.to(self.device) if self.device is not None else t
 
     def token_layout(self, n_tokens: int) -> tuple[int, tuple[int, int] | None, int | None]:
         """(prefix tokens, grid, patch size) of a ViT token sequence from the input image size."""
-        if self.patch is None or self.image_hw is None:
+        if self.image_hw is None:
             return 0, None, None
-        h, w = self.image_hw[0] // self.patch[0], self.image_hw[1] // self.patch[1]
-        if n_tokens < h * w:
-            return 0, None, self.patch[0]
-        return n_tokens - h * w, (h, w), self.patch[0]
+        if self.patch is not None:
+            h, w = self.image_hw[0] // self.patch[0], self.image_hw[1] // self.patch[1]
+            if h * w <= n_tokens <= h * w + 16:
+                return n_tokens - h * w, (h, w), self.patch[0]
+        H, W = self.image_hw
+        prefixes = dict.fromkeys((int(getattr(self.model, "num_prefix_tokens", 0) or 0), 0, 1, 2))
+        for p in prefixes:  # tokens of a grid with the image's aspect ratio and an integer stride
+            n = n_tokens - p
+            w = round((n * W / H) ** 0.5) if n > 0 else 0
+            if w > 0 and n % w == 0 and (n // w) * W == w * H and H % (n // w) == 0:
+                return p, (n // w, w), H // (n // w)
+        return 0, None, None
 
     def hook(self, module: nn.Module, fn: Callable, pre: bool = False) -> None:
         if pre:
@@ -138,19 +199,25 @@ class _Recorder:
             self.handles.append(module.register_forward_hook(fn))
 
     def emit(self, name: str, kind: str, block: int, parts: dict[str, torch.Tensor],
-             num_heads: int | None = None) -> None:
-        z_in, z_out = parts["z_in"], parts["z_out"]
+             num_heads: int | None = None, residual: bool = True) -> None:
+        z_in, z_out = parts["z_in"], self.out(parts["z_out"])
         if z_out.ndim == 3:
             prefix, grid, patch = self.token_layout(z_out.shape[1])
-        else:  # a feature map: describe the map the block produces
+        elif z_out.ndim == 4:  # a feature map: describe the map the block produces
             grid = (int(z_out.shape[-2]), int(z_out.shape[-1]))
             prefix = 0
             patch = self.image_hw[0] // grid[0] if self.image_hw else None
-        info = LayerInfo(name, kind, block, prefix, grid, patch, num_heads)
+        else:
+            prefix, grid, patch = 0, None, None
+        stage = self.blocks[block].stage if 0 <= block < len(self.blocks) else None
+        info = LayerInfo(name, kind, block, prefix, grid, patch, num_heads, stage)
+        if not residual:
+            self.deliver(SubLayerRecord(info, self.out(z_in), None, None, z_out))
+            return
         shortcut = parts.get("shortcut", z_in)
         # the branch: recorded, else (the sum before a post-add activation, else the output) - shortcut
-        branch = parts["branch"] if "branch" in parts else parts.get("sum", z_out) - shortcut
-        self.deliver(SubLayerRecord(info, self.out(z_in), self.out(branch), self.out(shortcut), self.out(z_out)))
+        branch = parts["branch"] if "branch" in parts else parts.get("sum", parts["z_out"]) - shortcut
+        self.deliver(SubLayerRecord(info, self.out(z_in), self.out(branch), self.out(shortcut), z_out))
 
     # -- installation ---------------------------------------------------------------------------
     def install(self) -> None:
@@ -158,6 +225,7 @@ class _Recorder:
             x = args[0] if args else None
             if isinstance(x, torch.Tensor) and x.ndim == 4:
                 self.image_hw = (int(x.shape[-2]), int(x.shape[-1]))
+                self.image = x
 
         self.hook(self.model, on_model_input, pre=True)
         for i, site in enumerate(self.blocks):
@@ -167,8 +235,13 @@ class _Recorder:
 
             self.hook(site.module, on_block_input, pre=True)
         if self.streams:
+            if self.blocks and self.keep("stem"):
+                self._install_stem(self.blocks[0])
             for i, site in enumerate(self.blocks):
-                getattr(self, f"_install_{site.family}")(i, site)
+                if self.layers == "blocks" or site.family == "generic":
+                    self._install_whole(i, site)
+                else:
+                    getattr(self, f"_install_{site.family}")(i, site)
         if self.attention:
             self._install_attention()
 
@@ -261,6 +334,48 @@ class _Recorder:
         b = site.module
         self._install_block(i, site, type(b).vitscope_kind, b.shortcut, b.drop_path, None)
 
+    def _install_stem(self, first: BlockSite) -> None:
+        """The stem: the stream entering the first block, recorded with the image as its input."""
+        def stem(_m, args):
+            x = _first_tensor(args)
+            if x is not None and self.image is not None:
+                self.emit("stem", "stem", -1, {"z_in": self.image, "z_out": x}, residual=False)
+
+        self.hook(first.module, stem, pre=True)
+
+    def _install_whole(self, i: int, site: BlockSite) -> None:
+        """One record per block (``layers="blocks"``, or a block vitscope cannot split), named by its module
+        path, of kind ``block`` (``smoothing`` for a smoothing layer). Residual when its family is known: a
+        transformer block is ``x + g(x)`` (its two sub-layers composed), a ResNet block ``act(shortcut + f)``."""
+        b = site.module
+        if site.family in ("vit", "convit"):
+            self._install_block(i, site, "block", None, None, None)
+        elif site.family == "resnet":
+            self._install_block(i, site, "block", b.downsample, None, final_activation(b))
+        elif site.family == "vitscope":
+            self._install_block(i, site, "block", b.shortcut, b.drop_path, None)
+        elif site.family == "smoothing":
+            self._install_smoothing(i, site)
+        else:
+            self._install_generic(i, site)
+
+    def _install_generic(self, i: int, site: BlockSite) -> None:
+        """A block recorded by its input and output only (no ``x + f(x)`` split claimed)."""
+        if not self.keep(site.name):
+            return
+        slot = self.pending.setdefault(site.name, {})
+
+        def block_in(_m, args):
+            slot["z_in"] = _first_tensor(args)
+
+        def block_out(_m, _args, out):
+            z_in, z_out = slot.pop("z_in", None), _first_tensor(out)
+            if isinstance(z_in, torch.Tensor) and isinstance(z_out, torch.Tensor):
+                self.emit(site.name, "block", i, {"z_in": z_in, "z_out": z_out}, residual=False)
+
+        self.hook(site.module, block_in, pre=True)
+        self.hook(site.module, block_out)
+
     def _install_smoothing(self, i: int, site: BlockSite) -> None:
         """A spatial-smoothing layer (no skip path): recorded as ``z_out = z_in + (smooth(z_in) - z_in)``, i.e.
         shortcut = z_in and branch = the change the blur makes, so ``z_out = shortcut + branch`` holds."""
@@ -318,19 +433,26 @@ def capture(
     device: torch.device | str | None = None,
     grad: bool = False,
     on_record: Callable[[SubLayerRecord], None] | None = None,
+    layers: str = "sublayers",
 ) -> Iterator[Capture]:
     """Record attention maps and residual streams of every forward pass run inside the context.
 
     Args:
         model: Any timm ViT/DeiT, ConViT or ResNet, or a vitscope model.
         attention: Record post-softmax attention maps (B, H, N, N); fused attention is switched off meanwhile.
-        residual: Record the residual stream entering and leaving every sub-layer.
+        residual: Record the stream entering and leaving every sub-layer or block, and the stem's output
+            (the stream entering the first block, kind ``stem``, name ``stem``) first.
         branches: Record each sub-layer's branch output f(z) (recorded together with ``residual``).
-        names: fnmatch pattern(s) or a predicate on sub-layer names (``blocks.3.attn``, ``layer2.1``).
+        names: fnmatch pattern(s) or a predicate on layer names (``blocks.3.attn``, ``layer2.1``, ``stem``);
+            it selects attention layers by their module path too (``blocks.3.attn``).
         device: Where captured tensors go (default: where they were computed).
         grad: Keep the autograd graph (default: tensors are detached).
         on_record: Called with each sub-layer's record as the forward produces it, instead of keeping it in
             ``Capture.records`` (which then stays empty): streams a batch without holding its activations.
+        layers: ``sublayers`` (default): each known residual block split into its sub-layers (a transformer
+            block's attention and MLP, a ResNet block whole), other blocks whole (kind ``block``);
+            ``blocks``: one record per block, named by its module path (``blocks.3``, ``layers.1.blocks.0``),
+            kind ``block``: the granularity of Raghu et al.'s CKA.
 
     Yields:
         A :class:`Capture` filled as the model runs.
@@ -338,9 +460,11 @@ def capture(
     Raises:
         ValueError: residual streams were asked for but the model has no block vitscope knows.
     """
+    if layers not in LAYERS:
+        raise ValueError(f"layers must be one of {', '.join(LAYERS)}, got {layers!r}")
     cap = Capture()
     streams = residual or branches
-    recorder = _Recorder(model, cap, _name_filter(names), device, grad, attention, streams, on_record)
+    recorder = _Recorder(model, cap, _name_filter(names), device, grad, attention, streams, on_record, layers)
     if streams and not recorder.blocks:
         raise ValueError(
             f"vitscope.capture found no residual block it knows in {type(model).__name__}: supported are timm "

@@ -12,16 +12,21 @@ class LayerInfo:
 
     Attributes:
         name: Module path of the sub-layer (``blocks.3.attn``, ``blocks.3.mlp``, ``layer2.1``).
-        kind: ``msa`` (self-attention), ``gpsa`` (ConViT gated positional attention), ``mlp``, ``conv`` (a
+        kind: ``stem`` (the stream entering the first block: patch embedding with position embedding and
+            class token for a ViT, the stem convolutions and pooling for a CNN; ``block`` = -1), ``block`` (a
+            whole block's output: ``layers="blocks"``, or a block whose sub-layers vitscope cannot split),
+            ``msa`` (self-attention), ``gpsa`` (ConViT gated positional attention), ``mlp``, ``conv`` (a
             residual conv block that keeps the map size), ``downsample`` (a conv block whose output map is
             smaller than its input: stride or pooling; HDVW treats subsampling apart, it lowers variance) or
             ``smoothing`` (a spatial-smoothing layer, e.g. the blur between ResNet stages; "Blurs Behave Like
             Ensembles": like subsampling, it lowers variance).
-        block: Index of the block (residual block or smoothing layer) in forward order (0-based).
+        block: Index of the block (residual block or smoothing layer) in forward order (0-based; -1: the stem).
         num_prefix_tokens: Class/register tokens before the spatial tokens (0 for maps and windows).
         grid: Spatial token grid (h, w), or the feature-map size for CNN blocks.
         patch_size: Pixels per token (or per feature-map cell) along one side, when known.
         num_heads: Attention heads, for attention layers.
+        stage: Index of the stage (resolution level, timm's ``feature_info``) holding the block; 0 for an
+            isotropic model (ViT), None for the stem.
     """
 
     name: str
@@ -31,6 +36,7 @@ class LayerInfo:
     grid: tuple[int, int] | None = None
     patch_size: int | None = None
     num_heads: int | None = None
+    stage: int | None = None
 
     @property
     def is_attention(self) -> bool:

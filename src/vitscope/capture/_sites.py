@@ -1,13 +1,19 @@
-"""Where to tap each supported model family: residual blocks, their sub-layers, attention modules.
+"""Where to tap each model family: its stem, blocks, their sub-layers and its attention modules.
 
-Supported: timm's VisionTransformer/DeiT ``Block`` (and vitscope's ``CBBlock``), ConViT's ``Block``
-with GPSA/MHSA, timm ResNet ``BasicBlock``/``Bottleneck``, and any block following vitscope's
-contract (``vitscope_kind`` class attribute, ``shortcut`` and ``drop_path`` submodules, forward ending
-in ``return self.shortcut(x) + self.drop_path(branch)``), which AlterNet's blocks do; and the spatial
-smoothing layers (``SpatialSmoothing`` / ``Blur``, "Blurs Behave Like Ensembles") between ResNet stages.
+Blocks whose residual structure vitscope knows are decomposed into sub-layers (``family``):
+timm's VisionTransformer/DeiT ``Block`` (and vitscope's ``CBBlock``), ConViT's ``Block`` with GPSA/MHSA,
+timm ResNet ``BasicBlock``/``Bottleneck``, any block following vitscope's contract (``vitscope_kind`` class
+attribute, ``shortcut`` and ``drop_path`` submodules, forward ending in
+``return self.shortcut(x) + self.drop_path(branch)``), which AlterNet's blocks do, and the spatial smoothing
+layers (``SpatialSmoothing`` / ``Blur``, "Blurs Behave Like Ensembles") between ResNet stages.
+
+Every other timm model is cut into blocks from timm's own ``feature_info`` (the stage modules timm's
+``features_only`` uses) and the containers inside each stage (``generic`` family: one record per block, its
+input and output, no sub-layer split).
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch.nn as nn
@@ -15,40 +21,86 @@ from timm.models import convit, resnet, vision_transformer
 
 from vitscope.layers.blur import Blur, SpatialSmoothing
 
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
 
 @dataclass
 class BlockSite:
-    """A residual block and the hook points of its sub-layers."""
+    """A block and what vitscope knows of it.
+
+    Attributes:
+        name: Module path (``blocks.3``, ``layer2.1``, ``layers.1.blocks.0``).
+        module: The block.
+        family: ``vit`` | ``convit`` | ``resnet`` | ``vitscope`` | ``smoothing`` (residual structure known:
+            decomposed into sub-layers) or ``generic`` (recorded whole).
+        stage: Index of the stage (resolution level) it belongs to, 0 for a single-stage (isotropic) model.
+    """
 
     name: str
     module: nn.Module
-    family: str  # "vit" | "convit" | "resnet" | "vitscope" | "smoothing"
+    family: str
+    stage: int = 0
 
 
-def _inside(name: str, sites: list[BlockSite]) -> bool:
-    return any(name.startswith(s.name + ".") for s in sites)
+def known_family(m: nn.Module) -> str | None:
+    """The family of a block whose residual structure vitscope knows, else None."""
+    if isinstance(m, vision_transformer.Block):
+        return "vit"
+    if isinstance(m, convit.Block):
+        return "convit"
+    if isinstance(m, (resnet.BasicBlock, resnet.Bottleneck)):
+        return "resnet"
+    if getattr(type(m), "vitscope_kind", None) in ("conv", "msa"):
+        return "vitscope"
+    if isinstance(m, (SpatialSmoothing, Blur)):
+        return "smoothing"
+    return None
+
+
+def _inside(name: str, names: list[str]) -> bool:
+    return any(name.startswith(s + ".") for s in names)
+
+
+def _known_blocks(model: nn.Module) -> list[BlockSite]:
+    sites: list[BlockSite] = []
+    for name, m in model.named_modules():
+        fam = known_family(m)
+        if fam is not None and not _inside(name, [s.name for s in sites]):
+            sites.append(BlockSite(name, m, fam))
+    return sites
+
+
+def _stage_roots(model: nn.Module) -> list[str]:
+    """Module paths of the stages in timm's ``feature_info`` that exist as modules, deduplicated, in order."""
+    info = getattr(model, "feature_info", None)
+    names = [f.get("module") for f in info] if isinstance(info, list) and all(isinstance(f, dict) for f in info) \
+        else []
+    mods = dict(model.named_modules())
+    return [n for n in dict.fromkeys(names) if n and n in mods]
+
+
+def _assign_stages(sites: list[BlockSite], roots: list[str]) -> None:
+    """Stage index of each site: the rank of the ``feature_info`` stage holding it among the stages that hold
+    blocks; a site outside every stage (a smoothing layer between stages) keeps the previous site's stage.
+    An isotropic model (whose ``feature_info`` lists the blocks themselves) is one stage, 0."""
+    names = {s.name for s in sites}
+    roots = [r for r in roots if r not in names]
+    holding = [r for r in roots if any(_inside(s.name, [r]) for s in sites)]
+    stage = 0
+    for s in sites:
+        owner = next((i for i, r in enumerate(holding) if _inside(s.name, [r])), None)
+        stage = owner if owner is not None else stage
+        s.stage = stage
 
 
 def find_blocks(model: nn.Module) -> list[BlockSite]:
-    """Residual blocks and spatial-smoothing layers of ``model`` in registration order.
+    """Blocks of ``model`` in forward order (registration order: tests check it against forward hooks).
 
-    Registration order is forward order for every supported model (vitscope's smoothing ResNets register
-    ``smoothN`` right after ``layerN``); tests check it against forward hooks. A smoothing layer
-    (``SpatialSmoothing``, or a ``Blur`` outside one) is a site of its own unless it sits inside a block.
+    Known blocks anywhere in the model are found by type; a smoothing layer (``SpatialSmoothing``, or a
+    ``Blur`` outside one) is a site of its own unless it sits inside a block.
     """
-    sites: list[BlockSite] = []
-    for name, m in model.named_modules():
-        if isinstance(m, (SpatialSmoothing, Blur)):
-            if not _inside(name, sites):
-                sites.append(BlockSite(name, m, "smoothing"))
-        elif isinstance(m, vision_transformer.Block):
-            sites.append(BlockSite(name, m, "vit"))
-        elif isinstance(m, convit.Block):
-            sites.append(BlockSite(name, m, "convit"))
-        elif isinstance(m, (resnet.BasicBlock, resnet.Bottleneck)):
-            sites.append(BlockSite(name, m, "resnet"))
-        elif getattr(type(m), "vitscope_kind", None) in ("conv", "msa"):
-            sites.append(BlockSite(name, m, "vitscope"))
+    sites = _known_blocks(model)
+    _assign_stages(sites, _stage_roots(model))
     return sites
 
 

@@ -20,6 +20,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                          "feature_variance",
                    help=f"comma-separated: {', '.join(sorted(PROBE_MEASURES))}, {', '.join(INTERVENTIONS)}")
     p.add_argument("--max-batches", type=int)
+    p.add_argument("--layers", choices=("sublayers", "blocks"), default="sublayers",
+                   help="stream measures on each transformer sub-layer (attention, MLP apart; default) or on each "
+                        "block's output (named by module path); the stem's output comes first either way")
+    p.add_argument("--layer-names", metavar="GLOB[,GLOB]",
+                   help="keep only the layers these fnmatch patterns match, e.g. 'stem,blocks.1*'")
     p.set_defaults(func=run)
 
 
@@ -41,8 +46,9 @@ def run(args: argparse.Namespace) -> int:
 
     forward = [m for m in names if m in PROBE_MEASURES]
     with autocast(args, device):
-        result = probe(model, loader, forward, device=device, max_batches=args.max_batches, shard=True) if forward \
-            else ProbeResult()
+        layer_names = [g.strip() for g in args.layer_names.split(",") if g.strip()] if args.layer_names else None
+        result = probe(model, loader, forward, device=device, max_batches=args.max_batches, shard=True,
+                       layers=args.layers, names=layer_names) if forward else ProbeResult()
     result.meta.update(model_name=setup.meta["model"], **{k: v for k, v in setup.meta.items() if k != "model"})
     if not setup.is_main:
         return 0  # torchrun: every rank holds the merged result; rank 0 alone writes (and runs lesion/localization)
