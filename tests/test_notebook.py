@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import pickle
 
 import numpy as np
 import pytest
@@ -89,6 +90,7 @@ def test_robustness_and_attention_maps(model_and_loader, tmp_path):
     rob = evaluate_robustness(model, pixels, ("calibration", "fgsm"), eps=(1 / 255, 2 / 255), mean=(0.5,) * 3,
                               std=(0.25,) * 3, progress=False)
     assert isinstance(rob, dict) and json.loads(json.dumps(rob)) == json.loads(json.dumps(dict(rob)))
+    assert type(pickle.loads(pickle.dumps(rob))) is type(rob)  # results cross process boundaries (torchrun, fork)
     df = rob.to_pandas()
     assert df[df.figure == "clean"].accuracy.item() == rob["clean"]["accuracy"]
     eps = df[df.figure == "robustness_eps"]

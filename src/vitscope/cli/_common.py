@@ -210,6 +210,7 @@ def build_model(args: argparse.Namespace, num_data_classes: int) -> tuple[Any, d
     from vitscope.io.checkpoints import load_model
     from vitscope.io.weights import read_sidecar
 
+    use_ema = bool(getattr(args, "use_ema", False))  # commands without --use-ema (compare) load the raw weights
     spec = run_spec(args.checkpoint) if args.checkpoint else None
     if args.checkpoint and spec is None and not Path(args.checkpoint).expanduser().is_file():
         raise CLIError(f"--checkpoint {args.checkpoint}: no such file or run directory")
@@ -231,14 +232,14 @@ def build_model(args: argparse.Namespace, num_data_classes: int) -> tuple[Any, d
         if spec.get("sidecar"):
             from vitscope.io.weights import load_weights
 
-            if args.use_ema:
+            if use_ema:
                 raise CLIError(f"--use-ema: {args.checkpoint} is a save_weights file, which holds one set of weights; "
                                "drop --use-ema")
             model = load_weights(spec["weights"])  # rebuilt from the sidecar, head inferred when not recorded
         else:
             from vitscope.io.runs import load_run_model
 
-            model, _ = load_run_model(spec, ema=args.use_ema)
+            model, _ = load_run_model(spec, ema=use_ema)
         meta = {"model": spec["model"], "model_kwargs": spec.get("model_kwargs") or {},
                 "checkpoint": str(spec["weights"]), "pretrained": bool(spec.get("pretrained", False)),
                 "img_size": spec.get("img_size"), "trained_on": spec.get("data"),
@@ -246,7 +247,7 @@ def build_model(args: argparse.Namespace, num_data_classes: int) -> tuple[Any, d
     elif not args.model:
         raise CLIError("--model is required (or --checkpoint RUN_DIR, which names its model)")
     elif args.pretrained:
-        if args.use_ema:
+        if use_ema:
             raise CLIError("--use-ema chooses among a --checkpoint's weights; hub weights are one set: drop --use-ema")
         model = load_model(args.model, pretrained=True, img_size=args.img_size)  # a ViT's grid resampled by timm
         meta = {"model": args.model, "pretrained": True, "checkpoint": None,
@@ -254,13 +255,13 @@ def build_model(args: argparse.Namespace, num_data_classes: int) -> tuple[Any, d
     else:
         torch.manual_seed(args.seed)  # a model without weights gets the same random weights every run
         kwargs = {} if args.checkpoint else {"num_classes": num_data_classes}
-        if args.use_ema and not args.checkpoint:
+        if use_ema and not args.checkpoint:
             raise CLIError("--use-ema chooses among a --checkpoint's weights; there is none")
-        model = load_model(args.model, checkpoint=args.checkpoint, img_size=args.img_size, use_ema=args.use_ema,
+        model = load_model(args.model, checkpoint=args.checkpoint, img_size=args.img_size, use_ema=use_ema,
                            **kwargs)  # no checkpoint: random weights, said on stderr by load_model
         meta = {"model": args.model, "pretrained": False, "checkpoint": args.checkpoint}
     meta["weights"] = "checkpoint" if meta["checkpoint"] else "pretrained" if meta["pretrained"] else "random"
-    meta["ema"] = bool(args.use_ema)
+    meta["ema"] = bool(use_ema)
     meta["num_classes"] = int(getattr(model, "num_classes", 0) or 0)
     return model.eval(), meta
 
