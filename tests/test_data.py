@@ -656,3 +656,29 @@ def test_a_parsed_spec_is_taken_as_it_is_and_written_back(tmp_path):
     x, y = _all_batches(create_loader(spec, split="val", batch_size=7))
     x2, y2 = _all_batches(create_loader(str(spec), split="val", batch_size=7))
     assert torch.equal(x, x2) and torch.equal(y, y2)
+
+
+def test_one_preprocessing_resolver():
+    """data.preprocessing.resolve_preprocessing: a run's record (bilinear, crop 1.0 where it says nothing; its
+    own size kept), the model's pretrained_cfg at the network's size, the data set's; overrides on top, listed."""
+    import timm
+
+    from vitscope.data.preprocessing import resolve_preprocessing
+
+    run = resolve_preprocessing("run", recorded={"mean": [0.5] * 3, "std": [0.25] * 3, "input_size": [3, 48, 48]},
+                                img_size=32)
+    assert run == {"input_size": (3, 48, 48), "interpolation": "bilinear", "mean": (0.5,) * 3, "std": (0.25,) * 3,
+                   "crop_pct": 1.0, "crop_mode": "center", "source": "run", "overridden": []}
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False)
+    cfg = model.pretrained_cfg
+    pre = resolve_preprocessing("model", model=model, img_size=64, overrides={"std": (1.0, 1.0, 1.0), "mean": None})
+    assert pre["input_size"] == (3, 64, 64) and pre["mean"] == tuple(cfg["mean"]) and pre["std"] == (1.0,) * 3
+    assert pre["crop_pct"] == cfg["crop_pct"] and pre["interpolation"] == cfg["interpolation"]
+    assert pre["overridden"] == ["std"] and pre["source"] == "model"
+    data = {"input_size": (3, 32, 32), "interpolation": "bilinear", "mean": (0.1, 0.2, 0.3), "std": (1, 2, 3),
+            "crop_pct": 0.875, "crop_mode": "center"}
+    assert resolve_preprocessing("data", data=data)["std"] == (1.0, 2.0, 3.0)
+    with pytest.raises(ValueError, match="unknown preprocessing keys"):
+        resolve_preprocessing("data", data=data, overrides={"resize": 3})
+    with pytest.raises(ValueError, match="must be 'model', 'data' or 'run'"):
+        resolve_preprocessing("auto")

@@ -27,7 +27,6 @@ _logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos", "box", "hamming")
-PREPROCESS_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
 
 
 def _triple(text: str) -> tuple[float, float, float]:
@@ -292,39 +291,24 @@ def resolve_preprocessing(args: argparse.Namespace, model: Any, model_meta: dict
     the default for ``--pretrained`` hub weights), ``data`` (the data set's statistics at the model's or the run's
     input size: the default for a run that recorded no preprocessing, as older ``vitscope train`` validated) or
     ``run`` (the ``preprocessing`` a run recorded: what ``vitscope train`` validated it with)."""
-    from timm.data import resolve_data_config
+    from vitscope.data.preprocessing import resolve_preprocessing as resolve
 
     mode = args.preprocess
     trained = model_meta.get("img_size")  # a checkpoint's network was built for this size
     recorded = model_meta.get("trained_preprocessing")  # what a run recorded it trained with, if it did
     if mode == "auto" and isinstance(recorded, dict) and "mean" in recorded:
         mode = "run"
-        cfg = {k: recorded[k] for k in PREPROCESS_KEYS if k in recorded}
-        cfg.setdefault("input_size", (3, trained, trained))
-        cfg.setdefault("interpolation", "bilinear")
-        cfg.setdefault("crop_pct", 1.0)
     elif mode == "auto":  # hub weights: the model's own; a run without a record: the data's, as it was trained
         mode = "model" if model_meta.get("pretrained") and not model_meta.get("checkpoint") else "data"
-    if mode == "run":
-        pass
-    elif mode == "model":
-        cfg = resolve_data_config(model=model)
-        cfg = {k: cfg[k] for k in PREPROCESS_KEYS if k in cfg}
-        if trained:
-            cfg["input_size"] = (3, trained, trained)
-    else:
+    base = None
+    if mode == "data":
         size = trained or model.pretrained_cfg.get("input_size", (3, info.img_size, info.img_size))[-1]
-        cfg = {"input_size": (3, size, size), "interpolation": "bilinear", "mean": tuple(info.mean),
-               "std": tuple(info.std), "crop_pct": _native_crop(args.data if data is None else data),
-               "crop_mode": "center"}
+        base = {"input_size": (3, size, size), "interpolation": "bilinear", "mean": tuple(info.mean),
+                "std": tuple(info.std), "crop_pct": _native_crop(args.data if data is None else data),
+                "crop_mode": "center"}
     overrides = {"input_size": (3, args.img_size, args.img_size) if args.img_size else None,
                  "mean": args.mean, "std": args.std, "interpolation": args.interpolation, "crop_pct": args.crop_pct}
-    overridden = sorted(k for k, v in overrides.items() if v is not None)
-    cfg.update({k: v for k, v in overrides.items() if v is not None})
-    cfg = {"input_size": tuple(int(s) for s in cfg["input_size"]), "interpolation": str(cfg["interpolation"]),
-           "mean": tuple(float(m) for m in cfg["mean"]), "std": tuple(float(s) for s in cfg["std"]),
-           "crop_pct": float(cfg["crop_pct"]), "crop_mode": str(cfg.get("crop_mode", "center"))}
-    return {**cfg, "source": mode, "overridden": overridden}
+    return resolve(mode, model=model, data=base, recorded=recorded, img_size=trained, overrides=overrides)
 
 
 def _native_crop(data: Any) -> float:  # a spec string or a parsed DataSpec

@@ -53,22 +53,16 @@ def resolve_preprocessing(cfg: TrainConfig, model: nn.Module) -> dict[str, Any]:
     its augmentation keeping its own crop and interpolation.
     """
     from vitscope.data.factory import data_preprocessing
+    from vitscope.data.preprocessing import resolve_preprocessing as resolve
 
-    if cfg.preprocess == "model":
-        from timm.data import resolve_data_config
-
-        base = resolve_data_config(model=model)
-    elif cfg.preprocess == "data":
-        base = data_preprocessing(cfg.data, img_size=cfg.img_size, **cfg.data_options)
-    else:
+    if cfg.preprocess not in ("model", "data"):
         raise ValueError(f"preprocess must be resolved to 'model' or 'data' first, got {cfg.preprocess!r}")
-    overrides = {"mean": cfg.mean, "std": cfg.std, "crop_pct": cfg.crop_pct, "interpolation": cfg.eval_interpolation}
-    pre = {**base, **{k: v for k, v in overrides.items() if v is not None}}
-    size = int(cfg.img_size) if cfg.img_size is not None else int(base["input_size"][-1])
-    return {"input_size": [3, size, size], "interpolation": str(pre["interpolation"]),
-            "mean": [float(m) for m in pre["mean"]], "std": [float(s) for s in pre["std"]],
-            "crop_pct": float(pre.get("crop_pct") or 1.0), "crop_mode": str(pre.get("crop_mode") or "center"),
-            "source": cfg.preprocess, "overridden": sorted(k for k, v in overrides.items() if v is not None)}
+    data = data_preprocessing(cfg.data, img_size=cfg.img_size, **cfg.data_options) if cfg.preprocess == "data" \
+        else None
+    pre = resolve(cfg.preprocess, model=model, data=data, img_size=cfg.img_size,
+                  overrides={"mean": cfg.mean, "std": cfg.std, "crop_pct": cfg.crop_pct,
+                             "interpolation": cfg.eval_interpolation})
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in pre.items()}  # lists: recorded in YAML/JSON
 
 
 def build_datasets(cfg: TrainConfig, preprocessing: dict[str, Any]) -> tuple[Dataset, Dataset]:
