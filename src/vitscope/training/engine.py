@@ -1,4 +1,4 @@
-"""The training loop: ``train(config)`` with DeiT-style ``train_one_epoch()`` and ``evaluate()``.
+"""A training run: ``train(config)`` sets it up (``builders``, ``loaders``), runs its epochs (``loop``), checkpoints each one.
 
 Built from timm's pieces (``create_optimizer_v2``, ``create_scheduler_v2``, ``Mixup``,
 ``SoftTargetCrossEntropy`` / ``LabelSmoothingCrossEntropy``, ``ModelEmaV3``, ``dispatch_clip_grad``)
