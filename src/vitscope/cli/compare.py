@@ -173,6 +173,9 @@ def run(args: argparse.Namespace) -> int:
                                   num_workers=args.workers, preprocessing=pre, shuffle=False) for pre in pres)
     fit_loaders = None
     if "linear_probe" in measures:
+        if args.fit_split == args.split:
+            _logger.warning("linear_probe: --fit-split and --split are both %r: the probes are scored on examples that "
+                            "include their fit examples (not held out)", args.split)
         dsets = [create_dataset(args.data, split=args.fit_split, preprocessing=pre) for pre in pres]
         idx = _few_shot_indices(dataset_targets(dsets[0]), max(shots), args.seed)
         fit_loaders = tuple(DataLoader(Subset(ds, idx), batch_size=args.batch_size, shuffle=False,
