@@ -8,9 +8,10 @@ torchrun ranks by summation). The two models may take different inputs: pass ``(
 the same examples in the same order, each through its model's own preprocessing (``vitscope compare`` builds them
 with the analysis commands' resolver), and the labels of every batch are checked to agree.
 
-Layers: block outputs by default, named by the block's module path (``blocks.3``, ``layer2.1``): the residual
-stream leaving the block's last sub-layer. ``layers="sublayers"`` keeps every sub-layer (``blocks.3.attn`` and
-``blocks.3.mlp``: the attention/MLP split). ``names`` is a glob (or list of globs) on those names.
+Layers (``vitscope.capture``'s ``layers=``): block outputs by default, named by the block's module path (``blocks.3``,
+``layer2.1``); ``layers="sublayers"`` keeps every sub-layer (``blocks.3.attn`` and ``blocks.3.mlp``: the
+attention/MLP split). ``names`` is a glob (or list of globs) on those names; the stem's output (``stem``) is
+compared only when ``names`` selects it.
 
 ``linear_probe``: per model, per layer, per read-out (class token when the model has one, global average pool),
 a closed-form ridge probe (``vitscope.measures.linear_probe``) fitted on the first ``shots`` examples per class
@@ -19,10 +20,9 @@ every rank fits the same probe) and scored on the compared examples (held out: a
 """
 from __future__ import annotations
 
-import fnmatch
 import logging
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,57 +43,11 @@ from vitscope.runtime import keep_freed_memory, model_device
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["compare", "CompareResult", "COMPARE_MEASURES", "LAYER_SELECTIONS", "layer_outputs"]
+__all__ = ["compare", "CompareResult", "COMPARE_MEASURES", "LAYER_SELECTIONS"]
 
 COMPARE_MEASURES = ("cka", "linear_probe")
-LAYER_SELECTIONS = ("blocks", "sublayers")
+LAYER_SELECTIONS = ("blocks", "sublayers")  # vitscope.capture's layers=
 DEFAULT_SHOTS = (10, 25)  # RAGHU Sec. 6 / ViT's few-shot protocol: 10 and 25 examples per class
-
-
-# ----------------------------------------------------------------------------------------------
-# Which layers: one small piece, to be swapped for capture's public block-level API once it exists.
-
-
-def layer_outputs(model: nn.Module, layers: str = "blocks", names: str | Sequence[str] | None = None
-                  ) -> Callable[[Callable[[str, torch.Tensor, LayerInfo], None]], Callable[[Any], None]]:
-    """A factory of ``capture(on_record=...)`` callbacks that hand ``emit(name, z_out, info)`` each selected
-    layer's output as the forward produces it, in depth order.
-
-    ``layers="blocks"``: one output per residual block (the stream leaving its last sub-layer), named by the
-    block's module path; ``"sublayers"``: every sub-layer (``blocks.3.attn``, ``blocks.3.mlp``). ``names``: glob(s)
-    on those names. Call the returned callback's ``flush()`` after the forward (the last block is emitted then).
-    """
-    if layers not in LAYER_SELECTIONS:
-        raise ValueError(f"layers must be one of {LAYER_SELECTIONS}, got {layers!r}")
-    patterns = [names] if isinstance(names, str) else list(names or [])
-    keep = (lambda n: any(fnmatch.fnmatchcase(n, p) for p in patterns)) if patterns else (lambda n: True)
-    block_names = [b.name for b in find_blocks(model)]
-
-    def factory(emit: Callable[[str, torch.Tensor, LayerInfo], None]) -> Callable[[Any], None]:
-        pending: list[Any] = []  # the latest record of the current block
-
-        def flush() -> None:
-            if pending:
-                rec = pending.pop()
-                name = block_names[rec.info.block]
-                if keep(name):
-                    emit(name, rec.z_out, rec.info)
-
-        def on_record(rec: Any) -> None:
-            if rec.info.kind == "stem":  # capture's layer 0 (the stem's output): not compared here
-                return
-            if layers == "sublayers":
-                if keep(rec.info.name):
-                    emit(rec.info.name, rec.z_out, rec.info)
-                return
-            if pending and pending[0].info.block != rec.info.block:
-                flush()
-            pending[:] = [rec]
-
-        on_record.flush = flush  # type: ignore[attr-defined]
-        return on_record
-
-    return factory
 
 
 # ----------------------------------------------------------------------------------------------
@@ -195,11 +149,15 @@ def _pairs(loader: Any, max_batches: int | None, shard: bool) -> tuple[Iterable,
 
 
 class _ModelSide:
-    """One model's per-batch work: the Grams of its selected layers and, for probes, their read-outs."""
+    """One model's per-batch work: the Grams of its selected layers and, for probes, their read-outs. The layers
+    are ``vitscope.capture``'s (``layers="blocks"``: one record per block, named by its module path;
+    ``"sublayers"``: attention / MLP split), the stem's output left out unless ``names`` asks for it."""
 
     def __init__(self, model: nn.Module, layers: str, names: Any, want_probe: bool, device: torch.device) -> None:
+        if layers not in LAYER_SELECTIONS:
+            raise ValueError(f"layers must be one of {LAYER_SELECTIONS}, got {layers!r}")
         self.model, self.device, self.want_probe = model, device, want_probe
-        self.select = layer_outputs(model, layers, names)
+        self.layers, self.patterns = layers, names
         self.names: list[str] | None = None
         self.infos: list[LayerInfo] = []
 
@@ -209,18 +167,20 @@ class _ModelSide:
         names: list[str] = []
         infos: list[LayerInfo] = []
 
-        def emit(name: str, z: torch.Tensor, info: LayerInfo) -> None:
-            names.append(name)
+        def on_record(rec: Any) -> None:  # each layer reduced as the forward produces it, then dropped
+            info = rec.info
+            if info.kind == "stem" and self.patterns is None:
+                return
+            names.append(info.name)
             infos.append(info)
             if grams:
-                out_grams.append(linear_gram(z, name, validate=False))  # (n, n) float64
-            if self.want_probe:
-                reads.append(probe_features(z.to(torch.float64), info.num_prefix_tokens))  # GAP summed in float64
+                out_grams.append(linear_gram(rec.z_out, info.name, validate=False))  # (n, n) float64
+            if self.want_probe:  # GAP summed in float64
+                reads.append(probe_features(rec.z_out.to(torch.float64), info.num_prefix_tokens))
 
-        on_record = self.select(emit)
-        with capture(self.model, attention=False, residual=True, branches=True, on_record=on_record):
+        with capture(self.model, attention=False, residual=True, branches=False, names=self.patterns,
+                     on_record=on_record, layers=self.layers):
             self.model(images.to(self.device))
-        on_record.flush()
         if not names:
             raise ValueError(f"no layer of {type(self.model).__name__} matched the layer selection; check --layers "
                              "and the name filter (block names look like blocks.3 or layer2.1)")
@@ -408,8 +368,9 @@ def compare(
             n = len(values)
             for d, (name, v, sol) in enumerate(zip(side.names, values, fits[i][(key, k)])):
                 result.linear_probe.append({
-                    "model": (label_a, label_b)[i], "layer": name, "depth": d, "normalized_depth": round(d / max(n - 1, 1), 6),
-                    "readout": key, "shots": k, "accuracy": float(v), "alpha": sol["alpha"]})
+                    "model": (label_a, label_b)[i], "layer": name, "depth": d,
+                    "normalized_depth": round(d / max(n - 1, 1), 6), "readout": key, "shots": k,
+                    "accuracy": float(v), "alpha": sol["alpha"]})
     result.meta = {
         "examples": int(count[0]), "measures": measures, "layers": layers, "names": names,
         "names_b": names_b, "world_size": info.world_size,
