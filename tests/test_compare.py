@@ -174,6 +174,10 @@ def test_result_round_trip_rows():
     d = res.to_dict()
     assert d["cka_cross"]["matrix"] == [[0.5], [0.25]] and d["cka_cross"]["examples"] == 9
     assert [r["value"] for r in d["cka_cross"]["rows"]] == [0.5, 0.25]
+    df = res.to_pandas()
+    assert df[df.statistic == "value"]["value"].tolist() == [0.5, 0.25]
+    fig = res.plot()  # the report's heatmap
+    assert fig.axes[0].get_images()[0].get_array().tolist() == [[0.5], [0.25]]
 
 
 def test_cli_compare_vit_32px_with_resnet_176px(tmp_path, capsys):

@@ -90,6 +90,20 @@ class CompareResult:
             out["linear_probe"] = {"rows": self.linear_probe}
         return json_safe(out)
 
+    def to_pandas(self) -> Any:
+        """Tidy ``pandas.DataFrame``: one row per measure, pair of layers (CKA) or layer, read-out and k (probes)
+        and statistic (``vitscope.notebook.tidy_rows``)."""
+        from vitscope.notebook import frame, tidy_rows
+
+        return frame([r for name, content in self.to_dict().items() for r in tidy_rows(name, content["rows"])])
+
+    def plot(self, measure: str | None = None) -> Any:
+        """The report's figure (``cka_cross``, ``cka_checkpoints`` or ``linear_probe``; default the first) as a
+        matplotlib ``Figure``."""
+        from vitscope.notebook import report_figure
+
+        return report_figure(f"{self.label_a} vs {self.label_b}", measure, probe=self.to_dict())
+
     def save(self, out_dir: str | os.PathLike) -> Path:
         """Write ``results.json``, ``meta.json`` and one CSV per measure into ``out_dir`` (each file atomically)."""
         out = Path(out_dir)
