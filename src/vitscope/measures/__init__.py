@@ -28,6 +28,7 @@ from vitscope.measures.embeddings import (
     position_embedding_grid,
     position_embedding_similarity,
 )
+from vitscope.measures.linear_probe import ProbeAccuracy, RidgeFit, probe_features, ridge_classifier
 from vitscope.measures.norms import RatioOfNorms, ratio_of_norms
 from vitscope.measures.rollout import attention_rollout
 from vitscope.measures.spectral import (
@@ -45,6 +46,7 @@ __all__ = [
     "AttentionEntropy", "AttentionDistance", "Nonlocality", "RelativeDistance",
     "cka", "hsic1", "MinibatchCKA",
     "ratio_of_norms", "RatioOfNorms",
+    "RidgeFit", "ProbeAccuracy", "probe_features", "ridge_classifier",
     "gpsa_gates", "gpsa_attention_centres", "gpsa_layers", "GPSACentres", "gpsa_positional_attention",
     "attention_rollout",
     "patch_embedding_components", "PatchEmbeddingComponents", "position_embedding_similarity",
