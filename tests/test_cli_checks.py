@@ -79,3 +79,17 @@ def test_every_ruled_option_exists_on_its_command():
     for command, rules in RULES.items():
         dests = {a.dest for a in sub.choices[command]._actions}
         assert set(rules) <= dests, (command, set(rules) - dests)
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["landscape", *MODEL, "--span", "abc", "--out", "o"], "argument --span: invalid float value: 'abc'"),
+    (["robustness", *MODEL, "--eps", "nan", "--out", "o"], "argument --eps: expected numbers like 1/255"),
+    (["hessian", *MODEL, "--k", "1.5", "--out", "o"], "argument --k: invalid int value: '1.5'"),
+])
+def test_values_argparse_cannot_read_are_one_line_too(argv, message, capsys):
+    from vitscope.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and len(err.splitlines()) == 1 and message in err, err

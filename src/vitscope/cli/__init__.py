@@ -10,6 +10,7 @@ import argparse
 import importlib
 import logging
 import sys
+from typing import NoReturn
 
 COMMANDS = (
     "models", "probe", "train", "hessian", "landscape", "robustness", "demo", "report", "reproduce",
@@ -21,8 +22,16 @@ class CLIError(Exception):
     """A user-facing error: printed as one line, exit code 2, no traceback."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors (a value that is not a number, a missing option) are one line, exit code 2; the
+    usage stays in ``--help``."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="vitscope",
         description="Build, train and dissect Vision Transformers and CNNs.",
     )
