@@ -207,11 +207,14 @@ class _Layer:
     prefix: int
     grid: tuple[int, int]  # the layer's map over the image: token grid, or the whole feature map when windowed
     window: int | None  # window side for windowed attention
+    shift: tuple[int, int] = (0, 0)  # cyclic shift of the map before windowing (Swin)
 
 
 def _layers(cap, B: int, image_hw: tuple[int, int]) -> list[_Layer]:
     out = []
     for attn, info in zip(cap.attentions, cap.attention_layout):
+        if not info.has_positions:  # pooled keys, channel attention ...: no query map (see LayerInfo.kind)
+            continue
         heads, N = attn.shape[1], attn.shape[-1]
         if attn.shape[0] == B:  # one token sequence per image
             if info.grid is None or info.grid[0] * info.grid[1] + info.num_prefix_tokens != N:
@@ -227,7 +230,8 @@ def _layers(cap, B: int, image_hw: tuple[int, int]) -> list[_Layer]:
         H, W = image_hw[0] // stride, image_hw[1] // stride
         if H % ws or W % ws or (H // ws) * (W // ws) * B != attn.shape[0]:
             raise ValueError(f"{info.name}: {attn.shape[0] // B} windows of {ws}x{ws} do not tile its {H}x{W} map")
-        out.append(_Layer(info.name, info.kind, attn.reshape(B, -1, heads, N, N), 0, (H, W), ws))
+        out.append(_Layer(info.name, info.kind, attn.reshape(B, -1, heads, N, N), 0, (H, W), ws,
+                          info.window_shift or (0, 0)))
     return out
 
 
@@ -246,7 +250,11 @@ def _rollout(layers: list[_Layer], model: nn.Module, head_fusion: str,
         return None, "none: windowed attention has no rollout across layers"
     from vitscope.capture._sites import find_blocks
 
-    if any(b.family not in ("vit", "convit") for b in find_blocks(model)):
+    families = {b.family for b in find_blocks(model)} - {"vit", "convit"}
+    if families == {"generic"}:
+        return None, ("none: rollout assumes blocks x + attn(x) with nothing else mixing tokens, and these blocks "
+                      "are not in capture's table of known residual blocks")
+    if families:
         return None, "none: convolution blocks between the attention layers are not attention"
     # Runs of consecutive layers over the same token sequence.
     groups: list[list[_Layer]] = []
@@ -316,6 +324,10 @@ def attention_maps(
     B = images.shape[0]
     H_img, W_img = int(images.shape[-2]), int(images.shape[-1])
     layers = _layers(cap, B, (H_img, W_img))
+    if not layers:
+        kinds = sorted({i.kind for i in cap.attention_layout})
+        raise ValueError(f"{type(model).__name__}'s attention maps ({', '.join(kinds)}) have no query and key "
+                         "positions on the image (pooled keys, channel or talking-heads attention): no query map")
     gh, gw = layers[0].grid
     if query is None:
         query = (gh // 2, gw // 2)
@@ -355,16 +367,20 @@ def attention_maps(
 
 def _window_rows(layer: _Layer, cell: tuple[int, int]) -> torch.Tensor:
     """(B, heads, H, W): the query's row inside its window, placed on the whole feature map (zero elsewhere).
-    Windows are numbered row-major over the map, positions row-major inside a window (WindowAttention2d)."""
+    Windows are numbered row-major over the map, positions row-major inside a window (WindowAttention2d, Swin);
+    a shifted window (Swin) covers map cells shifted cyclically by ``layer.shift`` (``LayerInfo.window_shift``)."""
     ws = layer.window
     H, W = layer.grid
+    sy, sx = layer.shift
     B, _, heads, n, _ = layer.attn.shape
     a = layer.attn.view(B, H // ws, W // ws, heads, n, n)  # (B, gh, gw, heads, n, n)
-    r, c = cell
+    r, c = (cell[0] - sy) % H, (cell[1] - sx) % W  # the query's place on the shifted map (Swin rolls by -shift)
     local = (r % ws) * ws + c % ws
     row = a[:, r // ws, c // ws, :, local, :].reshape(B, -1, ws, ws)  # (B, heads, ws, ws)
     out = row.new_zeros(B, row.shape[1], H, W)
-    out[:, :, r // ws * ws:(r // ws + 1) * ws, c // ws * ws:(c // ws + 1) * ws] = row
+    ys = (r // ws * ws + torch.arange(ws) + sy) % H  # (ws,) map rows of the window's keys
+    xs = (c // ws * ws + torch.arange(ws) + sx) % W  # (ws,) map cols
+    out[:, :, ys[:, None], xs[None, :]] = row
     return out
 
 

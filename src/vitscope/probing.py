@@ -153,6 +153,28 @@ def _check_attentions(cap: Capture, checks: _DeviceChecks) -> None:
         cap.attentions[i] = a.clamp_min_(0) if a is not attn or a.is_contiguous() else a.clamp_min(0)
 
 
+_NOT_SPLIT = ("a block vitscope does not split as z + f(z) (its residual structure is not in capture's table: "
+              "layer scale, parallel branches, post-norm or no skip path), so it has no ratio of norms")
+_NO_POSITIONS = {
+    "channel": "channel attention (XCiT's cross-covariance attention): it attends over channels, not positions",
+    "pooled": "keys pooled or spatially reduced (fewer keys than queries): key positions not modelled",
+    "mixed": "talking-heads attention (CaiT): maps mixed across heads after the softmax, rows are no distributions",
+    "other": "attention map of a shape whose query and key positions vitscope does not know",
+}
+
+
+def _keep_positional(cap: Capture, skipped: dict[str, str]) -> None:
+    """Keep the attention maps whose queries and keys sit on a known grid (``LayerInfo.has_positions``): the
+    attention measures (entropy over positions, distance, nonlocality) mean nothing on the others, which are
+    named in ``skipped`` with the reason."""
+    keep = [i for i, info in enumerate(cap.attention_layout) if info.has_positions]
+    for info in cap.attention_layout:
+        if not info.has_positions:
+            skipped.setdefault(info.name, _NO_POSITIONS.get(info.kind, _NO_POSITIONS["other"]))
+    cap.attentions[:] = [cap.attentions[i] for i in keep]
+    cap.attention_layout[:] = [cap.attention_layout[i] for i in keep]
+
+
 def _not_finite(t: torch.Tensor) -> torch.Tensor:
     """0-d bool on t's device: whether t holds a NaN or Inf (min and max of one pass: NaN propagates, an Inf
     is the min or the max; exact, unlike a sum, which large finite values can overflow)."""
@@ -225,12 +247,15 @@ class _AttentionProbe(_ProbeMeasure):
 
     def update(self, cap: Capture) -> None:
         self.layout = list(cap.attention_layout)
-        self.measure.update(cap.attentions, cap.attention_layout, validate=False)
+        if self.layout:
+            self.measure.update(cap.attentions, cap.attention_layout, validate=False)
 
     def streaming(self) -> list[M.StreamingMeasure]:
         return [self.measure]
 
     def rows(self) -> list[dict[str, Any]]:
+        if not self.layout:
+            return []  # no map with known positions (see the probe's meta "not_applicable")
         values = self.measure.compute()
         n = len(values)
         return [{**_layer_row(info, i, n), **_heads(v)} for i, (info, v) in enumerate(zip(self.layout, values))]
@@ -262,7 +287,7 @@ class _Distance(_AttentionProbe):
 
     def rows(self) -> list[dict[str, Any]]:
         rows = super().rows()
-        for row, mass in zip(rows, self.measure.class_token_mass()):
+        for row, mass in zip(rows, self.measure.class_token_mass() if rows else []):
             m = _heads(mass)
             row["class_token_mass"], row["class_token_mass_heads"] = m["value"], m["heads"]
             row["renormalized"] = self.measure.renormalize
@@ -405,6 +430,7 @@ class _RatioOfNorms(_StreamProbe):
     def __init__(self) -> None:
         super().__init__()
         self.measure = M.RatioOfNorms()
+        self.skipped: dict[str, str] = {}
 
     def begin(self) -> None:
         super().begin()
@@ -415,6 +441,8 @@ class _RatioOfNorms(_StreamProbe):
         depth = self.count
         self.count += 1
         if rec.branch is None:
+            if rec.info.kind != "stem":
+                self.skipped[rec.info.name] = _NOT_SPLIT
             return
         self.infos.append(rec.info)
         self.depths_now.append(depth)
@@ -423,16 +451,16 @@ class _RatioOfNorms(_StreamProbe):
 
     def end(self) -> None:
         if self.layout is None:
-            if not self.parts:
-                raise ValueError("ratio_of_norms needs residual layers (z + f(z)) and none of the recorded layers "
-                                 "is one; drop ratio_of_norms")
             self.layout, self.depths, self.total = self.infos, self.depths_now, self.count
-        self.measure.update_layers(self.parts)
+        if self.parts:
+            self.measure.update_layers(self.parts)
 
     def streaming(self) -> list[M.StreamingMeasure]:
         return [self.measure]
 
     def rows(self) -> list[dict[str, Any]]:
+        if not self.layout:
+            return []  # no layer is z + f(z) (see the probe's meta "not_applicable")
         values = self.measure.compute()
         return [{**_layer_row(info, d, self.total), **{k: (None if v is None else float(v)) for k, v in r.items()}}
                 for d, info, r in zip(self.depths, self.layout, values)]
@@ -608,6 +636,7 @@ def probe(
     need_attn, need_streams = bool(attention_adapters), bool(stream_adapters)
     stats = torch.zeros(3, dtype=torch.float64, device=device)  # correct, nll sum, labelled examples
     examples = seen = 0
+    not_applicable: dict[str, str] = {}  # attention layers without positions -> why no attention measure
     checks = _DeviceChecks()  # read once after the pass: no host sync within it (see _DeviceChecks)
     info = dist_current()
     if shard:
@@ -634,6 +663,7 @@ def probe(
             for a in stream_adapters:
                 a.end()
             if need_attn:
+                _keep_positional(cap, not_applicable)
                 _check_attentions(cap, checks)
                 for a in attention_adapters:
                     a.update(cap)
@@ -659,6 +689,13 @@ def probe(
     result = ProbeResult(meta={"model": type(model).__name__, "examples": int(stats[3]), "measures": measures,
                                "layers": layers, "names": names,
                                "world_size": info.world_size, "examples_per_rank": per_rank})
+    if not_applicable:
+        _logger.warning("attention measures skip %d layer(s) without token positions: %s", len(not_applicable),
+                        "; ".join(f"{k}: {v}" for k, v in list(not_applicable.items())[:3]))
+        result.meta["not_applicable"] = {n: not_applicable for n in measures if PROBE_MEASURES[n].needs_attention}
+    ratio = adapters.get("ratio_of_norms")
+    if ratio is not None and ratio.skipped:
+        result.meta.setdefault("not_applicable", {})["ratio_of_norms"] = ratio.skipped
     if stats[2] > 0:
         result.meta.update(accuracy=float(stats[0] / stats[2]), nll=float(stats[1] / stats[2]))
     for name, a in adapters.items():

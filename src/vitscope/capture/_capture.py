@@ -230,8 +230,10 @@ class _Recorder:
         self.hook(self.model, on_model_input, pre=True)
         for i, site in enumerate(self.blocks):
             def on_block_input(_m, args, i=i):
-                if isinstance(args[0], torch.Tensor) and args[0].ndim == 4:
-                    self.block_hw[i] = (int(args[0].shape[-2]), int(args[0].shape[-1]))
+                x = _first_tensor(args)
+                if isinstance(x, torch.Tensor) and x.ndim == 4:
+                    hw = x.shape[1:3] if _channels_last(x, self.image_hw) else x.shape[-2:]
+                    self.block_hw[i] = (int(hw[0]), int(hw[1]))
 
             self.hook(site.module, on_block_input, pre=True)
         if self.streams:
@@ -382,26 +384,58 @@ class _Recorder:
         self._install_block(i, site, "smoothing", None, None, None)
 
     def _install_attention(self) -> None:
-        for name, m in self.model.named_modules():
-            if not is_attention_module(m) or not self.keep(name):
+        """Every ``*attn_drop`` module, as timm's ``AttentionExtract`` hooks them (fused attention is off): it
+        receives the post-softmax map. Its kind says what the map is (``LayerInfo``): ``msa`` over a token grid
+        (or within square windows: AlterNet, Swin), ``gpsa``, ``pooled`` (keys pooled or spatially reduced:
+        fewer keys than queries), ``channel`` (XCiT's cross-covariance attention, over channels) or ``other``."""
+        for name, drop in self.model.named_modules():
+            if not fnmatch.fnmatchcase(name, "*attn_drop"):
                 continue
-            block = self._enclosing_block(name)
+            owner = name.rpartition(".")[0]
+            m = self.model.get_submodule(owner) if owner else self.model
+            if not self.keep(owner):
+                continue
+            block = self._enclosing_block(owner)
             kind = attention_kind(m)
-            window = getattr(m, "window_size", None)
 
-            def on_probs(_d, args, _out, name=name, kind=kind, block=block, m=m, window=window):
-                attn = args[0]  # (B, H, N, N)
-                n = attn.shape[-1]
-                if window is not None:
-                    ws = (window, window) if isinstance(window, int) else tuple(window)
-                    info = LayerInfo(name, kind, block, 0, ws, self._stride_of(block), m.num_heads)
-                else:
-                    prefix, grid, patch = self.token_layout(n)
-                    info = LayerInfo(name, kind, block, prefix, grid, patch, m.num_heads)
-                self.cap.attentions.append(self.out(attn))
+            def on_probs(_d, args, _out, name=owner, kind=kind, block=block, m=m):
+                attn = args[0] if args and isinstance(args[0], torch.Tensor) else None
+                if attn is None or attn.ndim < 3:
+                    return
+                info = self._attention_info(name, kind, block, m, attn)
+                self.cap.attentions.append(self.out_map(attn))
                 self.cap.attention_layout.append(info)
 
-            self.hook(m.attn_drop, on_probs)
+            self.hook(drop, on_probs)
+
+    def out_map(self, t: torch.Tensor) -> torch.Tensor:
+        if not self.grad:
+            t = t.detach()
+        return t.to(self.device) if self.device is not None else t
+
+    def _attention_info(self, name: str, kind: str, block: int, m: nn.Module, attn: torch.Tensor) -> LayerInfo:
+        heads = getattr(m, "num_heads", None) or (int(attn.shape[1]) if attn.ndim == 4 else None)
+        stage = self.blocks[block].stage if 0 <= block < len(self.blocks) else None
+        if kind in ("channel", "mixed") or attn.ndim != 4:
+            return LayerInfo(name, kind if kind in ("channel", "mixed") else "other", block, 0, None, None, heads,
+                             stage)
+        n_q, n_k = int(attn.shape[-2]), int(attn.shape[-1])
+        batch = int(self.image.shape[0]) if self.image is not None else None
+        if n_q != n_k:
+            return LayerInfo(name, "pooled", block, 0, None, None, heads, stage)
+        if batch is not None and attn.shape[0] == batch:
+            prefix, grid, patch = self.token_layout(n_k)
+            if grid is not None:
+                return LayerInfo(name, kind, block, prefix, grid, patch, heads, stage)
+        side = int(round(n_k ** 0.5))
+        if batch and attn.shape[0] % batch == 0 and attn.shape[0] > batch and side * side == n_k:
+            # square windows of a feature map (AlterNet, Swin): distances within a window are those on the map;
+            # a shifted window's wrapped-around pairs are masked (probability ~0), so they add nothing
+            parent = name.rpartition(".")[0]
+            shift = getattr(self.model.get_submodule(parent) if parent else self.model, "shift_size", 0) or 0
+            shift = (int(shift), int(shift)) if isinstance(shift, int) else (int(shift[0]), int(shift[1]))
+            return LayerInfo(name, kind, block, 0, (side, side), self._stride_of(block), heads, stage, shift)
+        return LayerInfo(name, "other", block, 0, None, None, heads, stage)
 
     def _enclosing_block(self, name: str) -> int:
         best = -1

@@ -18,6 +18,9 @@ class LayerInfo:
             ``msa`` (self-attention), ``gpsa`` (ConViT gated positional attention), ``mlp``, ``conv`` (a
             residual conv block that keeps the map size), ``downsample`` (a conv block whose output map is
             smaller than its input: stride or pooling; HDVW treats subsampling apart, it lowers variance) or
+            ``pooled`` / ``channel`` / ``other`` for attention maps whose keys are pooled (PVT, Twins, MViTv2),
+            that attend over channels (XCiT) or whose geometry vitscope does not know: no distance, nonlocality or
+            query map is computed on those (the probe names them under ``not_applicable``),
             ``smoothing`` (a spatial-smoothing layer, e.g. the blur between ResNet stages; "Blurs Behave Like
             Ensembles": like subsampling, it lowers variance).
         block: Index of the block (residual block or smoothing layer) in forward order (0-based; -1: the stem).
@@ -27,6 +30,10 @@ class LayerInfo:
         num_heads: Attention heads, for attention layers.
         stage: Index of the stage (resolution level, timm's ``feature_info``) holding the block; 0 for an
             isotropic model (ViT), None for the stem.
+        window_shift: For attention in square windows (``grid`` = the window), the cyclic shift (rows, cols) of
+            the map before it was cut into windows (Swin's shifted windows; (0, 0) for plain windows): window
+            position (i, j) of window (u, v) is map cell ((u * ws + i + shift_r) mod H, (v * ws + j + shift_c)
+            mod W), windows numbered row-major per image.
     """
 
     name: str
@@ -37,10 +44,17 @@ class LayerInfo:
     patch_size: int | None = None
     num_heads: int | None = None
     stage: int | None = None
+    window_shift: tuple[int, int] | None = None
 
     @property
     def is_attention(self) -> bool:
         return self.kind in ("msa", "gpsa")
+
+    @property
+    def has_positions(self) -> bool:
+        """Whether each query and key of this attention map sits at a known place on a token grid (or in a
+        square window of one), so distance, nonlocality and query maps mean something."""
+        return self.kind in ("msa", "gpsa") and self.grid is not None
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass
 
 import torch.nn as nn
-from timm.models import convit, resnet, vision_transformer
+from timm.models import convit, resnet, vision_transformer, xcit
 
 from vitscope.layers.blur import Blur, SpatialSmoothing
 
@@ -93,13 +93,114 @@ def _assign_stages(sites: list[BlockSite], roots: list[str]) -> None:
         s.stage = stage
 
 
+def _weight_layers(m: nn.Module) -> int:
+    """How many weight layers (a parameter ``weight`` of 2+ dims: convolutions, linear maps) ``m`` holds."""
+    return sum(1 for sub in m.modules() if isinstance(getattr(sub, "weight", None), nn.Parameter)
+               and sub.weight.ndim >= 2)
+
+
+def _is_unit(m: nn.Module) -> bool:
+    """A block: at least two weight layers (a conv-norm-act layer, a patch merging or a norm is not one)."""
+    return _weight_layers(m) >= 2
+
+
+def _join(a: str, b: str) -> str:
+    return f"{a}.{b}" if a else b
+
+
+def _expand(name: str, m: nn.Module, stage: bool = True) -> list[str]:
+    """The blocks inside ``m``: a container's items (containers holding blocks expanded in place, layers with
+    fewer than two weight layers skipped: transitions, norms); a stage module's ``blocks`` container (or its one
+    container of blocks: NesT's ``transformer_encoder``), or, for a stage named by ``feature_info``, its numbered
+    blocks (``b1``, ``b2`` of a RegNet stage, ``tree1`` of DLA); else ``m`` itself when it is a block."""
+    if isinstance(m, _CONTAINERS):
+        out: list[str] = []
+        for k, c in m.named_children():
+            child = _join(name, k)
+            if isinstance(c, _CONTAINERS) and not any(_is_unit(g) for g in c.children()):
+                out += [child] if _is_unit(c) else []
+            else:
+                out += _expand(child, c, stage=False)
+        return out
+    holders = [(k, c) for k, c in m.named_children() if isinstance(c, _CONTAINERS)
+               and any(_is_unit(g) for g in c.children())]
+    blocks = [(k, c) for k, c in holders if k == "blocks"] or (holders if stage and len(holders) == 1 else [])
+    if blocks:
+        return _expand(f"{name}.{blocks[0][0]}", blocks[0][1])
+    units = [k for k, c in m.named_children() if _is_unit(c) and re.fullmatch(r"(b|tree)\d+", k)]
+    if stage and len(units) >= 2:
+        return [f"{name}.{k}" for k in units]
+    return [name] if _is_unit(m) else []
+
+
+def _stage_key(root: str, mods: dict[str, nn.Module]) -> str:
+    """Where the blocks of a ``feature_info`` stage are: the container that holds it (a ViT's ``blocks`` for
+    ``blocks.3``, a Swin's ``layers`` for ``layers.1``, DenseNet's ``features`` for ``features.denseblock2``;
+    ``feature_info`` may list only some of its items, or a layer inside an item), else the stage itself."""
+    parts = root.split(".")
+    for n in range(1, len(parts) + 1):
+        parent = ".".join(parts[: n - 1])
+        if parent and isinstance(mods.get(parent), _CONTAINERS):
+            return parent
+    return root
+
+
+def _generic_blocks(model: nn.Module) -> list[str]:
+    """Block paths of any timm model, from its ``feature_info`` stages, in registration order.
+
+    Each stage is expanded within the container holding it (``_stage_key``); the model's own children between
+    the first and the last top-level stage are added (Inception's ``Mixed_*`` blocks, of which
+    ``feature_info`` lists some); a sibling container whose name says blocks (CaiT's ``blocks_token_only``,
+    XCiT's ``cls_attn_blocks``) follows its sibling. Stems are no blocks. Without ``feature_info`` stages, the
+    ``blocks`` / ``stages`` / ``layers`` containers are expanded; when nothing is a block (VGG: single
+    convolutions), the ``feature_info`` modules themselves are (their outputs: timm's stage features).
+    """
+    mods = dict(model.named_modules())
+    roots = [r for r in _stage_roots(model) if not any(p.startswith("stem") for p in r.split("."))]
+    names: list[str] = []
+    keys = list(dict.fromkeys(_stage_key(r, mods) for r in roots))
+    top = [k for k in keys if "." not in k]
+    children = [k for k, _ in model.named_children()]
+    if len(top) >= 2:
+        first, last = children.index(top[0]), children.index(top[-1])
+        keys += [k for k in children[first:last + 1] if k not in keys and "stem" not in k]
+    for key in keys:
+        names += _expand(key, mods[key])
+        parent = key.rpartition(".")[0]
+        siblings = mods[parent].named_children() if parent else model.named_children()
+        for k, c in siblings:
+            path = _join(parent, k)
+            if path not in keys and path != key and "block" in k and isinstance(c, _CONTAINERS):
+                names += _expand(path, c)
+    if not names:
+        found = [n for n, m in mods.items() if n.rpartition(".")[2] in ("blocks", "stages", "layers")
+                 and isinstance(m, _CONTAINERS)]
+        for n in found:
+            if not _inside(n, found):
+                names += _expand(n, mods[n])
+    if not names:
+        names = [r for r in _stage_roots(model) if _weight_layers(mods[r]) > 0 or r in roots]
+    order = {n: i for i, n in enumerate(mods)}
+    return sorted(dict.fromkeys(names), key=order.__getitem__)
+
+
 def find_blocks(model: nn.Module) -> list[BlockSite]:
     """Blocks of ``model`` in forward order (registration order: tests check it against forward hooks).
 
     Known blocks anywhere in the model are found by type; a smoothing layer (``SpatialSmoothing``, or a
-    ``Blur`` outside one) is a site of its own unless it sits inside a block.
+    ``Blur`` outside one) is a site of its own unless it sits inside a block. The blocks of every other timm
+    model come from ``feature_info`` (``generic``); one that holds or lies in a known block is left out.
     """
     sites = _known_blocks(model)
+    known = [s.name for s in sites]
+    mods = dict(model.named_modules())
+    for name in _generic_blocks(model):
+        if name in known or _inside(name, known) or any(_inside(k, [name]) for k in known):
+            continue
+        sites.append(BlockSite(name, mods[name], "generic"))
+    if len(sites) > len(known) > 0:
+        order = {n: i for i, n in enumerate(mods)}
+        sites.sort(key=lambda s: order[s.name])
     _assign_stages(sites, _stage_roots(model))
     return sites
 
@@ -112,7 +213,16 @@ def is_attention_module(m: nn.Module) -> bool:
 
 
 def attention_kind(m: nn.Module) -> str:
-    return "gpsa" if isinstance(m, convit.GPSA) else "msa"
+    """``gpsa`` (ConViT), ``channel`` (XCiT's cross-covariance attention: over channels, not positions),
+    ``mixed`` (CaiT's talking heads: the map ``attn_drop`` sees is mixed across heads after the softmax), else
+    ``msa`` (refined by the map's shape when captured)."""
+    if isinstance(m, convit.GPSA):
+        return "gpsa"
+    if isinstance(m, xcit.XCA):
+        return "channel"
+    if isinstance(getattr(m, "proj_w", None), nn.Linear):  # CaiT's talking heads: heads mixed after the softmax
+        return "mixed"
+    return "msa"
 
 
 def final_activation(block: nn.Module) -> nn.Module:

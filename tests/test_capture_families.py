@@ -1,0 +1,110 @@
+"""vitscope.capture on timm's model families, against timm's own extraction.
+
+A cheap, representative parametrization over timm's registry (timm's tiny ``test_*`` models and tiny variants
+of the families with attention geometry to get right), at small inputs; the sweep over the smallest model of
+every timm module (``docs/sweep_timm_families.py``, ~15 min) is recorded in ``docs/models.md``.
+"""
+import pytest
+import timm
+import torch
+from timm.models.swin_transformer import window_partition
+from timm.utils import AttentionExtract
+
+import vitscope
+from vitscope.capture._sites import find_blocks
+
+# (name, kwargs, image side): the test models of timm's registry plus tiny transformers of other families
+FAMILIES = [
+    ("test_convnext", {}, 64),
+    ("test_efficientnet", {}, 64),
+    ("test_byobnet", {}, 64),
+    ("test_nfnet", {}, 64),
+    ("test_mambaout", {}, 64),
+    ("test_coatnet", {}, 160),
+    ("test_maxvit", {}, 160),
+    ("test_vit_relpos", {"img_size": 64}, 64),
+    ("swin_tiny_patch4_window7_224", dict(embed_dim=16, depths=(2, 2), num_heads=(1, 2), window_size=4,
+                                          img_size=32), 32),
+    ("eva02_tiny_patch14_224", dict(embed_dim=32, depth=2, num_heads=2, img_size=28), 28),
+    ("cait_xxs24_224", dict(embed_dim=32, depth=2, num_heads=2, img_size=32, patch_size=8), 32),
+    ("xcit_nano_12_p8_224", dict(embed_dim=32, depth=2, num_heads=2, img_size=32), 32),
+    ("pvt_v2_b0", dict(embed_dims=(8, 16, 24, 32), depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1)), 64),
+    ("resnetv2_18", {}, 64),
+]
+
+
+@pytest.mark.parametrize("name,kwargs,side", FAMILIES, ids=[f[0] for f in FAMILIES])
+def test_capture_blocks_in_forward_order_and_attention_equals_timm(name, kwargs, side):
+    torch.manual_seed(0)
+    model = timm.create_model(name, **kwargs).eval()
+    x = torch.randn(2, 3, side, side)
+    sites = find_blocks(model)
+    fired = []
+    handles = [s.module.register_forward_hook(lambda m, i, o, n=s.name: fired.append(n)) for s in sites]
+    with torch.no_grad():
+        with vitscope.explicit_attention(model):  # as capture runs attention (fused attention rounds otherwise)
+            ref = model(x)
+        fired.clear()
+        with vitscope.capture(model, layers="blocks") as cap:
+            out = model(x)
+    for h in handles:
+        h.remove()
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)  # hooks only observe
+    names = [r.info.name for r in cap.records]
+    assert len(sites) >= 2 and names[0] == "stem" and names[1:] == list(dict.fromkeys(fired))  # forward order
+    for r in cap.records:  # tokens (B, N, D) or channels-first maps (B, C, h, w) whose grid the info gives
+        if r.z_out.ndim == 4:
+            assert tuple(r.z_out.shape[-2:]) == r.info.grid
+    with torch.no_grad(), vitscope.explicit_attention(model):
+        try:
+            timm_maps = AttentionExtract(model, method="hook")(x)  # hooks on *attn_drop
+        except RuntimeError:  # "No module names found": a model without attention
+            timm_maps = {}
+    mine = {f"{i.name}.attn_drop": a for i, a in zip(cap.attention_layout, cap.attentions)}
+    assert mine.keys() == timm_maps.keys()
+    for k, v in timm_maps.items():
+        torch.testing.assert_close(mine[k], v, rtol=0, atol=0)
+
+
+def test_attention_kinds_say_where_positions_are_unknown():
+    """Channel (XCiT), talking-heads (CaiT) and pooled-key (PVT, class attention) maps are named as such, and
+    the probe's attention measures skip them by name instead of reading them as token grids."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    cases = {"xcit_nano_12_p8_224": ({"channel", "pooled"}, FAMILIES[11][1], 32),
+             "cait_xxs24_224": ({"mixed", "pooled"}, FAMILIES[10][1], 32),
+             "pvt_v2_b0": ({"pooled", "msa"}, FAMILIES[12][1], 64)}
+    for name, (kinds, kwargs, side) in cases.items():
+        model = timm.create_model(name, **kwargs).eval()
+        with torch.no_grad(), vitscope.capture(model, residual=False, branches=False) as cap:
+            model(torch.randn(1, 3, side, side))
+        assert {i.kind for i in cap.attention_layout} == kinds
+        ds = TensorDataset(torch.randn(4, 3, side, side), torch.zeros(4, dtype=torch.long))
+        res = vitscope.probe(model, DataLoader(ds, batch_size=4), ["attention_entropy", "ratio_of_norms"],
+                             progress=False)
+        skipped = res.meta["not_applicable"]["attention_entropy"]
+        assert {r["layer"] for r in res["attention_entropy"]}.isdisjoint(skipped)
+        assert all(i.name in skipped for i in cap.attention_layout if not i.has_positions)
+        assert res["ratio_of_norms"] == [] and res.meta["not_applicable"]["ratio_of_norms"]  # not split: no ratio
+
+
+def test_swin_shifted_window_query_maps_follow_timm_partition():
+    """A query map of a shifted-window block lies on the cells of the query's (cyclically shifted) window,
+    located with timm's own roll + window_partition, and carries the captured row."""
+    torch.manual_seed(0)
+    model = timm.create_model(FAMILIES[8][0], **FAMILIES[8][1]).eval()
+    x = torch.randn(1, 3, 32, 32)
+    maps = vitscope.attention_maps(model, x, query=(1, 6), embeddings=False)
+    with torch.no_grad(), vitscope.capture(model, residual=False, branches=False) as cap:
+        model(x)
+    info, attn = cap.attention_layout[1], cap.attentions[1]  # layers.0.blocks.1: shifted by 2 on an 8x8 map
+    assert info.window_shift == (2, 2) and info.grid == (4, 4) and info.patch_size == 4
+    H = W = 8
+    idx = torch.roll(torch.arange(H * W).view(1, H, W, 1), shifts=(-2, -2), dims=(1, 2))
+    cells = window_partition(idx, (4, 4)).reshape(-1, 16)  # (windows, 16): map cell of each window position
+    q = 1 * W + 6  # query cell (1, 6) of the 8x8 map
+    w, p = (cells == q).nonzero()[0].tolist()
+    want = torch.zeros(attn.shape[1], H * W)
+    want[:, cells[w]] = attn[w, :, p, :]  # (heads, 64)
+    assert maps.query_cells[1] == (1, 6)
+    torch.testing.assert_close(torch.from_numpy(maps.query_maps[1][0]).reshape(-1, H * W), want)
