@@ -100,7 +100,7 @@ def _reseed_epoch(run: TrainingRun, epoch: int) -> None:
 
 
 def _setup(cfg: TrainConfig, device: torch.device, info: DistInfo, resume: bool) -> tuple[TrainingRun, dict | None]:
-    from vitscope.data import data_info
+    from vitscope.data import data_info, parse_spec
 
     run_dir = Path(cfg.out)
     state, weights = None, None
@@ -114,7 +114,8 @@ def _setup(cfg: TrainConfig, device: torch.device, info: DistInfo, resume: bool)
             f"{run_dir} already holds a run (checkpoint {latest}); continue it with --resume {run_dir} "
             "or choose another --out"
         )
-    dinfo = data_info(cfg.data, img_size=cfg.img_size, **cfg.data_options)
+    data = parse_spec(cfg.data, **cfg.data_options)  # parsed once; the data functions below take the DataSpec
+    dinfo = data_info(data, img_size=cfg.img_size)
     cfg = dataclasses.replace(cfg, preprocess=preprocess_mode(cfg, state["config"] if state is not None else None))
     if cfg.preprocess == "data" and cfg.std is None and not all(s > 0 for s in dinfo.std):  # NaN or 0: x / 0
         raise ValueError(f"data {cfg.data!r} has per-channel std {tuple(dinfo.std)}: its images are constant in a "
@@ -131,14 +132,14 @@ def _setup(cfg: TrainConfig, device: torch.device, info: DistInfo, resume: bool)
     spec = {"model": cfg.model, "model_kwargs": dict(cfg.model_kwargs), "img_size": cfg.img_size,
             "num_classes": cfg.num_classes, "data": cfg.data, "data_options": dict(cfg.data_options),
             "create_kwargs": create_kwargs, "pretrained": cfg.pretrained}
-    preprocessing = resolve_preprocessing(cfg, model)
+    preprocessing = resolve_preprocessing(cfg, model, data)
     spec["preprocessing"] = preprocessing  # what the analyses feed the trained network (cli._common)
     model.to(device)
     channels_last = cfg.channels_last and device.type == "cuda"
     if channels_last:
         model.to(memory_format=torch.channels_last)
 
-    train_ds, val_ds = build_datasets(cfg, preprocessing)
+    train_ds, val_ds = build_datasets(cfg, preprocessing, data)
     train_loader, val_loader = build_loaders(cfg, train_ds, val_ds, info, device)
     optimizer = build_optimizer(model, cfg)
     scheduler, total_epochs = build_scheduler(optimizer, cfg, len(train_loader))

@@ -13,6 +13,7 @@ from timm.data.distributed_sampler import RepeatAugSampler
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from vitscope.data.local import collate_skipping_none
+from vitscope.data.specs import DataSpec, parse_spec
 from vitscope.distributed import DistInfo
 from vitscope.training.builders import augment_options
 from vitscope.training.config import TrainConfig
@@ -43,35 +44,39 @@ def preprocess_mode(cfg: TrainConfig, saved_config: dict[str, Any] | None = None
     return "model" if cfg.pretrained else "data"
 
 
-def resolve_preprocessing(cfg: TrainConfig, model: nn.Module) -> dict[str, Any]:
+def resolve_preprocessing(cfg: TrainConfig, model: nn.Module, data: DataSpec | None = None) -> dict[str, Any]:
     """The run's preprocessing in timm's data-config keys plus ``source`` and ``overridden``.
 
     ``cfg.preprocess`` (resolved, see ``preprocess_mode``) ``model``: ``timm.data.resolve_data_config(model=model)``
     (interpolation, mean/std, crop_pct, crop_mode of its ``pretrained_cfg``); ``data``: the data set's statistics
     and crop (``vitscope.data.factory.data_preprocessing``). Then the config's ``mean``, ``std``, ``crop_pct`` and
     ``eval_interpolation``. The input size is ``cfg.img_size``. Validation uses all of it; training uses mean/std,
-    its augmentation keeping its own crop and interpolation.
+    its augmentation keeping its own crop and interpolation. ``data``: ``cfg.data`` with ``cfg.data_options``
+    parsed once by the caller (``vitscope.data.parse_spec``); parsed here when not given.
     """
     from vitscope.data.factory import data_preprocessing
     from vitscope.data.preprocessing import resolve_preprocessing as resolve
 
     if cfg.preprocess not in ("model", "data"):
         raise ValueError(f"preprocess must be resolved to 'model' or 'data' first, got {cfg.preprocess!r}")
-    data = data_preprocessing(cfg.data, img_size=cfg.img_size, **cfg.data_options) if cfg.preprocess == "data" \
-        else None
+    spec = parse_spec(cfg.data, **cfg.data_options) if data is None else data
+    data = data_preprocessing(spec, img_size=cfg.img_size) if cfg.preprocess == "data" else None
     pre = resolve(cfg.preprocess, model=model, data=data, img_size=cfg.img_size,
                   overrides={"mean": cfg.mean, "std": cfg.std, "crop_pct": cfg.crop_pct,
                              "interpolation": cfg.eval_interpolation})
     return {k: list(v) if isinstance(v, tuple) else v for k, v in pre.items()}  # lists: recorded in YAML/JSON
 
 
-def build_datasets(cfg: TrainConfig, preprocessing: dict[str, Any]) -> tuple[Dataset, Dataset]:
+def build_datasets(cfg: TrainConfig, preprocessing: dict[str, Any], data: DataSpec | None = None
+                   ) -> tuple[Dataset, Dataset]:
+    """The training and validation sets; ``data``: ``cfg.data`` with its options, parsed once by the caller."""
     from vitscope.data import create_loader
 
-    common = dict(img_size=cfg.img_size, seed=cfg.seed, preprocessing=preprocessing, **cfg.data_options)
-    train = create_loader(cfg.data, "train", batch_size=1, augment=augment_options(cfg),
+    data = parse_spec(cfg.data, **cfg.data_options) if data is None else data
+    common = dict(img_size=cfg.img_size, seed=cfg.seed, preprocessing=preprocessing)
+    train = create_loader(data, "train", batch_size=1, augment=augment_options(cfg),
                           max_examples=cfg.max_examples, fraction=cfg.data_fraction, **common)
-    val = create_loader(cfg.data, "val", batch_size=1, augment=False, max_examples=cfg.max_val_examples, **common)
+    val = create_loader(data, "val", batch_size=1, augment=False, max_examples=cfg.max_val_examples, **common)
     return train.dataset, val.dataset
 
 
