@@ -85,7 +85,9 @@ def test_attention_kinds_say_where_positions_are_unknown():
         skipped = res.meta["not_applicable"]["attention_entropy"]
         assert {r["layer"] for r in res["attention_entropy"]}.isdisjoint(skipped)
         assert all(i.name in skipped for i in cap.attention_layout if not i.has_positions)
-        assert res["ratio_of_norms"] == [] and res.meta["not_applicable"]["ratio_of_norms"]  # not split: no ratio
+        unsplit = res.meta["not_applicable"].get("ratio_of_norms", {})  # blocks not split as z + f(z): no ratio
+        assert {r["layer"] for r in res["ratio_of_norms"]}.isdisjoint(unsplit)
+        assert (res["ratio_of_norms"] == []) == (name == "xcit_nano_12_p8_224")  # XCiT's blocks: not in the table
 
 
 def test_swin_shifted_window_query_maps_follow_timm_partition():
@@ -108,3 +110,28 @@ def test_swin_shifted_window_query_maps_follow_timm_partition():
     want[:, cells[w]] = attn[w, :, p, :]  # (heads, 64)
     assert maps.query_cells[1] == (1, 6)
     torch.testing.assert_close(torch.from_numpy(maps.query_maps[1][0]).reshape(-1, H * W), want)
+
+
+SPLIT = [FAMILIES[i] for i in (0, 8, 9, 13)] + [("mobilenetv3_small_050", {}, 64)]  # EfficientNet-style blocks
+
+
+@pytest.mark.parametrize("name,kwargs,side", SPLIT, ids=[f[0] for f in SPLIT])
+def test_table_blocks_split_as_z_plus_f(name, kwargs, side):
+    """Blocks of capture's table (pre-norm transformers: Swin, EVA; conv blocks: ConvNeXt, EfficientNet, BiT's
+    pre-activation ResNetV2) are split into sub-layers z_out = shortcut + branch, the stream chained from one to
+    the next, and the first attention branch equals the block's own modules applied to its input."""
+    torch.manual_seed(0)
+    model = timm.create_model(name, **kwargs).eval()
+    with torch.no_grad(), vitscope.capture(model, attention=False) as cap:
+        model(torch.randn(2, 3, side, side))
+    res = cap.residual_records
+    assert len(res) >= 2 and {s.family for s in find_blocks(model)} & {"prenorm", "convres"}
+    for r in res:
+        torch.testing.assert_close(r.shortcut + r.branch, r.z_out, rtol=1e-6, atol=1e-6)
+    if name.startswith("eva"):
+        blk = model.blocks[0]
+        with torch.no_grad():
+            want = blk.attn(blk.norm1(res[0].z_in), rope=model.rope.get_embed() if model.rope is not None else None)
+            want = want * blk.gamma_1 if blk.gamma_1 is not None else want
+        assert res[0].info.name == "blocks.0.attn" and res[0].info.kind == "msa"
+        torch.testing.assert_close(res[0].branch, want, rtol=1e-5, atol=1e-6)

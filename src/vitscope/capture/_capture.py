@@ -16,7 +16,14 @@ import torch
 import torch.nn as nn
 
 from vitscope.capture._layout import LayerInfo
-from vitscope.capture._sites import BlockSite, attention_kind, final_activation, find_blocks, is_attention_module
+from vitscope.capture._sites import (
+    CONV_BLOCKS,
+    BlockSite,
+    attention_kind,
+    final_activation,
+    find_blocks,
+    is_attention_module,
+)
 
 
 @contextlib.contextmanager
@@ -280,6 +287,47 @@ class _Recorder:
         self.hook(mlp_branch, mlp_out)
         self.hook(b, block_out)
 
+    def _install_prenorm(self, i: int, site: BlockSite) -> None:
+        """A pre-norm transformer block of the table (``PRENORM_BLOCKS``): the stream at norm1's input, at norm2's
+        input (after the attention add) and at the block's output; each branch is the difference (layer scale
+        included: it is what the sub-layer adds). Swin's tokens between the two are reshaped to its map."""
+        b = site.module
+        attn_name, mlp_name = f"{site.name}.attn", f"{site.name}.mlp"
+        slot = self.pending.setdefault(site.name, {})
+        heads = getattr(getattr(b, "attn", None), "num_heads", None)
+
+        def attn_in(_m, args):
+            slot["a_in"] = args[0]
+
+        def mlp_in(_m, args):
+            z_in, z_mid = slot["a_in"], args[0]
+            z_mid = z_mid.reshape(z_in.shape) if z_mid.shape != z_in.shape else z_mid  # Swin: (B, HW, C) tokens
+            slot["m_in"] = z_mid
+            if self.keep(attn_name):
+                self.emit(attn_name, "msa", i, {"z_in": z_in, "branch": z_mid - z_in, "z_out": z_mid}, heads)
+
+        def block_out(_m, _args, out):
+            z_mid = slot["m_in"]
+            z_out = out.reshape(z_mid.shape) if out.shape != z_mid.shape else out
+            if self.keep(mlp_name):
+                self.emit(mlp_name, "mlp", i, {"z_in": z_mid, "branch": z_out - z_mid, "z_out": z_out})
+            slot.clear()
+
+        self.hook(b.norm1, attn_in, pre=True)
+        self.hook(b.norm2, mlp_in, pre=True)
+        self.hook(b, block_out)
+
+    def _install_convres(self, i: int, site: BlockSite) -> None:
+        """A conv block of the table (``CONV_BLOCKS``): ``shortcut(x) + f(x)``, one sub-layer of kind conv
+        (downsample when the map shrinks)."""
+        self._install_block(i, site, "conv", *self._conv_parts(site.module))
+
+    def _conv_parts(self, b: nn.Module) -> tuple[nn.Module | None, None, nn.Module | None]:
+        short, act = CONV_BLOCKS[type(b)]
+        shortcut = getattr(b, short, None) if short else None
+        return (shortcut if isinstance(shortcut, nn.Module) else None, None,
+                getattr(b, act, None) if act else None)
+
     def _install_vit(self, i: int, site: BlockSite) -> None:
         b = site.module
         self._install_transformer(i, site, b.ls1, b.ls2, "msa")
@@ -350,8 +398,10 @@ class _Recorder:
         path, of kind ``block`` (``smoothing`` for a smoothing layer). Residual when its family is known: a
         transformer block is ``x + g(x)`` (its two sub-layers composed), a ResNet block ``act(shortcut + f)``."""
         b = site.module
-        if site.family in ("vit", "convit"):
+        if site.family in ("vit", "convit", "prenorm"):
             self._install_block(i, site, "block", None, None, None)
+        elif site.family == "convres":
+            self._install_block(i, site, "block", *self._conv_parts(b))
         elif site.family == "resnet":
             self._install_block(i, site, "block", b.downsample, None, final_activation(b))
         elif site.family == "vitscope":
