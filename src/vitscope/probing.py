@@ -366,6 +366,7 @@ class _MapProbe(_StreamProbe):
     def __init__(self) -> None:
         super().__init__()
         self.measure = self.measure_cls()
+        self.skipped: dict[str, str] = {}
 
     def begin(self) -> None:
         super().begin()
@@ -375,17 +376,21 @@ class _MapProbe(_StreamProbe):
     def add(self, rec: Any, z64: torch.Tensor | None, checks: _DeviceChecks) -> None:
         info, depth = rec.info, self.count
         self.count += 1
-        if info.grid and info.grid[0] * info.grid[1] > 1:
+        if info.grid is None:
+            self.skipped[info.name] = ("tokens whose grid vitscope cannot tell (several token sequences, or no "
+                                       "patch grid of the image's aspect): no spatial map")
+        elif info.grid[0] * info.grid[1] > 1:
             self.infos.append(info)
             self.depths_now.append(depth)
             self.parts.append(self.measure.layer_sums(z64, info, 0, info.name, validate=False))
 
     def end(self) -> None:
         if self.layout is None:
-            if not self.parts:
+            if not self.parts and not self.skipped:
                 raise ValueError("no sub-layer has a spatial map larger than 1x1; use a larger input size")
             self.layout, self.depths, self.total = self.infos, self.depths_now, self.count
-        self.measure.update_layers(self.parts)
+        if self.parts:
+            self.measure.update_layers(self.parts)
 
     def streaming(self) -> list[M.StreamingMeasure]:
         return [self.measure]
@@ -394,6 +399,8 @@ class _MapProbe(_StreamProbe):
         return {"value": float(v)}
 
     def rows(self) -> list[dict[str, Any]]:
+        if not self.layout:
+            return []  # see the probe's meta "not_applicable"
         values = self.measure.compute()
         return [{**_layer_row(info, d, self.total), **self.value(v)}
                 for d, info, v in zip(self.depths, self.layout, values)]
@@ -693,9 +700,9 @@ def probe(
         _logger.warning("attention measures skip %d layer(s) without token positions: %s", len(not_applicable),
                         "; ".join(f"{k}: {v}" for k, v in list(not_applicable.items())[:3]))
         result.meta["not_applicable"] = {n: not_applicable for n in measures if PROBE_MEASURES[n].needs_attention}
-    ratio = adapters.get("ratio_of_norms")
-    if ratio is not None and ratio.skipped:
-        result.meta.setdefault("not_applicable", {})["ratio_of_norms"] = ratio.skipped
+    for name, a in adapters.items():  # layers a stream measure has no meaning on, and why
+        if getattr(a, "skipped", None):
+            result.meta.setdefault("not_applicable", {})[name] = a.skipped
     if stats[2] > 0:
         result.meta.update(accuracy=float(stats[0] / stats[2]), nll=float(stats[1] / stats[2]))
     for name, a in adapters.items():

@@ -151,8 +151,8 @@ def _first_tensor(x) -> torch.Tensor | None:
     """The tensor a block passes on: itself, or the first tensor of a tuple/list output (None if there is none)."""
     if isinstance(x, torch.Tensor):
         return x
-    if isinstance(x, (tuple, list)):
-        return next((t for t in x if isinstance(t, torch.Tensor)), None)
+    if isinstance(x, (tuple, list)):  # a DenseNet layer takes the list of the maps so far
+        return next((t for t in map(_first_tensor, x) if t is not None), None)
     return None
 
 

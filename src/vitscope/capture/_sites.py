@@ -245,10 +245,9 @@ def find_blocks(model: nn.Module) -> list[BlockSite]:
 
 
 def is_attention_module(m: nn.Module) -> bool:
-    """Attention modules whose ``attn_drop`` receives the post-softmax map in the explicit path."""
-    if not isinstance(getattr(m, "attn_drop", None), nn.Module) or not hasattr(m, "num_heads"):
-        return False
-    return isinstance(m, (vision_transformer.Attention, convit.GPSA, convit.MHSA)) or hasattr(m, "fused_attn")
+    """Attention modules: those with an ``attn_drop`` (what timm's ``AttentionExtract`` hooks; it receives the
+    post-softmax map in the explicit path)."""
+    return isinstance(getattr(m, "attn_drop", None), nn.Module)
 
 
 def attention_kind(m: nn.Module) -> str:
