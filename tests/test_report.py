@@ -493,6 +493,22 @@ def test_worker_errors_reach_the_caller(dirs, tmp_path, monkeypatch):
         build_report([dirs["convit"]], tmp_path / "r.html", workers=0)
 
 
+def test_a_worker_killed_mid_build_fails_the_build_instead_of_hanging(dirs, tmp_path, monkeypatch):
+    """multiprocessing.Pool waits forever for a task whose worker died; the build must raise instead."""
+    import os
+    import signal
+
+    import vitscope.reports.build as B
+
+    def killed(run):
+        os.kill(os.getpid(), signal.SIGKILL)  # a real death of the forked worker, as the OOM killer would do
+
+    monkeypatch.setattr(B, "run_section", killed)  # forked workers inherit the patched module
+    with pytest.raises(RuntimeError, match="report worker process died"):
+        build_report([dirs["convit"], dirs["curv"]], tmp_path / "r.html", workers=2)
+    assert not (tmp_path / "r.html").exists()
+
+
 def test_png_decodes_to_the_pixels_drawn():
     """R.to_bytes' PNG (matplotlib's writer at zlib level 1) against the RGBA matplotlib draws: the same pixels
     (alpha included) and dpi when decoded by PIL (which checks every chunk's CRC); other formats are refused."""

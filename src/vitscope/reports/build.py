@@ -10,7 +10,8 @@ import multiprocessing
 import os
 import sys
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
@@ -110,21 +111,30 @@ def _worker_task(task: int) -> tuple[Section, list[tuple[bytes, bytes, bytes]]] 
 
 def _rendered_sections(runs: list[RunData], tasks: list[int], workers: int, bar,
                        svg: bool) -> Iterator[tuple[Section, list] | None]:
-    """``_render_section`` of every task, in order: in ``workers`` forked processes (Linux), else here."""
+    """``_render_section`` of every task, in order: in ``workers`` forked processes (Linux), else here.
+
+    A worker that dies (killed, out of memory, a crash in a native library) fails the build with a one-line
+    error instead of leaving it waiting forever, as ``multiprocessing.Pool`` would for the lost task.
+    """
     if workers > 1 and len(tasks) > 1 and sys.platform.startswith("linux"):
         ctx = multiprocessing.get_context("fork")  # workers inherit the loaded runs and the imported modules
         # Frozen objects are left out of the workers' garbage collections, which would otherwise walk (and
         # copy-on-write) every object inherited from this process: 12% less CPU in the workers here.
         gc.freeze()
         try:
-            with ctx.Pool(min(workers, len(tasks)), initializer=_worker_init,
-                          initargs=(runs, svg)) as pool:
+            with ProcessPoolExecutor(min(workers, len(tasks)), mp_context=ctx, initializer=_worker_init,
+                                     initargs=(runs, svg)) as pool:
                 # Largest sections first (by the files found; the comparison last), so that the last one to
                 # start is small and the workers finish together; results are still taken in page order.
                 order = sorted(tasks, key=lambda t: -1 if t < 0 else len(runs[t].files), reverse=True)
-                pending = {t: pool.apply_async(_worker_task, (t,)) for t in order}
+                pending = {t: pool.submit(_worker_task, t) for t in order}
                 for t in tasks:
-                    res = pending[t].get()
+                    try:
+                        res = pending[t].result()
+                    except BrokenProcessPool as e:
+                        raise RuntimeError(
+                            "a report worker process died while drawing the figures (killed or out of memory?); "
+                            "rerun, or build with workers=1 (vitscope report --workers 1)") from e
                     bar.update(1)
                     yield res
         finally:
