@@ -101,10 +101,11 @@ def report_figure(name: str, key: str | None = None, **data: Any) -> Any:
 
 
 def report(*run_dirs: str | os.PathLike | Iterable[str | os.PathLike], out: str | os.PathLike = "report.html",
-           title: str = "vitscope report", workers: int | None = None) -> Path:
+           title: str = "vitscope report", workers: int | None = None, svg: bool = False) -> Path:
     """``vitscope report RUN_DIR... --out OUT`` from Python: one self-contained HTML page (``reports.build_report``)
     of the output directories (``report("runs/a", "runs/b")`` or ``report(["runs/a", "runs/b"])``); returns its
-    path. A result object is saved to a directory first (``result.save(dir)``) and that directory is passed."""
+    path; ``svg`` also writes each figure as SVG. A result object is saved to a directory first (``result.save(dir)``)
+    and that directory is passed."""
     from vitscope.reports import build_report
 
     dirs: list[str | os.PathLike] = []
@@ -112,4 +113,4 @@ def report(*run_dirs: str | os.PathLike | Iterable[str | os.PathLike], out: str 
         dirs += [d] if isinstance(d, (str, os.PathLike)) else list(d)
     if not dirs:
         raise ValueError("report() needs at least one output directory (of vitscope probe / train / hessian ...)")
-    return build_report([str(d) for d in dirs], str(out), title=title, workers=workers)
+    return build_report([str(d) for d in dirs], str(out), title=title, workers=workers, svg=svg)
