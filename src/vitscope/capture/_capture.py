@@ -478,13 +478,14 @@ class _Recorder:
             if grid is not None:
                 return LayerInfo(name, kind, block, prefix, grid, patch, heads, stage)
         side = int(round(n_k ** 0.5))
-        if batch and attn.shape[0] % batch == 0 and attn.shape[0] > batch and side * side == n_k:
+        stride = self._stride_of(block)
+        if batch and attn.shape[0] % batch == 0 and attn.shape[0] > batch and side * side == n_k and stride:
             # square windows of a feature map (AlterNet, Swin): distances within a window are those on the map;
             # a shifted window's wrapped-around pairs are masked (probability ~0), so they add nothing
             parent = name.rpartition(".")[0]
             shift = getattr(self.model.get_submodule(parent) if parent else self.model, "shift_size", 0) or 0
             shift = (int(shift), int(shift)) if isinstance(shift, int) else (int(shift[0]), int(shift[1]))
-            return LayerInfo(name, kind, block, 0, (side, side), self._stride_of(block), heads, stage, shift)
+            return LayerInfo(name, kind, block, 0, (side, side), stride, heads, stage, shift)
         return LayerInfo(name, "other", block, 0, None, None, heads, stage)
 
     def _enclosing_block(self, name: str) -> int:
