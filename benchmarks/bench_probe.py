@@ -21,7 +21,7 @@ import warnings
 import torch
 
 import vitscope
-from vitscope.capture._sites import is_attention_module
+from vitscope.capture.sites import is_attention_module
 from vitscope.probing import PROBE_MEASURES
 
 

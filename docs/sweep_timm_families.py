@@ -1,7 +1,8 @@
 """Sweep: vitscope.capture, probe and attention_maps on the smallest model of every timm model module.
 
 Random weights, batch 4, 128 px where the model runs at that size (``img_size=128`` for
-the transformers that take it), else its default input size. Per module it checks: the capture leaves the output unchanged;
+the transformers that take it), else its default input size. Per module it checks:
+the capture leaves the output unchanged;
 ``layers="blocks"`` records the stem then every block in the order the blocks run; every attention map equals
 timm's own ``AttentionExtract`` (hooks on ``*attn_drop`` with fused attention off); ``vitscope.probe`` with the
 default measures and ``vitscope.attention_maps`` run. Writes one JSON line per module to stdout.
@@ -16,12 +17,12 @@ import sys
 import time
 import warnings
 
-import torch
 import timm
+import torch
 from timm.utils import AttentionExtract
 
 import vitscope
-from vitscope.capture._sites import find_blocks
+from vitscope.capture.sites import find_blocks
 
 
 def smallest(module: str) -> tuple[str, int]:
@@ -92,7 +93,8 @@ def check(module: str, name: str, n_params: int) -> dict:
         mine = {i.name + ".attn_drop": a for i, a in zip(cap.attention_layout, cap.attentions)}
         row["timm_attention_maps"] = len(timm_maps)
         row["attention_equal"] = len(timm_maps) == len(mine) and all(
-            k in mine and mine[k].shape == v.shape and torch.allclose(mine[k], v, atol=1e-6) for k, v in timm_maps.items())
+            k in mine and mine[k].shape == v.shape and torch.allclose(mine[k], v, atol=1e-6)
+            for k, v in timm_maps.items())
     t = time.perf_counter()
     res = vitscope.probe(model, [(x, torch.zeros(x.shape[0], dtype=torch.long))], progress=False,
                          measures=[m for m in ("attention_entropy", "attention_distance", "cka", "ratio_of_norms",
@@ -112,7 +114,8 @@ class _Timeout(Exception):
 
 
 def main() -> None:
-    """``python docs/sweep_timm_families.py [--smallest docs/timm_smallest_models.json] [MODULE ...]``: FILE caches the smallest model
+    """``python docs/sweep_timm_families.py [--smallest docs/timm_smallest_models.json] [MODULE ...]``:
+    FILE caches the smallest model
     of each module (``{module: [name, params]}``; found by instantiating every model on the meta device, ~6 min)."""
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)

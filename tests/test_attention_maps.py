@@ -8,9 +8,9 @@ import timm
 import torch
 
 import vitscope
-from vitscope.attention_images import load_attention_maps
 from vitscope.cli import main as cli_main
 from vitscope.measures import attention_rollout
+from vitscope.probing.attention_images import load_attention_maps
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

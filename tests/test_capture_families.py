@@ -11,7 +11,7 @@ from timm.models.swin_transformer import window_partition
 from timm.utils import AttentionExtract
 
 import vitscope
-from vitscope.capture._sites import find_blocks
+from vitscope.capture.sites import find_blocks
 
 # (name, kwargs, image side): the test models of timm's registry plus tiny transformers of other families
 FAMILIES = [

@@ -53,7 +53,7 @@ def test_probe_streams_to_whole_set_values(name):
     for i, (rec, row) in enumerate(zip(cap.records[1:], result["ratio_of_norms"]), start=1):  # no ratio: stem
         ref = M.ratio_of_norms(rec.z_in, rec.branch, rec.info.num_prefix_tokens)
         assert row["spatial"] == pytest.approx(float(ref["spatial"]), rel=1e-6)
-        assert row["depth"] == i and row["normalized_depth"] == pytest.approx(i / (len(cap.records) - 1), abs=5e-7)  # rounded to 6
+        assert row["depth"] == i and row["normalized_depth"] == pytest.approx(i / (len(cap.records) - 1), abs=5e-7)
     assert len(result["fourier"]) == len(cap.records) and result["fourier"][0]["layer"] == "stem"
     for rec, f_row, v_row in zip(cap.records, result["fourier"], result["feature_variance"]):
         fmap = vitscope.tokens_to_map(rec.z_out, rec.info.grid, rec.info.num_prefix_tokens)
@@ -264,7 +264,7 @@ def test_probe_deferred_checks_name_the_batch_and_layer_and_warn_once():
 
 def test_probe_reads_its_checks_every_few_batches(monkeypatch):
     """A long pass over bad data stops at the next periodic read of the checks, not at the end of the loader."""
-    monkeypatch.setattr(vitscope.probing, "_CHECK_EVERY", 2)
+    monkeypatch.setattr(vitscope.probing.probe_pass, "_CHECK_EVERY", 2)
     model = vitscope.create_model("test_vit_cb").eval()
     taken = []
 

@@ -32,7 +32,7 @@ def test_opt_out_and_user_settings_win(monkeypatch, key, value):
 def test_cli_and_cpu_probe_call_it(monkeypatch):
     calls = []
     monkeypatch.setattr(vitscope.runtime, "keep_freed_memory", lambda: calls.append("cli") or True)
-    monkeypatch.setattr(vitscope.probing, "keep_freed_memory", lambda: calls.append("probe") or True)
+    monkeypatch.setattr(vitscope.probing.probe_pass, "keep_freed_memory", lambda: calls.append("probe") or True)
     assert main(["models", "test_vit_cifar"]) == 0
     model = vitscope.create_model("test_vit_cifar")
     vitscope.probe(model, [torch.randn(2, 3, 32, 32)], ["feature_variance"], progress=False)

@@ -26,9 +26,9 @@ _LAZY = {
     "probe": "vitscope.probing",
     "compare": "vitscope.comparing",
     "keep_freed_memory": "vitscope.runtime",
-    "attention_maps": "vitscope.attention_images",
-    "AttentionMaps": "vitscope.attention_images",
-    "load_attention_maps": "vitscope.attention_images",
+    "attention_maps": "vitscope.probing.attention_images",
+    "AttentionMaps": "vitscope.probing.attention_images",
+    "load_attention_maps": "vitscope.probing.attention_images",
     "report": "vitscope.notebook",
 }
 _SUBMODULES = (

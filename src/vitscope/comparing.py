@@ -32,7 +32,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from vitscope.capture import LayerInfo, capture
-from vitscope.capture._sites import find_blocks
+from vitscope.capture.sites import find_blocks
 from vitscope.distributed import all_reduce_sum, global_batch_count, shard_batches
 from vitscope.distributed import current as dist_current
 from vitscope.io.atomic import atomic_write_json, json_safe, write_csv

@@ -16,13 +16,12 @@ import torch
 import torch.nn as nn
 
 from vitscope.capture._layout import LayerInfo
-from vitscope.capture._sites import (
+from vitscope.capture.sites import (
     CONV_BLOCKS,
     BlockSite,
     attention_kind,
     final_activation,
     find_blocks,
-    is_attention_module,
 )
 
 

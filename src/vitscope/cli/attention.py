@@ -1,7 +1,7 @@
 """``vitscope attention``: attention drawn on images (ViT Fig. 6 and 7, CONVIT Fig. 5) as PNG plus the raw maps.
 
 For the first N images of a data split (``--data``) or of a folder of image files (``--images``) it writes
-``OUT/attention.npz`` (``vitscope.attention_images.load_attention_maps`` reads it; ``vitscope report`` shows it)
+``OUT/attention.npz`` (``vitscope.probing.attention_images.load_attention_maps`` reads it; ``vitscope report`` shows it)
 and PNGs: the rollout overlays, per image the per-layer per-head maps of the query patch, ConViT's gates and
 positional maps, the patch-embedding components and the position-embedding similarity.
 """
@@ -90,7 +90,6 @@ def _folder_images(args: argparse.Namespace, model, meta: dict) -> tuple[object,
 
 
 def run(args: argparse.Namespace) -> int:
-    from vitscope.attention_images import ATTENTION_FILE, attention_maps
     from vitscope.cli._common import (
         build_model,
         build_setup,
@@ -100,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
         resolve_device,
     )
     from vitscope.io.atomic import atomic_write_json, json_safe
+    from vitscope.probing.attention_images import ATTENTION_FILE, attention_maps
     from vitscope.reports.image_figures import save_attention_figures
 
     check_positive(num_images=args.num_images)

@@ -18,7 +18,7 @@ from matplotlib.colors import Normalize, PowerNorm
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from vitscope.attention_images import AttentionMaps
+from vitscope.probing.attention_images import AttentionMaps
 from vitscope.reports import render as R
 
 __all__ = ["rollout_figure", "query_maps_figure", "gpsa_figure", "patch_components_figure",

@@ -94,7 +94,7 @@ class RunData:
     hessian: dict[str, Any] | None = None
     landscape: dict[str, Any] | None = None
     robustness: dict[str, Any] | None = None
-    attention: Any = None  # vitscope.attention_images.AttentionMaps of attention.npz
+    attention: Any = None  # vitscope.probing.attention_images.AttentionMaps of attention.npz
     files: list[str] = field(default_factory=list)  # recognized files, for the report
     sources: list[tuple[Path, list[str]]] = field(default_factory=list)  # (directory, its files), merged runs
     origin: dict[str, Path] = field(default_factory=dict)  # data field -> the directory it came from
@@ -399,7 +399,7 @@ def load_run(path: str | os.PathLike) -> RunData:
     if ROBUSTNESS_FILE in present:
         run.robustness = _load_robustness(path / ROBUSTNESS_FILE, _read_json(path / ROBUSTNESS_FILE))
     if ATTENTION_FILE in present:
-        from vitscope.attention_images import load_attention_maps
+        from vitscope.probing.attention_images import load_attention_maps
 
         try:
             run.attention = load_attention_maps(path / ATTENTION_FILE)

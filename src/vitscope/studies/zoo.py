@@ -94,8 +94,8 @@ ZOOS: dict[str, dict[str, ModelSpec]] = {
 
 
 def model_spec(zoo: str, key: str) -> ModelSpec:
-    """The spec of model ``key`` (vit, vit_p4, vit_heads, vit_fine, vit_gap, vit_cb, convit, resnet, alternet, preact_resnet) in
-    ``zoo``."""
+    """The spec of model ``key`` in ``zoo`` (vit, vit_p4, vit_heads, vit_fine, vit_gap, vit_cb, convit, resnet,
+    alternet, preact_resnet)."""
     if zoo not in ZOOS:
         raise ValueError(f"unknown model zoo {zoo!r}; valid: {', '.join(ZOOS)}")
     if key not in ZOOS[zoo]:

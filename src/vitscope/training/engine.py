@@ -1,4 +1,5 @@
-"""A training run: ``train(config)`` sets it up (``builders``, ``loaders``), runs its epochs (``loop``), checkpoints each one.
+"""A training run: ``train(config)`` sets it up (``builders``, ``loaders``), runs its epochs (``loop``),
+checkpoints each one.
 
 Built from timm's pieces (``create_optimizer_v2``, ``create_scheduler_v2``, ``Mixup``,
 ``SoftTargetCrossEntropy`` / ``LabelSmoothingCrossEntropy``, ``ModelEmaV3``, ``dispatch_clip_grad``)

@@ -248,7 +248,7 @@ def _rollout(layers: list[_Layer], model: nn.Module, head_fusion: str,
     """(B, h, w) rollout read-out and its source, or (None, why not)."""
     if any(layer.window for layer in layers):
         return None, "none: windowed attention has no rollout across layers"
-    from vitscope.capture._sites import find_blocks
+    from vitscope.capture.sites import find_blocks
 
     families = {b.family for b in find_blocks(model)} - {"vit", "convit"}
     if families == {"generic"}:

@@ -61,7 +61,8 @@ class BlockSite:
 # The table of residual blocks read from timm's source (a new family is an entry here):
 # pre-norm transformer blocks, ``x = x + f1(norm1(x)); x = x + f2(norm2(x))`` with layer scale and drop path
 # inside f1, f2 (identity in eval): recorded as two sub-layers, msa and mlp, split at norm1's and norm2's inputs.
-PRENORM_BLOCKS: tuple[type, ...] = (eva.EvaBlock, beit.Block, cait.LayerScaleBlock, vision_transformer_relpos.RelPosBlock,
+PRENORM_BLOCKS: tuple[type, ...] = (eva.EvaBlock, beit.Block, cait.LayerScaleBlock,
+                                    vision_transformer_relpos.RelPosBlock,
                                     pvt_v2.Block, swin_transformer.SwinTransformerBlock, twins.Block)
 # conv blocks ``out = shortcut(x) + f(x)`` (+ an activation after the add, named): block type -> (attribute of
 # the skip path's module, None for the identity; attribute of the post-add activation, None for none). Blocks of

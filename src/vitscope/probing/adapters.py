@@ -1,0 +1,378 @@
+"""The probe's measure adapters: what each measure of ``PROBE_MEASURES`` reads from a capture and reports."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from vitscope import measures as M
+from vitscope.capture import Capture, LayerInfo
+from vitscope.measures.cka import linear_gram
+from vitscope.probing._checks import _DeviceChecks, _not_finite, _same
+
+
+def _normalized_depth(i: int, n: int) -> float:
+    return i / (n - 1) if n > 1 else 0.0
+
+
+def _layer_row(info: LayerInfo, i: int, n: int) -> dict[str, Any]:
+    return {"layer": info.name, "kind": info.kind, "block": info.block, "depth": i,
+            "normalized_depth": round(_normalized_depth(i, n), 6)}
+
+
+def _heads(values: torch.Tensor) -> dict[str, Any]:
+    v = values.flatten().tolist()  # one read per layer (not one per head)
+    return {"value": sum(v) / len(v), "heads": v}
+
+
+
+_NOT_SPLIT = ("a block vitscope does not split as z + f(z) (its residual structure is not in capture's table: "
+              "layer scale, parallel branches, post-norm or no skip path), so it has no ratio of norms")
+_NO_POSITIONS = {
+    "channel": "channel attention (XCiT's cross-covariance attention): it attends over channels, not positions",
+    "pooled": "keys pooled or spatially reduced (fewer keys than queries): key positions not modelled",
+    "mixed": "talking-heads attention (CaiT): maps mixed across heads after the softmax, rows are no distributions",
+    "other": "attention map of a shape whose query and key positions vitscope does not know",
+}
+
+
+def _keep_positional(cap: Capture, skipped: dict[str, str]) -> None:
+    """Keep the attention maps whose queries and keys sit on a known grid (``LayerInfo.has_positions``): the
+    attention measures (entropy over positions, distance, nonlocality) mean nothing on the others, which are
+    named in ``skipped`` with the reason."""
+    keep = [i for i, info in enumerate(cap.attention_layout) if info.has_positions]
+    for info in cap.attention_layout:
+        if not info.has_positions:
+            skipped.setdefault(info.name, _NO_POSITIONS.get(info.kind, _NO_POSITIONS["other"]))
+    cap.attentions[:] = [cap.attentions[i] for i in keep]
+    cap.attention_layout[:] = [cap.attention_layout[i] for i in keep]
+
+
+
+
+class _RecordFeeder:
+    """Called with each sub-layer record of one batch: scans its tensors once (finite values; the input is
+    skipped when it is the previous record's output, already scanned), converts the output to float64 once
+    for every adapter that reads it so, and hands the record to the stream adapters."""
+
+    def __init__(self, adapters: list[Any], checks: _DeviceChecks) -> None:
+        self.adapters, self.checks = adapters, checks
+        self.need64 = any(a.needs_float64 for a in adapters)
+        self.last: torch.Tensor | None = None  # held so that its memory cannot be reused by a later tensor
+
+    def __call__(self, rec: Any) -> None:
+        seen = {_same(self.last)} if self.last is not None else set()
+        for what, t in (("input", rec.z_in), ("skip-path output", rec.shortcut), ("branch output", rec.branch),
+                        ("output", rec.z_out)):
+            if t is None:  # not x + f(x) (the stem, a block vitscope cannot split): no skip path or branch
+                continue
+            key = _same(t)
+            if key in seen:
+                continue
+            seen.add(key)
+            self.checks.non_finite_if(_not_finite(t), f"batch {{b}}: the {what} of sub-layer {rec.info.name}")
+        self.last = rec.z_out
+        z64 = rec.z_out.to(torch.float64) if self.need64 else None
+        for a in self.adapters:
+            a.add(rec, z64, self.checks)
+
+
+class _ProbeMeasure:
+    """Adapter from one capture to one streaming measure, and from its result to table rows."""
+
+    needs_attention = False
+    needs_streams = False
+    static = False  # computed from the weights, not from forward passes
+
+    def __init__(self) -> None:
+        self.layout: list[LayerInfo] | None = None
+
+    def update(self, cap: Capture) -> None:
+        raise NotImplementedError
+
+    def streaming(self) -> list[M.StreamingMeasure]:
+        raise NotImplementedError
+
+    def rows(self) -> list[dict[str, Any]]:
+        raise NotImplementedError
+
+    def extra(self) -> dict[str, Any]:
+        return {}
+
+
+class _AttentionProbe(_ProbeMeasure):
+    needs_attention = True
+    measure_cls: type = M.AttentionEntropy
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.measure = self.measure_cls()
+
+    def update(self, cap: Capture) -> None:
+        self.layout = list(cap.attention_layout)
+        if self.layout:
+            self.measure.update(cap.attentions, cap.attention_layout, validate=False)
+
+    def streaming(self) -> list[M.StreamingMeasure]:
+        return [self.measure]
+
+    def rows(self) -> list[dict[str, Any]]:
+        if not self.layout:
+            return []  # no map with known positions (see the probe's meta "not_applicable")
+        values = self.measure.compute()
+        n = len(values)
+        return [{**_layer_row(info, i, n), **_heads(v)} for i, (info, v) in enumerate(zip(self.layout, values))]
+
+
+class _Entropy(_AttentionProbe):
+    measure_cls = M.AttentionEntropy
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_tokens: list[int] = []
+
+    def update(self, cap: Capture) -> None:
+        super().update(cap)
+        self.num_tokens = [int(a.shape[-1]) for a in cap.attentions]
+
+    def rows(self) -> list[dict[str, Any]]:
+        rows = super().rows()
+        for row, n in zip(rows, self.num_tokens):
+            row["max_entropy"] = math.log(n)  # uniform attention over N keys: ln N
+        return rows
+
+
+class _Distance(_AttentionProbe):
+    """Mean attention distance, the literature's definition (class token dropped, rows not renormalized), with
+    the mass of the spatial queries on the class token per head beside it (what the distance leaves out)."""
+
+    measure_cls = M.AttentionDistance
+
+    def rows(self) -> list[dict[str, Any]]:
+        rows = super().rows()
+        for row, mass in zip(rows, self.measure.class_token_mass() if rows else []):
+            m = _heads(mass)
+            row["class_token_mass"], row["class_token_mass_heads"] = m["value"], m["heads"]
+            row["renormalized"] = self.measure.renormalize
+        return rows
+
+
+class _Nonlocality(_AttentionProbe):
+    measure_cls = M.Nonlocality
+
+
+class _RelativeDistance(_AttentionProbe):
+    measure_cls = M.RelativeDistance
+
+
+class _StreamProbe(_ProbeMeasure):
+    """On the residual streams: fed one sub-layer record at a time during the forward (``add``), its per-layer
+    contributions added to the streaming measure once the batch is done (``end``)."""
+
+    needs_streams = True
+    needs_float64 = False  # reads the sub-layer output in float64 (converted once per record for all adapters)
+
+    def begin(self) -> None:
+        self.parts: list[Any] = []
+        self.infos: list[LayerInfo] = []
+
+    def add(self, rec: Any, z64: torch.Tensor | None, checks: _DeviceChecks) -> None:
+        raise NotImplementedError
+
+    def end(self) -> None:
+        raise NotImplementedError
+
+
+class _CKA(_StreamProbe):
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.measure: M.MinibatchCKA | None = None
+
+    def add(self, rec: Any, z64: torch.Tensor | None, checks: _DeviceChecks) -> None:
+        self.infos.append(rec.info)
+        self.parts.append(linear_gram(rec.z_out, rec.info.name, validate=False, float32=True))  # (B, B) float64
+
+    def end(self) -> None:
+        if self.measure is None:
+            self.layout = self.infos
+            self.measure = M.MinibatchCKA(len(self.infos))
+        self.measure.update_grams(self.parts)
+
+    def streaming(self) -> list[M.StreamingMeasure]:
+        return [self.measure]
+
+    def _matrix(self) -> torch.Tensor:
+        return self.measure.compute().cpu()  # one read (not one per pair of layers)
+
+    def rows(self) -> list[dict[str, Any]]:
+        mat = self._matrix()
+        n = len(self.layout)
+        return [{**_layer_row(a, i, n), "other_layer": b.name, "other_depth": j, "value": float(mat[i, j])}
+                for i, a in enumerate(self.layout) for j, b in enumerate(self.layout)]
+
+    def extra(self) -> dict[str, Any]:
+        return {"layers": [i.name for i in self.layout], "matrix": self._matrix().tolist(),
+                "examples": self.measure.num_examples}
+
+
+class _MapProbe(_StreamProbe):
+    """On the residual stream leaving each sub-layer (tokens read as maps, prefix tokens dropped).
+
+    Sub-layers whose map is a single position (1 x 1, e.g. the last stage of a ResNet on tiny inputs) have
+    no spatial structure and are left out of the table.
+    """
+
+    needs_float64 = True
+    measure_cls: type = M.FeatureVariance
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.measure = self.measure_cls()
+        self.skipped: dict[str, str] = {}
+
+    def begin(self) -> None:
+        super().begin()
+        self.count = 0
+        self.depths_now: list[int] = []
+
+    def add(self, rec: Any, z64: torch.Tensor | None, checks: _DeviceChecks) -> None:
+        info, depth = rec.info, self.count
+        self.count += 1
+        if info.grid is None:
+            self.skipped[info.name] = ("tokens whose grid vitscope cannot tell (several token sequences, or no "
+                                       "patch grid of the image's aspect): no spatial map")
+        elif info.grid[0] * info.grid[1] > 1:
+            self.infos.append(info)
+            self.depths_now.append(depth)
+            self.parts.append(self.measure.layer_sums(z64, info, 0, info.name, validate=False))
+
+    def end(self) -> None:
+        if self.layout is None:
+            if not self.parts and not self.skipped:
+                raise ValueError("no sub-layer has a spatial map larger than 1x1; use a larger input size")
+            self.layout, self.depths, self.total = self.infos, self.depths_now, self.count
+        if self.parts:
+            self.measure.update_layers(self.parts)
+
+    def streaming(self) -> list[M.StreamingMeasure]:
+        return [self.measure]
+
+    def value(self, v: torch.Tensor) -> dict[str, Any]:
+        return {"value": float(v)}
+
+    def rows(self) -> list[dict[str, Any]]:
+        if not self.layout:
+            return []  # see the probe's meta "not_applicable"
+        values = self.measure.compute()
+        return [{**_layer_row(info, d, self.total), **self.value(v)}
+                for d, info, v in zip(self.depths, self.layout, values)]
+
+
+class _Fourier(_MapProbe):
+    """HDVW's delta log amplitude; ``value`` is the highest frequency's, ``curve`` the whole half-diagonal."""
+
+    measure_cls = M.FourierLogAmplitude
+
+    def value(self, v: torch.Tensor) -> dict[str, Any]:
+        curve = v.tolist()
+        return {"value": curve[-1], "curve": curve}
+
+    def rows(self) -> list[dict[str, Any]]:
+        """Each row also gives its map ``grid`` and the ``frequencies`` of its curve in units of pi (2k/h), so
+        maps of different sizes can be compared at one normalized frequency."""
+        rows = super().rows()
+        for row, info in zip(rows, self.layout):
+            h, w = info.grid
+            row["grid"] = [int(h), int(w)]
+            row["frequencies"] = (M.fourier_frequencies(h, w) / math.pi).tolist()
+        return rows
+
+
+class _Variance(_MapProbe):
+    measure_cls = M.FeatureVariance
+
+
+class _RatioOfNorms(_StreamProbe):
+    """On the residual records only (``z_out = shortcut + branch``): the stem and blocks vitscope cannot split
+    have no branch, so no ratio; ``depth`` counts every record, as in the other stream measures."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.measure = M.RatioOfNorms()
+        self.skipped: dict[str, str] = {}
+
+    def begin(self) -> None:
+        super().begin()
+        self.count = 0
+        self.depths_now: list[int] = []
+
+    def add(self, rec: Any, z64: torch.Tensor | None, checks: _DeviceChecks) -> None:
+        depth = self.count
+        self.count += 1
+        if rec.branch is None:
+            if rec.info.kind != "stem":
+                self.skipped[rec.info.name] = _NOT_SPLIT
+            return
+        self.infos.append(rec.info)
+        self.depths_now.append(depth)
+        self.parts.append(self.measure.layer_sums(rec.shortcut, rec.branch, rec.info, 0, f" of {rec.info.name}",
+                                                  validate=False, checks=checks))
+
+    def end(self) -> None:
+        if self.layout is None:
+            self.layout, self.depths, self.total = self.infos, self.depths_now, self.count
+        if self.parts:
+            self.measure.update_layers(self.parts)
+
+    def streaming(self) -> list[M.StreamingMeasure]:
+        return [self.measure]
+
+    def rows(self) -> list[dict[str, Any]]:
+        if not self.layout:
+            return []  # no layer is z + f(z) (see the probe's meta "not_applicable")
+        values = self.measure.compute()
+        return [{**_layer_row(info, d, self.total), **{k: (None if v is None else float(v)) for k, v in r.items()}}
+                for d, info, r in zip(self.depths, self.layout, values)]
+
+
+class _GPSAGates(_ProbeMeasure):
+    """ConViT's gates sigmoid(gating_param) per head: a property of the weights, read once."""
+
+    static = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.values: list[tuple[str, torch.Tensor]] = []
+
+    def read(self, model: nn.Module) -> None:
+        self.values = [(name, g) for (name, _), g in zip(M.gpsa_layers(model), M.gpsa_gates(model))]
+
+    def update(self, cap: Capture) -> None:
+        pass
+
+    def streaming(self) -> list[M.StreamingMeasure]:
+        return []
+
+    def rows(self) -> list[dict[str, Any]]:
+        n = len(self.values)
+        return [{"layer": name, "kind": "gpsa", "block": i, "depth": i,
+                 "normalized_depth": round(_normalized_depth(i, n), 6), **_heads(g)}
+                for i, (name, g) in enumerate(self.values)]
+
+
+PROBE_MEASURES: dict[str, type[_ProbeMeasure]] = {
+    "attention_entropy": _Entropy,
+    "attention_distance": _Distance,
+    "nonlocality": _Nonlocality,
+    "relative_distance": _RelativeDistance,
+    "cka": _CKA,
+    "ratio_of_norms": _RatioOfNorms,
+    "fourier": _Fourier,
+    "feature_variance": _Variance,
+    "gpsa_gates": _GPSAGates,
+}
+ATTENTION_MEASURES = tuple(k for k, v in PROBE_MEASURES.items() if v.needs_attention)
+
