@@ -215,7 +215,7 @@ def test_cli_compare_vit_32px_with_resnet_176px(tmp_path, capsys):
 
 
 def test_cli_compare_errors(tmp_path, capsys):
-    from tests._helpers import one_line_error
+    from _helpers import one_line_error
 
     one_line_error(capsys, ["compare", "test_vit_cifar", "no/such/run", "--data", "fake", "--out", str(tmp_path)],
                    "no such run directory")
