@@ -7,6 +7,7 @@ import math
 from typing import TYPE_CHECKING, Any
 
 from vitscope.distributed import barrier
+from vitscope.io.runs import BEST_FILE
 from vitscope.training import checkpoint as ckpt
 from vitscope.training.builders import base_lr
 from vitscope.training.config import TrainConfig
@@ -99,7 +100,6 @@ class EarlyStop:
         return es
 
 
-BEST_FILE = "best.safetensors"  # early stopping: the weights of the epoch with the lowest val_nll so far
 
 
 def save_best(run: TrainingRun, epoch: int) -> None:
