@@ -218,15 +218,11 @@ class _CKA(_StreamProbe):
                 "examples": self.measure.num_examples}
 
 
-class _MapProbe(_StreamProbe):
-    """On the residual stream leaving each sub-layer (tokens read as maps, prefix tokens dropped).
+class _SelectedLayersProbe(_StreamProbe):
+    """A stream measure over the records ``layer_part`` accepts (the others named in ``skipped`` where a reason is
+    due); ``depth`` counts every record, so rows line up with the other stream measures."""
 
-    Sub-layers whose map is a single position (1 x 1, e.g. the last stage of a ResNet on tiny inputs) have
-    no spatial structure and are left out of the table.
-    """
-
-    needs_float64 = True
-    measure_cls: type = M.FeatureVariance
+    measure_cls: type
 
     def __init__(self) -> None:
         super().__init__()
@@ -238,27 +234,56 @@ class _MapProbe(_StreamProbe):
         self.count = 0
         self.depths_now: list[int] = []
 
+    def layer_part(self, rec: Any, z64: torch.Tensor | None, checks: _DeviceChecks) -> Any:
+        """This record's contribution to ``measure.update_layers``, or None to leave the record out."""
+        raise NotImplementedError
+
+    def first_batch_done(self) -> None:
+        """Called once, after the first batch's records were seen (a place to refuse an empty selection)."""
+
     def add(self, rec: Any, z64: torch.Tensor | None, checks: _DeviceChecks) -> None:
-        info, depth = rec.info, self.count
+        depth = self.count
         self.count += 1
-        if info.grid is None:
-            self.skipped[info.name] = ("tokens whose grid vitscope cannot tell (several token sequences, or no "
-                                       "patch grid of the image's aspect): no spatial map")
-        elif info.grid[0] * info.grid[1] > 1:
-            self.infos.append(info)
+        part = self.layer_part(rec, z64, checks)
+        if part is not None:
+            self.infos.append(rec.info)
             self.depths_now.append(depth)
-            self.parts.append(self.measure.layer_sums(z64, info, 0, info.name, validate=False))
+            self.parts.append(part)
 
     def end(self) -> None:
         if self.layout is None:
-            if not self.parts and not self.skipped:
-                raise ValueError("no sub-layer has a spatial map larger than 1x1; use a larger input size")
+            self.first_batch_done()
             self.layout, self.depths, self.total = self.infos, self.depths_now, self.count
         if self.parts:
             self.measure.update_layers(self.parts)
 
     def streaming(self) -> list[M.StreamingMeasure]:
         return [self.measure]
+
+
+class _MapProbe(_SelectedLayersProbe):
+    """On the residual stream leaving each sub-layer (tokens read as maps, prefix tokens dropped).
+
+    Sub-layers whose map is a single position (1 x 1, e.g. the last stage of a ResNet on tiny inputs) have
+    no spatial structure and are left out of the table.
+    """
+
+    needs_float64 = True
+    measure_cls: type = M.FeatureVariance
+
+    def layer_part(self, rec: Any, z64: torch.Tensor | None, checks: _DeviceChecks) -> Any:
+        info = rec.info
+        if info.grid is None:
+            self.skipped[info.name] = ("tokens whose grid vitscope cannot tell (several token sequences, or no "
+                                       "patch grid of the image's aspect): no spatial map")
+            return None
+        if info.grid[0] * info.grid[1] <= 1:
+            return None
+        return self.measure.layer_sums(z64, info, 0, info.name, validate=False)
+
+    def first_batch_done(self) -> None:
+        if not self.parts and not self.skipped:
+            raise ValueError("no sub-layer has a spatial map larger than 1x1; use a larger input size")
 
     def value(self, v: torch.Tensor) -> dict[str, Any]:
         return {"value": float(v)}
@@ -295,40 +320,19 @@ class _Variance(_MapProbe):
     measure_cls = M.FeatureVariance
 
 
-class _RatioOfNorms(_StreamProbe):
+class _RatioOfNorms(_SelectedLayersProbe):
     """On the residual records only (``z_out = shortcut + branch``): the stem and blocks vitscope cannot split
     have no branch, so no ratio; ``depth`` counts every record, as in the other stream measures."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.measure = M.RatioOfNorms()
-        self.skipped: dict[str, str] = {}
+    measure_cls = M.RatioOfNorms
 
-    def begin(self) -> None:
-        super().begin()
-        self.count = 0
-        self.depths_now: list[int] = []
-
-    def add(self, rec: Any, z64: torch.Tensor | None, checks: _DeviceChecks) -> None:
-        depth = self.count
-        self.count += 1
+    def layer_part(self, rec: Any, z64: torch.Tensor | None, checks: _DeviceChecks) -> Any:
         if rec.branch is None:
             if rec.info.kind != "stem":
                 self.skipped[rec.info.name] = _NOT_SPLIT
-            return
-        self.infos.append(rec.info)
-        self.depths_now.append(depth)
-        self.parts.append(self.measure.layer_sums(rec.shortcut, rec.branch, rec.info, 0, f" of {rec.info.name}",
-                                                  validate=False, checks=checks))
-
-    def end(self) -> None:
-        if self.layout is None:
-            self.layout, self.depths, self.total = self.infos, self.depths_now, self.count
-        if self.parts:
-            self.measure.update_layers(self.parts)
-
-    def streaming(self) -> list[M.StreamingMeasure]:
-        return [self.measure]
+            return None
+        return self.measure.layer_sums(rec.shortcut, rec.branch, rec.info, 0, f" of {rec.info.name}",
+                                       validate=False, checks=checks)
 
     def rows(self) -> list[dict[str, Any]]:
         if not self.layout:
