@@ -25,7 +25,8 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from timm.models import convit, resnet, vision_transformer
+
+from vitscope.capture.sites import attention_kind, final_activation, known_family
 
 SUPPORTED = (
     "timm VisionTransformer/DeiT Block (and vitscope CBBlock), timm ConViT Block, timm ResNet "
@@ -74,26 +75,17 @@ class ResidualBlock:
 
 
 def block_family(module: nn.Module) -> str | None:
-    """The family of a residual block (see module docstring), or None if ``module`` is not one."""
-    if isinstance(module, vision_transformer.Block):
-        return "vit"
-    if isinstance(module, convit.Block):
-        return "convit"
-    if isinstance(module, (resnet.BasicBlock, resnet.Bottleneck)):
-        return "resnet"
-    if getattr(type(module), "vitscope_kind", None) in ("conv", "msa"):
+    """The family of a residual block (see module docstring), or None if ``module`` is not one these interventions
+    handle; which modules are blocks of which family is capture's table (``capture.sites.known_family``)."""
+    family = known_family(module)
+    if family == "vitscope":
         for sub in ("shortcut", "drop_path"):
             if not isinstance(getattr(module, sub, None), nn.Module):
                 raise ValueError(
                     f"{type(module).__name__} declares vitscope_kind={type(module).vitscope_kind!r} but has no "
                     f"`{sub}` submodule; vitscope blocks must end `return self.shortcut(x) + self.drop_path(branch)`"
                 )
-        return "vitscope"
-    return None
-
-
-def _attention_kind(attn: nn.Module) -> str:
-    return "gpsa" if isinstance(attn, convit.GPSA) else "msa"
+    return family if family in ("vit", "convit", "resnet", "vitscope") else None
 
 
 def residual_blocks(model: nn.Module) -> list[ResidualBlock]:
@@ -120,7 +112,7 @@ def residual_blocks(model: nn.Module) -> list[ResidualBlock]:
     n_sub = 0
     for b, (name, module, family) in enumerate(found):
         if family in ("vit", "convit"):
-            parts = [("attn", _attention_kind(module.attn)), ("mlp", "mlp")]
+            parts = [("attn", attention_kind(module.attn)), ("mlp", "mlp")]
             subs = tuple(
                 SubLayer(f"{name}.{attr}" if name else attr, kind, b, n_sub + k, getattr(module, attr), module, family)
                 for k, (attr, kind) in enumerate(parts)
@@ -234,7 +226,7 @@ def _zeros_like_input(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tenso
 def _shortcut_only(block: ResidualBlock) -> Any:
     """A forward for a ResNet block with its residual branch removed: ``act(downsample(x))``."""
     m = block.module
-    act = m.act3 if isinstance(m, resnet.Bottleneck) else m.act2
+    act = final_activation(m)
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         s = m.downsample(x) if m.downsample is not None else x.clone()  # clone: act may be in-place
