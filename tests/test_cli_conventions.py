@@ -107,6 +107,9 @@ def test_use_ema_is_opt_in_and_recorded(tmp_path, capsys):
     capsys.readouterr()
     assert main(base + ["--use-ema", "--out", str(tmp_path / "x")]) == 2
     assert "--use-ema chooses among a --checkpoint's weights" in capsys.readouterr().err
+    assert main(base + ["--checkpoint", str(tmp_path / "plain.pth"), "--use-ema", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()  # no silent fallback to the raw weights (timm's)
+    assert len(err) == 1 and "holds no EMA weights" in err[0] and not (tmp_path / "x").exists()
 
 
 def test_train_takes_timm_spellings(tmp_path, capsys):

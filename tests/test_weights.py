@@ -253,10 +253,17 @@ def test_nested_and_prefixed_pth(tmp_path: Path) -> None:
 
     path = tmp_path / "with_ema.pth"
     torch.save({"state_dict": plain, "state_dict_ema": ema}, path)
-    model = load_checkpoint(vitscope.create_model("test_vit_cb"), path)  # EMA preferred, as in timm
-    assert all(torch.equal(model.state_dict()[k], ema[k]) for k in ema)
-    model = load_checkpoint(model, path, use_ema=False)
+    model = load_checkpoint(vitscope.create_model("test_vit_cb"), path)  # raw weights unless asked (validate.py)
     assert all(torch.equal(model.state_dict()[k], plain[k]) for k in plain)
+    model = load_checkpoint(model, path, use_ema=True)
+    assert all(torch.equal(model.state_dict()[k], ema[k]) for k in ema)
+    for load in (lambda p, **kw: load_model("test_vit_cb", p, **kw),
+                 lambda p, **kw: load_checkpoint(vitscope.create_model("test_vit_cb"), p, **kw)):
+        assert torch.equal(load(path).head.weight, plain["head.weight"])
+        assert torch.equal(load(path, use_ema=True).head.weight, ema["head.weight"])
+    torch.save({"state_dict": plain}, tmp_path / "no_ema.pth")
+    with pytest.raises(CheckpointError, match="holds no EMA weights"):  # never a silent fallback to the raw ones
+        load_model("test_vit_cb", tmp_path / "no_ema.pth", use_ema=True)
 
     path = tmp_path / "model_key.pt"
     torch.save({"model": plain}, path)

@@ -125,17 +125,31 @@ def _unsafe_globals(path: Path) -> list[str]:
         return []
 
 
-def _extract_state_dict(obj: Any, path: Path, use_ema: bool = True) -> dict[str, torch.Tensor]:
-    """The state dict inside a checkpoint object: timm's nesting keys, DDP/compile prefixes removed."""
-    keys = (("state_dict_ema", "model_ema") if use_ema else ()) + ("state_dict", "model")
+_EMA_KEYS = ("state_dict_ema", "model_ema")
+
+
+def _extract_state_dict(obj: Any, path: Path, use_ema: bool = False) -> dict[str, torch.Tensor]:
+    """The state dict inside a checkpoint object: timm's nesting keys, DDP/compile prefixes removed.
+
+    ``use_ema``: the EMA weights (``state_dict_ema``, ``model_ema``), a ``CheckpointError`` when there are none;
+    otherwise the raw ones (``state_dict``, ``model``), as timm's ``validate.py`` without ``--use-ema``."""
+    keys = (_EMA_KEYS if use_ema else ()) + ("state_dict", "model")
+    took_ema = False
     for _ in range(3):  # e.g. {'model': {'state_dict': ...}}
         if not isinstance(obj, Mapping):
             break
         inner = next((k for k in keys if isinstance(obj.get(k), Mapping) and obj.get(k)), None)
         if inner is None:
             break
+        if not use_ema and any(isinstance(obj.get(k), Mapping) and obj.get(k) for k in _EMA_KEYS):
+            _logger.info("%s holds EMA weights too (%s); loading the raw ones (use_ema=True / --use-ema loads "
+                         "the EMA ones)", path, inner)
         _logger.debug("Using %r from %s", inner, path)
+        took_ema |= inner in _EMA_KEYS
         obj = obj[inner]
+    if use_ema and not took_ema:
+        raise CheckpointError(f"{str(path)!r} holds no EMA weights (no 'state_dict_ema' or 'model_ema' entry); "
+                              "load it without use_ema / --use-ema")
     if not isinstance(obj, Mapping):
         raise CheckpointError(
             f"{str(path)!r} holds a {type(obj).__name__}, not a state dict (a dict of tensors). "
@@ -155,12 +169,13 @@ def _extract_state_dict(obj: Any, path: Path, use_ema: bool = True) -> dict[str,
 
 
 def read_state_dict(
-    path: _PathLike, map_location: str | torch.device = "cpu", use_ema: bool = True
+    path: _PathLike, map_location: str | torch.device = "cpu", use_ema: bool = False
 ) -> dict[str, torch.Tensor]:
     """The state dict of a local checkpoint (.safetensors, .bin, .pth, .pt), without running code from it.
 
-    Nested checkpoints use timm's order: ``state_dict_ema``, ``model_ema`` (if ``use_ema``), then
-    ``state_dict``, ``model``; ``module.`` and ``_orig_mod.`` prefixes are stripped.
+    Nested checkpoints: ``state_dict``, then ``model``; with ``use_ema`` (opt-in, as timm's ``validate.py
+    --use-ema``) ``state_dict_ema`` or ``model_ema`` instead, a ``CheckpointError`` when the file has neither.
+    ``module.`` and ``_orig_mod.`` prefixes are stripped.
     """
     path = Path(path)
     return _extract_state_dict(_read_file(path, map_location), path, use_ema=use_ema)
@@ -303,7 +318,7 @@ def _load_into(model: nn.Module, state_dict: dict[str, torch.Tensor], path: Path
 
 
 def load_checkpoint(
-    model: nn.Module, path: _PathLike, strict: bool = True, use_ema: bool = True
+    model: nn.Module, path: _PathLike, strict: bool = True, use_ema: bool = False
 ) -> nn.Module:
     """Load a local timm checkpoint (.safetensors, .bin, .pth/.pt) into ``model`` and return it.
 
@@ -315,7 +330,9 @@ def load_checkpoint(
         path: Checkpoint file; ``.pth``/``.pt``/``.bin`` are read with ``torch.load(weights_only=True)``.
         strict: Require every key and shape to match. With ``strict=False``, tensors whose shapes
             differ are skipped (logged as a warning) instead of raising, as are missing/unexpected keys.
-        use_ema: Prefer EMA weights (``state_dict_ema``, ``model_ema``) when present (timm's rule).
+        use_ema: Load the EMA weights (``state_dict_ema``, ``model_ema``) instead of the raw ones; opt-in, as
+            timm's ``validate.py --use-ema`` (timm's ``load_checkpoint`` prefers them silently). A checkpoint
+            without EMA weights is then an error.
 
     Raises:
         CheckpointError: missing, truncated or foreign file, or keys/shapes that do not fit.
@@ -341,7 +358,7 @@ def _checkpoint_num_classes(model: nn.Module, state_dict: dict[str, torch.Tensor
 
 def load_model(
     name: str, checkpoint: _PathLike | None = None, *, pretrained: bool = False, strict: bool = True,
-    use_ema: bool = True, **kwargs: Any,
+    use_ema: bool = False, **kwargs: Any,
 ) -> nn.Module:
     """Build ``name`` with ``vitscope.create_model(name, **kwargs)`` and load a local checkpoint if given.
 
@@ -358,8 +375,10 @@ def load_model(
 
     ``name`` may be timm's ``hf-hub:ORG/NAME`` (the repository's ``config.json`` names the architecture). Without
     ``pretrained`` or ``checkpoint`` the weights are random: a one-line ``random weights`` warning is logged.
-    ``use_ema`` prefers a checkpoint's EMA weights (``state_dict_ema``, ``model_ema``; timm's ``load_checkpoint``
-    rule; the command line makes it opt-in with ``--use-ema``, as timm's ``validate.py``).
+    ``use_ema=True`` loads a checkpoint's EMA weights (``state_dict_ema``, ``model_ema``; an error when it has
+    none) instead of its raw ones: opt-in, as timm's ``validate.py --use-ema`` and the command line's ``--use-ema``.
+    Loading the raw weights of a checkpoint that has EMA ones too is said in an INFO log line; the commands
+    record the choice as ``ema`` in every ``meta.json``.
 
     Raises:
         ValueError: unknown model name.
