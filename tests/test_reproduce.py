@@ -21,6 +21,7 @@ FINDINGS = {
     "convit-sample-efficiency": {10, 11},
     "hdvw-fourier-variance": {1, 2, 4},
     "hdvw-hessian": {3},
+    "hdvw-landscape": {3},
     "raghu-cka-distance": {5, 6, 7},
     "raghu-localization": {7},
     "alternet-small-data": {12},

@@ -41,3 +41,21 @@ class ContextBroadcast(nn.Module):
 
     def extra_repr(self) -> str:
         return f"scaled={self.scale is not None}, include_prefix={self.include_prefix}"
+
+
+def cbs_scales(model: nn.Module) -> list[torch.Tensor]:
+    """The learned CBS scale ``lambda`` (per channel) of every scaled ``ContextBroadcast`` in ``model``, in forward
+    (depth) order; CB reports that the learned scale grows with depth (deep layers take more uniform attention).
+
+    Returns:
+        One (C,) float32 tensor per scaled CB module.
+
+    Raises:
+        ValueError: ``model`` has no scaled CB module (train a CBS model, e.g. ``vit_tiny_cbs_patch2_32``).
+    """
+    scales = [m.scale.detach().float().cpu() for m in model.modules()
+              if isinstance(m, ContextBroadcast) and m.scale is not None]
+    if not scales:
+        raise ValueError(f"{type(model).__name__} has no learned Context Broadcasting scale (CBS); pass a CBS model "
+                         "such as vit_tiny_cbs_patch2_32 or test_vit_cbs")
+    return scales

@@ -21,7 +21,8 @@ __all__ = ["METRICS", "Metric", "compute_metric", "metric_needs", "parse_metric"
 @dataclass(frozen=True)
 class Metric:
     fn: Callable[[dict[str, Any], str], float]
-    needs: tuple[str, ...]  # "eval", "hessian", "frequency", "localization", "train_probes", or "probe:<measure>"
+    needs: tuple[str, ...]  # "eval", "hessian", "frequency", "localization", "train_probes", "skip_removal",
+    # "cbs_scale", or "probe:<measure>"
     doc: str
 
 
@@ -189,6 +190,47 @@ def _attn_distance(a: dict[str, Any], arg: str) -> float:
     return _mean([r["value"] for r in rows], f"attention distance ({arg})")
 
 
+def _relative_distance(a: dict[str, Any], arg: str) -> float:
+    """CB's relative distance of interaction (attention-weighted distance between token positions in [0, 1]^2,
+    self-attention left out; ``vitscope.measures.relative_distance``), averaged over the layers of ``arg``."""
+    if arg not in ("", "early", "late"):
+        raise ValueError(f"relative_distance takes no argument, early or late, got {arg!r}")
+    return _mean([r["value"] for r in _split(_rows(a, "relative_distance"), arg)], f"relative distance ({arg})")
+
+
+def _block_outputs(a: dict[str, Any], cka: dict[str, Any]) -> list[int]:
+    """Indices of the block outputs (``BLOCK_KINDS``) in a probe's CKA rows, in depth order (block 0, 1, ...)."""
+    kinds = {r["depth"]: r["kind"] for r in cka["rows"]}
+    return [i for i in range(len(cka["matrix"])) if kinds.get(i) in BLOCK_KINDS]
+
+
+def _cka_across_skip(a: dict[str, Any], arg: str) -> float:
+    """RAGHU's skip removal: mean CKA between the block outputs before the block whose skip was removed (blocks
+    0 .. k-1) and those from it on (k .. n-1), in the trained model (``intact``) or with that skip removed
+    (``removed``; ``run_skip_cka``): a skip that propagates the representation keeps the two sides alike."""
+    sk = a.get("skip_removal")
+    if sk is None:
+        raise ValueError("the analysis has no skip_removal entry (the study needs 'skip_removal')")
+    if arg not in ("intact", "removed"):
+        raise ValueError(f"cka_across_skip takes intact or removed, got {arg!r}")
+    cka = sk["cka"] if arg == "removed" else a["probe"]["cka"]
+    blocks, k = _block_outputs(a, cka), int(sk["block"])
+    if len(blocks) != int(sk["n_blocks"]) or not 0 < k < len(blocks):
+        raise ValueError(f"cka_across_skip: {len(blocks)} block outputs for {sk['n_blocks']} blocks, removed skip "
+                         f"at block {k}; it needs one output per block and a block with blocks on both sides")
+    mat = cka["matrix"]
+    return _mean([mat[i][j] for i in blocks[:k] for j in blocks[k:]], f"CKA across the removed skip ({arg})")
+
+
+def _cbs_scale(a: dict[str, Any], arg: str) -> float:
+    """Mean learned CBS scale lambda (``vitscope.layers.cbs_scales``) over the channels of the CB modules in the
+    ``early`` / ``late`` half of the blocks (``_halves``: equal halves), or of all of them."""
+    layers = a.get("cbs_scale")
+    if layers is None:
+        raise ValueError("the analysis has no cbs_scale entry (the study needs 'cbs_scale')")
+    return _mean([x for v in _halves(list(layers), arg) for x in v], f"CBS scale ({arg or 'all'})")
+
+
 def _head_spread(a: dict[str, Any], arg: str) -> float:
     """Standard deviation over heads of the mean attention distance, averaged over the layers of ``arg``."""
     spreads = []
@@ -327,6 +369,12 @@ METRICS: dict[str, Metric] = {
     "cka_offdiag": Metric(_cka_offdiag, ("probe:cka",), "mean CKA between distinct sub-layer outputs [:blocks]"),
     "attn_distance": Metric(_attn_distance, ("probe:attention_distance",),
                             "mean attention distance in pixels [:first|early|late]"),
+    "relative_distance": Metric(_relative_distance, ("probe:relative_distance",),
+                                "CB's relative distance of interaction (positions in [0, 1]) [:early|late]"),
+    "cka_across_skip": Metric(_cka_across_skip, ("probe:cka", "skip_removal"),
+                              "mean CKA between block outputs on the two sides of a middle block, intact or "
+                              "with its skip removed"),
+    "cbs_scale": Metric(_cbs_scale, ("cbs_scale",), "mean learned CBS scale [:early|late] half of the blocks"),
     "head_spread": Metric(_head_spread, ("probe:attention_distance",),
                           "std over heads of the attention distance [:early|late]"),
     "ratio_of_norms": Metric(_ratio_of_norms, ("probe:ratio_of_norms",),

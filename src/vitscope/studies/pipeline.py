@@ -31,7 +31,7 @@ _logger = logging.getLogger(__name__)
 __all__ = [
     "TrainRequest", "train_spec", "run_finished", "training_summary", "evaluate_classifier", "has_attention",
     "probe_measures",
-    "run_probe", "run_lesion", "run_localization", "cross_model_cka", "run_hessian", "run_landscape",
+    "run_probe", "run_skip_cka", "run_lesion", "run_localization", "cross_model_cka", "run_hessian", "run_landscape",
     "run_robustness", "frequency_balanced", "atomic_write_json", "Timer", "val_loader",
 ]
 
@@ -390,6 +390,20 @@ def run_probe(model: nn.Module, loader: Iterable, measures: Sequence[str], max_b
     import vitscope
 
     return vitscope.probe(model, loader, measures, max_batches=max_batches, progress=progress, shard=shard)
+
+
+def run_skip_cka(model: nn.Module, loader: Iterable, block: int | None = None, max_batches: int | None = None,
+                 progress: bool = True, shard: bool = False) -> dict[str, Any]:
+    """RAGHU's skip removal, as an intervention on the trained model: the probe's CKA between every sub-layer
+    output with the skip connection of one block removed (``vitscope.interventions.remove_skip``; default the
+    middle block, ``n // 2`` of ``n``). RAGHU trained models without that skip; this keeps the trained weights."""
+    from vitscope.interventions import remove_skip, residual_blocks
+
+    n = len(residual_blocks(model))
+    k = n // 2 if block is None else block
+    with remove_skip(model, k) as blk:
+        res = run_probe(model, loader, ["cka"], max_batches=max_batches, progress=progress, shard=shard)
+    return {"block": blk.index, "block_name": blk.name, "n_blocks": n, "cka": res.to_dict()["cka"]}
 
 
 def run_lesion(model: nn.Module, loader: Iterable, max_batches: int | None = None, progress: bool = True

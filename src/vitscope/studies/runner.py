@@ -5,7 +5,8 @@ A study YAML holds ``name``, ``title``, ``paper``, ``conditions`` (data regimes,
 {data_fraction: 0.25, steps_constant: true}``), ``claims`` and ``scales``. A claim cites a finding of
 METHODS.md ("Findings to reproduce") and compares two sides ``a`` and ``b``, each a term:
 ``{model, metric, condition}``, ``{diff: [term, term]}`` (first minus second) or ``{value: number}``,
-with ``expect: greater|less``. The models to train and the analyses to run follow from the terms.
+with ``expect: greater|less|equal`` (``equal``: a claim of no change, tested two-sided; it can fail, never
+hold, since no paper gives an equivalence margin). The models to train and the analyses to run follow from the terms.
 Verdicts follow ``vitscope.studies.verdict`` (paired t where the seeds pair, i.e. both sides measure the same
 models, Welch's t between independent architectures, or a claim's own ``paired: true|false``; Holm-corrected
 over the study's claims). A claim may state its data ``regime``: ``large`` (the paper measured it on ImageNet),
@@ -38,6 +39,7 @@ from vitscope.studies.pipeline import (
     run_localization,
     run_probe,
     run_robustness,
+    run_skip_cka,
     train_spec,
     training_summary,
     val_loader,
@@ -177,6 +179,11 @@ def _paired(claim: dict[str, Any]) -> bool:
     return not all(models) or models[0] == models[1]
 
 
+def _threshold(claim: dict[str, Any]) -> bool:
+    """Whether one side is a fixed value (a one-sample test), so one seed of two models is not mistaken for it."""
+    return any(isinstance(claim[side], dict) and "value" in claim[side] for side in ("a", "b"))
+
+
 def _regime(claim: dict[str, Any], data: str) -> tuple[str, str]:
     """The claim's data regime and, for a large-data claim measured on a small data set, a note saying so."""
     regime = claim.get("regime", "any")
@@ -268,6 +275,12 @@ def _analyze(run_dir: Path, needs: set[str], s: dict[str, Any], progress: bool, 
     measures = sorted(n.split(":", 1)[1] for n in needs if n.startswith("probe:"))
     if measures:
         out["probe"] = run_probe(model, loader, measures, progress=progress, shard=True).to_dict()
+    if "skip_removal" in needs:  # RAGHU: the probe's CKA with the skip of the middle block removed
+        out["skip_removal"] = run_skip_cka(model, loader, progress=progress, shard=True)
+    if "cbs_scale" in needs:  # CB: the learned CBS scale per block, from the weights
+        from vitscope.layers import cbs_scales
+
+        out["cbs_scale"] = [v.tolist() for v in cbs_scales(model)]
     if "train_probes" in needs:
         path = run_dir / "probes.jsonl"
         out["train_probes"] = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] \
@@ -408,7 +421,7 @@ def run_study(
         regime, note = _regime(claim, s["data"])
         verdicts.append(Verdict.build(study["name"], int(claim["finding"]), claim["claim"], _label(claim["a"]),
                                       _label(claim["b"]), claim["expect"], a_vals, b_vals, regime, note,
-                                      paired=_paired(claim)))
+                                      paired=_paired(claim), threshold=_threshold(claim)))
     holm_adjust(verdicts)
     title = f"{study['name']}: {study.get('title', '')} ({study.get('paper', '')}; {scale} scale, {s['data']})"
     md = to_markdown(verdicts, title) + _training_table(evals)
@@ -422,7 +435,8 @@ def run_study(
                         f"Holm-corrected over the study's claims at alpha = {ALPHA}: held / did not hold when "
                         "significant in / against the paper's direction, else inconclusive (with the interval at "
                         "the level Holm tested the claim at, the direction of the measured effect and the seeds an "
-                        "effect of that size would need at Holm's strictest level)",
+                        "effect of that size would need at Holm's strictest level); a claim of no change (expect "
+                        "equal) is two-sided: did not hold when significant, else inconclusive, never held",
     }
     files = {k: study_dir / f"verdicts.{k}" for k in ("json", "csv", "md")}
     if info.is_main:  # torchrun: every rank holds the same verdicts; rank 0 alone writes them

@@ -4,7 +4,10 @@ Where the seeds truly pair (one model measured twice, a model on a subset of the
 with and without a parameter-free change) ``a[i]`` and ``b[i]`` (seed ``i``) are paired and the test is on the
 differences ``d_i = a_i - b_i``; between independent architectures trained on the same fixed split the seed
 index pairs nothing, so the two sides are independent samples (Welch's t, unequal variances); a ``b`` of length
-1 is a fixed threshold (one-sample test of ``a_i - b``).
+1 is a fixed threshold (one-sample test of ``a_i - b``; the caller says so, ``threshold``, where one seed of two
+models would look the same). ``expect="equal"`` (a claim of no change) is the two-sided test: "did not hold" when
+a difference is significant, otherwise inconclusive with the interval that bounds it; never "held", since no
+paper gives an equivalence margin.
 
 - **test**: Student's t (paired: ``n - 1`` degrees of freedom; Welch: Welch-Satterthwaite), two-sided ``p``;
   the exact distribution-free ``p`` is reported beside it (sign flips of the differences, or relabelings of
@@ -42,7 +45,7 @@ __all__ = ["Verdict", "TestResult", "summarize", "decide", "paired_test", "holm"
            "to_csv", "HELD", "NOT_HELD", "INCONCLUSIVE", "EXPECT", "ALPHA"]
 
 HELD, NOT_HELD, INCONCLUSIVE = "held", "did not hold", "inconclusive"
-EXPECT = {"greater": ">", "less": "<"}
+EXPECT = {"greater": ">", "less": "<", "equal": "="}
 ALPHA = 0.05
 POWER = 0.8
 
@@ -218,6 +221,7 @@ class TestResult:
     sd_b: float = math.nan  # Welch: per-seed SD of side b
     min_p_exact: float = math.nan
     no_spread: bool = False
+    threshold: bool = False  # a one-sample test against a fixed value
 
     @property
     def testable(self) -> bool:
@@ -247,16 +251,20 @@ def _no_spread(se: float, values: Sequence[float]) -> bool:
     return se <= 1e-9 * max((abs(v) for v in values), default=0.0)
 
 
-def paired_test(a: Sequence[float], b: Sequence[float], paired: bool = True) -> TestResult:
+def paired_test(a: Sequence[float], b: Sequence[float], paired: bool = True, threshold: bool | None = None
+                ) -> TestResult:
     """The test of ``a - b``: paired t over seeds (``paired=True``), Welch's unpaired t (``paired=False``, two
-    independent samples), or, when one side has one value, the one-sample t against that threshold. With no
-    spread (``_no_spread``) the exact test decides instead of t."""
+    independent samples), or the one-sample t against a fixed value (``threshold=True``: the side with one value
+    is the threshold; ``None``: so when exactly one side has one value; with one seed on both sides ``None``
+    means two measured sides, one seed each). With no spread (``_no_spread``) the exact test decides instead of t."""
     a = [float(v) for v in a]
     b = [float(v) for v in b]
     nan = math.nan
-    if len(b) == 1 and len(a) >= 1:
+    if threshold is None:
+        threshold = (len(a) == 1) != (len(b) == 1)
+    if threshold and len(b) == 1 and a:
         d, method, paired = [x - b[0] for x in a], "one-sample t", True
-    elif len(a) == 1 and len(b) > 1:
+    elif threshold and len(a) == 1 and b:
         d, method, paired = [a[0] - y for y in b], "one-sample t", True
     elif paired and len(a) == len(b) and a:
         d, method = [x - y for x, y in zip(a, b)], "paired t"
@@ -265,17 +273,18 @@ def paired_test(a: Sequence[float], b: Sequence[float], paired: bool = True) -> 
     else:
         raise ValueError(f"the two sides of a claim need equal numbers of seeds (paired) or one value (a "
                          f"threshold); got {len(a)} and {len(b)}")
+    threshold = method == "one-sample t"
     vals = d if paired else a + b
     n = len(d) if paired else min(len(a), len(b))
     if any(not math.isfinite(x) for x in vals):
         return TestResult(n, method, nan, nan, nan, nan, nan, nan, None, "a measured value is missing or not finite",
-                          paired)
+                          paired, threshold=threshold)
     if paired:
         mean, sd = summarize(d)
         sd_b = nan
         if n < 2:
             return TestResult(n, method, mean, nan, nan, nan, nan, nan, None,
-                              "one seed: no test is possible (use --seeds 3 or more)", paired)
+                              "one seed: no test is possible (use --seeds 3 or more)", paired, threshold=threshold)
         se, df = sd / math.sqrt(n), float(n - 1)
         exact = _signflip_p(d) if n <= 16 else nan
         min_exact = _min_exact_p(n, True)
@@ -286,7 +295,7 @@ def paired_test(a: Sequence[float], b: Sequence[float], paired: bool = True) -> 
         mean = ma - mb
         if n < 2:
             return TestResult(n, method, mean, nan, nan, nan, nan, nan, None,
-                              "one seed: no test is possible (use --seeds 3 or more)", paired)
+                              "one seed: no test is possible (use --seeds 3 or more)", paired, threshold=threshold)
         se = math.sqrt(sd ** 2 / len(a) + sd_b ** 2 / len(b))
         df = welch_df(sd ** 2, sd_b ** 2, len(a), len(b))
         exact = _permutation_p(a, b) if len(a) + len(b) <= 20 else nan
@@ -298,15 +307,18 @@ def paired_test(a: Sequence[float], b: Sequence[float], paired: bool = True) -> 
         method = f"{exact_name} (no spread)"
         note = "every seed gave the same value: t is undefined, the exact test decides"
         return TestResult(n, method, mean, sd, mean, mean, p, exact, None, note, paired, p_t, se, df,
-                          sd_b, min_exact, True)
+                          sd_b, min_exact, True, threshold)
     p_t = min(max(2.0 * (1.0 - t_cdf(abs(mean) / se, df)), 0.0), 1.0)
-    res = TestResult(n, method, mean, sd, nan, nan, p_t, exact, None, "", paired, p_t, se, df, sd_b, min_exact)
+    res = TestResult(n, method, mean, sd, nan, nan, p_t, exact, None, "", paired, p_t, se, df, sd_b, min_exact,
+                     False, threshold)
     res.ci_low, res.ci_high = res.interval(ALPHA)
     res.seeds_needed = res.needed(ALPHA)
     return res
 
 
 def _direction(effect: float, expect: str) -> str:
+    if expect == "equal":  # a claim of no change has no side to point to
+        return "two-sided"
     if not math.isfinite(effect) or effect == 0:
         return "none"
     return "paper" if (effect > 0) == (expect == "greater") else "against"
@@ -332,6 +344,11 @@ def _outcome(test: TestResult, p: float, expect: str, level: float = ALPHA, m: i
                  f"reach p < {ALPHA / m:.2g} (smallest exact p {test.min_p_exact:.2g})")
         if not test.no_spread:
             floor += ", the verdict rests on t's normality"
+    if expect == "equal":  # no margin from the paper: a difference can be shown, equality cannot
+        if p < ALPHA:
+            return NOT_HELD, f"{head} < {ALPHA}: a difference was detected ({ci}){floor}"
+        return INCONCLUSIVE, (f"{head} >= {ALPHA}: no difference detected, which does not show there is none; the "
+                              f"{ci} bounds the difference (the paper gives no equivalence margin){floor}")
     if p < ALPHA:
         right = _direction(test.effect, expect) == "paper"
         where = "in the paper's direction" if right else "against the paper's direction"
@@ -352,15 +369,18 @@ def _outcome(test: TestResult, p: float, expect: str, level: float = ALPHA, m: i
     return INCONCLUSIVE, f"{head} >= {ALPHA} ({ci}); {need_txt}{floor}"
 
 
-def decide(a: Sequence[float], b: Sequence[float], expect: str, paired: bool = True) -> tuple[str, str]:
-    """``(verdict, reason)`` for the claim ``a <expect> b`` (``expect`` greater or less), uncorrected.
+def decide(a: Sequence[float], b: Sequence[float], expect: str, paired: bool = True,
+           threshold: bool | None = None) -> tuple[str, str]:
+    """``(verdict, reason)`` for the claim ``a <expect> b`` (``expect`` greater, less or equal), uncorrected.
 
     ``a``, ``b`` of equal length are per-seed values paired by seed (``paired=False``: independent samples,
-    Welch); a ``b`` of length 1 is a fixed threshold.
+    Welch); a side of length 1 is a fixed threshold (``threshold``: see ``paired_test``). ``equal`` (a claim of no
+    change) is two-sided: "did not hold" when a difference is significant, otherwise inconclusive with the
+    interval that bounds it (no margin, so never "held").
     """
     if expect not in EXPECT:
         raise ValueError(f"expect must be one of {list(EXPECT)}, got {expect!r}")
-    test = paired_test(a, b, paired)
+    test = paired_test(a, b, paired, threshold)
     return _outcome(test, test.p, expect)
 
 
@@ -425,25 +445,30 @@ class Verdict:
     paired: bool = True
     p_t: float = math.nan
     ci_level: float = 1 - ALPHA
-    direction: str = ""  # of the measured effect: "paper", "against" or "none"
+    direction: str = ""  # of the measured effect: "paper", "against", "none" ("two-sided" for expect equal)
     min_p_exact: float = math.nan
+    threshold: bool = False  # b (or a) is a fixed value: one-sample test
 
     @classmethod
     def build(cls, study: str, finding: int, claim: str, a_label: str, b_label: str, expect: str,
               a_values: Sequence[float], b_values: Sequence[float], regime: str = "", regime_note: str = "",
-              paired: bool = True) -> Verdict:
+              paired: bool = True, threshold: bool | None = None) -> Verdict:
         """The claim with its uncorrected test (``holm_adjust`` corrects a study's list); ``paired=False``:
-        the sides are independent samples (two architectures), tested with Welch's t."""
+        the sides are independent samples (two architectures), tested with Welch's t; ``threshold``: one side is
+        a fixed value (``paired_test``; the runner knows, so a one-seed run of two models is not called
+        one-sample)."""
         if expect not in EXPECT:
             raise ValueError(f"expect must be one of {list(EXPECT)}, got {expect!r}")
         ma, sa = summarize(a_values)
         mb, sb = summarize(b_values)
-        test = paired_test(a_values, b_values, paired)
+        test = paired_test(a_values, b_values, paired, threshold)
         verdict, reason = _outcome(test, test.p, expect)
+        needed = None if expect == "equal" else test.seeds_needed
         return cls(study, finding, claim, a_label, b_label, expect, [float(v) for v in a_values],
                    [float(v) for v in b_values], ma, sa, mb, sb, verdict, reason, test.effect, test.ci_low,
-                   test.ci_high, test.p, test.p, test.p_signflip, test.method, test.seeds_needed, regime,
-                   regime_note, test.paired, test.p_t, 1 - ALPHA, _direction(test.effect, expect), test.min_p_exact)
+                   test.ci_high, test.p, test.p, test.p_signflip, test.method, needed, regime,
+                   regime_note, test.paired, test.p_t, 1 - ALPHA, _direction(test.effect, expect), test.min_p_exact,
+                   test.threshold)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -458,14 +483,14 @@ def holm_adjust(verdicts: Sequence[Verdict]) -> list[Verdict]:
     m = sum(math.isfinite(x) for x in adjusted)
     for v, p_adj, level in zip(verdicts, adjusted, levels):
         v.p_holm = p_adj
-        test = paired_test(v.a_values, v.b_values, v.paired)
+        test = paired_test(v.a_values, v.b_values, v.paired, v.threshold)
         if not test.testable:
             v.verdict, v.reason = _outcome(test, p_adj, v.expect)
             continue
         v.verdict, v.reason = _outcome(test, p_adj, v.expect, level, max(m, 1))
         v.ci_low, v.ci_high = test.interval(level)
         v.ci_level = 1 - level
-        v.seeds_needed = test.needed(ALPHA / max(m, 1))
+        v.seeds_needed = None if v.expect == "equal" else test.needed(ALPHA / max(m, 1))
         if m > 1:
             v.reason += f" [Holm over {m} claims]"
     return list(verdicts)

@@ -19,6 +19,10 @@ width and depth unless the paper's claim is about that difference.
 - ``vit_gap``: the quick / paper ViT with global average pooling and no class token (RAGHU's GAP models, for
   the localization claim).
 - ``resnet``: HDVW compares ViT and AlterNet-50 with ResNet-50 (paper zoo).
+- ``vit_cbs``: the ViT+CB with CB's learned per-channel scale (CBS; ``vitscope.layers.ContextBroadcast``,
+  ``scaled=True``), for CB's claim that the learned scale grows with depth.
+- ``resnet_smooth``: the ResNet with spatial smoothing (a tanh-ReLU-2x2 blur after each stage; HDVW and "Blurs
+  Behave Like Ensembles"), for HDVW's claim that spatial smoothing flattens the loss and helps.
 - ``preact_resnet`` is AlterNet's own pre-activation ResNet backbone with no MSA block (``num_msa`` all 0):
   HDVW's like-for-like baseline for AlterNet.
 """
@@ -45,11 +49,13 @@ class ModelSpec:
 
 FAMILY_LABELS = {"vit": "ViT", "vit_cb": "ViT+CB", "convit": "ConViT", "resnet": "ResNet", "alternet": "AlterNet",
                  "preact_resnet": "pre-act ResNet", "vit_p4": "ViT (patch 4)", "vit_heads": "ViT (more heads)",
-                 "vit_fine": "ViT (16 x 16 tokens)", "vit_gap": "ViT (GAP, no class token)"}
+                 "vit_fine": "ViT (16 x 16 tokens)", "vit_gap": "ViT (GAP, no class token)",
+                 "vit_cbs": "ViT+CBS", "resnet_smooth": "ResNet (spatial smoothing)"}
 
 _QUICK_VIT = dict(patch_size=4, embed_dim=64, depth=4, num_heads=4, mlp_ratio=2.0)
 _NO_MSA = dict(num_msa=[0, 0, 0, 0])
 _GAP = dict(class_token=False, global_pool="avg")
+_SMOOTH = dict(smoothing=True)
 _QUICK_VIT_SPEC = ModelSpec("vit", "test_vit_cifar", _QUICK_VIT)  # also the quick "vit_p4": one run serves both
 
 ZOOS: dict[str, dict[str, ModelSpec]] = {
@@ -60,9 +66,11 @@ ZOOS: dict[str, dict[str, ModelSpec]] = {
         "vit_fine": ModelSpec("vit_fine", "test_vit_cifar", {**_QUICK_VIT, "patch_size": 2}),
         "vit_gap": ModelSpec("vit_gap", "test_vit_cifar", {**_QUICK_VIT, **_GAP}),
         "vit_cb": ModelSpec("vit_cb", "test_vit_cb", _QUICK_VIT),
+        "vit_cbs": ModelSpec("vit_cbs", "test_vit_cbs", _QUICK_VIT),
         "convit": ModelSpec("convit", "test_convit_32", dict(patch_size=4, embed_dim=16, depth=4, num_heads=4,
                                                              local_up_to_layer=3, mlp_ratio=2.0)),
         "resnet": ModelSpec("resnet", "test_resnet_cifar", dict(layers=[2, 2, 2, 2])),
+        "resnet_smooth": ModelSpec("resnet_smooth", "test_resnet_cifar", dict(layers=[2, 2, 2, 2], **_SMOOTH)),
         "alternet": ModelSpec("alternet", "test_alternet"),
         "preact_resnet": ModelSpec("preact_resnet", "test_alternet", _NO_MSA),
     },
@@ -73,8 +81,10 @@ ZOOS: dict[str, dict[str, ModelSpec]] = {
         "vit_fine": ModelSpec("vit", "vit_tiny_patch2_32"),  # the paper zoo's "vit" (same run)
         "vit_gap": ModelSpec("vit_gap", "vit_tiny_patch2_32", _GAP),
         "vit_cb": ModelSpec("vit_cb", "vit_tiny_cb_patch2_32"),
+        "vit_cbs": ModelSpec("vit_cbs", "vit_tiny_cbs_patch2_32"),
         "convit": ModelSpec("convit", "convit_tiny_32"),
         "resnet": ModelSpec("resnet", "resnet50_cifar"),
+        "resnet_smooth": ModelSpec("resnet_smooth", "resnet50_cifar", _SMOOTH),
         "alternet": ModelSpec("alternet", "alternet50_cifar"),
         "preact_resnet": ModelSpec("preact_resnet", "alternet50_cifar", _NO_MSA),
     },
@@ -85,8 +95,10 @@ ZOOS: dict[str, dict[str, ModelSpec]] = {
         "vit_fine": ModelSpec("vit_fine", "test_vit_cifar", dict(depth=4, patch_size=4)),  # 8 x 8: reaches 0.75 pi
         "vit_gap": ModelSpec("vit_gap", "test_vit_cifar", dict(depth=4, **_GAP)),
         "vit_cb": ModelSpec("vit_cb", "test_vit_cb"),
+        "vit_cbs": ModelSpec("vit_cbs", "test_vit_cbs"),
         "convit": ModelSpec("convit", "test_convit_32", dict(depth=4, local_up_to_layer=3)),  # GPSA layers 0-2
         "resnet": ModelSpec("resnet", "test_resnet_cifar", dict(layers=[1, 2, 1, 1])),
+        "resnet_smooth": ModelSpec("resnet_smooth", "test_resnet_cifar", dict(layers=[1, 2, 1, 1], **_SMOOTH)),
         "alternet": ModelSpec("alternet", "test_alternet"),
         "preact_resnet": ModelSpec("preact_resnet", "test_alternet", _NO_MSA),
     },
@@ -94,8 +106,8 @@ ZOOS: dict[str, dict[str, ModelSpec]] = {
 
 
 def model_spec(zoo: str, key: str) -> ModelSpec:
-    """The spec of model ``key`` in ``zoo`` (vit, vit_p4, vit_heads, vit_fine, vit_gap, vit_cb, convit, resnet,
-    alternet, preact_resnet)."""
+    """The spec of model ``key`` in ``zoo`` (vit, vit_p4, vit_heads, vit_fine, vit_gap, vit_cb, vit_cbs, convit,
+    resnet, resnet_smooth, alternet, preact_resnet)."""
     if zoo not in ZOOS:
         raise ValueError(f"unknown model zoo {zoo!r}; valid: {', '.join(ZOOS)}")
     if key not in ZOOS[zoo]:
