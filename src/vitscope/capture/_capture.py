@@ -16,13 +16,8 @@ import torch
 import torch.nn as nn
 
 from vitscope.capture._layout import LayerInfo
-from vitscope.capture.sites import (
-    CONV_BLOCKS,
-    BlockSite,
-    attention_kind,
-    final_activation,
-    find_blocks,
-)
+from vitscope.capture.sites import BlockSite, attention_kind, final_activation, find_blocks
+from vitscope.capture.table import sublayers, submodule
 
 
 @contextlib.contextmanager
@@ -155,6 +150,13 @@ def _first_tensor(x) -> torch.Tensor | None:
     return None
 
 
+def _as_grid(t: torch.Tensor, hw: tuple[int, int] | None) -> torch.Tensor:
+    """Tokens (B, h*w, C) of a block that takes an (h, w) map, as that map channels-last (B, h, w, C), a view."""
+    if t.ndim == 3 and hw is not None and t.shape[1] == hw[0] * hw[1]:
+        return t.reshape(t.shape[0], hw[0], hw[1], t.shape[2])
+    return t
+
+
 class _Recorder:
     """Installs the hooks of one capture and turns hook calls into records."""
 
@@ -180,6 +182,12 @@ class _Recorder:
         if not self.grad:
             t = t.detach()
         return t.to(self.device) if self.device is not None else t
+
+    def map_hw(self, t: torch.Tensor) -> tuple[int, ...] | None:
+        """(h, w) of a feature map, channels-first or -last; None for tokens."""
+        if t.ndim != 4:
+            return None
+        return tuple(t.shape[1:3]) if _channels_last(t, self.image_hw) else tuple(t.shape[-2:])
 
     def token_layout(self, n_tokens: int) -> tuple[int, tuple[int, int] | None, int | None]:
         """(prefix tokens, grid, patch size) of a ViT token sequence from the input image size."""
@@ -286,46 +294,59 @@ class _Recorder:
         self.hook(mlp_branch, mlp_out)
         self.hook(b, block_out)
 
-    def _install_prenorm(self, i: int, site: BlockSite) -> None:
-        """A pre-norm transformer block of the table (``PRENORM_BLOCKS``): the stream at norm1's input, at norm2's
-        input (after the attention add) and at the block's output; each branch is the difference (layer scale
-        included: it is what the sub-layer adds). Swin's tokens between the two are reshaped to its map."""
-        b = site.module
-        attn_name, mlp_name = f"{site.name}.attn", f"{site.name}.mlp"
-        slot = self.pending.setdefault(site.name, {})
-        heads = getattr(getattr(b, "attn", None), "num_heads", None)
+    def _install_table(self, i: int, site: BlockSite) -> None:
+        """A block of capture's table (``capture.table``): each sub-layer's stream read at its taps, its branch the
+        output of its drop path (the exact term added, told apart by call order where one module serves several
+        sub-layers), its skip path the sum minus the branch; records are emitted in order when the block returns.
+        Token streams of a block that takes a map (Swin: (B, H*W, C) between its sub-layers) are given as that map."""
+        b, subs = site.module, sublayers(site.module)
+        slot: dict = self.pending.setdefault(site.name, {})
+        calls: dict[str, list[torch.Tensor]] = {}
 
-        def attn_in(_m, args):
-            slot["a_in"] = args[0]
-
-        def mlp_in(_m, args):
-            z_in, z_mid = slot["a_in"], args[0]
-            z_mid = z_mid.reshape(z_in.shape) if z_mid.shape != z_in.shape else z_mid  # Swin: (B, HW, C) tokens
-            slot["m_in"] = z_mid
-            if self.keep(attn_name):
-                self.emit(attn_name, "msa", i, {"z_in": z_in, "branch": z_mid - z_in, "z_out": z_mid}, heads)
-
-        def block_out(_m, _args, out):
-            z_mid = slot["m_in"]
-            z_out = out.reshape(z_mid.shape) if out.shape != z_mid.shape else out
-            if self.keep(mlp_name):
-                self.emit(mlp_name, "mlp", i, {"z_in": z_mid, "branch": z_out - z_mid, "z_out": z_out})
+        def reset(_m, _args):
             slot.clear()
+            calls.clear()
 
-        self.hook(b.norm1, attn_in, pre=True)
-        self.hook(b.norm2, mlp_in, pre=True)
+        self.hook(b, reset, pre=True)  # first: runs before the block's own input tap
+        taps = list(dict.fromkeys([t for s in subs for t in (s.z_in, s.z_out)] + [(s.post, "sum") for s in subs
+                                                                                   if s.post]))
+        for path, where in taps:
+            def tap_in(_m, args, key=(path, where)):
+                x = _first_tensor(args)
+                slot[key] = x.clone() if key[1] == "sum" else x  # clone: a post-add activation may be in-place
+
+            def tap_out(_m, _args, out, key=(path, where)):
+                slot[key] = _first_tensor(out)
+
+            self.hook(submodule(b, path), tap_out if where == "out" else tap_in, pre=where != "out")
+        for path in dict.fromkeys(s.branch for s in subs):
+            self.hook(submodule(b, path), lambda _m, _a, out, p=path: calls.setdefault(p, []).append(out))
+
+        def block_out(_m, _args, _out):
+            hw = self.block_hw.get(i)
+            for k, s in enumerate(subs):
+                name = f"{site.name}.{s.name}" if s.name else site.name
+                if not self.keep(name):
+                    continue
+                nth = sum(t.branch == s.branch for t in subs[:k])
+                if s.z_in not in slot or s.z_out not in slot or len(calls.get(s.branch, ())) <= nth:
+                    raise RuntimeError(f"capture: {type(b).__name__} at {name} did not run the modules capture's "
+                                       "table names for it (capture/table.py); its entry does not match this forward")
+                total = slot[(s.post, "sum")] if s.post else slot[s.z_out]
+                branch = calls[s.branch][nth]
+                branch = branch.reshape(total.shape) if branch.shape != total.shape else branch
+                z_in = slot[s.z_in]
+                same = s.identity_skip(b) and z_in.numel() == total.numel()  # the skip path is z_in itself
+                shortcut = z_in.reshape(total.shape) if same else total - branch
+                parts = {"z_in": z_in, "branch": branch, "shortcut": shortcut, "z_out": slot[s.z_out]}
+                parts = {key: _as_grid(t, hw) for key, t in parts.items()}
+                z_in, z_out = parts["z_in"], parts["z_out"]
+                kind = "downsample" if s.kind == "conv" and self.map_hw(z_in) != self.map_hw(z_out) else s.kind
+                heads = getattr(submodule(b, s.name), "num_heads", None) if s.kind in ("msa", "channel") else None
+                self.emit(name, kind, i, parts, heads)
+            reset(None, None)
+
         self.hook(b, block_out)
-
-    def _install_convres(self, i: int, site: BlockSite) -> None:
-        """A conv block of the table (``CONV_BLOCKS``): ``shortcut(x) + f(x)``, one sub-layer of kind conv
-        (downsample when the map shrinks)."""
-        self._install_block(i, site, "conv", *self._conv_parts(site.module))
-
-    def _conv_parts(self, b: nn.Module) -> tuple[nn.Module | None, None, nn.Module | None]:
-        short, act = CONV_BLOCKS[type(b)]
-        shortcut = getattr(b, short, None) if short else None
-        return (shortcut if isinstance(shortcut, nn.Module) else None, None,
-                getattr(b, act, None) if act else None)
 
     def _install_vit(self, i: int, site: BlockSite) -> None:
         b = site.module
@@ -346,7 +367,7 @@ class _Recorder:
             return
 
         def block_in(_m, args):
-            slot["z_in"] = args[0]
+            slot["z_in"] = _first_tensor(args)
 
         def shortcut_out(_m, _args, out):
             slot["shortcut"] = out
@@ -358,7 +379,7 @@ class _Recorder:
             slot["sum"] = args[0].clone()  # the activation is usually in-place
 
         def block_out(_m, _args, out):
-            z_in = slot.get("z_in")
+            z_in, out = slot.get("z_in"), _first_tensor(out)  # MViTv2's blocks return (x, feat_size)
             sub = kind
             if kind == "conv" and isinstance(z_in, torch.Tensor) and z_in.ndim == 4 and out.ndim == 4 \
                     and out.shape[-2:] != z_in.shape[-2:]:
@@ -397,17 +418,20 @@ class _Recorder:
         path, of kind ``block`` (``smoothing`` for a smoothing layer). Residual when its family is known: a
         transformer block is ``x + g(x)`` (its two sub-layers composed), a ResNet block ``act(shortcut + f)``."""
         b = site.module
-        if site.family in ("vit", "convit", "prenorm"):
+        subs = sublayers(b) if site.family == "table" else ()
+        if site.family in ("vit", "convit") or subs and len(subs) > 1 and all(
+                s.identity_skip(b) and s.post is None for s in subs):  # x + g(x), g its sub-layers composed
             self._install_block(i, site, "block", None, None, None)
-        elif site.family == "convres":
-            self._install_block(i, site, "block", *self._conv_parts(b))
+        elif subs and len(subs) == 1:
+            self._install_block(i, site, "block", subs[0].skip_module(b), None,
+                                submodule(b, subs[0].post) if subs[0].post else None)
         elif site.family == "resnet":
             self._install_block(i, site, "block", b.downsample, None, final_activation(b))
         elif site.family == "vitscope":
             self._install_block(i, site, "block", b.shortcut, b.drop_path, None)
         elif site.family == "smoothing":
             self._install_smoothing(i, site)
-        else:
+        else:  # generic, or a table block whose skip paths do not compose into one (MaxViT downsampling)
             self._install_generic(i, site)
 
     def _install_generic(self, i: int, site: BlockSite) -> None:

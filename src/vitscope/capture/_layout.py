@@ -17,9 +17,10 @@ class LayerInfo:
             whole block's output: ``layers="blocks"``, or a block whose sub-layers vitscope cannot split),
             ``msa`` (self-attention), ``gpsa`` (ConViT gated positional attention), ``mlp``, ``conv`` (a
             residual conv block that keeps the map size), ``downsample`` (a conv block whose output map is
-            smaller than its input: stride or pooling; HDVW treats subsampling apart, it lowers variance) or
-            ``pooled`` / ``channel`` / ``other`` for attention maps whose keys are pooled (PVT, Twins, MViTv2),
-            that attend over channels (XCiT) or whose geometry vitscope does not know: no distance, nonlocality or
+            smaller than its input: stride or pooling; HDVW treats subsampling apart, it lowers variance),
+            ``channel`` (XCiT's channel-attention sub-layer) or ``pooled`` / ``channel`` / ``other`` for attention
+            maps whose keys are pooled (PVT, Twins, MViTv2), that attend over channels (XCiT) or whose geometry
+            vitscope does not know: no distance, nonlocality or
             query map is computed on those (the probe names them under ``not_applicable``),
             ``smoothing`` (a spatial-smoothing layer, e.g. the blur between ResNet stages; "Blurs Behave Like
             Ensembles": like subsampling, it lowers variance).

@@ -5,7 +5,9 @@ timm's VisionTransformer/DeiT ``Block`` (and vitscope's ``CBBlock``), ConViT's `
 timm ResNet ``BasicBlock``/``Bottleneck``, any block following vitscope's contract (``vitscope_kind`` class
 attribute, ``shortcut`` and ``drop_path`` submodules, forward ending in
 ``return self.shortcut(x) + self.drop_path(branch)``), which AlterNet's blocks do, and the spatial smoothing
-layers (``SpatialSmoothing`` / ``Blur``, "Blurs Behave Like Ensembles") between ResNet stages.
+layers (``SpatialSmoothing`` / ``Blur``, "Blurs Behave Like Ensembles") between ResNet stages, and the blocks of
+the table in ``capture.table`` (Swin v1/v2, EVA/DINOv3, BEiT, CaiT, XCiT, Hiera, MViTv2, MaxViT/CoAtNet, PVTv2,
+Twins, ConvNeXt, ResNetV2, EfficientNet/MobileNet).
 
 Every other timm model is cut into blocks from timm's own ``feature_info`` (the stage modules timm's
 ``features_only`` uses) and the containers inside each stage (``generic`` family: one record per block, its
@@ -17,23 +19,9 @@ import re
 from dataclasses import dataclass
 
 import torch.nn as nn
-from timm.models import (
-    _efficientnet_blocks,
-    beit,
-    cait,
-    convit,
-    convnext,
-    eva,
-    pvt_v2,
-    resnet,
-    resnetv2,
-    swin_transformer,
-    twins,
-    vision_transformer,
-    vision_transformer_relpos,
-    xcit,
-)
+from timm.models import convit, resnet, vision_transformer, xcit
 
+from vitscope.capture.table import sublayers
 from vitscope.layers.blur import Blur, SpatialSmoothing
 
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
@@ -46,9 +34,9 @@ class BlockSite:
     Attributes:
         name: Module path (``blocks.3``, ``layer2.1``, ``layers.1.blocks.0``).
         module: The block.
-        family: ``vit`` | ``convit`` | ``resnet`` | ``vitscope`` | ``smoothing`` | ``prenorm`` | ``convres``
-            (residual structure known: decomposed into sub-layers; the last two from the table
-            ``PRENORM_BLOCKS`` / ``CONV_BLOCKS``) or ``generic`` (recorded whole, no ``x + f(x)`` claimed).
+        family: ``vit`` | ``convit`` | ``resnet`` | ``vitscope`` | ``smoothing`` | ``table`` (residual structure
+            known: decomposed into sub-layers; ``table``: from ``capture.table.SUBLAYERS``) or ``generic``
+            (recorded whole, no ``x + f(x)`` claimed).
         stage: Index of the stage (resolution level) it belongs to, 0 for a single-stage (isotropic) model.
     """
 
@@ -58,34 +46,12 @@ class BlockSite:
     stage: int = 0
 
 
-# The table of residual blocks read from timm's source (a new family is an entry here):
-# pre-norm transformer blocks, ``x = x + f1(norm1(x)); x = x + f2(norm2(x))`` with layer scale and drop path
-# inside f1, f2 (identity in eval): recorded as two sub-layers, msa and mlp, split at norm1's and norm2's inputs.
-PRENORM_BLOCKS: tuple[type, ...] = (eva.EvaBlock, beit.Block, cait.LayerScaleBlock,
-                                    vision_transformer_relpos.RelPosBlock,
-                                    pvt_v2.Block, swin_transformer.SwinTransformerBlock, twins.Block)
-# conv blocks ``out = shortcut(x) + f(x)`` (+ an activation after the add, named): block type -> (attribute of
-# the skip path's module, None for the identity; attribute of the post-add activation, None for none). Blocks of
-# efficientnet-style families are residual only when ``has_skip``.
-CONV_BLOCKS: dict[type, tuple[str | None, str | None]] = {
-    convnext.ConvNeXtBlock: ("shortcut", None),
-    resnetv2.PreActBasic: ("downsample", None),
-    resnetv2.PreActBottleneck: ("downsample", None),
-    resnetv2.Bottleneck: ("downsample", "act3"),
-    _efficientnet_blocks.InvertedResidual: (None, None),
-    _efficientnet_blocks.DepthwiseSeparableConv: (None, None),
-    _efficientnet_blocks.EdgeResidual: (None, None),
-}
-
-
 def known_family(m: nn.Module) -> str | None:
     """The family of a block whose residual structure vitscope knows, else None."""
     if isinstance(m, vision_transformer.Block):
         return "vit"
-    if type(m) in PRENORM_BLOCKS:
-        return "prenorm"
-    if type(m) in CONV_BLOCKS and getattr(m, "has_skip", True):
-        return "convres"
+    if sublayers(m) is not None:
+        return "table"
     if isinstance(m, convit.Block):
         return "convit"
     if isinstance(m, (resnet.BasicBlock, resnet.Bottleneck)):
