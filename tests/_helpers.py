@@ -81,3 +81,25 @@ def count_host_reads(monkeypatch, methods: tuple[str, ...]) -> list[str]:
 
         monkeypatch.setattr(torch.Tensor, name, counted)
     return calls
+
+
+def spy_models(monkeypatch) -> list:
+    """Every network ``vitscope.models.create_model`` builds (also as the loaders of ``vitscope.io`` call it), with
+    the (training?, input) of each of its forwards."""
+    import vitscope.io.checkpoints as checkpoints
+    import vitscope.io.weights as weights
+    import vitscope.models as models
+
+    built: list = []
+    real = models.create_model
+
+    def spying(*a, **kw):
+        m = real(*a, **kw)
+        seen: list = []  # (training?, input tensor)
+        m.register_forward_pre_hook(lambda mod, inp: seen.append((mod.training, inp[0].detach().clone())))
+        built.append((m, seen))
+        return m
+
+    for module in (models, checkpoints, weights):
+        monkeypatch.setattr(module, "create_model", spying)
+    return built

@@ -7,11 +7,11 @@ import json
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from vitscope.cli import main
+from vitscope.data import create_dataset
 
 DATA = "fake:n=48,classes=3"  # 12 val examples
 
@@ -178,29 +178,104 @@ def test_report_refuses_a_directory_cut_short(tmp_path, capsys):
     assert "incomplete" in capsys.readouterr().err
 
 
-def test_amp_bf16_on_the_cpu_is_close_to_float32(tmp_path):
-    """``--amp bf16`` runs the forward passes under CPU autocast; measures stay within bf16 round-off."""
-    base = ["probe", "--model", "test_vit_cifar", "--data", "fake", "--measures", "attention_entropy,ratio_of_norms",
-            "--batch-size", "16", "--max-batches", "2", "--device", "cpu"]
+def _fp16_autocasts_on_the_cpu() -> bool:
+    with torch.autocast("cpu", dtype=torch.float16):  # older torch warns and stays in float32
+        return torch.mm(torch.ones(1, 1), torch.ones(1, 1)).dtype == torch.float16
+
+
+def test_amp_on_the_cpu_is_the_probe_under_autocast(tmp_path, monkeypatch, capsys):
+    """``--amp bf16`` / ``--amp-dtype float16`` run the forward passes under CPU autocast and record it.
+
+    The reference does the same roundings: the public ``vitscope.probe`` inside ``torch.autocast(cpu, dtype)`` on
+    the network the command built and the batches it fed. The same operations on tensors of the same shapes give
+    the same bits, so the rows must be equal exactly: no tolerance is needed, and none would say anything (a bf16
+    forward moves attention entropies by ~1e-2 relative: unit roundoff 2^-8 per rounding, compounded over the
+    layers, no a-priori bound). That the reduced precision ran is checked by the rows differing from float32's."""
+    from _helpers import spy_models
+    from vitscope.probing import probe
+
+    measures = ["attention_entropy", "ratio_of_norms"]
+    base = ["probe", "--model", "test_vit_cifar", "--data", "fake", "--measures", ",".join(measures),
+            "--batch-size", "16", "--max-batches", "2", "--device", "cpu", "-j", "0"]
     assert main(base + ["--out", str(tmp_path / "f32")]) == 0
-    assert main(base + ["--amp", "bf16", "--out", str(tmp_path / "bf16")]) == 0
-    a, b = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("f32", "bf16"))
-    for measure in ("attention_entropy", "ratio_of_norms"):
-        for ra, rb in zip(a[measure]["rows"], b[measure]["rows"], strict=True):
-            va = np.array([v for k, v in ra.items() if isinstance(v, float)])
-            vb = np.array([v for k, v in rb.items() if isinstance(v, float)])
-            np.testing.assert_allclose(vb, va, rtol=3e-2, err_msg=measure)
-            assert not np.array_equal(va, vb) or measure == "ratio_of_norms"  # bf16 did run
-    meta = json.loads((tmp_path / "bf16" / "meta.json").read_text())
-    assert meta["amp"] == "bf16"
+    f32 = json.loads((tmp_path / "f32" / "results.json").read_text())
+    amps = [("bf16", ["--amp", "bf16"], torch.bfloat16)]
+    if _fp16_autocasts_on_the_cpu():
+        amps.append(("fp16", ["--amp-dtype", "float16"], torch.float16))
+    else:  # one line, before any work
+        capsys.readouterr()
+        assert main(base + ["--amp", "fp16", "--out", str(tmp_path / "no")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "cannot autocast to float16 on cpu" in err[0] and not (tmp_path / "no").exists()
+    for amp, flag, dtype in amps:
+        built = spy_models(monkeypatch)
+        assert main(base + flag + ["--out", str(tmp_path / amp)]) == 0
+        got = json.loads((tmp_path / amp / "results.json").read_text())
+        meta = json.loads((tmp_path / amp / "meta.json").read_text())
+        assert meta["amp"] == amp and meta["precision"] == str(dtype).removeprefix("torch.")
+        (model, seen), = built
+        batches = [x for _, x in seen]
+        assert len(batches) == 2
+        with torch.autocast("cpu", dtype=dtype):
+            ref = json.loads(json.dumps(probe(model, batches, measures, device="cpu").to_dict()))
+        for m in measures:
+            assert got[m]["rows"] == ref[m]["rows"], (amp, m)
+        moved = [ra != rb for ra, rb in zip(f32["attention_entropy"]["rows"], got["attention_entropy"]["rows"],
+                                            strict=True)]
+        assert any(moved), amp  # the reduced precision did run
+    assert json.loads((tmp_path / "f32" / "meta.json").read_text())["precision"] == "float32"
+
+
+def test_a_precision_torch_cannot_autocast_to_is_refused(tmp_path, monkeypatch, capsys):
+    """Where ``torch.autocast`` would warn and stay in float32 (CPU float16 before torch ~2.3), the command stops
+    with one line before any work instead of recording a precision it did not use; contradicting flags too."""
+    import contextlib
+
+    import vitscope.runtime as runtime
+
+    base = ["probe", "--model", "test_vit_cifar", "--data", "fake", "--measures", "attention_entropy", "--device",
+            "cpu", "--out", str(tmp_path / "o")]
+    assert main(base + ["--amp", "bf16", "--amp-dtype", "float16"]) == 2
+    assert "--amp bf16 contradicts --amp-dtype float16" in capsys.readouterr().err
+    monkeypatch.setattr(runtime.torch, "autocast", lambda *a, **kw: contextlib.nullcontext())  # autocast disabled
+    with pytest.raises(ValueError, match="cannot autocast to float16 on cpu"):
+        runtime.check_autocast("cpu", torch.float16)
+    assert main(base + ["--amp-dtype", "float16"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--amp fp16: torch" in err[0] and not (tmp_path / "o").exists()
+
+
+def test_amp_on_the_cpu_in_robustness(tmp_path, monkeypatch, capsys):
+    """``robustness --amp bf16``: the attacks run under autocast, the clean NLL is the mean float64 NLL of the bf16
+    logits the network gives on the command's batches; ``--amp fp16`` with an attack is refused (its input
+    gradients underflow without loss scaling)."""
+    from _helpers import spy_models
+
     rob = ["robustness", "--model", "test_vit_cifar", "--data", "fake", "--suite", "calibration,fgsm", "--eps",
-           "1/255", "--batch-size", "16", "--max-batches", "2", "--no-plots", "--no-progress", "--device", "cpu"]
+           "1/255", "--batch-size", "16", "--max-batches", "2", "--no-plots", "--no-progress", "--device", "cpu",
+           "-j", "0"]
     assert main(rob + ["--out", str(tmp_path / "r32")]) == 0
+    built = spy_models(monkeypatch)
     assert main(rob + ["--amp", "bf16", "--out", str(tmp_path / "r16")]) == 0
     r32, r16 = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("r32", "r16"))
-    assert r16["meta"]["amp"] == "bf16" and r16["n"] == r32["n"] == 32
-    assert abs(r16["clean"]["accuracy"] - r32["clean"]["accuracy"]) <= 2 / 32
-    assert r16["calibration"]["nll"] == pytest.approx(r32["calibration"]["nll"], rel=3e-2)
+    assert r16["meta"]["amp"] == "bf16" and r16["meta"]["precision"] == "bfloat16" and r16["n"] == r32["n"] == 32
+    assert r16["fgsm"]["accuracy"] and r16["calibration"]["nll"] != r32["calibration"]["nll"]
+    (model, seen), = built
+    assert len(seen) == 2 * 3
+    clean = [x for _, x in seen[::3]]  # per batch: the clean forward, then FGSM's gradient and scoring forwards
+    data = create_dataset("fake", split="test")
+    labels = torch.tensor([int(data[i][1]) for i in range(32)])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = torch.cat([model(x) for x in clean])  # (32, C) bf16: the same roundings as the command's
+    assert logits.dtype == torch.bfloat16
+    nll = torch.nn.functional.cross_entropy(logits.double(), labels).item()
+    # Both take float64 log-softmax of the same bf16 logits (exact in float64) and average 32 terms >= 0 in some
+    # order: each float64 sum of n terms >= 0 is within (n - 1) 2^-53 relative, plus one division each.
+    assert r16["calibration"]["nll"] == pytest.approx(nll, rel=2 * 32 * 2.0**-53, abs=0)
+    capsys.readouterr()
+    assert main(rob + ["--amp-dtype", "float16", "--out", str(tmp_path / "no")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--amp fp16 with fgsm" in err[0] and not (tmp_path / "no").exists()
 
 
 def test_sigkill_while_writing_leaves_no_output_and_the_next_run_cleans_up(tmp_path):

@@ -16,6 +16,7 @@ from PIL import Image
 from safetensors.torch import save_file
 from timm.data import create_transform, resolve_data_config
 
+from _helpers import spy_models
 from vitscope.cli import main
 from vitscope.io.weights import CheckpointError, load_model
 
@@ -270,24 +271,6 @@ def test_robustness_pretrained_normalizes_with_the_models_statistics(hub, tmp_pa
     assert res["calibration"]["nll"] == pytest.approx(nll, rel=8 * 2.0**-53, abs=0)
 
 
-def _spy_models(monkeypatch) -> list[tuple[torch.nn.Module, list[tuple[bool, torch.Tensor]]]]:
-    """Every network ``vitscope.models.create_model`` builds, with the (training?, input) of each of its forwards."""
-    import vitscope.models as models
-
-    built: list[tuple[torch.nn.Module, list[tuple[bool, torch.Tensor]]]] = []
-    real = models.create_model
-
-    def spying(*a, **kw):
-        m = real(*a, **kw)
-        seen: list[tuple[bool, torch.Tensor]] = []
-        m.register_forward_pre_hook(lambda mod, inp: seen.append((mod.training, inp[0].detach().clone())))
-        built.append((m, seen))
-        return m
-
-    monkeypatch.setattr(models, "create_model", spying)
-    return built
-
-
 # train: one deterministic training view (resize + center crop, no flip) so its tensors can be recomputed
 _FINE_TUNE = ["epochs=1", "batch_size=4", "warmup_epochs=0", "train_crop=resize", "hflip=0", "progress=false"]
 
@@ -313,7 +296,7 @@ def test_train_pretrained_feeds_the_models_preprocessing_and_records_it(hub, tmp
 
     items = _image_folder(tmp_path / "imgs")
     data = f"imagefolder:{tmp_path / 'imgs'}"
-    built = _spy_models(monkeypatch)
+    built = spy_models(monkeypatch)
     run = tmp_path / "ft"
     assert main(["train", "--model", TAG, "--pretrained", "--data", data, "--out", str(run), *_FINE_TUNE]) == 0
     model, seen = built[0]
@@ -353,7 +336,7 @@ def test_train_preprocessing_overrides_and_data_statistics(hub, tmp_path, monkey
 
     items = _image_folder(tmp_path / "imgs")
     data = f"imagefolder:{tmp_path / 'imgs'}"
-    built = _spy_models(monkeypatch)
+    built = spy_models(monkeypatch)
     run = tmp_path / "over"
     assert main(["train", "--model", TAG, "--pretrained", "--data", data, "--out", str(run), *_FINE_TUNE,
                  "mean=[0.1,0.2,0.3]", "std=[0.5,0.4,0.3]", "crop_pct=1", "eval_interpolation=bilinear"]) == 0
@@ -409,7 +392,7 @@ def test_resumed_fine_tuning_keeps_the_models_preprocessing(hub, tmp_path, monke
     argv = ["train", "--model", TAG, "--pretrained", "--data", data, "--out", str(run), "--auto-resume", *_FINE_TUNE]
     assert main(argv) == 0
     first = run_model_spec(run)["preprocessing"]
-    built = _spy_models(monkeypatch)
+    built = spy_models(monkeypatch)
     assert main(["train", "--resume", str(run), "epochs=2"]) == 0
     cfg = resolve_data_config(model=built[0][0])
     ref = torch.stack([create_transform(**cfg)(Image.open(p).convert("RGB")) for p, _ in items])

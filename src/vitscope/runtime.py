@@ -17,6 +17,7 @@ import ctypes.util
 import logging
 import os
 import sys
+import warnings
 
 import torch
 
@@ -92,3 +93,23 @@ def autocast(device: torch.device | str, amp_dtype: torch.dtype | None) -> conte
     if amp_dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(torch.device(device).type, dtype=amp_dtype)
+
+
+def check_autocast(device: torch.device | str, amp_dtype: torch.dtype | None) -> None:
+    """A one-line ``ValueError`` when this torch cannot autocast to ``amp_dtype`` on ``device`` (float16 on the
+    CPU before torch 2.3 or so: ``torch.autocast`` then warns and runs in float32, which would be recorded wrong).
+
+    Tested by what autocast does: a matmul (autocast's lower-precision list on every device) must come out in
+    ``amp_dtype``."""
+    if amp_dtype is None:
+        return
+    device = torch.device(device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the "not supported, disabling autocast" warning
+        with torch.autocast(device.type, dtype=amp_dtype):
+            one = torch.ones(1, 1, device=device)  # (1, 1)
+            got = torch.mm(one, one).dtype
+    if got != amp_dtype:
+        name = str(amp_dtype).removeprefix("torch.")
+        raise ValueError(f"torch {torch.__version__} cannot autocast to {name} on {device.type}; use bfloat16 "
+                         f"(--amp bf16) or a CUDA device")

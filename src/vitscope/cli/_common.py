@@ -107,14 +107,47 @@ def add_model_options(
     dev.add_argument("--device", default="auto", help="auto (default: cuda if available, else cpu), cpu, cuda, "
                      "cuda:1 ...")
     if amp:
-        dev.add_argument("--amp", nargs="?", const="bf16", default="none", choices=("none", "bf16"),
-                         help="run the forward passes under torch.autocast in bfloat16 (CUDA or CPU); the measures "
-                         "themselves are reduced in float32/64. --amp alone or --amp bf16")
-        dev.add_argument("--amp-dtype", choices=("bfloat16",),
-                         help="timm's spelling: --amp-dtype bfloat16 turns --amp on (float16 is not offered: "
-                         "without loss scaling the attacks' input gradients underflow)")
+        add_amp_options(dev)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output directory")
+
+
+AMP_DTYPES = {"none": None, "bf16": "bfloat16", "fp16": "float16"}  # --amp -> the torch dtype autocast runs in
+
+
+def add_amp_options(p: Any) -> None:
+    """``--amp [bf16|fp16]`` and timm's ``--amp-dtype bfloat16|float16`` (folded by ``check_amp``)."""
+    p.add_argument("--amp", nargs="?", const="bf16", default="none", choices=tuple(AMP_DTYPES),
+                   help="run the forward passes under torch.autocast in bfloat16 (--amp alone or --amp bf16) or "
+                   "float16 (--amp fp16; CUDA, or a CPU where this torch autocasts to it); the measures themselves are "
+                   "reduced in float32/64; recorded as amp and precision")
+    p.add_argument("--amp-dtype", choices=("bfloat16", "float16"),
+                   help="timm's spelling: --amp-dtype bfloat16|float16 is --amp bf16|fp16")
+
+
+def check_amp(args: argparse.Namespace, device: Any) -> None:
+    """Fold ``--amp-dtype`` into ``--amp`` (a contradiction is an error) and refuse a precision torch cannot autocast
+    to on ``device``, before any work."""
+    import torch
+
+    from vitscope.runtime import check_autocast
+
+    given = getattr(args, "amp_dtype", None)
+    if given:
+        want = {"bfloat16": "bf16", "float16": "fp16"}[given]
+        if args.amp not in ("none", want):
+            raise CLIError(f"--amp {args.amp} contradicts --amp-dtype {given}; pass one of them")
+        args.amp = want
+    dtype = AMP_DTYPES[getattr(args, "amp", "none")]
+    try:
+        check_autocast(device, getattr(torch, dtype) if dtype else None)
+    except ValueError as err:
+        raise CLIError(f"--amp {args.amp}: {err}") from None
+
+
+def precision(args: argparse.Namespace) -> str:
+    """The floating-point type the forward passes run in, as training records it (``precision``)."""
+    return AMP_DTYPES[getattr(args, "amp", "none")] or "float32"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -143,8 +176,7 @@ def check_out(out: str) -> Path:
 
 
 def check_preprocess_options(args: argparse.Namespace) -> None:
-    """``--img-size`` (or ``--input-size``, folded into it), ``--crop-pct`` and ``--std`` in range; ``--amp-dtype``
-    folded into ``--amp``."""
+    """``--img-size`` (or ``--input-size``, folded into it), ``--crop-pct`` and ``--std`` in range."""
     size = getattr(args, "input_size", None)
     if size is not None:
         c, h, w = size
@@ -153,8 +185,6 @@ def check_preprocess_options(args: argparse.Namespace) -> None:
         if args.img_size is not None and args.img_size != h:
             raise CLIError(f"--input-size {c} {h} {w} contradicts --img-size {args.img_size}; pass one of them")
         args.img_size = h
-    if getattr(args, "amp_dtype", None):
-        args.amp = "bf16"
     if args.img_size is not None and args.img_size < 1:
         raise CLIError(f"--img-size must be a positive integer, got {args.img_size}")
     if args.crop_pct is not None and not 0 < args.crop_pct <= 1:
@@ -175,12 +205,13 @@ def resolve_device(name: str | None) -> Any:
 
 
 def autocast(args: argparse.Namespace, device: Any) -> Any:
-    """``vitscope.runtime.autocast`` in bf16 on ``device`` for ``--amp bf16``, a no-op context otherwise."""
+    """``vitscope.runtime.autocast`` on ``device`` in ``--amp``'s dtype, a no-op context for ``--amp none``."""
     import torch
 
     from vitscope.runtime import autocast as amp
 
-    return amp(device, torch.bfloat16 if getattr(args, "amp", "none") == "bf16" else None)
+    dtype = AMP_DTYPES[getattr(args, "amp", "none")]
+    return amp(device, getattr(torch, dtype) if dtype else None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -363,6 +394,7 @@ def build_setup(
     check_preprocess_options(args)
     check_out(args.out)
     device = resolve_device(args.device)
+    check_amp(args, device)
     from vitscope.distributed import init_from_env, rank_device
 
     dist = init_from_env(device)  # torchrun: join the group; the analyses shard batches over it
@@ -378,7 +410,8 @@ def build_setup(
                            num_workers=args.workers, preprocessing=pre)
     model = model.to(device)
     meta.update(data=args.data, split=args.split, data_classes=info.num_classes, preprocessing=pre,
-                device=str(device), amp=getattr(args, "amp", "none"), seed=args.seed, workers=args.workers)
+                device=str(device), amp=getattr(args, "amp", "none"), precision=precision(args),
+                seed=args.seed, workers=args.workers)
     if mismatch:
         meta["class_mismatch"] = mismatch
     meta["world_size"] = dist.world_size

@@ -11,11 +11,14 @@ from vitscope.cli import CLIError
 from vitscope.cli._common import (
     SPLITS,
     WORKERS,
+    add_amp_options,
     autocast,
     build_model,
+    check_amp,
     check_classes,
     check_out,
     check_positive,
+    precision,
     resolve_device,
     resolve_preprocessing,
 )
@@ -64,8 +67,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "it recorded; else the data's statistics at the model's input size), model or data")
     p.add_argument("--use-ema", action="store_true", help="the EMA weights of runs trained with model_ema=true")
     p.add_argument("--device", default="auto", help="auto (default: cuda if available, else cpu), cpu, cuda ...")
-    p.add_argument("--amp", nargs="?", const="bf16", default="none", choices=("none", "bf16"),
-                   help="run the forward passes under torch.autocast in bfloat16; CKA is still reduced in float64")
+    add_amp_options(p)  # CKA is still reduced in float64
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output directory")
     p.set_defaults(func=run)
@@ -155,6 +157,7 @@ def run(args: argparse.Namespace) -> int:
     globs = lambda text: [g.strip() for g in text.split(",") if g.strip()] if text else None  # noqa: E731
     specs = [model_args(args.a, args, "A"), model_args(args.b, args, "B")]
     device = resolve_device(args.device)
+    check_amp(args, device)
     dist = init_from_env(device)
     device = rank_device(device, dist)
     info = data_info(args.data)
@@ -195,7 +198,8 @@ def run(args: argparse.Namespace) -> int:
     result.meta.update(model_name=f"{label_a} vs {label_b}", over_training=result.over_training,
                        model_a={**metas[0], **result.meta["model_a"]}, model_b={**metas[1], **result.meta["model_b"]},
                        data=args.data, split=args.split, fit_split=args.fit_split if fit_loaders else None,
-                       data_classes=info.num_classes, device=str(device), amp=args.amp, seed=args.seed)
+                       data_classes=info.num_classes, device=str(device), amp=args.amp, precision=precision(args),
+                       seed=args.seed)
     if not dist.is_main:
         return 0  # torchrun: every rank holds the merged result; rank 0 alone writes
     out = Path(args.out)

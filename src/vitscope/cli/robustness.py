@@ -68,6 +68,10 @@ def run(args: argparse.Namespace) -> int:
     bad_sev = [s for s in args.severities if not 1 <= s <= 5]
     if bad_sev:
         raise CLIError(f"--severities must be in 1..5, got {bad_sev}")
+    attacks = [a for a in ("fgsm", "pgd") if a in suite]
+    if attacks and (args.amp == "fp16" or args.amp_dtype == "float16"):
+        raise CLIError(f"--amp fp16 with {','.join(attacks)}: without loss scaling the attacks' input gradients "
+                       "underflow in float16; use --amp bf16, or drop fgsm,pgd from --suite")
     if args.cifar_c and "corruptions" not in suite:
         raise CLIError("--cifar-c needs 'corruptions' in --suite")
     corruptions = [c.strip() for c in args.corruptions.split(",") if c.strip()] if args.corruptions else None
