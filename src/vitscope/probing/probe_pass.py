@@ -53,7 +53,7 @@ def _add_accuracy(stats: torch.Tensor, logits: torch.Tensor, labels: torch.Tenso
     ok = ((labels.min() >= 0) & (labels.max() < C)).double()  # 0-d, 1 when every label is a class index
     safe = labels.clamp(0, C - 1)  # in range whatever ok says (no device assert on a GPU)
     correct = (logits.argmax(1) == safe).sum()
-    nll = F.cross_entropy(logits.float(), safe, reduction="sum")
+    nll = F.cross_entropy(logits.double(), safe, reduction="sum")  # float64 log-softmax, as Calibration (training)
     count = torch.full_like(nll, labels.numel(), dtype=torch.float64)
     stats += torch.stack([correct.double(), nll.double(), count]) * ok
 
