@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from itertools import islice
 from typing import Any
@@ -11,6 +10,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from vitscope.measures.evaluation import eval_loop, split_batch
 
 _logger = logging.getLogger(__name__)
 
@@ -71,26 +72,8 @@ def normalized_depth(i: int, n: int) -> float:
     return i / (n - 1) if n > 1 else 0.0
 
 
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put every module in eval mode (no dropout/drop-path, BatchNorm running stats); restore each
-    module's own training flag on exit."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for m, flag in flags:
-            m.training = flag
-
-
 def _split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    if not isinstance(batch, (tuple, list)) or len(batch) < 2:
-        raise ValueError(
-            f"the loader must yield (images, labels) pairs, got {type(batch).__name__}; "
-            "use vitscope.data.create_loader or a DataLoader over a TensorDataset(images, labels)"
-        )
-    x, y = batch[0], batch[1]
+    x, y = split_batch(batch)
     if not torch.is_tensor(x) or not torch.is_tensor(y) or y.ndim != 1 or y.dtype.is_floating_point:
         raise ValueError("the loader must yield image tensors and 1-D integer label tensors")
     return x, y
@@ -116,8 +99,7 @@ class Batches:
         return (_split_batch(b) for b in self.loader)
 
 
-def logits_of(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    out = model(x)
+def _logits(out: Any) -> torch.Tensor:
     if isinstance(out, (tuple, list)):  # e.g. distilled heads in train mode
         out = out[0]
     if out.ndim != 2:
@@ -125,20 +107,28 @@ def logits_of(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, batches: Iterable, device: torch.device) -> Evaluation:
-    """Top-1 accuracy and mean NLL of ``model`` over ``batches`` (float64 sums over all examples)."""
-    correct, nll, n = 0, torch.zeros((), dtype=torch.float64), 0
-    for x, y in batches:
-        x, y = x.to(device), y.to(device)
-        logits = logits_of(model, x)  # (B, K)
+class _AccuracyNLL:
+    """The interventions' reduction: top-1 hits and the cross-entropy summed in float64 over every example."""
+
+    def __init__(self) -> None:
+        self.correct, self.nll, self.n = 0, torch.zeros((), dtype=torch.float64), 0
+
+    def update(self, out: Any, y: torch.Tensor) -> None:
+        logits = _logits(out)  # (B, K)
         if logits.shape[0] != y.shape[0]:
             raise ValueError(f"{logits.shape[0]} logits for {y.shape[0]} labels")
         if y.numel() and (y.min() < 0 or y.max() >= logits.shape[1]):
             raise ValueError(f"labels must lie in [0, {logits.shape[1]}) for a {logits.shape[1]}-class model")
-        correct += int((logits.argmax(dim=1) == y).sum())
-        nll += F.cross_entropy(logits.double(), y, reduction="sum").cpu()
-        n += y.shape[0]
-    if n == 0:
+        self.correct += int((logits.argmax(dim=1) == y).sum())
+        self.nll += F.cross_entropy(logits.double(), y, reduction="sum").cpu()
+        self.n += y.shape[0]
+
+
+def evaluate(model: nn.Module, batches: Iterable, device: torch.device) -> Evaluation:
+    """Top-1 accuracy and mean NLL of ``model`` over ``batches`` (float64 sums over all examples), through the
+    one evaluation loop (``vitscope.measures.evaluation.eval_loop``)."""
+    acc = eval_loop(model, batches, _AccuracyNLL(), device)
+    if acc.n == 0:
         raise ValueError("the loader yielded no examples; check the dataset path/split and max_batches")
-    return Evaluation(correct / n, float(nll) / n, n)
+    return Evaluation(acc.correct / acc.n, float(acc.nll) / acc.n, acc.n)
+

@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from vitscope.interventions._blocks import residual_blocks, select
-from vitscope.interventions._eval import eval_mode, normalized_depth
+from vitscope.interventions._eval import normalized_depth
+from vitscope.measures.evaluation import eval_mode
 from vitscope.runtime import model_device
 
 _logger = logging.getLogger(__name__)

@@ -28,11 +28,11 @@ from vitscope.interventions._blocks import (
 from vitscope.interventions._eval import (
     Batches,
     InterventionResult,
-    eval_mode,
     evaluate,
     normalized_depth,
     unit_result,
 )
+from vitscope.measures.evaluation import eval_mode
 from vitscope.runtime import model_device
 
 _logger = logging.getLogger(__name__)

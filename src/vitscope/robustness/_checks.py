@@ -34,3 +34,11 @@ def check_targets(targets: torch.Tensor, batch: int) -> torch.Tensor:
     if targets.shape[0] != batch:
         raise ValueError(f"mismatched label count: {batch} images but {targets.shape[0]} targets")
     return targets.detach().long()
+
+
+def pixel_batch(images: torch.Tensor, targets: torch.Tensor, device: torch.device
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The robustness measures' ``prepare`` for ``vitscope.measures.evaluation.eval_batches``: float images on
+    ``device``, checked to be in pixel space, and their labels."""
+    images = check_images(images.to(device, non_blocking=True).float())
+    return images, check_targets(targets, images.shape[0]).to(device)

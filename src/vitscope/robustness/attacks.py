@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from vitscope.measures.evaluation import eval_mode
 from vitscope.robustness._checks import check_images, check_targets
 
 _logger = logging.getLogger(__name__)
@@ -98,22 +99,6 @@ def _input_grad(model: nn.Module, x: torch.Tensor, targets: torch.Tensor) -> tor
         return torch.autograd.grad(loss, x)[0]  # (B, C, H, W)
 
 
-class _EvalMode:
-    """Put a module in eval mode for the block and restore its training flags after."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-
-    def __enter__(self) -> nn.Module:
-        self.modes = {m: m.training for m in self.model.modules()}
-        self.model.eval()
-        return self.model
-
-    def __exit__(self, *exc: object) -> None:
-        for m, mode in self.modes.items():
-            m.training = mode
-
-
 def fgsm(
     model: nn.Module,
     images: torch.Tensor,
@@ -138,7 +123,7 @@ def fgsm(
     targets = check_targets(targets, images.shape[0]).to(images.device)
     eps = _check_eps(eps)
     net = pixel_model(model, mean, std)
-    with _EvalMode(net):
+    with eval_mode(net):
         grad = _input_grad(net, images, targets)
     return (images + eps * grad.sign()).clamp(0.0, 1.0).detach()
 
@@ -183,7 +168,7 @@ def pgd(
         gen = torch.Generator().manual_seed(seed)
         noise = torch.rand(images.shape, generator=gen, dtype=images.dtype) * (2 * eps) - eps
         x = (x + noise.to(images.device)).clamp(0.0, 1.0)
-    with _EvalMode(net):
+    with eval_mode(net):
         for _ in range(int(steps)):
             grad = _input_grad(net, x, targets)
             x = x + alpha * grad.sign()

@@ -24,9 +24,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from vitscope.robustness._checks import check_images
-from vitscope.robustness._loop import batches
-from vitscope.robustness.attacks import _EvalMode, pixel_model
+from vitscope.measures.evaluation import eval_batches, eval_mode
+from vitscope.robustness._checks import check_images, pixel_batch
+from vitscope.robustness.attacks import pixel_model
 from vitscope.runtime import model_device
 
 _logger = logging.getLogger(__name__)
@@ -133,8 +133,9 @@ def frequency_sweep(
     net = pixel_model(model, mean, std).to(dev)
     correct = torch.zeros(len(freqs), dtype=torch.int64)
     clean, n = 0, 0
-    with _EvalMode(net):
-        for i, x, y in batches(loader, dev, max_batches, desc="frequency noise", progress=progress):
+    with eval_mode(net):
+        for i, x, y in eval_batches(loader, dev, max_batches, desc="frequency noise", progress=progress,
+                                    prepare=pixel_batch):
             if eps is None:
                 eps = 0.05 * math.sqrt(x[0].numel())
             clean += int((net(x).argmax(1) == y).sum())

@@ -18,8 +18,9 @@ import torch.nn.functional as F
 from vitscope.distributed import all_gather_objects, all_reduce_sum
 from vitscope.distributed import current as dist_current
 from vitscope.measures.calibration import Calibration
-from vitscope.robustness._loop import batches
-from vitscope.robustness.attacks import _check_eps, _EvalMode, fgsm, pgd, pixel_model
+from vitscope.measures.evaluation import eval_batches, eval_mode
+from vitscope.robustness._checks import pixel_batch
+from vitscope.robustness.attacks import _check_eps, fgsm, pgd, pixel_model
 from vitscope.robustness.corruptions import CORRUPTIONS, _canonical, corrupt, corruption_params
 from vitscope.robustness.frequency import frequency_noise
 from vitscope.robustness.occlusion import occlude_center
@@ -137,8 +138,9 @@ def evaluate_robustness(
     def hits(x: torch.Tensor, y: torch.Tensor) -> int:
         return int((net(x).argmax(dim=1) == y).sum())
 
-    with _EvalMode(net):
-        for i, x, y in batches(loader, dev, max_batches, desc="robustness", progress=progress, shard=shard):
+    with eval_mode(net):
+        for i, x, y in eval_batches(loader, dev, max_batches, desc="robustness", progress=progress, shard=shard,
+                                    prepare=pixel_batch):
             logits = net(x)  # (B, num_classes)
             counts["clean"] += int((logits.argmax(dim=1) == y).sum())
             if cal is not None:
@@ -277,11 +279,12 @@ def evaluate_cifar_c(
     dev = model_device(model, device)
     net = pixel_model(model, mean, std).to(dev)
     counts = torch.zeros(len(names), len(severities), 2, dtype=torch.int64)  # (corruption, severity, [hits, n])
-    with _EvalMode(net):
+    with eval_mode(net):
         for i, name in enumerate(names):
             for j, s in enumerate(severities):
                 loader = DataLoader(load_cifar_c(path, name, s), batch_size=batch_size)
-                for _, x, y in batches(loader, dev, max_batches, desc=f"{name} s{s}", progress=progress, shard=shard):
+                for _, x, y in eval_batches(loader, dev, max_batches, desc=f"{name} s{s}", progress=progress,
+                                            shard=shard, prepare=pixel_batch):
                     if img_size is not None and tuple(x.shape[-2:]) != (img_size, img_size):
                         x = F.interpolate(x, size=(img_size, img_size), mode="bilinear", antialias=True)
                         x = x.clamp(0.0, 1.0)

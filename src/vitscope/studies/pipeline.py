@@ -253,7 +253,6 @@ def val_loader(data: str, img_size: int | None, batch_size: int = 64, max_exampl
                          max_examples=max_examples, seed=seed, shuffle=False)
 
 
-@torch.no_grad()
 def evaluate_classifier(model: nn.Module, loader: Iterable, num_classes: int, shard: bool = False
                         ) -> dict[str, Any]:
     """Top-1, balanced accuracy (mean per-class recall) and the majority-class baseline on ``loader``.
@@ -262,34 +261,44 @@ def evaluate_classifier(model: nn.Module, loader: Iterable, num_classes: int, sh
     the majority class; balanced accuracy is 1/num_classes for any constant prediction. ``shard=True``: under
     torch.distributed rank r takes the global batches r, r + W, ... (``vitscope.distributed.shard_batches``) and
     the confusion matrix and NLL sum are summed over the ranks, so every rank returns the one-process result,
-    with ``world_size`` and ``examples_per_rank``.
+    with ``world_size`` and ``examples_per_rank``. The loop is ``vitscope.measures.evaluation.eval_loop``.
     """
-    from vitscope.distributed import all_gather_objects, all_reduce_sum, current, shard_batches
+    from vitscope.distributed import current
+    from vitscope.measures.evaluation import eval_loop
 
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
-    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)  # (true, predicted)
-    nll = 0.0
-    batches = shard_batches(loader, every_rank=False) if shard else enumerate(loader)
-    try:
-        for _, (images, labels) in batches:
-            logits = model(images.to(device)).float()  # (B, C)
-            labels = labels.to(device)
-            nll += F.cross_entropy(logits, labels, reduction="sum").item()
-            pred = logits.argmax(1)
-            confusion += torch.bincount(labels.cpu() * num_classes + pred.cpu(),
-                                        minlength=num_classes * num_classes).view(num_classes, num_classes)
-    finally:
-        model.train(was_training)
+    conf = eval_loop(model, loader, _Confusion(num_classes), device, shard=shard, sync=shard)
     if not shard:
-        return classification_stats(confusion, nll)
-    info = current()
-    per_rank = [int(n) for n in all_gather_objects(int(confusion.sum()))]
-    if info.distributed:
-        all_reduce_sum(confusion)
-        nll = float(all_reduce_sum(torch.tensor([nll], dtype=torch.float64))[0])
-    return {**classification_stats(confusion, nll), "world_size": info.world_size, "examples_per_rank": per_rank}
+        return classification_stats(conf.confusion, conf.nll)
+    return {**classification_stats(conf.confusion, conf.nll), "world_size": current().world_size,
+            "examples_per_rank": conf.per_rank}
+
+
+class _Confusion:
+    """``evaluate_classifier``'s reduction: a (true, predicted) confusion matrix and the NLL summed per batch in
+    float32 (``F.cross_entropy(..., reduction="sum")``), over batches in a Python float; ``sync`` sums both over
+    the ranks (the NLL in float64) and gathers each rank's example count."""
+
+    def __init__(self, num_classes: int) -> None:
+        self.num_classes = num_classes
+        self.confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)  # (true, predicted)
+        self.nll = 0.0
+        self.per_rank: list[int] = []
+
+    def update(self, outputs: torch.Tensor, labels: torch.Tensor) -> None:
+        c = self.num_classes
+        logits = outputs.float()  # (B, C)
+        self.nll += F.cross_entropy(logits, labels, reduction="sum").item()
+        pred = logits.argmax(1)
+        self.confusion += torch.bincount(labels.cpu() * c + pred.cpu(), minlength=c * c).view(c, c)
+
+    def sync(self) -> None:
+        from vitscope.distributed import all_gather_objects, all_reduce_sum, current
+
+        self.per_rank = [int(n) for n in all_gather_objects(int(self.confusion.sum()))]
+        if current().distributed:
+            all_reduce_sum(self.confusion)
+            self.nll = float(all_reduce_sum(torch.tensor([self.nll], dtype=torch.float64))[0])
 
 
 def classification_stats(confusion: torch.Tensor, nll_sum: float | None = None) -> dict[str, Any]:

@@ -1,5 +1,6 @@
 """One epoch of training (DeiT-style ``train_one_epoch``: SAM, AMP, gradient clipping, EMA, mixup) and one evaluation
-(``evaluate``: top-1, NLL, ECE, Brier through ``vitscope.measures.Calibration``), summed over the processes."""
+(``evaluate``: top-1, NLL, ECE, Brier through ``vitscope.measures.Calibration`` in the one evaluation loop,
+``vitscope.measures.evaluation``), summed over the processes."""
 from __future__ import annotations
 
 import contextlib
@@ -17,6 +18,7 @@ from tqdm import tqdm
 
 from vitscope.distributed import DistInfo, all_reduce_sum
 from vitscope.measures.calibration import Calibration
+from vitscope.measures.evaluation import eval_loop
 from vitscope.runtime import autocast
 from vitscope.training import checkpoint as ckpt
 from vitscope.training.sam import SAM
@@ -198,7 +200,6 @@ def train_one_epoch(
     }
 
 
-@torch.no_grad()
 def evaluate(
     model: nn.Module,
     loader: DataLoader,
@@ -212,20 +213,13 @@ def evaluate(
     """Top-1 accuracy (in %, as DeiT logs it), NLL, ECE and Brier score over ``loader``, summed over processes.
 
     The calibration statistics are vitscope's (``vitscope.measures.Calibration``, HDVW): ECE over
-    10 equal-width confidence bins with the last bin closed. NaN/inf logits raise ``ValueError``.
+    10 equal-width confidence bins with the last bin closed. NaN/inf logits raise ``ValueError``. The loop is
+    ``vitscope.measures.evaluation.eval_loop`` (eval mode, each module's training flag restored after).
     """
-    device = torch.device(device)
-    model.eval()
     cal = Calibration(n_bins=ECE_BINS, max_stored=0)  # additive sums only; no adaptive-ECE store
-    for images, targets in tqdm(loader, desc="eval", leave=False, disable=not progress, dynamic_ncols=True):
-        images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with autocast(device, amp_dtype):
-            logits = model(images)  # (B, C)
-        cal.update(logits, targets)
-    if dist_info.distributed:  # the state is additive: all-reduce the sums
-        cal.sync()
+    # the state is additive: with several processes, sync() all-reduces the sums
+    eval_loop(model, loader, cal, torch.device(device), amp_dtype=amp_dtype, channels_last=channels_last,
+              sync=dist_info.distributed, progress=progress)
     if cal.n == 0:
         raise ValueError("evaluate() got an empty loader; check the data spec and max_val_examples")
     stats = cal.compute()
