@@ -11,6 +11,9 @@ A residual sub-layer computes ``z_out = post(shortcut(z) + branch(z))``. Support
 - ``vitscope``: any block with a class attribute ``vitscope_kind`` in {"conv", "msa"} and submodules
   ``shortcut`` and ``drop_path``, whose forward ends ``return self.shortcut(x) + self.drop_path(branch)``
   (vitscope's AlterNet blocks): one sub-layer of that kind.
+- ``table``: the blocks of capture's table (``capture.table``: Swin v1/v2, EVA/DINOv3, BEiT, CaiT, XCiT, Hiera,
+  MViTv2, MaxViT/CoAtNet, PVTv2, Twins, ConvNeXt, ResNetV2/BiT, EfficientNet/MobileNet): the sub-layers its entry
+  lists, removed by zeroing their branch module (``interventions._table``).
 
 Names follow ``vitscope.capture``'s LayerInfo: a transformer sub-layer is named by its branch module
 (``blocks.3.attn``, ``blocks.3.mlp``), a CNN sub-layer by its block (``layer2.1``).
@@ -20,18 +23,22 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn as nn
 
 from vitscope.capture.sites import attention_kind, final_activation, known_family
+from vitscope.capture.table import Sub, sublayers, submodule
+from vitscope.interventions._table import zero_branches
 
 SUPPORTED = (
     "timm VisionTransformer/DeiT Block (and vitscope CBBlock), timm ConViT Block, timm ResNet "
     "BasicBlock/Bottleneck, and blocks with a `vitscope_kind` class attribute in {'conv', 'msa'} plus "
-    "`shortcut` and `drop_path` submodules (vitscope AlterNet)"
+    "`shortcut` and `drop_path` submodules (vitscope AlterNet), and the blocks of capture's table "
+    "(vitscope/capture/table.py: Swin, EVA, BEiT, CaiT, XCiT, Hiera, MViTv2, MaxViT, PVTv2, Twins, ConvNeXt, "
+    "ResNetV2, EfficientNet)"
 )
 
 
@@ -44,9 +51,11 @@ class SubLayer:
         kind: ``msa``, ``gpsa``, ``mlp`` or ``conv``.
         block: Index of the residual block it belongs to (depth order).
         index: Index among all sub-layers of the model (depth order).
-        module: The branch module (``attn``/``mlp``) for transformer blocks, else the block itself.
+        module: The branch module (``attn``/``mlp``) for transformer blocks, the drop path of a table block's
+            sub-layer, else the block itself.
         block_module: The block holding it.
-        family: The block family (``vit``, ``convit``, ``resnet`` or ``vitscope``).
+        family: The block family (``vit``, ``convit``, ``resnet``, ``vitscope`` or ``table``).
+        spec: The table entry of a ``table`` sub-layer (``capture.table.Sub``), else None.
     """
 
     name: str
@@ -56,6 +65,7 @@ class SubLayer:
     module: nn.Module
     block_module: nn.Module
     family: str
+    spec: Sub | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -85,7 +95,7 @@ def block_family(module: nn.Module) -> str | None:
                     f"{type(module).__name__} declares vitscope_kind={type(module).vitscope_kind!r} but has no "
                     f"`{sub}` submodule; vitscope blocks must end `return self.shortcut(x) + self.drop_path(branch)`"
                 )
-    return family if family in ("vit", "convit", "resnet", "vitscope") else None
+    return family if family in ("vit", "convit", "resnet", "vitscope", "table") else None
 
 
 def residual_blocks(model: nn.Module) -> list[ResidualBlock]:
@@ -116,6 +126,12 @@ def residual_blocks(model: nn.Module) -> list[ResidualBlock]:
             subs = tuple(
                 SubLayer(f"{name}.{attr}" if name else attr, kind, b, n_sub + k, getattr(module, attr), module, family)
                 for k, (attr, kind) in enumerate(parts)
+            )
+        elif family == "table":
+            subs = tuple(
+                SubLayer(f"{name}.{t.name}" if t.name else name, t.kind, b, n_sub + k, submodule(module, t.branch),
+                         module, family, t)
+                for k, t in enumerate(sublayers(module))
             )
         else:
             kind = "conv" if family == "resnet" else type(module).vitscope_kind
@@ -244,7 +260,8 @@ def remove_block(model: nn.Module, block: int | str | ResidualBlock) -> Iterator
     bypassed too. The sub-modules still run, so ``vitscope.capture`` records zero branches consistently.
     A ResNet block becomes ``act(shortcut(x))``: for a downsampling block the projection shortcut
     (``downsample``) still applies, then the block's final activation, so shapes still match the next
-    block. A vitscope (AlterNet) block keeps ``shortcut(x)`` (its ``drop_path`` output is zeroed).
+    block. A vitscope (AlterNet) block keeps ``shortcut(x)`` (its ``drop_path`` output is zeroed). A block of
+    capture's table keeps ``post(skip(x))`` per sub-layer: each branch (its drop path's output) is zeroed.
     """
     blk = get_block(model, block)
     with ExitStack() as stack:
@@ -255,6 +272,8 @@ def remove_block(model: nn.Module, block: int | str | ResidualBlock) -> Iterator
                 stack.enter_context(patched_forward(blk.module.cb, lambda x: x))
         elif blk.family == "resnet":
             stack.enter_context(patched_forward(blk.module, _shortcut_only(blk)))
+        elif blk.family == "table":
+            stack.enter_context(zero_branches(blk.module, sublayers(blk.module), [s.spec for s in blk.sublayers]))
         else:
             stack.enter_context(patched_forward(blk.module.drop_path, _zeros_like_input))
         yield blk
@@ -271,6 +290,9 @@ def remove_sublayer(model: nn.Module, sublayer: int | str | SubLayer) -> Iterato
     sub = get_sublayer(model, sublayer)
     if sub.family in ("vit", "convit"):
         with patched_forward(sub.module, _zeros_like_input):
+            yield sub
+    elif sub.family == "table":
+        with zero_branches(sub.block_module, sublayers(sub.block_module), [sub.spec]):
             yield sub
     else:
         with remove_block(model, get_block(model, sub.block)):

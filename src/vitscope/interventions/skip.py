@@ -32,6 +32,7 @@ from vitscope.interventions._eval import (
     normalized_depth,
     unit_result,
 )
+from vitscope.interventions._table import check_skips, drop_skips
 from vitscope.measures.evaluation import eval_mode
 from vitscope.runtime import model_device
 
@@ -108,7 +109,9 @@ def remove_skip(model: nn.Module, block: int | str | ResidualBlock) -> Iterator[
 
     A transformer block computes ``x = attn_branch(x); x = mlp_branch(x)`` (both sub-layers lose their
     skip; a branch is everything the block adds to the stream: norm, attention/MLP, LayerScale, CB,
-    drop-path). A ResNet block computes ``act(branch(x))`` (its identity or projection shortcut is
+    drop-path). A block of capture's table drops each sub-layer's skip path (a projection's output is zeroed;
+    an identity skip is cancelled, the branch adding ``branch - x``); one whose skip pools with no module is
+    refused. A ResNet block computes ``act(branch(x))`` (its identity or projection shortcut is
     dropped); a vitscope (AlterNet) block returns its branch alone (its ``shortcut`` output is zeroed).
 
     Args:
@@ -121,6 +124,8 @@ def remove_skip(model: nn.Module, block: int | str | ResidualBlock) -> Iterator[
         ctx = patched_forward(m, _vit_no_skip(m))
     elif blk.family == "convit":
         ctx = patched_forward(m, _convit_no_skip(m))
+    elif blk.family == "table":
+        ctx = drop_skips(m, [s.spec for s in blk.sublayers], blk.name)
     elif blk.family == "resnet":
         if type(m).forward not in (resnet.BasicBlock.forward, resnet.Bottleneck.forward):
             raise NotImplementedError(f"remove_skip does not know the forward of {type(m).__name__}; " + _SUPPORTED)
@@ -153,6 +158,17 @@ def skip_removal_study(
     """
     all_blocks = residual_blocks(model)
     chosen = select(all_blocks, blocks, "block", model)
+    if blocks is None:  # every block: leave out, named, those whose skip path cannot be removed (capture's table)
+        refused = []
+        for blk in [b for b in chosen if b.family == "table"]:
+            try:
+                check_skips(blk.module, [s.spec for s in blk.sublayers], blk.name)
+            except NotImplementedError:
+                refused.append(blk)
+        if refused:
+            _logger.warning("skip removal leaves out %d block(s) whose skip path pools with no module: %s",
+                            len(refused), ", ".join(b.name for b in refused))
+        chosen = [b for b in chosen if b not in refused]
     dev = model_device(model, device, move=True)
     batches = Batches(loader, max_batches)
     with eval_mode(model):
