@@ -132,3 +132,23 @@ def test_train_takes_timm_spellings(tmp_path, capsys):
                  "progress=false"]) == 0
     text = (tmp_path / "run" / "config.yaml").read_text()
     assert "batch_size: 8" in text and "img_size: 16" in text
+    assert f"num_workers: {min(4, len(__import__('os').sched_getaffinity(0)))}" in text  # -j's default, as timm
+
+
+def test_train_workers_default_is_timms_unless_the_config_sets_it(tmp_path, monkeypatch):
+    """-j defaults to min(4, CPUs) (timm's 4) below the recipe: a config file's num_workers and -j / num_workers=N
+    win; the Python API's TrainConfig keeps 0 (the studies' run configs, hashed into their directories)."""
+    import os
+
+    import vitscope.training as training
+    from vitscope.training import TrainConfig
+
+    seen = []
+    monkeypatch.setattr(training, "train", lambda cfg, **kw: seen.append(cfg.num_workers) or {})
+    (tmp_path / "own.yaml").write_text("num_workers: 0\nepochs: 1\n")
+    base = ["train", "--model", "test_vit_cifar", "--data", "fake", "--out", str(tmp_path / "r")]
+    for extra in ([], ["--config", "cpu-quick"], ["--config", str(tmp_path / "own.yaml")], ["-j", "3"],
+                  ["num_workers=1"]):
+        assert main(base + extra) == 0
+    cpus = min(4, len(os.sched_getaffinity(0)))
+    assert seen == [cpus, cpus, 0, 3, 1] and TrainConfig().num_workers == 0

@@ -177,6 +177,36 @@ def test_repeated_augmentation_sampler_repeats_each_image_and_spreads_copies():
         resolve_config("cpu-quick", repeated_aug=-1)
 
 
+def test_each_sample_is_augmented_by_its_place_in_the_epoch():
+    """SeededSamples: the same (epoch, position) gives the same augmented tensor, another position another one (so
+    DeiT's repeated copies of an image differ), and loading leaves the caller's RNG streams where they were."""
+    from vitscope.training.loaders import SeededSamples
+
+    ds = create_dataset("fake:n=8", "train", augment=augment_options(resolve_config("cpu-quick")))  # pad crop, flip
+    seeded = SeededSamples(ds, seed=5)
+    before = torch.get_rng_state(), np.random.get_state()[1].copy()
+    a, b, c = seeded[(3, 1, 10)][0], seeded[(3, 1, 10)][0], seeded[(3, 1, 11)][0]
+    assert torch.equal(a, b) and not torch.equal(a, c) and not torch.equal(a, seeded[(3, 2, 10)][0])
+    assert torch.equal(torch.get_rng_state(), before[0]) and np.array_equal(np.random.get_state()[1], before[1])
+
+
+def test_results_do_not_depend_on_the_loader_worker_count(tmp_path):
+    """Random crop with padding, flips, shuffling and dropout: 0 and 2 loader workers give the same losses and
+    weights bit for bit (the same operations on the same tensors in the main process; only where samples are
+    loaded differs), since each sample's augmentation is seeded by its place in the epoch, not by the worker."""
+    runs = {}
+    for workers in (0, 2):
+        cfg = quick(tmp_path, name=f"w{workers}", data="fake:n=48,n_eval=16", epochs=2, batch_size=16, img_size=16,
+                    num_workers=workers, drop=0.1)
+        assert cfg.hflip > 0 and cfg.train_crop == "pad"  # the augmentation is random
+        train(cfg)
+        runs[workers] = tmp_path / f"w{workers}"
+    losses = [[r["train_loss"] for r in read_jsonl(run / "metrics.jsonl")] for run in runs.values()]
+    assert losses[0] == losses[1] and len(losses[0]) == 2
+    w0, w2 = (load_file(run / "model.safetensors") for run in runs.values())
+    assert w0.keys() == w2.keys() and all(torch.equal(w0[k], w2[k]) for k in w0)
+
+
 # ------------------------------------------------------------------------------------------------- SAM
 
 

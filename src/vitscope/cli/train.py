@@ -41,7 +41,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="fine-tune: start from timm's hub weights of --model (config key pretrained=true)")
     t = p.add_argument_group("timm train.py's spellings of config keys (the same key as key=value is an error)")
     t.add_argument("-b", "--batch-size", type=int, help="global batch: batch_size=N")
-    t.add_argument("-j", "--workers", type=int, help="data loader workers: num_workers=N (the recipe's, else 0)")
+    t.add_argument("-j", "--workers", type=int,
+                   help="data loader workers: num_workers=N (default: 4 as timm's train.py, at most the CPUs "
+                   "available, unless the recipe or config file sets num_workers; results do not depend on it)")
     t.add_argument("--img-size", type=int, help="img_size=S")
     t.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"), help="3 S S: img_size=S")
     t.add_argument("--amp", action="store_true", help="mixed precision in --amp-dtype (CUDA): amp=fp16 or bf16")
@@ -82,7 +84,8 @@ def _flag_overrides(args: argparse.Namespace) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     from vitscope.cli import CLIError
-    from vitscope.training import NonFiniteLossError, load_config, resolve_config, train
+    from vitscope.cli._common import WORKERS
+    from vitscope.training import NonFiniteLossError, TrainConfig, load_config, resolve_config, train
 
     args.overrides = list(args.overrides) + _flag_overrides(args)
     resume = bool(args.resume)
@@ -107,8 +110,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         if not args.out:
             raise CLIError("--out RUN_DIR is required (the run directory to create), or --resume RUN_DIR")
-        cfg = resolve_config(args.config, args.overrides, model=args.model, data=args.data, out=args.out,
-                             pretrained=True if args.pretrained else None)
+        cfg = resolve_config(args.config, args.overrides, base=TrainConfig(num_workers=WORKERS), model=args.model,
+                             data=args.data, out=args.out, pretrained=True if args.pretrained else None)
         if args.auto_resume and os.path.isfile(os.path.join(args.out, "config.yaml")):
             cfg, resume = _same_run(load_config(args.out), cfg, args.out), True
     try:

@@ -58,7 +58,7 @@ class TrainConfig:
     max_examples: int | None = None  # seeded random subset of the training set (None: all)
     data_fraction: float | None = None  # keep this fraction of every class (ConViT sample efficiency)
     max_val_examples: int | None = None
-    num_workers: int = 0
+    num_workers: int = 0  # loader processes (0: the main process); `vitscope train` defaults to min(4, CPUs) as timm
     repeated_aug: int = 0  # > 1: DeiT's repeated augmentation, each image this many times (timm RepeatAugSampler)
     # Schedule.
     epochs: int = 10  # cosine epochs; the total adds warmup_epochs when warmup_prefix is true

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn as nn
 from timm.data.distributed_sampler import RepeatAugSampler
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 
 from vitscope.data.local import collate_skipping_none
 from vitscope.data.specs import DataSpec, parse_spec
@@ -80,6 +81,54 @@ def build_datasets(cfg: TrainConfig, preprocessing: dict[str, Any], data: DataSp
     return train.dataset, val.dataset
 
 
+class PositionedSampler(Sampler):
+    """A training sampler's indices as ``(index, epoch, position)``: ``position`` is the sample's place in the epoch's
+    global order (rank ``r`` of ``W`` takes places ``r, r + W, ...``, as ``DistributedSampler`` and timm's
+    ``RepeatAugSampler`` stride the shuffled indices), so ``SeededSamples`` can seed each sample's augmentation by
+    where it is used, whatever process and loader worker loads it."""
+
+    def __init__(self, sampler: Sampler, rank: int, world_size: int) -> None:
+        self.sampler, self.rank, self.world_size, self.epoch = sampler, rank, world_size, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.sampler.set_epoch(epoch)  # type: ignore[attr-defined]
+
+    def __len__(self) -> int:
+        return len(self.sampler)  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[tuple[int, int, int]]:
+        for k, index in enumerate(self.sampler):
+            yield index, self.epoch, self.rank + k * self.world_size
+
+
+class SeededSamples(Dataset):
+    """``dataset[index]`` with python's, numpy's and torch's RNGs seeded from (run seed, epoch, position) for the
+    call and restored after it: each sample's random augmentation is a function of where it is used, not of which
+    loader worker (timm's and PyTorch's per-worker seeding make a run depend on ``num_workers``) or process draws
+    it, and loading leaves the main process's streams (dropout, mixup) alone. Keys come from ``PositionedSampler``."""
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset, self.seed = dataset, int(seed) % 2**63
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int, int]) -> Any:
+        index, epoch, position = key
+        torch_seed, other = np.random.SeedSequence([self.seed, epoch, position]).generate_state(2, dtype=np.uint64)
+        saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
+        try:
+            random.seed(int(other))
+            np.random.seed(int(other) % 2**32)
+            torch.manual_seed(int(torch_seed))
+            return self.dataset[index]
+        finally:
+            random.setstate(saved[0])
+            np.random.set_state(saved[1])
+            torch.set_rng_state(saved[2])
+
+
 class SeededRepeatAugSampler(RepeatAugSampler):
     """timm's ``RepeatAugSampler`` (DeiT's repeated augmentation, Touvron et al. 2021; Hoffer et al. 2020):
     each image ``num_repeats`` times per epoch, the copies spread over the processes, an epoch as long as
@@ -121,7 +170,8 @@ def build_loaders(cfg: TrainConfig, train_ds: Dataset, val_ds: Dataset, info: Di
     workers = dict(num_workers=cfg.num_workers, worker_init_fn=seed_worker if cfg.num_workers else None,
                    persistent_workers=False, pin_memory=pin,
                    collate_fn=collate_skipping_none)  # drops images an image folder could not decode
-    train = DataLoader(train_ds, batch_size=per_rank, sampler=sampler, drop_last=True,
+    train = DataLoader(SeededSamples(train_ds, cfg.seed), batch_size=per_rank,
+                       sampler=PositionedSampler(sampler, info.rank, info.world_size), drop_last=True,
                        generator=torch.Generator(), **workers)
     eval_bs = max((cfg.eval_batch_size or cfg.batch_size) // info.world_size, 1)
     val_shard = Subset(val_ds, range(info.rank, len(val_ds), info.world_size))
