@@ -50,10 +50,21 @@ def _loader(ds: TensorDataset) -> DataLoader:
 
 
 def _plain_eval(logits: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
-    """Accuracy and mean NLL from logits, written independently of vitscope."""
+    """Accuracy and mean NLL from logits, written independently of vitscope (log-softmax per loader batch)."""
     acc = (logits.argmax(1) == y).double().mean().item()
-    logp = torch.log_softmax(logits.double(), dim=1)
+    logp = torch.cat([torch.log_softmax(part.double(), dim=1) for part in logits.split(BATCH)])
     return acc, -logp[torch.arange(len(y)), y].mean().item()
+
+
+def _batched(forward, x: torch.Tensor) -> torch.Tensor:
+    """``forward`` over the loader's batches: the float32 shapes the code under test computes on."""
+    return torch.cat([forward(part) for part in x.split(BATCH)])
+
+
+# The NLL bound. The references run the same operations as the code under test on the loader's batches, so the
+# float32 logits and the float64 log-probabilities are the same bits; the two means differ only in the order of
+# the float64 sums of n terms >= 0: each within (n - 1) 2^-53 relative of the exact sum, plus one division each.
+NLL_REL = 2 * N_EXAMPLES * 2.0**-53
 
 
 def _outputs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -307,10 +318,10 @@ def test_lesion_blocks_matches_hand_forward(name):
     result = lesion(model, _loader(ds), targets="blocks")
     assert all(m.training for m in model.modules())
     model.eval()
-    acc, nll = _plain_eval(before, y)
+    acc, nll = _plain_eval(_batched(lambda part: _outputs(model, part), x), y)
     assert result.intact.num_examples == N_EXAMPLES
     assert result.intact.accuracy == pytest.approx(acc, abs=1e-12)
-    assert result.intact.nll == pytest.approx(nll, rel=1e-5)
+    assert result.intact.nll == pytest.approx(nll, rel=NLL_REL, abs=0)
 
     n_blocks = len(residual_blocks(model))
     assert [u.block for u in result.units] == list(range(n_blocks))
@@ -321,10 +332,12 @@ def test_lesion_blocks_matches_hand_forward(name):
             got = _outputs(model, x)
         assert torch.equal(got, ref), f"{name} without block {u.block}"
         changed += not torch.equal(got, before)
-        a, l_ = _plain_eval(ref, y)
-        assert u.accuracy == pytest.approx(a, abs=1e-12) and u.nll == pytest.approx(l_, rel=1e-5)
+        a, l_ = _plain_eval(_batched(lambda part, b=u.block: forward(model, part, _removed_block_fn(name, b)), x), y)
+        assert u.accuracy == pytest.approx(a, abs=1e-12) and u.nll == pytest.approx(l_, rel=NLL_REL, abs=0)
         assert u.accuracy_drop == pytest.approx(result.intact.accuracy - a, abs=1e-12)
-        assert u.nll_increase == pytest.approx(l_ - result.intact.nll, rel=1e-5, abs=1e-12)
+        # a difference of two such means: the two bounds added, in absolute terms (and one more rounding)
+        assert u.nll_increase == pytest.approx(l_ - result.intact.nll, rel=0,
+                                               abs=(NLL_REL + 2.0**-53) * (l_ + result.intact.nll))
     assert changed == n_blocks  # every removal had an effect
     assert torch.equal(_outputs(model, x), before)  # restored exactly
 
@@ -351,8 +364,10 @@ def test_lesion_sublayers_matches_hand_forward(name):
             got = _outputs(model, x)
         assert torch.equal(got, ref), u.name
         assert not torch.equal(got, before)
-        a, l_ = _plain_eval(ref[: 2 * BATCH], y[: 2 * BATCH])
-        assert u.accuracy == pytest.approx(a, abs=1e-12) and u.nll == pytest.approx(l_, rel=1e-5)
+        fn = _removed_sublayer_fn(name, u.block, which)
+        a, l_ = _plain_eval(_batched(lambda part, fn=fn: FORWARDS[name](model, part, fn), x[: 2 * BATCH]),
+                            y[: 2 * BATCH])
+        assert u.accuracy == pytest.approx(a, abs=1e-12) and u.nll == pytest.approx(l_, rel=NLL_REL, abs=0)
     assert torch.equal(_outputs(model, x), before)
 
 
@@ -500,10 +515,10 @@ def test_skip_removal_study_accuracy():
     assert [u.name for u in result.units] == ["blocks.1", "blocks.0"]
     assert [u.depth for u in result.units] == [1.0, 0.0]
     for u in result.units:
-        ref = _vit_forward(model, x, lambda i, blk, z, b=u.block: _vit_block(blk, z, skip=i != b))
-        a, l_ = _plain_eval(ref, y)
+        fn = lambda i, blk, z, b=u.block: _vit_block(blk, z, skip=i != b)  # noqa: E731
+        a, l_ = _plain_eval(_batched(lambda part, fn=fn: _vit_forward(model, part, fn), x), y)
         assert u.accuracy == pytest.approx(a, abs=1e-12)
-        assert u.nll == pytest.approx(l_, rel=1e-5)
+        assert u.nll == pytest.approx(l_, rel=NLL_REL, abs=0)
     assert result.to_dict()["intact"]["num_examples"] == N_EXAMPLES
 
 
