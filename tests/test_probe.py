@@ -1,4 +1,5 @@
 """vitscope.probe: one pass feeds every measure; results equal the measures on the whole data set."""
+import dataclasses
 import json
 import math
 
@@ -18,47 +19,94 @@ def _data(n=13, classes=10, seed=0):
     return TensorDataset(torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, classes, (n,), generator=g))
 
 
-def _whole(model, ds):
-    """Capture on the whole data set at once: the reference the streamed probe must equal."""
+def _whole(model, ds, batch_size=None):
+    """Capture on the whole data set: the reference the streamed probe must equal. With ``batch_size`` the forwards
+    run batch by batch (as the probe's) and the captures are concatenated: the probe's float32 tensors bit for bit,
+    so only the measures' own reductions can differ (float32 batch-shape rounding has no a-priori bound)."""
     x, y = ds.tensors
-    with torch.no_grad(), vitscope.capture(model) as cap:
-        logits = model(x)
-    return cap, logits, y
+    caps, logits = [], []
+    for part in x.split(batch_size or len(x)):
+        with torch.no_grad(), vitscope.capture(model) as cap:
+            logits.append(model(part))
+        caps.append(cap)
+    cap = caps[0]
+    cap.attentions = [torch.cat(maps) for maps in zip(*(c.attentions for c in caps))]
+    cap.records = [dataclasses.replace(rs[0], **{f: torch.cat([getattr(r, f) for r in rs])
+                                                 for f in ("z_in", "branch", "shortcut", "z_out")
+                                                 if getattr(rs[0], f) is not None})
+                   for rs in zip(*(c.records for c in caps))]
+    return cap, torch.cat(logits), y
+
+
+U32, U64 = 2.0**-24, 2.0**-53  # unit roundoff of float32 and float64
 
 
 @pytest.mark.parametrize("name", ["test_vit_cb", "test_convit_32"])
 def test_probe_streams_to_whole_set_values(name):
+    """Each bound below counts the roundings where the streamed probe and the reference differ; a float sum of m
+    terms of one sign is within (m - 1) u relative of the exact one."""
     model = vitscope.create_model(name).eval()
     ds = _data()
     names = ["attention_entropy", "attention_distance", "nonlocality", "relative_distance", "ratio_of_norms",
              "fourier", "feature_variance"]
     result = vitscope.probe(model, DataLoader(ds, batch_size=5), names, progress=False)  # batches 5, 5, 3
-    cap, logits, y = _whole(model, ds)
-    assert result.meta["examples"] == 13
-    assert result.meta["accuracy"] == pytest.approx((logits.argmax(1) == y).double().mean().item())
-    assert result.meta["nll"] == pytest.approx(F.cross_entropy(logits.double(), y).item(), rel=1e-6)
+    cap, logits, y = _whole(model, ds, batch_size=5)
+    n = 13
+    assert result.meta["examples"] == n
+    assert result.meta["accuracy"] == pytest.approx((logits.argmax(1) == y).double().mean().item(), abs=0)
+    # float64 log-softmax of the same logits per batch, n terms >= 0 summed in some order, one division each
+    nll = sum(F.cross_entropy(lb.double(), yb, reduction="sum").item() for lb, yb in zip(logits.split(5), y.split(5)))
+    assert result.meta["nll"] == pytest.approx(nll / n, rel=2 * n * U64, abs=0)
     for i, (attn, info) in enumerate(zip(cap.attentions, cap.attention_layout)):
         row = result["attention_entropy"][i]
         a = attn.double().numpy()
         ent = -(np.where(a > 0, a * np.log(np.where(a > 0, a, 1)), 0)).sum(-1).mean((0, 2))  # numpy reference
-        np.testing.assert_allclose(row["heads"], ent, rtol=1e-6)
-        assert row["max_entropy"] == pytest.approx(math.log(attn.shape[-1]))
+        # the probe: each term A ln A in float32 (log within 1 ulp, 2u, and the product, u), the N terms >= 0 of
+        # a row summed in float32, (N - 1) u; the rows summed in float64 (negligible: one more u)
+        N = attn.shape[-1]
+        np.testing.assert_allclose(row["heads"], ent, rtol=(N + 3) * U32, atol=0)
+        assert row["max_entropy"] == pytest.approx(math.log(N), rel=U64)
         assert row["layer"] == info.name and row["kind"] == info.kind
         dist = M.attention_distance(attn, info.grid, info.patch_size, info.num_prefix_tokens)
-        np.testing.assert_allclose(result["attention_distance"][i]["heads"], dist.numpy(), rtol=1e-6)
+        # both sum A >= 0 over the batch in float32 before float64: batches of <= 5 (4u) against all 13 (12u),
+        # then float64 sums over N^2 entries (N^2 2^-53 < u)
+        np.testing.assert_allclose(result["attention_distance"][i]["heads"], dist.numpy(),
+                                   rtol=(4 + 12 + 1) * U32, atol=0)
         cls_mass = a[:, :, info.num_prefix_tokens:, :info.num_prefix_tokens].sum(-1).mean((0, 2))  # numpy
-        np.testing.assert_allclose(result["attention_distance"][i]["class_token_mass_heads"], cls_mass, rtol=1e-6)
+        # float64 sums of the same float32 entries >= 0 in two orders (m of them each) and one division each
+        m = a[:, 0, info.num_prefix_tokens:, :info.num_prefix_tokens].size
+        np.testing.assert_allclose(result["attention_distance"][i]["class_token_mass_heads"], cls_mass,
+                                   rtol=2 * (m + 1) * U64, atol=0)
         assert result["attention_distance"][i]["renormalized"] is False  # the literature's definition
     assert cap.records[0].info.kind == "stem" and len(result["ratio_of_norms"]) == len(cap.records) - 1
     for i, (rec, row) in enumerate(zip(cap.records[1:], result["ratio_of_norms"]), start=1):  # no ratio: stem
         ref = M.ratio_of_norms(rec.z_in, rec.branch, rec.info.num_prefix_tokens)
-        assert row["spatial"] == pytest.approx(float(ref["spatial"]), rel=1e-6)
+        # float64 throughout from the same float32 tokens: each norm of D entries within (D + 1) u64 (two per
+        # ratio, one division), the B N ratios >= 0 summed in two orders
+        B, N, D = rec.z_in.shape
+        assert row["spatial"] == pytest.approx(float(ref["spatial"]), rel=(2 * B * N + 4 * (D + 2)) * U64, abs=0)
         assert row["depth"] == i and row["normalized_depth"] == pytest.approx(i / (len(cap.records) - 1), abs=5e-7)
     assert len(result["fourier"]) == len(cap.records) and result["fourier"][0]["layer"] == "stem"
     for rec, f_row, v_row in zip(cap.records, result["fourier"], result["feature_variance"]):
         fmap = vitscope.tokens_to_map(rec.z_out, rec.info.grid, rec.info.num_prefix_tokens)
-        np.testing.assert_allclose(f_row["curve"], M.fourier_log_amplitude(fmap).numpy(), rtol=1e-5, atol=1e-8)
-        assert v_row["value"] == pytest.approx(float(M.feature_variance(fmap)), rel=1e-6)
+        x = fmap.double().numpy()  # (B, C, h, w): the same float32 values, exact in float64
+        B, C, h, w = x.shape
+        S = h * w
+        k = np.arange(len(f_row["curve"]))
+        amp = np.abs(np.fft.fft2(x)[..., k, k])  # (B, C, F) the half-diagonal DFT coefficients
+        # Both compute each coefficient as a float64 sum of S products: absolute error <= S u64 sum|x| each, so
+        # ln|X| moves by <= S u64 sum|x| / |X| (two computations, the curve minus its first entry: x 4), plus the
+        # float64 means over B C maps (of |ln|X|| values, (B C) u64 each).
+        per_map = (4 * S * U64 * np.abs(x).sum((-1, -2))[..., None] / amp).max()
+        means = 4 * B * C * U64 * np.abs(np.log(amp)).max()
+        np.testing.assert_allclose(f_row["curve"], M.fourier_log_amplitude(fmap).numpy(), rtol=0,
+                                   atol=per_map + means)
+        # One pass in float64 (sum x^2 - (sum x)^2 / S): sums of S terms, cancellation amplifying by 1 + mean^2/var
+        # (METHODS, feature variance), then the mean over B C maps; the two computations' bounds added.
+        mean, var = x.mean((-1, -2)), x.var((-1, -2), ddof=1)
+        kappa = float((1 + mean**2 / var).max())
+        assert v_row["value"] == pytest.approx(float(M.feature_variance(fmap)), rel=4 * (S + B * C) * U64 * kappa,
+                                               abs=0)
 
 
 def test_probe_cka_single_batch_equals_cka():
@@ -99,7 +147,9 @@ def test_gpsa_gates_table():
     result = vitscope.probe(model, DataLoader(_data(n=4), batch_size=4), ["gpsa_gates"], progress=False)
     rows = result["gpsa_gates"]
     assert [r["layer"] for r in rows] == ["blocks.0.attn", "blocks.1.attn"]
-    np.testing.assert_allclose(rows[1]["heads"], 1 / (1 + np.exp(-np.array([0.0, 1.0, -1.0, 2.0]))), rtol=1e-6)
+    # float32 sigmoid of exact parameters: exp (1 ulp, 2u), the sum and the division (u each) against float64
+    np.testing.assert_allclose(rows[1]["heads"], 1 / (1 + np.exp(-np.array([0.0, 1.0, -1.0, 2.0]))),
+                               rtol=4 * 2.0**-24)
 
 
 def test_cli_probe_writes_json_and_csv(tmp_path, capsys):
