@@ -95,7 +95,8 @@ class TrainingRun:
 
 
 def _reseed_epoch(run: TrainingRun, epoch: int) -> None:
-    """Shuffling and loader-worker seeds of ``epoch`` depend only on (seed, epoch, rank)."""
+    """Shuffling and loader-worker seeds of ``epoch`` depend only on (seed, epoch, rank); each sample's augmentation
+    on (seed, epoch, its place in the epoch) only (``loaders.SeededSamples``)."""
     run.train_loader.sampler.set_epoch(epoch)  # type: ignore[union-attr]
     run.train_loader.generator.manual_seed(run.cfg.seed * 100_003 + epoch * 1_009 + run.dist.rank)
 
