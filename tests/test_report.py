@@ -525,7 +525,8 @@ def test_png_decodes_to_the_pixels_drawn():
     data = R.to_bytes(fig, "png")
     assert data.startswith(PNG_MAGIC)
     ours = Image.open(io.BytesIO(data))
-    assert ours.mode == "RGBA" and ours.info["dpi"] == pytest.approx((130, 130), abs=0.01)
+    # PNG stores whole pixels per metre: 130 dpi comes back within half a pixel per metre, 0.5 * 0.0254 dpi
+    assert ours.mode == "RGBA" and ours.info["dpi"] == pytest.approx((130, 130), abs=0.5 * 0.0254)
     assert np.array_equal(np.asarray(ours), drawn)
     with pytest.raises(ValueError, match="png or svg"):
         R.to_bytes(fig, "jpg")
