@@ -68,7 +68,8 @@ def test_capture_blocks_in_forward_order_and_attention_equals_timm(name, kwargs,
 
 def test_attention_kinds_say_where_positions_are_unknown():
     """Channel (XCiT), talking-heads (CaiT) and pooled-key (PVT, class attention) maps are named as such, and
-    the probe's attention measures skip them by name instead of reading them as token grids."""
+    the probe's attention measures skip by name those whose keys capture cannot place (not PVT's: its spatially
+    reduced keys have positions, capture/geometry.py)."""
     from torch.utils.data import DataLoader, TensorDataset
 
     cases = {"xcit_nano_12_p8_224": ({"channel", "pooled"}, FAMILIES[11][1], 32),
@@ -82,10 +83,11 @@ def test_attention_kinds_say_where_positions_are_unknown():
         ds = TensorDataset(torch.randn(4, 3, side, side), torch.zeros(4, dtype=torch.long))
         res = vitscope.probe(model, DataLoader(ds, batch_size=4), ["attention_entropy", "ratio_of_norms"],
                              progress=False)
-        skipped = res.meta["not_applicable"]["attention_entropy"]
+        skipped = res.meta.get("not_applicable", {}).get("attention_entropy", {})
         assert {r["layer"] for r in res["attention_entropy"]}.isdisjoint(skipped)
-        assert all(i.name in skipped for i in cap.attention_layout if not i.has_positions)
-        unsplit = res.meta["not_applicable"].get("ratio_of_norms", {})  # blocks not split as z + f(z): no ratio
+        assert all(i.name in skipped for i in cap.attention_layout if not i.has_key_positions)
+        assert (name == "pvt_v2_b0") == any(r["kind"] == "pooled" for r in res["attention_entropy"])
+        unsplit = res.meta.get("not_applicable", {}).get("ratio_of_norms", {})  # blocks not split as z + f(z): no ratio
         assert {r["layer"] for r in res["ratio_of_norms"]}.isdisjoint(unsplit)
         assert res["ratio_of_norms"]  # every family here has table blocks
         if name != "pvt_v2_b0":  # the class-attention blocks (CaiT, XCiT) are not split: no ratio, named

@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from vitscope.capture._layout import LayerInfo
+from vitscope.capture._layout import LayerInfo, first_tensor
+from vitscope.capture._table_hooks import install_table
+from vitscope.capture.geometry import grid_partition_coords, is_grid_partition, reduced_key_coords
 from vitscope.capture.sites import BlockSite, attention_kind, final_activation, find_blocks
 from vitscope.capture.table import sublayers, submodule
 
@@ -141,22 +143,6 @@ def _channels_last(t: torch.Tensor, image_hw: tuple[int, int] | None) -> bool:
     return not grid_like(t.shape[2], t.shape[3]) and grid_like(t.shape[1], t.shape[2])
 
 
-def _first_tensor(x) -> torch.Tensor | None:
-    """The tensor a block passes on: itself, or the first tensor of a tuple/list output (None if there is none)."""
-    if isinstance(x, torch.Tensor):
-        return x
-    if isinstance(x, (tuple, list)):  # a DenseNet layer takes the list of the maps so far
-        return next((t for t in map(_first_tensor, x) if t is not None), None)
-    return None
-
-
-def _as_grid(t: torch.Tensor, hw: tuple[int, int] | None) -> torch.Tensor:
-    """Tokens (B, h*w, C) of a block that takes an (h, w) map, as that map channels-last (B, h, w, C), a view."""
-    if t.ndim == 3 and hw is not None and t.shape[1] == hw[0] * hw[1]:
-        return t.reshape(t.shape[0], hw[0], hw[1], t.shape[2])
-    return t
-
-
 class _Recorder:
     """Installs the hooks of one capture and turns hook calls into records."""
 
@@ -244,7 +230,7 @@ class _Recorder:
         self.hook(self.model, on_model_input, pre=True)
         for i, site in enumerate(self.blocks):
             def on_block_input(_m, args, i=i):
-                x = _first_tensor(args)
+                x = first_tensor(args)
                 if isinstance(x, torch.Tensor) and x.ndim == 4:
                     hw = x.shape[1:3] if _channels_last(x, self.image_hw) else x.shape[-2:]
                     self.block_hw[i] = (int(hw[0]), int(hw[1]))
@@ -295,58 +281,7 @@ class _Recorder:
         self.hook(b, block_out)
 
     def _install_table(self, i: int, site: BlockSite) -> None:
-        """A block of capture's table (``capture.table``): each sub-layer's stream read at its taps, its branch the
-        output of its drop path (the exact term added, told apart by call order where one module serves several
-        sub-layers), its skip path the sum minus the branch; records are emitted in order when the block returns.
-        Token streams of a block that takes a map (Swin: (B, H*W, C) between its sub-layers) are given as that map."""
-        b, subs = site.module, sublayers(site.module)
-        slot: dict = self.pending.setdefault(site.name, {})
-        calls: dict[str, list[torch.Tensor]] = {}
-
-        def reset(_m, _args):
-            slot.clear()
-            calls.clear()
-
-        self.hook(b, reset, pre=True)  # first: runs before the block's own input tap
-        taps = list(dict.fromkeys([t for s in subs for t in (s.z_in, s.z_out)] + [(s.post, "sum") for s in subs
-                                                                                   if s.post]))
-        for path, where in taps:
-            def tap_in(_m, args, key=(path, where)):
-                x = _first_tensor(args)
-                slot[key] = x.clone() if key[1] == "sum" else x  # clone: a post-add activation may be in-place
-
-            def tap_out(_m, _args, out, key=(path, where)):
-                slot[key] = _first_tensor(out)
-
-            self.hook(submodule(b, path), tap_out if where == "out" else tap_in, pre=where != "out")
-        for path in dict.fromkeys(s.branch for s in subs):
-            self.hook(submodule(b, path), lambda _m, _a, out, p=path: calls.setdefault(p, []).append(out))
-
-        def block_out(_m, _args, _out):
-            hw = self.block_hw.get(i)
-            for k, s in enumerate(subs):
-                name = f"{site.name}.{s.name}" if s.name else site.name
-                if not self.keep(name):
-                    continue
-                nth = sum(t.branch == s.branch for t in subs[:k])
-                if s.z_in not in slot or s.z_out not in slot or len(calls.get(s.branch, ())) <= nth:
-                    raise RuntimeError(f"capture: {type(b).__name__} at {name} did not run the modules capture's "
-                                       "table names for it (capture/table.py); its entry does not match this forward")
-                total = slot[(s.post, "sum")] if s.post else slot[s.z_out]
-                branch = calls[s.branch][nth]
-                branch = branch.reshape(total.shape) if branch.shape != total.shape else branch
-                z_in = slot[s.z_in]
-                same = s.identity_skip(b) and z_in.numel() == total.numel()  # the skip path is z_in itself
-                shortcut = z_in.reshape(total.shape) if same else total - branch
-                parts = {"z_in": z_in, "branch": branch, "shortcut": shortcut, "z_out": slot[s.z_out]}
-                parts = {key: _as_grid(t, hw) for key, t in parts.items()}
-                z_in, z_out = parts["z_in"], parts["z_out"]
-                kind = "downsample" if s.kind == "conv" and self.map_hw(z_in) != self.map_hw(z_out) else s.kind
-                heads = getattr(submodule(b, s.name), "num_heads", None) if s.kind in ("msa", "channel") else None
-                self.emit(name, kind, i, parts, heads)
-            reset(None, None)
-
-        self.hook(b, block_out)
+        install_table(self, i, site)
 
     def _install_vit(self, i: int, site: BlockSite) -> None:
         b = site.module
@@ -367,7 +302,7 @@ class _Recorder:
             return
 
         def block_in(_m, args):
-            slot["z_in"] = _first_tensor(args)
+            slot["z_in"] = first_tensor(args)
 
         def shortcut_out(_m, _args, out):
             slot["shortcut"] = out
@@ -379,7 +314,7 @@ class _Recorder:
             slot["sum"] = args[0].clone()  # the activation is usually in-place
 
         def block_out(_m, _args, out):
-            z_in, out = slot.get("z_in"), _first_tensor(out)  # MViTv2's blocks return (x, feat_size)
+            z_in, out = slot.get("z_in"), first_tensor(out)  # MViTv2's blocks return (x, feat_size)
             sub = kind
             if kind == "conv" and isinstance(z_in, torch.Tensor) and z_in.ndim == 4 and out.ndim == 4 \
                     and out.shape[-2:] != z_in.shape[-2:]:
@@ -407,7 +342,7 @@ class _Recorder:
     def _install_stem(self, first: BlockSite) -> None:
         """The stem: the stream entering the first block, recorded with the image as its input."""
         def stem(_m, args):
-            x = _first_tensor(args)
+            x = first_tensor(args)
             if x is not None and self.image is not None:
                 self.emit("stem", "stem", -1, {"z_in": self.image, "z_out": x}, residual=False)
 
@@ -441,10 +376,10 @@ class _Recorder:
         slot = self.pending.setdefault(site.name, {})
 
         def block_in(_m, args):
-            slot["z_in"] = _first_tensor(args)
+            slot["z_in"] = first_tensor(args)
 
         def block_out(_m, _args, out):
-            z_in, z_out = slot.pop("z_in", None), _first_tensor(out)
+            z_in, z_out = slot.pop("z_in", None), first_tensor(out)
             if isinstance(z_in, torch.Tensor) and isinstance(z_out, torch.Tensor):
                 self.emit(site.name, "block", i, {"z_in": z_in, "z_out": z_out}, residual=False)
 
@@ -494,22 +429,46 @@ class _Recorder:
                              stage)
         n_q, n_k = int(attn.shape[-2]), int(attn.shape[-1])
         batch = int(self.image.shape[0]) if self.image is not None else None
-        if n_q != n_k:
-            return LayerInfo(name, "pooled", block, 0, None, None, heads, stage)
+        if n_q != n_k:  # pooled or spatially reduced keys: placed where capture's geometry table knows them
+            prefix, grid, patch = self.token_layout(n_q) if batch == attn.shape[0] else (0, None, None)
+            keys = reduced_key_coords(m, grid, n_k) if grid is not None and prefix == 0 else None
+            if keys is None:
+                return LayerInfo(name, "pooled", block, 0, None, None, heads, stage)
+            return LayerInfo(name, "pooled", block, 0, grid, patch, heads, stage, key_grid=keys[0], key_coords=keys[1])
         if batch is not None and attn.shape[0] == batch:
             prefix, grid, patch = self.token_layout(n_k)
             if grid is not None:
                 return LayerInfo(name, kind, block, prefix, grid, patch, heads, stage)
         side = int(round(n_k ** 0.5))
-        stride = self._stride_of(block)
-        if batch and attn.shape[0] % batch == 0 and attn.shape[0] > batch and side * side == n_k and stride:
-            # square windows of a feature map (AlterNet, Swin): distances within a window are those on the map;
-            # a shifted window's wrapped-around pairs are masked (probability ~0), so they add nothing
-            parent = name.rpartition(".")[0]
-            shift = getattr(self.model.get_submodule(parent) if parent else self.model, "shift_size", 0) or 0
+        windows = attn.shape[0] // batch if batch and attn.shape[0] % batch == 0 else 0
+        map_hw, stride = self._windowed_map(windows * n_k) if windows > 1 else (None, None)
+        stride = stride or self._stride_of(block)
+        if windows > 1 and side * side == n_k and stride:
+            parent_name = name.rpartition(".")[0]
+            parent = self.model.get_submodule(parent_name) if parent_name else self.model
+            if is_grid_partition(parent):  # MaxViT grid attention: a window's tokens lie map / g cells apart
+                if map_hw is None:
+                    return LayerInfo(name, "other", block, 0, None, None, heads, stage)
+                coords = grid_partition_coords((side, side), map_hw)
+                return LayerInfo(name, kind, block, 0, (side, side), stride, heads, stage, query_coords=coords,
+                                 key_coords=coords)
+            # square windows of a feature map (AlterNet, Swin, MaxViT block attention): distances within a window
+            # are those on the map; a shifted window's wrapped-around pairs are masked (probability ~0)
+            shift = getattr(parent, "shift_size", 0) or 0
             shift = (int(shift), int(shift)) if isinstance(shift, int) else (int(shift[0]), int(shift[1]))
             return LayerInfo(name, kind, block, 0, (side, side), stride, heads, stage, shift)
         return LayerInfo(name, "other", block, 0, None, None, heads, stage)
+
+    def _windowed_map(self, cells: int) -> tuple[tuple[int, int] | None, int | None]:
+        """(map size, pixels per map cell) of a map of ``cells`` cells with the image's aspect ratio and an
+        integer stride (the windows of one image tile it), else (None, None)."""
+        if self.image_hw is None:
+            return None, None
+        H, W = self.image_hw
+        h = round((cells * H / W) ** 0.5)
+        if h <= 0 or cells % h or H % h or (cells // h) * H != W * h:
+            return None, None
+        return (h, cells // h), H // h
 
     def _enclosing_block(self, name: str) -> int:
         best = -1

@@ -35,6 +35,14 @@ class LayerInfo:
             the map before it was cut into windows (Swin's shifted windows; (0, 0) for plain windows): window
             position (i, j) of window (u, v) is map cell ((u * ws + i + shift_r) mod H, (v * ws + j + shift_c)
             mod W), windows numbered row-major per image.
+        query_coords: Where the spatial queries sit when not on the plain grid ``grid``: (row coordinates, column
+            coordinates) of the h x w query grid, in cells of ``patch_size`` pixels (None: 0..h-1, 0..w-1). MaxViT's
+            grid attention: a window's tokens lie ``map / grid`` cells apart.
+        key_grid: The key grid (hk, wk) when keys are pooled or spatially reduced (PVTv2, Twins); None: the keys
+            are the queries' tokens.
+        key_coords: (row, column) coordinates of ``key_grid`` (or of ``grid`` when it is None and
+            ``query_coords`` is given) in the same cells: a key made by an s x s stride-s reduction sits at the
+            centre of the cells it covers, i * s + (s - 1) / 2.
     """
 
     name: str
@@ -46,6 +54,9 @@ class LayerInfo:
     num_heads: int | None = None
     stage: int | None = None
     window_shift: tuple[int, int] | None = None
+    query_coords: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+    key_grid: tuple[int, int] | None = None
+    key_coords: tuple[tuple[float, ...], tuple[float, ...]] | None = None
 
     @property
     def is_attention(self) -> bool:
@@ -53,9 +64,32 @@ class LayerInfo:
 
     @property
     def has_positions(self) -> bool:
-        """Whether each query and key of this attention map sits at a known place on a token grid (or in a
-        square window of one), so distance, nonlocality and query maps mean something."""
-        return self.kind in ("msa", "gpsa") and self.grid is not None
+        """Whether queries and keys are the same tokens of a plain token grid (or a square window of one), so
+        query maps, rollout and relative distance mean something."""
+        return self.kind in ("msa", "gpsa") and self.grid is not None and self.query_coords is None \
+            and self.key_grid is None
+
+    @property
+    def has_key_positions(self) -> bool:
+        """Whether every spatial query and key sits at a known place (``has_positions``, or coordinates given for
+        pooled keys or dilated windows), so attention distance, nonlocality and entropy over keys apply."""
+        return self.has_positions or (self.kind in ("msa", "pooled") and self.grid is not None
+                                      and self.key_coords is not None)
+
+    def cell_distance(self, device: torch.device | None = None) -> torch.Tensor | None:
+        """(S_q, S_k) Euclidean distance, in cells of ``patch_size`` pixels, from each spatial query to each
+        spatial key (float64), when they are not one plain grid (``query_coords`` / ``key_coords``); else None."""
+        if self.key_coords is None or self.grid is None:
+            return None
+        qr, qc = self.query_coords or (tuple(range(self.grid[0])), tuple(range(self.grid[1])))
+        kr, kc = self.key_coords
+
+        def points(rows, cols):  # row-major grid points, (len(rows) * len(cols), 2)
+            r = torch.tensor(rows, dtype=torch.float64, device=device)
+            c = torch.tensor(cols, dtype=torch.float64, device=device)
+            return torch.stack([r.repeat_interleave(len(cols)), c.repeat(len(rows))], dim=-1)
+
+        return torch.cdist(points(qr, qc), points(kr, kc))  # (S_q, S_k)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -83,3 +117,12 @@ def tokens_to_map(x: torch.Tensor, grid: tuple[int, int] | None = None, num_pref
             "pass the right grid and num_prefix_tokens (see cap.layout)"
         )
     return x[:, num_prefix_tokens:].transpose(1, 2).reshape(B, D, h, w)  # (B, D, h, w)
+
+
+def first_tensor(x) -> torch.Tensor | None:
+    """The tensor a block passes on: itself, or the first tensor of a tuple/list output (None if there is none)."""
+    if isinstance(x, torch.Tensor):
+        return x
+    if isinstance(x, (tuple, list)):  # a DenseNet layer takes the list of the maps so far
+        return next((t for t in map(first_tensor, x) if t is not None), None)
+    return None

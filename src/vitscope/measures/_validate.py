@@ -48,15 +48,16 @@ def as_float(x: Tensor) -> Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
-def check_attention(attn: Any, name: str = "attn", validate: bool = True) -> Tensor:
-    """Check a post-softmax attention tensor (B, H, N, N): 4-D, square, finite, rows summing to 1.
+def check_attention(attn: Any, name: str = "attn", validate: bool = True, square: bool = True) -> Tensor:
+    """Check a post-softmax attention tensor (B, H, N, N): 4-D, square (unless ``square`` is False: pooled keys,
+    (B, H, N, M)), finite, rows summing to 1.
 
     Returns it (half precision upcast to float32), with tiny negative round-off clamped to 0. With
     ``validate=False`` only the type and shape are checked (no scan of the values, no clamp): for maps the
     caller already checked with ``check_attention``.
     """
     attn = check_tensor(attn, name, 4, "(B, H, N, N) post-softmax attention", finite=False)
-    if attn.shape[-1] != attn.shape[-2]:
+    if square and attn.shape[-1] != attn.shape[-2]:
         raise ValueError(
             f"{name} must be self-attention (B, H, N, N) with as many keys as queries, got shape {tuple(attn.shape)}"
         )

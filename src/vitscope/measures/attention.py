@@ -8,7 +8,9 @@ patch size and prefix tokens of each layer) and accumulate sums and counts, so u
 exactly the result over the whole set.
 
 Token positions: spatial tokens are the last ``h * w`` tokens in row-major order (token ``p + r * w + c``
-sits at row r, column c, after ``p`` prefix tokens), as timm ViTs lay them out.
+sits at row r, column c, after ``p`` prefix tokens), as timm ViTs lay them out. With a layout whose queries or
+keys lie elsewhere (``LayerInfo.cell_distance``: pooled keys of PVTv2/Twins, MaxViT's dilated grid windows),
+attention distance and nonlocality use those positions; entropy is over the keys, whatever their number.
 
 Precision: the per-row and per-batch reductions run in the maps' dtype (float64 maps: float64 throughout;
 float32 maps: sums over keys and over the batch in float32, relative error ~1e-7), the states in float64.
@@ -37,7 +39,7 @@ def _count(x: Tensor, n: int) -> float:
 
 # ------------------------------------------------------------------------------------- per-batch sums
 def _entropy_sums(attn: Tensor, name: str = "attn", validate: bool = True) -> dict[str, Tensor]:
-    a = check_attention(attn, name, validate)  # (B, H, N, N)
+    a = check_attention(attn, name, validate, square=False)  # (B, H, N, M)
     B, H, N, _ = a.shape
     # -sum_j A ln A with 0 ln 0 = 0: clamping before the log is exact for A = 0 and faster than xlogy
     ent = -(a * a.clamp_min(torch.finfo(a.dtype).tiny).log()).sum(-1)  # (B, H, N)
@@ -65,19 +67,31 @@ def _weighted_mass(a: Tensor, dist: Tensor) -> Tensor:
     return (a.sum(0).double() * dist).sum((-1, -2))  # (H,): batch sum in the maps' dtype (float32: ~1e-7)
 
 
+def _cells(a: Tensor, grid: Any, num_prefix_tokens: int, cells: Tensor | None) -> tuple[Tensor, int]:
+    """(S_q, S_k) distances between spatial queries and keys in cells (a plain grid's, else ``cells``), and S_q."""
+    N, M = a.shape[-2:]
+    if cells is None:
+        h, w = check_grid(grid, N, num_prefix_tokens)  # square maps: check_attention saw M == N
+        return pairwise_distance(h, w, a.device), h * w
+    if tuple(cells.shape) != (N - num_prefix_tokens, M - num_prefix_tokens):
+        raise ValueError(f"the layout's positions ({tuple(cells.shape)}) do not match {N} queries and {M} keys "
+                         f"minus {num_prefix_tokens} prefix tokens")
+    return cells.to(a.device), N - num_prefix_tokens
+
+
 def _distance_sums(
     attn: Tensor, grid: Any, patch_size: Any, num_prefix_tokens: int, renormalize: bool, name: str = "attn",
-    validate: bool = True,
+    validate: bool = True, cells: Tensor | None = None,
 ) -> dict[str, Tensor]:
-    a = check_attention(attn, name, validate)  # (B, H, N, N)
-    B, H, N, _ = a.shape
-    h, w = check_grid(grid, N, num_prefix_tokens)
+    a = check_attention(attn, name, validate, square=cells is None)  # (B, H, N, M)
+    B = a.shape[0]
     ps = _patch_size(patch_size)
     # mass the spatial queries put on the prefix (class) tokens, summed over the batch and queries: (H,)
     prefix = a[..., num_prefix_tokens:, :num_prefix_tokens].sum((0, 2, 3), dtype=torch.float64)
-    a = a[..., num_prefix_tokens:, num_prefix_tokens:]  # (B, H, S, S) view
-    dist = pairwise_distance(h, w, a.device) * ps  # (S, S) pixels, float64
-    count = _count(a, B * h * w)
+    cell_dist, s_q = _cells(a, grid, num_prefix_tokens, cells)
+    a = a[..., num_prefix_tokens:, num_prefix_tokens:]  # (B, H, S_q, S_k) view
+    dist = cell_dist * ps  # (S_q, S_k) pixels, float64
+    count = _count(a, B * s_q)
     if not renormalize:  # linear in A: sum over the batch first
         return {"sum": _weighted_mass(a, dist), "count": count, "prefix": prefix}
     per_query = (a * dist.to(a.dtype)).sum(-1).double()  # (B, H, S)
@@ -86,15 +100,15 @@ def _distance_sums(
 
 
 def _nonlocality_sums(
-    attn: Tensor, grid: Any, num_prefix_tokens: int, name: str = "attn", validate: bool = True
+    attn: Tensor, grid: Any, num_prefix_tokens: int, name: str = "attn", validate: bool = True,
+    cells: Tensor | None = None,
 ) -> dict[str, Tensor]:
-    a = check_attention(attn, name, validate)  # (B, H, N, N)
-    B, H, N, _ = a.shape
-    h, w = check_grid(grid, N, num_prefix_tokens)
-    a = a[..., num_prefix_tokens:, num_prefix_tokens:]  # (B, H, S, S) view
-    dist = pairwise_distance(h, w, a.device)  # (S, S) patch units
+    a = check_attention(attn, name, validate, square=cells is None)  # (B, H, N, M)
+    B = a.shape[0]
+    dist, s_q = _cells(a, grid, num_prefix_tokens, cells)  # (S_q, S_k) patch units
+    a = a[..., num_prefix_tokens:, num_prefix_tokens:]  # (B, H, S_q, S_k) view
     # (1/S) sum_ij (sum_b A_b)_ij d_ij; divided by the example count in compute = nonlocality of mean_b A.
-    return {"sum": _weighted_mass(a, dist) / (h * w), "count": _count(a, B)}
+    return {"sum": _weighted_mass(a, dist) / s_q, "count": _count(a, B)}
 
 
 def _relative_sums(
@@ -249,6 +263,13 @@ class _AttentionMeasure(StreamingMeasure):
         prefix = layer_option(self.num_prefix_tokens, layout, i, "num_prefix_tokens")
         return grid, self.default_prefix if prefix is None else prefix
 
+    def _layer_cells(self, layout: Any, i: int, device: torch.device) -> Tensor | None:
+        """The layout's query-to-key distances in cells where they are not one plain grid (pooled keys, dilated
+        windows; ``LayerInfo.cell_distance``), unless a grid was given to the constructor."""
+        info = layout[i] if isinstance(layout, (list, tuple)) else layout
+        fn = getattr(info, "cell_distance", None)
+        return fn(device) if self.grid is None and callable(fn) else None
+
     def _sums(self, attn: Tensor, layout: Any, i: int, name: str, validate: bool) -> dict[str, Tensor]:
         raise NotImplementedError
 
@@ -302,7 +323,8 @@ class AttentionDistance(_AttentionMeasure):
     def _sums(self, attn: Tensor, layout: Any, i: int, name: str, validate: bool) -> dict[str, Tensor]:
         grid, prefix = self._layer_args(layout, i)
         patch_size = layer_option(self.patch_size, layout, i, "patch_size")
-        return _distance_sums(attn, grid, patch_size, prefix, self.renormalize, name, validate)
+        return _distance_sums(attn, grid, patch_size, prefix, self.renormalize, name, validate,
+                              self._layer_cells(layout, i, attn.device))
 
     def class_token_mass(self) -> Tensor | list[Tensor]:
         """Per layer, (H,) mass of the spatial queries on the prefix tokens (``class_token_mass``)."""
@@ -324,7 +346,7 @@ class Nonlocality(_AttentionMeasure):
 
     def _sums(self, attn: Tensor, layout: Any, i: int, name: str, validate: bool) -> dict[str, Tensor]:
         grid, prefix = self._layer_args(layout, i)
-        return _nonlocality_sums(attn, grid, prefix, name, validate)
+        return _nonlocality_sums(attn, grid, prefix, name, validate, self._layer_cells(layout, i, attn.device))
 
 
 class RelativeDistance(_AttentionMeasure):

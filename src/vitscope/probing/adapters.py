@@ -30,6 +30,8 @@ def _heads(values: torch.Tensor) -> dict[str, Any]:
 
 _NOT_SPLIT = ("a block vitscope does not split as z + f(z) (its residual structure is not in capture's table: "
               "layer scale, parallel branches, post-norm or no skip path), so it has no ratio of norms")
+_NOT_SAME_TOKENS = ("queries and keys are not the same tokens of one grid (pooled keys or MaxViT's dilated grid "
+                    "windows): relative distance leaves out each token's attention to itself, which has no meaning")
 _NO_POSITIONS = {
     "channel": "channel attention (XCiT's cross-covariance attention): it attends over channels, not positions",
     "pooled": "keys pooled or spatially reduced (fewer keys than queries): key positions not modelled",
@@ -39,12 +41,13 @@ _NO_POSITIONS = {
 
 
 def _keep_positional(cap: Capture, skipped: dict[str, str]) -> None:
-    """Keep the attention maps whose queries and keys sit on a known grid (``LayerInfo.has_positions``): the
-    attention measures (entropy over positions, distance, nonlocality) mean nothing on the others, which are
-    named in ``skipped`` with the reason."""
-    keep = [i for i, info in enumerate(cap.attention_layout) if info.has_positions]
+    """Keep the attention maps whose queries and keys sit at known places (``LayerInfo.has_key_positions``: a
+    token grid, square windows, pooled keys or dilated windows capture can place): the attention measures
+    (entropy over positions, distance, nonlocality) mean nothing on the others, which are named in ``skipped``
+    with the reason."""
+    keep = [i for i, info in enumerate(cap.attention_layout) if info.has_key_positions]
     for info in cap.attention_layout:
-        if not info.has_positions:
+        if not info.has_key_positions:
             skipped.setdefault(info.name, _NO_POSITIONS.get(info.kind, _NO_POSITIONS["other"]))
     cap.attentions[:] = [cap.attentions[i] for i in keep]
     cap.attention_layout[:] = [cap.attention_layout[i] for i in keep]
@@ -164,7 +167,21 @@ class _Nonlocality(_AttentionProbe):
 
 
 class _RelativeDistance(_AttentionProbe):
+    """CB's relative distance: on maps whose queries and keys are the same tokens of one grid only (it leaves out
+    each token's attention to itself); pooled keys and dilated windows are named in ``skipped``."""
+
     measure_cls = M.RelativeDistance
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.skipped: dict[str, str] = {}
+
+    def update(self, cap: Capture) -> None:
+        keep = [i for i, info in enumerate(cap.attention_layout) if info.has_positions]
+        for info in cap.attention_layout:
+            if not info.has_positions:
+                self.skipped.setdefault(info.name, _NOT_SAME_TOKENS)
+        super().update(Capture([cap.attentions[i] for i in keep], [cap.attention_layout[i] for i in keep]))
 
 
 class _StreamProbe(_ProbeMeasure):

@@ -171,8 +171,9 @@ def probe(
                         "; ".join(f"{k}: {v}" for k, v in list(not_applicable.items())[:3]))
         result.meta["not_applicable"] = {n: not_applicable for n in measures if PROBE_MEASURES[n].needs_attention}
     for name, a in adapters.items():  # layers a stream measure has no meaning on, and why
-        if getattr(a, "skipped", None):
-            result.meta.setdefault("not_applicable", {})[name] = a.skipped
+        if getattr(a, "skipped", None):  # added to the attention measures' shared reasons, if any
+            na = result.meta.setdefault("not_applicable", {})
+            na[name] = {**na.get(name, {}), **a.skipped}
     if stats[2] > 0:
         result.meta.update(accuracy=float(stats[0] / stats[2]), nll=float(stats[1] / stats[2]))
     for name, a in adapters.items():

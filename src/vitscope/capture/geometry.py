@@ -1,0 +1,69 @@
+"""Where the keys of an attention map sit when they are not the query tokens: the table of attention types with
+pooled or spatially reduced keys and of window partitions that are not contiguous (a new family is an entry).
+
+- Spatial reduction (PVTv2 ``Attention``, Twins ``GlobalSubSampleAttn``): keys and values come from an
+  s x s convolution of stride s over the h x w query map (``sr``), so key (i, j) covers the query cells
+  [i s, (i + 1) s) x [j s, (j + 1) s) and sits at their centre, (i s + (s - 1) / 2, j s + (s - 1) / 2) in query
+  cells; PVTv2's linear mode pools to a fixed grid first (``AdaptiveAvgPool2d``), whose bin i covers
+  [floor(i h / o), ceil((i + 1) h / o)) (PyTorch's adaptive pooling), centre at the bin's middle.
+- MaxViT/CoAtNet ``PartitionAttention*`` with ``partition_block`` False (grid attention): the map is cut into a
+  g x g grid of windows whose tokens lie H / g cells apart (timm ``grid_partition``): token (i, j) of a window
+  sits at (i H / g, j W / g) plus the window's offset, which cancels in every distance.
+
+Not placed yet (kind ``other``, named by the probe): PiT's token grids, whose overlapping patch embedding (16 px
+patches, stride 8) gives no integer pixel stride of the image. Attention whose keys are pooled by a stride with
+padding (MViTv2, Hiera's mask units) exposes no map to ``*attn_drop`` hooks, so
+capture sees none (as timm's ``AttentionExtract``); CaiT/XCiT class attention (one query, the class token) has
+no query position: both stay ``pooled`` with no coordinates, and the measures name them as not applicable.
+"""
+from __future__ import annotations
+
+import math
+
+import torch.nn as nn
+from timm.models import maxxvit, pvt_v2, twins
+
+Coords = tuple[tuple[float, ...], tuple[float, ...]]
+
+REDUCED_KEYS: tuple[type, ...] = (pvt_v2.Attention, twins.GlobalSubSampleAttn)
+GRID_PARTITION: tuple[type, ...] = (maxxvit.PartitionAttentionCl, maxxvit.PartitionAttention2d)
+
+
+def _pair(v) -> tuple[int, int]:
+    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def _adaptive_centres(n: int, out: int) -> tuple[float, ...]:
+    return tuple((math.floor(i * n / out) + math.ceil((i + 1) * n / out) - 1) / 2 for i in range(out))
+
+
+def reduced_key_coords(attn: nn.Module, grid: tuple[int, int], n_keys: int) -> tuple[tuple[int, int], Coords] | None:
+    """(key grid, key coordinates in query cells) of a spatial-reduction attention over an (h, w) query grid, or
+    None when ``attn`` is not in the table or its keys do not match."""
+    if not isinstance(attn, REDUCED_KEYS):
+        return None
+    h, w = grid
+    pool, sr = getattr(attn, "pool", None), getattr(attn, "sr", None)
+    if isinstance(pool, nn.AdaptiveAvgPool2d):  # PVTv2 linear: pool to a fixed grid, then a 1x1 conv
+        oh, ow = _pair(pool.output_size)
+        coords = (_adaptive_centres(h, oh), _adaptive_centres(w, ow))
+    elif isinstance(sr, nn.Conv2d) and sr.kernel_size == sr.stride and _pair(sr.padding) == (0, 0):
+        sh, sw = _pair(sr.stride)
+        oh, ow = h // sh, w // sw
+        coords = (tuple(i * sh + (sh - 1) / 2 for i in range(oh)), tuple(j * sw + (sw - 1) / 2 for j in range(ow)))
+    elif sr is None and pool is None:
+        oh, ow = h, w
+        coords = (tuple(float(i) for i in range(h)), tuple(float(j) for j in range(w)))
+    else:
+        return None
+    return ((oh, ow), coords) if oh * ow == n_keys else None
+
+
+def is_grid_partition(parent: nn.Module | None) -> bool:
+    """Whether an attention module's parent cuts the map into a dilated grid (MaxViT grid attention)."""
+    return isinstance(parent, GRID_PARTITION) and not parent.partition_block
+
+
+def grid_partition_coords(g: tuple[int, int], map_hw: tuple[int, int]) -> Coords:
+    """Coordinates, in map cells, of the g x g tokens of one grid-attention window over an (H, W) map."""
+    return (tuple(i * map_hw[0] / g[0] for i in range(g[0])), tuple(j * map_hw[1] / g[1] for j in range(g[1])))

@@ -1,0 +1,102 @@
+"""Pixel geometry of pooled-key and dilated-window attention (capture/geometry.py): mean attention distance and
+nonlocality against numpy from explicit pixel positions of every query and key.
+
+Positions are written out independently of capture: a spatially reduced key (PVTv2, Twins-PCPVT: an s x s
+stride-s convolution) sits at the centre of the pixels it covers; PVTv2's linear mode pools to 7 x 7 with
+PyTorch's adaptive bins [floor(i n / 7), ceil((i + 1) n / 7)); MaxViT's block and grid windows are located by
+applying timm's own ``window_partition`` / ``grid_partition`` to a map of pixel centres.
+"""
+import numpy as np
+import pytest
+import timm
+import torch
+from timm.models import maxxvit
+
+import vitscope
+from vitscope import measures as M
+
+TINY = dict(embed_dims=(8, 16, 24, 32), depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1))
+
+
+def _centres(n: int, px: float) -> np.ndarray:  # pixel centres of n cells of px pixels
+    return (np.arange(n) + 0.5) * px
+
+
+def _grid_points(rows: np.ndarray, cols: np.ndarray) -> np.ndarray:  # row-major (len(rows) * len(cols), 2)
+    return np.stack(np.meshgrid(rows, cols, indexing="ij"), -1).reshape(-1, 2)
+
+
+def _pooled_positions(model, info, side):
+    """Query and key pixel positions of a PVTv2 / Twins GSA map, from the module's reduction."""
+    h, w = info.grid
+    px = side / h
+    q = _grid_points(_centres(h, px), _centres(w, px))
+    attn = model.get_submodule(info.name)
+    pool = getattr(attn, "pool", None)
+    if pool is not None:  # PVTv2 linear: adaptive average pooling to 7 x 7
+        o = 7
+        starts = np.floor(np.arange(o) * h / o)
+        ends = np.ceil((np.arange(o) + 1) * h / o)
+        k1 = (starts + ends) / 2 * px
+        return q, _grid_points(k1, k1)
+    s = attn.sr.stride[0]  # s x s stride-s convolution: key i covers pixels [i s px, (i + 1) s px)
+    k1 = (np.arange(h // s) * s + s / 2) * px
+    return q, _grid_points(k1, k1)
+
+
+def _numpy_distance(attn: np.ndarray, q: np.ndarray, k: np.ndarray) -> np.ndarray:
+    """Per head: mean over maps and queries of sum_j A_ij |q_i - k_j| (pixels). attn (B, H, Nq, Nk)."""
+    d = np.sqrt(((q[:, None, :] - k[None, :, :]) ** 2).sum(-1))  # (Nq, Nk)
+    return (attn * d).sum(-1).mean(axis=(0, 2))
+
+
+@pytest.mark.parametrize("name,kwargs", [("pvt_v2_b0", TINY), ("pvt_v2_b0", {**TINY, "linear": True}),
+                                         ("twins_pcpvt_small", TINY)], ids=["pvt_sr", "pvt_linear", "twins_gsa"])
+def test_pooled_key_distance_equals_numpy_from_pixel_positions(name, kwargs):
+    torch.manual_seed(0)
+    side = 64
+    model = timm.create_model(name, **kwargs).eval()
+    with torch.no_grad(), vitscope.capture(model, residual=False, branches=False) as cap:
+        model(torch.randn(2, 3, side, side))
+    pooled = [i for i, info in enumerate(cap.attention_layout) if info.kind == "pooled"]
+    assert len(pooled) >= 2 and all(cap.attention_layout[i].has_key_positions for i in pooled)
+    dist = M.AttentionDistance(num_prefix_tokens=0)
+    dist.update([cap.attentions[i] for i in pooled], [cap.attention_layout[i] for i in pooled])
+    nonloc = M.Nonlocality()
+    nonloc.update([cap.attentions[i] for i in pooled], [cap.attention_layout[i] for i in pooled])
+    for i, got, got_nl in zip(pooled, dist.compute(), nonloc.compute()):
+        info, a = cap.attention_layout[i], cap.attentions[i].double().numpy()
+        q, k = _pooled_positions(model, info, side)
+        want = _numpy_distance(a, q, k)
+        # float32 maps, float64 positions: the batch sum of A runs in float32 (relative 1e-7, measures docstring)
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-6)
+        px = side / info.grid[0]  # nonlocality: the distance of the batch-mean map in cells (patch units)
+        np.testing.assert_allclose(got_nl.numpy(), _numpy_distance(a.mean(0, keepdims=True), q, k) / px, rtol=1e-6)
+
+
+def test_maxvit_block_and_grid_windows_distance_equals_numpy_from_timm_partitions():
+    torch.manual_seed(0)
+    side, B = 64, 2
+    model = timm.create_model("test_maxvit", img_size=side).eval()
+    with torch.no_grad(), vitscope.capture(model, residual=False, branches=False) as cap:
+        model(torch.randn(B, 3, side, side))
+    checked = {"block": 0, "grid": 0}
+    dist = M.AttentionDistance(num_prefix_tokens=0)
+    dist.update(cap.attentions, cap.attention_layout)
+    for a, info, got in zip(cap.attentions, cap.attention_layout, dist.compute()):
+        part = model.get_submodule(info.name.rpartition(".")[0])
+        windows = a.shape[0] // B
+        if windows == 1:
+            continue  # one window per image: the whole map, a plain token grid
+        g = part.partition_size
+        H = W = int(round((windows * g[0] * g[1]) ** 0.5))  # the map the windows tile
+        px = side / H
+        centres = torch.from_numpy(_grid_points(_centres(H, px), _centres(W, px))).view(1, H, W, 2)
+        fn = maxxvit.window_partition if part.partition_block else maxxvit.grid_partition
+        pos = fn(centres, g).reshape(windows, g[0] * g[1], 2).numpy()  # (windows, tokens, 2) pixel centres
+        a = a.double().numpy().reshape(B, windows, *a.shape[1:])  # (B, windows, heads, n, n)
+        d = np.sqrt(((pos[:, :, None] - pos[:, None, :]) ** 2).sum(-1))  # (windows, n, n)
+        want = (a * d[None, :, None]).sum(-1).mean(axis=(0, 1, 3))  # (heads,)
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-6)
+        checked["block" if part.partition_block else "grid"] += 1
+    assert checked["block"] >= 2 and checked["grid"] >= 2
