@@ -64,9 +64,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from vitscope.curvature._io import plot_spectrum, save_figure, write_json
+    from vitscope.curvature._io import plot_spectrum, save_figure
     from vitscope.curvature.spectrum import eigenvalue_spectrum
-    from vitscope.io.atomic import staged_output
+    from vitscope.io.atomic import atomic_write_json, staged_output
 
     check_positive(k=args.k, batches=args.batches, batch_size=args.batch_size, max_iter=args.max_iter)
     if (args.mixup > 0 or args.cutmix > 0) and args.batch_size % 2:
@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
                    "img_size": setup.img_size, "mixup": args.mixup, "cutmix": args.cutmix, "augment": args.augment}
     title = f"{setup.meta['model']}: top-{args.k} Hessian eigenvalues"
     with staged_output(out) as stage:  # both files appear together, or neither
-        write_json(stage / "hessian.json", data)
+        atomic_write_json(stage / "hessian.json", data)
         save_figure(plot_spectrum(result, title=title), stage / "hessian.png")
     parts = [f"{g}: max {v.max():.4g}, min {v.min():.4g}, negative {100 * result.negative_fraction[g]:.1f}%"
              for g, v in result.eigenvalues.items()]

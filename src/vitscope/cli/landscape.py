@@ -58,9 +58,9 @@ def _check_directions_file(path: str, dims: int) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from vitscope.curvature._io import plot_landscape, save_figure, write_json
+    from vitscope.curvature._io import plot_landscape, save_figure
     from vitscope.curvature.landscape import loss_landscape, save_directions
-    from vitscope.io.atomic import staged_output
+    from vitscope.io.atomic import atomic_write_json, staged_output
 
     if args.steps < 1:
         raise CLIError(f"--steps must be a positive integer, got {args.steps}")
@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
                    "img_size": setup.img_size, "directions": str(out / "directions.safetensors")}
     with staged_output(out) as stage:  # the three files appear together, or none
         save_directions(stage / "directions.safetensors", result.directions, result.policy)
-        write_json(stage / "landscape.json", data)
+        atomic_write_json(stage / "landscape.json", data)
         save_figure(plot_landscape(result, title=f"{setup.meta['model']}: loss landscape"), stage / "landscape.png")
     centre = result.loss[(args.steps // 2,) * args.dims]
     print(f"wrote {out / 'landscape.json'}, landscape.png and directions.safetensors "

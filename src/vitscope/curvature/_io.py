@@ -1,17 +1,11 @@
-"""The curvature outputs: JSON (``vitscope.io.atomic``) and figures (``vitscope.reports.render``), atomically."""
+"""The curvature figures (``vitscope.reports.render``), written atomically; their JSON goes through
+``vitscope.io.atomic.atomic_write_json``."""
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from vitscope.io.atomic import atomic_write_json
-
-
-def write_json(path: str | Path, data: Any) -> Path:
-    """Strict JSON (no NaN), written atomically."""
-    return atomic_write_json(path, data)
 
 
 def save_figure(fig: Any, path: str | Path) -> Path:

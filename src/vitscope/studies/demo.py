@@ -22,10 +22,10 @@ import torch
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from vitscope.io.atomic import atomic_write_json, json_safe
 from vitscope.studies.pipeline import (
     Timer,
     TrainRequest,
-    atomic_write_json,
     cross_model_cka,
     evaluate_classifier,
     has_attention,
@@ -278,13 +278,13 @@ def _run(out: Path, size: str, data: str, img_size: int, models: tuple[str, ...]
                                              max_examples=sz.train_examples)
                 torch.manual_seed(0)
                 hess = run_hessian(model, train_loader, progress=progress, name=spec.label, **h)
-                atomic_write_json(run_dir / "hessian.json", hess)
+                atomic_write_json(run_dir / "hessian.json", json_safe(hess))
                 entry["hessian"] = {k: hess[k] for k in ("negative_fraction", "max_abs_eigenvalue", "max_eigenvalue",
                                                           "min_eigenvalue")}
             bar.update(1)
             with step("landscape"):
                 land = run_landscape(model, test, progress=progress, name=spec.label, **sz.landscape)
-                atomic_write_json(run_dir / "landscape.json", land)
+                atomic_write_json(run_dir / "landscape.json", json_safe(land))
                 losses = [v for v in land["loss"] if v is not None]
                 entry["landscape"] = {"loss_at_minimum": land["loss"][len(land["loss"]) // 2],
                                       "max_loss": max(losses) if losses else None}
@@ -292,7 +292,7 @@ def _run(out: Path, size: str, data: str, img_size: int, models: tuple[str, ...]
             with step("robustness"):
                 rob = run_robustness(model, pixels, info.mean, info.std, dict(sz.robustness), progress=progress,
                                      name=spec.label)
-                atomic_write_json(run_dir / "robustness.json", rob)
+                atomic_write_json(run_dir / "robustness.json", json_safe(rob))
                 entry["robustness"] = _short_robustness(rob)
             bar.update(1)
             summary[key] = entry
@@ -327,6 +327,6 @@ def _run(out: Path, size: str, data: str, img_size: int, models: tuple[str, ...]
                     "torch": torch.__version__},
         "report": str(report),
     }
-    atomic_write_json(out / "results.json", results)
+    atomic_write_json(out / "results.json", json_safe(results))
     _logger.info("demo done in %.1f s: %s and %s", results["timing_s"]["total"], report, out / "results.json")
     return results

@@ -22,7 +22,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vitscope.io.atomic import atomic_write_text, json_safe
 from vitscope.io.lock import run_lock
 from vitscope.studies.zoo import ModelSpec
 
@@ -32,17 +31,12 @@ __all__ = [
     "TrainRequest", "train_spec", "run_finished", "training_summary", "evaluate_classifier", "has_attention",
     "probe_measures",
     "run_probe", "run_skip_cka", "run_lesion", "run_localization", "cross_model_cka", "run_hessian", "run_landscape",
-    "run_robustness", "frequency_balanced", "atomic_write_json", "Timer", "val_loader",
+    "run_robustness", "frequency_balanced", "Timer", "val_loader",
 ]
 
 
 # ----------------------------------------------------------------------------------------------
-# Files and timing.
-
-
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
-    """JSON (non-finite floats as null), written atomically."""
-    return atomic_write_text(path, json.dumps(json_safe(obj), indent=1, allow_nan=False))
+# Timing.
 
 
 class Timer:

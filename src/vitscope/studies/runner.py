@@ -27,12 +27,11 @@ from typing import Any
 
 import yaml
 
+from vitscope.io.atomic import atomic_write_json, atomic_write_text, json_safe
 from vitscope.studies.metrics import compute_metric, metric_needs, parse_metric
 from vitscope.studies.pipeline import (
     Timer,
     TrainRequest,
-    atomic_write_json,
-    atomic_write_text,
     evaluate_classifier,
     frequency_balanced,
     run_hessian,
@@ -409,7 +408,7 @@ def run_study(
                 a = _analyze(run_dir, need, s, progress, device)
             a["training"] = training_summary(run_dir)
             if info.is_main:
-                atomic_write_json(study_dir / "analysis" / f"{run_dir.name}.json", a)
+                atomic_write_json(study_dir / "analysis" / f"{run_dir.name}.json", json_safe(a))
             analyses[(key, cond, seed)] = a
             evals.append({"model": key, "condition": cond, "seed": seed, "run_dir": str(run_dir), **a["eval"],
                           "training": a["training"]})
@@ -440,7 +439,7 @@ def run_study(
     }
     files = {k: study_dir / f"verdicts.{k}" for k in ("json", "csv", "md")}
     if info.is_main:  # torchrun: every rank holds the same verdicts; rank 0 alone writes them
-        atomic_write_json(files["json"], payload)
+        atomic_write_json(files["json"], json_safe(payload))
         atomic_write_text(files["csv"], to_csv(verdicts))
         atomic_write_text(files["md"], md)
     if info.distributed:
