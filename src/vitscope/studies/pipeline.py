@@ -326,28 +326,23 @@ def frequency_balanced(model: nn.Module, pixel_loader: Iterable, mean: Sequence[
     width ``width``, RMS 0.05 per value, common random numbers over frequencies), and clean. ``drop`` = clean
     minus noisy balanced accuracy: top-1 on ELPV (69% one class) moves little when a model drifts to the
     majority class. ``shard``: the confusion matrices are summed over the ranks, as ``evaluate_classifier``."""
-    from vitscope.distributed import all_reduce_sum, current, shard_batches
+    from vitscope.distributed import all_reduce_sum, current
+    from vitscope.measures.evaluation import eval_batches, eval_mode
     from vitscope.robustness import frequency_noise
     from vitscope.robustness.attacks import pixel_model
     from vitscope.robustness.suite import default_freq_eps
 
     net = pixel_model(model, mean, std)
-    was_training = net.training
-    net.eval()
     device = next(model.parameters()).device
     conf = torch.zeros(len(freqs) + 1, num_classes, num_classes, dtype=torch.long)  # (clean + F, true, pred)
-    batches = shard_batches(pixel_loader, every_rank=False) if shard else enumerate(pixel_loader)
     eps = None
-    try:
-        for i, (x, y) in batches:
-            x = x.to(device)  # (B, C, H, W) in [0, 1]
+    with eval_mode(net):
+        for i, x, y in eval_batches(pixel_loader, device, shard=shard):  # x: (B, C, H, W) in [0, 1]
             eps = default_freq_eps(x.shape) if eps is None else eps
             for j, xn in enumerate([x] + [frequency_noise(x, f, width, eps=eps, seed=seed + i) for f in freqs]):
                 pred = net(xn).argmax(1).cpu()
                 conf[j] += torch.bincount(y.cpu() * num_classes + pred, minlength=num_classes ** 2
                                           ).view(num_classes, num_classes)
-    finally:
-        net.train(was_training)
     if shard and current().distributed:
         all_reduce_sum(conf)
     bal = [classification_stats(c)["balanced_accuracy"] for c in conf]

@@ -20,6 +20,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from vitscope.measures.evaluation import eval_mode
+
 _logger = logging.getLogger(__name__)
 
 __all__ = ["register_probe", "list_probes", "get_probe", "run_probes", "ProbeFn"]
@@ -114,10 +116,8 @@ def _gpsa_gates(model: nn.Module, images: torch.Tensor) -> tuple[list[str], list
 @torch.no_grad()
 def run_probes(model: nn.Module, images: torch.Tensor, measures: list[str], epoch: int) -> list[dict[str, Any]]:
     """Evaluate each probe on ``images`` with the model in eval mode; one record per measure."""
-    was_training = model.training
-    model.eval()
     records = []
-    try:
+    with eval_mode(model):
         for name in measures:
             try:
                 layers, values = get_probe(name)(model, images)
@@ -125,6 +125,4 @@ def run_probes(model: nn.Module, images: torch.Tensor, measures: list[str], epoc
                 raise ValueError(f"probe {name!r} is not available in this vitscope ({e}); "
                                  "drop it from probes.measures") from None
             records.append({"epoch": epoch, "measure": name, "layers": layers, "values": values})
-    finally:
-        model.train(was_training)
     return records
