@@ -48,25 +48,30 @@ def test_vit_rollout_and_query_maps_match_capture(vit):
     maps = vitscope.attention_maps(vit, x, query=(1, 2))
     cap = _captured(vit, x)
     ref = attention_rollout(cap.attentions)[:, 0, 1:].reshape(3, 4, 4)  # class token row, patch columns
-    np.testing.assert_allclose(maps.rollout, ref.numpy(), rtol=1e-5, atol=1e-7)
+    # the same float32 maps (same batch), the same float64 rollout, kept in float32: the same bits
+    np.testing.assert_array_equal(maps.rollout, ref.float().numpy())
     assert maps.rollout_source == "class token"
     assert maps.query_grid == (4, 4) and maps.query == (1, 2)
     for a, m, cell in zip(cap.attentions, maps.query_maps, maps.query_cells):
         assert cell == (1, 2)
-        np.testing.assert_allclose(m, a[:, :, 1 + 1 * 4 + 2, 1:].reshape(3, -1, 4, 4).numpy(), atol=1e-7)
+        np.testing.assert_array_equal(m, a[:, :, 1 + 1 * 4 + 2, 1:].reshape(3, -1, 4, 4).numpy())
     assert maps.query_box == (8.0, 16.0, 16.0, 24.0)  # 8-pixel patches: rows 8..16, columns 16..24
     assert maps.gpsa_gates is None and maps.gpsa_positional is None
 
 
 def test_maps_do_not_depend_on_the_batch(vit):
-    """Each image's maps are its own: two batches give what one batch gives."""
+    """Each image's maps are its own: replacing one image of the batch leaves the others' maps unchanged, bit for
+    bit (the same operations on tensors of the same shapes; splitting the batch instead would change float32
+    rounding by amounts no a-priori bound covers)."""
     x = _images(5)
     whole = vitscope.attention_maps(vit, x, embeddings=False)
-    parts = [vitscope.attention_maps(vit, x[:2], embeddings=False),
-             vitscope.attention_maps(vit, x[2:], embeddings=False)]
-    np.testing.assert_allclose(np.concatenate([p.rollout for p in parts]), whole.rollout, atol=1e-6)
+    other = x.clone()
+    other[0] = -x[0]
+    swapped = vitscope.attention_maps(vit, other, embeddings=False)
+    assert not np.array_equal(swapped.rollout[0], whole.rollout[0])
+    np.testing.assert_array_equal(swapped.rollout[1:], whole.rollout[1:])
     for i in range(len(whole.query_maps)):
-        np.testing.assert_allclose(np.concatenate([p.query_maps[i] for p in parts]), whole.query_maps[i], atol=1e-6)
+        np.testing.assert_array_equal(swapped.query_maps[i][1:], whole.query_maps[i][1:])
 
 
 def test_registers_and_a_non_square_dynamic_size():
@@ -92,9 +97,11 @@ def test_pooled_vit_uses_the_mean_over_patch_queries():
     maps = vitscope.attention_maps(model, x, discard_ratio=0.2, head_fusion="max")
     cap = _captured(model, x)
     R = attention_rollout(cap.attentions, head_fusion="max", discard_ratio=0.2)  # (B, 16, 16), no prefix
-    np.testing.assert_allclose(maps.rollout, R.mean(1).reshape(2, 4, 4).numpy(), rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(maps.rollout, R.mean(1).reshape(2, 4, 4).float().numpy())  # same bits, float32
     assert maps.rollout_source == "mean over patch queries"
-    np.testing.assert_allclose(maps.rollout.sum((1, 2)), 1.0, atol=1e-5)
+    # rows of the float64 rollout sum to 1 (to 2^-53 per term); stored in float32 (2^-24 each) and summed over 16
+    # cells in float32 (15 roundings of a sum <= 1)
+    np.testing.assert_allclose(maps.rollout.sum((1, 2)), 1.0, rtol=0, atol=(1 + 15) * 2.0**-24 + 16 * 2.0**-53)
 
 
 def test_convit_rollout_composes_mhsa_class_row_with_gpsa_rollout(convit):
@@ -107,7 +114,8 @@ def test_convit_rollout_composes_mhsa_class_row_with_gpsa_rollout(convit):
     assert gpsa and mhsa and gpsa[0].shape[-1] == 64 and mhsa[0].shape[-1] == 65
     cls = attention_rollout(mhsa)[:, 0, 1:]  # (B, 64)
     ref = torch.einsum("bn,bnm->bm", cls, attention_rollout(gpsa)).reshape(2, 8, 8)
-    np.testing.assert_allclose(maps.rollout, ref.numpy(), rtol=1e-5, atol=1e-8)
+    # float64 einsum vs the library's matmul over 64 terms >= 0 (64 2^-53 relative), then stored in float32 (2^-24)
+    np.testing.assert_allclose(maps.rollout, ref.numpy(), rtol=2.0**-24 + 64 * 2.0**-53, atol=0)
     assert "through the GPSA rollout" in maps.rollout_source
     assert maps.kinds == kinds
 
@@ -125,7 +133,13 @@ def test_convit_gates_and_positional_maps_against_a_numpy_reference(convit):
         b = layer.pos_proj.bias.detach().double().numpy()
         logits = w[:, :1] * dx + w[:, 1:2] * dy + w[:, 2:] * (dx**2 + dy**2) + b[:, None]  # (heads, 64)
         p = np.exp(logits - logits.max(1, keepdims=True))
-        np.testing.assert_allclose(pos.reshape(len(w), 64), p / p.sum(1, keepdims=True), atol=1e-6)
+        ref = p / p.sum(1, keepdims=True)
+        # float32: each logit a sum of 4 terms (<= 4u of their magnitudes), the shift by the max (u of the range),
+        # so ln p moves by <= 2 delta; then exp (2u), the sum of 64 terms (63u) and the division (u)
+        u = 2.0**-24
+        mag = np.abs(w[:, :1] * dx) + np.abs(w[:, 1:2] * dy) + np.abs(w[:, 2:] * (dx**2 + dy**2)) + np.abs(b[:, None])
+        delta = 4 * u * mag.max(1, keepdims=True) + u * np.ptp(logits, axis=1, keepdims=True)
+        assert (np.abs(pos.reshape(len(w), 64) - ref) <= ref * (2 * delta + (64 + 3) * u)).all()
 
 
 def test_convit_positional_map_is_the_attention_when_the_gate_is_one():
@@ -138,8 +152,10 @@ def test_convit_positional_map_is_the_attention_when_the_gate_is_one():
     maps = vitscope.attention_maps(model, _images(2))
     for i, kind in enumerate(maps.kinds):
         if kind == "gpsa":
+            # float32 sigmoid(40) is 1.0, so GPSA's map is the positional softmax divided by its row sum (64 terms
+            # summing to 1 within 63u, and the division: (64 + 1) u relative)
             np.testing.assert_allclose(maps.query_maps[i], np.broadcast_to(maps.gpsa_positional[i], (2,) +
-                                                                           maps.gpsa_positional[i].shape), atol=1e-6)
+                                       maps.gpsa_positional[i].shape), rtol=(64 + 1) * 2.0**-24, atol=0)
 
 
 def test_windowed_attention_query_maps():
@@ -157,8 +173,10 @@ def test_windowed_attention_query_maps():
         windows = a.reshape(2, H // ws, W // ws, a.shape[1], ws * ws, ws * ws)  # row-major windows
         win = windows[:, r // ws, c // ws, :, (r % ws) * ws + c % ws]
         block = m[:, :, r // ws * ws:(r // ws + 1) * ws, c // ws * ws:(c // ws + 1) * ws]
-        np.testing.assert_allclose(block.reshape(win.shape), win.numpy(), atol=1e-7)
-        np.testing.assert_allclose(m.sum((2, 3)), 1.0, atol=1e-5)  # zero outside the query's window
+        np.testing.assert_array_equal(block.reshape(win.shape), win.numpy())
+        # zero outside the query's window; a float32 softmax row of n = ws^2 entries is within (n + 3) u of its
+        # exact value entrywise (relative), and their float32 sum adds (n - 1) u
+        np.testing.assert_allclose(m.sum((2, 3)), 1.0, rtol=0, atol=(2 * ws * ws + 2) * 2.0**-24)
 
 
 def test_images_denormalised_and_errors(vit):
