@@ -165,6 +165,10 @@ SUBLAYERS: dict[type, tuple[Sub, ...]] = {
     _efficientnet_blocks.DepthwiseSeparableConv: _conv(),
     _efficientnet_blocks.EdgeResidual: _conv(),
 }
+# blocks whose only mixing of tokens is their attention over the whole sequence (MLPs act per token; no window,
+# pooled keys, depthwise convolution or talking heads): attention rollout applies across them (Abnar & Zuidema)
+ROLLOUT_BLOCKS: tuple[type, ...] = (eva.EvaBlock, eva.EvaBlockPostNorm, beit.Block,
+                                   vision_transformer_relpos.RelPosBlock, vision_transformer_relpos.ResPostRelPosBlock)
 # block type -> children that are table blocks, in forward order (their sub-layers, prefixed, are the block's)
 COMPOSITE: dict[type, tuple[str, ...]] = {
     maxxvit.MaxxVitBlock: ("conv", "attn_block", "attn_grid"),

@@ -8,8 +8,11 @@
   output averages the patch tokens, so this row is the pooled output's flow); ConViT's GPSA layers hold only
   patch tokens and its class token joins before the first MHSA layer: the class token's row of the MHSA
   rollout (patch columns) is carried through the GPSA rollout, ``R_mhsa[cls, patches] @ R_gpsa``; what is
-  missing from 1 is the share of the learned class token itself. Windowed attention (AlterNet) and
-  convolutions between attention layers admit no rollout (``rollout`` is None).
+  missing from 1 is the share of the learned class token itself. EVA/DINOv3, BEiT and relative-position ViT
+  blocks (capture's ``ROLLOUT_BLOCKS``) roll out like ViT's: relative position bias and RoPE are inside the maps,
+  and register tokens are prefix tokens, so the class token's row over the patch columns leaves out the mass
+  that flows from the registers (as from the class token). Windowed attention (AlterNet, Swin), pooled keys,
+  and convolutions between attention layers admit no rollout (``rollout`` is None, ``rollout_source`` says why).
 - **query maps**: per attention layer, per head, the attention row of one query patch (default the centre)
   over the layer's grid; for windowed attention the row over the query's window, zero elsewhere.
 - **ConViT**: per GPSA layer the gates ``sigmoid(gating_param)`` and each head's positional attention
@@ -243,19 +246,27 @@ def _query_rows(layer: _Layer, cell: tuple[int, int]) -> torch.Tensor:
     return a[:, :, layer.prefix + r * w + c, layer.prefix:].reshape(a.shape[0], a.shape[1], h, w)
 
 
-def _rollout(layers: list[_Layer], model: nn.Module, head_fusion: str,
-             discard_ratio: float) -> tuple[torch.Tensor | None, str]:
-    """(B, h, w) rollout read-out and its source, or (None, why not)."""
+def _rollout(layers: list[_Layer], model: nn.Module, head_fusion: str, discard_ratio: float,
+             complete: bool = True) -> tuple[torch.Tensor | None, str]:
+    """(B, h, w) rollout read-out and its source, or (None, why not). ``complete``: every captured attention map
+    is among ``layers`` (none was left out for want of positions)."""
     if any(layer.window for layer in layers):
         return None, "none: windowed attention has no rollout across layers"
     from vitscope.capture.sites import find_blocks
+    from vitscope.capture.table import ROLLOUT_BLOCKS
 
-    families = {b.family for b in find_blocks(model)} - {"vit", "convit"}
+    sites = find_blocks(model)
+    families = {b.family for b in sites} - {"vit", "convit"}
     if families == {"generic"}:
         return None, ("none: rollout assumes blocks x + attn(x) with nothing else mixing tokens, and these blocks "
                       "are not in capture's table of known residual blocks")
-    if families:
+    if families - {"table"}:
         return None, "none: convolution blocks between the attention layers are not attention"
+    if any(b.family == "table" and not isinstance(b.module, ROLLOUT_BLOCKS) for b in sites):
+        return None, ("none: these blocks mix tokens outside their attention (windows, pooled keys, convolutions "
+                      "or channel attention: capture.table.ROLLOUT_BLOCKS lists those without)")
+    if not complete:
+        return None, "none: some attention maps have no token positions (talking heads, pooled keys)"
     # Runs of consecutive layers over the same token sequence.
     groups: list[list[_Layer]] = []
     for layer in layers:
@@ -345,7 +356,7 @@ def attention_maps(
         rows = _query_rows(layer, cell) if layer.window is None else _window_rows(layer, cell)
         maps.append(rows.float().cpu().numpy())  # (B, heads, h, w)
         cells.append(cell)
-    roll, source = _rollout(layers, model, head_fusion, discard_ratio)
+    roll, source = _rollout(layers, model, head_fusion, discard_ratio, len(layers) == len(cap.attentions))
     out = AttentionMaps(
         images=_display_images(images, mean, std), query=(q_r, q_c), query_grid=(gh, gw), query_box=box,
         layers=[layer.name for layer in layers], kinds=[layer.kind for layer in layers], query_maps=maps,
