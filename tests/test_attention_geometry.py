@@ -100,3 +100,25 @@ def test_maxvit_block_and_grid_windows_distance_equals_numpy_from_timm_partition
         np.testing.assert_allclose(got.numpy(), want, rtol=1e-6)
         checked["block" if part.partition_block else "grid"] += 1
     assert checked["block"] >= 2 and checked["grid"] >= 2
+
+
+def test_mobilevit_unfolded_attention_distance_equals_numpy():
+    """MobileViT's transformer runs on the map unfolded into p x p patches: token (i, j) of the sequence for patch
+    pixel (u, v) is map cell (i p + u, j p + v), so a sequence's tokens lie p cells apart."""
+    torch.manual_seed(0)
+    side, B = 64, 2
+    model = timm.create_model("mobilevit_xxs").eval()
+    with torch.no_grad(), vitscope.capture(model, residual=False, branches=False) as cap:
+        model(torch.randn(B, 3, side, side))
+    dist = M.AttentionDistance(num_prefix_tokens=0)
+    dist.update(cap.attentions, cap.attention_layout)
+    assert len(cap.attentions) >= 3
+    for a, info, got in zip(cap.attentions, cap.attention_layout, dist.compute()):
+        blk = model.get_submodule(info.name.split(".transformer.")[0])
+        p = blk.patch_size[0]
+        n = int(round(a.shape[-1] ** 0.5))  # patches per side
+        px = side / (n * p)  # pixels per map cell
+        pos = np.array([[(i * p + u + 0.5) * px, (j * p + v + 0.5) * px] for i in range(n) for j in range(n)
+                        for u in [0] for v in [0]])  # one sequence's tokens; the (u, v) offset cancels
+        want = _numpy_distance(a.double().numpy(), pos, pos)
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-6)

@@ -139,3 +139,20 @@ def test_table_blocks_split_as_z_plus_f(name, kwargs, side):
             want = want * blk.gamma_1 if blk.gamma_1 is not None else want
         assert res[0].info.name == "blocks.0.attn" and res[0].info.kind == "msa"
         torch.testing.assert_close(res[0].branch, want, rtol=1e-5, atol=1e-6)
+
+
+def test_mobilevit_blocks_recorded_whole_so_cka_compares_the_same_examples():
+    """MobileViT's inner transformer runs on unfolded patches (batch x patch area): its blocks are recorded whole
+    (capture.sites.UNFOLDING), so every record holds the images of the batch and CKA runs."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(0)
+    model = timm.create_model("mobilevit_xxs").eval()
+    sites = find_blocks(model)
+    assert not any(".transformer." in s.name for s in sites) and any(s.name == "stages.2.1" for s in sites)
+    with torch.no_grad(), vitscope.capture(model, attention=False) as cap:
+        model(torch.randn(4, 3, 64, 64))
+    assert all(r.z_out.shape[0] == 4 for r in cap.records)
+    ds = TensorDataset(torch.randn(8, 3, 64, 64), torch.zeros(8, dtype=torch.long))
+    res = vitscope.probe(model, DataLoader(ds, batch_size=4), ["cka"], progress=False)
+    assert len(res["cka"]) == len(cap.records) ** 2

@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from vitscope.capture._layout import LayerInfo, first_tensor
 from vitscope.capture._table_hooks import install_table
-from vitscope.capture.geometry import grid_partition_coords, is_grid_partition, reduced_key_coords
+from vitscope.capture.geometry import dilated_coords, reduced_key_coords, window_step
 from vitscope.capture.sites import BlockSite, attention_kind, final_activation, find_blocks
 from vitscope.capture.table import sublayers, submodule
 
@@ -444,14 +444,16 @@ class _Recorder:
         map_hw, stride = self._windowed_map(windows * n_k) if windows > 1 else (None, None)
         stride = stride or self._stride_of(block)
         if windows > 1 and side * side == n_k and stride:
-            parent_name = name.rpartition(".")[0]
-            parent = self.model.get_submodule(parent_name) if parent_name else self.model
-            if is_grid_partition(parent):  # MaxViT grid attention: a window's tokens lie map / g cells apart
-                if map_hw is None:
-                    return LayerInfo(name, "other", block, 0, None, None, heads, stage)
-                coords = grid_partition_coords((side, side), map_hw)
+            parts = name.split(".")
+            ancestors = [self.model.get_submodule(".".join(parts[:k])) for k in range(len(parts) - 1, -1, -1)]
+            parent = ancestors[0]
+            step = window_step(ancestors, (side, side), map_hw) if map_hw else None
+            if step is not None:  # dilated windows (MaxViT grid attention, MobileViT): tokens `step` cells apart
+                coords = dilated_coords((side, side), step)
                 return LayerInfo(name, kind, block, 0, (side, side), stride, heads, stage, query_coords=coords,
                                  key_coords=coords)
+            if map_hw is None and window_step(ancestors, (side, side), (side, side)) is not None:
+                return LayerInfo(name, "other", block, 0, None, None, heads, stage)
             # square windows of a feature map (AlterNet, Swin, MaxViT block attention): distances within a window
             # are those on the map; a shifted window's wrapped-around pairs are masked (probability ~0)
             shift = getattr(parent, "shift_size", 0) or 0

@@ -9,6 +9,9 @@ pooled or spatially reduced keys and of window partitions that are not contiguou
 - MaxViT/CoAtNet ``PartitionAttention*`` with ``partition_block`` False (grid attention): the map is cut into a
   g x g grid of windows whose tokens lie H / g cells apart (timm ``grid_partition``): token (i, j) of a window
   sits at (i H / g, j W / g) plus the window's offset, which cancels in every distance.
+- MobileViT ``MobileVitBlock``: its transformer runs on the map unfolded into p x p patches, one sequence per
+  pixel position (u, v) of a patch (the batch times p * p); token (i, j) of sequence (u, v) is map cell
+  (i p + u, j p + v): a dilated window with step p.
 
 Not placed yet (kind ``other``, named by the probe): PiT's token grids, whose overlapping patch embedding (16 px
 patches, stride 8) gives no integer pixel stride of the image. Attention whose keys are pooled by a stride with
@@ -21,12 +24,13 @@ from __future__ import annotations
 import math
 
 import torch.nn as nn
-from timm.models import maxxvit, pvt_v2, twins
+from timm.models import maxxvit, mobilevit, pvt_v2, twins
 
 Coords = tuple[tuple[float, ...], tuple[float, ...]]
 
 REDUCED_KEYS: tuple[type, ...] = (pvt_v2.Attention, twins.GlobalSubSampleAttn)
 GRID_PARTITION: tuple[type, ...] = (maxxvit.PartitionAttentionCl, maxxvit.PartitionAttention2d)
+UNFOLDED_PATCHES: tuple[type, ...] = (mobilevit.MobileVitBlock,)
 
 
 def _pair(v) -> tuple[int, int]:
@@ -59,11 +63,19 @@ def reduced_key_coords(attn: nn.Module, grid: tuple[int, int], n_keys: int) -> t
     return ((oh, ow), coords) if oh * ow == n_keys else None
 
 
-def is_grid_partition(parent: nn.Module | None) -> bool:
-    """Whether an attention module's parent cuts the map into a dilated grid (MaxViT grid attention)."""
-    return isinstance(parent, GRID_PARTITION) and not parent.partition_block
+def window_step(ancestors: list[nn.Module], g: tuple[int, int], map_hw: tuple[int, int]) -> tuple[float, float] | None:
+    """Map cells between neighbouring tokens of one g x g window over an (H, W) map when windows are dilated:
+    MaxViT grid attention (H / g), MobileViT's unfolded patches (the patch size); None for contiguous windows.
+    ``ancestors``: the attention module's parent first, then up to the model."""
+    parent = ancestors[0] if ancestors else None
+    if isinstance(parent, GRID_PARTITION) and not parent.partition_block:
+        return (map_hw[0] / g[0], map_hw[1] / g[1])
+    for a in ancestors:
+        if isinstance(a, UNFOLDED_PATCHES):
+            return (float(a.patch_size[0]), float(a.patch_size[1]))
+    return None
 
 
-def grid_partition_coords(g: tuple[int, int], map_hw: tuple[int, int]) -> Coords:
-    """Coordinates, in map cells, of the g x g tokens of one grid-attention window over an (H, W) map."""
-    return (tuple(i * map_hw[0] / g[0] for i in range(g[0])), tuple(j * map_hw[1] / g[1] for j in range(g[1])))
+def dilated_coords(g: tuple[int, int], step: tuple[float, float]) -> Coords:
+    """Coordinates, in map cells, of the g x g tokens of one dilated window (its offset cancels in distances)."""
+    return (tuple(i * step[0] for i in range(g[0])), tuple(j * step[1] for j in range(g[1])))

@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass
 
 import torch.nn as nn
-from timm.models import convit, resnet, vision_transformer, xcit
+from timm.models import convit, mobilevit, resnet, vision_transformer, xcit
 
 from vitscope.capture.table import sublayers
 from vitscope.layers.blur import Blur, SpatialSmoothing
@@ -67,11 +67,18 @@ def _inside(name: str, names: list[str]) -> bool:
     return any(name.startswith(s + ".") for s in names)
 
 
+# Blocks whose inner transformer runs on unfolded patches (MobileViT: the batch times the patch area): recorded
+# whole (generic); the blocks inside are no sites, their tokens being no per-image representation (CKA compares
+# the same examples across layers).
+UNFOLDING: tuple[type, ...] = (mobilevit.MobileVitBlock,)
+
+
 def _known_blocks(model: nn.Module) -> list[BlockSite]:
     sites: list[BlockSite] = []
+    unfolding = [n for n, m in model.named_modules() if isinstance(m, UNFOLDING)]
     for name, m in model.named_modules():
         fam = known_family(m)
-        if fam is not None and not _inside(name, [s.name for s in sites]):
+        if fam is not None and not _inside(name, [s.name for s in sites]) and not _inside(name, unfolding):
             sites.append(BlockSite(name, m, fam))
     return sites
 
