@@ -122,3 +122,32 @@ def test_mobilevit_unfolded_attention_distance_equals_numpy():
                         for u in [0] for v in [0]])  # one sequence's tokens; the (u, v) offset cancels
         want = _numpy_distance(a.double().numpy(), pos, pos)
         np.testing.assert_allclose(got.numpy(), want, rtol=1e-6)
+
+
+def test_pit_token_grids_distance_equals_numpy_from_conv_receptive_centres():
+    """PiT's 16 px patches at stride 8 give grids whose side does not divide the image; a token's pixel centre is
+    the centre of its receptive field through the patch convolution and each stage's pooling convolution."""
+    torch.manual_seed(0)
+    side = 64
+    model = timm.create_model("pit_ti_224", img_size=side).eval()
+    with torch.no_grad(), vitscope.capture(model, residual=False, branches=False) as cap:
+        model(torch.randn(2, 3, side, side))
+    assert all(i.has_positions for i in cap.attention_layout)
+    dist = M.AttentionDistance()
+    dist.update(cap.attentions, cap.attention_layout)
+
+    def conv_centre(conv, centre_in):  # output index -> centre, through one convolution (per axis)
+        k, s, p = conv.kernel_size[0], conv.stride[0], conv.padding[0]
+        return lambda i: centre_in(i * s - p + (k - 1) / 2)
+
+    centres = {0: conv_centre(model.patch_embed.conv, lambda x: x + 0.5)}  # pixel x covers [x, x + 1)
+    for k in (1, 2):
+        centres[k] = conv_centre(model.transformers[k].pool.conv, centres[k - 1])
+    for a, info, got in zip(cap.attentions, cap.attention_layout, dist.compute()):
+        stage = int(info.name.split(".")[1])
+        h = info.grid[0]
+        c = np.array([centres[stage](i) for i in range(h)])
+        pos = _grid_points(c, c)
+        p = info.num_prefix_tokens
+        want = _numpy_distance(a.double().numpy()[:, :, p:, p:], pos, pos)  # class token dropped, no renormalizing
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-6)

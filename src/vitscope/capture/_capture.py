@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -18,7 +19,7 @@ import torch.nn as nn
 from vitscope.capture._layout import LayerInfo, first_tensor
 from vitscope.capture._table_hooks import install_table
 from vitscope.capture.geometry import dilated_coords, reduced_key_coords, window_step
-from vitscope.capture.sites import BlockSite, attention_kind, final_activation, find_blocks
+from vitscope.capture.sites import BlockSite, attention_kind, final_activation, find_blocks, stage_reductions
 from vitscope.capture.table import sublayers, submodule
 
 
@@ -160,6 +161,7 @@ class _Recorder:
         self.block_hw: dict[int, tuple[int, int]] = {}
         self.blocks = find_blocks(model)
         self.block_index = {b.name: i for i, b in enumerate(self.blocks)}
+        self.reductions = stage_reductions(model, self.blocks)
 
     # -- helpers --------------------------------------------------------------------------------
     def out(self, t: torch.Tensor) -> torch.Tensor:
@@ -175,8 +177,10 @@ class _Recorder:
             return None
         return tuple(t.shape[1:3]) if _channels_last(t, self.image_hw) else tuple(t.shape[-2:])
 
-    def token_layout(self, n_tokens: int) -> tuple[int, tuple[int, int] | None, int | None]:
-        """(prefix tokens, grid, patch size) of a ViT token sequence from the input image size."""
+    def token_layout(self, n_tokens: int, block: int = -1) -> tuple[int, tuple[int, int] | None, int | None]:
+        """(prefix tokens, grid, patch size) of a ViT token sequence from the input image size; a square grid whose
+        side does not divide the image (PiT's overlapping patch embedding) takes its pixel step from timm's
+        ``feature_info`` reduction of the stage holding ``block``."""
         if self.image_hw is None:
             return 0, None, None
         if self.patch is not None:
@@ -190,6 +194,11 @@ class _Recorder:
             w = round((n * W / H) ** 0.5) if n > 0 else 0
             if w > 0 and n % w == 0 and (n // w) * W == w * H and H % (n // w) == 0:
                 return p, (n // w, w), H // (n // w)
+        reduction = self.reductions.get(block)
+        for p in prefixes if reduction else ():
+            side = math.isqrt(max(n_tokens - p, 0))
+            if side > 1 and side * side == n_tokens - p:
+                return p, (side, side), reduction
         return 0, None, None
 
     def hook(self, module: nn.Module, fn: Callable, pre: bool = False) -> None:
@@ -202,7 +211,7 @@ class _Recorder:
              num_heads: int | None = None, residual: bool = True) -> None:
         z_in, z_out = parts["z_in"], self.out(parts["z_out"])
         if z_out.ndim == 3:
-            prefix, grid, patch = self.token_layout(z_out.shape[1])
+            prefix, grid, patch = self.token_layout(z_out.shape[1], block)
         elif z_out.ndim == 4:  # a feature map: describe the map the block produces
             grid = (int(z_out.shape[-2]), int(z_out.shape[-1]))
             prefix = 0
@@ -430,13 +439,13 @@ class _Recorder:
         n_q, n_k = int(attn.shape[-2]), int(attn.shape[-1])
         batch = int(self.image.shape[0]) if self.image is not None else None
         if n_q != n_k:  # pooled or spatially reduced keys: placed where capture's geometry table knows them
-            prefix, grid, patch = self.token_layout(n_q) if batch == attn.shape[0] else (0, None, None)
+            prefix, grid, patch = self.token_layout(n_q, block) if batch == attn.shape[0] else (0, None, None)
             keys = reduced_key_coords(m, grid, n_k) if grid is not None and prefix == 0 else None
             if keys is None:
                 return LayerInfo(name, "pooled", block, 0, None, None, heads, stage)
             return LayerInfo(name, "pooled", block, 0, grid, patch, heads, stage, key_grid=keys[0], key_coords=keys[1])
         if batch is not None and attn.shape[0] == batch:
-            prefix, grid, patch = self.token_layout(n_k)
+            prefix, grid, patch = self.token_layout(n_k, block)
             if grid is not None:
                 return LayerInfo(name, kind, block, prefix, grid, patch, heads, stage)
         side = int(round(n_k ** 0.5))

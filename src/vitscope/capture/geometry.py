@@ -13,10 +13,10 @@ pooled or spatially reduced keys and of window partitions that are not contiguou
   pixel position (u, v) of a patch (the batch times p * p); token (i, j) of sequence (u, v) is map cell
   (i p + u, j p + v): a dilated window with step p.
 
-Not placed yet (kind ``other``, named by the probe): PiT's token grids, whose overlapping patch embedding (16 px
-patches, stride 8) gives no integer pixel stride of the image. Attention whose keys are pooled by a stride with
-padding (MViTv2, Hiera's mask units) exposes no map to ``*attn_drop`` hooks, so
-capture sees none (as timm's ``AttentionExtract``); CaiT/XCiT class attention (one query, the class token) has
+PiT's token grids (16 px patches at stride 8: their side does not divide the image) take their pixel step from
+timm's ``feature_info`` reduction of the stage (``capture.sites.stage_reductions``). Attention whose keys are
+pooled by a stride with padding (MViTv2, Hiera's mask units) exposes no map to ``*attn_drop`` hooks, so capture sees
+none (as timm's ``AttentionExtract``); CaiT/XCiT class attention (one query, the class token) has
 no query position: both stay ``pooled`` with no coordinates, and the measures name them as not applicable.
 """
 from __future__ import annotations

@@ -92,6 +92,22 @@ def _stage_roots(model: nn.Module) -> list[str]:
     return [n for n in dict.fromkeys(names) if n and n in mods]
 
 
+def stage_reductions(model: nn.Module, sites: list[BlockSite]) -> dict[int, int]:
+    """Pixels per feature-map cell (timm's ``feature_info`` ``reduction``) of the stage holding each site, by the
+    site's index, where ``feature_info`` names a module that is the site or holds it."""
+    info = getattr(model, "feature_info", None)
+    if not isinstance(info, list):
+        return {}
+    stages = [(f["module"], int(f["reduction"])) for f in info if isinstance(f, dict) and f.get("module")
+              and isinstance(f.get("reduction"), (int, float))]
+    out = {}
+    for i, s in enumerate(sites):
+        owner = [r for m, r in stages if s.name == m or _inside(s.name, [m])]
+        if owner:
+            out[i] = owner[-1]
+    return out
+
+
 def _assign_stages(sites: list[BlockSite], roots: list[str]) -> None:
     """Stage index of each site: the rank of the ``feature_info`` stage holding it among the stages that hold
     blocks; a site outside every stage (a smoothing layer between stages) keeps the previous site's stage.
