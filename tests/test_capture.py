@@ -4,11 +4,21 @@ import torch
 import torch.nn.functional as F
 
 import vitscope
+from vitscope.capture._capture import explicit_attention
+
+
+U32 = 2.0**-24
 
 
 def _vit_attention_by_hand(model, x):
-    """Post-softmax maps of every block, from each module's qkv weights (no hooks)."""
-    maps = []
+    """Post-softmax maps of every block, from each module's qkv weights (no hooks), and per map the bound on its
+    distance from timm's explicit path, which scales q before the product (here: after).
+
+    Each attention logit is a float32 dot product of hd terms: both computations are within (hd + 1) u of
+    c sum_i |q_i k_i| of the exact value, so they differ by delta <= (2 hd + 2) u c |q| |k|^T. ln p_j moves by at
+    most 2 max_j delta over the row, and the two float32 softmaxes (N + 3) u each: |p - p'| <= p (2 delta + 2 (N + 3)
+    u) to first order."""
+    maps, bounds = [], []
     h = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
     for blk in model.blocks:
         a = blk.attn
@@ -16,9 +26,12 @@ def _vit_attention_by_hand(model, x):
         B, N, C = z.shape
         qkv = a.qkv(z).reshape(B, N, 3, a.num_heads, a.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, H, N, hd)
         q, k = a.q_norm(qkv[0]), a.k_norm(qkv[1])
-        maps.append(((q @ k.transpose(-2, -1)) * a.head_dim**-0.5).softmax(-1))  # (B, H, N, N)
+        c = a.head_dim**-0.5
+        maps.append(((q @ k.transpose(-2, -1)) * c).softmax(-1))  # (B, H, N, N)
+        delta = (2 * a.head_dim + 2) * U32 * c * (q.double().abs() @ k.double().abs().transpose(-2, -1))
+        bounds.append(2 * delta.amax(-1, keepdim=True) + 2 * (N + 3) * U32)  # (B, H, N, 1) relative
         h = blk(h)
-    return maps
+    return maps, bounds
 
 
 @pytest.mark.parametrize("fused", [True, False])
@@ -31,16 +44,19 @@ def test_vit_attention_equals_independent_maps(name, fused):
             m.fused_attn = fused
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
-        ref_out = model(x)
+        with explicit_attention(model):  # the path capture switches to: the same operations, hence the same bits
+            ref_out = model(x)
+            expected, bounds = _vit_attention_by_hand(model, x)
         with vitscope.capture(model) as cap:
             out = model(x)
-        expected = _vit_attention_by_hand(model, x)
     assert all(m.fused_attn == fused for m in model.modules() if hasattr(m, "fused_attn"))  # restored
-    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+    assert torch.equal(out, ref_out)  # hooks only observe
     assert len(cap.attentions) == len(expected) == len(model.blocks)
-    for got, want in zip(cap.attentions, expected):
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(got.sum(-1), torch.ones(got.shape[:-1]), atol=1e-5, rtol=0)
+    for got, want, bound in zip(cap.attentions, expected, bounds):
+        assert ((got.double() - want.double()).abs() <= torch.maximum(got, want).double() * bound).all()
+        # a float32 softmax row of N entries: each within (N + 3) u relative, summed in float32 ((N - 1) u)
+        N = got.shape[-1]
+        torch.testing.assert_close(got.sum(-1), torch.ones(got.shape[:-1]), atol=(2 * N + 2) * 2.0**-24, rtol=0)
     info = cap.attention_layout[0]
     grid = 32 // model.patch_embed.patch_size[0]
     assert (info.kind, info.num_prefix_tokens, info.grid, info.num_heads) == ("msa", 1, (grid, grid), 3)
@@ -86,8 +102,8 @@ def test_convit_gpsa_map_is_gated_and_renormalized():
     kinds = [i.kind for i in cap.attention_layout]
     assert kinds == ["gpsa", "gpsa", "msa"]
     assert [i.num_prefix_tokens for i in cap.attention_layout] == [0, 0, 1]
-    for got, want in zip(cap.attentions, expected):
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    for got, want in zip(cap.attentions, expected):  # timm's GPSA/MHSA operations in the same order: same bits
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
 
 
 def test_convit_local_init_heads_peak_at_their_offsets():
