@@ -4,8 +4,7 @@ import torch
 import torch.nn.functional as F
 
 import vitscope
-from vitscope.capture._capture import explicit_attention
-
+from vitscope.capture import explicit_attention
 
 U32 = 2.0**-24
 
