@@ -1,11 +1,14 @@
 """Cost of the full forward probe pass against a plain ``model.eval()`` forward over the same batches.
 
-Goal (measures issue): the probe (every forward measure fed from one capture per batch) takes at most
-1.5x the plain forward's time. Both run side by side in one process on the same batches, interleaved: every run
-follows a plain forward pass, and the median of these paired ratios is printed next to best/best.
+Goal (measures issue, issue 24 item 5): the probe (every forward measure fed from one capture per batch) takes at
+most 1.5x the plain forward's time, on the ViT, Swin-T and ConvNeXt-T. Both run side by side in one process on the
+same batches, interleaved: every run follows a plain forward pass, and the median of these paired ratios is printed
+next to best/best, per model, then one summary line per model (about 2 minutes on a quiet 2-core CPU).
 
-    python benchmarks/bench_probe.py [--model vit_tiny_patch4_32] [--batches 8] [--batch-size 64] [--threads N]
-        [--glibc-defaults]
+    python benchmarks/bench_probe.py [--model vit_tiny_patch4_32,swin_tiny_patch4_window7_224,convnext_tiny]
+        [--batches B] [--batch-size N] [--threads N] [--glibc-defaults]
+
+Default batches: 6 x 64 for 32 px models, 2 x 8 at 224 px.
 
 The load average is printed before and after: on a shared machine another process on a core stalls every
 parallel region of a 2-thread run, so compare ratios only at low load (or with --threads 1).
@@ -27,9 +30,10 @@ from vitscope.probing import PROBE_MEASURES
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="vit_tiny_patch4_32")
-    ap.add_argument("--batches", type=int, default=6)
-    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--model", default="vit_tiny_patch4_32,swin_tiny_patch4_window7_224,convnext_tiny",
+                    help="comma-separated model names, each measured in turn")
+    ap.add_argument("--batches", type=int, default=None, help="default: 6 (32 px models), 2 (larger inputs)")
+    ap.add_argument("--batch-size", type=int, default=None, help="default: 64 (32 px models), 8 (larger inputs)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--measures", default=None, help="comma list (default: every forward measure that applies)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
@@ -43,12 +47,22 @@ def main() -> None:
     if args.glibc_defaults:
         os.environ["VITSCOPE_KEEP_FREED_MEMORY"] = "0"
     kept = vitscope.keep_freed_memory()  # as the probe's first call does: the plain forward shares the setting
+    summary = [bench(name, args, kept) for name in args.model.split(",")]
+    print()
+    for line in summary:
+        print(line)
+
+
+def bench(name: str, args: argparse.Namespace, kept: bool) -> str:
+    """Print the table of one model; return its summary line."""
     load_before = os.getloadavg()[0]
     torch.manual_seed(0)
-    model = vitscope.create_model(args.model, num_classes=10).eval()
+    model = vitscope.create_model(name, num_classes=10).eval()
     size = model.pretrained_cfg["input_size"][-1]
-    batches = [(torch.randn(args.batch_size, 3, size, size), torch.randint(0, 10, (args.batch_size,)))
-               for _ in range(args.batches)]
+    n_batches = args.batches or (6 if size <= 32 else 2)
+    batch_size = args.batch_size or (64 if size <= 32 else 8)
+    batches = [(torch.randn(batch_size, 3, size, size), torch.randint(0, 10, (batch_size,)))
+               for _ in range(n_batches)]
     has_attn = any(is_attention_module(m) for m in model.modules())
     measures = args.measures.split(",") if args.measures else [
         n for n, cls in PROBE_MEASURES.items() if not cls.static and (has_attn or not cls.needs_attention)]
@@ -95,7 +109,7 @@ def main() -> None:
             base = timed("plain forward")
             paired[name].append(timed(name) / base)
     best = {k: min(v) for k, v in times.items()}
-    print(f"model {args.model}, {args.batches} batches x {args.batch_size}, threads {torch.get_num_threads()}, "
+    print(f"model {name}, {n_batches} batches x {batch_size}, threads {torch.get_num_threads()}, "
           f"load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after, {args.repeats} repeats, "
           f"keep_freed_memory {'on' if kept else 'off'}")
     print(f"measures: {','.join(measures)}")
@@ -103,8 +117,10 @@ def main() -> None:
     for name, t in best.items():
         med = f"{statistics.median(paired[name]):.2f}x" if name in paired else ""
         print(f"{name:<22} {t:8.3f} s   {t / best['plain forward']:8.2f}x  {med:>23}")
-    print(f"ratio probe/plain {best['probe'] / best['plain forward']:.2f}x best/best, "
-          f"{statistics.median(paired['probe']):.2f}x median paired (goal <= 1.5x)")
+    line = (f"{name}: ratio probe/plain {best['probe'] / best['plain forward']:.2f}x best/best, "
+            f"{statistics.median(paired['probe']):.2f}x median paired (goal <= 1.5x)")
+    print(line)
+    return line
 
 
 if __name__ == "__main__":

@@ -227,3 +227,33 @@ def test_variance_one_pass_with_a_large_mean():
     m.update(tokens[:2])
     m.update(tokens[2:], validate=False)
     assert float(m.compute()) == pytest.approx(ref, rel=1e-9)
+
+
+@pytest.mark.parametrize("hw", [(6, 6), (5, 7)])
+def test_channels_last_maps_read_in_memory_order(hw):
+    """Swin and ConvNeXt records are channels-first views of channels-last maps: Fourier, variance and ratio of
+    norms read them in memory order without a copy, with the numpy references' values (same tolerances as the
+    contiguous tests above: float64 sums of a few hundred terms in another order)."""
+    x = rnd(3, 4, *hw, seed=7)
+    cl = x.contiguous(memory_format=torch.channels_last)  # (B, C, h, w) view of (B, h, w, C) memory
+    assert not cl.is_contiguous() and torch.equal(cl, x)
+    np.testing.assert_allclose(fourier_log_amplitude(cl).numpy(), ref_fourier_loops(x), rtol=1e-9, atol=1e-9)
+    ref_var = np.asarray(x, dtype=np.float64).reshape(3, 4, -1).var(-1, ddof=1).mean()
+    assert float(feature_variance(cl)) == pytest.approx(ref_var, rel=1e-12)
+    streamed = FourierLogAmplitude()
+    streamed.update(cl)
+    np.testing.assert_allclose(streamed.compute().numpy(), ref_fourier_loops(x), rtol=1e-9, atol=1e-9)
+    f = rnd(3, 4, *hw, seed=8).contiguous(memory_format=torch.channels_last)
+    assert float(ratio_of_norms(cl, f)["spatial"]) == pytest.approx(ref_ratio(x, f, 0)["spatial"], rel=1e-12)
+    from vitscope.measures.cka import linear_gram
+    from vitscope.probing._checks import _not_finite
+
+    flat = np.asarray(x, dtype=np.float64).reshape(3, -1)
+    flat -= flat.mean(0)
+    # float32 Gram of the centred features: each entry a sum of C h w <= 140 float32 products, |error| <= 140 2^-24
+    # of the sum of |products| (<= the product of the norms)
+    bound = 140 * 2.0**-24 * np.linalg.norm(flat, axis=1)[:, None] * np.linalg.norm(flat, axis=1)[None, :]
+    assert (np.abs(linear_gram(cl, float32=True).numpy() - flat @ flat.T) <= bound).all()
+    bad = cl.clone()
+    bad[1, 2, 0, 0] = float("nan")
+    assert not bool(_not_finite(cl)) and bool(_not_finite(bad)) and not bad.is_contiguous()

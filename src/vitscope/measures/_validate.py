@@ -43,6 +43,19 @@ def raise_non_finite(name: str) -> None:
     )
 
 
+def memory_order(x: Tensor, keep_first: bool = False) -> Tensor:
+    """``x`` with its dims permuted into the order they lie in memory (a view; ``keep_first``: dim 0, the examples,
+    stays first): contiguous for a dense tensor that is a permutation of a contiguous one, such as the
+    channels-first view of a channels-last map (Swin, ConvNeXt). A reduction over all its elements (or over each
+    example's) then reads memory in order instead of striding across it, several times faster on a CPU, and
+    ``flatten``/``reshape`` of it copy nothing. ``x`` itself when no such permutation exists."""
+    if x.is_contiguous():
+        return x
+    rest = sorted(range(1 if keep_first else 0, x.ndim), key=lambda d: (-x.stride(d), d))
+    view = x.permute(([0] if keep_first else []) + rest)  # (B, C, H, W) channels-last -> (B, H, W, C)
+    return view if view.is_contiguous() else x
+
+
 def as_float(x: Tensor) -> Tensor:
     """Upcast half precision to float32 (compute is at least float32)."""
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from vitscope.measures._streaming import StreamingMeasure
-from vitscope.measures._validate import as_float, as_list, check_tensor, raise_non_finite
+from vitscope.measures._validate import as_float, as_list, check_tensor, memory_order, raise_non_finite
 
 _logger = logging.getLogger(__name__)
 
@@ -62,7 +62,9 @@ def linear_gram(feat: Any, name: str = "x", validate: bool = True, float32: bool
     x = check_tensor(feat, name, what="(n, ...) features, one row per example", finite=False)
     if x.ndim < 2:
         raise ValueError(f"{name} must be (n, ...) features with one row per example, got shape {tuple(x.shape)}")
-    flat = as_float(x.reshape(x.shape[0], -1))  # (n, D), float32 (or float64 when given float64)
+    # (n, D), float32 (or float64 when given float64); features in memory order (a view of channels-last maps, no
+    # copy): the Gram does not depend on their order
+    flat = as_float(memory_order(x, keep_first=True).reshape(x.shape[0], -1))
     flat = flat - flat.mean(0, keepdim=True)
     gram = (flat @ flat.T).to(torch.float64)  # (n, n)
     if validate and not torch.isfinite(gram).all():

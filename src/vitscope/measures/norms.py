@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from vitscope.measures._streaming import StreamingMeasure, check_layout, layer_option
-from vitscope.measures._validate import as_list, check_tensor
+from vitscope.measures._validate import as_list, check_tensor, memory_order
 
 _logger = logging.getLogger(__name__)
 
@@ -34,9 +34,9 @@ def _ratio_sums(
             f"{name_z} {tuple(z.shape)} and {name_fz} {tuple(fz.shape)} must have the same shape; pass the stream "
             "entering the sub-layer and its branch output (for CNN blocks with downsampling use cap.shortcuts)"
         )
-    if z.ndim == 4:  # CNN: one ratio over the whole map per example
-        nz = torch.linalg.vector_norm(z.flatten(1), dim=1, dtype=torch.float64)  # (B,)
-        nf = torch.linalg.vector_norm(fz.flatten(1), dim=1, dtype=torch.float64)
+    if z.ndim == 4:  # CNN: one ratio over the whole map per example (channels-last maps read in memory order)
+        nz = torch.linalg.vector_norm(memory_order(z, keep_first=True).flatten(1), dim=1, dtype=torch.float64)  # (B,)
+        nf = torch.linalg.vector_norm(memory_order(fz, keep_first=True).flatten(1), dim=1, dtype=torch.float64)
     else:  # tokens: one ratio per token
         if not isinstance(num_prefix_tokens, int) or not 0 <= num_prefix_tokens < z.shape[1]:
             raise ValueError(

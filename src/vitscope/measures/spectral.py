@@ -35,9 +35,13 @@ def _check_map(fmap: Any, name: str, validate: bool = True) -> Tensor:
 
 
 def _spatial(fmap: Tensor, grid: Any = None, num_prefix_tokens: int = 0, name: str = "fmap") -> tuple[Tensor, int]:
-    """The spatial positions of maps (B, C, h, w) -> ((B, C, h*w), dim -1) or of tokens (B, N, D), prefix tokens
-    dropped -> ((B, h*w, D) view, dim 1); row-major positions either way (as ``tokens_to_map``), no copy."""
+    """The spatial positions of maps (B, C, h, w) -> ((B, C, h*w), dim -1), of channels-last maps (Swin, ConvNeXt)
+    -> ((B, h*w, C) view, dim 1), or of tokens (B, N, D), prefix tokens dropped -> ((B, h*w, D) view, dim 1);
+    row-major positions either way (as ``tokens_to_map``), no copy."""
     if fmap.ndim == 4:
+        B, C, h, w = fmap.shape
+        if not fmap.is_contiguous() and fmap.is_contiguous(memory_format=torch.channels_last):
+            return fmap.permute(0, 2, 3, 1).reshape(B, h * w, C), 1  # (B, S, C) view of a channels-last map
         return fmap.flatten(2), -1  # (B, C, S)
     if grid is None:
         raise ValueError(

@@ -6,7 +6,7 @@ import warnings
 import torch
 
 from vitscope.capture import Capture
-from vitscope.measures._validate import check_attention, raise_non_finite
+from vitscope.measures._validate import check_attention, memory_order, raise_non_finite
 
 
 class _DeviceChecks:
@@ -106,8 +106,9 @@ def _check_attentions(cap: Capture, checks: _DeviceChecks) -> None:
 
 def _not_finite(t: torch.Tensor) -> torch.Tensor:
     """0-d bool on t's device: whether t holds a NaN or Inf (min and max of one pass: NaN propagates, an Inf
-    is the min or the max; exact, unlike a sum, which large finite values can overflow)."""
-    low, high = torch.aminmax(t)
+    is the min or the max; exact, unlike a sum, which large finite values can overflow). Read in memory order:
+    min and max do not depend on it, and a strided scan of a channels-last map costs ~9x more."""
+    low, high = torch.aminmax(memory_order(t))
     return ~(torch.isfinite(low) & torch.isfinite(high))
 
 
