@@ -414,12 +414,14 @@ class _Recorder:
                 continue
             block = self._enclosing_block(owner)
             kind = attention_kind(m)
+            parts = owner.split(".")  # the owner's parent first, then up to the model
+            ancestors = [self.model.get_submodule(".".join(parts[:k])) for k in range(len(parts) - 1, -1, -1)]
 
-            def on_probs(_d, args, _out, name=owner, kind=kind, block=block, m=m):
+            def on_probs(_d, args, _out, name=owner, kind=kind, block=block, m=m, ancestors=ancestors):
                 attn = args[0] if args and isinstance(args[0], torch.Tensor) else None
                 if attn is None or attn.ndim < 3:
                     return
-                info = self._attention_info(name, kind, block, m, attn)
+                info = self._attention_info(name, kind, block, m, attn, ancestors)
                 self.cap.attentions.append(self.out_map(attn))
                 self.cap.attention_layout.append(info)
 
@@ -430,7 +432,8 @@ class _Recorder:
             t = t.detach()
         return t.to(self.device) if self.device is not None else t
 
-    def _attention_info(self, name: str, kind: str, block: int, m: nn.Module, attn: torch.Tensor) -> LayerInfo:
+    def _attention_info(self, name: str, kind: str, block: int, m: nn.Module, attn: torch.Tensor,
+                        ancestors: list[nn.Module]) -> LayerInfo:
         heads = getattr(m, "num_heads", None) or (int(attn.shape[1]) if attn.ndim == 4 else None)
         stage = self.blocks[block].stage if 0 <= block < len(self.blocks) else None
         if kind in ("channel", "mixed") or attn.ndim != 4:
@@ -453,8 +456,6 @@ class _Recorder:
         map_hw, stride = self._windowed_map(windows * n_k) if windows > 1 else (None, None)
         stride = stride or self._stride_of(block)
         if windows > 1 and side * side == n_k and stride:
-            parts = name.split(".")
-            ancestors = [self.model.get_submodule(".".join(parts[:k])) for k in range(len(parts) - 1, -1, -1)]
             parent = ancestors[0]
             step = window_step(ancestors, (side, side), map_hw) if map_hw else None
             if step is not None:  # dilated windows (MaxViT grid attention, MobileViT): tokens `step` cells apart

@@ -16,8 +16,8 @@ pooled or spatially reduced keys and of window partitions that are not contiguou
 PiT's token grids (16 px patches at stride 8: their side does not divide the image) take their pixel step from
 timm's ``feature_info`` reduction of the stage (``capture.sites.stage_reductions``). Attention whose keys are
 pooled by a stride with padding (MViTv2, Hiera's mask units) exposes no map to ``*attn_drop`` hooks, so capture sees
-none (as timm's ``AttentionExtract``); CaiT/XCiT class attention (one query, the class token) has
-no query position: both stay ``pooled`` with no coordinates, and the measures name them as not applicable.
+none (as timm's ``AttentionExtract``). CaiT/XCiT class attention (one query, the class token) has no query
+position: it stays ``pooled`` with no coordinates, and the measures name it as not applicable.
 """
 from __future__ import annotations
 

@@ -41,8 +41,8 @@ _logger = logging.getLogger(__name__)
 
 _SUPPORTED = (
     "it knows timm's vision_transformer.Block, convit.Block, resnet.BasicBlock/Bottleneck, vitscope's CBBlock and "
-    "AlterNet blocks; for another block, remove the whole block instead (vitscope.interventions.remove_block or "
-    "lesion)"
+    "AlterNet blocks, and the blocks of capture's table (vitscope/capture/table.py); for another block, remove the "
+    "whole block instead (vitscope.interventions.remove_block or lesion)"
 )
 
 
