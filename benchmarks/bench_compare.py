@@ -8,8 +8,12 @@ two forwards itself, so each time includes them; the forwards alone (no hook) ar
 give the time each method spends on CKA. Agreement: every matrix against a float64 numpy computation of the
 METHODS.md formula on the block outputs, taken with plain forward hooks.
 
-    python benchmarks/bench_compare.py              # 1,000 images, batches of 100
+    python benchmarks/bench_compare.py              # 1,000 images, batches of 100, 3 repeats (~1 min quiet)
     python benchmarks/bench_compare.py --quick      # 300 images
+
+It prints each method's agreement with the reference, the median times, the ratios torch-cka / vitscope (end to
+end and on the CKA part) for the default float64 Grams and the opt-in float32 ones, and the Amdahl bound: both
+tools run the same forwards, so the end-to-end ratio cannot exceed torch-cka's time over the forwards' time.
 """
 from __future__ import annotations
 
@@ -66,9 +70,13 @@ def features(model: torch.nn.Module, names: list[str], loader: DataLoader) -> li
 
 
 def reference(fa: list[list[np.ndarray]], fb: list[list[np.ndarray]], gram_dtype: type = np.float64) -> np.ndarray:
-    """METHODS.md: per batch unbiased HSIC_1 (term by term), summed, then normalized. ``gram_dtype=np.float32``
-    forms the Grams of the uncentred features in float32 (as torch-cka does), the rest in float64: what float32
-    Grams alone cost."""
+    """METHODS.md: per batch unbiased HSIC_1 (term by term), summed, then normalized, on features centred in
+    float64 (HSIC_1 ignores a common offset; term by term on uncentred Grams it would cancel digits).
+    ``gram_dtype=np.float32`` forms the Grams of the uncentred features in float32 (as torch-cka does), the rest
+    in float64: what float32 Grams of uncentred features alone cost."""
+    if gram_dtype == np.float64:
+        fa = [[f - f.mean(0) for f in b] for b in fa]
+        fb = [[f - f.mean(0) for f in b] for b in fb]
     def hsic(K: np.ndarray, L: np.ndarray) -> float:
         n = K.shape[0]
         t = (K * L).sum() + K.sum() * L.sum() / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * (K.sum(0) @ L.sum(1))
@@ -101,6 +109,11 @@ def run_vitscope(vit, cnn, la, lb) -> torch.Tensor:
     return vitscope.compare(vit, cnn, (la, lb), progress=False).cka
 
 
+def run_vitscope32(vit, cnn, la, lb) -> torch.Tensor:
+    """The opt-in float32 Grams (centred features, float64 HSIC; error bound in docs/compare.md)."""
+    return vitscope.compare(vit, cnn, (la, lb), progress=False, gram_dtype="float32").cka
+
+
 def run_torch_cka(vit, cnn, la, lb) -> torch.Tensor:
     from torch_cka import CKA
 
@@ -126,11 +139,16 @@ def run_ckatorch(vit, cnn, la, lb) -> torch.Tensor:
         return cka(images, epochs=1)
 
 
+def _median(xs: list[float]) -> float:
+    return float(np.median(xs))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--examples", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--quick", action="store_true", help="300 examples")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs of each method, interleaved; medians reported")
     p.add_argument("--skip", nargs="*", default=[], help="methods to skip: torch-cka ckatorch")
     p.add_argument("--cnn", default="resnet18", help="timm ResNet for model B, e.g. resnet50 (16 blocks)")
     args = p.parse_args()
@@ -143,43 +161,57 @@ def main() -> None:
     vit, cnn = build(seed=0)
     na, nb = block_names(vit, cnn)
     print(f"vit_tiny_patch16_224 @64 px ({len(na)} blocks) vs {CNN} @48 px ({len(nb)} blocks), {n} images in "
-          f"batches of {args.batch_size}; torch {torch.__version__}, {torch.get_num_threads()} threads")
+          f"batches of {args.batch_size}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{args.repeats} interleaved repeats (medians)")
     t0 = time.perf_counter()
     fa, fb = features(vit, na, la), features(cnn, nb, lb)
     ref = reference(fa, fb)
     print(f"numpy float64 reference in {time.perf_counter() - t0:.1f} s")
     ref32 = reference(fa, fb, np.float32)
-    print(f"the same with float32 Grams: max |CKA - ref| = {np.abs(ref32 - ref).max():.1e}")
+    print(f"the same with float32 Grams of the uncentred features: max |CKA - ref| = {np.abs(ref32 - ref).max():.1e}")
     del fa, fb
 
-    methods = {"forwards only": run_forwards, "vitscope": run_vitscope, "torch-cka": run_torch_cka,
-               "ckatorch": run_ckatorch}
-    results = {}
-    for name, fn in methods.items():
-        if name in args.skip:
-            continue
-        a, b = build(seed=0)  # fresh models: the peers leave their hooks installed
-        t0, c0 = time.perf_counter(), time.process_time()
-        try:
+    methods = {"forwards only": run_forwards, "vitscope": run_vitscope, "vitscope float32": run_vitscope32,
+               "torch-cka": run_torch_cka}
+    methods = {k: v for k, v in methods.items() if k not in args.skip}
+    times: dict[str, list[tuple[float, float]]] = {}
+    for rep in range(args.repeats):
+        for name, fn in (methods.items() if rep % 2 == 0 else reversed(methods.items())):  # alternate the order
+            a, b = build(seed=0)  # fresh models: the peers leave their hooks installed
+            t0, c0 = time.perf_counter(), time.process_time()
             out = fn(a, b, la, lb)
+            times.setdefault(name, []).append((time.perf_counter() - t0, time.process_time() - c0))
+            if rep == 0 and out is not None:
+                err = float(np.abs(out.double().numpy() - ref).max())
+                print(f"{name:16s} max |CKA - ref| = {err:.1e}")
+    if "ckatorch" not in args.skip:
+        try:
+            run_ckatorch(*build(seed=0), la, lb)
+            print("ckatorch         ran (not timed: see benchmarks/README.md)")
         except Exception as err:  # noqa: BLE001 - a peer that cannot do it is a result
-            print(f"{name:14s} failed: {type(err).__name__}: {str(err).splitlines()[0][:150]}")
-            continue
-        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-        err = None if out is None else float(np.abs(out.double().numpy() - ref).max())
-        err32 = None if out is None else float(np.abs(out.double().numpy() - ref32).max())
-        results[name] = (wall, cpu)
-        print(f"{name:14s} wall {wall:7.2f} s  cpu {cpu:7.2f} s" +
-              ("" if err is None else f"  max |CKA - ref| = {err:.1e} (float32-Gram ref: {err32:.1e})"))
-    if "vitscope" not in results:
+            print(f"ckatorch         failed: {type(err).__name__}: {str(err).splitlines()[0][:150]}")
+    med = {k: (_median([w for w, _ in v]), _median([c for _, c in v])) for k, v in times.items()}
+    for name, (w, c) in med.items():
+        print(f"{name:16s} wall {w:7.2f} s  cpu {c:7.2f} s")
+    if "forwards only" not in med or "torch-cka" not in med:
         return
-    fw, fc = results.get("forwards only", (0.0, 0.0))
-    vw, vc = results["vitscope"]
-    for name, (w, c) in results.items():
-        if name in ("vitscope", "forwards only"):
+    fw, fc = med["forwards only"]
+    tw, tc = med["torch-cka"]
+    for name in ("vitscope", "vitscope float32"):
+        if name not in med:
             continue
-        print(f"{name} / vitscope: end to end wall {w / vw:.1f}x, cpu {c / vc:.1f}x; CKA part (forwards subtracted) "
-              f"wall {(w - fw) / max(vw - fw, 1e-9):.1f}x, cpu {(c - fc) / max(vc - fc, 1e-9):.1f}x")
+        vw, vc = med[name]
+
+        def part(t: float, v: float, f: float) -> str:  # a part <= 0 is timing noise (a loaded machine)
+            return f"{(t - f) / (v - f):.1f}x" if v > f and t > f else "n/a (noise: a part <= 0)"
+
+        print(f"torch-cka / {name}: end to end wall {tw / vw:.2f}x, cpu {tc / vc:.2f}x; CKA part (forwards "
+              f"subtracted) wall {part(tw, vw, fw)}, cpu {part(tc, vc, fc)}")
+    # Amdahl: both tools run the same two forwards, so however fast vitscope's CKA part, the end-to-end ratio is
+    # at most (forwards + torch-cka's CKA part) / forwards = torch-cka / forwards.
+    print(f"Amdahl bound on the end-to-end ratio (torch-cka / forwards only): wall {tw / fw:.2f}x, cpu {tc / fc:.2f}x; "
+          f"10x end to end would need torch-cka's CKA part to be >= 9x the forwards (it is {(tw - fw) / fw:.2f}x)")
+    print(f"10x on the CKA part needs vitscope's CKA part <= {(tw - fw) / 10:.2f} s wall / {(tc - fc) / 10:.2f} s cpu")
 
 
 if __name__ == "__main__":

@@ -274,3 +274,73 @@ def test_nan_in_a_layer_is_one_error_naming_it(pair):
                 vitscope.compare(vit, cnn, (ba, bb), progress=False)
     finally:
         h.remove()
+
+
+def _float32_bound(batches, u=2.0**-24, centre=True):
+    """The derived worst case of a Gram formed in precision u (linear_gram's docstring): rho = sqrt(sum_b
+    tr(K_b)^2 / (n_b (n_b - 3)) / sum_b HSIC_1(K_b, K_b)), K_b the Gram of the (centred) float64 features, and
+    eps = gamma_(D+2) = (D+2) u / (1 - (D+2) u): the CKA moves by at most asin(min(1, eps rho)) per side."""
+    d = batches[0].shape[1]
+    eps = (d + 2) * u / (1 - (d + 2) * u)
+    num = den = 0.0
+    for x in batches:
+        n = x.shape[0]
+        xc = x - x.mean(0) if centre else x
+        K = xc @ xc.T
+        num += np.trace(K) ** 2 / (n * (n - 3))
+        den += np_hsic1(K, K)
+    return float(np.arcsin(min(1.0, eps * np.sqrt(num / den))))
+
+
+def test_float32_grams_within_the_derived_bound():
+    """gram_dtype="float32" (features centred, float32 matmul, float64 HSIC) stays within the derived worst case
+    of the float64 reference (plus float64's own, same formula with u = 2^-53 on uncentred features) on features
+    with a large common offset, split over batches of unequal size; a float32 Gram of the uncentred features (what
+    centring avoids) breaks that bound, so the bound is a real limit, not a tolerance that anything passes."""
+    from vitscope.measures import MinibatchCKA
+    from vitscope.measures.cka import linear_gram
+
+    g = torch.Generator().manual_seed(3)
+    sizes = [40, 40, 25]
+    x = torch.randn(105, 2000, generator=g) + 1e3  # one large offset shared by all examples
+    y = torch.cat([x[:, :600] @ torch.randn(600, 300, generator=g) / 30, torch.randn(105, 700, generator=g)], 1)
+    y = y + 5e2
+    xs, ys = x.split(sizes), y.split(sizes)
+    # the reference on features centred in float64 (HSIC_1 ignores a common offset; the term-by-term formula on
+    # uncentred Grams of entries ~D 1e6 would itself cancel ~7 digits)
+    centred = lambda bs: [[(b.double() - b.double().mean(0)).numpy()] for b in bs]  # noqa: E731
+    ref = np_minibatch_cka(centred(xs), centred(ys))[0, 0]
+    results = {}
+    for how in ("centred", "uncentred"):
+        m = MinibatchCKA(1, 1)
+        for bx, by in zip(xs, ys):
+            if how == "centred":
+                gx, gy = linear_gram(bx, float32=True), linear_gram(by, float32=True)
+            else:
+                gx, gy = (bx @ bx.T).double(), (by @ by.T).double()
+            m.update_grams([gx], [gy])
+        results[how] = float(m.compute()[0, 0])
+    bound = sum(_float32_bound([b.double().numpy() for b in bs]) for bs in (xs, ys))
+    bound += sum(_float32_bound([b.double().numpy() for b in bs], 2.0**-53) for bs in (xs, ys))  # float64's own
+    assert 0.05 < ref < 0.95  # a CKA that is neither trivial value
+    assert abs(results["centred"] - ref) <= bound
+    assert abs(results["uncentred"] - ref) > bound
+
+
+def test_compare_gram_dtype_float32(pair):
+    vit, cnn, ba, bb = pair
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the skipped batch of 3
+        r64 = vitscope.compare(vit, cnn, (ba, bb), progress=False)
+        r32 = vitscope.compare(vit, cnn, (ba, bb), progress=False, gram_dtype="float32")
+    assert r32.meta["gram_dtype"] == "float32" and r64.meta["gram_dtype"] == "float64"
+    fa = [hooked(vit, list(vit.blocks), x) for x, _ in ba if x.shape[0] > 3]
+    fb = [hooked(cnn, [cnn.layer1[0], cnn.layer2[0], cnn.layer3[0], cnn.layer4[0]], x) for x, _ in bb
+          if x.shape[0] > 3]
+    assert r64.names_b == ["layer1.0", "layer2.0", "layer3.0", "layer4.0"]
+    for i in range(len(r64.names_a)):
+        for j in range(len(r64.names_b)):
+            bound = _float32_bound([b[i] for b in fa]) + _float32_bound([b[j] for b in fb])
+            assert abs(float(r32.cka[i, j]) - float(r64.cka[i, j])) <= bound + 1e-12  # + float64's own (~1e-13)
+    with pytest.raises(ValueError, match="gram_dtype"):
+        vitscope.compare(vit, cnn, (ba, bb), gram_dtype="float16")

@@ -21,7 +21,7 @@ from vitscope.cli import main
 DATA = "fake:n=40,n_eval=37,classes=4,size=32"  # val: 37 examples in batches of 8: ranks get 21 and 16
 COMMANDS = {
     "probe": ["probe", "--model", "test_vit_cb", "--data", DATA, "--batch-size", "8", "--measures",
-              "attention_entropy,cka,feature_variance"],
+              "attention_entropy,cka,feature_variance,linear_probe", "--shots", "2"],
     "hessian": ["hessian", "--model", "test_vit_cb", "--data", DATA, "--batch-size", "8", "--batches", "3",
                 "--k", "2", "--max-iter", "30", "--no-progress"],
     "robustness": ["robustness", "--model", "test_vit_cb", "--data", DATA, "--split", "val", "--batch-size", "8",

@@ -271,10 +271,11 @@ def test_probe_host_syncs_do_not_grow_with_batches(monkeypatch, model_name):
     model = vitscope.create_model(model_name).eval()
     measures = [n for n, c in vitscope.probing.PROBE_MEASURES.items() if not c.static]
     counts = {}
+    fit = DataLoader(_data(n=12), batch_size=4)  # linear_probe's fit pass: the same for both (not per batch)
     for n in (2, 6):
         loader = DataLoader(_data(n=4 * n), batch_size=4)
-        counts[n] = _count_scalar_reads(monkeypatch, lambda loader=loader: vitscope.probe(model, loader, measures,
-                                                                                           progress=False))
+        counts[n] = _count_scalar_reads(monkeypatch, lambda loader=loader: vitscope.probe(
+            model, loader, measures, progress=False, fit_loader=fit, num_classes=10, shots=(1,)))
     assert len(counts[2]) == len(counts[6]), (len(counts[2]), len(counts[6]))
     control = _count_scalar_reads(monkeypatch, lambda: [x.sum().item() for x, _ in DataLoader(_data(8), 4)])
     assert len(control) >= 2

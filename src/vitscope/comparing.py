@@ -38,7 +38,7 @@ from vitscope.distributed import current as dist_current
 from vitscope.io.atomic import atomic_write_json, json_safe, write_csv
 from vitscope.measures._validate import raise_non_finite
 from vitscope.measures.cka import MinibatchCKA, linear_gram
-from vitscope.measures.linear_probe import ProbeAccuracy, RidgeFit, probe_features
+from vitscope.probing.linear_probes import DEFAULT_SHOTS, LayerProbes, layer_readouts
 from vitscope.runtime import keep_freed_memory, model_device
 
 _logger = logging.getLogger(__name__)
@@ -47,7 +47,6 @@ __all__ = ["compare", "CompareResult", "COMPARE_MEASURES", "LAYER_SELECTIONS"]
 
 COMPARE_MEASURES = ("cka", "linear_probe")
 LAYER_SELECTIONS = ("blocks", "sublayers")  # vitscope.capture's layers=
-DEFAULT_SHOTS = (10, 25)  # RAGHU Sec. 6 / ViT's few-shot protocol: 10 and 25 examples per class
 
 
 # ----------------------------------------------------------------------------------------------
@@ -167,10 +166,11 @@ class _ModelSide:
     are ``vitscope.capture``'s (``layers="blocks"``: one record per block, named by its module path;
     ``"sublayers"``: attention / MLP split), the stem's output left out unless ``names`` asks for it."""
 
-    def __init__(self, model: nn.Module, layers: str, names: Any, want_probe: bool, device: torch.device) -> None:
+    def __init__(self, model: nn.Module, layers: str, names: Any, want_probe: bool, device: torch.device,
+                 gram32: bool = False) -> None:
         if layers not in LAYER_SELECTIONS:
             raise ValueError(f"layers must be one of {LAYER_SELECTIONS}, got {layers!r}")
-        self.model, self.device, self.want_probe = model, device, want_probe
+        self.model, self.device, self.want_probe, self.gram32 = model, device, want_probe, gram32
         self.layers, self.patterns = layers, names
         self.names: list[str] | None = None
         self.infos: list[LayerInfo] = []
@@ -188,9 +188,9 @@ class _ModelSide:
             names.append(info.name)
             infos.append(info)
             if grams:
-                out_grams.append(linear_gram(rec.z_out, info.name, validate=False))  # (n, n) float64
-            if self.want_probe:  # GAP summed in float64
-                reads.append(probe_features(rec.z_out.to(torch.float64), info.num_prefix_tokens))
+                out_grams.append(linear_gram(rec.z_out, info.name, validate=False, float32=self.gram32))  # (n, n) f64
+            if self.want_probe:
+                reads.append(layer_readouts(rec.z_out, info))  # (n, D) float64 per read-out
 
         with capture(self.model, attention=False, residual=True, branches=False, names=self.patterns,
                      on_record=on_record, layers=self.layers):
@@ -204,50 +204,6 @@ class _ModelSide:
             raise ValueError(f"{type(self.model).__name__} gave layers {names[:3]}... in this batch but "
                              f"{self.names[:3]}... before; the layers must not change between batches")
         return out_grams, reads
-
-
-def _readout_keys(reads: list[dict[str, torch.Tensor]]) -> list[str]:
-    return [k for k in ("cls", "gap") if all(k in r for r in reads)]
-
-
-def _fit_probes(side: _ModelSide, fit_loader: Iterable, which: int, num_classes: int, shots: Sequence[int],
-                ridge: float, progress: bool) -> dict[tuple[str, int], list[dict[str, Any]]]:
-    """Ridge solutions per (readout, shots): the first ``shots`` examples of each class of ``fit_loader``."""
-    top = max(shots)
-    counts = torch.zeros(num_classes, dtype=torch.long)
-    fits: dict[tuple[str, int], RidgeFit] = {}
-    batches, _ = _pairs(fit_loader, None, shard=False)
-    for _, images, labels in tqdm(batches, desc="probe fit", disable=not progress, leave=False):
-        if labels is None:
-            raise ValueError("linear_probe needs labels: the fit loader must yield (images, labels)")
-        labels = labels.cpu()
-        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
-            raise ValueError(f"fit labels must lie in [0, {num_classes})")
-        rank = torch.empty_like(labels)  # within-class rank of each example in loader order
-        for c in labels.unique().tolist():
-            idx = (labels == c).nonzero().flatten()
-            rank[idx] = counts[c] + torch.arange(len(idx))
-            counts[c] += len(idx)
-        if not (rank < top).any():
-            if bool((counts >= top).all()):
-                break
-            continue
-        _, reads = side.run(images[which], grams=False)
-        for key in _readout_keys(reads):
-            for k in shots:
-                keep = rank < k
-                if keep.any():
-                    fit = fits.setdefault((key, k), RidgeFit(num_classes, ridge=ridge))
-                    fit.update([r[key][keep.to(r[key].device)] for r in reads], labels[keep].to(side.device))
-        if bool((counts >= top).all()):
-            break  # every class has its examples: the rest of the fit loader is not read
-    short = [c for c in range(num_classes) if counts[c] < top]
-    if short:
-        _logger.warning("linear_probe: classes %s have fewer than %d fit examples (%s); their probes use what there "
-                        "is", short[:10], top, [int(counts[c]) for c in short[:10]])
-    if not fits:
-        raise ValueError("linear_probe: the fit loader gave no example")
-    return {key: fit.compute() for key, fit in fits.items()}
 
 
 def _check_finite(measure: MinibatchCKA, names_a: list[str], names_b: list[str]) -> None:
@@ -279,6 +235,7 @@ def compare(
     shard: bool = False,
     label_a: str | None = None,
     label_b: str | None = None,
+    gram_dtype: str | torch.dtype = "float64",
 ) -> CompareResult:
     """Compare two models layer by layer on the same examples (RAGHU Fig. 2), in one pass over ``loader``.
 
@@ -302,6 +259,10 @@ def compare(
             CKA sums and probe counts are then summed over the ranks, so every rank gets the global result.
         label_a, label_b: The models' names in tables and figures (default: their class names, with A/B added when
             they are equal).
+        gram_dtype: ``"float64"`` (default: each Gram of the features in float64, CKA to ~1e-12) or, opt-in,
+            ``"float32"``: the features centred over the batch and multiplied in float32 (a float32 matmul in place
+            of float64's), HSIC still accumulated in float64; off by at most asin(eps rho_K) + asin(eps rho_L),
+            eps = (D+2) 2^-24 (``vitscope.measures.cka.linear_gram``), ~1e-8 in practice.
 
     Returns:
         A :class:`CompareResult`.
@@ -312,12 +273,14 @@ def compare(
         raise ValueError(f"unknown measure(s) {unknown}; choose from {list(COMPARE_MEASURES)}" if unknown else
                          f"no measure requested; choose from {list(COMPARE_MEASURES)}")
     want_cka, want_probe = "cka" in measures, "linear_probe" in measures
+    gram32 = {"float64": False, torch.float64: False, "float32": True, torch.float32: True}.get(gram_dtype)
+    if gram32 is None:
+        raise ValueError(f"gram_dtype must be 'float64' (default, exact) or 'float32', got {gram_dtype!r}")
     if want_probe:
         if fit_loader is None or num_classes is None:
             raise ValueError("linear_probe needs fit_loader (the fit examples, e.g. the train split) and num_classes")
         shots = sorted({int(k) for k in shots})
-        if not shots or shots[0] < 1:
-            raise ValueError(f"shots must be positive integers, got {list(shots)}")
+        LayerProbes(num_classes, shots, ridge)  # checks the options before any model runs
     for m, which in ((model_a, "model_a"), (model_b, "model_b")):
         if not find_blocks(m):
             raise ValueError(f"{which} ({type(m).__name__}) has no residual block vitscope knows; compare needs "
@@ -328,17 +291,18 @@ def compare(
     modes = (model_a.training, model_b.training)
     model_a.to(device).eval()
     model_b.to(device).eval()
-    sides = [_ModelSide(model_a, layers, names, want_probe, device),
-             _ModelSide(model_b, layers, names if names_b is None else names_b, want_probe, device)]
+    sides = [_ModelSide(model_a, layers, names, want_probe, device, gram32),
+             _ModelSide(model_b, layers, names if names_b is None else names_b, want_probe, device, gram32)]
     info = dist_current()
     measure: MinibatchCKA | None = None
-    fits: list[dict[tuple[str, int], list[dict[str, Any]]]] = []
-    accs: dict[tuple[int, str, int], ProbeAccuracy] = {}
+    probes: list[LayerProbes] = []
     examples = 0
     try:
-        if want_probe:
-            fits = [_fit_probes(s, fit_loader, i, num_classes, shots, ridge, progress and info.is_main)
-                    for i, s in enumerate(sides)]
+        for i, side in enumerate(sides if want_probe else []):  # the whole fit pass on every rank: same probes
+            probes.append(LayerProbes(num_classes, shots, ridge))
+            fit_batches, _ = _pairs(fit_loader, None, shard=False)
+            probes[i].fit(lambda images, side=side: side.run(images, grams=False)[1],
+                          ((images[i], labels) for _, images, labels in fit_batches), progress and info.is_main)
         batches, total = _pairs(loader, max_batches, shard)
         bar = tqdm(batches, total=total, desc="compare", disable=not progress or not info.is_main, leave=False)
         for _, images, labels in bar:
@@ -348,13 +312,8 @@ def compare(
                 if measure is None:
                     measure = MinibatchCKA(len(ga), len(gb))
                 measure.update_grams(ga, gb)
-            if want_probe:
-                if labels is None:
-                    raise ValueError("linear_probe needs labels: the loader must yield (images, labels)")
-                for i, reads in enumerate((ra, rb)):
-                    for (key, k), sol in fits[i].items():
-                        acc = accs.setdefault((i, key, k), ProbeAccuracy())
-                        acc.update([r[key] for r in reads], labels.to(device), sol)
+            for p, reads in zip(probes, (ra, rb)):
+                p.score(reads, labels)
             examples += int(images[0].shape[0])
     finally:
         model_a.train(modes[0])
@@ -363,7 +322,7 @@ def compare(
         raise ValueError("the loader gave no batch; check the data spec, split and max_batches")
     count = torch.tensor([float(examples)], dtype=torch.float64)
     if info.distributed:
-        for m in ([measure] if measure is not None else []) + list(accs.values()):
+        for m in ([measure] if measure is not None else []) + [a for p in probes for a in p.streaming()]:
             m.sync()
         all_reduce_sum(count)
     label_a = label_a or type(model_a).__name__
@@ -375,18 +334,11 @@ def compare(
     if measure is not None:
         _check_finite(measure, result.names_a, result.names_b)
         result.cka = measure.compute().cpu()  # (La, Lb) float64
-    if want_probe:
-        for (i, key, k), acc in sorted(accs.items()):
-            values = acc.compute()
-            side = sides[i]
-            n = len(values)
-            for d, (name, v, sol) in enumerate(zip(side.names, values, fits[i][(key, k)])):
-                result.linear_probe.append({
-                    "model": (label_a, label_b)[i], "layer": name, "depth": d,
-                    "normalized_depth": round(d / max(n - 1, 1), 6), "readout": key, "shots": k,
-                    "accuracy": float(v), "alpha": sol["alpha"]})
+    for side, p, label in zip(sides, probes, (label_a, label_b)):
+        result.linear_probe += p.rows(side.names or [], label)
     result.meta = {
         "examples": int(count[0]), "measures": measures, "layers": layers, "names": names,
+        "gram_dtype": "float32" if gram32 else "float64",
         "names_b": names_b, "world_size": info.world_size,
         "model_a": {"class": type(model_a).__name__, "label": label_a, "layers": result.names_a},
         "model_b": {"class": type(model_b).__name__, "label": label_b, "layers": result.names_b},

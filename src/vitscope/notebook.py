@@ -18,7 +18,7 @@ __all__ = ["tidy_rows", "frame", "report_items", "report_figures", "report_figur
 
 # Columns of a probe row that say where a value was measured; every other field is a measured value.
 ID_KEYS = ("layer", "name", "kind", "block", "depth", "normalized_depth", "other_layer", "other_depth", "other_kind",
-           "position", "gate")
+           "position", "gate", "shots")
 
 
 def tidy_rows(measure: str, rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:

@@ -84,6 +84,7 @@ RULES: dict[str, dict[str, Number]] = {
     "attention": {"num_images": POSITIVE_INT, "discard_ratio": Number(low=0, high=1, high_open=True),
                   "query": COUNT},
     "compare": {"ridge": POSITIVE},
+    "probe": {"ridge": POSITIVE},
     "demo": {"threads": POSITIVE_INT},
     "report": {"workers": POSITIVE_INT},
     "reproduce": {"seeds": POSITIVE_INT, "epochs": POSITIVE_INT, "max_examples": POSITIVE_INT},

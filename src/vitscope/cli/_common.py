@@ -430,3 +430,45 @@ class ToDevice:
     def __iter__(self) -> Any:
         for x, y in self.loader:
             yield x.to(self.device), y.to(self.device)
+
+
+def add_linear_probe_options(p: argparse.ArgumentParser) -> None:
+    """``--shots``, ``--ridge``, ``--fit-split``: the few-shot probes of ``probe`` and ``compare`` (RAGHU Sec. 6)."""
+    p.add_argument("--shots", default="10,25", help="linear_probe: fit examples per class, comma-separated "
+                   "(RAGHU: 10,25)")
+    p.add_argument("--ridge", type=float, default=1.0,
+                   help="linear_probe: ridge strength relative to each layer's mean feature variance (x n)")
+    p.add_argument("--fit-split", default="train", choices=SPLITS, help="linear_probe: where the fit examples come "
+                   "from (the first SHOTS of each class in a seeded order)")
+
+
+def parse_shots(text: str) -> list[int]:
+    """``--shots 10,25`` as sorted positive integers (one ``CLIError`` otherwise)."""
+    try:
+        shots = sorted({int(s) for s in text.split(",") if s.strip()})
+    except ValueError:
+        shots = []
+    if not shots or shots[0] < 1:
+        raise CLIError(f"--shots must be comma-separated positive integers, got {text!r}")
+    return shots
+
+
+def few_shot_loaders(args: argparse.Namespace, preprocessings: list[dict[str, Any]], shots: list[int]) -> tuple:
+    """The linear probes' fit loaders, one per preprocessing, over the same examples: ``max(shots)`` per class of
+    ``--fit-split`` (a seeded per-class draw, ``vitscope.data.subsample.first_per_class``), in a fixed order."""
+    from torch.utils.data import DataLoader, Subset
+
+    from vitscope.data import create_dataset
+    from vitscope.data.factory import dataset_targets
+    from vitscope.data.local import collate_skipping_none
+    from vitscope.data.subsample import first_per_class
+
+    if args.fit_split == args.split:
+        _logger.warning("linear_probe: --fit-split and --split are both %r: the probes are scored on examples that "
+                        "include their fit examples (not held out)", args.split)
+    dsets = [create_dataset(args.data, split=args.fit_split, preprocessing=pre) for pre in preprocessings]
+    idx = first_per_class(dataset_targets(dsets[0]), max(shots), seed=args.seed).tolist()
+    _logger.info("linear_probe: %d fit examples (%s per class) from the %s split, ridge %g (relative), scored on "
+                 "the %s split", len(idx), max(shots), args.fit_split, args.ridge, args.split)
+    return tuple(DataLoader(Subset(ds, idx), batch_size=args.batch_size, shuffle=False, num_workers=args.workers,
+                            collate_fn=collate_skipping_none) for ds in dsets)

@@ -12,12 +12,15 @@ from vitscope.cli._common import (
     SPLITS,
     WORKERS,
     add_amp_options,
+    add_linear_probe_options,
     autocast,
     build_model,
     check_amp,
     check_classes,
     check_out,
     check_positive,
+    few_shot_loaders,
+    parse_shots,
     precision,
     resolve_device,
     resolve_preprocessing,
@@ -56,12 +59,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="keep only the layers these fnmatch patterns match (as probe), e.g. 'blocks.*' or "
                    "'layer[34].*'")
     p.add_argument("--layer-names-b", metavar="GLOB[,GLOB]", help="the patterns for model B when they differ")
-    p.add_argument("--shots", default="10,25", help="linear_probe: fit examples per class, comma-separated "
-                   "(RAGHU: 10,25)")
-    p.add_argument("--ridge", type=float, default=1.0,
-                   help="linear_probe: ridge strength relative to each layer's mean feature variance (x n)")
-    p.add_argument("--fit-split", default="train", choices=SPLITS, help="linear_probe: where the fit examples come "
-                   "from (the first SHOTS of each class in a seeded order)")
+    p.add_argument("--gram-dtype", default="float64", choices=("float64", "float32"),
+                   help="float64 (default): CKA to ~1e-12; float32: centred features multiplied in float32, HSIC "
+                   "still float64, faster, within a derived bound (~1e-8 in practice; docs/compare.md)")
+    add_linear_probe_options(p)
     p.add_argument("--preprocess", default="auto", choices=("auto", "model", "data"),
                    help="each model's eval preprocessing: auto (hub weights: the model's pretrained_cfg; a run: what "
                    "it recorded; else the data's statistics at the model's input size), model or data")
@@ -123,19 +124,9 @@ def _label(text: str, ns: argparse.Namespace) -> tuple[str, Path | None]:
     return (f"{path.name}@{epoch}" if epoch is not None else path.name), run
 
 
-def _few_shot_indices(targets: list[int], k: int, seed: int) -> list[int]:
-    from vitscope.data.subsample import first_per_class
-
-    return first_per_class(targets, k, seed=seed).tolist()
-
-
 def run(args: argparse.Namespace) -> int:
-    from torch.utils.data import DataLoader, Subset
-
     from vitscope.comparing import COMPARE_MEASURES, compare
-    from vitscope.data import create_dataset, create_loader, data_info
-    from vitscope.data.factory import dataset_targets
-    from vitscope.data.local import collate_skipping_none
+    from vitscope.data import create_loader, data_info
     from vitscope.distributed import init_from_env, rank_device
     from vitscope.io.atomic import staged_output
 
@@ -147,12 +138,7 @@ def run(args: argparse.Namespace) -> int:
     check_positive(batch_size=args.batch_size, max_batches=args.max_batches)  # (--ridge etc.: cli/_checks.py)
     if args.workers < 0:
         raise CLIError(f"--workers must be >= 0, got {args.workers}")
-    try:
-        shots = sorted({int(s) for s in args.shots.split(",") if s.strip()})
-    except ValueError:
-        raise CLIError(f"--shots must be comma-separated positive integers, got {args.shots!r}") from None
-    if not shots or shots[0] < 1:
-        raise CLIError(f"--shots must be comma-separated positive integers, got {args.shots!r}")
+    shots = parse_shots(args.shots)
     check_out(args.out)
     globs = lambda text: [g.strip() for g in text.split(",") if g.strip()] if text else None  # noqa: E731
     specs = [model_args(args.a, args, "A"), model_args(args.b, args, "B")]
@@ -174,17 +160,7 @@ def run(args: argparse.Namespace) -> int:
                      pres[0]["input_size"][-1], pres[1]["input_size"][-1])
     loaders = tuple(create_loader(args.data, split=args.split, batch_size=args.batch_size, seed=args.seed,
                                   num_workers=args.workers, preprocessing=pre, shuffle=False) for pre in pres)
-    fit_loaders = None
-    if "linear_probe" in measures:
-        if args.fit_split == args.split:
-            _logger.warning("linear_probe: --fit-split and --split are both %r: the probes are scored on examples that "
-                            "include their fit examples (not held out)", args.split)
-        dsets = [create_dataset(args.data, split=args.fit_split, preprocessing=pre) for pre in pres]
-        idx = _few_shot_indices(dataset_targets(dsets[0]), max(shots), args.seed)
-        fit_loaders = tuple(DataLoader(Subset(ds, idx), batch_size=args.batch_size, shuffle=False,
-                                       num_workers=args.workers, collate_fn=collate_skipping_none) for ds in dsets)
-        _logger.info("linear_probe: %d fit examples (%s per class) from the %s split, ridge %g (relative), scored on "
-                     "the %s split", len(idx), max(shots), args.fit_split, args.ridge, args.split)
+    fit_loaders = few_shot_loaders(args, pres, shots) if "linear_probe" in measures else None
     (label_a, run_a), (label_b, run_b) = _label(args.a, specs[0]), _label(args.b, specs[1])
     if label_a == label_b:
         label_a, label_b = f"{label_a} (A)", f"{label_b} (B)"
@@ -193,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
                          measures=measures, layers=args.layers, names=globs(args.layer_names),
                          names_b=globs(args.layer_names_b),
                          fit_loader=fit_loaders, num_classes=info.num_classes, shots=shots, ridge=args.ridge,
-                         device=device, max_batches=args.max_batches, shard=True)
+                         device=device, max_batches=args.max_batches, shard=True, gram_dtype=args.gram_dtype)
     result.over_training = run_a is not None and run_a == run_b
     result.meta.update(model_name=f"{label_a} vs {label_b}", over_training=result.over_training,
                        model_a={**metas[0], **result.meta["model_a"]}, model_b={**metas[1], **result.meta["model_b"]},

@@ -4,7 +4,15 @@ from __future__ import annotations
 import argparse
 
 from vitscope.cli import CLIError
-from vitscope.cli._common import add_model_options, autocast, build_setup, check_positive
+from vitscope.cli._common import (
+    add_linear_probe_options,
+    add_model_options,
+    autocast,
+    build_setup,
+    check_positive,
+    few_shot_loaders,
+    parse_shots,
+)
 
 INTERVENTIONS = ("lesion", "localization")
 
@@ -25,6 +33,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "block's output (named by module path); the stem's output comes first either way")
     p.add_argument("--layer-names", metavar="GLOB[,GLOB]",
                    help="keep only the layers these fnmatch patterns match, e.g. 'stem,blocks.1*'")
+    add_linear_probe_options(p)
     p.set_defaults(func=run)
 
 
@@ -41,15 +50,22 @@ def run(args: argparse.Namespace) -> int:
                        if unknown else f"--measures {args.measures!r} names no measure; choose from "
                        f"{sorted(PROBE_MEASURES) + list(INTERVENTIONS)}")
     check_positive(max_batches=args.max_batches)
+    shots = parse_shots(args.shots)
     setup = build_setup(args)
     model, loader, device = setup.model, setup.loader, setup.device
+    fit = {}
+    if "linear_probe" in names:  # the fit examples through the same preprocessing as the probed ones
+        fit = {"fit_loader": few_shot_loaders(args, [setup.preprocessing], shots)[0],
+               "num_classes": setup.meta["data_classes"], "shots": shots, "ridge": args.ridge}
 
     forward = [m for m in names if m in PROBE_MEASURES]
     with autocast(args, device):
         layer_names = [g.strip() for g in args.layer_names.split(",") if g.strip()] if args.layer_names else None
         result = probe(model, loader, forward, device=device, max_batches=args.max_batches, shard=True,
-                       layers=args.layers, names=layer_names) if forward else ProbeResult()
+                       layers=args.layers, names=layer_names, **fit) if forward else ProbeResult()
     result.meta.update(model_name=setup.meta["model"], **{k: v for k, v in setup.meta.items() if k != "model"})
+    if fit:
+        result.meta.update(fit_split=args.fit_split, shots=shots, ridge=args.ridge)
     if not setup.is_main:
         return 0  # torchrun: every rank holds the merged result; rank 0 alone writes (and runs lesion/localization)
     extra = {}

@@ -51,11 +51,18 @@ def linear_gram(feat: Any, name: str = "x", validate: bool = True, float32: bool
     per-layer part of ``MinibatchCKA.update`` (see ``update_grams``); also the NaN/Inf check unless
     ``validate=False``.
 
-    ``float32=True`` (``vitscope.probe``): float32 (or half) features are centred over the n examples and
-    multiplied in float32, about 2.5x faster than float64 on CPU. Centring leaves HSIC_1 unchanged (U-centring
-    removes a common offset exactly) and keeps the Gram well conditioned: CKA then agrees with float64 to about
-    1e-8 (1e-7 is tested), even with large offsets shared by all examples (trained ViTs' massive activations)
-    that cost a plain float32 Gram ~1e-3. Otherwise the Gram is float64.
+    ``float32=True`` (``vitscope.probe``; ``vitscope.compare(gram_dtype="float32")``): float32 (or half)
+    features are centred over the n examples and multiplied in float32 (autocast off, so never in bf16), the
+    Gram symmetrized in float64. Centring leaves HSIC_1 unchanged (U-centring removes a common offset exactly,
+    whatever the rounding of the mean) and keeps the Gram well conditioned: CKA then agrees with float64 to
+    about 1e-8 in practice, even with large offsets shared by all examples (trained ViTs' massive activations)
+    that cost a plain float32 Gram ~1e-3. Worst case (tests/test_compare.py checks it): each entry of the centred Gram K
+    is off by at most eps ||x_i|| ||x_j|| with eps = gamma_(D+2) = (D+2)u / (1 - (D+2)u), u = 2^-24 (a
+    float32 dot product of length D after one rounded subtraction per element; IEEE float32 matmul, i.e. not
+    TF32), so ||E||_F <= eps tr(K); U-centring is an orthogonal projection of symmetric matrices (Szekely &
+    Rizzo 2014), so ||U(E)||_F <= eps tr(K), and the CKA (a cosine between U-centred Grams) moves by at most
+    asin(eps rho_K) + asin(eps rho_L), rho = tr(K) / ||U(K)||_F (over batches: the root sums of squares).
+    Otherwise the Gram is float64.
     """
     if not float32:
         return _linear_gram(_flatten(feat, name), name, validate)
@@ -66,7 +73,9 @@ def linear_gram(feat: Any, name: str = "x", validate: bool = True, float32: bool
     # copy): the Gram does not depend on their order
     flat = as_float(memory_order(x, keep_first=True).reshape(x.shape[0], -1))
     flat = flat - flat.mean(0, keepdim=True)
-    gram = (flat @ flat.T).to(torch.float64)  # (n, n)
+    with torch.autocast(flat.device.type, enabled=False):  # under --amp the matmul would otherwise run in bf16
+        gram = (flat @ flat.T).to(torch.float64)  # (n, n)
+    gram = (gram + gram.T) / 2  # the two triangles may round differently; the bound needs a symmetric error
     if validate and not torch.isfinite(gram).all():
         raise_non_finite(name)
     return gram

@@ -170,15 +170,25 @@ class ProbeAccuracy(StreamingMeasure):
     """Held-out accuracy of fixed per-layer ridge classifiers: ``update(feats, labels, fits)`` with ``fits`` the
     ``RidgeFit.compute()`` list; ``compute()`` is the accuracy of each layer (float64 0-d tensors)."""
 
-    def update(self, feats: Tensor | Sequence[Tensor], labels: Tensor, fits: Sequence[dict[str, Any]]) -> None:
+    def update(self, feats: Tensor | Sequence[Tensor], labels: Tensor, fits: Sequence[dict[str, Any]],
+               validate: bool = True) -> None:
+        """Add one held-out batch. ``validate=False`` skips the checks that read values on the host (finite
+        features, labels in range; shapes are always checked): for callers that check on the device
+        (``vitscope.probe``)."""
         xs, single = as_list(feats, "feats")
         fits = [fits] if isinstance(fits, dict) else list(fits)
         if len(fits) != len(xs):
             raise ValueError(f"got {len(xs)} layers of features but {len(fits)} fitted probes")
         parts = []
         for i, (x, fit) in enumerate(zip(xs, fits)):
-            x = _matrix(x, f"feats[{i}]")
-            y = _labels(labels, x.shape[0], fit["weight"].shape[1]).to(x.device)
+            if validate:
+                x = _matrix(x, f"feats[{i}]")
+                y = _labels(labels, x.shape[0], fit["weight"].shape[1]).to(x.device)
+            else:
+                x = check_tensor(x, f"feats[{i}]", 2, "(n, D) features, one row per example", finite=False)
+                if labels.shape != (x.shape[0],) or labels.is_floating_point():
+                    raise ValueError(f"labels must be a 1-D integer tensor of the n={x.shape[0]} examples")
+                y = labels.to(x.device)
             parts.append({"correct": (ridge_classifier(fit["weight"], fit["bias"], x) == y).sum().double(),
                           "count": torch.tensor(float(x.shape[0]), dtype=torch.float64, device=x.device)})
         self._accumulate(parts, single)

@@ -11,6 +11,7 @@ from vitscope import measures as M
 from vitscope.capture import Capture, LayerInfo
 from vitscope.measures.cka import linear_gram
 from vitscope.probing._checks import _DeviceChecks, _not_finite, _same
+from vitscope.probing.linear_probes import LayerProbes, capture_readouts, layer_readouts
 
 
 def _normalized_depth(i: int, n: int) -> float:
@@ -191,7 +192,8 @@ class _StreamProbe(_ProbeMeasure):
     needs_streams = True
     needs_float64 = False  # reads the sub-layer output in float64 (converted once per record for all adapters)
 
-    def begin(self) -> None:
+    def begin(self, labels: torch.Tensor | None = None) -> None:
+        """A batch starts; ``labels`` (B,) its labels when the loader gives them."""
         self.parts: list[Any] = []
         self.infos: list[LayerInfo] = []
 
@@ -246,8 +248,8 @@ class _SelectedLayersProbe(_StreamProbe):
         self.measure = self.measure_cls()
         self.skipped: dict[str, str] = {}
 
-    def begin(self) -> None:
-        super().begin()
+    def begin(self, labels: torch.Tensor | None = None) -> None:
+        super().begin(labels)
         self.count = 0
         self.depths_now: list[int] = []
 
@@ -359,6 +361,61 @@ class _RatioOfNorms(_SelectedLayersProbe):
                 for d, info, r in zip(self.depths, self.layout, values)]
 
 
+class _LinearProbe(_StreamProbe):
+    """Few-shot ridge probes of every stream layer (RAGHU Sec. 6; ``vitscope.probing.linear_probes``): fitted
+    before the pass (``prepare``: the fit loader, the same layers), scored on the probe's batches."""
+
+    needs_float64 = True  # the read-outs are float64 means of the record's output (the converted copy is shared)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.probes: LayerProbes | None = None
+        self.model_name = ""
+        self.fit_names: list[str] = []
+
+    def prepare(self, model: nn.Module, fit_loader: Any, num_classes: int | None, shots: Any, ridge: float,
+                layers: str, names: Any, device: torch.device, progress: bool) -> None:
+        if fit_loader is None or num_classes is None:
+            raise ValueError("linear_probe needs fit_loader (the fit examples, e.g. the train split) and num_classes")
+        self.probes, self.model_name = LayerProbes(num_classes, shots, ridge), type(model).__name__
+
+        def reads_of(images: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+            infos, reads = capture_readouts(model, images.to(device), layers, names)
+            self.fit_names = [i.name for i in infos]
+            return reads
+
+        batches = (b if isinstance(b, (list, tuple)) else (b, None) for b in fit_loader)
+        self.probes.fit(reads_of, ((b[0], b[1]) for b in batches), progress)
+
+    def begin(self, labels: torch.Tensor | None = None) -> None:
+        super().begin(labels)
+        self.labels = labels
+
+    def add(self, rec: Any, z64: torch.Tensor | None, checks: _DeviceChecks) -> None:
+        self.checks = checks
+        self.infos.append(rec.info)
+        self.parts.append(layer_readouts(z64, rec.info))  # (B, D) float64 per read-out (finite: checked)
+
+    def end(self) -> None:
+        if self.layout is None:
+            self.layout = self.infos
+            if [i.name for i in self.infos] != self.fit_names:
+                raise ValueError("linear_probe: the probe pass saw other layers than the fit pass")
+        if self.labels is None:
+            raise ValueError("linear_probe needs labels: the loader must yield (images, labels)")
+        c = self.probes.num_classes
+        labels = self.labels.to(self.parts[0]["gap"].device)
+        self.checks.fail_if(((labels < 0) | (labels >= c)).any(),  # read with the other checks: no host sync here
+                            f"batch {{b}}: linear_probe labels outside [0, {c}); pass labels of the probe's classes")
+        self.probes.score(self.parts, labels.clamp(0, c - 1), validate=False)
+
+    def streaming(self) -> list[M.StreamingMeasure]:
+        return self.probes.streaming()
+
+    def rows(self) -> list[dict[str, Any]]:
+        return self.probes.rows([i.name for i in self.layout], self.model_name)
+
+
 class _GPSAGates(_ProbeMeasure):
     """ConViT's gates sigmoid(gating_param) per head: a property of the weights, read once."""
 
@@ -394,6 +451,7 @@ PROBE_MEASURES: dict[str, type[_ProbeMeasure]] = {
     "fourier": _Fourier,
     "feature_variance": _Variance,
     "gpsa_gates": _GPSAGates,
+    "linear_probe": _LinearProbe,
 }
 ATTENTION_MEASURES = tuple(k for k, v in PROBE_MEASURES.items() if v.needs_attention)
 

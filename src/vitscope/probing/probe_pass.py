@@ -15,6 +15,7 @@ from vitscope.distributed import all_gather_objects, all_reduce_sum, global_batc
 from vitscope.distributed import current as dist_current
 from vitscope.probing._checks import _check_attentions, _DeviceChecks, _not_finite
 from vitscope.probing.adapters import ATTENTION_MEASURES, PROBE_MEASURES, _keep_positional, _RecordFeeder, _StreamProbe
+from vitscope.probing.linear_probes import DEFAULT_SHOTS
 from vitscope.probing.result import ProbeResult
 from vitscope.runtime import keep_freed_memory, model_device
 
@@ -70,6 +71,10 @@ def probe(
     shard: bool = False,
     layers: str = "sublayers",
     names: str | Sequence[str] | None = None,
+    fit_loader: Iterable | None = None,
+    num_classes: int | None = None,
+    shots: Sequence[int] = DEFAULT_SHOTS,
+    ridge: float = 1.0,
 ) -> ProbeResult:
     """Run every requested forward measure in one forward pass per batch, streaming over ``loader``.
 
@@ -92,6 +97,12 @@ def probe(
             per block named by its module path, Raghu et al.); see ``vitscope.capture``.
         names: fnmatch pattern(s) on layer names (``stem``, ``blocks.1*``, ``layers.2.*``) keeping only those
             layers (attention layers too, by their module path).
+        fit_loader: For ``linear_probe``: the fit examples (e.g. the train split, labelled, fixed order); the
+            first ``max(shots)`` of each class are read (one short pass before the probe's, whole on every rank).
+            The probes are scored on ``loader`` (held out).
+        num_classes: For ``linear_probe``: the classes of the labels.
+        shots: For ``linear_probe``: fit examples per class, one probe each (RAGHU: 10 and 25).
+        ridge: For ``linear_probe``: ridge strength relative to each layer's mean eigenvalue of Xc'Xc.
 
     Returns:
         A :class:`ProbeResult`; also ``accuracy`` and ``nll`` in ``meta`` when labels are given, and
@@ -99,6 +110,8 @@ def probe(
         rank gets the global result.
     """
     measures = _resolve_measures(model, measures)
+    if "linear_probe" in measures and (fit_loader is None or num_classes is None):
+        raise ValueError("linear_probe needs fit_loader (the fit examples, e.g. the train split) and num_classes")
     device = model_device(model, device)
     if device.type == "cpu":
         keep_freed_memory()
@@ -123,8 +136,11 @@ def probe(
     else:
         total = global_batch_count(loader, max_batches)
         batches = ((b, batch) for b, batch in enumerate(loader) if max_batches is None or b < max_batches)
-    bar = tqdm(batches, total=total, desc="probe", disable=not progress or not info.is_main, leave=False)
     try:
+        if "linear_probe" in adapters:  # the fit pass first (stops once every class has its examples)
+            adapters["linear_probe"].prepare(model, fit_loader, num_classes, shots, ridge, layers, names, device,
+                                             progress and info.is_main)
+        bar = tqdm(batches, total=total, desc="probe", disable=not progress or not info.is_main, leave=False)
         for b, batch in bar:
             if max_batches is not None and b >= max_batches:
                 break
@@ -133,7 +149,7 @@ def probe(
             checks.fail_if(_not_finite(images), "batch {b} holds NaN or infinite pixels; check the data pipeline")
             feed = _RecordFeeder(stream_adapters, checks)
             for a in stream_adapters:
-                a.begin()
+                a.begin(labels)
             with capture(model, attention=need_attn, residual=need_streams, branches=need_streams,
                          on_record=feed, layers=layers, names=names) as cap:  # each record reduced as it is produced
                 logits = model(images)
