@@ -151,3 +151,19 @@ def test_pit_token_grids_distance_equals_numpy_from_conv_receptive_centres():
         p = info.num_prefix_tokens
         want = _numpy_distance(a.double().numpy()[:, :, p:, p:], pos, pos)  # class token dropped, no renormalizing
         np.testing.assert_allclose(got.numpy(), want, rtol=1e-6)
+
+
+def test_hiera_tokens_claim_no_grid_and_spatial_measures_name_them():
+    """Hiera's tokens are unrolled by mask unit, not row-major: capture claims no grid for them, and Fourier and
+    feature variance name those layers not applicable (CKA, which flattens, still runs)."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(0)
+    model = timm.create_model("hiera_tiny_224", embed_dim=16, num_heads=1, stages=(1, 2, 1, 1), img_size=64).eval()
+    with torch.no_grad(), vitscope.capture(model) as cap:
+        model(torch.randn(2, 3, 64, 64))
+    assert cap.records and all(r.info.grid is None for r in cap.records if r.z_out.ndim == 3)
+    ds = TensorDataset(torch.randn(4, 3, 64, 64), torch.zeros(4, dtype=torch.long))
+    res = vitscope.probe(model, DataLoader(ds, batch_size=4), ["cka", "fourier"], progress=False)
+    assert res["cka"] and not res["fourier"]
+    assert set(res.meta["not_applicable"]["fourier"]) >= {r.info.name for r in cap.records if r.info.kind != "stem"}

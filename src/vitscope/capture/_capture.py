@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from vitscope.capture._layout import LayerInfo, first_tensor
 from vitscope.capture._table_hooks import install_table
-from vitscope.capture.geometry import dilated_coords, reduced_key_coords, window_step
+from vitscope.capture.geometry import UNROLLED_TOKENS, dilated_coords, reduced_key_coords, window_step
 from vitscope.capture.sites import BlockSite, attention_kind, final_activation, find_blocks, stage_reductions
 from vitscope.capture.table import sublayers, submodule
 
@@ -162,6 +162,7 @@ class _Recorder:
         self.blocks = find_blocks(model)
         self.block_index = {b.name: i for i, b in enumerate(self.blocks)}
         self.reductions = stage_reductions(model, self.blocks)
+        self.unrolled = isinstance(model, UNROLLED_TOKENS)  # tokens not row-major over the image (Hiera)
 
     # -- helpers --------------------------------------------------------------------------------
     def out(self, t: torch.Tensor) -> torch.Tensor:
@@ -181,7 +182,7 @@ class _Recorder:
         """(prefix tokens, grid, patch size) of a ViT token sequence from the input image size; a square grid whose
         side does not divide the image (PiT's overlapping patch embedding) takes its pixel step from timm's
         ``feature_info`` reduction of the stage holding ``block``."""
-        if self.image_hw is None:
+        if self.image_hw is None or self.unrolled:
             return 0, None, None
         if self.patch is not None:
             h, w = self.image_hw[0] // self.patch[0], self.image_hw[1] // self.patch[1]

@@ -13,6 +13,7 @@ pooled or spatially reduced keys and of window partitions that are not contiguou
   pixel position (u, v) of a patch (the batch times p * p); token (i, j) of sequence (u, v) is map cell
   (i p + u, j p + v): a dilated window with step p.
 
+Hiera's tokens are unrolled by mask unit (``UNROLLED_TOKENS``): no grid is claimed for them.
 PiT's token grids (16 px patches at stride 8: their side does not divide the image) take their pixel step from
 timm's ``feature_info`` reduction of the stage (``capture.sites.stage_reductions``). Attention whose keys are
 pooled by a stride with padding (MViTv2, Hiera's mask units) exposes no map to ``*attn_drop`` hooks, so capture sees
@@ -24,13 +25,16 @@ from __future__ import annotations
 import math
 
 import torch.nn as nn
-from timm.models import maxxvit, mobilevit, pvt_v2, twins
+from timm.models import hiera, maxxvit, mobilevit, pvt_v2, twins
 
 Coords = tuple[tuple[float, ...], tuple[float, ...]]
 
 REDUCED_KEYS: tuple[type, ...] = (pvt_v2.Attention, twins.GlobalSubSampleAttn)
 GRID_PARTITION: tuple[type, ...] = (maxxvit.PartitionAttentionCl, maxxvit.PartitionAttention2d)
 UNFOLDED_PATCHES: tuple[type, ...] = (mobilevit.MobileVitBlock,)
+# models whose token sequences are not row-major over the image (Hiera unrolls them by mask unit): capture claims no
+# grid for their tokens, so spatial measures (Fourier, feature variance, query maps) name them not applicable
+UNROLLED_TOKENS: tuple[type, ...] = (hiera.Hiera,)
 
 
 def _pair(v) -> tuple[int, int]:

@@ -293,8 +293,9 @@ class _MapProbe(_SelectedLayersProbe):
     def layer_part(self, rec: Any, z64: torch.Tensor | None, checks: _DeviceChecks) -> Any:
         info = rec.info
         if info.grid is None:
-            self.skipped[info.name] = ("tokens whose grid vitscope cannot tell (several token sequences, or no "
-                                       "patch grid of the image's aspect): no spatial map")
+            self.skipped[info.name] = ("tokens whose grid vitscope cannot tell (several token sequences, no "
+                                       "patch grid of the image's aspect, or tokens not in row-major order: "
+                                       "Hiera's mask units): no spatial map")
             return None
         if info.grid[0] * info.grid[1] <= 1:
             return None
