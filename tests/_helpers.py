@@ -1,6 +1,7 @@
 """Helpers shared by several test modules."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 
@@ -103,3 +104,15 @@ def spy_models(monkeypatch) -> list:
     for module in (models, checkpoints, weights):
         monkeypatch.setattr(module, "create_model", spying)
     return built
+
+
+def ref_hsic1(K: np.ndarray, L: np.ndarray) -> float:
+    """Unbiased HSIC_1 (Song et al. 2012; METHODS.md), written out term by term."""
+    n = K.shape[0]
+    K, L = K.copy(), L.copy()
+    np.fill_diagonal(K, 0.0)
+    np.fill_diagonal(L, 0.0)
+    one = np.ones(n)
+    term = np.trace(K @ L) + (one @ K @ one) * (one @ L @ one) / ((n - 1) * (n - 2))
+    term -= 2.0 / (n - 2) * (one @ K @ L @ one)
+    return term / (n * (n - 3))

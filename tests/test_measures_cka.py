@@ -7,24 +7,13 @@ import pytest
 import torch
 import torch.nn as nn
 
+from _helpers import ref_hsic1
 from vitscope.measures import MinibatchCKA, cka, hsic1
 
 
 def feats(n, shape, seed):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, *shape, generator=g, dtype=torch.float64)
-
-
-def ref_hsic1(K, L):
-    """METHODS.md's unbiased HSIC_1, written out term by term."""
-    n = K.shape[0]
-    K, L = K.copy(), L.copy()
-    np.fill_diagonal(K, 0.0)
-    np.fill_diagonal(L, 0.0)
-    one = np.ones(n)
-    term = np.trace(K @ L) + (one @ K @ one) * (one @ L @ one) / ((n - 1) * (n - 2))
-    term -= 2.0 / (n - 2) * (one @ K @ L @ one)
-    return term / (n * (n - 3))
 
 
 def ref_minibatch_cka(batches_x, batches_y):

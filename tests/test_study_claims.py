@@ -12,23 +12,12 @@ from scipy import stats
 from torch.utils.data import DataLoader, TensorDataset
 
 import vitscope
+from _helpers import ref_hsic1
 from vitscope.studies import load_study
 from vitscope.studies.metrics import compute_metric
 from vitscope.studies.pipeline import run_skip_cka
 from vitscope.studies.runner import _needs, _paired, _threshold
 from vitscope.studies.verdict import INCONCLUSIVE, NOT_HELD, Verdict, decide, holm_adjust, paired_test, to_markdown
-
-
-def ref_hsic1(K: np.ndarray, L: np.ndarray) -> float:
-    """Unbiased HSIC_1 (Song et al. 2012; METHODS.md), written out term by term."""
-    n = K.shape[0]
-    K, L = K.copy(), L.copy()
-    np.fill_diagonal(K, 0.0)
-    np.fill_diagonal(L, 0.0)
-    one = np.ones(n)
-    term = np.trace(K @ L) + (one @ K @ one) * (one @ L @ one) / ((n - 1) * (n - 2))
-    term -= 2.0 / (n - 2) * (one @ K @ L @ one)
-    return term / (n * (n - 3))
 
 
 def ref_cka(x: torch.Tensor, y: torch.Tensor) -> float:
