@@ -143,7 +143,14 @@ def test_features_only_through_timm(name):
 # ---------------------------------------------------------------- AlterNet (HDVW)
 
 def _window_attention_reference(m, x):
-    """Window MSA by explicit loops over windows, with an independently built relative-position index."""
+    """Window MSA by explicit loops over windows, with an independently built relative-position index, in float64;
+    also a first-order bound E on the float64 round-off of any evaluation of the same sums (returned after the
+    output and the maps). gamma_n = n u bounds a sum of n terms against the sum of their |terms|:
+    q, k, v: gamma_C |W| |x|; scores q k^T / sqrt(hd) + bias (the scale is a power of two here: exact):
+    gamma_hd |q| |k|^T / sqrt(hd), the inputs' errors carried, and u of |q k^T / sqrt(hd)| + |bias| for the add;
+    softmax: |d p_ij| <= p_ij (2 max_l |d s_il| + (3N + 4) u) (exp, the sum of N terms, the division, and an
+    online softmax's rescaling by up to N key blocks); A v: gamma_N |A| |v| and the inputs' errors; the output
+    projection: gamma_(inner + 1) (|W_p| |o| + |b|) and |W_p| |d o|."""
     ws, nh, hd = m.window_size, m.num_heads, m.head_dim
     wq, bq = m.qkv.weight[:, :, 0, 0].double(), m.proj.weight[:, :, 0, 0].double()
     table = m.rel_pos.relative_position_bias_table.double()  # ((2ws-1)^2, heads or 1)
@@ -151,20 +158,35 @@ def _window_attention_reference(m, x):
     idx = torch.tensor([[(a[0] - b[0] + ws - 1) * (2 * ws - 1) + (a[1] - b[1] + ws - 1) for b in pos] for a in pos])
     bias = table[idx].permute(2, 0, 1)  # (heads or 1, N, N)
     x = x.double()
-    B, _, H, W = x.shape
+    B, C, H, W = x.shape
+    N, u = ws * ws, 2.0**-53
     out = torch.zeros(B, nh * hd, H, W, dtype=torch.float64)
-    probs = []
+    out_mag = torch.zeros_like(out)  # |A| |v|
+    out_err = torch.zeros_like(out)  # the bound on |d o|
+    probs, probs_err = [], []
     for i in range(0, H, ws):
         for j in range(0, W, ws):
             t = x[:, :, i:i + ws, j:j + ws].flatten(2).transpose(1, 2)  # (B, N, C)
             q, k, v = (t @ wq.T).split(nh * hd, dim=-1)
-            q, k, v = (z.reshape(B, -1, nh, hd).transpose(1, 2) for z in (q, k, v))  # (B, nh, N, hd)
-            a = torch.softmax(q @ k.transpose(-2, -1) / hd**0.5 + bias, dim=-1)
+            mq, mk, mv = (t.abs() @ wq.abs().T).split(nh * hd, dim=-1)  # |W| |x| per output
+            q, k, v, mq, mk, mv = (z.reshape(B, -1, nh, hd).transpose(1, 2) for z in (q, k, v, mq, mk, mv))
+            eq, ek, ev = (C * u * z for z in (mq, mk, mv))  # (B, nh, N, hd)
+            s0 = q @ k.transpose(-2, -1) / hd**0.5
+            es = (hd * u * (mq @ mk.transpose(-2, -1)) + eq @ mk.transpose(-2, -1) + mq @ ek.transpose(-2, -1)) \
+                / hd**0.5 + u * (s0.abs() + bias.abs())  # (B, nh, N, N)
+            a = torch.softmax(s0 + bias, dim=-1)
+            ea = a * (2 * es.amax(-1, keepdim=True) + (3 * N + 4) * u)
             probs.append(a)
-            o = (a @ v).transpose(1, 2).reshape(B, ws, ws, nh * hd)  # (B, ws, ws, nh*hd)
-            out[:, :, i:i + ws, j:j + ws] = o.permute(0, 3, 1, 2)
-    y = torch.einsum("oc,bchw->bohw", bq, out) + m.proj.bias.double()[None, :, None, None]
-    return y, probs
+            probs_err.append(ea)
+            o = a @ v  # (B, nh, N, hd)
+            eo = N * u * (a @ mv) + ea @ mv + a @ ev
+            for dst, z in ((out, o), (out_mag, a @ mv), (out_err, eo)):
+                dst[:, :, i:i + ws, j:j + ws] = z.transpose(1, 2).reshape(B, ws, ws, nh * hd).permute(0, 3, 1, 2)
+    pb = m.proj.bias.double()[None, :, None, None]
+    y = torch.einsum("oc,bchw->bohw", bq, out) + pb
+    err = (nh * hd + 1) * u * (torch.einsum("oc,bchw->bohw", bq.abs(), out_mag) + pb.abs()) \
+        + torch.einsum("oc,bchw->bohw", bq.abs(), out_err)
+    return y, probs, err, probs_err
 
 
 @pytest.mark.parametrize("per_head", [False, True])
@@ -172,8 +194,9 @@ def test_window_attention_matches_loop_reference_fused_and_explicit(per_head):
     m = WindowAttention2d(12, 20, num_heads=3, head_dim=4, window_size=4, rel_pos_per_head=per_head).eval()
     with torch.no_grad():
         m.rel_pos.relative_position_bias_table.normal_()  # a large bias, so a wrong index shows
-    x = torch.randn(2, 12, 8, 12)  # 2 x 3 windows, non-square map
-    ref, ref_probs = _window_attention_reference(m, x)
+    m.double()  # float64 throughout: the fused, explicit and loop evaluations each within E of the exact values
+    x = torch.randn(2, 12, 8, 12, dtype=torch.float64)  # 2 x 3 windows, non-square map
+    ref, ref_probs, err, probs_err = _window_attention_reference(m, x)
     seen = []
     hook = m.attn_drop.register_forward_hook(lambda _m, args, _o: seen.append(args[0]))
     with torch.no_grad():
@@ -182,15 +205,17 @@ def test_window_attention_matches_loop_reference_fused_and_explicit(per_head):
         m.fused_attn = False
         explicit = m(x)
     hook.remove()
-    torch.testing.assert_close(fused, explicit, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(explicit.double(), ref, atol=1e-5, rtol=1e-5)
+    assert ((fused - explicit).abs() <= 2 * err).all()
+    assert ((explicit - ref).abs() <= 2 * err).all()
     assert len(seen) == 1  # only the explicit path calls attn_drop
     probs = seen[0]
     assert probs.shape == (2 * 6, 3, 16, 16)  # (B * windows, heads, ws*ws, ws*ws)
-    torch.testing.assert_close(probs.sum(-1), torch.ones(12, 3, 16), atol=1e-6, rtol=0)
+    # each row: its 16 values within (16 + 4) u of the exact softmax of the computed scores, summed in 16 terms
+    torch.testing.assert_close(probs.sum(-1), torch.ones(12, 3, 16, dtype=torch.float64),
+                               atol=(2 * 16 + 5) * 2.0**-53, rtol=0)
     # window order is (batch, window row, window column), as in HDVW's rearrange
-    torch.testing.assert_close(probs.view(2, 6, 3, 16, 16).transpose(0, 1).double(), torch.stack(ref_probs),
-                               atol=1e-5, rtol=1e-5)
+    got = probs.view(2, 6, 3, 16, 16).transpose(0, 1)
+    assert ((got - torch.stack(ref_probs)).abs() <= 2 * torch.stack(probs_err)).all()
 
 
 def test_window_attention_rejects_partial_windows():
