@@ -126,9 +126,9 @@ def test_minibatch_cka_equal_batches_matches_ckatorch():
 class _Replay(nn.Module):
     """Replays precomputed features through Identity modules so torch-cka's hooks can see them."""
 
-    def __init__(self, layers):
+    def __init__(self, layers, dtype=torch.float32):
         super().__init__()
-        self.feats = [f.float() for f in layers]
+        self.feats = [f.to(dtype) for f in layers]
         self.layers = nn.ModuleList(nn.Identity() for _ in layers)
 
     def forward(self, idx):
@@ -137,7 +137,25 @@ class _Replay(nn.Module):
         return idx
 
 
+def _hsic_magnitude(fx: torch.Tensor, fy: torch.Tensor) -> float:
+    """HSIC_1's formula on |X||X|^T and |Y||Y|^T with every term counted positive: the centred Grams' entries are
+    at most A_ij + (a_i + a_j) / (n - 2) + sum(A) / ((n - 1)(n - 2)) (a = row sums of A, zero diagonal), and this
+    sum of their products also dominates the trace, product-of-sums and 1^T K L 1 terms of the peer's form."""
+    n = len(fx)
+
+    def mag(f):
+        f = f.reshape(n, -1).abs()
+        a = f @ f.T
+        a.fill_diagonal_(0.0)
+        r = a.sum(1)
+        return a + (r[:, None] + r[None, :]) / (n - 2) + a.sum() / ((n - 1) * (n - 2))
+
+    return float((mag(fx) * mag(fy)).sum()) / (n * (n - 3))
+
+
 def test_minibatch_cka_agrees_with_torch_cka():
+    """Against torch-cka run in float64 (features and its accumulators, which it allocates in the default dtype):
+    its float32 default loses ~1e-6 to cancellation, which is the peer's own error, not ours."""
     import warnings
 
     from torch.utils.data import DataLoader, TensorDataset
@@ -146,14 +164,48 @@ def test_minibatch_cka_agrees_with_torch_cka():
     xs, ys = make_layers(45, 40), make_layers(45, 50)
     loader = DataLoader(TensorDataset(torch.arange(45)), batch_size=10)  # short last batch of 5
     names = [f"layers.{i}" for i in range(4)]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        peer = CKA(_Replay(xs), _Replay(ys), "a", "b", model1_layers=names, model2_layers=names)
-        peer.compare(loader, loader)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            peer = CKA(_Replay(xs, torch.float64), _Replay(ys, torch.float64), "a", "b", model1_layers=names,
+                       model2_layers=names)
+            peer.compare(loader, loader)
+    finally:
+        torch.set_default_dtype(default)
+    got = peer.export()["CKA"]
+    assert got.dtype == torch.float64
     ours = MinibatchCKA(4, 4)
     for (idx,) in loader:
         ours.update([f[idx] for f in xs], [f[idx] for f in ys])
-    torch.testing.assert_close(ours.compute().float(), peer.export()["CKA"], atol=1e-4, rtol=1e-4)
+    # The bound. Each evaluation's HSIC_1 of a batch is within gamma_m M of the exact one, M = _hsic_magnitude:
+    # both Grams' products of D terms (2 gamma_D, HSIC being bilinear), then sums of at most 3 n^2 terms and a few
+    # divisions; summing the B = 5 batches adds gamma_B; m = 2 D + 3 n^2 + 16 + B covers it. CKA = xy / sqrt(xx yy)
+    # then moves by |CKA| (e_xy / |xy| + e_xx / 2 xx + e_yy / 2 yy + 3 u); both sides within it: twice.
+    idxs = [idx for (idx,) in loader]
+    gam = lambda m: m * 2.0**-53 / (1 - m * 2.0**-53)  # noqa: E731
+    width = max(f[0].numel() for f in xs + ys)
+    m = 2 * width + 3 * 10**2 + 16 + len(idxs)
+    xy, xx, yy = np.zeros((4, 4)), np.zeros(4), np.zeros(4)  # HSIC sums over the batches
+    exy, exx, eyy = np.zeros((4, 4)), np.zeros(4), np.zeros(4)  # their error bounds
+    for idx in idxs:
+        for i in range(4):
+            kx = (xs[i][idx].reshape(len(idx), -1) @ xs[i][idx].reshape(len(idx), -1).T).numpy()
+            ky = (ys[i][idx].reshape(len(idx), -1) @ ys[i][idx].reshape(len(idx), -1).T).numpy()
+            xx[i] += ref_hsic1(kx, kx)
+            yy[i] += ref_hsic1(ky, ky)
+            exx[i] += gam(m) * _hsic_magnitude(xs[i][idx], xs[i][idx])
+            eyy[i] += gam(m) * _hsic_magnitude(ys[i][idx], ys[i][idx])
+            for j in range(4):
+                kyj = (ys[j][idx].reshape(len(idx), -1) @ ys[j][idx].reshape(len(idx), -1).T).numpy()
+                xy[i, j] += ref_hsic1(kx, kyj)
+                exy[i, j] += gam(m) * _hsic_magnitude(xs[i][idx], ys[j][idx])
+    ref = xy / np.sqrt(np.outer(xx, yy))
+    bound = np.abs(ref) * (exy / np.abs(xy) + (exx[:, None] / xx[:, None] + eyy[None, :] / yy[None, :]) / 2
+                           + 3 * 2.0**-53)
+    diff = np.abs(ours.compute().numpy() - got.numpy())
+    assert (diff <= 2 * bound).all(), (diff, bound)
 
 
 def test_small_batch_skipped_with_warning():
