@@ -22,6 +22,28 @@ def assert_close_tree(a, b, path: str = "") -> None:
         assert a == b, path
 
 
+HUB_COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def write_hub_cache(cache, hub_id: str, state: dict, architecture: str, num_classes: int = 1000):
+    """``cache/models--ORG--NAME/{refs/main, snapshots/HUB_COMMIT/{model.safetensors, config.json}}`` (the layout
+    huggingface_hub reads offline, so timm's ``pretrained=True`` loads ``state`` for ``hub_id``); returns the
+    weights' path."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    repo = Path(cache) / ("models--" + hub_id.replace("/", "--"))
+    snap = repo / "snapshots" / HUB_COMMIT
+    snap.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(HUB_COMMIT)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(snap / "model.safetensors"))
+    (snap / "config.json").write_text(json.dumps({"architecture": architecture, "num_classes": num_classes}))
+    return snap / "model.safetensors"
+
+
 def one_line_error(capsys, argv: list[str], *patterns: str) -> str:
     """``vitscope ARGV`` exits 2 with one stderr line (no traceback) containing every pattern; returns it."""
     from vitscope.cli import main

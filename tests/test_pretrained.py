@@ -13,29 +13,20 @@ import pytest
 import timm
 import torch
 from PIL import Image
-from safetensors.torch import save_file
 from timm.data import create_transform, resolve_data_config
 
-from _helpers import spy_models
+from _helpers import HUB_COMMIT as COMMIT
+from _helpers import spy_models, write_hub_cache
 from vitscope.cli import main
 from vitscope.io.weights import CheckpointError, load_model
 
 TAG = "test_vit.r160_in1k"  # a real timm architecture and tag (370k parameters), hub id timm/test_vit.r160_in1k
 HUB_ID = "timm/" + TAG
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
 def _write_hub_cache(cache: Path, hub_id: str, state: dict[str, torch.Tensor]) -> Path:
-    """``cache/models--ORG--NAME/{refs/main, snapshots/COMMIT/{model.safetensors, config.json}}`` (the layout
-    huggingface_hub reads offline)."""
-    repo = cache / ("models--" + hub_id.replace("/", "--"))
-    snap = repo / "snapshots" / COMMIT
-    snap.mkdir(parents=True)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(COMMIT)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(snap / "model.safetensors"))
-    (snap / "config.json").write_text(json.dumps({"architecture": TAG.split(".")[0], "num_classes": 1000}))
-    return snap / "model.safetensors"
+    """TAG's architecture under ``hub_id`` in a local hub cache (``_helpers.write_hub_cache``)."""
+    return write_hub_cache(cache, hub_id, state, TAG.split(".")[0])
 
 
 @pytest.fixture

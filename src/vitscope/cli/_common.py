@@ -378,6 +378,7 @@ def build_setup(
     augment: bool = False,
     normalize: bool = True,
     max_examples: int | None = None,
+    needs_logits: bool = False,
 ) -> Setup:
     """Model, loader, device and metadata from the options of ``add_model_options``.
 
@@ -385,6 +386,8 @@ def build_setup(
         augment: the data set's training augmentation (``hessian --augment``).
         normalize: ``False`` gives pixels in [0, 1] (robustness normalizes inside its attacks).
         max_examples: a seeded random subset of this many examples.
+        needs_logits: the analysis takes a loss of class logits (hessian, landscape, robustness): a model without a
+            classifier head (timm's ``num_classes=0``, e.g. DINOv3's tags) is refused in one line.
     """
     from vitscope.data import create_loader, data_info, parse_spec
 
@@ -403,6 +406,10 @@ def build_setup(
     info = data_info(data)
     model, meta = build_model(args, info.num_classes)
     what = f"--checkpoint {args.checkpoint}" if args.checkpoint else f"model {meta['model']}"
+    if needs_logits and meta["num_classes"] == 0:
+        raise CLIError(f"{what} has no classifier head (num_classes 0: a feature backbone, which outputs features, "
+                       "not class logits); this analysis needs a loss over classes: pick a tag with a head or "
+                       "fine-tune it first (vitscope train --pretrained)")
     mismatch = check_classes(meta["num_classes"], info.num_classes, args.data, what)
     pre = resolve_preprocessing(args, model, meta, info, data)
     loader = create_loader(data, split=args.split, batch_size=args.batch_size, augment=augment,

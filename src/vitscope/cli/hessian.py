@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     check_positive(k=args.k, batches=args.batches, batch_size=args.batch_size, max_iter=args.max_iter)
     if (args.mixup > 0 or args.cutmix > 0) and args.batch_size % 2:
         raise CLIError("--mixup/--cutmix need an even --batch-size (timm's Mixup)")
-    setup = build_setup(args, augment=args.augment, max_examples=args.batch_size * args.batches)
+    setup = build_setup(args, augment=args.augment, max_examples=args.batch_size * args.batches, needs_logits=True)
     model, loader = setup.model, setup.loader
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if args.k > n_params:

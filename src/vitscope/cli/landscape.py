@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     check_positive(batches=args.batches)
     if args.directions:
         _check_directions_file(args.directions, args.dims)
-    setup = build_setup(args, max_examples=args.batch_size * args.batches)
+    setup = build_setup(args, max_examples=args.batch_size * args.batches, needs_logits=True)
     model, loader = setup.model, setup.loader  # loss_landscape moves each batch to the model's device
     result = loss_landscape(
         model, None, loader, dims=args.dims, steps=args.steps, span=args.span,

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import logging
+from typing import Any
 
 from vitscope.cli import CLIError
 from vitscope.cli._common import (
@@ -14,7 +16,10 @@ from vitscope.cli._common import (
     parse_shots,
 )
 
+_logger = logging.getLogger(__name__)
+
 INTERVENTIONS = ("lesion", "localization")
+DEFAULT_MEASURES = ("attention_entropy", "attention_distance", "cka", "ratio_of_norms", "fourier", "feature_variance")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -24,9 +29,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        description="Run forward measures in one pass per batch and write DIR/results.json "
                                    "plus one CSV per measure.")
     add_model_options(p, split_default="val", batch_size=64)
-    p.add_argument("--measures", default="attention_entropy,attention_distance,cka,ratio_of_norms,fourier,"
-                                         "feature_variance",
-                   help=f"comma-separated: {', '.join(sorted(PROBE_MEASURES))}, {', '.join(INTERVENTIONS)}")
+    p.add_argument("--measures", default=None,
+                   help=f"comma-separated: {', '.join(sorted(PROBE_MEASURES))}, {', '.join(INTERVENTIONS)}; or "
+                        f"`all` (default: {','.join(DEFAULT_MEASURES)}). With the default or `all`, measures that "
+                        "have no meaning on the model (attention measures on a CNN, lesion where vitscope cannot "
+                        "remove its blocks) are left out and named with the reason under not_applicable in "
+                        "meta.json; a measure named here that does not apply is an error")
     p.add_argument("--max-batches", type=int)
     p.add_argument("--layers", choices=("sublayers", "blocks"), default="sublayers",
                    help="stream measures on each transformer sub-layer (attention, MLP apart; default) or on each "
@@ -43,7 +51,9 @@ def run(args: argparse.Namespace) -> int:
     from vitscope.io.atomic import atomic_write_json, json_safe, staged_output, write_csv
     from vitscope.probing import PROBE_MEASURES, ProbeResult, probe
 
-    names = [m.strip() for m in args.measures.split(",") if m.strip()]
+    auto = args.measures is None or args.measures.strip() == "all"
+    names = (list(DEFAULT_MEASURES) if args.measures is None else
+             [*PROBE_MEASURES, *INTERVENTIONS] if auto else [m.strip() for m in args.measures.split(",") if m.strip()])
     unknown = [m for m in names if m not in PROBE_MEASURES and m not in INTERVENTIONS]
     if unknown or not names:
         raise CLIError(f"unknown measure(s) {unknown}; choose from {sorted(PROBE_MEASURES) + list(INTERVENTIONS)}"
@@ -53,6 +63,17 @@ def run(args: argparse.Namespace) -> int:
     shots = parse_shots(args.shots)
     setup = build_setup(args)
     model, loader, device = setup.model, setup.loader, setup.device
+    skipped = _not_applicable(model, names)
+    if skipped and not auto:  # asked for by name: refused before any work
+        name, why = next(iter(skipped.items()))
+        raise CLIError(f"measure {name!r} does not apply to {setup.meta['model']}: {why}; drop it (or pass no "
+                       "--measures: the measures that apply)")
+    names = [n for n in names if n not in skipped]
+    if not names:
+        raise CLIError(f"no measure of {sorted(skipped)} applies to {setup.meta['model']}: "
+                       + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
+    for name, why in skipped.items():
+        _logger.warning("not applicable to %s: %s (%s)", setup.meta["model"], name, why)
     fit = {}
     if "linear_probe" in names:  # the fit examples through the same preprocessing as the probed ones
         fit = {"fit_loader": few_shot_loaders(args, [setup.preprocessing], shots)[0],
@@ -66,6 +87,9 @@ def run(args: argparse.Namespace) -> int:
     result.meta.update(model_name=setup.meta["model"], **{k: v for k, v in setup.meta.items() if k != "model"})
     if fit:
         result.meta.update(fit_split=args.fit_split, shots=shots, ridge=args.ridge)
+    if skipped:  # whole measures (a reason) beside the probe's layers a measure skipped (layer -> reason)
+        result.meta["not_applicable"] = {**skipped, **result.meta.get("not_applicable", {})}
+        result.meta["measures_not_applicable"] = sorted(skipped)
     if not setup.is_main:
         return 0  # torchrun: every rank holds the merged result; rank 0 alone writes (and runs lesion/localization)
     extra = {}
@@ -89,5 +113,23 @@ def run(args: argparse.Namespace) -> int:
             for k, rows in extra.items():
                 write_csv(stage / f"{k}.csv", rows)
     acc = result.meta.get("accuracy")
-    print(f"wrote {out / 'results.json'} ({', '.join(names)})" + (f"; accuracy {acc:.3f}" if acc is not None else ""))
+    na = f"; not applicable: {', '.join(skipped)}" if skipped else ""
+    acc_text = f"; accuracy {acc:.3f}" if acc is not None else ""
+    print(f"wrote {out / 'results.json'} ({', '.join(names)}{na}){acc_text}")
     return 0
+
+
+def _not_applicable(model: Any, names: list[str]) -> dict[str, str]:
+    """The measures of ``names`` without meaning on ``model``, with the reason: the probe's own (attention measures
+    on a CNN ...) and the interventions, which need blocks vitscope can remove (``residual_blocks``)."""
+    from vitscope.probing import PROBE_MEASURES, not_applicable
+
+    out = not_applicable(model, [n for n in names if n in PROBE_MEASURES])
+    if any(n in INTERVENTIONS for n in names):
+        from vitscope.interventions import residual_blocks
+
+        try:
+            residual_blocks(model)
+        except ValueError as err:
+            out.update({n: str(err) for n in names if n in INTERVENTIONS})
+    return out

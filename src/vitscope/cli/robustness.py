@@ -80,7 +80,8 @@ def run(args: argparse.Namespace) -> int:
             raise CLIError(f"--normalization {args.normalization} contradicts --preprocess {args.preprocess}; "
                            "pass --preprocess only")
         args.preprocess = args.normalization
-    setup = build_setup(args, normalize=False)  # pixels in [0, 1]: the attacks normalize inside the model
+    # pixels in [0, 1]: the attacks normalize inside the model
+    setup = build_setup(args, normalize=False, needs_logits=True)
     model, loader, device, img_size = setup.model, setup.loader, setup.device, setup.img_size
     mean, std = setup.preprocessing["mean"], setup.preprocessing["std"]
     progress = False if args.no_progress else None

@@ -18,6 +18,7 @@ import argparse
 import logging
 import os
 import pickle
+import re
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -456,6 +457,14 @@ def _load_pretrained(name: str, **kwargs: Any) -> nn.Module:
     except TypeError:  # a keyword the architecture does not take (e.g. img_size for a CNN): the caller's
         raise
     except Exception as err:  # hub errors: offline and not cached, no network, no such repo, truncated file
+        mismatch = re.search(r"size mismatch for ([\w.]+): copying a param with shape torch\.Size\((\[[\d, ]*\])\) "
+                             r"from checkpoint, the shape in current model is torch\.Size\((\[[\d, ]*\])\)", str(err))
+        if mismatch and kwargs.get("img_size") is not None:  # e.g. CaiT: timm resamples no position embedding
+            key, saved, built = mismatch.groups()
+            raise CheckpointError(
+                f"timm cannot load {name!r} at img_size {kwargs['img_size']}: its weight loader does not resize "
+                f"{key} ({saved} in the weights, {built} at this size); drop --img-size (use the weights' size)"
+            ) from None
         if source != "hf-hub":
             raise CheckpointError(f"Cannot load timm's pretrained weights for {name!r} from {location} "
                                   f"({_short(err)})") from None

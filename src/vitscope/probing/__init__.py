@@ -21,8 +21,8 @@ from __future__ import annotations
 from vitscope.probing._checks import _DeviceChecks
 from vitscope.probing.adapters import ATTENTION_MEASURES, PROBE_MEASURES
 from vitscope.probing.attention_images import ATTENTION_FILE, AttentionMaps, attention_maps, load_attention_maps
-from vitscope.probing.probe_pass import probe
+from vitscope.probing.probe_pass import not_applicable, probe
 from vitscope.probing.result import ProbeResult
 
-__all__ = ["probe", "ProbeResult", "PROBE_MEASURES", "ATTENTION_MEASURES", "attention_maps", "AttentionMaps",
-           "load_attention_maps", "ATTENTION_FILE", "_DeviceChecks"]
+__all__ = ["probe", "not_applicable", "ProbeResult", "PROBE_MEASURES", "ATTENTION_MEASURES", "attention_maps",
+           "AttentionMaps", "load_attention_maps", "ATTENTION_FILE", "_DeviceChecks"]

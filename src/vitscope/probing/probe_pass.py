@@ -9,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from vitscope import measures as M
 from vitscope.capture import capture
 from vitscope.capture.sites import find_blocks, is_attention_module
 from vitscope.distributed import all_gather_objects, all_reduce_sum, global_batch_count, shard_batches
@@ -25,6 +26,26 @@ _logger = logging.getLogger(__name__)
 _CHECK_EVERY = 64  # batches between reads of the checks (one host sync each), so that bad data stops a long pass
 
 
+def not_applicable(model: nn.Module, names: Iterable[str]) -> dict[str, str]:
+    """The forward measures of ``names`` that have no meaning on ``model``, each with the reason in one line:
+    attention measures on a model without attention layers capture can see (a CNN), stream measures on one
+    without blocks capture knows, ConViT's GPSA gates on a model without GPSA layers."""
+    has_attention = any(is_attention_module(m) for m in model.modules())
+    out: dict[str, str] = {}
+    for n in names:
+        cls = PROBE_MEASURES[n]
+        if cls.needs_attention and not has_attention:
+            out[n] = f"needs attention maps but {type(model).__name__} has no attention layer vitscope can capture"
+        elif cls.needs_streams and not find_blocks(model):
+            out[n] = f"needs residual blocks but vitscope knows none in {type(model).__name__}"
+        elif n == "gpsa_gates":
+            try:
+                M.gpsa_layers(model)
+            except ValueError:
+                out[n] = f"needs ConViT's gated positional self-attention but {type(model).__name__} has no GPSA layer"
+    return out
+
+
 def _resolve_measures(model: nn.Module, names: Iterable[str]) -> list[str]:
     names = list(dict.fromkeys(names))
     unknown = [n for n in names if n not in PROBE_MEASURES]
@@ -32,15 +53,9 @@ def _resolve_measures(model: nn.Module, names: Iterable[str]) -> list[str]:
         raise ValueError(f"unknown measure(s) {unknown}; choose from {sorted(PROBE_MEASURES)}")
     if not names:
         raise ValueError(f"no measure requested; choose from {sorted(PROBE_MEASURES)}")
-    has_attention = any(is_attention_module(m) for m in model.modules())
-    for n in names:
-        if PROBE_MEASURES[n].needs_attention and not has_attention:
-            raise ValueError(
-                f"measure {n!r} needs attention maps but {type(model).__name__} has no attention layer vitscope "
-                f"can capture; drop {n!r} (attention measures: {list(ATTENTION_MEASURES)})"
-            )
-        if PROBE_MEASURES[n].needs_streams and not find_blocks(model):
-            raise ValueError(f"measure {n!r} needs residual blocks but vitscope knows none in {type(model).__name__}")
+    for n, why in not_applicable(model, [n for n in names if n != "gpsa_gates"]).items():
+        hint = f"attention measures: {list(ATTENTION_MEASURES)}" if PROBE_MEASURES[n].needs_attention else ""
+        raise ValueError(f"measure {n!r} {why}" + (f"; drop {n!r} ({hint})" if hint else ""))
     return names
 
 
@@ -105,7 +120,8 @@ def probe(
         ridge: For ``linear_probe``: ridge strength relative to each layer's mean eigenvalue of Xc'Xc.
 
     Returns:
-        A :class:`ProbeResult`; also ``accuracy`` and ``nll`` in ``meta`` when labels are given, and
+        A :class:`ProbeResult`; also ``accuracy`` and ``nll`` in ``meta`` when labels are given (a model
+        without a classifier head, timm's ``num_classes=0``, has none: ``meta["not_applicable"]["accuracy"]``), and
         ``world_size`` and ``examples_per_rank``. Across torch.distributed ranks, states are summed, so every
         rank gets the global result.
     """
@@ -125,6 +141,7 @@ def probe(
     stream_adapters = [a for a in adapters.values() if isinstance(a, _StreamProbe)]
     need_attn, need_streams = bool(attention_adapters), bool(stream_adapters)
     stats = torch.zeros(3, dtype=torch.float64, device=device)  # correct, nll sum, labelled examples
+    headed = getattr(model, "num_classes", None) != 0  # timm's num_classes=0: pooled features, no logits
     examples = seen = 0
     not_applicable: dict[str, str] = {}  # attention layers without positions -> why no attention measure
     checks = _DeviceChecks()  # read once after the pass: no host sync within it (see _DeviceChecks)
@@ -161,7 +178,7 @@ def probe(
                 for a in attention_adapters:
                     a.update(cap)
             examples += images.shape[0]
-            if labels is not None:
+            if labels is not None and headed:
                 _add_accuracy(stats, logits, labels.to(device))
             checks.end_batch(b)
             seen += 1
@@ -192,6 +209,9 @@ def probe(
             na[name] = {**na.get(name, {}), **a.skipped}
     if stats[2] > 0:
         result.meta.update(accuracy=float(stats[0] / stats[2]), nll=float(stats[1] / stats[2]))
+    elif not headed:
+        result.meta.setdefault("not_applicable", {})["accuracy"] = (
+            f"{type(model).__name__} has no classifier head (num_classes 0: it outputs features, not logits)")
     for name, a in adapters.items():
         result.tables[name] = a.rows()
         extra = a.extra()
