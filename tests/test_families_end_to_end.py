@@ -4,8 +4,8 @@ pretrained tags, read offline from a local Hugging Face cache built here (weight
 initialisation of that exact architecture, as in test_pretrained.py).
 
 The architectures are the real ones; only the input is small (``--img-size``, where timm resizes the weights to it)
-and the runs are tiny (4 examples, one batch, one Hessian eigenvalue from two products), so the whole file costs
-about a minute of CPU. ``docs/models.md`` records the same commands at 224 px, run by hand.
+and the runs are tiny (4 examples, one batch, one Hessian eigenvalue from two products); the file costs about 90 s of
+CPU (measured under load). ``docs/models.md`` records the same commands at 224 px, run by hand.
 """
 from __future__ import annotations
 
