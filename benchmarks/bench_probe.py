@@ -35,7 +35,9 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=None, help="default: 6 (32 px models), 2 (larger inputs)")
     ap.add_argument("--batch-size", type=int, default=None, help="default: 64 (32 px models), 8 (larger inputs)")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--measures", default=None, help="comma list (default: every forward measure that applies)")
+    ap.add_argument("--measures", default=None,
+                    help="comma list (default: every forward measure that applies, linear_probe aside: it needs a fit "
+                    "loader)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
     ap.add_argument("--glibc-defaults", action="store_true",
                     help="keep glibc's malloc defaults (VITSCOPE_KEEP_FREED_MEMORY=0): by default vitscope.probe "
@@ -53,19 +55,20 @@ def main() -> None:
         print(line)
 
 
-def bench(name: str, args: argparse.Namespace, kept: bool) -> str:
+def bench(model_name: str, args: argparse.Namespace, kept: bool) -> str:
     """Print the table of one model; return its summary line."""
     load_before = os.getloadavg()[0]
     torch.manual_seed(0)
-    model = vitscope.create_model(name, num_classes=10).eval()
+    model = vitscope.create_model(model_name, num_classes=10).eval()
     size = model.pretrained_cfg["input_size"][-1]
     n_batches = args.batches or (6 if size <= 32 else 2)
     batch_size = args.batch_size or (64 if size <= 32 else 8)
     batches = [(torch.randn(batch_size, 3, size, size), torch.randint(0, 10, (batch_size,)))
                for _ in range(n_batches)]
     has_attn = any(is_attention_module(m) for m in model.modules())
-    measures = args.measures.split(",") if args.measures else [
-        n for n, cls in PROBE_MEASURES.items() if not cls.static and (has_attn or not cls.needs_attention)]
+    measures = args.measures.split(",") if args.measures else [  # linear_probe: a fit on other examples first
+        n for n, cls in PROBE_MEASURES.items()
+        if not cls.static and n != "linear_probe" and (has_attn or not cls.needs_attention)]
 
     def plain() -> None:
         with torch.no_grad():
@@ -109,7 +112,7 @@ def bench(name: str, args: argparse.Namespace, kept: bool) -> str:
             base = timed("plain forward")
             paired[name].append(timed(name) / base)
     best = {k: min(v) for k, v in times.items()}
-    print(f"model {name}, {n_batches} batches x {batch_size}, threads {torch.get_num_threads()}, "
+    print(f"model {model_name}, {n_batches} batches x {batch_size}, threads {torch.get_num_threads()}, "
           f"load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after, {args.repeats} repeats, "
           f"keep_freed_memory {'on' if kept else 'off'}")
     print(f"measures: {','.join(measures)}")
@@ -117,7 +120,7 @@ def bench(name: str, args: argparse.Namespace, kept: bool) -> str:
     for name, t in best.items():
         med = f"{statistics.median(paired[name]):.2f}x" if name in paired else ""
         print(f"{name:<22} {t:8.3f} s   {t / best['plain forward']:8.2f}x  {med:>23}")
-    line = (f"{name}: ratio probe/plain {best['probe'] / best['plain forward']:.2f}x best/best, "
+    line = (f"{model_name}: ratio probe/plain {best['probe'] / best['plain forward']:.2f}x best/best, "
             f"{statistics.median(paired['probe']):.2f}x median paired (goal <= 1.5x)")
     print(line)
     return line
