@@ -202,11 +202,11 @@ def test_probe_cka_over_unequal_batches_equals_minibatch_cka():
     # probe's Grams of float32 features come from a float32 matmul (linear_gram(float32=True)): ~1e-8
     np.testing.assert_allclose(np.array(result.extras["cka"]["matrix"]), ref.compute().numpy(), rtol=0, atol=1e-7)
     assert result.extras["cka"]["examples"] == 14
+    # the same measures fed the same captured float32 tensors batch by batch: equal bit for bit
     for row, r in zip(result["ratio_of_norms"], ratio.compute()):
-        assert row["spatial"] == pytest.approx(float(r["spatial"]), rel=1e-12)
-        assert row["cls"] == pytest.approx(float(r["cls"]), rel=1e-12)
+        assert row["spatial"] == float(r["spatial"]) and row["cls"] == float(r["cls"])
     for row, f in zip(result["fourier"], four.compute()):
-        np.testing.assert_allclose(row["curve"], f.numpy(), rtol=1e-12, atol=1e-12)
+        assert row["curve"] == f.tolist()
 
 
 _MEMORY_SCRIPT = """
