@@ -90,15 +90,34 @@ def test_patch_components_match_numpy_svd(name, kwargs):
     out = patch_embedding_components(model)
     assert out.components.shape == (k, C, P, P)
     comps = out.components.reshape(k, -1).numpy()
-    np.testing.assert_allclose(comps @ comps.T, np.eye(k), atol=1e-10)  # orthonormal rows
+    # Bounds from LAPACK's backward-stable SVD (Demmel, Applied NLA 3.4/5.4): each route's U S V^T is exact for
+    # Xc + E with ||E||_2 <= p u s_0, p = max(D, CPP) taken for LAPACK's "modest function of m, n"; so each
+    # singular value is within p u s_0 of the true one (Weyl), each right vector within p u s_0 / gap_i of it
+    # (Wedin: gap_i to the neighbouring singular values), and V's rows orthonormal within p u.
+    u = 2.0**-53
+    n = X.shape[1]
+    pu = max(D, n) * u * s[0]
+    np.testing.assert_allclose(comps @ comps.T, np.eye(k), rtol=0, atol=(max(D, n) + n) * u)  # + gamma_n of the dots
     signs = np.sign((comps * vt[:k]).sum(1))  # SVD signs are arbitrary: align, then compare
-    np.testing.assert_allclose(comps, vt[:k] * signs[:, None], atol=1e-9)
-    np.testing.assert_allclose(out.explained_variance_ratio.numpy(), (s**2 / (s**2).sum())[:k], rtol=1e-10)
-    assert (np.diff(out.explained_variance_ratio.numpy()) <= 1e-15).all()  # ordered by variance
-    np.testing.assert_allclose(out.mean.numpy().ravel(), X.mean(0), atol=1e-12)
-    # the ratio equals the variance of the filters' projections, an independent numpy route
+    gap = np.minimum(np.r_[np.inf, s[:-1] - s[1:]][:k], (s[:k] - s[1:k + 1]))  # to the neighbours
+    assert (np.abs(comps - vt[:k] * signs[:, None]) <= (2 * pu / gap)[:, None] + 2 * n * u).all()
+    # ratio s_i^2 / sum s_j^2: each s_j moves <= pu on either route (2 pu between them), then the squares, the
+    # sum of n terms and the quotient round: relative 2 (2 pu / s_i) + 2 (2 pu sum s_j / sum s_j^2) + (n + 3) u
+    ratio = (s**2 / (s**2).sum())[:k]
+    rel = 4 * pu / s[:k] + 4 * pu * s.sum() / (s**2).sum() + 2 * (len(s) + 3) * u
+    assert (np.abs(out.explained_variance_ratio.numpy() - ratio) <= rel * ratio).all()
+    assert (np.diff(out.explained_variance_ratio.numpy()) <= 0).all()  # ordered by variance (s_i sorted, exact)
+    # mean filter: D terms of either sign summed in another order by each side, then / D: 2 gamma_(D+1) mean|x|
+    assert (np.abs(out.mean.numpy().ravel() - X.mean(0)) <= 2 * (D + 1) * u * np.abs(X).mean(0)).all()
+    # the ratio equals the variance of the filters' projections, an independent numpy route: numpy's v_i is an
+    # exact singular vector of Xc + E, so ||Xc v_i|| is within 2 pu of s_i (||E v_i|| and Weyl) whatever the gap;
+    # the float64 projections Xc v_i (n-term dots, |v| <= 1) add n u max_r sum|Xc_r|; squares, var's sums of D
+    # terms and the quotients add (2 D + n + 6) u relative on each side
     proj_var = (Xc @ vt[:k].T).var(0)
-    np.testing.assert_allclose(out.explained_variance_ratio.numpy(), proj_var / Xc.var(0).sum(), rtol=1e-9)
+    pv = 2 * (2 * pu + n * u * np.abs(Xc).sum(1).max()) / s[:k]
+    rel = pv + 4 * pu * s.sum() / (s**2).sum() + 2 * (2 * D + n + 6) * u
+    ratio_np = proj_var / Xc.var(0).sum()
+    assert (np.abs(out.explained_variance_ratio.numpy() - ratio_np) <= rel * ratio_np).all()
 
 
 def test_patch_components_k_clipped_and_checked():
