@@ -5,6 +5,7 @@ import os
 import pickle
 import struct
 import time
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -79,13 +80,28 @@ def test_fake_is_deterministic_balanced_and_shaped():
     assert x.shape == (3, 16, 16) and x.dtype == torch.float32 and isinstance(y, int)
     info = data_info("fake:n=40,classes=4,size=16")
     assert (info.num_classes, info.img_size, info.in_chans) == (4, 16, 3)
-    pix = a.data.astype(np.float64) / 255  # independent mean/std of the train pixels
-    np.testing.assert_allclose(info.mean, pix.mean(axis=(0, 1, 2)), rtol=1e-12)
-    np.testing.assert_allclose(info.std, pix.std(axis=(0, 1, 2)), rtol=1e-12)
+    # against the exact rational mean/variance of the uint8 train pixels / 255, per channel: numpy's float64
+    # mean over non-contiguous axes adds the n pixel values (each x / 255 rounded, >= 0) one by one, within
+    # (n + 2) u relative; its std (two passes) within (n + 4) u / 2 + 2 u (a second-order term from the mean's
+    # error, sum d = 0, is far below u here)
+    n = a.data.size // 3
+    u = 2.0**-53
+    for c in range(3):
+        px = a.data[..., c].astype(np.int64)
+        total, total_sq = int(px.sum()), int((px * px).sum())  # exact integers
+        mean = Fraction(total, n * 255)
+        var = Fraction(total_sq * n - total * total, n * n * 255 * 255)
+        assert abs(Fraction(info.mean[c]) / mean - 1) <= (n + 2) * u
+        assert abs(Fraction(info.std[c]) ** 2 / var - 1) <= 2 * ((n + 4) * u / 2 + 2 * u) + 1e-30
     xs, _ = _all_batches(create_loader("fake:n=40,classes=4,size=16", batch_size=64, shuffle=False))
-    flat = xs.permute(1, 0, 2, 3).reshape(3, -1)  # normalised with the train stats: mean 0, std 1
-    torch.testing.assert_close(flat.mean(1), torch.zeros(3), atol=1e-5, rtol=0)
-    torch.testing.assert_close(flat.std(1, unbiased=False), torch.ones(3), atol=1e-4, rtol=0)
+    flat = xs.permute(1, 0, 2, 3).reshape(3, -1).double()  # normalised with the train stats: mean 0, std 1
+    # each float32 value (x / 255 - m) / s, with x / 255, m and s rounded to float32 and a subtraction and a
+    # division, is within u32 (4 |z| + 2 m / s) (+ second order: 5 for 4) of the exact z = (x - m) / s; so the
+    # float64 mean within the mean of those and the population std within their largest (Minkowski)
+    m_s = torch.tensor(info.mean, dtype=torch.float64) / torch.tensor(info.std, dtype=torch.float64)  # (3,)
+    e = 2.0**-24 * (5 * flat.abs() + 2 * m_s[:, None])  # (3, n)
+    assert (flat.mean(1).abs() <= e.mean(1) + 1e-15).all()
+    assert ((flat.std(1, unbiased=False) - 1).abs() <= e.max(1).values + 1e-15).all()
 
 
 def test_fake_is_learnable():
@@ -625,8 +641,18 @@ def test_elpv_loads_real_images_and_reuses_the_cache(elpv_cache, monkeypatch):
     info = data_info("elpv", img_size=16)
     train_pix = images[split["train"]].astype(np.float64) / 255
     assert info.num_classes == 2 and info.img_size == 16 and info.class_names == ("functional", "defective")
-    np.testing.assert_allclose(info.mean, (train_pix.mean(),) * 3, rtol=1e-12)
-    np.testing.assert_allclose(info.std, (train_pix.std(),) * 3, rtol=1e-12)
+    # elpv's stats come from exact integer sums: the mean is total / n / 255 (two roundings, 2 u of the exact
+    # rational), the std sqrt((exact integer) / n^2) / 255 (three roundings and a square root: 3 u, so its
+    # square within 2 (3 u) + second order); numpy's float64 route is the independent check on the value
+    px = images[split["train"]].astype(np.int64)
+    n, total, total_sq = px.size, int(px.sum()), int((px * px).sum())
+    u = 2.0**-53
+    for c in range(3):
+        assert abs(Fraction(info.mean[c]) / Fraction(total, n * 255) - 1) <= 2 * u
+        var = Fraction(total_sq * n - total * total, n * n * 255 * 255)
+        assert abs(Fraction(info.std[c]) ** 2 / var - 1) <= 7 * u
+    # numpy's pairwise float64 sums, blocked: within n u relative even summed one by one
+    np.testing.assert_allclose(info.mean, (train_pix.mean(),) * 3, rtol=(n + 4) * u, atol=0)
     assert data_info("elpv:labels=levels", img_size=16).num_classes == 4
     mono = create_dataset("elpv:types=mono", split="test", img_size=16)
     assert len(mono) == int(np.sum(ref_types[split["test"]] == "mono"))
