@@ -346,3 +346,30 @@ def test_probe_block_layers_and_name_filter():
         model(ds.tensors[0])
     mat = np.array(result.extras["cka"]["matrix"])
     assert mat[0, 1] == pytest.approx(float(M.cka(cap.outputs[0], cap.outputs[2])), abs=1e-7)
+
+
+def test_probe_compare_and_attention_images_restore_each_modules_training_flag():
+    """The probe, compare and attention images run in eval mode and leave every module's own flag as it was
+    (measures.evaluation.eval_mode), not the top-level flag copied onto all modules."""
+    def mixed(seed):
+        torch.manual_seed(seed)
+        m = vitscope.create_model("test_vit").train()
+        m.blocks[0].eval()  # a frozen block inside a model in training mode
+        return m
+
+    def flags(m):
+        return [x.training for x in m.modules()]
+
+    images = torch.randn(4, 3, 32, 32)
+    loader = DataLoader(TensorDataset(images, torch.tensor([0, 1, 0, 1])), batch_size=4)
+    model = mixed(0)
+    before = flags(model)
+    assert not all(before) and any(before)
+    vitscope.probe(model, loader, measures=["cka"], progress=False)
+    assert flags(model) == before
+    other = mixed(1)
+    vitscope.compare(model, other, loader, progress=False)
+    assert flags(model) == before and flags(other) == before
+    from vitscope.probing.attention_images import attention_maps
+    attention_maps(model, images[:1])
+    assert flags(model) == before

@@ -38,6 +38,7 @@ from vitscope.distributed import current as dist_current
 from vitscope.io.atomic import atomic_write_json, json_safe, write_csv
 from vitscope.measures._validate import raise_non_finite
 from vitscope.measures.cka import MinibatchCKA, linear_gram
+from vitscope.measures.evaluation import eval_mode
 from vitscope.probing.linear_probes import DEFAULT_SHOTS, LayerProbes, layer_readouts
 from vitscope.runtime import keep_freed_memory, model_device
 
@@ -288,16 +289,15 @@ def compare(
     device = model_device(model_a, device)
     if device.type == "cpu":
         keep_freed_memory()
-    modes = (model_a.training, model_b.training)
-    model_a.to(device).eval()
-    model_b.to(device).eval()
+    model_a.to(device)
+    model_b.to(device)
     sides = [_ModelSide(model_a, layers, names, want_probe, device, gram32),
              _ModelSide(model_b, layers, names if names_b is None else names_b, want_probe, device, gram32)]
     info = dist_current()
     measure: MinibatchCKA | None = None
     probes: list[LayerProbes] = []
     examples = 0
-    try:
+    with eval_mode(model_a), eval_mode(model_b):  # each module's own training flag restored after
         for i, side in enumerate(sides if want_probe else []):  # the whole fit pass on every rank: same probes
             probes.append(LayerProbes(num_classes, shots, ridge))
             fit_batches, _ = _pairs(fit_loader, None, shard=False)
@@ -315,9 +315,6 @@ def compare(
             for p, reads in zip(probes, (ra, rb)):
                 p.score(reads, labels)
             examples += int(images[0].shape[0])
-    finally:
-        model_a.train(modes[0])
-        model_b.train(modes[1])
     if examples == 0:
         raise ValueError("the loader gave no batch; check the data spec, split and max_batches")
     count = torch.tensor([float(examples)], dtype=torch.float64)

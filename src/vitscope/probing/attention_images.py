@@ -43,6 +43,7 @@ from vitscope.measures.embeddings import (
     position_embedding_grid,
     position_embedding_similarity,
 )
+from vitscope.measures.evaluation import eval_mode
 from vitscope.measures.rollout import attention_rollout
 
 __all__ = ["AttentionMaps", "attention_maps", "load_attention_maps", "ATTENTION_FILE"]
@@ -322,13 +323,8 @@ def attention_maps(
     if not isinstance(images, torch.Tensor) or images.ndim != 4:
         raise ValueError(f"images must be a (B, C, H, W) tensor, got {getattr(images, 'shape', type(images))}")
     dev = torch.device(device) if device is not None else next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), capture(model, residual=False, branches=False) as cap:
-            model(images.to(dev))
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.no_grad(), capture(model, residual=False, branches=False) as cap:
+        model(images.to(dev))
     if not cap.attentions:
         raise ValueError(f"{type(model).__name__} has no attention layer vitscope can capture (a CNN?); "
                          "attention maps need a ViT, ConViT or AlterNet")

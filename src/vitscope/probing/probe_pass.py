@@ -14,6 +14,7 @@ from vitscope.capture import capture
 from vitscope.capture.sites import find_blocks, is_attention_module
 from vitscope.distributed import all_gather_objects, all_reduce_sum, global_batch_count, shard_batches
 from vitscope.distributed import current as dist_current
+from vitscope.measures.evaluation import eval_mode
 from vitscope.probing._checks import _check_attentions, _DeviceChecks, _not_finite
 from vitscope.probing.adapters import ATTENTION_MEASURES, PROBE_MEASURES, _keep_positional, _RecordFeeder, _StreamProbe
 from vitscope.probing.linear_probes import DEFAULT_SHOTS
@@ -131,8 +132,7 @@ def probe(
     device = model_device(model, device)
     if device.type == "cpu":
         keep_freed_memory()
-    was_training = model.training
-    model.to(device).eval()
+    model.to(device)
     adapters = {n: PROBE_MEASURES[n]() for n in measures}
     for a in adapters.values():
         if a.static:
@@ -153,7 +153,7 @@ def probe(
     else:
         total = global_batch_count(loader, max_batches)
         batches = ((b, batch) for b, batch in enumerate(loader) if max_batches is None or b < max_batches)
-    try:
+    with eval_mode(model):  # each module's own training flag restored after
         if "linear_probe" in adapters:  # the fit pass first (stops once every class has its examples)
             adapters["linear_probe"].prepare(model, fit_loader, num_classes, shots, ridge, layers, names, device,
                                              progress and info.is_main)
@@ -184,8 +184,6 @@ def probe(
             seen += 1
             if seen % _CHECK_EVERY == 0:  # this rank's batches (b is global under shard=True)
                 checks.raise_failed()
-    finally:
-        model.train(was_training)
     if examples == 0:
         raise ValueError("the loader gave no batch; check the data spec, split and max_batches")
     checks.raise_first()
