@@ -120,12 +120,14 @@ def test_evaluate_classifier_matches_numpy():
     assert stats["per_class_recall"] == pytest.approx(recalls)
     z = logits.numpy().astype(np.float64)
     nll = np.log(np.exp(z).sum(1)) - z[np.arange(n), y]  # (n,) float64 reference
-    # The library sums float32 cross entropies per batch. Each is within u (|z_y - max| + C + 4 + 2 log C + nll_i)
-    # of the exact value (u = 2^-24: the shift by the max, C exps and their sum, the log and the final subtraction),
-    # and each batch's float32 sum of at most 26 terms >= 0 adds gamma_26 of their sum; the float64 rest is ~1e-16.
-    u = 2.0**-24
-    bound = np.mean(u * (np.abs(z[np.arange(n), y] - z.max(1)) + c + 4 + 2 * np.log(c) + nll)) \
-        + 26 * u / (1 - 26 * u) * nll.mean()
+    # The library takes a float64 log-softmax of the float32 logits (exact in float64) and sums it in float64. Each
+    # term is within u (|z_y - max| + C + 4 + 2 log C + nll_i) of the exact value (u = 2^-53: the shift by the max,
+    # C exps and their sum, the log and the final subtraction), the reference's own (unshifted) terms within
+    # u (|z_y| + C + 4 + 2 log C + nll_i); the n terms >= 0 are summed in another order in the two (gamma_n each).
+    u = 2.0**-53
+    zy = z[np.arange(n), y]
+    bound = np.mean(u * (np.abs(zy - z.max(1)) + np.abs(zy) + 2 * (c + 4 + 2 * np.log(c) + nll))) \
+        + 2 * n * u / (1 - n * u) * nll.mean()
     assert abs(stats["nll"] - nll.mean()) <= bound
 
 

@@ -269,9 +269,9 @@ def evaluate_classifier(model: nn.Module, loader: Iterable, num_classes: int, sh
 
 
 class _Confusion:
-    """``evaluate_classifier``'s reduction: a (true, predicted) confusion matrix and the NLL summed per batch in
-    float32 (``F.cross_entropy(..., reduction="sum")``), over batches in a Python float; ``sync`` sums both over
-    the ranks (the NLL in float64) and gathers each rank's example count."""
+    """``evaluate_classifier``'s reduction: a (true, predicted) confusion matrix and the NLL, a float64
+    log-softmax of the float32 logits summed in float64 (as ``measures.Calibration`` and the probe do, so it
+    equals training's ``val_nll``); ``sync`` sums both over the ranks and gathers each rank's example count."""
 
     def __init__(self, num_classes: int) -> None:
         self.num_classes = num_classes
@@ -282,7 +282,7 @@ class _Confusion:
     def update(self, outputs: torch.Tensor, labels: torch.Tensor) -> None:
         c = self.num_classes
         logits = outputs.float()  # (B, C)
-        self.nll += F.cross_entropy(logits, labels, reduction="sum").item()
+        self.nll += F.cross_entropy(logits.double(), labels, reduction="sum").item()
         pred = logits.argmax(1)
         self.confusion += torch.bincount(labels.cpu() * c + pred.cpu(), minlength=c * c).view(c, c)
 
