@@ -141,8 +141,12 @@ def test_holm_equals_the_step_down_definition_and_controls_the_family():
     p = [0.01, 0.04, 0.03, math.nan, 0.005]
     adj = holm(p)
     # sorted finite: 0.005 (x4), 0.01 (x3), 0.03 (x2), 0.04 (x1), with running maxima
-    assert adj[4] == pytest.approx(0.02) and adj[0] == pytest.approx(0.03)
-    assert adj[2] == pytest.approx(0.06) and adj[1] == pytest.approx(0.06) and math.isnan(adj[3])
+    # each adjusted value one float64 product k p of a decimal literal, against another literal: each of the
+    # three within u relative of the real number (u = 2^-53), so within 3 u of each other
+    rel3 = 3 * 2.0**-53
+    assert adj[4] == pytest.approx(0.02, rel=rel3, abs=0) and adj[0] == pytest.approx(0.03, rel=rel3, abs=0)
+    assert adj[2] == pytest.approx(0.06, rel=rel3, abs=0) and adj[1] == pytest.approx(0.06, rel=rel3, abs=0)
+    assert math.isnan(adj[3])
     rng = np.random.default_rng(2)
     family_errors = 0
     reps = 600
@@ -161,8 +165,9 @@ def test_table_shows_effect_interval_p_and_corrected_decision():
     ])
     md = to_markdown(vs, "t")
     assert "effect a − b [Holm-adjusted CI]" in md and "p (Holm)" in md and "ImageNet (here: ELPV)" in md
-    assert vs[0].verdict == HELD and vs[0].p_holm == pytest.approx(2 * vs[0].p)
-    assert vs[1].verdict == INCONCLUSIVE and vs[1].p_holm == pytest.approx(max(vs[1].p, vs[0].p_holm))
+    # Holm over m = 2: the smaller p times 2, the other 1 * p under the running maximum: the same operations, exact
+    assert vs[0].verdict == HELD and vs[0].p_holm == 2 * vs[0].p
+    assert vs[1].verdict == INCONCLUSIVE and vs[1].p_holm == max(vs[1].p, vs[0].p_holm)
 
 
 def test_welch_and_exact_permutation_equal_scipy():
