@@ -44,7 +44,11 @@ def test_paired_and_one_sample_tests_equal_scipy():
         ci = ref.confidence_interval(0.95)
         assert res.method == "paired t" and res.n == n
         assert res.p == pytest.approx(ref.pvalue, rel=1e-9)
-        assert res.effect == pytest.approx(float(np.mean(a - b)))
+        # mean of the n differences d_i = a_i - b_i (each one rounding, u |d_i|) summed in another order (gamma_n
+        # sum|d| each side) and divided by n: within 2 (n + 2) u mean|d| of each other
+        d_ab = a - b
+        assert res.effect == pytest.approx(float(np.mean(d_ab)), rel=0,
+                                           abs=2 * (n + 2) * 2.0**-53 * float(np.abs(d_ab).mean()))
         assert (res.ci_low, res.ci_high) == pytest.approx((ci.low, ci.high), rel=1e-9)
         one = paired_test(a.tolist(), [0.1])
         ref1 = stats.ttest_1samp(a, 0.1)
