@@ -582,3 +582,29 @@ def test_localization_cnn_maps_and_convit_prefix_tokens():
     # ConViT: no class token in the GPSA blocks, one before the MHSA block; both give the 8x8 grid
     convit = localization_probe(_model("test_convit_32"), loader, max_batches=2, epochs=5)
     assert [(r.grid_h, r.grid_w, r.num_test_tokens) for r in convit.layers] == [(8, 8, 10 * 64)] * 3
+
+
+def test_localization_on_channels_last_swin_maps_uses_their_grid():
+    """Swin's blocks output (B, H, W, C): the position probe's classes are the H x W cells of each stage (read
+    channels-first as capture records them), not W x C. Reference: the probe fit on hand-hooked NHWC outputs
+    flattened to (B, H*W, C) gives the same held-out accuracy (same features, same fit)."""
+    import timm
+
+    from vitscope.interventions.localization import fit_position_probe
+
+    torch.manual_seed(0)
+    model = timm.create_model("swin_tiny_patch4_window7_224", img_size=56, window_size=7, depths=(1, 1),
+                              embed_dim=16, num_heads=(1, 1), num_classes=2).eval()
+    images = torch.randn(4, 3, 56, 56)
+    located = localization_probe(model, [(images, torch.zeros(4))], epochs=5)
+    assert [(r.name, r.grid_h, r.grid_w, r.chance) for r in located.layers] == [
+        ("layers.0.blocks.0", 14, 14, 1 / 196), ("layers.1.blocks.0", 7, 7, 1 / 49)]
+    kept = {}
+    hooks = [model.get_submodule(r.name).register_forward_hook(
+        lambda m, i, o, name=r.name: kept.__setitem__(name, o.flatten(1, 2))) for r in located.layers]  # (B, H*W, C)
+    with torch.no_grad():
+        model(images)
+    for h in hooks:
+        h.remove()
+    for r in located.layers:
+        assert r.accuracy == fit_position_probe(kept[r.name], epochs=5).accuracy

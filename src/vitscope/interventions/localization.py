@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from vitscope.capture import LayerInfo, SubLayerRecord, capture
 from vitscope.interventions._blocks import residual_blocks, select
 from vitscope.interventions._eval import normalized_depth
 from vitscope.measures.evaluation import eval_mode
@@ -131,24 +132,21 @@ def fit_position_probe(
     return ProbeFit(acc_te, acc_tr, len(y_tr), len(y_te))
 
 
-def _model_grid(model: nn.Module) -> tuple[int, int] | None:
-    grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
-    return (int(grid[0]), int(grid[1])) if grid is not None else None
-
-
-def _spatial(out: Any, grid: tuple[int, int] | None, name: str) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Block output -> ((B, P, D) spatial tokens, (h, w))."""
-    if isinstance(out, (tuple, list)):
-        out = out[0]
-    if out.ndim == 4:  # CNN map (B, C, H, W)
+def _spatial(out: torch.Tensor, info: LayerInfo, grid: tuple[int, int] | None, name: str
+             ) -> tuple[torch.Tensor, tuple[int, int]]:
+    """A block's output as capture records it (maps channels-first, Swin's channels-last ones included) ->
+    ((B, P, D) spatial tokens, (h, w))."""
+    if out.ndim == 4:  # map (B, C, H, W)
         B, C, H, W = out.shape
         return out.flatten(2).transpose(1, 2), (H, W)  # (B, H*W, C)
     if out.ndim != 3:
         raise ValueError(f"block {name} outputs shape {tuple(out.shape)}; expected (B, N, D) tokens or (B, C, H, W)")
-    if grid is None:
-        raise ValueError(f"block {name} outputs tokens but the model has no patch_embed.grid_size; pass grid=(h, w)")
-    h, w = grid
-    n_prefix = out.shape[1] - h * w
+    g = grid if grid is not None else info.grid
+    if g is None:
+        raise ValueError(f"block {name}: capture knows no row-major token grid for it (e.g. Hiera's unrolled "
+                         "tokens), so token positions are unknown; pass grid=(h, w) if its tokens are row-major")
+    h, w = g
+    n_prefix = out.shape[1] - h * w  # class/register tokens (ConViT adds its class token late)
     if n_prefix < 0:
         raise ValueError(f"block {name} outputs {out.shape[1]} tokens, fewer than the {h}x{w} grid; "
                          "pass the right grid")
@@ -181,38 +179,33 @@ def localization_probe(
         seed: Seed of the train/held-out image split.
         train_fraction: Fraction of images used to train each probe.
         weight_decay: L2 penalty of the probe.
-        grid: Spatial token grid (h, w) of a ViT; default ``model.patch_embed.grid_size``. The number of
-            prefix tokens is the token count minus h*w (so ConViT's late class token is handled).
+        grid: Spatial token grid (h, w) of a ViT's tokens; default: the grid capture records for each block
+            (channels-last maps such as Swin's come channels-first). The number of prefix tokens is the token
+            count minus h*w (so ConViT's late class token is handled).
         progress: Show a tqdm bar (default: only on a terminal).
     """
     if max_batches is not None and max_batches < 1:
         raise ValueError(f"max_batches must be a positive number of batches or None, got {max_batches}")
     all_blocks = residual_blocks(model)
     chosen = select(all_blocks, layers, "block", model)
-    grid = grid if grid is not None else _model_grid(model)
     dev = model_device(model, device, move=True)
+    wanted = {blk.name: blk for blk in chosen}
     feats: dict[int, list[torch.Tensor]] = {blk.index: [] for blk in chosen}
     grids: dict[int, tuple[int, int]] = {}
 
-    def hook_for(blk: Any) -> Any:
-        def hook(module: nn.Module, args: Any, out: Any) -> None:
-            tokens, g = _spatial(out, grid, blk.name)
-            feats[blk.index].append(tokens.detach().float().cpu())
-            grids[blk.index] = g
+    def keep(record: SubLayerRecord) -> None:  # each block's output as capture gives it, kept on the CPU
+        blk = wanted[record.info.name]
+        tokens, g = _spatial(record.z_out, record.info, grid, blk.name)
+        feats[blk.index].append(tokens.detach().float().cpu())
+        grids[blk.index] = g
 
-        return hook
-
-    handles = [blk.module.register_forward_hook(hook_for(blk)) for blk in chosen]
-    try:
-        with eval_mode(model), torch.no_grad():
-            for batch in islice(loader, max_batches):
-                x = batch[0] if isinstance(batch, (tuple, list)) else batch
-                if not torch.is_tensor(x) or x.ndim != 4:
-                    raise ValueError("the loader must yield image batches (B, C, H, W) or (images, labels) pairs")
-                model(x.to(dev))
-    finally:
-        for h in handles:
-            h.remove()
+    with eval_mode(model), torch.no_grad(), capture(model, attention=False, residual=True, branches=False,
+                                                   names=lambda n: n in wanted, on_record=keep, layers="blocks"):
+        for batch in islice(loader, max_batches):
+            x = batch[0] if isinstance(batch, (tuple, list)) else batch
+            if not torch.is_tensor(x) or x.ndim != 4:
+                raise ValueError("the loader must yield image batches (B, C, H, W) or (images, labels) pairs")
+            model(x.to(dev))
 
     result = LocalizationResult()
     for blk in tqdm(chosen, desc="localization probe", disable=None if progress is None else not progress):
