@@ -138,3 +138,19 @@ def ref_hsic1(K: np.ndarray, L: np.ndarray) -> float:
     term = np.trace(K @ L) + (one @ K @ one) * (one @ L @ one) / ((n - 1) * (n - 2))
     term -= 2.0 / (n - 2) * (one @ K @ L @ one)
     return term / (n * (n - 3))
+
+
+def gram_cka_bound(batches, u=2.0**-24, centre=True):
+    """The derived worst case of a Gram formed in precision u (linear_gram's docstring): rho = sqrt(sum_b
+    tr(K_b)^2 / (n_b (n_b - 3)) / sum_b HSIC_1(K_b, K_b)), K_b the Gram of the (centred) float64 features, and
+    eps = gamma_(D+2) = (D+2) u / (1 - (D+2) u): the CKA moves by at most asin(min(1, eps rho)) per side."""
+    d = batches[0].shape[1]
+    eps = (d + 2) * u / (1 - (d + 2) * u)
+    num = den = 0.0
+    for x in batches:
+        n = x.shape[0]
+        xc = x - x.mean(0) if centre else x
+        K = xc @ xc.T
+        num += np.trace(K) ** 2 / (n * (n - 3))
+        den += ref_hsic1(K, K)
+    return float(np.arcsin(min(1.0, eps * np.sqrt(num / den))))

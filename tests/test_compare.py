@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from sklearn.linear_model import RidgeClassifier
 
 import vitscope
+from _helpers import gram_cka_bound
 from vitscope.comparing import CompareResult
 
 
@@ -278,22 +279,6 @@ def test_nan_in_a_layer_is_one_error_naming_it(pair):
         h.remove()
 
 
-def _float32_bound(batches, u=2.0**-24, centre=True):
-    """The derived worst case of a Gram formed in precision u (linear_gram's docstring): rho = sqrt(sum_b
-    tr(K_b)^2 / (n_b (n_b - 3)) / sum_b HSIC_1(K_b, K_b)), K_b the Gram of the (centred) float64 features, and
-    eps = gamma_(D+2) = (D+2) u / (1 - (D+2) u): the CKA moves by at most asin(min(1, eps rho)) per side."""
-    d = batches[0].shape[1]
-    eps = (d + 2) * u / (1 - (d + 2) * u)
-    num = den = 0.0
-    for x in batches:
-        n = x.shape[0]
-        xc = x - x.mean(0) if centre else x
-        K = xc @ xc.T
-        num += np.trace(K) ** 2 / (n * (n - 3))
-        den += np_hsic1(K, K)
-    return float(np.arcsin(min(1.0, eps * np.sqrt(num / den))))
-
-
 def test_float32_grams_within_the_derived_bound():
     """gram_dtype="float32" (features centred, float32 matmul, float64 HSIC) stays within the derived worst case
     of the float64 reference (plus float64's own, same formula with u = 2^-53 on uncentred features) on features
@@ -322,8 +307,8 @@ def test_float32_grams_within_the_derived_bound():
                 gx, gy = (bx @ bx.T).double(), (by @ by.T).double()
             m.update_grams([gx], [gy])
         results[how] = float(m.compute()[0, 0])
-    bound = sum(_float32_bound([b.double().numpy() for b in bs]) for bs in (xs, ys))
-    bound += sum(_float32_bound([b.double().numpy() for b in bs], 2.0**-53) for bs in (xs, ys))  # float64's own
+    bound = sum(gram_cka_bound([b.double().numpy() for b in bs]) for bs in (xs, ys))
+    bound += sum(gram_cka_bound([b.double().numpy() for b in bs], 2.0**-53) for bs in (xs, ys))  # float64's own
     assert 0.05 < ref < 0.95  # a CKA that is neither trivial value
     assert abs(results["centred"] - ref) <= bound
     assert abs(results["uncentred"] - ref) > bound
@@ -342,7 +327,7 @@ def test_compare_gram_dtype_float32(pair):
     assert r64.names_b == ["layer1.0", "layer2.0", "layer3.0", "layer4.0"]
     for i in range(len(r64.names_a)):
         for j in range(len(r64.names_b)):
-            bound = _float32_bound([b[i] for b in fa]) + _float32_bound([b[j] for b in fb])
+            bound = gram_cka_bound([b[i] for b in fa]) + gram_cka_bound([b[j] for b in fb])
             assert abs(float(r32.cka[i, j]) - float(r64.cka[i, j])) <= bound + 1e-12  # + float64's own (~1e-13)
     with pytest.raises(ValueError, match="gram_dtype"):
         vitscope.compare(vit, cnn, (ba, bb), gram_dtype="float16")

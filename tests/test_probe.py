@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 import vitscope
-from _helpers import count_host_reads
+from _helpers import count_host_reads, gram_cka_bound
 from vitscope import measures as M
 
 
@@ -116,10 +116,15 @@ def test_probe_cka_single_batch_equals_cka():
     cap, _, _ = _whole(model, ds)
     feats = cap.outputs  # the stem's output first
     mat = np.array(result.extras["cka"]["matrix"])
+    # probe's Grams of the float32 features are centred float32 matmuls, within gram_cka_bound
+    # (linear_gram's worst case: ~1e-3 here; typically ~1e-8) per side; cka's float64 Grams of the uncentred
+    # features within the same formula at u = 2^-53
+    flat = [f.reshape(len(f), -1).double().numpy() for f in feats]
+    side = [gram_cka_bound([f]) + gram_cka_bound([f], 2.0**-53, centre=False) for f in flat]
     for i in range(len(feats)):
-        for j in range(len(feats)):  # float32 features: Gram from a float32 matmul (documented: ~1e-8)
-            assert mat[i, j] == pytest.approx(float(M.cka(feats[i], feats[j])), abs=1e-7)
-    np.testing.assert_allclose(np.diag(mat), 1.0, atol=1e-12)
+        for j in range(len(feats)):
+            assert mat[i, j] == pytest.approx(float(M.cka(feats[i], feats[j])), rel=0, abs=side[i] + side[j])
+    np.testing.assert_allclose(np.diag(mat), 1.0, rtol=0, atol=3 * 2.0**-53)  # x / sqrt(x x) of the same bits
 
 
 def test_probe_on_cnn_and_clear_errors():
@@ -186,21 +191,25 @@ def test_probe_scans_each_captured_tensor_once_and_names_the_layer():
 
 def test_probe_cka_over_unequal_batches_equals_minibatch_cka():
     """probe reduces each sub-layer as the forward produces it (Grams built layer by layer): over batches of
-    5, 5 and 4 it equals MinibatchCKA.update fed each batch's captured outputs, and the other stream measures
-    equal their classes fed the same captures."""
+    5, 5 and 4 it equals MinibatchCKA.update_grams fed each batch's float32-product Grams of the captured outputs
+    bit for bit, and the other stream measures equal their classes fed the same captures."""
     model = vitscope.create_model("test_vit_cb").eval()
     ds = _data(n=14)
     result = vitscope.probe(model, DataLoader(ds, batch_size=5), ["cka", "ratio_of_norms", "fourier"], progress=False)
+    from vitscope.measures.cka import linear_gram
+
     ref, ratio, four = None, M.RatioOfNorms(), M.FourierLogAmplitude()
     for x, _ in DataLoader(ds, batch_size=5):
         with torch.no_grad(), vitscope.capture(model, attention=False) as cap:  # as probe: no attention measure
             model(x)
         ref = ref or M.MinibatchCKA(len(cap.outputs))
-        ref.update(cap.outputs)  # the stem's output, then every sub-layer's
+        ref.update_grams([linear_gram(o, float32=True) for o in cap.outputs])  # the stem's output, sub-layers
         ratio.update(cap.residuals, cap.branches, cap.layout)  # residual sub-layers only
         four.update(cap.outputs, cap.output_layout)
-    # probe's Grams of float32 features come from a float32 matmul (linear_gram(float32=True)): ~1e-8
-    np.testing.assert_allclose(np.array(result.extras["cka"]["matrix"]), ref.compute().numpy(), rtol=0, atol=1e-7)
+    # probe forms each batch's Grams with linear_gram(float32=True) and feeds them to MinibatchCKA as here: the
+    # same operations on the same captures, equal bit for bit (that Gram's accuracy against float64 is
+    # tests/test_compare.py's derived bound, _helpers.gram_cka_bound)
+    np.testing.assert_array_equal(np.array(result.extras["cka"]["matrix"]), ref.compute().numpy())
     assert result.extras["cka"]["examples"] == 14
     # the same measures fed the same captured float32 tensors batch by batch: equal bit for bit
     for row, r in zip(result["ratio_of_norms"], ratio.compute()):
@@ -345,7 +354,11 @@ def test_probe_block_layers_and_name_filter():
     with torch.no_grad(), vitscope.capture(model, attention=False, layers="blocks") as cap:
         model(ds.tensors[0])
     mat = np.array(result.extras["cka"]["matrix"])
-    assert mat[0, 1] == pytest.approx(float(M.cka(cap.outputs[0], cap.outputs[2])), abs=1e-7)
+    # one batch of 6 (this capture's features need not be probe's bits: probe also captures attention): probe's
+    # float32-product Grams vs cka's float64 ones within gram_cka_bound per side, as above
+    a, b = (cap.outputs[k].reshape(6, -1).double().numpy() for k in (0, 2))
+    bound = sum(gram_cka_bound([f]) + gram_cka_bound([f], 2.0**-53, centre=False) for f in (a, b))
+    assert mat[0, 1] == pytest.approx(float(M.cka(cap.outputs[0], cap.outputs[2])), rel=0, abs=bound)
 
 
 def test_probe_compare_and_attention_images_restore_each_modules_training_flag():
