@@ -88,6 +88,15 @@ def model_device(model: torch.nn.Module, device: str | torch.device | None = Non
     return p.device if p is not None else torch.device("cpu")
 
 
+AMP_DTYPES: dict[str, torch.dtype | None] = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+"""``--amp`` / a run's ``amp`` name -> the dtype ``torch.autocast`` runs in (None: full precision)."""
+
+
+def amp_name(dtype_name: str) -> str:
+    """timm's ``--amp-dtype`` spelling (``bfloat16``, ``float16``) -> vitscope's ``amp`` name (``bf16``, ``fp16``)."""
+    return next(k for k, v in AMP_DTYPES.items() if v is not None and str(v) == f"torch.{dtype_name}")
+
+
 def autocast(device: torch.device | str, amp_dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
     """``torch.autocast`` on ``device``'s type in ``amp_dtype``, or a no-op context for None (full precision)."""
     if amp_dtype is None:

@@ -112,11 +112,10 @@ def add_model_options(
     p.add_argument("--out", required=True, help="output directory")
 
 
-AMP_DTYPES = {"none": None, "bf16": "bfloat16", "fp16": "float16"}  # --amp -> the torch dtype autocast runs in
-
-
 def add_amp_options(p: Any) -> None:
     """``--amp [bf16|fp16]`` and timm's ``--amp-dtype bfloat16|float16`` (folded by ``check_amp``)."""
+    from vitscope.runtime import AMP_DTYPES
+
     p.add_argument("--amp", nargs="?", const="bf16", default="none", choices=tuple(AMP_DTYPES),
                    help="run the forward passes under torch.autocast in bfloat16 (--amp alone or --amp bf16) or "
                    "float16 (--amp fp16; CUDA, or a CPU where this torch autocasts to it); the measures themselves are "
@@ -128,26 +127,25 @@ def add_amp_options(p: Any) -> None:
 def check_amp(args: argparse.Namespace, device: Any) -> None:
     """Fold ``--amp-dtype`` into ``--amp`` (a contradiction is an error) and refuse a precision torch cannot autocast
     to on ``device``, before any work."""
-    import torch
-
-    from vitscope.runtime import check_autocast
+    from vitscope.runtime import AMP_DTYPES, amp_name, check_autocast
 
     given = getattr(args, "amp_dtype", None)
     if given:
-        want = {"bfloat16": "bf16", "float16": "fp16"}[given]
+        want = amp_name(given)
         if args.amp not in ("none", want):
             raise CLIError(f"--amp {args.amp} contradicts --amp-dtype {given}; pass one of them")
         args.amp = want
-    dtype = AMP_DTYPES[getattr(args, "amp", "none")]
     try:
-        check_autocast(device, getattr(torch, dtype) if dtype else None)
+        check_autocast(device, AMP_DTYPES[getattr(args, "amp", "none")])
     except ValueError as err:
         raise CLIError(f"--amp {args.amp}: {err}") from None
 
 
 def precision(args: argparse.Namespace) -> str:
     """The floating-point type the forward passes run in, as training records it (``precision``)."""
-    return AMP_DTYPES[getattr(args, "amp", "none")] or "float32"
+    from vitscope.runtime import AMP_DTYPES
+
+    return str(AMP_DTYPES[getattr(args, "amp", "none")] or "float32").removeprefix("torch.")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -206,12 +204,10 @@ def resolve_device(name: str | None) -> Any:
 
 def autocast(args: argparse.Namespace, device: Any) -> Any:
     """``vitscope.runtime.autocast`` on ``device`` in ``--amp``'s dtype, a no-op context for ``--amp none``."""
-    import torch
-
+    from vitscope.runtime import AMP_DTYPES
     from vitscope.runtime import autocast as amp
 
-    dtype = AMP_DTYPES[getattr(args, "amp", "none")]
-    return amp(device, getattr(torch, dtype) if dtype else None)
+    return amp(device, AMP_DTYPES[getattr(args, "amp", "none")])
 
 
 # ----------------------------------------------------------------------------------------------

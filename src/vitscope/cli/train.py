@@ -57,6 +57,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def _flag_overrides(args: argparse.Namespace) -> list[str]:
     """``key=value`` for timm's flags; a key given both ways is a CLIError."""
     from vitscope.cli import CLIError
+    from vitscope.runtime import amp_name
 
     keys: dict[str, str] = {}
     if args.batch_size is not None:
@@ -72,7 +73,7 @@ def _flag_overrides(args: argparse.Namespace) -> list[str]:
     if size is not None:
         keys["img_size"] = str(size)
     if args.amp:
-        keys["amp"] = {"float16": "fp16", "bfloat16": "bf16"}[args.amp_dtype]
+        keys["amp"] = amp_name(args.amp_dtype)
     if args.device is not None:
         keys["device"] = args.device
     given = {o.split("=", 1)[0].strip() for o in args.overrides if "=" in o}

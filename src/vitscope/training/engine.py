@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from vitscope.distributed import DistInfo, all_reduce_sum, barrier, cleanup_distributed, init_distributed
-from vitscope.runtime import resolve_device
+from vitscope.runtime import AMP_DTYPES, resolve_device
 from vitscope.training import checkpoint as ckpt
 from vitscope.training.builders import (
     base_lr,
@@ -151,7 +151,7 @@ def _setup(cfg: TrainConfig, device: torch.device, info: DistInfo, resume: bool)
         if device.type != "cuda":
             _logger.warning("amp=%s is CUDA only; training in float32 on %s", cfg.amp, device)
         else:
-            amp_dtype = torch.bfloat16 if cfg.amp == "bf16" else torch.float16
+            amp_dtype = AMP_DTYPES[cfg.amp]
             scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
     spec["precision"] = str(amp_dtype or torch.float32).removeprefix("torch.")  # what it trains in, not asked for
     if cfg.channels_last and device.type != "cuda":
