@@ -154,3 +154,42 @@ def gram_cka_bound(batches, u=2.0**-24, centre=True):
         num += np.trace(K) ** 2 / (n * (n - 3))
         den += ref_hsic1(K, K)
     return float(np.arcsin(min(1.0, eps * np.sqrt(num / den))))
+
+
+def exact_t_tail(t: float, df: float):
+    """P(T > |t|) for Student's t to 40 digits (an mpf): mpmath's regularized incomplete beta, 0.5 I_x(df/2, 1/2),
+    x = df / (df + t^2)."""
+    import mpmath as mp
+
+    with mp.workdps(40):
+        x = mp.mpf(df) / (df + mp.mpf(t) ** 2)
+        return mp.betainc(mp.mpf(df) / 2, mp.mpf(0.5), 0, x, regularized=True) / 2
+
+
+def t_tail_bound(t: float, df: float) -> float:
+    """|vitscope.studies.tdist's tail 0.5 I_x(a, b) - the exact tail| (a = df/2, b = 1/2), from the operations tdist
+    runs: x = df / (df + t t) carries 3 u, which moves I by 3 u x f(x) (f the beta density, I's derivative); the
+    part computed as exp(ln_front) cf / a (J: I, or 1 - I past the switch (a + 1) / (a + b + 2)) carries: lgamma's
+    errors (measured against mpmath at the three arguments), 7 u per |term| of ln_front (two logs within 1 ulp and
+    their products, four sums), exp's ulp, the fraction's stopping rule eps = 1e-15 and ~26 u per Lentz iteration
+    (13 roundings in each half step), at most 500 (the code's cap; ~35 at most here), the division by a; past the
+    switch 1 - J adds u. (x's 3 u interval moves the density by a relative < 1e-12 here: taken at x.)"""
+    import math
+
+    import mpmath as mp
+
+    U = 2.0**-53
+    if t == 0:
+        return 0.0  # x = 1 exactly: I = 1, the tail 0.5, exactly
+    a, b = df / 2.0, 0.5
+    with mp.workdps(40):
+        x = mp.mpf(df) / (df + mp.mpf(t) ** 2)
+        i_exact = 2 * exact_t_tail(t, df)
+        density = mp.exp((a - 1) * mp.log(x) + (b - 1) * mp.log1p(-x) - mp.log(mp.beta(a, b)))
+        lg_err = sum(abs(mp.mpf(math.lgamma(y)) - mp.loggamma(y)) for y in (a + b, a, b))
+        switch = x >= mp.mpf(a + 1) / (a + b + 2)
+        j = 1 - i_exact if switch else i_exact
+        terms = sum(abs(v) for v in (math.lgamma(a + b), math.lgamma(a), math.lgamma(b), a * float(mp.log(x)),
+                                     b * float(mp.log1p(-x))))
+        rho = float(lg_err) + 7 * U * terms + 2 * U + 2e-15 + 26 * 500 * U + 2 * U
+        return 0.5 * float(j * rho + 3 * U * x * density) + (0.5 * U if switch else 0.0)

@@ -8,11 +8,10 @@ import math
 import numpy as np
 import pytest
 import torch
-from scipy import stats
 from torch.utils.data import DataLoader, TensorDataset
 
 import vitscope
-from _helpers import ref_hsic1
+from _helpers import exact_t_tail, gram_cka_bound, ref_hsic1, t_tail_bound
 from vitscope.studies import load_study
 from vitscope.studies.metrics import compute_metric
 from vitscope.studies.pipeline import run_skip_cka
@@ -57,15 +56,23 @@ def test_cka_across_removed_skip_equals_a_hand_composed_forward():
     a = {"probe": vitscope.probe(model, loader, ["cka"], progress=False).to_dict(),
          "skip_removal": run_skip_cka(model, loader, progress=False)}
     assert (a["skip_removal"]["block"], a["skip_removal"]["n_blocks"]) == (2, 4)  # the middle block, n // 2
+    bounds = {}
     for which, no_skip in (("intact", None), ("removed", 2)):
         outs = _block_outputs(model, x, no_skip)
         expected = np.mean([ref_cka(outs[i], outs[j]) for i in (0, 1) for j in (2, 3)])
-        # float32 features into a float32 Gram (the probe's documented path, ~1e-7 relative per Gram entry),
-        # CKA a ratio of sums of them: 1e-5 absolute leaves a wide margin, far below the spread of CKA here
-        assert compute_metric(f"cka_across_skip:{which}", a) == pytest.approx(expected, abs=1e-5)
-    assert compute_metric("cka_across_skip:removed", a) != pytest.approx(compute_metric("cka_across_skip:intact", a),
-                                                                         abs=1e-3)
-    torch.testing.assert_close(model(x), model(x))  # remove_skip restored the block
+        # the probe's float32-product Grams of the same float32 features (linear_gram(float32=True)): each CKA within
+        # the derived worst case per side (_helpers.gram_cka_bound, linear_gram's docstring) plus the float64
+        # reference's own; their mean within the mean of those (and 4 u for the two means of four values <= 1):
+        # ~9e-4 here, the worst case (observed ~3e-8; the old 1e-5 was a margin, not a bound)
+        feats = [o.flatten(1).double().numpy() for o in outs]
+        per_pair = [sum(gram_cka_bound([feats[k]], u) for k in (i, j) for u in (2.0**-24, 2.0**-53))
+                    for i in (0, 1) for j in (2, 3)]
+        bounds[which] = float(np.mean(per_pair)) + 4 * 2.0**-53
+        assert abs(compute_metric(f"cka_across_skip:{which}", a) - expected) <= bounds[which], which
+    # the skip matters by more than both values' worst-case float error (~1.3e-3 here)
+    gap = compute_metric("cka_across_skip:removed", a) - compute_metric("cka_across_skip:intact", a)
+    assert abs(gap) > bounds["intact"] + bounds["removed"]
+    assert torch.equal(model(x), model(x))  # remove_skip restored the block: the same forward, bit for bit
     with pytest.raises(ValueError, match="intact or removed"):
         compute_metric("cka_across_skip:both", a)
     with pytest.raises(ValueError, match="no skip_removal"):
@@ -76,9 +83,13 @@ def test_relative_distance_metric_averages_the_probe_rows():
     rows = [{"layer": f"blocks.{i}.attn", "kind": "msa", "depth": i, "normalized_depth": i / 3, "value": v}
             for i, v in enumerate([0.1, 0.3, 0.4, 0.6])]
     a = {"probe": {"relative_distance": {"rows": rows}}}
-    assert compute_metric("relative_distance", a) == pytest.approx(0.35)
-    assert compute_metric("relative_distance:early", a) == pytest.approx(0.2)  # depth 0, 1/3 < 0.5
-    assert compute_metric("relative_distance:late", a) == pytest.approx(0.5)
+    # float64 means of decimal literals against the decimal mean: each literal within u/2 of its decimal, k - 1
+    # sums within u of their partial sums, the division by k (2, 4: exact): within k u mean|v|, u = 2^-53; a wrong
+    # selection of rows moves the mean by >= 0.05
+    u = 2.0**-53
+    assert abs(compute_metric("relative_distance", a) - 0.35) <= 4 * u * 0.35
+    assert abs(compute_metric("relative_distance:early", a) - 0.2) <= 2 * u * 0.2  # depth 0, 1/3 < 0.5
+    assert abs(compute_metric("relative_distance:late", a) - 0.5) <= 2 * u * 0.5
     with pytest.raises(ValueError, match="relative_distance takes"):
         compute_metric("relative_distance:first", a)
 
@@ -93,9 +104,15 @@ def test_relative_distance_through_the_probe_equals_the_measure_on_captured_maps
         model(x)
     grid = model.patch_embed.grid_size
     per_layer = [float(vitscope.measures.relative_distance(att.double(), grid, 1).mean()) for att in cap.attentions]
-    # the measure is tested against a numpy loop (test_measures_attention); here the probe's per-layer rows and
-    # the metric's average: float32 maps, float64 sums -> 1e-6 relative
-    assert compute_metric("relative_distance", a) == pytest.approx(float(np.mean(per_layer)), rel=1e-6)
+    # the measure is tested against a numpy loop (test_measures_attention); here the probe's per-layer rows and the
+    # metric's average against the same measure on the float64 maps. The probe sums each query's weighted distances
+    # and its mass over the S keys in the maps' float32 (terms >= 0: (S + 1) u32 each, so their ratio within
+    # 2 (S + 1) u32), then float64 sums over the B S queries and the H heads and the means over layers (terms >= 0
+    # in another order: 2 (B S + H + 6) u): a relative bound, all terms being >= 0
+    b, h, s = cap.attentions[0].shape[0], cap.attentions[0].shape[1], grid[0] * grid[1]
+    rel = 2 * (s + 1) * 2.0**-24 + 2 * (b * s + h + 6) * 2.0**-53
+    expected = float(np.mean(per_layer))
+    assert abs(compute_metric("relative_distance", a) - expected) <= rel * expected
 
 
 def test_cbs_scales_and_metric_read_the_weights_in_depth_order():
@@ -106,11 +123,18 @@ def test_cbs_scales_and_metric_read_the_weights_in_depth_order():
         for i, blk in enumerate(model.blocks):
             blk.mlp.cb.scale.copy_(torch.linspace(0.0, 1.0, blk.mlp.cb.scale.numel()) + i)  # mean i + 0.5
     scales = cbs_scales(model)
-    assert [float(s.mean()) for s in scales] == pytest.approx([0.5, 1.5, 2.5, 3.5])
+    # float32 scales k / (C - 1) + i, each within u32 (i + 1) of the exact value (the quotient, the sum), whose mean
+    # is i + 0.5 exactly; float32 means of C terms >= 0 within (C + 1) u32 (i + 1) more; a wrong block order moves a
+    # mean by 1
+    c, u32, u = scales[0].numel(), 2.0**-24, 2.0**-53
+    for i, s in enumerate(scales):
+        assert abs(float(s.mean()) - (i + 0.5)) <= (c + 2) * u32 * (i + 1)
     a = {"cbs_scale": [s.tolist() for s in scales]}
-    assert compute_metric("cbs_scale:early", a) == pytest.approx(1.0)
-    assert compute_metric("cbs_scale:late", a) == pytest.approx(3.0)
-    assert compute_metric("cbs_scale", a) == pytest.approx(2.0)
+    # the metric's float64 mean of the 2C (or 4C) float32 values: their u32 (i + 1) each, and (2C + 1) u of the mean
+    for half, exact, top in (("early", 1.0, 2), ("late", 3.0, 4), ("", 2.0, 4)):
+        k = c * (2 if half else 4)
+        assert abs(compute_metric(f"cbs_scale:{half}" if half else "cbs_scale", a) - exact) <= (
+            u32 * top + (k + 1) * u * exact), half
     with pytest.raises(ValueError, match="no learned Context Broadcasting scale"):
         cbs_scales(vitscope.create_model("test_vit_cb"))
 
@@ -135,7 +159,11 @@ def test_a_claim_of_no_change_is_two_sided_and_never_held():
     rng = np.random.default_rng(3)
     a, b = rng.normal(1.0, 0.1, 5), rng.normal(1.0, 0.12, 5)
     v = Verdict.build("s", 8, "unchanged", "a", "b", "equal", a.tolist(), b.tolist(), paired=False)
-    assert v.p == pytest.approx(stats.ttest_ind(a, b, equal_var=False).pvalue, rel=1e-9)  # two-sided Welch
+    # two-sided Welch (test_verdict checks t and df against scipy's): the exact p at the same t and df, within twice
+    # the derived bound on tdist's tail and u (1 - tail's rounding)
+    test = paired_test(a.tolist(), b.tolist(), paired=False)
+    t = abs(test.effect) / test.se
+    assert abs(v.p - 2 * float(exact_t_tail(t, test.df))) <= 2 * t_tail_bound(t, test.df) + 2.0**-53
     assert v.verdict == INCONCLUSIVE and "no difference detected" in v.reason and "bounds" in v.reason
     assert v.seeds_needed is None and v.direction == "two-sided"
     far = b + 1.0
