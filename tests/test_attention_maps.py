@@ -324,3 +324,34 @@ def test_report_names_a_bad_attention_file(tmp_path):
     np.savez(d / "attention.npz", images=np.zeros((1, 8, 8, 3)))  # a .npz, but not of vitscope attention
     with pytest.raises(ReportInputError, match=r"lacks \['query'"):
         build_report([d], tmp_path / "r.html")
+
+
+def test_swin_windows_that_do_not_tile_the_map():
+    """Swin pads a map its windows do not tile (10 x 10 and 5 x 5 maps, 4 x 4 windows): the query maps follow timm's
+    own roll, pad and window_partition of a map of cell coordinates, and capture's stride is timm's reduction."""
+    from timm.models.swin_transformer import SwinTransformer, window_partition
+
+    torch.manual_seed(0)
+    model = SwinTransformer(img_size=40, patch_size=4, embed_dim=16, depths=(2, 2), num_heads=(2, 2), window_size=4,
+                            num_classes=3).eval()
+    x = _images(2, size=40)
+    maps = vitscope.attention_maps(model, x, query=(3, 4))
+    cap = _captured(model, x)
+    reductions = {f"layers.{i}": f["reduction"] for i, f in enumerate(model.feature_info)}
+    assert len(maps.query_maps) == 4 and [info.window_shift for info in cap.attention_layout] == [(0, 0), (2, 2)] * 2
+    for a, info, m, (r0, c0) in zip(cap.attentions, cap.attention_layout, maps.query_maps, maps.query_cells):
+        assert info.patch_size == reductions[info.name.rsplit(".blocks", 1)[0]]
+        H, W = m.shape[-2:]
+        ws, (sy, sx) = info.grid[0], info.window_shift
+        assert (H, W) == (40 // info.patch_size,) * 2 and H % ws  # the windows do not tile the map
+        coords = torch.stack(torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij"), -1)[None]  # (1, H, W, 2)
+        coords = torch.roll(coords, shifts=(-sy, -sx), dims=(1, 2))
+        coords = torch.nn.functional.pad(coords, (0, 0, 0, -W % ws, 0, -H % ws), value=-1)  # timm pads after rolling
+        coords = window_partition(coords, (ws, ws)).reshape(-1, ws * ws, 2)  # (windows, n, 2); -1: padding
+        win, local = map(int, ((coords == torch.tensor([r0, c0])).all(-1)).nonzero()[0])
+        want = np.zeros(m.shape, dtype=np.float32)  # (B, heads, H, W)
+        per_image = a.reshape(2, coords.shape[0], *a.shape[1:])  # (B, windows, heads, n, n)
+        for k, (r, c) in enumerate(coords[win].tolist()):
+            if r >= 0 and c >= 0:
+                want[:, :, r, c] = per_image[:, win, :, local, k].numpy()
+        np.testing.assert_array_equal(m, want)  # the same float32 entries moved, none computed

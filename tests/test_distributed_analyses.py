@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import vitscope
 from _helpers import assert_close_tree
 from vitscope.curvature import eigenvalue_spectrum, loss_landscape
-from vitscope.distributed import DistInfo, shard_batches
+from vitscope.distributed import Batches, DistInfo, shard_batches
 from vitscope.robustness import evaluate_cifar_c, evaluate_robustness
 
 N, BATCH = 37, 8
@@ -151,3 +151,27 @@ def test_shard_batches_counts_each_batch_once():
     assert [i for i, _ in gen] == [1, 3]
     with pytest.raises(ValueError, match="2 batch\\(es\\) for 3 processes"):
         list(shard_batches(loader, max_batches=2, info=DistInfo(rank=0, world_size=3)))
+
+
+def test_batches_walks_loads_and_counts():
+    """``Batches`` in one process: the raw batches with their indices, none loaded past ``max_batches``, the
+    bar's total and count in ``steps`` per batch (``step`` within a batch, the rest after it)."""
+    loader = _loader()
+    drawn = []
+
+    def counted():
+        for b, (x, _) in enumerate(loader):
+            drawn.append(b)
+            yield x  # bare images, no labels
+
+    got = list(Batches(counted(), max_batches=3))
+    assert [i for i, _ in got] == [0, 1, 2] and drawn == [0, 1, 2]  # batch 3 never loaded
+    assert all(torch.equal(x, xl) for (_, x), (xl, _) in zip(got, loader))
+    assert list(Batches(loader, max_batches=0)) == []
+    with pytest.raises(ValueError, match="max_batches must be a positive"):
+        list(Batches(loader, max_batches=0, shard=True))
+    walk = Batches(loader, max_batches=2, progress=True, steps=3)
+    for i, _ in walk:
+        if i == 0:
+            walk.step(2)
+    assert (walk._bar.total, walk._bar.n) == (6, 6)

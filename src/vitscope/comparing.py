@@ -29,11 +29,10 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from tqdm.auto import tqdm
 
 from vitscope.capture import LayerInfo, capture
 from vitscope.capture.sites import find_blocks
-from vitscope.distributed import all_reduce_sum, global_batch_count, shard_batches
+from vitscope.distributed import Batches, all_reduce_sum
 from vitscope.distributed import current as dist_current
 from vitscope.io.atomic import atomic_write_json, json_safe, write_csv
 from vitscope.measures._validate import raise_non_finite
@@ -120,18 +119,14 @@ class CompareResult:
 # The pass
 
 
-def _pairs(loader: Any, max_batches: int | None, shard: bool) -> tuple[Iterable, int | None]:
-    """``((images_a, images_b), labels)`` per batch from one loader (both models see the same tensor) or a pair
-    of loaders over the same examples; this rank's share of them when ``shard``."""
-    info = dist_current()
+def _pairs(loader: Any, max_batches: int | None, shard: bool, progress: bool = False) -> Iterable:
+    """``(index, (images_a, images_b), labels)`` per batch from one loader (both models see the same tensor) or a
+    pair of loaders over the same examples in lockstep; this rank's share of them when ``shard``, with the first
+    loader's progress bar."""
     pair = isinstance(loader, (tuple, list)) and len(loader) == 2 and not isinstance(loader[0], torch.Tensor)
     loaders = list(loader) if pair else [loader]
-    total = global_batch_count(loaders[0], max_batches)
-    if shard:
-        streams = [shard_batches(ld, max_batches, info) for ld in loaders]
-        total = len(range(info.rank, total, info.world_size)) if total is not None else None
-    else:
-        streams = [((b, x) for b, x in enumerate(ld) if max_batches is None or b < max_batches) for ld in loaders]
+    streams = [Batches(ld, max_batches, shard=shard, desc="compare", progress=progress and i == 0)
+               for i, ld in enumerate(loaders)]
 
     def split(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
         return (batch[0], batch[1]) if isinstance(batch, (list, tuple)) else (batch, None)
@@ -159,7 +154,7 @@ def _pairs(loader: Any, max_batches: int | None, shard: bool) -> tuple[Iterable,
                                  "order (shuffle off)")
             yield b, (xa, xb), ya
 
-    return gen(), total
+    return gen()
 
 
 class _ModelSide:
@@ -300,12 +295,10 @@ def compare(
     with eval_mode(model_a), eval_mode(model_b):  # each module's own training flag restored after
         for i, side in enumerate(sides if want_probe else []):  # the whole fit pass on every rank: same probes
             probes.append(LayerProbes(num_classes, shots, ridge))
-            fit_batches, _ = _pairs(fit_loader, None, shard=False)
             probes[i].fit(lambda images, side=side: side.run(images, grams=False)[1],
-                          ((images[i], labels) for _, images, labels in fit_batches), progress and info.is_main)
-        batches, total = _pairs(loader, max_batches, shard)
-        bar = tqdm(batches, total=total, desc="compare", disable=not progress or not info.is_main, leave=False)
-        for _, images, labels in bar:
+                          ((images[i], labels) for _, images, labels in _pairs(fit_loader, None, shard=False)),
+                          progress and info.is_main)
+        for _, images, labels in _pairs(loader, max_batches, shard, progress):
             ga, ra = sides[0].run(images[0], want_cka)
             gb, rb = sides[1].run(images[1], want_cka)
             if want_cka:

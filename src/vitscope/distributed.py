@@ -9,14 +9,17 @@ rank the *global* batches ``rank, rank + N, rank + 2N, ...`` of the one-process 
 batch keeps its composition and its global index (per-batch seeds, minibatch CKA's per-batch HSIC, one Hessian spectrum
 per batch), no example is counted twice (no ``DistributedSampler`` padding) and none is dropped. The
 additive states are then summed over the ranks (``StreamingMeasure.sync``, ``all_reduce_sum``) or gathered
-(``all_gather_objects``), and rank 0 alone writes. Process-group set-up: gloo on a CPU
-(``init_distributed``); on CUDA one group with NCCL for CUDA tensors and gloo for
-CPU ones (a measure's Python-number counts live on the CPU). The CUDA path has not run yet (no GPU so far).
+(``all_gather_objects``), and rank 0 alone writes. ``Batches`` is the one walk over a loader's batches (this
+rank's share, the global indices, the progress bar on rank 0) for the analyses and the evaluation loop.
+Process-group set-up: gloo on a CPU (``init_distributed``); on CUDA one group with NCCL for CUDA tensors and
+gloo for CPU ones (a measure's Python-number counts live on the CPU). The CUDA path has not run yet (no GPU so far).
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import os
+import sys
 from collections.abc import Iterable, Iterator, Sized
 from dataclasses import dataclass
 from typing import Any
@@ -24,11 +27,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Sampler
+from tqdm.auto import tqdm
 
 _logger = logging.getLogger(__name__)
 
 __all__ = ["DistInfo", "init_distributed", "init_from_env", "rank_device", "cleanup_distributed", "current",
-           "is_main", "shard_batches", "global_batch_count", "all_reduce_sum", "all_gather_objects", "barrier"]
+           "is_main", "shard_batches", "global_batch_count", "Batches", "all_reduce_sum", "all_gather_objects",
+           "barrier"]
 
 
 @dataclass(frozen=True)
@@ -156,10 +161,7 @@ def shard_batches(loader: Iterable, max_batches: int | None = None, info: DistIn
     if max_batches is not None and max_batches < 1:
         raise ValueError(f"max_batches must be a positive integer or None, got {max_batches}")
     if not info.distributed:
-        for i, batch in enumerate(loader):
-            if max_batches is not None and i >= max_batches:
-                return
-            yield i, batch
+        yield from enumerate(itertools.islice(loader, max_batches))  # loads no batch past max_batches
         return
     rank, world = info.rank, info.world_size
     n = global_batch_count(loader, max_batches)
@@ -177,11 +179,58 @@ def shard_batches(loader: Iterable, max_batches: int | None = None, info: DistIn
         for j, batch in enumerate(sharded):
             yield rank + j * world, batch
         return
-    for i, batch in enumerate(loader):
-        if max_batches is not None and i >= max_batches:
-            return
+    for i, batch in enumerate(itertools.islice(loader, max_batches)):
         if i % world == rank:
             yield i, batch
+
+
+class Batches:
+    """The one walk over a loader's batches: ``(global batch index, batch)`` for this rank's share of ``loader``'s
+    first ``max_batches``, with a progress bar on rank 0.
+
+    ``shard=False``: every batch, on every rank (one process, or a caller that shards itself); a ``max_batches``
+    below 1 gives none. ``shard=True``: ``shard_batches`` (rank r takes r, r + W, ...; ``every_rank`` as there; a
+    ``max_batches`` below 1 is an error). The batch is given as the loader yields it (labels or not). The bar
+    (``desc``, ``unit``) shows on rank 0 when ``progress`` is true (``None``: when stderr is a terminal); it counts
+    ``steps`` per batch of this rank: after each batch it has advanced ``steps``, of which the caller may advance
+    some within the batch with ``step`` (the loss landscape: one per grid point). Nothing is loaded or checked
+    before the iteration starts.
+    """
+
+    def __init__(self, loader: Iterable, max_batches: int | None = None, *, shard: bool = False,
+                 every_rank: bool = True, desc: str = "batches", progress: bool | None = False, unit: str = "batch",
+                 steps: int = 1) -> None:
+        self.loader, self.max_batches, self.shard, self.every_rank = loader, max_batches, shard, every_rank
+        self.desc, self.progress, self.unit, self.steps = desc, progress, unit, steps
+        self._bar: Any = None
+        self._stepped = 0
+
+    def __iter__(self) -> Iterator[tuple[int, Any]]:
+        info = current()
+        if self.shard:
+            items = shard_batches(self.loader, self.max_batches, info, self.every_rank)
+            total = global_batch_count(self.loader, self.max_batches)
+            total = None if total is None else len(range(info.rank, total, info.world_size))
+        else:
+            stop = None if self.max_batches is None else max(self.max_batches, 0)
+            items = enumerate(itertools.islice(self.loader, stop))  # loads no batch past max_batches
+            total = global_batch_count(self.loader, stop)
+        progress = sys.stderr.isatty() if self.progress is None else self.progress
+        bar = tqdm(total=None if total is None else total * self.steps, desc=self.desc, unit=self.unit,
+                   disable=not progress or not info.is_main, leave=False, dynamic_ncols=True)
+        self._bar, self._stepped = bar, 0
+        try:
+            for i, batch in items:
+                yield i, batch
+                bar.update(max(self.steps - self._stepped, 0))
+                self._stepped = 0
+        finally:
+            bar.close()
+
+    def step(self, n: int = 1) -> None:
+        """Advance the bar ``n`` of the current batch's ``steps``."""
+        self._stepped += n
+        self._bar.update(n)
 
 
 def all_reduce_sum(values: torch.Tensor, info: DistInfo | None = None) -> torch.Tensor:

@@ -454,7 +454,7 @@ class _Recorder:
                 return LayerInfo(name, kind, block, prefix, grid, patch, heads, stage)
         side = int(round(n_k ** 0.5))
         windows = attn.shape[0] // batch if batch and attn.shape[0] % batch == 0 else 0
-        map_hw, stride = self._windowed_map(windows * n_k) if windows > 1 else (None, None)
+        map_hw, stride = self._windowed_map(windows, n_k, block) if windows > 1 else (None, None)
         stride = stride or self._stride_of(block)
         if windows > 1 and side * side == n_k and stride:
             parent = ancestors[0]
@@ -472,12 +472,20 @@ class _Recorder:
             return LayerInfo(name, kind, block, 0, (side, side), stride, heads, stage, shift)
         return LayerInfo(name, "other", block, 0, None, None, heads, stage)
 
-    def _windowed_map(self, cells: int) -> tuple[tuple[int, int] | None, int | None]:
-        """(map size, pixels per map cell) of a map of ``cells`` cells with the image's aspect ratio and an
-        integer stride (the windows of one image tile it), else (None, None)."""
+    def _windowed_map(self, windows: int, n_k: int, block: int) -> tuple[tuple[int, int] | None, int | None]:
+        """(map size, pixels per map cell) of the map that ``windows`` windows of ``n_k`` tokens partition: the
+        block's input map when its windows, padded at the bottom and right as timm's Swin pads a map its windows do
+        not tile, number ``windows``; else a map of ``windows * n_k`` cells with the image's aspect ratio and an
+        integer stride (the windows of one image tile it); else (None, None)."""
         if self.image_hw is None:
             return None, None
         H, W = self.image_hw
+        side = math.isqrt(n_k)
+        if block in self.block_hw and side * side == n_k:
+            h, w = self.block_hw[block]
+            if -(-h // side) * -(-w // side) == windows:
+                return (h, w), H // h
+        cells = windows * n_k
         h = round((cells * H / W) ** 0.5)
         if h <= 0 or cells % h or H % h or (cells // h) * H != W * h:
             return None, None

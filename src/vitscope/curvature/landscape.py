@@ -34,7 +34,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn as nn
-from tqdm.auto import tqdm
 
 from vitscope.curvature.hvp import LossFn, ParamSpec, analysis_mode, cross_entropy, l2_penalty, select_params
 from vitscope.io.atomic import atomic_write
@@ -215,7 +214,7 @@ def loss_landscape(
             result records ``world_size`` and ``examples_per_rank``. The directions are drawn from a CPU
             generator seeded by ``seed``, so every rank perturbs the weights alike.
     """
-    from vitscope.distributed import all_gather_objects, all_reduce_sum, current, global_batch_count, shard_batches
+    from vitscope.distributed import Batches, all_gather_objects, all_reduce_sum, current
 
     if dims not in (1, 2):
         raise ValueError(f"dims={dims} must be 1 or 2")
@@ -243,18 +242,9 @@ def loss_landscape(
     error: ValueError | None = None
     try:
         with torch.no_grad(), analysis_mode(model, train_mode, explicit=False):
-            n_batches = global_batch_count(loader, max_batches)
-            if shard:
-                batches = shard_batches(loader, max_batches, info, every_rank=False)  # a rank may get none
-                if n_batches is not None:
-                    n_batches = len(range(info.rank, n_batches, info.world_size))
-            else:
-                batches = enumerate(loader)  # stopped at max_batches below
-            bar = tqdm(total=None if n_batches is None else n_batches * len(points),
-                       disable=not progress or not info.is_main, desc="landscape", unit="eval")
+            batches = Batches(loader, max_batches, shard=shard, every_rank=False,  # a rank may get none
+                              desc="landscape", progress=progress, unit="eval", steps=len(points))
             for bi, batch in batches:
-                if max_batches is not None and bi >= max_batches:
-                    break
                 x, y = batch[0], batch[1]
                 device = next(iter(origin.values())).device
                 x, y = x.to(device), y.to(device)
@@ -277,11 +267,10 @@ def loss_landscape(
                         correct[pi] += float((out.argmax(-1) == labels).sum())
                     else:
                         has_acc = False
-                    bar.update(1)
+                    batches.step()
                 if error is not None:
                     break
                 n_total += n
-            bar.close()
     finally:
         with torch.no_grad():
             for name, p in chosen.items():

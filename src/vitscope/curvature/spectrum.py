@@ -15,7 +15,6 @@ whose gradient is the weight-decay step ``wd * p``, is the default.
 """
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -25,11 +24,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn as nn
-from tqdm.auto import tqdm
 
 from vitscope.curvature.eigen import top_eigenvalues
 from vitscope.curvature.hvp import HessianOperator, LossFn, cross_entropy, l2_penalty, select_params
-from vitscope.distributed import all_gather_objects, global_batch_count, shard_batches
+from vitscope.distributed import Batches, all_gather_objects
 from vitscope.distributed import current as dist_current
 
 _logger = logging.getLogger(__name__)
@@ -187,19 +185,10 @@ def eigenvalue_spectrum(
                              f"most {dim} eigenvalues; use k <= {dim}")
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     info = dist_current()
-    if shard:
-        batches = shard_batches(loader, max_batches, info, every_rank=False)  # a rank may get no batch
-    else:
-        batches = enumerate(itertools.islice(loader, max_batches))  # stops loading at max_batches
-    total = global_batch_count(loader, max_batches)
-    if shard and total is not None:
-        total = len(range(info.rank, total, info.world_size))
     fallbacks: set[str] = set()
     records = []  # (global batch index, batch size, {group: eigenvalues (k,)}, {group: converged (k,)}, n_hvp)
-    for bi, batch in tqdm(batches, total=total, disable=not progress or not info.is_main, desc="hessian",
-                          unit="batch"):
-        if max_batches is not None and bi >= max_batches:
-            break
+    for bi, batch in Batches(loader, max_batches, shard=shard, every_rank=False, desc="hessian",
+                             progress=progress):  # under shard a rank may get no batch
         x, y = batch[0].to(device), batch[1].to(device)
         if transform is not None:
             x, y = transform(x, y)

@@ -1,26 +1,24 @@
 """The one evaluation loop: a model over a loader's batches, each caller's reduction passed in.
 
-``eval_batches`` owns the iteration (the first ``max_batches``, sharding over ranks, the rank-0 progress bar,
-the ``(images, labels)`` check and the moves to the device); ``eval_loop`` runs the model on each batch in eval
-mode, without gradients and under autocast, hands its outputs to the caller's reduction (``update(outputs,
-targets)``) and sums the reduction over the ranks (``sync()``) when asked. The reductions differ on purpose
-and stay with their callers: ``vitscope.measures.Calibration`` (float64 sums) in the training loop's
-``evaluate``, a float64 cross-entropy in the interventions, a confusion matrix in the studies' pipeline; the
-robustness suite, whose attacks need gradients, iterates with ``eval_batches`` and counts hits itself.
+``eval_batches`` iterates (``vitscope.distributed.Batches``: the first ``max_batches``, sharding over ranks,
+the rank-0 progress bar; then the ``(images, labels)`` check and the moves to the device); ``eval_loop`` runs
+the model on each batch in eval mode, without gradients and under autocast, hands its outputs to the caller's
+reduction (``update(outputs, targets)``) and sums the reduction over the ranks (``sync()``) when asked. The
+reductions differ on purpose and stay with their callers: ``vitscope.measures.Calibration`` (float64 sums) in
+the training loop's ``evaluate``, a float64 cross-entropy in the interventions, a confusion matrix in the
+studies' pipeline; the robustness suite, whose attacks need gradients, iterates with ``eval_batches`` and counts
+hits itself.
 """
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any, Protocol, TypeVar
 
 import torch
 import torch.nn as nn
-from tqdm.auto import tqdm
 
-from vitscope.distributed import current as dist_current
-from vitscope.distributed import global_batch_count, shard_batches
+from vitscope.distributed import Batches
 from vitscope.runtime import autocast
 
 __all__ = ["Reduction", "eval_batches", "eval_loop", "eval_mode", "split_batch"]
@@ -79,33 +77,16 @@ def eval_batches(
 ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
     """Yield ``(index, images, targets)`` of ``loader``'s first ``max_batches`` batches, ``prepare``-d for ``device``.
 
-    ``prepare(images, labels, device)`` checks and moves a batch (default: ``to_device``). ``progress=None`` shows
-    a tqdm bar only when stderr is a terminal; only rank 0 shows one. ``shard=True``: under torch.distributed this
-    rank's share of the batches (``vitscope.distributed.shard_batches``: rank r takes r, r + W, ...; a rank may get
-    none), with their global indices.
+    ``prepare(images, labels, device)`` checks and moves a batch (default: ``to_device``). The batches are
+    ``vitscope.distributed.Batches``': ``progress=None`` shows a tqdm bar only when stderr is a terminal; only
+    rank 0 shows one. ``shard=True``: under torch.distributed this rank's share of the batches (rank r takes r,
+    r + W, ...; a rank may get none), with their global indices.
     """
     if max_batches is not None and max_batches < 1:
         raise ValueError(f"max_batches must be a positive integer or None, got {max_batches}")
-    info = dist_current()
-    if progress is None:
-        progress = sys.stderr.isatty()
-    total = global_batch_count(loader, max_batches)
-    if shard:
-        if total is not None:
-            total = len(range(info.rank, total, info.world_size))
-        items = shard_batches(loader, max_batches, info, every_rank=False)
-    else:
-        items = enumerate(loader)
-    bar = tqdm(total=total, desc=desc, disable=not progress or not info.is_main, leave=False, dynamic_ncols=True)
-    try:
-        for i, batch in items:
-            if max_batches is not None and i >= max_batches:
-                break
-            images, targets = prepare(*split_batch(batch), device)
-            yield i, images, targets
-            bar.update(1)
-    finally:
-        bar.close()
+    for i, batch in Batches(loader, max_batches, shard=shard, every_rank=False, desc=desc, progress=progress):
+        images, targets = prepare(*split_batch(batch), device)
+        yield i, images, targets
 
 
 @torch.no_grad()

@@ -232,8 +232,9 @@ def _layers(cap, B: int, image_hw: tuple[int, int]) -> list[_Layer]:
             raise ValueError(f"{info.name}: attention of shape {tuple(attn.shape)} is neither one map per image nor "
                              "square windows of a known feature map")
         H, W = image_hw[0] // stride, image_hw[1] // stride
-        if H % ws or W % ws or (H // ws) * (W // ws) * B != attn.shape[0]:
-            raise ValueError(f"{info.name}: {attn.shape[0] // B} windows of {ws}x{ws} do not tile its {H}x{W} map")
+        if -(-H // ws) * -(-W // ws) * B != attn.shape[0]:  # windows of the map padded to a multiple of ws
+            raise ValueError(f"{info.name}: {attn.shape[0] // B} windows of {ws}x{ws} do not tile its {H}x{W} map, "
+                             "even padded at the bottom and right")
         out.append(_Layer(info.name, info.kind, attn.reshape(B, -1, heads, N, N), 0, (H, W), ws,
                           info.window_shift or (0, 0)))
     return out
@@ -375,19 +376,22 @@ def attention_maps(
 def _window_rows(layer: _Layer, cell: tuple[int, int]) -> torch.Tensor:
     """(B, heads, H, W): the query's row inside its window, placed on the whole feature map (zero elsewhere).
     Windows are numbered row-major over the map, positions row-major inside a window (WindowAttention2d, Swin);
-    a shifted window (Swin) covers map cells shifted cyclically by ``layer.shift`` (``LayerInfo.window_shift``)."""
+    a shifted window (Swin) covers map cells shifted cyclically by ``layer.shift`` (``LayerInfo.window_shift``).
+    A map the windows do not tile is padded at the bottom and right after the shift (timm's Swin v1/v2/v2-CR): the
+    padding keys lie off the image and are left out, so such a row sums to less than 1."""
     ws = layer.window
     H, W = layer.grid
     sy, sx = layer.shift
     B, _, heads, n, _ = layer.attn.shape
-    a = layer.attn.view(B, H // ws, W // ws, heads, n, n)  # (B, gh, gw, heads, n, n)
+    a = layer.attn.view(B, -(-H // ws), -(-W // ws), heads, n, n)  # (B, gh, gw, heads, n, n) over the padded map
     r, c = (cell[0] - sy) % H, (cell[1] - sx) % W  # the query's place on the shifted map (Swin rolls by -shift)
     local = (r % ws) * ws + c % ws
     row = a[:, r // ws, c // ws, :, local, :].reshape(B, -1, ws, ws)  # (B, heads, ws, ws)
+    ys = r // ws * ws + torch.arange(ws)  # (ws,) rows of the window's keys on the shifted, padded map
+    xs = c // ws * ws + torch.arange(ws)  # (ws,) cols
+    on_y, on_x = ys < H, xs < W  # keys on the map, not padding
     out = row.new_zeros(B, row.shape[1], H, W)
-    ys = (r // ws * ws + torch.arange(ws) + sy) % H  # (ws,) map rows of the window's keys
-    xs = (c // ws * ws + torch.arange(ws) + sx) % W  # (ws,) map cols
-    out[:, :, ys[:, None], xs[None, :]] = row
+    out[:, :, ((ys[on_y] + sy) % H)[:, None], ((xs[on_x] + sx) % W)[None, :]] = row[:, :, on_y][:, :, :, on_x]
     return out
 
 

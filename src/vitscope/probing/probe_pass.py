@@ -7,12 +7,11 @@ from collections.abc import Iterable, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from vitscope import measures as M
 from vitscope.capture import capture
 from vitscope.capture.sites import find_blocks, is_attention_module
-from vitscope.distributed import all_gather_objects, all_reduce_sum, global_batch_count, shard_batches
+from vitscope.distributed import Batches, all_gather_objects, all_reduce_sum
 from vitscope.distributed import current as dist_current
 from vitscope.measures.evaluation import eval_mode
 from vitscope.probing._checks import _check_attentions, _DeviceChecks, _not_finite
@@ -146,21 +145,11 @@ def probe(
     not_applicable: dict[str, str] = {}  # attention layers without positions -> why no attention measure
     checks = _DeviceChecks()  # read once after the pass: no host sync within it (see _DeviceChecks)
     info = dist_current()
-    if shard:
-        total = global_batch_count(loader, max_batches)
-        total = len(range(info.rank, total, info.world_size)) if total is not None else None
-        batches = shard_batches(loader, max_batches, info)
-    else:
-        total = global_batch_count(loader, max_batches)
-        batches = ((b, batch) for b, batch in enumerate(loader) if max_batches is None or b < max_batches)
     with eval_mode(model):  # each module's own training flag restored after
         if "linear_probe" in adapters:  # the fit pass first (stops once every class has its examples)
             adapters["linear_probe"].prepare(model, fit_loader, num_classes, shots, ridge, layers, names, device,
                                              progress and info.is_main)
-        bar = tqdm(batches, total=total, desc="probe", disable=not progress or not info.is_main, leave=False)
-        for b, batch in bar:
-            if max_batches is not None and b >= max_batches:
-                break
+        for b, batch in Batches(loader, max_batches, shard=shard, desc="probe", progress=progress):
             images, labels = (batch[0], batch[1]) if isinstance(batch, (list, tuple)) else (batch, None)
             images = images.to(device)
             checks.fail_if(_not_finite(images), "batch {b} holds NaN or infinite pixels; check the data pipeline")
