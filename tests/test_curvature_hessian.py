@@ -717,6 +717,11 @@ def test_empty_loader_is_a_clear_error(mlp_case):
     empty = _loader(torch.zeros(0, 6, dtype=torch.float64), torch.zeros(0, dtype=torch.long), 4)
     with pytest.raises(ValueError, match="no batches"):
         eigenvalue_spectrum(m, empty, k=1)
+    with pytest.raises(ValueError, match="must yield \\(images, labels\\) pairs"):  # the loss needs labels
+        eigenvalue_spectrum(m, [torch.zeros(4, 6, dtype=torch.float64)], k=1)
+    with pytest.raises(ValueError, match="max_batches must be a positive integer or None, got 0"):
+        eigenvalue_spectrum(m, _loader(torch.zeros(4, 6, dtype=torch.float64), torch.zeros(4, dtype=torch.long), 4),
+                            k=1, max_batches=0)
     with pytest.raises(ValueError, match="empty"):
         top_eigenvalues(m, F.cross_entropy, [])
 

@@ -174,3 +174,7 @@ def test_errors():
         assert torch.equal(v, before[k])
     with pytest.raises(ValueError, match="no trainable parameters"):
         loss_landscape(_cnn().requires_grad_(False), None, _loader(size=8), steps=3)
+    with pytest.raises(ValueError, match="must yield \\(images, labels\\) pairs"):  # the loss needs labels
+        loss_landscape(m, None, [x], steps=3)
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, before[k])

@@ -167,9 +167,9 @@ def test_batches_walks_loads_and_counts():
     got = list(Batches(counted(), max_batches=3))
     assert [i for i, _ in got] == [0, 1, 2] and drawn == [0, 1, 2]  # batch 3 never loaded
     assert all(torch.equal(x, xl) for (_, x), (xl, _) in zip(got, loader))
-    assert list(Batches(loader, max_batches=0)) == []
-    with pytest.raises(ValueError, match="max_batches must be a positive"):
-        list(Batches(loader, max_batches=0, shard=True))
+    for shard in (False, True):  # one rule with or without sharding
+        with pytest.raises(ValueError, match="max_batches must be a positive"):
+            list(Batches(loader, max_batches=0, shard=shard))
     walk = Batches(loader, max_batches=2, progress=True, steps=3)
     for i, _ in walk:
         if i == 0:

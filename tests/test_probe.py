@@ -141,8 +141,10 @@ def test_probe_on_cnn_and_clear_errors():
     bad = TensorDataset(torch.full((4, 3, 32, 32), float("nan")), torch.zeros(4, dtype=torch.long))
     with pytest.raises(ValueError, match="NaN"):
         vitscope.probe(model, DataLoader(bad, batch_size=4), ["cka"])
-    with pytest.raises(ValueError, match="no batch"):
+    with pytest.raises(ValueError, match="max_batches must be a positive integer or None, got 0"):
         vitscope.probe(model, DataLoader(_data(n=4), batch_size=4), ["cka"], max_batches=0)
+    with pytest.raises(ValueError, match="no batch"):
+        vitscope.probe(model, [], ["cka"])
 
 
 def test_gpsa_gates_table():

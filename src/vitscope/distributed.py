@@ -188,9 +188,9 @@ class Batches:
     """The one walk over a loader's batches: ``(global batch index, batch)`` for this rank's share of ``loader``'s
     first ``max_batches``, with a progress bar on rank 0.
 
-    ``shard=False``: every batch, on every rank (one process, or a caller that shards itself); a ``max_batches``
-    below 1 gives none. ``shard=True``: ``shard_batches`` (rank r takes r, r + W, ...; ``every_rank`` as there; a
-    ``max_batches`` below 1 is an error). The batch is given as the loader yields it (labels or not). The bar
+    ``shard=False``: every batch, on every rank (one process, or a caller that shards itself). ``shard=True``:
+    ``shard_batches`` (rank r takes r, r + W, ...; ``every_rank`` as there). A ``max_batches`` below 1 is an error
+    (raised when the iteration starts). The batch is given as the loader yields it (labels or not). The bar
     (``desc``, ``unit``) shows on rank 0 when ``progress`` is true (``None``: when stderr is a terminal); it counts
     ``steps`` per batch of this rank: after each batch it has advanced ``steps``, of which the caller may advance
     some within the batch with ``step`` (the loss landscape: one per grid point). Nothing is loaded or checked
@@ -206,15 +206,16 @@ class Batches:
         self._stepped = 0
 
     def __iter__(self) -> Iterator[tuple[int, Any]]:
+        if self.max_batches is not None and self.max_batches < 1:
+            raise ValueError(f"max_batches must be a positive integer or None, got {self.max_batches}")
         info = current()
         if self.shard:
             items = shard_batches(self.loader, self.max_batches, info, self.every_rank)
             total = global_batch_count(self.loader, self.max_batches)
             total = None if total is None else len(range(info.rank, total, info.world_size))
         else:
-            stop = None if self.max_batches is None else max(self.max_batches, 0)
-            items = enumerate(itertools.islice(self.loader, stop))  # loads no batch past max_batches
-            total = global_batch_count(self.loader, stop)
+            items = enumerate(itertools.islice(self.loader, self.max_batches))  # loads no batch past max_batches
+            total = global_batch_count(self.loader, self.max_batches)
         progress = sys.stderr.isatty() if self.progress is None else self.progress
         bar = tqdm(total=None if total is None else total * self.steps, desc=self.desc, unit=self.unit,
                    disable=not progress or not info.is_main, leave=False, dynamic_ncols=True)

@@ -215,6 +215,7 @@ def loss_landscape(
             generator seeded by ``seed``, so every rank perturbs the weights alike.
     """
     from vitscope.distributed import Batches, all_gather_objects, all_reduce_sum, current
+    from vitscope.measures.evaluation import split_batch
 
     if dims not in (1, 2):
         raise ValueError(f"dims={dims} must be 1 or 2")
@@ -245,7 +246,7 @@ def loss_landscape(
             batches = Batches(loader, max_batches, shard=shard, every_rank=False,  # a rank may get none
                               desc="landscape", progress=progress, unit="eval", steps=len(points))
             for bi, batch in batches:
-                x, y = batch[0], batch[1]
+                x, y = split_batch(batch)
                 device = next(iter(origin.values())).device
                 x, y = x.to(device), y.to(device)
                 n = len(x)

@@ -29,6 +29,7 @@ from vitscope.curvature.eigen import top_eigenvalues
 from vitscope.curvature.hvp import HessianOperator, LossFn, cross_entropy, l2_penalty, select_params
 from vitscope.distributed import Batches, all_gather_objects
 from vitscope.distributed import current as dist_current
+from vitscope.measures.evaluation import split_batch
 
 _logger = logging.getLogger(__name__)
 
@@ -189,7 +190,7 @@ def eigenvalue_spectrum(
     records = []  # (global batch index, batch size, {group: eigenvalues (k,)}, {group: converged (k,)}, n_hvp)
     for bi, batch in Batches(loader, max_batches, shard=shard, every_rank=False, desc="hessian",
                              progress=progress):  # under shard a rank may get no batch
-        x, y = batch[0].to(device), batch[1].to(device)
+        x, y = (t.to(device) for t in split_batch(batch))
         if transform is not None:
             x, y = transform(x, y)
         vals, convs, n_hvp_batch = {}, {}, 0

@@ -82,8 +82,6 @@ def eval_batches(
     rank 0 shows one. ``shard=True``: under torch.distributed this rank's share of the batches (rank r takes r,
     r + W, ...; a rank may get none), with their global indices.
     """
-    if max_batches is not None and max_batches < 1:
-        raise ValueError(f"max_batches must be a positive integer or None, got {max_batches}")
     for i, batch in Batches(loader, max_batches, shard=shard, every_rank=False, desc=desc, progress=progress):
         images, targets = prepare(*split_batch(batch), device)
         yield i, images, targets
