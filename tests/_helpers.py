@@ -193,3 +193,75 @@ def t_tail_bound(t: float, df: float) -> float:
                                      b * float(mp.log1p(-x))))
         rho = float(lg_err) + 7 * U * terms + 2 * U + 2e-15 + 26 * 500 * U + 2 * U
         return 0.5 * float(j * rho + 3 * U * x * density) + (0.5 * U if switch else 0.0)
+
+
+def ridge_trace_bound(x, sizes, feat_err=None) -> float:
+    """A bound on |tr(S) - tr(S')| for x (n, D) float64 rows: S is RidgeFit's centred scatter (batches of ``sizes``
+    centred on their own means, merged by Chan et al.'s update), S' a float64 two-pass sum of the squares of
+    x - mean(x) in any order. Each side: squares of differences 3 u relative, sums gamma_(n D); a mean's error
+    delta <= gamma_(n + 3k) max|x| enters a batch's own scatter only as n_b delta^2 (the centred rows sum to 0) but
+    each merge's w d d' to first order, 2 w |d| eps with eps <= 2 delta, and sum w |d| <= sqrt(n tr S) per feature
+    (Cauchy-Schwarz). ``feat_err`` (D,): a bound on how far either side's copy of a feature may be from the other's
+    (their x differ by <= e_j per entry: the trace moves by <= 4 sum_ij |xc_ij| e_j + 4 n sum_j e_j^2)."""
+    u = 2.0**-53
+    n, d = x.shape
+    k = len(sizes)
+    xc = x - x.mean(0)
+    tr = float((xc**2).sum())
+    delta = (n + 3 * k) * u * float(np.abs(x).max())
+    ours = (n + 3 * k + d + 6) * u * tr + 4 * delta * np.sqrt(n * d * tr) + n * d * delta**2
+    ref = (n * d + 4) * u * tr + n * d * (n * u * float(np.abs(x).max())) ** 2
+    err = 0.0
+    if feat_err is not None:
+        err = 4 * float((np.abs(xc) * feat_err).sum()) + 4 * n * float((feat_err**2).sum())
+    return ours + ref + err
+
+
+def hsic_magnitude(fx, fy) -> float:
+    """HSIC_1's formula on |X||X|^T and |Y||Y|^T with every term counted positive: the centred Grams' entries are
+    at most A_ij + (a_i + a_j) / (n - 2) + sum(A) / ((n - 1)(n - 2)) (a = row sums of A, zero diagonal), and this
+    sum of their products also dominates the trace, product-of-sums and 1^T K L 1 terms of the peer's form."""
+    n = len(fx)
+
+    def mag(f):
+        f = np.abs(np.asarray(f, dtype=np.float64).reshape(n, -1))
+        a = f @ f.T
+        np.fill_diagonal(a, 0.0)
+        r = a.sum(1)
+        return a + (r[:, None] + r[None, :]) / (n - 2) + a.sum() / ((n - 1) * (n - 2))
+
+    return float((mag(fx) * mag(fy)).sum()) / (n * (n - 3))
+
+
+def minibatch_cka_bound(batches_x, batches_y):
+    """(Lx, Ly): how far a float64 minibatch CKA (float64 Grams of the features as given, HSIC_1 summed over the
+    batches of n > 3, xy / sqrt(xx yy)), ours or ref_hsic1's term-by-term form, may be from the exact value of the
+    same features. Each batch's HSIC_1 is within gamma_m M of the exact one, M = hsic_magnitude: both Grams'
+    products of D terms (2 gamma_D, HSIC being bilinear), then sums of at most 3 n^2 terms and a few divisions;
+    summing the B batches adds gamma_B; m = 2 D + 3 n^2 + 16 + B covers it. CKA = xy / sqrt(xx yy) then moves by
+    |CKA| (e_xy / |xy| + e_xx / 2 xx + e_yy / 2 yy + 3 u). ``batches_*``: list over batches of list over layers of
+    (n, ...) float64 arrays or tensors."""
+    u = 2.0**-53
+    keep = [(bx, by) for bx, by in zip(batches_x, batches_y) if len(bx[0]) > 3]
+    flat = [([np.asarray(f, dtype=np.float64).reshape(len(f), -1) for f in bx],
+             [np.asarray(f, dtype=np.float64).reshape(len(f), -1) for f in by]) for bx, by in keep]
+    width = max(f.shape[1] for bx, by in flat for f in bx + by)
+    n_max = max(len(bx[0]) for bx, _ in flat)
+    m = 2 * width + 3 * n_max**2 + 16 + len(flat)
+    gam = m * u / (1 - m * u)
+    lx, ly = len(flat[0][0]), len(flat[0][1])
+    xy, xx, yy = np.zeros((lx, ly)), np.zeros(lx), np.zeros(ly)  # HSIC sums over the batches
+    exy, exx, eyy = np.zeros((lx, ly)), np.zeros(lx), np.zeros(ly)  # their error bounds
+    for bx, by in flat:
+        ks, ls = [f @ f.T for f in bx], [f @ f.T for f in by]
+        for i in range(lx):
+            xx[i] += ref_hsic1(ks[i], ks[i])
+            exx[i] += gam * hsic_magnitude(bx[i], bx[i])
+            for j in range(ly):
+                xy[i, j] += ref_hsic1(ks[i], ls[j])
+                exy[i, j] += gam * hsic_magnitude(bx[i], by[j])
+        for j in range(ly):
+            yy[j] += ref_hsic1(ls[j], ls[j])
+            eyy[j] += gam * hsic_magnitude(by[j], by[j])
+    ref = xy / np.sqrt(np.outer(xx, yy))
+    return np.abs(ref) * (exy / np.abs(xy) + (exx[:, None] / xx[:, None] + eyy[None, :] / yy[None, :]) / 2 + 3 * u)
