@@ -44,14 +44,32 @@ def test_gpu_check_tiny_on_cpu(gpu_check, tmp_path, capsys):
 
 
 def test_ratio_interval_and_goal_verdict(gpu_check):
+    from fractions import Fraction
+
+    import mpmath as mp
     from scipy import stats
 
     ratios = [1.02, 0.98, 1.04, 1.01, 0.99]
     got = gpu_check._ratio_interval(ratios)
-    logs = [math.log(r) for r in ratios]
-    lo, hi = stats.t.interval(0.95, len(logs) - 1, loc=sum(logs) / len(logs), scale=stats.sem(logs))
-    assert got["ratio_ci95"] == pytest.approx([math.exp(lo), math.exp(hi)], rel=1e-12)
-    assert got["ratio_geomean"] == pytest.approx(math.exp(sum(logs) / len(logs)), rel=1e-12)
+    logs = [math.log(r) for r in ratios]  # the same doubles as the script's
+    # reference to 40 digits from the exact rational mean and variance of those doubles; the t quantile is scipy's
+    # at the same probability on both sides (scipy's own accuracy is not what is tested here)
+    n, u = len(logs), 2.0**-53
+    mean_q = sum(Fraction(v) for v in logs) / n
+    var_q = sum((Fraction(v) - mean_q) ** 2 for v in logs) / (n - 1)
+    q = stats.t.ppf(0.5 + 0.95 / 2, n - 1)
+    with mp.workdps(40):
+        mean = mp.mpf(mean_q.numerator) / mean_q.denominator
+        half = mp.mpf(q) * mp.sqrt(mp.mpf(var_q.numerator) / var_q.denominator) / mp.sqrt(n)
+        want = [float(mp.exp(mean - half)), float(mp.exp(mean + half)), float(mp.exp(mean))]
+    # the script: fmean = fsum / n (2 u |mean|), stdev correctly rounded from the exact variance (u; 2 u taken for
+    # older Pythons), / sqrt(n) and * q (u/2 + 2 u): half within 5 u; exp within 1 ulp (2 u, glibc) of exp of its
+    # rounded argument (mean -+ half rounds once more), which moves it by expm1 of the argument's absolute error;
+    # the reference's own rounding u
+    mean_err, half_err = 2 * u * abs(float(mean)), 5 * u * float(half)
+    ends = mean_err + half_err + u * (abs(float(mean)) + float(half))
+    for value, ref, arg_err in zip([*got["ratio_ci95"], got["ratio_geomean"]], want, (ends, ends, mean_err)):
+        assert abs(value - ref) <= (math.expm1(arg_err) + 3 * u) * ref, (value, ref)
     assert gpu_check._goal_verdict(got["ratio_ci95"], 1.05) == "met"  # upper bound ~1.03
     assert gpu_check._goal_verdict([1.06, 1.10], 1.05) == "not met"
     assert gpu_check._goal_verdict([0.89, 1.14], 1.05) == "inconclusive"  # the first H200 run's spread
