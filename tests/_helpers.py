@@ -265,3 +265,60 @@ def minibatch_cka_bound(batches_x, batches_y):
             eyy[j] += gam * hsic_magnitude(by[j], by[j])
     ref = xy / np.sqrt(np.outer(xx, yy))
     return np.abs(ref) * (exy / np.abs(xy) + (exx[:, None] / xx[:, None] + eyy[None, :] / yy[None, :]) / 2 + 3 * u)
+
+
+def attention_sum_rtol(a) -> float:
+    """Library vs numpy loops: every measure here is a float64 mean of terms >= 0 (p log p, p times a distance,
+    prefix mass), each within 6 u of its exact value (log or hypot and its scalings, the product, a renormalising
+    division); the two add the M = B N^2 terms in different orders, each sum within (M - 1) u of the exact one, a
+    renormalised row's sum of N terms adds N u, the final division u: 2 (M + N + 6) u between them."""
+    B, _, N, _ = a.shape
+    return 2 * (B * N * N + N + 6) * 2.0**-53
+
+
+def ratio_bound(z):
+    """Float32 inputs are exact in float64, where both sides compute: each norm of D entries within (D + 1) 2^-53
+    (two per ratio and the division), then the means of the B N ratios > 0, within (B N) 2^-53 each side."""
+    B, D = z.shape[0], z[0].numel() if z.ndim == 4 else z.shape[-1]
+    N = 1 if z.ndim == 4 else z.shape[1]
+    return (2 * B * N + 2 * (D + 2) + 2) * 2.0**-53
+
+
+def variance_bound(x, ddof: int, batches: int = 1, prefix_squares: float = 0.0) -> float:
+    """Relative bound on |vitscope - numpy| for the mean over (example, channel) of the variance over positions.
+
+    vitscope's one pass T = Q - sum_bc s_bc^2 / S: Q (N = B C S squares >= 0, plus the prefix tokens' squares
+    P2 subtracted again when read in place) within (N + 2) u (Q + P2); each s_bc within gamma_S A_bc (A_bc =
+    sum|x|), so s^2 / S within (2 gamma_S A_bc |s_bc| + 2 u s_bc^2) / S; their sum of B C terms adds
+    gamma_BC sum s^2 / S. Over T this is the cancellation factor 1 + mean^2 / var. The divisions, the
+    subtraction and the batches' sum add (batches + 4) u. numpy's two passes: the mean within e_bc = gamma_S
+    A_bc / S + u |m|, moving sum d^2 only by S e^2 (sum d = 0), the deviations' squares and sum (S + 3) u, the
+    mean over B C (B C + 1) u."""
+    u = 2.0**-53
+    x = np.asarray(x, dtype=np.float64)
+    B, C = x.shape[:2]
+    xs = x.reshape(B, C, -1)
+    S = xs.shape[-1]
+    N = xs.size
+    Q = (xs**2).sum()
+    s = xs.sum(-1)
+    A = np.abs(xs).sum(-1)
+    T = Q - (s**2).sum() / S
+    err = (N + 2) * u * (Q + prefix_squares) + ((2 * S * u * A * np.abs(s) + 2 * u * s**2) / S).sum() \
+        + B * C * u * (s**2).sum() / S
+    d2 = ((xs - xs.mean(-1, keepdims=True)) ** 2).sum(-1)
+    e = u * A + u * np.abs(s / S)  # gamma_S A / S + u |m|
+    rel_np = (S + 3 + B * C + 1) * u + (S * e**2 / d2).max()
+    return err / T + (batches + 4) * u + rel_np
+
+
+def cal_atol(logits) -> float:
+    """Two float64 evaluations of a calibration number (vitscope vs the numpy reference, streamed vs one shot,
+    merged vs whole). Each is a mean over n examples of terms in [0, 2] (confidence, correctness, the squared error
+    of the probability vector, a bin's |sum of correctness - confidence|): a float64 sum of n such terms is within
+    gamma_n of 2n, i.e. 2 n u after the division by n; each term comes from a float64 softmax within (C + 4) u (C
+    exps, their sum, a division), and the NLL's log-softmax is within u |z|max more. So each side is within
+    (2n + C + 8 + |z|max) u of the exact value, and the two within twice that. (No confidence lies within a few u
+    of a bin edge other than 1.0, which both put in the last bin, so the bins hold the same examples.)"""
+    n, c = logits.shape
+    return 2 * (2 * n + c + 8 + float(logits.abs().max())) * 2.0**-53

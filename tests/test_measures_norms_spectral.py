@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from _helpers import ratio_bound, variance_bound
 from vitscope.measures import (
     FeatureVariance,
     FourierLogAmplitude,
@@ -37,21 +38,13 @@ def ref_ratio(z, fz, p):
     return out
 
 
-def _ratio_bound(z):
-    """Float32 inputs are exact in float64, where both sides compute: each norm of D entries within (D + 1) 2^-53
-    (two per ratio and the division), then the means of the B N ratios > 0, within (B N) 2^-53 each side."""
-    B, D = z.shape[0], z[0].numel() if z.ndim == 4 else z.shape[-1]
-    N = 1 if z.ndim == 4 else z.shape[1]
-    return (2 * B * N + 2 * (D + 2) + 2) * 2.0**-53
-
-
 @pytest.mark.parametrize("shape,p", [((5, 17, 6), 1), ((5, 16, 6), 0), ((4, 3, 5, 5), 0)])
 def test_ratio_of_norms_matches_numpy(shape, p):
     z, fz = rnd(*shape, seed=1) * 3, rnd(*shape, seed=2)
     out, ref = ratio_of_norms(z, fz, p), ref_ratio(z, fz, p)
     assert set(out) == set(ref)
     for k in ref:
-        assert float(out[k]) == pytest.approx(ref[k], rel=_ratio_bound(z), abs=0)
+        assert float(out[k]) == pytest.approx(ref[k], rel=ratio_bound(z), abs=0)
 
 
 def test_ratio_closed_form_and_streaming():
@@ -69,10 +62,10 @@ def test_ratio_closed_form_and_streaming():
         start += s
     tok, cnn = m.compute()
     ref_tok, ref_cnn = ref_ratio(z, fz, 1), ref_ratio(maps, fmaps, 0)
-    assert float(tok["cls"]) == pytest.approx(ref_tok["cls"], rel=_ratio_bound(z), abs=0)
-    assert float(tok["spatial"]) == pytest.approx(ref_tok["spatial"], rel=_ratio_bound(z), abs=0)
+    assert float(tok["cls"]) == pytest.approx(ref_tok["cls"], rel=ratio_bound(z), abs=0)
+    assert float(tok["spatial"]) == pytest.approx(ref_tok["spatial"], rel=ratio_bound(z), abs=0)
     assert set(cnn) == {"spatial"} and float(cnn["spatial"]) == pytest.approx(ref_cnn["spatial"],
-                                                                              rel=_ratio_bound(maps), abs=0)
+                                                                              rel=ratio_bound(maps), abs=0)
 
 
 def test_ratio_bad_inputs():
@@ -148,33 +141,6 @@ def _fourier_bound(x, batches: int = 1):
     return mean_err + mean_err[0] + U * np.abs(out - out[0])
 
 
-def _variance_bound(x, ddof: int, batches: int = 1, prefix_squares: float = 0.0) -> float:
-    """Relative bound on |vitscope - numpy| for the mean over (example, channel) of the variance over positions.
-
-    vitscope's one pass T = Q - sum_bc s_bc^2 / S: Q (N = B C S squares >= 0, plus the prefix tokens' squares
-    P2 subtracted again when read in place) within (N + 2) u (Q + P2); each s_bc within gamma_S A_bc (A_bc =
-    sum|x|), so s^2 / S within (2 gamma_S A_bc |s_bc| + 2 u s_bc^2) / S; their sum of B C terms adds
-    gamma_BC sum s^2 / S. Over T this is the cancellation factor 1 + mean^2 / var. The divisions, the
-    subtraction and the batches' sum add (batches + 4) u. numpy's two passes: the mean within e_bc = gamma_S
-    A_bc / S + u |m|, moving sum d^2 only by S e^2 (sum d = 0), the deviations' squares and sum (S + 3) u, the
-    mean over B C (B C + 1) u."""
-    x = np.asarray(x, dtype=np.float64)
-    B, C = x.shape[:2]
-    xs = x.reshape(B, C, -1)
-    S = xs.shape[-1]
-    N = xs.size
-    Q = (xs**2).sum()
-    s = xs.sum(-1)
-    A = np.abs(xs).sum(-1)
-    T = Q - (s**2).sum() / S
-    err = (N + 2) * U * (Q + prefix_squares) + ((2 * S * U * A * np.abs(s) + 2 * U * s**2) / S).sum() \
-        + B * C * U * (s**2).sum() / S
-    d2 = ((xs - xs.mean(-1, keepdims=True)) ** 2).sum(-1)
-    e = U * A + U * np.abs(s / S)  # gamma_S A / S + u |m|
-    rel_np = (S + 3 + B * C + 1) * U + (S * e**2 / d2).max()
-    return err / T + (batches + 4) * U + rel_np
-
-
 @pytest.mark.parametrize("size", [8, 7, 4, 5])
 def test_fourier_matches_hdvw_recipe(size):
     x = rnd(3, 4, size, size, seed=size)
@@ -216,7 +182,7 @@ def test_fourier_and_variance_streaming_with_tokens_and_layout():
         xs = np.asarray(x, dtype=np.float64).reshape(x.shape[0], x.shape[1], -1)
         for m, ddof in ((var, 1), (var_b, 0)):
             assert float(m.compute()[layer]) == pytest.approx(xs.var(axis=-1, ddof=ddof).mean(),
-                                                              rel=_variance_bound(x, ddof, 3), abs=0)
+                                                              rel=variance_bound(x, ddof, 3), abs=0)
     torch.testing.assert_close(var.compute()[1], feature_variance(maps).double())
 
 
@@ -285,13 +251,13 @@ def test_variance_one_pass_with_a_large_mean():
     8e-8 here; the error observed is ~3e-10 (sums' roundings do not all add up)."""
     maps = rnd(6, 4, 5, 5, seed=11).double() + 1000.0
     ref = maps.numpy().reshape(6, 4, -1).var(axis=-1, ddof=1).mean()
-    assert float(feature_variance(maps)) == pytest.approx(ref, rel=_variance_bound(maps, 1), abs=0)
+    assert float(feature_variance(maps)) == pytest.approx(ref, rel=variance_bound(maps, 1), abs=0)
     tokens = torch.cat([rnd(6, 1, 4, seed=12).double() * 50, maps.flatten(2).transpose(1, 2)], dim=1)  # (B, 26, C)
     m = FeatureVariance(grid=(5, 5), num_prefix_tokens=1)
     m.update(tokens[:2])
     m.update(tokens[2:], validate=False)
     p2 = float(tokens[:, :1].square().sum())
-    assert float(m.compute()) == pytest.approx(ref, rel=_variance_bound(maps, 1, 2, p2), abs=0)
+    assert float(m.compute()) == pytest.approx(ref, rel=variance_bound(maps, 1, 2, p2), abs=0)
 
 
 @pytest.mark.parametrize("hw", [(6, 6), (5, 7)])
@@ -305,13 +271,13 @@ def test_channels_last_maps_read_in_memory_order(hw):
     bound = _fourier_bound(x)
     assert (np.abs(fourier_log_amplitude(cl).numpy() - ref_fourier_loops(x)) <= bound).all()
     ref_var = np.asarray(x, dtype=np.float64).reshape(3, 4, -1).var(-1, ddof=1).mean()
-    assert float(feature_variance(cl)) == pytest.approx(ref_var, rel=_variance_bound(x, 1), abs=0)
+    assert float(feature_variance(cl)) == pytest.approx(ref_var, rel=variance_bound(x, 1), abs=0)
     streamed = FourierLogAmplitude()
     streamed.update(cl)
     assert (np.abs(streamed.compute().numpy() - ref_fourier_loops(x)) <= bound).all()
     f = rnd(3, 4, *hw, seed=8).contiguous(memory_format=torch.channels_last)
     assert float(ratio_of_norms(cl, f)["spatial"]) == pytest.approx(ref_ratio(x, f, 0)["spatial"],
-                                                                     rel=_ratio_bound(x), abs=0)
+                                                                     rel=ratio_bound(x), abs=0)
     from vitscope.measures.cka import linear_gram
     from vitscope.probing._checks import _not_finite
 
