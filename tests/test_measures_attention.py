@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from _helpers import attention_sum_rtol
 from vitscope.measures import (
     AttentionDistance,
     AttentionEntropy,
@@ -29,16 +30,6 @@ def random_attention(B, H, N, seed=0, sharp=3.0):
     return logits.softmax(-1).double()
 
 
-def sum_rtol(a) -> float:
-    """Library vs numpy loops: every measure here is a float64 mean of terms >= 0 (p log p, p times a distance,
-    prefix mass), each within 6 u of its exact value (log or hypot and its scalings, the product, a renormalising
-    division); the two add the M = B N^2 terms in different orders, each sum within (M - 1) u of the exact one, a
-    renormalised row's sum of N terms adds N u, the final division u: 2 (M + N + 6) u between them."""
-    B, _, N, _ = a.shape
-    return 2 * (B * N * N + N + 6) * 2.0**-53
-
-
-# ----------------------------------------------------------------------------- numpy loop references
 def ref_entropy(a):
     a = np.asarray(a)
     B, H, N, _ = a.shape
@@ -127,14 +118,15 @@ def ref_prefix_mass(a, p):
 def test_functions_match_numpy(hw, p):
     N = hw[0] * hw[1] + p
     a = random_attention(4, 3, N, seed=N)
-    np.testing.assert_allclose(attention_entropy(a).numpy(), ref_entropy(a), rtol=sum_rtol(a))
+    np.testing.assert_allclose(attention_entropy(a).numpy(), ref_entropy(a), rtol=attention_sum_rtol(a))
     for renorm in (False, True):
         np.testing.assert_allclose(
             attention_distance(a, hw, 8, p, renormalize=renorm).numpy(), ref_distance(a, hw, 8, p, renorm),
-            rtol=sum_rtol(a))
+            rtol=attention_sum_rtol(a))
         np.testing.assert_allclose(
-            relative_distance(a, hw, p, renormalize=renorm).numpy(), ref_relative(a, hw, p, renorm), rtol=sum_rtol(a))
-    np.testing.assert_allclose(nonlocality(a, hw, p).numpy(), ref_nonlocality(a, hw, p), rtol=sum_rtol(a))
+            relative_distance(a, hw, p, renormalize=renorm).numpy(), ref_relative(a, hw, p, renorm),
+            rtol=attention_sum_rtol(a))
+    np.testing.assert_allclose(nonlocality(a, hw, p).numpy(), ref_nonlocality(a, hw, p), rtol=attention_sum_rtol(a))
 
 
 def test_float32_input_close_to_float64():
@@ -150,15 +142,21 @@ def test_float32_input_close_to_float64():
 
 
 def test_closed_forms():
-    N = 17
-    uniform = torch.full((2, 3, N, N), 1.0 / N)
-    torch.testing.assert_close(attention_entropy(uniform), torch.full((3,), math.log(N), dtype=torch.float64))
+    N, B, u = 17, 2, 2.0**-53
+    uniform = torch.full((B, 3, N, N), 1.0 / N, dtype=torch.float64)
+    # float64: 1/N rounded moves H by <= u (H + 1) (test_float32_input_close_to_float64's argument), each row's N
+    # terms A ln A (3 u each) and their sum (N + 2) u H, the mean over B N rows B N u H, the reference's log u H
+    H = math.log(N)
+    torch.testing.assert_close(attention_entropy(uniform), torch.full((3,), H, dtype=torch.float64), rtol=0,
+                               atol=(N + 2 + B * N + 1) * u * H + u * (H + 1))
+    # one-hot rows: 1 ln 1 = 0 ln 0 = 0 and every weight off the query sits at distance 0 or is 0: exact zeros
     eye = torch.eye(N).expand(2, 3, N, N)
-    torch.testing.assert_close(attention_entropy(eye), torch.zeros(3, dtype=torch.float64))
-    torch.testing.assert_close(attention_distance(eye, (4, 4), 16), torch.zeros(3, dtype=torch.float64))
-    torch.testing.assert_close(nonlocality(eye[..., 1:, 1:], 4), torch.zeros(3, dtype=torch.float64))
+    zeros = torch.zeros(3, dtype=torch.float64)
+    torch.testing.assert_close(attention_entropy(eye), zeros, rtol=0, atol=0)
+    torch.testing.assert_close(attention_distance(eye, (4, 4), 16), zeros, rtol=0, atol=0)
+    torch.testing.assert_close(nonlocality(eye[..., 1:, 1:], 4), zeros, rtol=0, atol=0)
     # identity attention: nothing left after removing self -> 0 interaction
-    torch.testing.assert_close(relative_distance(eye, 4), torch.zeros(3, dtype=torch.float64))
+    torch.testing.assert_close(relative_distance(eye, 4), zeros, rtol=0, atol=0)
     # a 1 x 2 grid where each token attends only to the other: distance 1 patch = patch_size pixels
     swap = torch.tensor([[0.0, 1.0], [1.0, 0.0]]).expand(1, 1, 2, 2)
     assert float(attention_distance(swap, (1, 2), 16, num_prefix_tokens=0)) == 16.0
@@ -167,7 +165,9 @@ def test_closed_forms():
     a = torch.zeros(1, 1, 9, 9)
     a[0, 0, 0, 8] = a[0, 0, 8, 0] = 1.0
     a[0, 0, [1, 2, 3, 4, 5, 6, 7], [1, 2, 3, 4, 5, 6, 7]] = 1.0
-    assert float(relative_distance(a, 3, 0, renormalize=False)) == pytest.approx(2 * math.sqrt(2) / 9)
+    # cdist's sqrt(1 + 1) within u, two equal terms added exactly, the division by 9 u; the reference's 2 u
+    assert float(relative_distance(a, 3, 0, renormalize=False)) == pytest.approx(2 * math.sqrt(2) / 9,
+                                                                                 rel=4 * 2.0**-53, abs=0)
 
 
 def test_nonlocality_matches_timm_gpsa():
@@ -176,12 +176,16 @@ def test_nonlocality_matches_timm_gpsa():
     torch.manual_seed(0)
     gpsa = tc.GPSA(dim=16, num_heads=4, locality_strength=1.0)
     gpsa.local_init()
-    x = torch.randn(5, 36, 16)
-    gpsa.rel_indices = gpsa.get_rel_indices(36)
+    gpsa.double()  # timm's code in float64, so the check is of the formula, not of float32 sums (tested above)
+    B, S = 5, 36
+    x = torch.randn(B, S, 16, dtype=torch.float64)
+    gpsa.rel_indices = gpsa.get_rel_indices(S)  # (1, S, S, 3) in the module's float64: exact integer offsets
     with torch.no_grad():
         ref = gpsa.get_attention_map(x)  # timm's (official) ConViT nonlocality, batch-averaged map
-        attn = gpsa.get_attention(x)
-    torch.testing.assert_close(nonlocality(attn, (6, 6)).float(), ref, atol=1e-5, rtol=1e-5)
+        attn = gpsa.get_attention(x)  # the same maps (the same call inside get_attention_map)
+    # terms >= 0 on both sides: timm's batch mean (B u), sqrt (u), products (u), einsum over S^2 (S^2 - 1) u,
+    # / S (u); ours the batch sum, cdist, products, the sum over S^2, / S, / B: 2 (S^2 + B + 3) u relative
+    torch.testing.assert_close(nonlocality(attn, (6, 6)), ref, rtol=2 * (S * S + B + 3) * 2.0**-53, atol=0)
 
 
 def split(x, sizes):
@@ -205,7 +209,7 @@ def test_streaming_unequal_batches_lists_and_layout():
             m.update([b1, b2], layout=layout)
     ent, dist, nl, rel, dist_r = (m.compute() for m in measures)
     for layer, (a, hw, p, ps) in enumerate([(a1, (4, 4), 1, 8), (a2, (3, 3), 0, 4)]):
-        tol = sum_rtol(a)
+        tol = attention_sum_rtol(a)
         np.testing.assert_allclose(ent[layer].numpy(), ref_entropy(a), rtol=tol)
         np.testing.assert_allclose(dist[layer].numpy(), ref_distance(a, hw, ps, p, False), rtol=tol)
         np.testing.assert_allclose(dist_r[layer].numpy(), ref_distance(a, hw, ps, p, True), rtol=tol)
@@ -224,8 +228,9 @@ def test_streaming_merge_state_dict_and_sync_single_rank(tmp_path):
     left.update(a[:2])
     right.update(a[2:])
     merged = AttentionDistance(grid=4, patch_size=16).merge(left).merge(right.state_dict())
-    torch.testing.assert_close(merged.compute(), whole.compute())
-    torch.testing.assert_close(merged.compute(), attention_distance(a, 4, 16))
+    # the same float64 terms summed in another order (2 + 5 vs 7 maps): inside attention_sum_rtol
+    torch.testing.assert_close(merged.compute(), whole.compute(), rtol=attention_sum_rtol(a), atol=0)
+    torch.testing.assert_close(merged.compute(), attention_distance(a, 4, 16), rtol=attention_sum_rtol(a), atol=0)
     with pytest.raises(ValueError, match="same arguments"):
         merged.merge(AttentionDistance(grid=4, patch_size=8))
     merged.reset()
@@ -234,8 +239,8 @@ def test_streaming_merge_state_dict_and_sync_single_rank(tmp_path):
     assert left.sync() is left  # not initialized: no-op
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
     try:
-        left.sync()
-        torch.testing.assert_close(left.compute(), attention_distance(a[:2], 4, 16))
+        left.sync()  # one rank: the all-reduce returns its own sums; the function runs the same update and mean
+        torch.testing.assert_close(left.compute(), attention_distance(a[:2], 4, 16), rtol=0, atol=0)
         with pytest.raises(RuntimeError, match="twice"):
             left.sync()
     finally:
@@ -290,16 +295,24 @@ def test_distance_default_is_the_literatures_and_class_token_mass_beside_it():
     ViT paper's Fig. 7); with a mass c on the class token in every row the distance is (1 - c) times the
     renormalized one (36% -> the renormalized number is 1 / 0.64 = 1.56 times it)."""
     a = random_attention(3, 2, 17, seed=7)
-    torch.testing.assert_close(attention_distance(a, 4, 16), attention_distance(a, 4, 16, renormalize=False))
-    np.testing.assert_allclose(class_token_mass(a).numpy(), ref_prefix_mass(a, 1), rtol=sum_rtol(a))
-    np.testing.assert_allclose(class_token_mass(a, 2).numpy(), ref_prefix_mass(a, 2), rtol=sum_rtol(a))
+    torch.testing.assert_close(attention_distance(a, 4, 16), attention_distance(a, 4, 16, renormalize=False), rtol=0,
+                               atol=0)  # the default: the same call
+    np.testing.assert_allclose(class_token_mass(a).numpy(), ref_prefix_mass(a, 1), rtol=attention_sum_rtol(a))
+    np.testing.assert_allclose(class_token_mass(a, 2).numpy(), ref_prefix_mass(a, 2), rtol=attention_sum_rtol(a))
     spatial = random_attention(3, 2, 16, seed=8)  # (B, H, 16, 16) rows summing to 1
     c = 0.36
     mixed = torch.zeros(3, 2, 17, 17, dtype=torch.float64)
     mixed[..., 1:, 0] = c
     mixed[..., 1:, 1:] = (1 - c) * spatial
     mixed[..., 0, :] = 1.0 / 17
-    torch.testing.assert_close(class_token_mass(mixed), torch.full((2,), c, dtype=torch.float64))
-    torch.testing.assert_close(attention_distance(mixed, 4, 16), (1 - c) * attention_distance(spatial, 4, 16, 0))
+    tol = attention_sum_rtol(mixed)  # means of terms >= 0 (the mass c, A d), either side
+    torch.testing.assert_close(class_token_mass(mixed), torch.full((2,), c, dtype=torch.float64), rtol=tol, atol=0)
+    # (1 - c) A rounds each entry u; the reference's product with (1 - c) u
+    torch.testing.assert_close(attention_distance(mixed, 4, 16), (1 - c) * attention_distance(spatial, 4, 16, 0),
+                               rtol=tol + 2 * 2.0**-53, atol=0)
+    # renormalised rows are A / sum(A): spatial's float32 softmax rows sum to 1 only within their own rounding, so
+    # the two differ by up to max |1 / s - 1| (s the rows' float64 sums, within N u of exact) and the division's u
+    s = spatial.sum(-1)  # (B, H, 16)
+    dev = float((1 / s - 1).abs().max()) + 16 * 2.0**-53
     torch.testing.assert_close(attention_distance(mixed, 4, 16, renormalize=True),
-                               attention_distance(spatial, 4, 16, 0))
+                               attention_distance(spatial, 4, 16, 0), rtol=tol + dev + 2 * 2.0**-53, atol=0)
