@@ -322,3 +322,36 @@ def cal_atol(logits) -> float:
     of a bin edge other than 1.0, which both put in the last bin, so the bins hold the same examples.)"""
     n, c = logits.shape
     return 2 * (2 * n + c + 8 + float(logits.abs().max())) * 2.0**-53
+
+
+def fourier_bound(x, batches: int = 1):
+    """(F,) bound on |vitscope - numpy reference| for the relative log amplitude of maps ``x`` (B, C, h, w).
+
+    Each coefficient c = sum_s x_s w_s at (k, k), on either side: vitscope's float64 DFT matmul and the loop
+    reference are S-term dot products with twiddles w_s within tau u of exact (a phase below 2 pi (h + w) from
+    three roundings, then cos/sin: tau = 6 pi (h + w) + 2), so within (S + tau) u sum|x| <= (S + tau) u
+    sqrt(S) ||x||_2; numpy's FFT2 is within 11 log2(S) u sqrt(S) ||x||_2 of it (Higham, Accuracy and Stability,
+    Thm 24.2: log2 n eta ||y||_2, eta = mu + gamma_4 (sqrt 2 + mu) <= 11 u, taken for pocketfft's mixed radices,
+    ||y||_2 = sqrt(S) ||x||_2 by Parseval). delta = the sum of both covers either reference; hypot of two parts
+    within delta each moves |c| by <= 2 delta + u |c|. log(|c| + 1e-6) then moves by that over |c| - 4 delta +
+    1e-6 (the cancellation factor sum|x| / |c|) plus 2 u |L| of its own roundings, on each side. The means of
+    B C logs of either sign in another order add 2 gamma_(B C + batches) mean|L| and the quotient u; the
+    difference to frequency 0 adds entry 0's error and u |out|."""
+    import math
+
+    U = 2.0**-53
+    x = np.asarray(x, dtype=np.float64)
+    B, C, h, w = x.shape
+    S = h * w
+    F = min(h - h // 2, w - w // 2)
+    k = np.arange(F)
+    c = np.abs(np.fft.fft2(x))[..., k, k]  # (B, C, F)
+    tau = 6 * math.pi * (h + w) + 2
+    delta = (S + tau + 11 * math.ceil(math.log2(max(S, 2)))) * U * math.sqrt(S) * np.linalg.norm(
+        x.reshape(B, C, -1), axis=-1)[..., None]  # (B, C, 1)
+    assert (c - 4 * delta > -1e-6).all(), "a coefficient too close to 0 for this bound"
+    L = np.log(c + 1e-6)
+    per = (4 * delta + 2 * U * c) / (c - 4 * delta + 1e-6) + 4 * U * (np.abs(L) + 1)  # both sides
+    mean_err = per.mean((0, 1)) + 2 * (B * C + batches + 2) * U * np.abs(L).mean((0, 1))  # (F,)
+    out = L.mean((0, 1))
+    return mean_err + mean_err[0] + U * np.abs(out - out[0])
