@@ -7,7 +7,8 @@ the capture leaves the output unchanged;
 timm's own ``AttentionExtract`` (hooks on ``*attn_drop`` with fused attention off); ``vitscope.probe`` with the
 default measures and ``vitscope.attention_maps`` run. Writes one JSON line per module to stdout.
 
-    PYTHONPATH=src python docs/sweep_timm_families.py > sweep.jsonl   # ~15 min on 2 cores
+    PYTHONPATH=src python docs/sweep_timm_families.py --smallest docs/timm_smallest_models.json > sweep.jsonl
+    python docs/sweep_timm_families.py --table sweep.jsonl   # the table of docs/models.md
 """
 from __future__ import annotations
 
@@ -109,6 +110,22 @@ def check(module: str, name: str, n_params: int) -> dict:
     return row
 
 
+def table(rows: list[dict]) -> str:
+    """The markdown table of docs/models.md from the sweep's JSON lines."""
+    out = ["| module | smallest model | px | blocks (families) | split sub-layers | attention kinds (maps = timm's) "
+           "| probe / query maps |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            out.append(f"| {r['module']} | {r['model']} | | | | | {r['error']} |")
+            continue
+        kinds = ", ".join(f"{k} {v}" for k, v in sorted(r["attention_kinds"].items())) or "none"
+        same = "=" if r["attention_equal"] else "!="
+        probe = "probe ok" + (f", maps {r['attention_maps']}" if "attention_maps" in r else "")
+        out.append(f"| {r['module']} | {r['model']} | {r['input'][-1]} | {r['blocks']} ({'+'.join(r['families'])}) "
+                   f"| {r['residual_records']} | {kinds} ({r['timm_attention_maps']} {same} timm) | {probe} |")
+    return "\n".join(out)
+
+
 class _Timeout(Exception):
     pass
 
@@ -116,10 +133,15 @@ class _Timeout(Exception):
 def main() -> None:
     """``python docs/sweep_timm_families.py [--smallest docs/timm_smallest_models.json] [MODULE ...]``:
     FILE caches the smallest model
-    of each module (``{module: [name, params]}``; found by instantiating every model on the meta device, ~6 min)."""
+    of each module (``{module: [name, params]}``; found by instantiating every model on the meta device, ~6 min).
+    ``python docs/sweep_timm_families.py --table sweep.jsonl`` prints the table of docs/models.md."""
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
     args = sys.argv[1:]
+    if args[:1] == ["--table"]:
+        with open(args[1]) as f:
+            print(table([json.loads(line) for line in f if line.strip()]))
+        return
     cache = {}
     if args[:1] == ["--smallest"]:
         with open(args[1]) as f:
