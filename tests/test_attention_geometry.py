@@ -16,6 +16,17 @@ import vitscope
 from vitscope import measures as M
 
 TINY = dict(embed_dims=(8, 16, 24, 32), depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1))
+U32, U64 = 2.0**-24, 2.0**-53  # unit roundoff of float32 and float64
+
+
+def _rtol(a) -> float:
+    """Library vs numpy on float32 maps a (B', H, Nq, Nk), every term >= 0. The library sums the B' maps in float32
+    (B' - 1 roundings a entry, the measures' documented design), then weights them in float64; numpy weights the
+    float32 values exactly in float64. Positions are small multiples of 1/2 cell or pixel, so cdist's squares,
+    sums and products are exact and sqrt correctly rounded on both sides; the pixel scale and the products add u,
+    the sums over Nq Nk terms and the B' Nq means (Nq Nk + B' Nq + 6) u64 a side."""
+    b, _, nq, nk = a.shape
+    return (b - 1) * U32 + 2 * (nq * nk + b * nq + 6) * U64
 
 
 def _centres(n: int, px: float) -> np.ndarray:  # pixel centres of n cells of px pixels
@@ -68,10 +79,10 @@ def test_pooled_key_distance_equals_numpy_from_pixel_positions(name, kwargs):
         info, a = cap.attention_layout[i], cap.attentions[i].double().numpy()
         q, k = _pooled_positions(model, info, side)
         want = _numpy_distance(a, q, k)
-        # float32 maps, float64 positions: the batch sum of A runs in float32 (relative 1e-7, measures docstring)
-        np.testing.assert_allclose(got.numpy(), want, rtol=1e-6)
+        np.testing.assert_allclose(got.numpy(), want, rtol=_rtol(a), atol=0)
         px = side / info.grid[0]  # nonlocality: the distance of the batch-mean map in cells (patch units)
-        np.testing.assert_allclose(got_nl.numpy(), _numpy_distance(a.mean(0, keepdims=True), q, k) / px, rtol=1e-6)
+        np.testing.assert_allclose(got_nl.numpy(), _numpy_distance(a.mean(0, keepdims=True), q, k) / px,
+                                   rtol=_rtol(a) + 2 * U64, atol=0)
 
 
 def test_maxvit_block_and_grid_windows_distance_equals_numpy_from_timm_partitions():
@@ -94,10 +105,11 @@ def test_maxvit_block_and_grid_windows_distance_equals_numpy_from_timm_partition
         centres = torch.from_numpy(_grid_points(_centres(H, px), _centres(W, px))).view(1, H, W, 2)
         fn = maxxvit.window_partition if part.partition_block else maxxvit.grid_partition
         pos = fn(centres, g).reshape(windows, g[0] * g[1], 2).numpy()  # (windows, tokens, 2) pixel centres
+        rtol = _rtol(a)
         a = a.double().numpy().reshape(B, windows, *a.shape[1:])  # (B, windows, heads, n, n)
         d = np.sqrt(((pos[:, :, None] - pos[:, None, :]) ** 2).sum(-1))  # (windows, n, n)
         want = (a * d[None, :, None]).sum(-1).mean(axis=(0, 1, 3))  # (heads,)
-        np.testing.assert_allclose(got.numpy(), want, rtol=1e-6)
+        np.testing.assert_allclose(got.numpy(), want, rtol=rtol, atol=0)
         checked["block" if part.partition_block else "grid"] += 1
     assert checked["block"] >= 2 and checked["grid"] >= 2
 
@@ -121,7 +133,7 @@ def test_mobilevit_unfolded_attention_distance_equals_numpy():
         pos = np.array([[(i * p + u + 0.5) * px, (j * p + v + 0.5) * px] for i in range(n) for j in range(n)
                         for u in [0] for v in [0]])  # one sequence's tokens; the (u, v) offset cancels
         want = _numpy_distance(a.double().numpy(), pos, pos)
-        np.testing.assert_allclose(got.numpy(), want, rtol=1e-6)
+        np.testing.assert_allclose(got.numpy(), want, rtol=_rtol(a), atol=0)
 
 
 def test_pit_token_grids_distance_equals_numpy_from_conv_receptive_centres():
@@ -150,7 +162,7 @@ def test_pit_token_grids_distance_equals_numpy_from_conv_receptive_centres():
         pos = _grid_points(c, c)
         p = info.num_prefix_tokens
         want = _numpy_distance(a.double().numpy()[:, :, p:, p:], pos, pos)  # class token dropped, no renormalizing
-        np.testing.assert_allclose(got.numpy(), want, rtol=1e-6)
+        np.testing.assert_allclose(got.numpy(), want, rtol=_rtol(a[:, :, p:, p:]), atol=0)
 
 
 def test_hiera_tokens_claim_no_grid_and_spatial_measures_name_them():
