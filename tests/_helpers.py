@@ -1,25 +1,78 @@
 """Helpers shared by several test modules."""
 from __future__ import annotations
 
+import builtins
+import re
+from collections.abc import Callable, Mapping
+
 import numpy as np
-import pytest
 
 
-def assert_close_tree(a, b, path: str = "") -> None:
-    """Nested dicts/lists/tuples equal, floats to rel 1e-6 (abs 1e-9), everything else exactly; ``path``
-    names the first difference."""
+def assert_close_tree(a, b, path: str = "", *, rel: float = 0.0, abs: float = 0.0,
+                      bounds: Mapping[str, Callable[[float], float]] | None = None) -> None:
+    """Nested dicts/lists/tuples equal: everything but floats exactly; a float leaf ``b`` within ``abs + rel |a|``
+    of ``a`` (default 0: bit for bit, for results of the same computation), or, when a regular expression of
+    ``bounds`` matches its path (``re.search``, the first that does), within ``bounds[pattern](a)``: the derived
+    bound its caller states. ``path`` names the first difference."""
     if isinstance(a, dict):
         assert a.keys() == b.keys(), path
         for k in a:
-            assert_close_tree(a[k], b[k], f"{path}.{k}")
+            assert_close_tree(a[k], b[k], f"{path}.{k}", rel=rel, abs=abs, bounds=bounds)
     elif isinstance(a, (list, tuple)):
         assert len(a) == len(b), path
         for i, (x, y) in enumerate(zip(a, b)):
-            assert_close_tree(x, y, f"{path}[{i}]")
-    elif isinstance(a, float):
-        assert b == pytest.approx(a, rel=1e-6, abs=1e-9), path
+            assert_close_tree(x, y, f"{path}[{i}]", rel=rel, abs=abs, bounds=bounds)
+    elif isinstance(a, float) and isinstance(b, float):
+        allowed = next((fn(a) for pattern, fn in (bounds or {}).items() if re.search(pattern, path)),
+                       abs + rel * builtins.abs(a))
+        assert a == b if allowed == 0 else builtins.abs(a - b) <= allowed, (path, a, b, allowed)
     else:
         assert a == b, path
+
+
+def merged_sum_bounds(n_batches: int, heads: int = 1, log_amplitude: float | None = None, n_bins: int = 10
+                      ) -> dict[str, Callable[[float], float]]:
+    """``assert_close_tree`` bounds for a probe's or a robustness suite's result on several ranks against one
+    process on the same batches. Each batch's float64 contribution to a measure's state sums is the same bits on
+    either side (the whole batch on one rank, the same kernels); the sums add them in another order (a rank's
+    batches, then the all-reduce; or all in turn): each within (B - 1) u sum_b |terms| of the exact sum, so
+    s = 2 (B - 1) u apart. Per leaf (u = 2^-53):
+
+    - means of terms >= 0 over an exact count (attention entropy and distance per head, class-token mass, ratio of
+      norms, feature variance, calibration's NLL, Brier and per-bin confidence): (s + 2 u) |a| (each side's
+      division); a per-layer ``value`` averages the ``heads`` heads in Python: 2 heads u more;
+    - minibatch CKA, XY / sqrt(XX YY) of HSIC sums: XX, YY sum terms >= 0, and |XY_b| <= sqrt(XX_b YY_b) per
+      batch so sum_b |XY_b| <= sqrt(XX YY) (Cauchy-Schwarz twice, to first order): s (1 + |c|) + 5 u |c| (the
+      product, sqrt and division on each side);
+    - the Fourier curve, mean_k - mean_0 of sums of log amplitudes of either sign, each |log| <= ``log_amplitude``
+      (the caller's bound): 2 (s + 2 u) L + 2 u |a|;
+    - calibration: the mean confidence sums ``n_bins`` merged bin sums (2 n_bins u more); ECE and signed ECE weigh
+      per-bin gaps whose confidence moves by (s + 2 u) conf_b <= s + 2 u (the accuracies are exact counts), and
+      sum n_bins terms with 2 roundings each on either side: (s + 2 u) + 2 (n_bins + 2) u |ECE| (|signed ECE|:
+      ECE <= 1 in its place); MCE (s + 2 u) + 2 u.
+
+    Everything else (hit counts / n, bin counts, adaptive ECE of the same sorted confidences, eigenvalues) is
+    exact and not listed."""
+    u = 2.0**-53
+    s = 2 * (n_batches - 1) * u
+    mean = s + 2 * u
+    bounds: dict[str, Callable[[float], float]] = {
+        r"attention_(entropy|distance)\.rows\[\d+\]\.(heads|class_token_mass_heads)\[\d+\]$": lambda a: mean * abs(a),
+        r"attention_(entropy|distance)\.rows\[\d+\]\.(value|class_token_mass)$":
+            lambda a: (mean + 2 * heads * u) * abs(a),
+        r"ratio_of_norms\.rows\[\d+\]\.(spatial|cls)$": lambda a: mean * abs(a),
+        r"feature_variance\.rows\[\d+\]\.value$": lambda a: mean * abs(a),
+        r"cka\.(matrix\[\d+\]\[\d+\]|rows\[\d+\]\.value)$": lambda a: s * (1 + abs(a)) + 5 * u * abs(a),
+        r"calibration\.(nll|brier|reliability\[\d+\]\.confidence)$": lambda a: mean * abs(a),
+        r"calibration\.mean_confidence$": lambda a: (mean + 2 * n_bins * u) * abs(a),
+        r"calibration\.ece$": lambda a: mean + 2 * (n_bins + 2) * u * abs(a),
+        r"calibration\.signed_ece$": lambda a: mean + 2 * (n_bins + 2) * u,
+        r"calibration\.mce$": lambda a: mean + 2 * u,
+    }
+    if log_amplitude is not None:
+        bounds[r"fourier\.rows\[\d+\]\.(curve\[\d+\]|value)$"] = \
+            lambda a: 2 * mean * log_amplitude + 2 * u * abs(a)
+    return bounds
 
 
 HUB_COMMIT = "0123456789abcdef0123456789abcdef01234567"

@@ -7,6 +7,7 @@ takes 1, 3 (16), so the shares are unequal and the short batch sits on one rank 
 """
 from __future__ import annotations
 
+import math
 import os
 import pickle
 
@@ -18,7 +19,7 @@ import torch.multiprocessing as mp
 from torch.utils.data import DataLoader, TensorDataset
 
 import vitscope
-from _helpers import assert_close_tree
+from _helpers import assert_close_tree, merged_sum_bounds
 from vitscope.curvature import eigenvalue_spectrum, loss_landscape
 from vitscope.distributed import Batches, DistInfo, shard_batches
 from vitscope.robustness import evaluate_cifar_c, evaluate_robustness
@@ -60,6 +61,20 @@ def _analyses(path):
     return probe, spec, rob, one_batch, cifar_c, land
 
 
+def _log_amplitude_bound() -> float:
+    """A bound L on |log(|DFT coefficient| + 1e-6)| over the probe's maps: at least log(1e-6), at most
+    log(S max|x| + 1e-6) (a coefficient is at most the sum of the S = N tokens' |x|), from every stream the probe
+    can map (all sub-layers' inputs and outputs on all N examples)."""
+    model = _model()
+    x = torch.cat([b[0] for b in _loader()])
+    with torch.no_grad(), vitscope.capture(model) as cap:
+        model(x)
+    streams = [t for pair in cap.residuals for t in pair]  # (B, N, D) each
+    top = max(float(t.abs().max()) for t in streams)
+    tokens = max(t.shape[1] for t in streams)
+    return max(-math.log(1e-6), math.log(tokens * top + 1e-6))
+
+
 def _nan_on_rank_1():
     """Only global batch 1 (rank 1's) has NaN inputs: both ranks must raise, neither may hang."""
     g = torch.Generator().manual_seed(1)
@@ -98,10 +113,12 @@ def test_two_ranks_equal_one_process(tmp_path):
         torch.set_num_threads(threads)
     assert "non-finite loss" in outs[1][-1] and "batch 1" in outs[1][-1]  # the rank that met it
     assert "another process met a non-finite loss" in outs[0][-1]
+    heads = max(len(r["heads"]) for r in probe.to_dict()["attention_entropy"]["rows"])
+    probe_bounds = merged_sum_bounds(5, heads, log_amplitude=_log_amplitude_bound())
     for probe_d, meta, spec_d, rob_d, one_batch_d, cifar_c_d, land_d, _ in outs:  # every rank: the merged result
         assert meta["world_size"] == 2 and meta["examples_per_rank"] == [21, 16] and meta["examples"] == N
         assert probe.meta["world_size"] == 1 and probe.meta["examples_per_rank"] == [N]
-        assert_close_tree(probe.to_dict(), probe_d, "probe")
+        assert_close_tree(probe.to_dict(), probe_d, "probe", bounds=probe_bounds)
         assert meta["accuracy"] == probe.meta["accuracy"]  # hit counts / N: exact
         # each batch's float64 NLL sum is the same bits (the same batch, one thread); the 5 sums (>= 0) added in
         # another order ((b0 + b2 + b4) + (b1 + b3) vs left to right), each within 4 u of the exact sum, then the
@@ -117,15 +134,21 @@ def test_two_ranks_equal_one_process(tmp_path):
             # batch order kept: row i is global batch i, computed whole on one rank with its own seed and one
             # thread as here: the same operations, equal bit for bit
             assert spec_d["groups"][g]["eigenvalues"] == one["groups"][g]["eigenvalues"]
+            # the same numpy operations on the same eigenvalues: the density equal bit for bit
             assert_close_tree(one["groups"][g]["density"], spec_d["groups"][g]["density"])
 
         assert rob_d["world_size"] == 2 and rob_d["examples_per_rank"] == [21, 16] and rob_d["n"] == N
+        # calibration's sums over the 5 batches in another order (merged_sum_bounds); the attacks' accuracies are
+        # hit counts / n: exact
         assert_close_tree({k: v for k, v in rob.items() if k not in ("world_size", "examples_per_rank")},
-               {k: v for k, v in rob_d.items() if k not in ("world_size", "examples_per_rank")}, "robustness")
+                          {k: v for k, v in rob_d.items() if k not in ("world_size", "examples_per_rank")},
+                          "robustness", bounds=merged_sum_bounds(5))
         assert one_batch_d["examples_per_rank"] == [8, 0] and one_batch_d["n"] == one_batch["n"] == 8
+        # one batch on rank 0, zero sums on rank 1: the all-reduce adds 0.0, exactly
         assert_close_tree({k: v for k, v in one_batch.items() if k not in ("world_size", "examples_per_rank")},
-               {k: v for k, v in one_batch_d.items() if k not in ("world_size", "examples_per_rank")}, "one batch")
-        assert_close_tree(cifar_c, cifar_c_d, "cifar_c")
+                          {k: v for k, v in one_batch_d.items() if k not in ("world_size", "examples_per_rank")},
+                          "one batch")
+        assert_close_tree(cifar_c, cifar_c_d, "cifar_c")  # hit counts / n and their mean: exact
 
         assert land_d["world_size"] == 2 and land_d["examples_per_rank"] == [21, 16] and land_d["n_examples"] == N
         assert land["world_size"] == 1 and land["examples_per_rank"] == [N]
@@ -134,7 +157,7 @@ def test_two_ranks_equal_one_process(tmp_path):
         # addition of the L2 term (>= 0, the same bits) round once each
         np.testing.assert_allclose(land_d["loss"], land["loss"], rtol=(2 * 4 + 2) * 2.0**-53, atol=0)
         assert land_d["accuracy"] == land["accuracy"]  # hit counts / N: exact
-        skip = ("world_size", "examples_per_rank", "loss")
+        skip = ("world_size", "examples_per_rank", "loss")  # the rest: hit counts / N and the settings, exact
         assert_close_tree({k: v for k, v in land.items() if k not in skip},
                           {k: v for k, v in land_d.items() if k not in skip}, "landscape")
 
