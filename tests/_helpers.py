@@ -345,8 +345,8 @@ def variance_bound(x, ddof: int, batches: int = 1, prefix_squares: float = 0.0) 
     sum|x|), so s^2 / S within (2 gamma_S A_bc |s_bc| + 2 u s_bc^2) / S; their sum of B C terms adds
     gamma_BC sum s^2 / S. Over T this is the cancellation factor 1 + mean^2 / var. The divisions, the
     subtraction and the batches' sum add (batches + 4) u. numpy's two passes: the mean within e_bc = gamma_S
-    A_bc / S + u |m|, moving sum d^2 only by S e^2 (sum d = 0), the deviations' squares and sum (S + 3) u, the
-    mean over B C (B C + 1) u."""
+    A_bc / S + u |m|, moving sum d^2 only by S e^2 (sum d = 0; summed over channels, so a constant channel adds
+    its S e^2 and no 0 / 0), the deviations' squares and sum (S + 3) u, the mean over B C (B C + 1) u."""
     u = 2.0**-53
     x = np.asarray(x, dtype=np.float64)
     B, C = x.shape[:2]
@@ -361,7 +361,7 @@ def variance_bound(x, ddof: int, batches: int = 1, prefix_squares: float = 0.0) 
         + B * C * u * (s**2).sum() / S
     d2 = ((xs - xs.mean(-1, keepdims=True)) ** 2).sum(-1)
     e = u * A + u * np.abs(s / S)  # gamma_S A / S + u |m|
-    rel_np = (S + 3 + B * C + 1) * u + (S * e**2 / d2).max()
+    rel_np = (S + 3 + B * C + 1) * u + (S * e**2).sum() / d2.sum()  # channels' absolute S e^2 over the total
     return err / T + (batches + 4) * u + rel_np
 
 
