@@ -129,7 +129,7 @@ def test_two_process_gloo_matches_one_process(tmp_path):
         assert torch.equal(got[key], want[key]), (key, (got[key] - want[key]).abs().max().item())
     torch.manual_seed(3)  # the engine's initial weights: the run moved them, so equality is not trivial
     init = build_model(dataclasses.replace(cfg, num_classes=10)).state_dict()
-    assert max((want[k] - init[k]).abs().max().item() for k in want) > 1e-2
+    assert sum(not torch.equal(want[k], init[k]) for k in want) > len(want) // 2  # most tensors trained (exact)
 
     ddp_m = read_jsonl(ddp_dir / "metrics.jsonl")
     assert [r["epoch"] for r in ddp_m] == [0, 1]  # rank 0 alone wrote: one line per epoch
