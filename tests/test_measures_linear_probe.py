@@ -170,8 +170,9 @@ def test_ridge_fit_errors():
 def test_probe_features_cls_and_gap():
     z = torch.arange(2 * 5 * 3, dtype=torch.float32).reshape(2, 5, 3)  # 1 class token + 4 spatial tokens
     f = probe_features(z, num_prefix_tokens=1)
-    torch.testing.assert_close(f["cls"], z[:, 0])
-    torch.testing.assert_close(f["gap"], z[:, 1:].mean(1))
+    # a copy and the same mean: exact
+    torch.testing.assert_close(f["cls"], z[:, 0], rtol=0, atol=0)
+    torch.testing.assert_close(f["gap"], z[:, 1:].mean(1), rtol=0, atol=0)
     assert set(probe_features(z, 0)) == {"gap"}
     m = torch.randn(2, 3, 4, 4)
-    torch.testing.assert_close(probe_features(m)["gap"], m.mean((2, 3)))
+    torch.testing.assert_close(probe_features(m)["gap"], m.mean((2, 3)), rtol=0, atol=0)
