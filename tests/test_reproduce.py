@@ -33,12 +33,12 @@ def _mean_sd_bounds(vals: list[float]) -> tuple[float, float]:
     """How far summarize's float64 mean and sample SD may lie from statistics' (exact rational arithmetic, rounded
     once): the mean's n - 1 sums and division within n u mean|v| (and u/2 for statistics' rounding); the SD's n
     centred squares within 3 u each and their sum within (n - 1) u (terms >= 0), the division, sqrt's halving and
-    rounding: relatively within (n + 2) u / 2 + 2 u, plus the mean's error, which the centred sum only sees squared
-    (n dm^2 / SS)."""
+    rounding: relatively within (n + 2) u / 2 + 2 u, plus the mean's error: the SD is the norm of the centred
+    values over sqrt(n - 1), which a mean off by dm moves by at most sqrt(n / (n - 1)) dm (triangle inequality;
+    values all equal included, where the exact SD is 0)."""
     n, mean = len(vals), statistics.mean(vals)
     dm = n * U * statistics.mean(abs(v) for v in vals) + 0.5 * U * abs(mean)
-    ss = statistics.variance(vals) * (n - 1)
-    return dm, ((n + 2) * U / 2 + 2 * U + n * dm**2 / ss) * statistics.stdev(vals)
+    return dm, ((n + 2) * U / 2 + 2 * U) * statistics.stdev(vals) + math.sqrt(n / (n - 1)) * dm
 
 
 def test_shipped_studies_and_their_findings():
@@ -95,6 +95,9 @@ def test_summarize_matches_statistics():
     (mean, sd), (dm, dsd) = summarize(vals), _mean_sd_bounds(vals)
     assert abs(mean - statistics.mean(vals)) <= dm and abs(sd - statistics.stdev(vals)) <= dsd
     assert summarize([2.0]) == (2.0, 0.0)
+    same = [0.1, 0.1, 0.1]  # equal values (two seeds that agree): the exact SD is 0
+    (mean, sd), (dm, dsd) = summarize(same), _mean_sd_bounds(same)
+    assert abs(mean - 0.1) <= dm and sd <= dsd
     assert all(math.isnan(x) for x in summarize([1.0, float("nan")]))
 
 
