@@ -4,13 +4,22 @@ Every figure of the package (the report's, the attention images', robustness' an
 ``figure()`` (``matplotlib.figure.Figure`` with an Agg canvas, never pyplot: no global state, no GUI backend,
 garbage-collected like any object) and encoded here, through matplotlib's public API only: ``savefig`` with
 its own PNG writer (Pillow) and SVG writer.
+
+The same figure gives the same bytes in every run: the PNG has no time stamp or software tag, and the SVG no date,
+and its element ids are hashes of what it draws. matplotlib makes them random (a uuid per id) unless the
+``svg.hashsalt`` rcParam is set, so a fixed salt (``SVG_SALT``) is used where the user set none; and it hashes a
+clip rectangle's coordinates at full float64 precision while the file prints them to 6 decimals, so each clip
+path's id is made here from its printed definition (clip paths that print the same become one): an axes placed
+a rounding error (an ulp) differently draws the same file, as it draws the same pixels.
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import os
 import pickle
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,11 +32,12 @@ from matplotlib.ticker import AutoLocator, FixedFormatter, FixedLocator, MaxNLoc
 from vitscope.io.atomic import atomic_write_bytes
 
 __all__ = ["figure", "blank", "figure_templates", "to_bytes", "render", "lay_out", "save", "release",
-           "PNG_COMPRESS", "DPI"]
+           "PNG_COMPRESS", "DPI", "SVG_SALT"]
 
 DPI = 130  # the report's resolution
 PNG_COMPRESS = 1  # zlib level of the PNG files (Pillow's writer, through savefig's ``pil_kwargs``)
 COLORBAR_LABEL = "<colorbar>"  # the label matplotlib gives a colour bar's axes (``Figure.colorbar``)
+SVG_SALT = "vitscope"  # svg.hashsalt where the user set none: SVG element ids hash their content, not a uuid
 
 
 def figure(size: tuple[float, float], layout: str | None = "constrained", dpi: float = 100) -> Figure:
@@ -110,9 +120,34 @@ def to_bytes(fig: Figure, fmt: str, dpi: int = DPI, **savefig: Any) -> bytes:
     if fmt != "svg":
         raise ValueError(f"figures are written as png or svg, not {fmt!r}")
     # text as <text> elements (browsers and editors render it), not as glyph paths: 3-4x faster, smaller
-    with matplotlib.rc_context({"svg.fonttype": "none"}):
+    salt = matplotlib.rcParams["svg.hashsalt"] or SVG_SALT
+    with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": salt}):
         fig.savefig(buf, format="svg", dpi=dpi, metadata={"Date": None}, **savefig)
-    return buf.getvalue()
+    return _printed_clip_ids(buf.getvalue(), salt)
+
+
+# matplotlib's clip path definitions (one <defs> block at the end of the file) and their uses
+_CLIP_DEF = re.compile(rb'( *)<clipPath id="(p[0-9a-f]{10})">\n(.*?)\1</clipPath>\n', re.DOTALL)
+_CLIP_USE = re.compile(rb'url\(#(p[0-9a-f]{10})\)')
+
+
+def _printed_clip_ids(svg: bytes, salt: str) -> bytes:
+    """``svg`` with each clip path's id a hash of its printed definition (the ``<rect>`` or ``<path>`` as written,
+    coordinates to 6 decimals) instead of matplotlib's hash of the unrounded coordinates; definitions that print
+    the same are kept once."""
+    ids: dict[bytes, bytes] = {}  # matplotlib's id -> ours
+    seen: set[bytes] = set()
+
+    def definition(m: re.Match) -> bytes:
+        ours = b"p" + hashlib.sha256(salt.encode() + m.group(3)).hexdigest()[:10].encode()
+        ids[m.group(2)] = ours
+        if ours in seen:  # printed the same as an earlier one: its uses point there
+            return b""
+        seen.add(ours)
+        return m.group(1) + b'<clipPath id="' + ours + b'">\n' + m.group(3) + m.group(1) + b"</clipPath>\n"
+
+    svg = _CLIP_DEF.sub(definition, svg)
+    return _CLIP_USE.sub(lambda m: b"url(#" + ids.get(m.group(1), m.group(1)) + b")", svg)
 
 
 def save(fig: Figure, path: str | os.PathLike, dpi: int = DPI, **savefig: Any) -> Path:
