@@ -9,6 +9,23 @@ from vitscope.capture import explicit_attention
 U32 = 2.0**-24
 
 
+def _assert_split(shortcut, branch, z_out, act=lambda t: t, inner=None):
+    """``act(shortcut + branch)`` (float32) against the recorded ``z_out = act(sum)``, where capture computed
+    ``branch = fl(sum - shortcut)`` (``inner``: the true branch's exact bits, checked against it too).
+
+    With D = sum - shortcut, branch = D (1 + d1) and fl(shortcut + branch) = (sum + D d1)(1 + d2), |d| <= u32:
+    |fl(shortcut + branch) - sum| <= u32 (|D| + |shortcut + branch|), |D| <= |branch| (1 + 2 u32); a ReLU is
+    1-Lipschitz and exact. The true branch c (sum = fl(c + shortcut)): |branch - c| <= u32 (|branch| +
+    (1 + u32) |c + shortcut|). Sums of two float32 values in float64 are exact here (exponents close)."""
+    s, b = shortcut.double(), branch.double()
+    bound = U32 * ((1 + 2 * U32) * b.abs() + (s + b).abs())  # (...) elementwise
+    got = act(shortcut + branch)  # float32, as a user would recompute it
+    assert ((got.double() - z_out.double()).abs() <= bound).all()
+    if inner is not None:
+        c = inner.double()
+        assert ((b - c).abs() <= U32 * (b.abs() + (1 + U32) * (c + s).abs())).all()
+
+
 def _vit_attention_by_hand(model, x):
     """Post-softmax maps of every block, from each module's qkv weights (no hooks), and per map the bound on its
     distance from timm's explicit path, which scales q before the product (here: after).
@@ -131,16 +148,18 @@ def test_residual_streams_add_up_and_align():
         model(x)
     assert [i.name for i in cap.layout] == ["blocks.0.attn", "blocks.0.mlp", "blocks.1.attn", "blocks.1.mlp"]
     assert [i.kind for i in cap.layout] == ["msa", "mlp", "msa", "mlp"]
+    # exact throughout: the recorded tensors are the block's own (z_out = z_in + f is that very float32 add), and
+    # the hand forward runs the model's modules in the same order on the same bits (same kernels and threads)
     for (z_in, z_out), f in zip(cap.residuals, cap.branches):
-        torch.testing.assert_close(z_in + f, z_out)
+        torch.testing.assert_close(z_in + f, z_out, rtol=0, atol=0)
     # the stream leaving one sub-layer enters the next
     for (_, z_out), (z_in, _) in zip(cap.residuals[:-1], cap.residuals[1:]):
-        torch.testing.assert_close(z_out, z_in)
+        torch.testing.assert_close(z_out, z_in, rtol=0, atol=0)
     with torch.no_grad():
         h = model.norm_pre(model._pos_embed(model.patch_embed(x)))
-        torch.testing.assert_close(cap.residuals[0][0], h)
-        torch.testing.assert_close(cap.branches[0], model.blocks[0].attn(model.blocks[0].norm1(h)))
-        torch.testing.assert_close(cap.residuals[-1][1], model.blocks[1](model.blocks[0](h)))
+        torch.testing.assert_close(cap.residuals[0][0], h, rtol=0, atol=0)
+        torch.testing.assert_close(cap.branches[0], model.blocks[0].attn(model.blocks[0].norm1(h)), rtol=0, atol=0)
+        torch.testing.assert_close(cap.residuals[-1][1], model.blocks[1](model.blocks[0](h)), rtol=0, atol=0)
 
 
 def test_on_record_streams_the_records_instead_of_keeping_them():
@@ -162,7 +181,8 @@ def test_on_record_streams_the_records_instead_of_keeping_them():
 
 
 def test_resnet_blocks_skip_and_branch():
-    model = vitscope.create_model("resnet18", num_classes=10).eval()
+    # zero_init_last=False: timm's default zeroes each block's last BN scale, so every branch would be exactly 0
+    model = vitscope.create_model("resnet18", num_classes=10, zero_init_last=False).eval()
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad(), vitscope.capture(model) as cap:
         model(x)
@@ -170,13 +190,15 @@ def test_resnet_blocks_skip_and_branch():
     # the first block of stages 2-4 halves the map: kind "downsample" (HDVW treats subsampling apart)
     assert [i.kind for i in cap.layout] == ["conv", "conv", "downsample", "conv"] * 1 + ["downsample", "conv"] * 2
     assert [i.stage for i in cap.layout] == [0, 0, 1, 1, 2, 2, 3, 3]
-    for r in cap.residual_records:
-        torch.testing.assert_close(F.relu(r.shortcut + r.branch), r.z_out)
+    for r in cap.residual_records:  # the branch is (input of act2) - shortcut: two float32 roundings, see above
+        _assert_split(r.shortcut, r.branch, r.z_out, F.relu)
     blk = model.layer2[0]  # a downsampling block: shortcut = downsample(z)
     r = cap.residual_records[2]
     with torch.no_grad():
-        torch.testing.assert_close(r.shortcut, blk.downsample(r.z_in))
-        torch.testing.assert_close(r.branch, blk.bn2(blk.conv2(blk.act1(blk.bn1(blk.conv1(r.z_in))))))
+        # the block's own modules on the same input: the shortcut bit for bit, the branch within the rounding above
+        torch.testing.assert_close(r.shortcut, blk.downsample(r.z_in), rtol=0, atol=0)
+        _assert_split(r.shortcut, r.branch, r.z_out, F.relu,
+                      inner=blk.bn2(blk.conv2(blk.act1(blk.bn1(blk.conv1(r.z_in))))))
     assert r.info.grid == (8, 8) and r.info.patch_size == 8
 
 
@@ -210,7 +232,7 @@ def test_tokens_to_map():
     x = torch.randn(2, 1 + 6, 5)  # class token + 2x3 grid
     m = vitscope.tokens_to_map(x, (2, 3), num_prefix_tokens=1)
     assert m.shape == (2, 5, 2, 3)
-    torch.testing.assert_close(m[:, :, 1, 2], x[:, 1 + 1 * 3 + 2])
+    torch.testing.assert_close(m[:, :, 1, 2], x[:, 1 + 1 * 3 + 2], rtol=0, atol=0)  # a view: the same numbers
     fmap = torch.randn(2, 4, 3, 3)
     assert vitscope.tokens_to_map(fmap) is fmap
     with pytest.raises(ValueError, match="do not fill"):
@@ -249,7 +271,7 @@ def test_block_layers_equal_timm_forward_intermediates():
     assert [i.kind for i in cap.output_layout] == ["stem", "block", "block"]
     for rec, want in zip(cap.records[1:], ref):
         torch.testing.assert_close(rec.z_out[:, rec.info.num_prefix_tokens:], want, rtol=0, atol=0)
-        torch.testing.assert_close(rec.shortcut + rec.branch, rec.z_out)  # a ViT block is x + g(x)
+        _assert_split(rec.shortcut, rec.branch, rec.z_out)  # a ViT block is x + g(x); g recorded as z_out - z_in
     cnn = vitscope.create_model("resnet18", num_classes=3).eval()
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
