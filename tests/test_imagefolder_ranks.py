@@ -11,7 +11,7 @@ import sys
 import numpy as np
 from PIL import Image
 
-from test_data import _png_claiming
+from test_data_folders import _png_claiming
 
 
 def _free_port() -> int:
