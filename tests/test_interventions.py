@@ -260,8 +260,9 @@ def test_bad_input_errors_name_the_problem():
         skip_removal_study(vit, _loader(_data()), blocks=["layer*"])
     with pytest.raises(ValueError, match="must yield \\(images, labels\\) pairs"):
         lesion(vit, [torch.zeros(2, 3, 32, 32)])
-    with pytest.raises(ValueError, match="max_batches must be a positive"):
-        lesion(vit, _loader(_data()), max_batches=0)
+    for study in (lesion, skip_removal_study, localization_probe):  # one rule, distributed.Batches' own
+        with pytest.raises(ValueError, match="max_batches must be a positive integer or None, got 0"):
+            study(vit, _loader(_data()), max_batches=0)
     with pytest.raises(ValueError, match="yielded no examples"):
         lesion(vit, [])
 

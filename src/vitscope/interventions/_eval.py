@@ -4,13 +4,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
-from itertools import islice
 from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from vitscope.distributed import Batches
 from vitscope.measures.evaluation import eval_loop, split_batch
 
 _logger = logging.getLogger(__name__)
@@ -79,19 +79,18 @@ def _split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
-class Batches:
+class CachedBatches:
     """Re-iterable view of a loader limited to ``max_batches``.
 
-    With ``max_batches`` the batches are read once and kept (on CPU), so every intervention sees the same
-    examples even from a shuffling loader; without it the loader is iterated anew for each evaluation
-    and must then yield the same examples each time (no shuffling or random augmentation).
+    With ``max_batches`` the batches are read once (``vitscope.distributed.Batches``, the one walk over a loader)
+    and kept (on CPU), so every intervention sees the same examples even from a shuffling loader; without it the
+    loader is iterated anew for each evaluation and must then yield the same examples each time (no shuffling or
+    random augmentation).
     """
 
     def __init__(self, loader: Iterable, max_batches: int | None = None):
-        if max_batches is not None and max_batches < 1:
-            raise ValueError(f"max_batches must be a positive number of batches or None, got {max_batches}")
         self.loader = loader
-        self.cached = None if max_batches is None else [_split_batch(b) for b in islice(loader, max_batches)]
+        self.cached = None if max_batches is None else [_split_batch(b) for _, b in Batches(loader, max_batches)]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self.cached is not None:

@@ -22,7 +22,7 @@ from vitscope.interventions._blocks import (
     select,
 )
 from vitscope.interventions._eval import (
-    Batches,
+    CachedBatches,
     InterventionResult,
     evaluate,
     normalized_depth,
@@ -67,7 +67,7 @@ def lesion(
     chosen = select(all_units, units, targets[:-1].replace("sublayer", "sub-layer"), model)
     remove = remove_block if targets == "blocks" else remove_sublayer
     dev = model_device(model, device, move=True)
-    batches = Batches(loader, max_batches)
+    batches = CachedBatches(loader, max_batches)
     with eval_mode(model):
         intact = evaluate(model, batches, dev)
         _logger.info("intact model: accuracy %.4f, NLL %.4f on %d examples", intact.accuracy, intact.nll,

@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from itertools import islice
 from typing import Any
 
 import torch
@@ -25,6 +24,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from vitscope.capture import LayerInfo, SubLayerRecord, capture
+from vitscope.distributed import Batches
 from vitscope.interventions._blocks import residual_blocks, select
 from vitscope.interventions._eval import normalized_depth
 from vitscope.measures.evaluation import eval_mode
@@ -184,8 +184,6 @@ def localization_probe(
             count minus h*w (so ConViT's late class token is handled).
         progress: Show a tqdm bar (default: only on a terminal).
     """
-    if max_batches is not None and max_batches < 1:
-        raise ValueError(f"max_batches must be a positive number of batches or None, got {max_batches}")
     all_blocks = residual_blocks(model)
     chosen = select(all_blocks, layers, "block", model)
     dev = model_device(model, device, move=True)
@@ -201,7 +199,7 @@ def localization_probe(
 
     with eval_mode(model), torch.no_grad(), capture(model, attention=False, residual=True, branches=False,
                                                    names=lambda n: n in wanted, on_record=keep, layers="blocks"):
-        for batch in islice(loader, max_batches):
+        for _, batch in Batches(loader, max_batches, desc="localization features", progress=progress):
             x = batch[0] if isinstance(batch, (tuple, list)) else batch
             if not torch.is_tensor(x) or x.ndim != 4:
                 raise ValueError("the loader must yield image batches (B, C, H, W) or (images, labels) pairs")

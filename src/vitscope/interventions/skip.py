@@ -26,7 +26,7 @@ from vitscope.interventions._blocks import (
     select,
 )
 from vitscope.interventions._eval import (
-    Batches,
+    CachedBatches,
     InterventionResult,
     evaluate,
     normalized_depth,
@@ -170,7 +170,7 @@ def skip_removal_study(
                             len(refused), ", ".join(b.name for b in refused))
         chosen = [b for b in chosen if b not in refused]
     dev = model_device(model, device, move=True)
-    batches = Batches(loader, max_batches)
+    batches = CachedBatches(loader, max_batches)
     with eval_mode(model):
         intact = evaluate(model, batches, dev)
         result = InterventionResult("skip-removal", intact)
