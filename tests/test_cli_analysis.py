@@ -307,3 +307,16 @@ def test_sigkill_while_writing_leaves_no_output_and_the_next_run_cleans_up(tmp_p
     with atomic.staged_output(out) as stage:
         atomic.atomic_write_text(stage / "results.json", "[]")
     assert [p.name for p in tmp_path.iterdir()] == ["res"] and (out / "results.json").read_text() == "[]"
+
+
+def test_probe_position_grid_reaches_the_localization_rows(tmp_path):
+    """``vitscope probe --measures localization --position-grid 2``: each block's position classes are the 2 x 2
+    cells of its 4 x 4 token grid (chance 1/4), recorded in the rows; without the flag, one class per position."""
+    rows = {}
+    for flag in ([], ["--position-grid", "2"]):
+        out = tmp_path / f"p{len(flag)}"
+        assert main(["probe", "--model", "test_vit_cifar", "--data", DATA, "--measures", "localization",
+                     "--out", str(out), *flag]) == 0
+        rows[len(flag)] = json.loads((out / "results.json").read_text())["localization"]["rows"]
+    assert {(r["grid_h"], r["cells_h"], r["cells_w"], r["chance"]) for r in rows[0]} == {(4, 4, 4, 1 / 16)}
+    assert {(r["grid_h"], r["cells_h"], r["cells_w"], r["chance"]) for r in rows[2]} == {(4, 2, 2, 1 / 4)}

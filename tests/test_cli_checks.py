@@ -30,6 +30,7 @@ MODEL = ["--model", "test_vit_cifar", "--data", NO_DATA, "--device", "cpu"]
     (["probe", *MODEL, "--crop-pct", "nan"], "--crop-pct must be a finite number, got nan"),
     (["probe", *MODEL, "--crop-pct", "1.5"], "--crop-pct must be a finite number in (0, 1], got 1.5"),
     (["probe", *MODEL, "--max-batches", "0"], "--max-batches must be a positive integer, got 0"),
+    (["probe", *MODEL, "--position-grid", "0"], "--position-grid must be a positive integer, got 0"),
     (["probe", *MODEL, "-b", "0"], "--batch-size must be a positive integer, got 0"),
     (["probe", *MODEL, "-j", "-1"], "--workers must be an integer >= 0, got -1"),
     (["probe", *MODEL, "--img-size", "0"], "--img-size must be a positive integer, got 0"),

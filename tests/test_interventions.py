@@ -548,6 +548,41 @@ def test_position_probe_on_constructed_features():
         fit_position_probe(torch.full((4, 3, 2), float("nan")))
 
 
+def test_position_grid_classes_against_numpy_and_the_coarse_probe():
+    """``position_grid``: each position's class is the cell of the coarser grid holding it, cell row i spanning
+    the map rows in [i h / c_h, (i + 1) h / c_h) (reference: numpy's searchsorted over those boundaries), chance the
+    largest cell's share; one cell per position is the paper's probe, bit for bit."""
+    import numpy as np
+
+    from vitscope.interventions import position_classes
+
+    for h, w, ch, cw in [(8, 8, 4, 4), (7, 5, 3, 2), (56, 56, 14, 14), (6, 4, 6, 4), (5, 5, 1, 1)]:
+        labels, chance = position_classes(h, w, (ch, cw))
+        rows = np.searchsorted(np.ceil(np.arange(1, ch) * h / ch), np.arange(h), side="right")  # (h,) cell row
+        cols = np.searchsorted(np.ceil(np.arange(1, cw) * w / cw), np.arange(w), side="right")  # (w,)
+        want = (rows[:, None] * cw + cols[None, :]).reshape(-1)  # row-major positions -> row-major cells
+        np.testing.assert_array_equal(labels.numpy(), want)
+        assert chance == np.bincount(want).max() / (h * w)
+    labels, chance = position_classes(3, 4)
+    assert torch.equal(labels, torch.arange(12)) and chance == 1 / 12
+    with pytest.raises(ValueError, match="a 9x2 position grid needs 1..8 rows"):
+        position_classes(8, 8, (9, 2))
+
+    g = torch.Generator().manual_seed(0)
+    n, h, w, D = 24, 6, 6, 12
+    feats = torch.randn(n, h * w, D, generator=g)
+    cells, _ = position_classes(h, w, (3, 3))
+    coded = feats * 0.1
+    coded[:, torch.arange(h * w), cells] += 1.0  # dims 0..8 one-hot the 2 x 2 cell, not the position
+    assert fit_position_probe(coded, epochs=20, labels=cells).accuracy == 1.0
+    exact = fit_position_probe(coded, epochs=20)
+    assert exact.accuracy < 0.5  # 4 positions per cell: the cell alone does not tell the position (chance 1/36)
+    same = fit_position_probe(feats, epochs=5, labels=torch.arange(h * w))
+    assert same == fit_position_probe(feats, epochs=5)  # the default classes: the same fit, bit for bit
+    with pytest.raises(ValueError, match="one class per position"):
+        fit_position_probe(feats, labels=cells[:-1])
+
+
 def _identity_blocks_vit(pos_scale: float) -> nn.Module:
     model = vitscope.create_model("test_vit_cifar").eval()
     with torch.no_grad():
@@ -582,6 +617,10 @@ def test_localization_cnn_maps_and_convit_prefix_tokens():
     assert all(r.accuracy < 0.2 for r in blind.layers)  # 1x1 convs on iid pixels: no position
     resnet = localization_probe(_model("test_resnet"), loader, layers=["layer3.*", "layer4.0"], epochs=5)
     assert [(r.name, r.grid_h, r.chance) for r in resnet.layers] == [("layer3.0", 2, 0.25), ("layer4.0", 1, 1.0)]
+    coarse = localization_probe(_randomize(ToyNet(k=1, pos_scale=20.0)), loader, epochs=20, position_grid=2)
+    assert [(r.grid_h, r.cells_h, r.cells_w, r.chance) for r in coarse.layers] == [(8, 2, 2, 0.25), (4, 2, 2, 0.25),
+                                                                                (4, 2, 2, 0.25)]
+    assert [(r.cells_h, r.cells_w) for r in located.layers] == [(8, 8), (4, 4), (4, 4)]  # default: every position
     # ConViT: no class token in the GPSA blocks, one before the MHSA block; both give the 8x8 grid
     convit = localization_probe(_model("test_convit_32"), loader, max_batches=2, epochs=5)
     assert [(r.grid_h, r.grid_w, r.num_test_tokens) for r in convit.layers] == [(8, 8, 10 * 64)] * 3

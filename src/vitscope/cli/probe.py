@@ -41,6 +41,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "block's output (named by module path); the stem's output comes first either way")
     p.add_argument("--layer-names", metavar="GLOB[,GLOB]",
                    help="keep only the layers these fnmatch patterns match, e.g. 'stem,blocks.1*'")
+    p.add_argument("--position-grid", type=int, metavar="N",
+                   help="localization: predict the cell of an N x N grid holding each token instead of its exact "
+                        "position (a variant, not RAGHU's; a CNN's 56 x 56 map at 224 px is 3,136 classes, slow on a "
+                        "CPU); default: every position is a class")
     add_linear_probe_options(p)
     p.set_defaults(func=run)
 
@@ -59,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"unknown measure(s) {unknown}; choose from {sorted(PROBE_MEASURES) + list(INTERVENTIONS)}"
                        if unknown else f"--measures {args.measures!r} names no measure; choose from "
                        f"{sorted(PROBE_MEASURES) + list(INTERVENTIONS)}")
-    check_positive(max_batches=args.max_batches)
+    check_positive(max_batches=args.max_batches, position_grid=args.position_grid)
     shots = parse_shots(args.shots)
     setup = build_setup(args)
     model, loader, device = setup.model, setup.loader, setup.device
@@ -102,8 +106,8 @@ def run(args: argparse.Namespace) -> int:
         from vitscope.interventions import localization_probe
 
         with autocast(args, device):
-            extra["localization"] = localization_probe(model, loader, device=device,
-                                                       max_batches=args.max_batches).to_rows()
+            extra["localization"] = localization_probe(model, loader, device=device, max_batches=args.max_batches,
+                                                       position_grid=args.position_grid).to_rows()
     out = Path(args.out)
     with staged_output(out) as stage:  # results.json with every part, the CSVs and meta.json appear together
         result.save(stage)

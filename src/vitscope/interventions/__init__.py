@@ -20,12 +20,13 @@ from vitscope.interventions.localization import (
     LocalizationResult,
     fit_position_probe,
     localization_probe,
+    position_classes,
 )
 from vitscope.interventions.skip import remove_skip, skip_removal_study
 
 __all__ = [
     "ResidualBlock", "SubLayer", "residual_blocks", "residual_sublayers", "get_block", "get_sublayer",
     "remove_block", "remove_sublayer", "remove_skip", "lesion", "skip_removal_study", "localization_probe",
-    "fit_position_probe", "Evaluation", "UnitResult", "InterventionResult", "LocalizationLayer",
+    "fit_position_probe", "position_classes", "Evaluation", "UnitResult", "InterventionResult", "LocalizationLayer",
     "LocalizationResult", "evaluate",
 ]

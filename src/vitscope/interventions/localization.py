@@ -6,7 +6,9 @@ a linear classifier on frozen features predicts each spatial token's position in
 major) from that token's feature vector alone. It is trained on the tokens of some images and scored
 on the tokens of held-out images; chance is 1/(h*w) since every image has one token per position.
 RAGHU find ViTs (with a class token) keep position well through depth, less so with global average
-pooling. CNN feature maps (B, C, H, W) are probed the same way over their H x W locations.
+pooling. CNN feature maps (B, C, H, W) are probed the same way over their H x W locations. A variant
+(``position_grid``, not the paper's): predict the cell of a coarser grid holding the token, e.g. 14 x 14 cells
+on a CNN's 56 x 56 first-stage map, where one class per position (3,136) is slow on a CPU.
 
 The probe is multinomial logistic regression (L2-regularized, features standardized with train
 statistics) fit full-batch with L-BFGS on features collected once; bound memory with ``max_batches``.
@@ -48,6 +50,8 @@ class LocalizationLayer:
     chance: float
     num_train_tokens: int
     num_test_tokens: int
+    cells_h: int = 0  # the grid of position classes: grid_h x grid_w (one class per position) unless position_grid
+    cells_w: int = 0
 
 
 @dataclass
@@ -71,6 +75,21 @@ class ProbeFit:
     num_test_tokens: int
 
 
+def position_classes(h: int, w: int, cells: tuple[int, int] | None = None) -> tuple[torch.Tensor, float]:
+    """((h w,) class of each row-major position, chance) for the position probe: the position itself
+    (``cells=None``), or the row-major index of the cell of a ``cells`` grid that holds it (row ``r`` falls in cell
+    row ``r * cells_h // h``). Chance is the largest class's share of the positions (1 / (h w) by default)."""
+    if cells is None:
+        return torch.arange(h * w), 1.0 / (h * w)
+    ch, cw = cells
+    if not (1 <= ch <= h and 1 <= cw <= w):
+        raise ValueError(f"a {ch}x{cw} position grid needs 1..{h} rows and 1..{w} columns on a {h}x{w} map")
+    rows = torch.arange(h) * ch // h  # (h,) cell row of each map row
+    cols = torch.arange(w) * cw // w  # (w,)
+    labels = (rows[:, None] * cw + cols[None, :]).reshape(-1)  # (h w,)
+    return labels, float(torch.bincount(labels).max()) / (h * w)
+
+
 def fit_position_probe(
     features: torch.Tensor,
     train_fraction: float = 0.5,
@@ -78,6 +97,7 @@ def fit_position_probe(
     weight_decay: float = 1e-4,
     seed: int = 0,
     device: torch.device | str | None = None,
+    labels: torch.Tensor | None = None,
 ) -> ProbeFit:
     """Fit a linear probe that predicts token position from token features; score it on held-out images.
 
@@ -88,6 +108,7 @@ def fit_position_probe(
         weight_decay: L2 penalty ``weight_decay / 2 * ||W||^2`` added to the mean cross-entropy.
         seed: Seed of the image split.
         device: Where to fit (default: the features' device).
+        labels: (P,) class of each position instead (``position_classes``), e.g. the cell of a coarser grid.
     """
     if features.ndim != 3:
         raise ValueError(f"features must be (n_images, positions, dim), got shape {tuple(features.shape)}")
@@ -107,14 +128,19 @@ def fit_position_probe(
     feats = features.to(dev, torch.float32)
     x_tr = feats[perm[:n_train].to(dev)].reshape(-1, D)  # (n_train * P, D)
     x_te = feats[perm[n_train:].to(dev)].reshape(-1, D)  # (n_test * P, D)
-    y_tr = torch.arange(P, device=dev).repeat(n_train)  # token p of each image -> label p
-    y_te = torch.arange(P, device=dev).repeat(n - n_train)
+    labels = torch.arange(P) if labels is None else labels
+    if labels.shape != (P,):
+        raise ValueError(f"labels must give one class per position, shape ({P},), got {tuple(labels.shape)}")
+    labels = labels.to(dev)
+    n_classes = int(labels.max()) + 1
+    y_tr = labels.repeat(n_train)  # token p of each image -> its position's class
+    y_te = labels.repeat(n - n_train)
     mu, sd = x_tr.mean(0), x_tr.std(0)
     sd = sd.clamp_min(1e-6 * float(sd.max()) + 1e-12)
     x_tr, x_te = (x_tr - mu) / sd, (x_te - mu) / sd
 
-    w = torch.zeros(D, P, device=dev, requires_grad=True)
-    b = torch.zeros(P, device=dev, requires_grad=True)
+    w = torch.zeros(D, n_classes, device=dev, requires_grad=True)
+    b = torch.zeros(n_classes, device=dev, requires_grad=True)
     opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=epochs, history_size=20, line_search_fn="strong_wolfe",
                             tolerance_grad=1e-9, tolerance_change=1e-12)
 
@@ -165,6 +191,7 @@ def localization_probe(
     weight_decay: float = 1e-4,
     grid: tuple[int, int] | None = None,
     progress: bool | None = None,
+    position_grid: int | tuple[int, int] | None = None,
 ) -> LocalizationResult:
     """RAGHU's localization probe at each residual block output of a ViT or CNN.
 
@@ -183,7 +210,14 @@ def localization_probe(
             (channels-last maps such as Swin's come channels-first). The number of prefix tokens is the token
             count minus h*w (so ConViT's late class token is handled).
         progress: Show a tqdm bar (default: only on a terminal).
+        position_grid: A variant, not RAGHU's: predict the cell of an (h, w) (or n x n) grid holding each token
+            instead of its exact position (``position_classes``); a map smaller than the grid keeps one class per
+            position. Default: every position is a class, as in the paper.
     """
+    if isinstance(position_grid, int):
+        position_grid = (position_grid, position_grid)
+    if position_grid is not None and min(position_grid) < 1:
+        raise ValueError(f"position_grid must be positive, got {position_grid}")
     all_blocks = residual_blocks(model)
     chosen = select(all_blocks, layers, "block", model)
     dev = model_device(model, device, move=True)
@@ -211,10 +245,13 @@ def localization_probe(
             raise ValueError("the loader yielded no images (or the chosen blocks never ran)")
         f = torch.cat(feats.pop(blk.index))  # (n_images, P, D)
         h, w = grids[blk.index]
-        fit = fit_position_probe(f, train_fraction, epochs, weight_decay, seed, device=dev)
+        cells = None if position_grid is None else (min(position_grid[0], h), min(position_grid[1], w))
+        labels, chance = position_classes(h, w, cells)
+        fit = fit_position_probe(f, train_fraction, epochs, weight_decay, seed, device=dev, labels=labels)
+        ch, cw = cells or (h, w)
         result.layers.append(LocalizationLayer(
             blk.name, blk.kind, blk.index, normalized_depth(blk.index, len(all_blocks)), h, w,
-            fit.accuracy, fit.train_accuracy, 1.0 / (h * w), fit.num_train_tokens, fit.num_test_tokens,
+            fit.accuracy, fit.train_accuracy, chance, fit.num_train_tokens, fit.num_test_tokens, ch, cw,
         ))
-        _logger.info("localization %s: held-out accuracy %.3f (chance %.3f)", blk.name, fit.accuracy, 1 / (h * w))
+        _logger.info("localization %s: held-out accuracy %.3f (chance %.3f)", blk.name, fit.accuracy, chance)
     return result

@@ -219,7 +219,8 @@ CAPTIONS: dict[str, Caption] = {
     "localization": Caption(
         "Localization probe",
         "Held-out accuracy of a linear probe predicting each spatial token's position from its features at "
-        "every block output; dashed: chance 1/(h w).",
+        "every block output (or the cell of a coarser grid holding it: `--position-grid`); dashed: chance, the largest "
+        "class's share (1/(h w) with one class per position).",
         "RAGHU: ViTs with a class token keep spatial position well through depth; global average pooling "
         "weakens it in the top layers.",
     ),
