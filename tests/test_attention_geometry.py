@@ -179,3 +179,67 @@ def test_hiera_tokens_claim_no_grid_and_spatial_measures_name_them():
     res = vitscope.probe(model, DataLoader(ds, batch_size=4), ["cka", "fourier"], progress=False)
     assert res["cka"] and not res["fourier"]
     assert set(res.meta["not_applicable"]["fourier"]) >= {r.info.name for r in cap.records if r.info.kind != "stem"}
+
+
+def _twins_windows(t: torch.Tensor, ws: int) -> torch.Tensor:
+    """(1, H, W, C) -> (windows, ws * ws, C): Twins' own LocallyGroupedAttn partition (pad bottom and right,
+    then reshape/transpose), written out here from timm's forward."""
+    _, H, W, C = t.shape
+    t = torch.nn.functional.pad(t, (0, 0, 0, -W % ws, 0, -H % ws), value=-1.0)  # -1: a padding position
+    _, Hp, Wp, _ = t.shape
+    t = t.reshape(1, Hp // ws, ws, Wp // ws, ws, C).transpose(2, 3)
+    return t.reshape(Hp // ws * (Wp // ws), ws * ws, C)
+
+
+def test_twins_local_windows_that_do_not_tile_the_map():
+    """Twins' locally-grouped attention (maps (B, windows, heads, n, n), windows padded at the bottom and right on a
+    14 x 14 and a 7 x 7 map with 4 x 4 windows): capture records timm's own maps as (B windows, heads, n, n) with the
+    token map's stride; the distance equals numpy's over the windows' pixel centres (padding positions where Twins
+    puts them), and the query maps place each row where Twins' partition puts its keys."""
+    from timm.models.twins import LocallyGroupedAttn, Twins
+    from timm.utils import AttentionExtract
+
+    torch.manual_seed(0)
+    side, B = 56, 2
+    model = Twins(img_size=side, patch_size=4, num_classes=3, embed_dims=(16, 32), num_heads=(1, 2),
+                  mlp_ratios=(2, 2), depths=(2, 2), sr_ratios=(2, 1), wss=(4, 4)).eval()
+    x = torch.randn(B, 3, side, side)
+    with torch.no_grad(), vitscope.capture(model, residual=False, branches=False) as cap:
+        model(x)
+    with torch.no_grad(), vitscope.explicit_attention(model):
+        timm_maps = AttentionExtract(model, method="hook")(x)
+    maps = vitscope.attention_maps(model, x, query=(5, 9), embeddings=False)
+    dist = M.AttentionDistance(num_prefix_tokens=0)
+    dist.update(cap.attentions, cap.attention_layout)
+    local = [i for i, info in enumerate(cap.attention_layout)
+             if isinstance(model.get_submodule(info.name), LocallyGroupedAttn)]
+    assert len(local) == 2
+    for i, got in zip(range(len(cap.attentions)), dist.compute()):
+        if i not in local:
+            continue
+        a, info = cap.attentions[i], cap.attention_layout[i]
+        ws = model.get_submodule(info.name).ws
+        H = side // info.patch_size
+        assert (info.kind, info.grid, info.patch_size) == ("msa", (ws, ws), 4 * 2 ** local.index(i)) and H % ws
+        ref = timm_maps[info.name + ".attn_drop"]  # (B, windows, heads, n, n)
+        assert torch.equal(a, ref.flatten(0, 1))  # the same tensor, windows row-major per image
+        # pixel centres of the map padded to Hp: padding cells continue the grid (Twins attends to them there)
+        px, Hp = side / H, -(-H // ws) * ws
+        padded = torch.from_numpy(_grid_points(_centres(Hp, px), _centres(Hp, px))).view(1, Hp, Hp, 2)
+        pos = _twins_windows(padded, ws).numpy()  # (windows, n, 2)
+        n_win = pos.shape[0]
+        d = np.sqrt(((pos[:, :, None] - pos[:, None, :]) ** 2).sum(-1))  # (windows, n, n)
+        a32 = a.numpy().reshape(B, n_win, *a.shape[1:])  # (B, windows, heads, n, n)
+        want = (a32.astype(np.float64) * d[None, :, None]).sum(-1).mean(axis=(0, 1, 3))  # (heads,)
+        np.testing.assert_allclose(got.numpy(), want, rtol=_rtol(a), atol=0)
+        # query maps: the query's row, each key placed at the map cell Twins' partition gives it
+        m = maps.query_maps[maps.layers.index(info.name)]  # (B, heads, H, W)
+        r0, c0 = maps.query_cells[maps.layers.index(info.name)]
+        coords = torch.stack(torch.meshgrid(torch.arange(H), torch.arange(H), indexing="ij"), -1)[None].double()
+        cells = _twins_windows(coords, ws).long()  # (windows, n, 2) map cells, -1 padding
+        win, q = map(int, (cells == torch.tensor([r0, c0])).all(-1).nonzero()[0])
+        want_map = np.zeros(m.shape, dtype=np.float32)
+        for k, (r, c) in enumerate(cells[win].tolist()):
+            if r >= 0:
+                want_map[:, :, r, c] = a32[:, win, :, q, k]
+        np.testing.assert_array_equal(m, want_map)  # the captured float32 entries moved, none computed

@@ -18,7 +18,13 @@ import torch.nn as nn
 
 from vitscope.capture._layout import LayerInfo, first_tensor
 from vitscope.capture._table_hooks import install_table
-from vitscope.capture.geometry import UNROLLED_TOKENS, dilated_coords, reduced_key_coords, window_step
+from vitscope.capture.geometry import (
+    UNROLLED_TOKENS,
+    WINDOW_GROUPS,
+    dilated_coords,
+    reduced_key_coords,
+    window_step,
+)
 from vitscope.capture.sites import BlockSite, attention_kind, final_activation, find_blocks, stage_reductions
 from vitscope.capture.table import sublayers, submodule
 
@@ -159,6 +165,7 @@ class _Recorder:
         self.patch = _patch_size(model)
         self.pending: dict[str, dict[str, torch.Tensor]] = {}
         self.block_hw: dict[int, tuple[int, int]] = {}
+        self.block_grid: dict[int, tuple[int, int]] = {}  # token grid of a block whose input is a token sequence
         self.blocks = find_blocks(model)
         self.block_index = {b.name: i for i, b in enumerate(self.blocks)}
         self.reductions = stage_reductions(model, self.blocks)
@@ -244,6 +251,10 @@ class _Recorder:
                 if isinstance(x, torch.Tensor) and x.ndim == 4:
                     hw = x.shape[1:3] if _channels_last(x, self.image_hw) else x.shape[-2:]
                     self.block_hw[i] = (int(hw[0]), int(hw[1]))
+                elif isinstance(x, torch.Tensor) and x.ndim == 3:  # tokens: their grid, when they are one
+                    prefix, grid, _ = self.token_layout(int(x.shape[1]), i)
+                    if grid is not None and prefix == 0:
+                        self.block_grid[i] = grid
 
             self.hook(site.module, on_block_input, pre=True)
         if self.streams:
@@ -422,6 +433,8 @@ class _Recorder:
                 attn = args[0] if args and isinstance(args[0], torch.Tensor) else None
                 if attn is None or attn.ndim < 3:
                     return
+                if attn.ndim == 5 and isinstance(m, WINDOW_GROUPS):  # (B, windows, heads, n, n): Swin's layout
+                    attn = attn.flatten(0, 1)  # (B windows, heads, n, n)
                 info = self._attention_info(name, kind, block, m, attn, ancestors)
                 self.cap.attentions.append(self.out_map(attn))
                 self.cap.attention_layout.append(info)
@@ -474,15 +487,16 @@ class _Recorder:
 
     def _windowed_map(self, windows: int, n_k: int, block: int) -> tuple[tuple[int, int] | None, int | None]:
         """(map size, pixels per map cell) of the map that ``windows`` windows of ``n_k`` tokens partition: the
-        block's input map when its windows, padded at the bottom and right as timm's Swin pads a map its windows do
-        not tile, number ``windows``; else a map of ``windows * n_k`` cells with the image's aspect ratio and an
-        integer stride (the windows of one image tile it); else (None, None)."""
+        block's input map (or token grid: Twins) when its windows, padded at the bottom and right as timm's Swin and
+        Twins pad a map their windows do not tile, number ``windows``; else a map of ``windows * n_k`` cells with
+        the image's aspect ratio and an integer stride (the windows of one image tile it); else (None, None)."""
         if self.image_hw is None:
             return None, None
         H, W = self.image_hw
         side = math.isqrt(n_k)
-        if block in self.block_hw and side * side == n_k:
-            h, w = self.block_hw[block]
+        hw = self.block_hw.get(block) or self.block_grid.get(block)  # the block's input map, or its token grid
+        if hw is not None and side * side == n_k:
+            h, w = hw
             if -(-h // side) * -(-w // side) == windows:
                 return (h, w), H // h
         cells = windows * n_k

@@ -13,6 +13,10 @@ pooled or spatially reduced keys and of window partitions that are not contiguou
   pixel position (u, v) of a patch (the batch times p * p); token (i, j) of sequence (u, v) is map cell
   (i p + u, j p + v): a dilated window with step p.
 
+- Twins ``LocallyGroupedAttn``: square windows of the token map (padded at the bottom and right, as Swin pads)
+  whose maps come per image, (B, windows, heads, n, n) (``WINDOW_GROUPS``): capture records them as Swin's,
+  (B windows, heads, n, n), windows row-major.
+
 Hiera's tokens are unrolled by mask unit (``UNROLLED_TOKENS``): no grid is claimed for them.
 PiT's token grids (16 px patches at stride 8: their side does not divide the image) take their pixel step from
 timm's ``feature_info`` reduction of the stage (``capture.sites.stage_reductions``). Attention whose keys are
@@ -32,6 +36,7 @@ Coords = tuple[tuple[float, ...], tuple[float, ...]]
 REDUCED_KEYS: tuple[type, ...] = (pvt_v2.Attention, twins.GlobalSubSampleAttn)
 GRID_PARTITION: tuple[type, ...] = (maxxvit.PartitionAttentionCl, maxxvit.PartitionAttention2d)
 UNFOLDED_PATCHES: tuple[type, ...] = (mobilevit.MobileVitBlock,)
+WINDOW_GROUPS: tuple[type, ...] = (twins.LocallyGroupedAttn,)  # maps (B, windows, heads, n, n)
 # models whose token sequences are not row-major over the image (Hiera unrolls them by mask unit): capture claims no
 # grid for their tokens, so spatial measures (Fourier, feature variance, query maps) name them not applicable
 UNROLLED_TOKENS: tuple[type, ...] = (hiera.Hiera,)
