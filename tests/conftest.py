@@ -17,3 +17,18 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# The curvature tests' small cases, each built once per module that asks: (model, x, y, dense Hessian).
+@pytest.fixture(scope="module")
+def mlp_case():
+    from _hessian_refs import make_mlp_case
+
+    return make_mlp_case()
+
+
+@pytest.fixture(scope="module")
+def vit_case():
+    from _hessian_refs import make_vit_case
+
+    return make_vit_case()

@@ -9,31 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from _hessian_refs import U64, density_mass_bound, gamma, make_mlp_case, make_vit_case
+from _hessian_refs import U64, density_mass_bound, gamma
 from vitscope.curvature import (
     hessian_trace,
     spectral_density,
 )
 from vitscope.curvature.density import _rademacher, gauss_quadrature, lanczos_tridiagonal
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: threads only contend on a shared machine
-    yield
-    torch.set_num_threads(n)
-
-
-
-@pytest.fixture(scope="module")
-def mlp_case():
-    return make_mlp_case()
-
-
-@pytest.fixture(scope="module")
-def vit_case():
-    return make_vit_case()
 
 
 # ------------------------------------------------------------------------------- trace

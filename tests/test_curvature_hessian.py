@@ -14,8 +14,6 @@ from _hessian_refs import (
     batched_hvp_bound,
     gamma,
     hvp_bound,
-    make_mlp_case,
-    make_vit_case,
     power_bound,
     top_by_magnitude,
 )
@@ -24,25 +22,6 @@ from vitscope.curvature import (
     hessian_vector_product,
     top_eigenvalues,
 )
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: threads only contend on a shared machine
-    yield
-    torch.set_num_threads(n)
-
-
-
-@pytest.fixture(scope="module")
-def mlp_case():
-    return make_mlp_case()
-
-
-@pytest.fixture(scope="module")
-def vit_case():
-    return make_vit_case()
 
 
 # ----------------------------------------------------------------------------------- HVP

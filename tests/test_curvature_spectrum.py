@@ -19,8 +19,6 @@ from _hessian_refs import (
     density_mass_bound,
     gamma,
     hvp_bound,
-    make_mlp_case,
-    make_vit_case,
     power_bound,
     top_by_magnitude,
 )
@@ -31,25 +29,6 @@ from vitscope.curvature import (
     top_eigenvalues,
 )
 from vitscope.curvature.spectrum import scott_bandwidth
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: threads only contend on a shared machine
-    yield
-    torch.set_num_threads(n)
-
-
-
-@pytest.fixture(scope="module")
-def mlp_case():
-    return make_mlp_case()
-
-
-@pytest.fixture(scope="module")
-def vit_case():
-    return make_vit_case()
 
 
 # -------------------------------------------------------------------------- spectrum
