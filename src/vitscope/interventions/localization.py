@@ -50,8 +50,8 @@ class LocalizationLayer:
     chance: float
     num_train_tokens: int
     num_test_tokens: int
-    cells_h: int = 0  # the grid of position classes: grid_h x grid_w (one class per position) unless position_grid
-    cells_w: int = 0
+    cells_h: int  # the grid of position classes: grid_h x grid_w (one class per position) unless position_grid
+    cells_w: int
 
 
 @dataclass
