@@ -14,7 +14,7 @@ import vitscope
 from vitscope.capture import explicit_attention
 
 
-def _mlp() -> nn.Module:
+def tiny_mlp() -> nn.Module:
     """160 parameters, with BatchNorm carrying non-trivial running statistics."""
     torch.manual_seed(0)
     m = nn.Sequential(nn.Linear(6, 12), nn.BatchNorm1d(12), nn.GELU(), nn.Linear(12, 4)).double()
@@ -26,14 +26,14 @@ def _mlp() -> nn.Module:
     return m.train()  # left in train mode on purpose: the Hessian must use eval mode
 
 
-def _vit() -> nn.Module:
+def tiny_vit() -> nn.Module:
     torch.manual_seed(1)
     m = vitscope.create_model("test_vit_cifar", embed_dim=8, num_heads=2, depth=1, mlp_ratio=1, img_size=8,
                               patch_size=4, num_classes=3).double()
     return m.eval()
 
 
-def _data(kind: str, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def tiny_data(kind: str, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     if kind == "mlp":
         return torch.randn(n, 6, generator=g, dtype=torch.float64), torch.randint(0, 4, (n,), generator=g)
@@ -152,13 +152,13 @@ def density_mass_bound(grid: np.ndarray, centres: np.ndarray, weights: np.ndarra
 
 def make_mlp_case():
     """The small MLP, 10 examples and its dense Hessian."""
-    m = _mlp()
-    x, y = _data("mlp", 10)
+    m = tiny_mlp()
+    x, y = tiny_data("mlp", 10)
     return m, x, y, dense_hessian(m, x, y)
 
 
 def make_vit_case():
     """The tiny ViT, 6 examples and its dense Hessian."""
-    m = _vit()
-    x, y = _data("vit", 6)
+    m = tiny_vit()
+    x, y = tiny_data("vit", 6)
     return m, x, y, dense_hessian(m, x, y)

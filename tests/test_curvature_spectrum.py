@@ -12,14 +12,14 @@ import torch.nn.functional as F
 
 import vitscope
 from _hessian_refs import (
-    _data,
-    _mlp,
     assert_eigenvalues,
     dense_hessian,
     density_mass_bound,
     gamma,
     hvp_bound,
     power_bound,
+    tiny_data,
+    tiny_mlp,
     top_by_magnitude,
 )
 from vitscope.curvature import (
@@ -39,7 +39,7 @@ def _loader(x, y, bs):
 
 def test_eigenvalue_spectrum_per_batch_and_l2_terms(mlp_case):
     m, _, _, _ = mlp_case
-    x, y = _data("mlp", 10, seed=7)
+    x, y = tiny_data("mlp", 10, seed=7)
     loader = _loader(x, y, 4)  # batches of 4, 4, 2
     wd = 0.05
     r_sq = eigenvalue_spectrum(m, loader, k=2, weight_decay=wd, l2_style="half_sq", tol=1e-9, max_iter=160)
@@ -62,7 +62,7 @@ def test_eigenvalue_spectrum_per_batch_and_l2_terms(mlp_case):
 
 def test_eigenvalue_spectrum_stops_loading_at_max_batches(mlp_case):
     m, _, _, _ = mlp_case
-    x, y = _data("mlp", 12, seed=3)
+    x, y = tiny_data("mlp", 12, seed=3)
     drawn = []
 
     def loader():  # a stream that records every batch taken from it
@@ -114,7 +114,7 @@ def test_run_hessian_records_the_l2_term(mlp_case):
     from vitscope.studies.pipeline import run_hessian
 
     m, _, _, _ = mlp_case
-    x, y = _data("mlp", 8, seed=11)
+    x, y = tiny_data("mlp", 8, seed=11)
     wd = 0.05
     out = run_hessian(m, _loader(x, y, 4), k=2, max_batches=2, max_iter=160, progress=False, weight_decay=wd,
                       tol=1e-9)
@@ -129,7 +129,7 @@ def test_run_hessian_records_the_l2_term(mlp_case):
 
 def test_eigenvalue_spectrum_soft_target_transform(mlp_case):
     m, _, _, _ = mlp_case
-    x, y = _data("mlp", 6, seed=9)
+    x, y = tiny_data("mlp", 6, seed=9)
 
     def mix(xb, yb):  # deterministic mixup: soft targets
         t = F.one_hot(yb, 4).double()
@@ -169,15 +169,15 @@ def test_block_groups_match_dense_sub_blocks(vit_case):
 
 # ---------------------------------------------------------------------------- errors
 def test_no_trainable_parameters_is_a_clear_error():
-    m = _mlp().requires_grad_(False)
-    x, y = _data("mlp", 4)
+    m = tiny_mlp().requires_grad_(False)
+    x, y = tiny_data("mlp", 4)
     with pytest.raises(ValueError, match="no trainable parameters"):
         top_eigenvalues(m, F.cross_entropy, (x, y))
 
 
 def test_non_finite_loss_names_the_batch(mlp_case):
     m = mlp_case[0]
-    x, y = _data("mlp", 12)
+    x, y = tiny_data("mlp", 12)
     x[9, 0] = float("nan")  # in the third batch of 4
     for backend in ("func", "autograd"):
         with pytest.raises(ValueError, match="non-finite loss .* on batch 2"):
