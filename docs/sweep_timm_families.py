@@ -23,6 +23,7 @@ import torch
 from timm.utils import AttentionExtract
 
 import vitscope
+from vitscope.capture.geometry import WINDOW_GROUPS
 from vitscope.capture.sites import find_blocks
 
 
@@ -93,7 +94,8 @@ def check(module: str, name: str, n_params: int) -> dict:
             timm_maps = {}
         mine = {i.name + ".attn_drop": a for i, a in zip(cap.attention_layout, cap.attentions)}
         row["timm_attention_maps"] = len(timm_maps)
-        timm_maps = {k: v.flatten(0, 1) if v.ndim == 5 else v for k, v in timm_maps.items()}  # Twins' windows
+        timm_maps = {k: v.flatten(0, 1) if isinstance(model.get_submodule(k.rpartition(".")[0]), WINDOW_GROUPS)
+                     else v for k, v in timm_maps.items()}  # capture records Twins' per-image windows flattened
         row["attention_equal"] = len(timm_maps) == len(mine) and all(
             k in mine and mine[k].shape == v.shape and torch.allclose(mine[k], v, atol=1e-6)
             for k, v in timm_maps.items())
